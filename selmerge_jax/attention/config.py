@@ -1,0 +1,73 @@
+"""Frozen configuration of select-and-merge attention, validated on construction."""
+
+import dataclasses
+from typing import Literal
+
+__all__ = ["MSAttentionConfig"]
+
+SelectionSource = Literal["group", "previous"]
+SelectionHeads = Literal["query", "kv"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MSAttentionConfig:
+    """Select-and-merge attention (arXiv 2410.04211), with the semantics of ARCHITECTURE.md "The algorithm".
+
+    Attributes:
+      block_size: W, tokens per region (the paper's ``seg``; 16 in its Llama runs).
+      top_k: regions each query group attends, *including* its ``merge`` local regions (paper: 512).
+      merge: consecutive query regions that share one KV selection (paper: 64).
+      selection_source: ``"group"`` (each member ranks with its own summary: the paper's choice, not strictly
+        causal inside a group) or ``"previous"`` (all members rank with region gs-1: strictly causal, the same
+        computation at decode time).
+      selection_heads: ``"query"`` (one selection per query head, the paper) or ``"kv"`` (scores averaged over
+        the G query heads of a kv head: one selection per kv head).
+      sink: the first ``sink`` regions are always selected when they are candidates.
+      centroids: also attend one mean-K/mean-V token per unselected candidate region (logit + log W).
+      causal: causal attention (candidates strictly before the group, causal local block).
+      selection_batch: query groups scored per step of the selection loop (memory/speed knob only).
+    """
+
+    block_size: int = 64
+    top_k: int = 8
+    merge: int = 1
+    selection_source: SelectionSource = "group"
+    selection_heads: SelectionHeads = "query"
+    sink: int = 0
+    centroids: bool = False
+    causal: bool = True
+    selection_batch: int = 16
+
+    def __post_init__(self):
+        for name in ("block_size", "top_k", "merge", "selection_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MSAttentionConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k < self.merge:
+            raise ValueError(f"MSAttentionConfig.top_k={self.top_k} must be >= merge={self.merge} "
+                             "(top_k counts the group's own merge regions)")
+        if self.top_k % self.merge:
+            raise ValueError(f"MSAttentionConfig.top_k={self.top_k} must be a multiple of merge={self.merge}")
+        if self.selection_source not in ("group", "previous"):
+            raise ValueError(f"MSAttentionConfig.selection_source={self.selection_source!r}; "
+                             "allowed: 'group', 'previous'")
+        if self.selection_heads not in ("query", "kv"):
+            raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', 'kv'")
+        if not isinstance(self.sink, int) or not 0 <= self.sink <= self.num_selected:
+            raise ValueError(f"MSAttentionConfig.sink={self.sink!r} must be an int in [0, top_k - merge = "
+                             f"{self.num_selected}]")
+
+    @property
+    def num_selected(self) -> int:
+        """M: selected regions per query group, the local block excluded."""
+        return self.top_k - self.merge
+
+    @property
+    def group_tokens(self) -> int:
+        """Query tokens that share one selection."""
+        return self.block_size * self.merge
+
+    @property
+    def attended_tokens(self) -> int:
+        """Keys a query in a fully selected group can see at most (selected + local)."""
+        return self.top_k * self.block_size

@@ -1,0 +1,109 @@
+"""``MSAttention``: a Flax NNX attention layer (q/k/v/o projections, GQA) that dispatches to MS attention.
+
+The module only holds parameters and dispatches; the math lives in pure functions (``ms.py``, ``selection.py``,
+``reference.py``). ``implementation`` picks the attention path:
+
+* ``"reference"``: select-and-merge with the pure-JAX block-sparse op (any backend);
+* ``"pallas"``: select-and-merge with the best Pallas kernel for the backend, falling back to pure JAX;
+* ``"dense"``: plain causal attention (the baseline), ignoring the MS config.
+
+``position_fn(q, k, positions) -> (q, k)`` is an optional hook applied to the projected heads (RoPE and its
+scaling rules plug in here, see ``selmerge_jax.positional``).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from selmerge_jax.attention.config import MSAttentionConfig
+from selmerge_jax.attention.ms import ms_attention
+from selmerge_jax.attention.reference import dense_attention
+
+__all__ = ["AttentionLayerConfig", "MSAttention"]
+
+LayerImplementation = Literal["reference", "pallas", "dense"]
+_BACKENDS = {"reference": "xla", "pallas": None}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionLayerConfig:
+    """Shapes and numerics of one attention layer.
+
+    Attributes:
+      d_model: D, model width.
+      num_heads: N, query heads.
+      num_kv_heads: K, kv heads (GQA when K < N); must divide N.
+      head_dim: H; default D / N.
+      ms: the select-and-merge configuration.
+      implementation: "reference" | "pallas" | "dense" (see module docstring).
+      use_bias: biases on the q/k/v projections (Qwen-style); o has none.
+    """
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    ms: MSAttentionConfig = dataclasses.field(default_factory=MSAttentionConfig)
+    implementation: LayerImplementation = "reference"
+    use_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"AttentionLayerConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"AttentionLayerConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.kv_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"AttentionLayerConfig.d_model={self.d_model} is not divisible by num_heads="
+                             f"{self.num_heads}; set head_dim explicitly")
+        if self.implementation not in ("reference", "pallas", "dense"):
+            raise ValueError(f"AttentionLayerConfig.implementation={self.implementation!r}; "
+                             "allowed: 'reference', 'pallas', 'dense'")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+class MSAttention(nnx.Module):
+    """Self-attention with select-and-merge (or dense) attention: ``[B, T, D] -> [B, T, D]``."""
+
+    def __init__(self, config: AttentionLayerConfig, *, rngs: nnx.Rngs,
+                 position_fn: Callable | None = None, dtype=None, param_dtype=jnp.float32):
+        self.config = config
+        self.position_fn = position_fn
+        n, kh, h, d = config.num_heads, config.kv_heads, config.head_size, config.d_model
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d, n * h, use_bias=config.use_bias, **kw)
+        self.k_proj = nnx.Linear(d, kh * h, use_bias=config.use_bias, **kw)
+        self.v_proj = nnx.Linear(d, kh * h, use_bias=config.use_bias, **kw)
+        self.o_proj = nnx.Linear(n * h, d, use_bias=False, **kw)
+
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x ``[B, T, D]``; positions ``int [B, T]`` (default ``arange(T)``), used only by ``position_fn``."""
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"x must be [B, T, D={self.config.d_model}], got shape {x.shape}")
+        b, t, _ = x.shape
+        cfg = self.config
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
+        k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
+        v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
+        if self.position_fn is not None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            q, k = self.position_fn(q, k, positions)
+        if cfg.implementation == "dense":
+            out = dense_attention(q, k, v, causal=cfg.ms.causal)
+        else:
+            out = ms_attention(q, k, v, cfg.ms, implementation=_BACKENDS[cfg.implementation])
+        return self.o_proj(out.reshape(b, t, -1))

@@ -1,0 +1,72 @@
+"""Merged KV ("centroids"): every unselected candidate region is seen through one mean-K/mean-V token.
+
+The centroid of region j stands for its W tokens, so ``log W`` is added to its logit: if all W keys of the
+region were equal to their mean, attending to them one by one would give exactly that weight. The centroid
+term is computed as its own softmax (output + log-sum-exp) and merged with the block-sparse part through
+``merge_partials``; memory is O(T * R) per head in the forward pass, so centroids suit moderate R (large W).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
+
+__all__ = ["centroid_attention", "merge_partials"]
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Merges two softmax partials over disjoint key sets: outs ``[B, T, N, H]``, lses ``float32 [B, T, N]``."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    wa = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)[..., None]
+    wb = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)[..., None]
+    out = out_a.astype(jnp.float32) * wa + out_b.astype(jnp.float32) * wb
+    return out.astype(out_a.dtype), lse
+
+
+def _unselected_candidates(plan: SelectionPlan):
+    """``bool [B, P, Q, R]``: candidate regions that the plan did not select."""
+    r, merge = plan.num_regions, plan.merge
+    j = jnp.arange(r)
+    start = (jnp.arange(plan.num_groups) * merge)[:, None]
+    cand = j < start if plan.causal else (j < start) | (j >= start + merge)
+    idx = jnp.where(plan.valid_mask(), plan.kv_regions, r)  # invalid -> out-of-range slot, dropped below
+    b, p, q, _ = idx.shape
+    hit = jnp.zeros((b, p, q, r + 1), bool)
+    hit = hit.at[jnp.arange(b)[:, None, None, None], jnp.arange(p)[None, :, None, None],
+                 jnp.arange(q)[None, None, :, None], idx].set(True)
+    return cand[None, None] & ~hit[..., :r]
+
+
+def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None):
+    """Attention of q ``[B, T, N, H]`` to the centroids of each group's unselected candidate regions.
+
+    Returns ``(out [B, T, N, H], lse float32 [B, T, N])``; ``lse = -inf`` where a group has no such region.
+    """
+    b, t, n, h = q.shape
+    kv_heads, w = k.shape[2], plan.block_size
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    kc = k.reshape(b, plan.num_regions, w, kv_heads, h).astype(jnp.float32).mean(2)  # [B, R, K, H]
+    vc = v.reshape(b, plan.num_regions, w, kv_heads, h).astype(jnp.float32).mean(2)
+    use = jax.lax.stop_gradient(_unselected_candidates(plan))  # [B, P, Q, R]
+    p_heads = use.shape[1]
+    use = jnp.repeat(use, n // p_heads, axis=1)  # [B, N, Q, R]
+    q_groups = q.reshape(b, plan.num_groups, plan.group_tokens, kv_heads, n // kv_heads, h)
+
+    def step(args):
+        q_g, use_g = args  # [B, L, K, G, H], [B, N, R]
+        s = jnp.einsum("blkgh,brkh->bkglr", q_g.astype(jnp.float32), kc) * scale + math.log(w)
+        ok = use_g.reshape(b, kv_heads, -1, 1, plan.num_regions)
+        s = jnp.where(ok, s, -jnp.inf)
+        m = jnp.max(s, -1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        pr = jnp.exp(s - m)
+        den = pr.sum(-1, keepdims=True)
+        o = jnp.einsum("bkglr,brkh->blkgh", pr / jnp.where(den == 0, 1.0, den), vc)
+        lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(den[..., 0]), -jnp.inf)  # [B, K, G, L]
+        return o.reshape(b, -1, n, h), lse.transpose(0, 3, 1, 2).reshape(b, -1, n)
+
+    out, lse = jax.lax.map(step, (jnp.moveaxis(q_groups, 1, 0), jnp.moveaxis(use, 2, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h), jnp.moveaxis(lse, 0, 1).reshape(b, t, n)

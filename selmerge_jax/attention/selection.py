@@ -1,0 +1,118 @@
+"""Selection: region summaries, correlation scores and the per-group top-k that builds a SelectionPlan.
+
+Scores are computed group by group (``lax.map`` with ``selection_batch`` groups per step), so selection memory is
+O(selection_batch * merge * R) per head and no R x R matrix is ever built: 1M tokens fit.
+
+Rule (ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
+``gs`` (causal) or outside the group (non-causal). Each member region ranks the candidates by the raw dot
+product of summaries (ties go to the lower index, as ``lax.top_k`` guarantees) and keeps its top ``M =
+top_k - merge``; the group keeps the ``M`` regions of smallest priority ``min_i(rank_i * merge + i)``. With at
+most ``M`` candidates every candidate is kept (dense). Sinks get the best priority. No gradient flows here.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from selmerge_jax.attention.config import MSAttentionConfig
+from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
+
+__all__ = ["region_summaries", "select_regions", "selection_summaries"]
+
+_NO_PRIORITY = jnp.iinfo(jnp.int32).max
+
+
+def region_summaries(x, block_size: int, num_valid_tokens: int | None = None):
+    """Mean of each region's vectors: x ``[B, T, heads, H]`` -> ``float32 [B, R, heads, H]``.
+
+    Tokens at positions >= ``num_valid_tokens`` (internal padding) are left out of the mean.
+    """
+    b, t, nh, h = x.shape
+    r = t // block_size
+    xr = x.reshape(b, r, block_size, nh, h).astype(jnp.float32)
+    if num_valid_tokens is None or num_valid_tokens >= t:
+        return xr.mean(2)
+    pos = jnp.arange(t).reshape(r, block_size)
+    keep = (pos < num_valid_tokens)[None, :, :, None, None]
+    count = jnp.maximum(keep.sum(2), 1)
+    return jnp.where(keep, xr, 0.0).sum(2) / count
+
+
+def selection_summaries(q, k, config: MSAttentionConfig, num_valid_tokens: int | None = None):
+    """Query and key summaries per selection head: ``[B, R, P, H]`` each, P = N ("query") or K ("kv")."""
+    qbar = region_summaries(q, config.block_size, num_valid_tokens)  # [B, R, N, H]
+    kbar = region_summaries(k, config.block_size, num_valid_tokens)  # [B, R, K, H]
+    kv_heads = k.shape[2]
+    g = q.shape[2] // kv_heads
+    if config.selection_heads == "kv":
+        # mean_g(q_g . k) == (mean_g q_g) . k: averaging scores over the G heads is averaging the summaries.
+        return qbar.reshape(*qbar.shape[:2], kv_heads, g, -1).mean(3), kbar
+    return qbar, jnp.repeat(kbar, g, axis=2)
+
+
+def _candidates(group, num_regions: int, config: MSAttentionConfig):
+    """``bool [R]``: candidate regions of the group."""
+    j = jnp.arange(num_regions)
+    start = group * config.merge
+    if config.causal:
+        return j < start
+    return (j < start) | (j >= start + config.merge)
+
+
+def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions: int):
+    """Selected regions of one group: ``int32 [B, P, M]`` sorted ascending, -1 padded."""
+    r, m, merge = kbar.shape[1], config.num_selected, config.merge
+    start = group * merge
+    if config.selection_source == "previous":
+        src = jax.lax.dynamic_slice_in_dim(qbar, jnp.maximum(start - 1, 0), 1, axis=1)  # [B, 1, P, H]
+        member_ok = jnp.ones((1,), bool)
+    else:
+        src = jax.lax.dynamic_slice_in_dim(qbar, start, merge, axis=1)  # [B, merge, P, H]
+        member_ok = start + jnp.arange(merge) < num_valid_regions  # padded members do not vote
+    cand = _candidates(group, r, config)
+    forced = cand & (jnp.arange(r) < config.sink)
+    scores = jnp.einsum("bmph,brph->bpmr", src, kbar)  # [B, P, members, R], raw dot product
+    scores = jnp.where(cand & ~forced, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(scores, m)  # [B, P, members, M]; ties -> lower index
+    rank = jnp.arange(m)[None, None, None, :]
+    member = jnp.arange(src.shape[1])[None, None, :, None]
+    prio = rank * merge + member
+    ok = (cand & ~forced)[idx] & member_ok[None, None, :, None]
+    prio = jnp.where(ok, prio, _NO_PRIORITY)
+    b, p = scores.shape[:2]
+    best = jnp.full((b, p, r), _NO_PRIORITY, jnp.int32)
+    bi = jnp.arange(b)[:, None, None, None]
+    pi = jnp.arange(p)[None, :, None, None]
+    best = best.at[bi, pi, idx].min(prio.astype(jnp.int32))
+    best = jnp.where(forced, -1, best)
+    neg, chosen = jax.lax.top_k(-best, m)  # the M smallest priorities
+    chosen = jnp.where(neg == -_NO_PRIORITY, r, chosen)
+    chosen = jnp.sort(chosen, axis=-1)  # ascending region order: better locality for the kernels
+    return jnp.where(chosen == r, -1, chosen).astype(jnp.int32)
+
+
+def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | None = None) -> SelectionPlan:
+    """Builds the selection plan for q ``[B, T, N, H]`` and k ``[B, T, K, H]`` (T a multiple of W*merge).
+
+    Args:
+      q, k: the vectors selection looks at (rotated or not: the caller decides, see positional/).
+      config: the attention configuration.
+      num_valid_tokens: real length when the tail is internal padding; padding never votes.
+    """
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    t = q.shape[1]
+    if t % config.group_tokens:
+        raise ValueError(f"sequence length {t} must be a multiple of block_size*merge={config.group_tokens}")
+    qbar, kbar = selection_summaries(q, k, config, num_valid_tokens)
+    num_groups = t // config.group_tokens
+    valid_tokens = t if num_valid_tokens is None else num_valid_tokens
+    num_valid_regions = -(-valid_tokens // config.block_size)
+    if config.num_selected == 0:
+        regions = jnp.full((q.shape[0], qbar.shape[2], num_groups, 1), -1, jnp.int32)
+    else:
+        regions = jax.lax.map(
+            lambda g: _group_plan(g, qbar, kbar, config, num_valid_regions),
+            jnp.arange(num_groups),
+            batch_size=min(config.selection_batch, num_groups),
+        )  # [Q, B, P, M]
+        regions = jnp.moveaxis(regions, 0, 2)
+    return SelectionPlan(regions, block_size=config.block_size, merge=config.merge, causal=config.causal)
