@@ -1,0 +1,234 @@
+"""A static-shape, GQA-native KV cache: one pytree per layer, slots stored per kv head.
+
+Layout (shape letters from ``selmerge_jax.typing``; C = capacity in slots):
+
+- ``k``, ``v``: ``[B, K, C, H]``. Stored per *kv* head, never expanded to N query heads: a GQA model with K kv
+  heads holds exactly ``B * K * C * H`` elements per tensor (the trap SnapKV/KVCache-Factory fell into).
+- ``pos``: ``int32 [B, K, C]``, the token position each slot holds, ``-1`` when empty. Per kv head, because
+  eviction policies keep different tokens in different heads. Causality is decided by stored position, never by
+  slot index, so slots may be reordered or compacted freely.
+- ``count``: ``float32 [B, K, C]``, how many tokens a slot stands for: 0 empty, 1 a plain token, n > 1 a merged
+  slot (mean K/V of n tokens). Attention adds ``log(count)`` to the logit, so a merged slot receives the
+  softmax mass its n members would have received if their keys were equal (ToMe's proportional attention).
+- ``score``: ``float32 [B, K, C]``, the policy statistic carried between steps (e.g. H2O's accumulated attention).
+- ``length``: ``int32 []``, the write cursor: slots ``[0, length)`` have been written (valid or padding).
+- ``dropped``: ``int32 []``, tokens that did not fit (overflow under ``jit``; see :func:`append`).
+
+Everything here is a pure function of arrays; shapes never depend on values, so a decode loop compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "KVCache",
+    "init_cache",
+    "append",
+    "attend",
+    "attend_slots",
+    "valid_mask",
+    "nbytes",
+    "kv_nbytes",
+    "num_valid",
+    "gather_slots",
+    "with_capacity",
+]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer KV cache pytree (see the module docstring for the meaning of each field)."""
+
+    k: jax.Array  # [B, K, C, H]
+    v: jax.Array  # [B, K, C, H]
+    pos: jax.Array  # int32 [B, K, C], -1 empty
+    count: jax.Array  # float32 [B, K, C]
+    score: jax.Array  # float32 [B, K, C]
+    length: jax.Array  # int32 []
+    dropped: jax.Array  # int32 []
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty cache with ``capacity`` slots per (batch row, kv head)."""
+    b, kh, c, h = (_positive_int(n, x) for n, x in
+                   (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    zeros = jnp.zeros((b, kh, c, h), dtype)
+    return KVCache(k=zeros, v=zeros, pos=jnp.full((b, kh, c), -1, jnp.int32),
+                   count=jnp.zeros((b, kh, c), jnp.float32), score=jnp.zeros((b, kh, c), jnp.float32),
+                   length=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32))
+
+
+def valid_mask(cache: KVCache) -> jax.Array:
+    """``bool [B, K, C]``: slots holding a real token (or a merge of real tokens)."""
+    return cache.pos >= 0
+
+
+def num_valid(cache: KVCache) -> jax.Array:
+    """``int32 [B, K]``: valid slots per (batch row, kv head)."""
+    return valid_mask(cache).sum(-1, dtype=jnp.int32)
+
+
+def _check_new(cache: KVCache, k_new, v_new, positions) -> int:
+    b, kh, _, h = cache.k.shape
+    if getattr(k_new, "ndim", None) != 4 or k_new.shape[0] != b or k_new.shape[2:] != (kh, h):
+        raise ValueError(f"k_new must be [B={b}, T, K={kh}, H={h}], got {jnp.shape(k_new)}")
+    if jnp.shape(v_new) != k_new.shape:
+        raise ValueError(f"v_new must match k_new {k_new.shape}, got {jnp.shape(v_new)}")
+    t = k_new.shape[1]
+    if jnp.shape(positions) != (b, t) or not jnp.issubdtype(jnp.asarray(positions).dtype, jnp.integer):
+        raise ValueError(f"positions must be int [B={b}, T={t}], got {jnp.shape(positions)} "
+                         f"{getattr(positions, 'dtype', type(positions))}")
+    if t > cache.capacity:
+        raise ValueError(f"cannot append T={t} tokens to a cache of capacity C={cache.capacity}")
+    return t
+
+
+def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
+    """Writes ``k_new``/``v_new`` ``[B, T, K, H]`` at positions ``int [B, T]`` into slots ``[length, length+T)``.
+
+    A negative position marks a padding token: it takes a slot but is never attended (count 0).
+
+    Overflow: when ``length + T > C`` and the cursor is concrete (eager call), a ``ValueError`` is raised.
+    Under ``jit`` the cursor is a tracer, so the tokens that do not fit are dropped (the scatter uses
+    ``mode="drop"``), ``dropped`` counts them, and :func:`check_no_overflow`-style checks can read it
+    afterwards. Policies avoid overflow by compressing before appending (``policies.make_room``).
+    """
+    t = _check_new(cache, k_new, v_new, positions)
+    if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + t > cache.capacity:
+        raise ValueError(f"cache overflow: length={int(cache.length)} + T={t} > capacity C={cache.capacity}; "
+                         "compress first (kvcache.make_room) or allocate a larger cache")
+    slots = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
+    positions = jnp.asarray(positions, jnp.int32)
+    pos_new = jnp.broadcast_to(positions[:, None, :], (cache.batch, cache.kv_heads, t))  # [B, K, T]
+    write = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
+    overflow = jnp.maximum(cache.length + t - cache.capacity, 0)
+    return dataclasses.replace(
+        cache,
+        k=write(cache.k, k_new.transpose(0, 2, 1, 3)),
+        v=write(cache.v, v_new.transpose(0, 2, 1, 3)),
+        pos=write(cache.pos, pos_new),
+        count=write(cache.count, (pos_new >= 0).astype(jnp.float32)),
+        score=write(cache.score, jnp.zeros_like(pos_new, jnp.float32)),
+        length=jnp.minimum(cache.length + t, cache.capacity),
+        dropped=cache.dropped + overflow,
+    )
+
+
+def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None, return_probs: bool = False):
+    """Attention of q ``[B, T, N, H]`` over slots k/v ``[B, K, C, H]`` with per-slot ``pos``/``count`` ``[B, K, C]``.
+
+    Query t sees slot c iff ``0 <= pos[c] <= q_positions[t]`` (causal by stored position) and ``count > 0``.
+    Scores are computed per kv head on ``[B, K, G, T, C]`` without repeating K/V; softmax in float32 with
+    ``log(count)`` added to each logit. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
+    and with ``return_probs`` also ``probs float32 [B, K, G, T, C]`` and ``lse float32 [B, T, N]``.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    if n % kh:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch or head dim")
+    if jnp.shape(q_positions) != (b, t):
+        raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
+    g = n // kh
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    qg = q.reshape(b, t, kh, g, h)
+    logits = jnp.einsum("btkgh,bkch->bkgtc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    logits = logits * scale + jnp.log(jnp.maximum(count, 1e-30))[:, :, None, None, :]
+    qp = jnp.asarray(q_positions, jnp.int32)
+    mask = (pos >= 0)[:, :, None, :] & (count > 0)[:, :, None, :] & (pos[:, :, None, :] <= qp[:, None, :, None])
+    mask = mask[:, :, None]  # [B, K, 1, T, C]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, -1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows that see nothing: avoid inf - inf
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = p.sum(-1, keepdims=True)
+    probs = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bkgtc,bkch->btkgh", probs, v.astype(jnp.float32)).reshape(b, t, n, h).astype(q.dtype)
+    if not return_probs:
+        return out
+    lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)  # [B, K, G, T]
+    return out, probs, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+def attend(cache: KVCache, q, q_positions, *, scale: float | None = None, return_probs: bool = False):
+    """Attention of q ``[B, T, N, H]`` at positions ``int [B, T]`` over the cache (see :func:`attend_slots`).
+
+    The usual decode step is ``cache = append(cache, k, v, pos); out = attend(cache, q, pos)``: the new tokens
+    see themselves and everything before them. ``return_probs=True`` also returns the float32 attention
+    probabilities ``[B, K, G, T, C]`` and ``lse [B, T, N]``, which scoring policies (H2O, TOVA, SnapKV) reduce.
+    """
+    return attend_slots(q, q_positions, cache.k, cache.v, cache.pos, cache.count, scale=scale,
+                        return_probs=return_probs)
+
+
+def kv_nbytes(cache: KVCache) -> int:
+    """Bytes of the K and V storage alone: ``2 * B * K * C * H * itemsize``."""
+    return int(cache.k.nbytes + cache.v.nbytes)
+
+
+def nbytes(cache) -> int:
+    """Real bytes of every array in a cache pytree (K/V storage plus per-slot metadata, scales, windows)."""
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)))
+
+
+def gather_slots(cache: KVCache, idx, length=None) -> KVCache:
+    """A cache whose slot j is the old slot ``idx[b, k, j]`` (``int [B, K, C']``); C' becomes the capacity.
+
+    Indices ``< 0`` produce empty slots. ``length`` (default C') sets the new write cursor.
+    """
+    idx = jnp.asarray(idx, jnp.int32)
+    if idx.ndim != 3 or idx.shape[:2] != cache.pos.shape[:2]:
+        raise ValueError(f"idx must be int [B, K, C'] with B, K = {cache.pos.shape[:2]}, got {idx.shape}")
+    empty = idx < 0
+    safe = jnp.where(empty, 0, idx)
+    take3 = lambda x, fill: jnp.where(empty, fill, jnp.take_along_axis(x, safe, axis=2))  # noqa: E731
+    take4 = lambda x: jnp.where(empty[..., None], 0, jnp.take_along_axis(x, safe[..., None], axis=2))  # noqa: E731
+    new_len = idx.shape[2] if length is None else length
+    return dataclasses.replace(cache, k=take4(cache.k), v=take4(cache.v), pos=take3(cache.pos, -1),
+                               count=take3(cache.count, 0.0), score=take3(cache.score, 0.0),
+                               length=jnp.asarray(new_len, jnp.int32))
+
+
+def with_capacity(cache: KVCache, capacity: int) -> KVCache:
+    """The same cache with ``capacity`` slots: grows with empty slots or truncates (keeping slots ``[0, C')``).
+
+    Truncation is only safe after a compaction has moved the kept slots to the front (``policies.compress``).
+    """
+    capacity = _positive_int("capacity", capacity)
+    c = cache.capacity
+    idx = jnp.arange(capacity, dtype=jnp.int32)
+    idx = jnp.where(idx < c, idx, -1)
+    idx = jnp.broadcast_to(idx, (*cache.pos.shape[:2], capacity))
+    return gather_slots(cache, idx, length=jnp.minimum(cache.length, capacity))

@@ -1,0 +1,137 @@
+"""The cache pytree: append/attend against the dense oracle, GQA storage size, overflow, padding, compaction."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.kvcache import cache as kc
+
+B, K, G, H = 2, 2, 3, 8
+N = K * G
+
+
+def _qkv(key, t, s):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (B, t, N, H)), jax.random.normal(kk, (B, s, K, H)),
+            jax.random.normal(kv, (B, s, K, H)))
+
+
+def test_prefill_then_decode_matches_dense(key):
+    s = 12
+    q, k, v = _qkv(key, s, s)
+    pos = jnp.broadcast_to(jnp.arange(s), (B, s))
+    cache = kc.init_cache(B, K, 16, H, jnp.float32)
+    cache = kc.append(cache, k[:, :8], v[:, :8], pos[:, :8])
+    out_prefill = kc.attend(cache, q[:, :8], pos[:, :8])
+    outs = [out_prefill]
+    for i in range(8, s):  # token-by-token decode
+        cache = kc.append(cache, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1])
+        outs.append(kc.attend(cache, q[:, i:i + 1], pos[:, i:i + 1]))
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), dense_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert int(cache.length) == s and int(kc.num_valid(cache).min()) == s
+
+
+def test_probs_and_lse_match_dense(key):
+    q, k, v = _qkv(key, 4, 4)
+    pos = jnp.broadcast_to(jnp.arange(4), (B, 4))
+    cache = kc.append(kc.init_cache(B, K, 6, H, jnp.float32), k, v, pos)
+    out, probs, lse = kc.attend(cache, q, pos, return_probs=True)
+    _, lse_ref = dense_attention(q, k, v, return_lse=True)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    assert probs.shape == (B, K, G, 4, 6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    assert float(jnp.abs(probs[..., 4:]).max()) == 0.0  # empty slots get nothing
+    assert float(jnp.triu(probs[..., :4], 1).max()) == 0.0  # causal by position
+
+
+def test_gqa_storage_is_kv_heads_times_capacity():
+    cache = kc.init_cache(3, 4, 100, 16, jnp.bfloat16)
+    assert kc.kv_nbytes(cache) == 2 * 3 * 4 * 100 * 16 * 2
+    meta = 3 * 4 * 100 * (4 + 4 + 4) + 4 + 4  # pos int32, count f32, score f32, length, dropped
+    assert kc.nbytes(cache) == kc.kv_nbytes(cache) + meta
+
+
+def test_merged_slot_count_equals_duplicated_tokens(key):
+    """A slot with count n and key k weighs exactly like n identical copies of (k, v)."""
+    q, k, v = _qkv(key, 1, 3)
+    dup_k = jnp.concatenate([k, k[:, 1:2], k[:, 1:2]], 1)
+    dup_v = jnp.concatenate([v, v[:, 1:2], v[:, 1:2]], 1)
+    ref = dense_attention(q, dup_k, dup_v, causal=False)
+    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.zeros((B, 3), jnp.int32))
+    cache = kc.KVCache(**{**cache.__dict__, "count": cache.count.at[:, :, 1].set(3.0)})
+    np.testing.assert_allclose(kc.attend(cache, q, jnp.zeros((B, 1), jnp.int32)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_positions_are_never_attended(key):
+    q, k, v = _qkv(key, 1, 4)
+    pos = jnp.array([[0, 1, 2, 3], [-1, -1, 0, 1]])  # row 1 is left-padded
+    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, pos)
+    out = kc.attend(cache, q, jnp.array([[3], [1]]))
+    ref1 = dense_attention(q[1:], k[1:, 2:], v[1:, 2:])
+    np.testing.assert_allclose(out[1:], ref1, rtol=1e-5, atol=1e-5)
+    assert kc.num_valid(cache).tolist() == [[4, 4], [2, 2]]
+
+
+def test_query_that_sees_nothing_gives_zero_not_nan(key):
+    q, k, v = _qkv(key, 1, 2)
+    cache = kc.append(kc.init_cache(B, K, 2, H, jnp.float32), k, v, jnp.full((B, 2), 5))
+    out = kc.attend(cache, q, jnp.zeros((B, 1), jnp.int32))
+    assert not bool(jnp.isnan(out).any()) and float(jnp.abs(out).max()) == 0.0
+
+
+def test_overflow_raises_eagerly_and_drops_under_jit(key):
+    _, k, v = _qkv(key, 1, 3)
+    cache = kc.append(kc.init_cache(B, K, 2, H, jnp.float32), k[:, :2], v[:, :2], jnp.zeros((B, 2), jnp.int32))
+    with pytest.raises(ValueError, match="overflow"):
+        kc.append(cache, k[:, 2:], v[:, 2:], jnp.zeros((B, 1), jnp.int32))
+    jitted = jax.jit(kc.append)(cache, k[:, 2:], v[:, 2:], jnp.ones((B, 1), jnp.int32))
+    assert int(jitted.dropped) == 1 and int(jitted.length) == 2
+    np.testing.assert_array_equal(jitted.k, cache.k)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(batch=0), "batch"), (dict(capacity=-1), "capacity"), (dict(dtype=jnp.int8), "floating")])
+def test_init_cache_rejects_bad_args(bad, match):
+    args = dict(batch=1, kv_heads=1, capacity=4, head_dim=8, dtype=jnp.float32) | bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        kc.init_cache(**args)
+
+
+def test_append_rejects_bad_shapes(key):
+    _, k, v = _qkv(key, 1, 2)
+    cache = kc.init_cache(B, K, 4, H, jnp.float32)
+    with pytest.raises(ValueError, match="k_new"):
+        kc.append(cache, k[:, :, :1], v, jnp.zeros((B, 2), jnp.int32))
+    with pytest.raises(ValueError, match="positions"):
+        kc.append(cache, k, v, jnp.zeros((B, 3), jnp.int32))
+
+
+def test_gather_and_with_capacity(key):
+    _, k, v = _qkv(key, 1, 4)
+    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.broadcast_to(jnp.arange(4), (B, 4)))
+    idx = jnp.broadcast_to(jnp.array([3, 1, -1]), (B, K, 3))
+    g = kc.gather_slots(cache, idx, length=2)
+    assert g.capacity == 3 and g.pos[0, 0].tolist() == [3, 1, -1] and int(g.length) == 2
+    np.testing.assert_array_equal(g.k[:, :, 0], cache.k[:, :, 3])
+    grown = kc.with_capacity(g, 5)
+    assert grown.capacity == 5 and grown.pos[0, 0].tolist() == [3, 1, -1, -1, -1]
+    chex.assert_trees_all_equal_shapes(kc.with_capacity(grown, 3), g)
+
+
+def test_decode_loop_compiles_once(key):
+    q, k, v = _qkv(key, 6, 6)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(cache, q_t, k_t, v_t, p_t):
+        cache = kc.append(cache, k_t, v_t, p_t)
+        return cache, kc.attend(cache, q_t, p_t)
+
+    cache = kc.init_cache(B, K, 6, H, jnp.float32)
+    for i in range(6):
+        p = jnp.full((B, 1), i, jnp.int32)
+        cache, _ = step(cache, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], p)
+    assert int(cache.length) == 6
