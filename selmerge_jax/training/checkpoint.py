@@ -1,0 +1,155 @@
+"""Orbax checkpoints of a whole training run: ``TrainState`` (model, optimizer, step, RNG) + data iterator state.
+
+The only module of the package that imports orbax. One ``Checkpointer`` wraps an ``ocp.CheckpointManager``:
+
+* items per step: ``state`` (arrays, as a nested dict keyed by the pytree path so checkpoints stay readable and
+  independent of pytree node classes), ``data`` (the iterator's ``get_state()``, JSON) and ``meta`` (JSON: the
+  config and anything else the caller wants kept with the weights);
+* atomic: orbax writes a step into a temporary folder and renames it only once every item is on disk, and
+  ``latest_step`` lists finalized steps only, so a process killed mid-write leaves nothing that restores and the
+  previous checkpoint is used;
+* the newest ``keep`` are kept; saving can be asynchronous (training continues while arrays are written).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "tree_to_nested", "nested_to_tree"]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _paths(tree) -> tuple[list[tuple[str, ...]], list, Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [tuple(_key_name(k) for k in path) for path, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def tree_to_nested(tree) -> dict:
+    """Any pytree -> nested dict of its leaves keyed by path components (``params/layers/0/kernel/value``)."""
+    out: dict = {}
+    for path, leaf in zip(*_paths(tree)[:2]):
+        if not path:
+            raise ValueError("tree_to_nested needs a container pytree, got a bare leaf")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def nested_to_tree(nested: dict, target):
+    """Inverse of :func:`tree_to_nested`: leaves of ``nested`` put into ``target``'s structure."""
+    paths, _, treedef = _paths(target)
+    leaves = []
+    for path in paths:
+        node = nested
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"checkpoint has no entry {'/'.join(path)} that the target state expects "
+                               "(was it written by a different model or optimizer config?)")
+            node = node[part]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _abstract(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _json_safe(state):
+    """Grain iterators may hand back ``bytes``; JSON needs text."""
+    if isinstance(state, bytes):
+        return {"__bytes_b64__": base64.b64encode(state).decode("ascii")}
+    if isinstance(state, dict):
+        return {str(k): _json_safe(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_json_safe(v) for v in state]
+    return state
+
+
+def _from_json_safe(state):
+    if isinstance(state, dict):
+        if set(state) == {"__bytes_b64__"}:
+            return base64.b64decode(state["__bytes_b64__"])
+        return {k: _from_json_safe(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_from_json_safe(v) for v in state]
+    return state
+
+
+class Checkpointer:
+    """Saves and restores ``(TrainState, data_state, meta)`` by optimizer step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest *finalized* step (a half-written one is invisible), or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, *, data_state=None, meta: dict | None = None) -> bool:
+        """Starts saving ``state`` as ``step`` (returns at once when async); False if that step exists."""
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(tree_to_nested(state)),
+                                  data=ocp.args.JsonSave(_json_safe(data_state or {})),
+                                  meta=ocp.args.JsonSave(_json_safe(meta or {})))
+        return self._manager.save(step, args=args, force=True)
+
+    def restore(self, target, step: int | None = None):
+        """Returns ``(state, data_state, meta)`` of ``step`` (default newest), shaped and sharded like ``target``.
+
+        ``target`` is a state of the same structure (concrete arrays or ``jax.ShapeDtypeStruct`` leaves); its
+        shardings decide where restored arrays live.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+        abstract = tree_to_nested(jax.tree.map(_abstract, target))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        state = nested_to_tree(restored["state"], target)
+        return state, _from_json_safe(restored["data"]) or None, _from_json_safe(restored["meta"]) or {}
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """Only the JSON ``meta`` of a checkpoint (e.g. the config needed to rebuild the model before restore)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return _from_json_safe(restored["meta"]) or {}
+
+    def wait(self):
+        """Blocks until an asynchronous save has been finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,158 @@
+"""A jitted train step on ``nnx.split`` state: next-token loss, grad accumulation, bf16 compute, optax update.
+
+The model lives as ``(graphdef, TrainState)``: ``params`` are the trainable variables (all ``nnx.Param`` or only
+the LoRA adapters), ``rest`` everything else (a frozen base, RNG counters). Every step is a pure function of
+``(state, batch)``, so the step, the optimizer and the RNG all live in one pytree that a checkpoint saves and
+restores bit-for-bit.
+
+Batches are dicts of host or device arrays: either ``tokens int[B, T+1]`` (inputs are ``tokens[:, :-1]``,
+targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]``; optional ``mask [B, T]`` (1 = count the target in
+the loss) and ``positions int[B, T]`` (passed to the model, e.g. for CRD NTK's cycled positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "split_batch",
+           "token_cross_entropy", "default_forward", "trainable_filter"]
+
+Forward = Callable[[nnx.Module, jax.Array, "jax.Array | None"], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a checkpoint is exactly this pytree (plus the data state)."""
+
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: Any  # nnx.State of the trainable variables (float32 master copy)
+    rest: Any  # nnx.State of everything else
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]: raw key; per-step keys are fold_in(rng, step), so resuming replays them
+
+
+def trainable_filter(trainable: str):
+    """``"all"`` -> every ``nnx.Param``; ``"lora"`` -> only ``nnx.LoRAParam`` (the adapters' variable type)."""
+    if trainable == "all":
+        return nnx.Param
+    if trainable == "lora":
+        return nnx.LoRAParam
+    raise ValueError(f"trainable={trainable!r}; allowed: 'all', 'lora'")
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable: str = "all",
+                     seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, rest = nnx.split(model, trainable_filter(trainable), ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"trainable={trainable!r} selects no parameters of {type(model).__name__} "
+                         "(for 'lora', apply LoRA adapters to the model first)")
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(seed)))
+    return graphdef, state
+
+
+def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """``(inputs [B,T], targets [B,T], mask float32 [B,T], positions [B,T] | None)`` from a batch dict."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
+    if "tokens" in batch:
+        tokens = batch["tokens"]
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"batch['tokens'] must be int [B, T+1] with T >= 1, got shape {tokens.shape}")
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    elif "inputs" in batch and "targets" in batch:
+        inputs, targets = batch["inputs"], batch["targets"]
+        if inputs.shape != targets.shape or inputs.ndim != 2:
+            raise ValueError(f"batch inputs/targets must both be [B, T], got {inputs.shape} / {targets.shape}")
+    else:
+        raise ValueError(f"batch needs 'tokens' or 'inputs' + 'targets', got keys {sorted(batch)}")
+    mask = batch.get("mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    if mask.shape != targets.shape:
+        raise ValueError(f"batch['mask'] must be {targets.shape}, got {mask.shape}")
+    return inputs, targets, mask, batch.get("positions")
+
+
+def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
+    """``(sum of masked token losses, number of counted tokens)`` in float32; logits ``[B, T, V]``."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def default_forward(model, inputs, positions):
+    """``model(inputs)`` -> logits ``[B, T, V]``; positions are passed only when the batch has them."""
+    return model(inputs) if positions is None else model(inputs, positions=positions)
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _micro_loss(params, rest, graphdef, micro, total_count, compute_dtype, forward):
+    """Summed loss of one micro-batch divided by the whole step's token count, so micro-grads simply add."""
+    inputs, targets, mask, positions = micro
+    model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), _cast_floating(rest, compute_dtype))
+    logits = forward(model, inputs, positions)
+    loss_sum, _ = token_cross_entropy(logits, targets, mask)
+    return loss_sum / total_count, loss_sum
+
+
+def _microbatches(parts, accumulation_steps: int):
+    """``[A*b, ...]`` -> ``[A, b, ...]`` for a scan over micro-batches."""
+    def split(x):
+        if x is None:
+            return None
+        if x.shape[0] % accumulation_steps:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulation_steps={accumulation_steps}")
+        return x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:])
+    return tuple(split(x) for x in parts)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
+                    accumulation_steps: int = 1, compute_dtype=jnp.float32, forward: Forward = default_forward,
+                    donate: bool = True):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted; metrics are float32 scalars."""
+    compute_dtype = jnp.dtype(compute_dtype)
+    grad_fn = jax.grad(_micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch):
+        inputs, targets, mask, positions = split_batch(batch)
+        total = jnp.maximum(jnp.sum(mask), 1.0)
+        micro = _microbatches((inputs, targets, mask, positions), accumulation_steps)
+
+        def body(carry, mb):
+            grads, loss_sum = carry
+            g, ls = grad_fn(state.params, state.rest, graphdef, mb, total, compute_dtype, forward)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + ls), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / total, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(mask)}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = default_forward):
+    """Returns ``eval_step(state, batch) -> (loss_sum, token_count)``, jitted."""
+    compute_dtype = jnp.dtype(compute_dtype)
+
+    def eval_step(state: TrainState, batch):
+        inputs, targets, mask, positions = split_batch(batch)
+        model = nnx.merge(graphdef, _cast_floating(state.params, compute_dtype),
+                          _cast_floating(state.rest, compute_dtype))
+        return token_cross_entropy(forward(model, inputs, positions), targets, mask)
+
+    return jax.jit(eval_step)
