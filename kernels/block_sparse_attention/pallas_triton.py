@@ -1,0 +1,406 @@
+"""Block-sparse flash attention in Pallas (Triton lowering): forward, dQ and dK/dV kernels with a custom VJP.
+
+Layout. q/k/v stay in their ``[B, T, heads, H]`` layout (no transposes in HBM). One program owns a query tile
+of ``block_q`` tokens times ``hp = N // P`` query heads: when selection is per kv head (``P == K``) the ``G``
+heads of a kv group share the plan row, so they are packed into the rows of one matmul tile (``rows = block_q *
+G``, token-major) and every K/V block is loaded once for all of them. With per-query-head selection (``P ==
+N``) each program holds one head.
+
+Passes.
+* forward and dQ walk the *compacted* plan row of the tile's query group (valid regions only, dynamic trip
+  count) and then the group's own local block (causal mask only there);
+* dK/dV walks the *transposed* plan (``transpose.py``): for one KV chunk, every query group that selected its
+  region, then the local queries of its own group. No atomics anywhere: each output tile has one writer, so
+  results are bitwise deterministic.
+Softmax statistics are float32; exponentials are base 2 with ``log2(e)`` folded into the scale. The forward
+saves the natural-log LSE, which is also what ``return_lse`` returns (``-inf`` for a query with nothing to
+attend, whose output is 0).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
+from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
+
+try:  # the Triton compiler params moved between jax releases; only the GPU build needs them
+    from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover
+    _pltriton = None
+
+__all__ = ["TritonTiling", "block_sparse_attention_triton"]
+
+_LOG2E = 1.4426950408889634
+_F32 = jnp.float32
+# Finite stand-in for -inf as the running max: exp2(-inf - _NEG_BIG) = 0 and exp2(_NEG_BIG - _NEG_BIG) = 1, so a
+# row whose blocks are all masked never produces inf - inf = NaN.
+_NEG_BIG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonTiling:
+    """Tile sizes and launch parameters. ``rows`` are query rows per matmul tile (tokens x packed heads)."""
+
+    rows_fwd: int = 128
+    block_k_fwd: int = 128
+    warps_fwd: int = 8
+    stages_fwd: int = 3
+    rows_bwd: int = 64
+    block_k_bwd: int = 64
+    warps_bwd: int = 4
+    stages_bwd: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TritonTiling.{f.name} must be a positive int, got {value!r}")
+        for name in ("rows_fwd", "block_k_fwd", "rows_bwd", "block_k_bwd"):
+            value = getattr(self, name)
+            if value & (value - 1) or value < 16:
+                raise ValueError(f"TritonTiling.{name}={value} must be a power of two >= 16 (tensor-core tiles)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: it is a nondiff argument of the custom VJP)."""
+
+    w: int
+    merge: int
+    groups: int
+    kv_heads: int
+    sel_heads: int
+    heads_per_tile: int
+    q_per_kv: int
+    causal: bool
+    include_local: bool
+    scale: float
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    tiling: TritonTiling
+    interpret: bool
+
+    @property
+    def group_tokens(self):
+        return self.w * self.merge
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
+    kv_heads, g = check_plan_inputs(q, k, k, plan)
+    n, h = q.shape[2], q.shape[3]
+    p = plan.kv_regions.shape[1]
+    hp = n // p
+    if h & (h - 1) or h < 16:
+        raise NotImplementedError(f"pallas_triton needs a power-of-two head dim >= 16, got H={h}")
+    if hp & (hp - 1):
+        raise NotImplementedError(f"pallas_triton packs a power-of-two number of heads, got N/P={hp}")
+    w, lt = plan.block_size, plan.group_tokens
+    bk, bkb = _pow2_divisor(w, tiling.block_k_fwd), _pow2_divisor(w, tiling.block_k_bwd)
+    bq = _pow2_divisor(lt, max(tiling.rows_fwd // hp, 1))
+    bqb = _pow2_divisor(lt, max(tiling.rows_bwd // hp, 1))
+    if min(bk, bkb) < 16 or min(bq, bqb) * hp < 16:
+        raise NotImplementedError(f"pallas_triton needs block_size (W={w}) and tiles divisible by 16")
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    return _Static(w, plan.merge, plan.num_groups, kv_heads, p, hp, g, plan.causal, plan.include_local, scale,
+                   bq, bk, bqb, bkb, tiling, interpret)
+
+
+def _params(warps, stages):
+    if _pltriton is None:
+        return None
+    return _pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _flat(x):
+    """``[tokens, heads, H]`` -> ``[tokens * heads, H]`` (token-major rows; free: same memory order)."""
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+
+
+def _row_positions(first_token, tokens, hp):
+    return first_token + jax.lax.broadcasted_iota(jnp.int32, (tokens * hp,), 0) // hp
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+def _fwd_chunk(carry, q, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
+    """One online-softmax update of the tile with keys ``[start, start + block_k)``."""
+    m_i, l_i, acc = carry
+    k = k_ref[pl.ds(start, st.block_k), :]
+    v = v_ref[pl.ds(start, st.block_k), :]
+    s = pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+    if masked:
+        kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k,), 0)
+        s = jnp.where(qpos[:, None] >= kpos[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    alpha = jnp.exp2(m_i - m_new)
+    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+    return m_new, l_i * alpha + p.sum(axis=1), acc
+
+
+def _local_bounds(first_token, tokens, group, st: _Static, block):
+    """Chunks ``[lo, hi)`` (in units of ``block``) of the group's own block a query tile can see."""
+    lo = group * st.group_tokens // block
+    end = first_token + tokens if st.causal else (group + 1) * st.group_tokens
+    return lo, (end + block - 1) // block
+
+
+def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+    i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t0 = i * st.block_q
+    group = t0 // st.group_tokens
+    q = _flat(q_ref[...])
+    rows = q.shape[0]
+    qpos = _row_positions(t0, st.block_q, st.heads_per_tile)
+    carry = (jnp.full((rows,), _NEG_BIG, _F32), jnp.zeros((rows,), _F32), jnp.zeros(q.shape, _F32))
+    chunks = st.w // st.block_k
+
+    def selected(it, c):
+        region = sel_ref[b, p, group, it // chunks]
+        return _fwd_chunk(c, q, k_ref, v_ref, region * st.w + (it % chunks) * st.block_k, qpos, st, False)
+
+    carry = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, carry)
+    if st.include_local:
+        lo, hi = _local_bounds(t0, st.block_q, group, st, st.block_k)
+        carry = jax.lax.fori_loop(
+            lo, hi, lambda j, c: _fwd_chunk(c, q, k_ref, v_ref, j * st.block_k, qpos, st, st.causal), carry)
+    m_i, l_i, acc = carry
+    nonempty = l_i > 0
+    out = acc / jnp.where(nonempty, l_i, 1.0)[:, None]
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+    lse = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) / _LOG2E, -jnp.inf)
+    lse_ref[...] = lse.reshape(lse_ref.shape)
+
+
+def _forward(q, k, v, sel, cnt, st: _Static):
+    b, t, n, h = q.shape
+    hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
+    grid = (t // st.block_q, b, st.sel_heads)
+    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, p // per_kv, 0))
+    tile = pl.BlockSpec((None, st.block_q, hp, h), lambda i, bi, p: (bi, i, p, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        grid=grid,
+        in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec],
+        out_specs=[tile, pl.BlockSpec((None, st.block_q, hp), lambda i, bi, p: (bi, i, p))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, t, n), _F32)],
+        compiler_params=_params(st.tiling.warps_fwd, st.tiling.stages_fwd),
+        interpret=st.interpret,
+        name="block_sparse_fwd",
+    )(sel, cnt, q, k, v)
+
+
+def _whole(x):
+    """Block spec handing the kernel the full array (plan tables, read with scalar loads)."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
+    k = k_ref[pl.ds(start, st.block_k_bwd), :]
+    v = v_ref[pl.ds(start, st.block_k_bwd), :]
+    p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
+    ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
+    if masked:
+        kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_bwd,), 0)
+        ds = jnp.where(qpos[:, None] >= kpos[None, :], ds, 0.0)
+    return dq + pl.dot(ds.astype(k.dtype), k)
+
+
+def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+    i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t0 = i * st.block_q_bwd
+    group = t0 // st.group_tokens
+    q, do = _flat(q_ref[...]), _flat(do_ref[...])
+    lse2, delta = lse_ref[...].reshape(q.shape[0]), delta_ref[...].reshape(q.shape[0])
+    qpos = _row_positions(t0, st.block_q_bwd, st.heads_per_tile)
+    chunks = st.w // st.block_k_bwd
+
+    def selected(it, dq):
+        start = sel_ref[b, p, group, it // chunks] * st.w + (it % chunks) * st.block_k_bwd
+        return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False)
+
+    dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, _F32))
+    if st.include_local:
+        lo, hi = _local_bounds(t0, st.block_q_bwd, group, st, st.block_k_bwd)
+        dq = jax.lax.fori_loop(lo, hi, lambda j, a: _dq_chunk(
+            a, q, do, lse2, delta, k_ref, v_ref, j * st.block_k_bwd, qpos, st, st.causal), dq)
+    dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
+def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
+    """Adds the contribution of query rows ``[row0, row0 + block_q_bwd)`` x heads ``[head0, head0 + hp)``."""
+    dk, dv = carry
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    rows, heads = pl.ds(row0, st.block_q_bwd), pl.ds(head0, st.heads_per_tile)
+    q, do = _flat(q_ref[rows, heads, :]), _flat(do_ref[rows, heads, :])
+    lse2 = lse_ref[rows, heads].reshape(q.shape[0])
+    delta = delta_ref[rows, heads].reshape(q.shape[0])
+    p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])  # [rows, block_k]
+    if masked:
+        qpos = _row_positions(row0, st.block_q_bwd, st.heads_per_tile)
+        keep = qpos[:, None] >= kpos[None, :]
+        p = jnp.where(keep, p, 0.0)
+    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
+    if masked:
+        ds = jnp.where(keep, ds, 0.0)
+    return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+
+def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                st: _Static):
+    j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kstart = j * st.block_k_bwd
+    region = kstart // st.w
+    k, v = k_ref[...], v_ref[...]
+    kpos = kstart + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_bwd,), 0)
+    refs = (q_ref, do_ref, lse_ref, delta_ref)
+    hp, per_kv, lt = st.heads_per_tile, st.sel_heads // st.kv_heads, st.group_tokens
+    qchunks = lt // st.block_q_bwd
+    first = off_ref[b, kh, region]
+
+    def selected(it, c):
+        code = ent_ref[b, kh, first + it // qchunks]
+        row0 = (code % st.groups) * lt + (it % qchunks) * st.block_q_bwd
+        head0 = (kh * per_kv + code // st.groups) * hp
+        return _dkv_chunk(c, k, v, kpos, refs, row0, head0, st, False)
+
+    zeros = jnp.zeros(k.shape, _F32)
+    count = (off_ref[b, kh, region + 1] - first) * qchunks
+    carry = jax.lax.fori_loop(0, count, selected, (zeros, zeros))
+    if st.include_local:
+        gstart = region // st.merge * lt
+        # Causal: query chunks before the one holding this key chunk cannot see it.
+        q0 = (kstart - gstart) // st.block_q_bwd if st.causal else 0
+        nq, head_blocks = qchunks - q0, st.q_per_kv // hp
+
+        def local(it, c):
+            row0 = gstart + (q0 + it % nq) * st.block_q_bwd
+            return _dkv_chunk(c, k, v, kpos, refs, row0, kh * st.q_per_kv + (it // nq) * hp, st, st.causal)
+
+        carry = jax.lax.fori_loop(0, nq * head_blocks, local, carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
+    b, t, n, h = q.shape
+    hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
+    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, p // per_kv, 0))
+    tile = pl.BlockSpec((None, st.block_q_bwd, hp, h), lambda i, bi, p: (bi, i, p, 0))
+    stat = pl.BlockSpec((None, st.block_q_bwd, hp), lambda i, bi, p: (bi, i, p))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(t // st.block_q_bwd, b, st.sel_heads),
+        in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec, tile, stat, stat],
+        out_specs=tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(st.tiling.warps_bwd, st.tiling.stages_bwd),
+        interpret=st.interpret,
+        name="block_sparse_dq",
+    )(sel, cnt, q, k, v, do, lse2, delta)
+
+
+def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
+    b, t, n, h = q.shape
+    full = pl.BlockSpec((None, t, n, h), lambda j, bi, kh: (bi, 0, 0, 0))
+    full_stat = pl.BlockSpec((None, t, n), lambda j, bi, kh: (bi, 0, 0))
+    kv_tile = pl.BlockSpec((None, st.block_k_bwd, None, h), lambda j, bi, kh: (bi, j, kh, 0))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st),
+        grid=(t // st.block_k_bwd, b, st.kv_heads),
+        in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(st.tiling.warps_bwd, st.tiling.stages_bwd),
+        interpret=st.interpret,
+        name="block_sparse_dkv",
+    )(offsets, entries, q, k, v, do, lse2, delta)
+
+
+# ------------------------------------------------------------------------------------------ custom VJP
+
+
+def _plan(regions, st: _Static) -> SelectionPlan:
+    return SelectionPlan(regions, block_size=st.w, merge=st.merge, causal=st.causal,
+                         include_local=st.include_local)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, regions, st: _Static):
+    sel, cnt = compact_plan(_plan(regions, st))
+    return _forward(q, k, v, sel, cnt, st)
+
+
+def _attend_fwd(q, k, v, regions, st):
+    out, lse = _attend(q, k, v, regions, st)
+    return (out, lse), (q, k, v, regions, out, lse)
+
+
+def _attend_bwd(st, res, cotangents):
+    q, k, v, regions, out, lse = res
+    do, dlse = cotangents
+    plan = _plan(regions, st)
+    # d lse_i / d s_ij = p_ij, so an LSE cotangent only shifts the row term: ds = p * (dp - (delta - dlse)).
+    delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)  # empty rows: p = exp2(s - inf) = 0
+    sel, cnt = compact_plan(plan)
+    dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st)
+    offsets, entries = transpose_plan(plan, st.kv_heads)
+    dk, dv = _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
+                                  return_lse: bool = False, tiling: TritonTiling | None = None,
+                                  interpret: bool = False):
+    """Block-sparse attention with the Pallas Triton kernels (same contract as the reference).
+
+    Args:
+      q, k, v, plan, scale, return_lse: as ``block_sparse_attention_reference``.
+      tiling: tile sizes and launch parameters (``TritonTiling()`` by default).
+      interpret: run the kernels in the Pallas interpreter (any backend; slow, for tests).
+
+    Raises:
+      NotImplementedError: not on a GPU (and not interpreting), or shapes the kernels do not tile; the
+        dispatcher then falls through to the next implementation.
+    """
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError(f"needs a GPU backend, running on {jax.default_backend()!r}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise NotImplementedError(f"dtype {q.dtype} (supported: bfloat16, float16, float32)")
+    check_plan_inputs(q, k, v, plan)
+    st = _make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret))
+    out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st)
+    return (out, lse) if return_lse else out
+
+
+def _dispatch(q, k, v, plan, *, scale=None, return_lse=False):
+    return block_sparse_attention_triton(q, k, v, plan, scale=scale, return_lse=return_lse)
+
+
+register_implementation("pallas_triton", _dispatch)
