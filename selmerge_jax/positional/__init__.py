@@ -1,0 +1,22 @@
+"""Position encodings for length extension: the RoPE family (HF-compatible scaling rules) and CRD NTK."""
+
+from selmerge_jax.positional.rope import (
+    RopeFn,
+    apply_rope,
+    inv_freq_from_base,
+    make_position_fn,
+    rope_angles,
+    rope_frequencies,
+)
+from selmerge_jax.positional.rope_config import ROPE_TYPES, RopeConfig
+
+__all__ = [
+    "ROPE_TYPES",
+    "RopeConfig",
+    "RopeFn",
+    "apply_rope",
+    "inv_freq_from_base",
+    "make_position_fn",
+    "rope_angles",
+    "rope_frequencies",
+]
