@@ -1,0 +1,189 @@
+"""``ModelConfig``: the frozen description of a Llama/Mistral-family decoder, with named presets.
+
+One dataclass covers Llama 2, Llama 3 and Mistral shapes: they differ only in GQA head counts, vocabulary, RoPE
+rule and Mistral's sliding window. Dtypes are stored as names (``"float32"``, ``"bfloat16"``) so configs stay
+hashable (they are static arguments of jitted functions) and print/serialise cleanly.
+"""
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.positional import RopeConfig
+
+__all__ = ["ModelConfig", "PRESETS", "preset"]
+
+AttentionKind = Literal["dense", "ms"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ATTENTION = ("dense", "ms")
+_NOT_YET = ("ring", "ring_ms")  # accepted names once selmerge_jax.sharding.ring is wired into the model
+_REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shapes, numerics and attention choice of a decoder-only Llama/Mistral-family transformer.
+
+    Attributes:
+      vocab_size: V.
+      d_model: D, residual width (HF ``hidden_size``).
+      num_layers: L.
+      num_heads: N, query heads.
+      num_kv_heads: K, key/value heads (GQA when K < N); must divide N.
+      head_dim: H; default ``d_model // num_heads``.
+      ffn_dim: SwiGLU hidden width (HF ``intermediate_size``).
+      norm_eps: RMSNorm epsilon.
+      rope: the RoPE rule and its scaling (``selmerge_jax.positional.RopeConfig``).
+      max_seq_len: HF ``max_position_embeddings``; informational except for rules that read it.
+      sliding_window: Mistral's window (a query sees itself and the ``sliding_window - 1`` keys before it).
+      tie_embeddings: the output projection reuses the input embedding (no ``lm_head`` parameter).
+      attention_bias: biases on q/k/v/o projections (HF ``attention_bias``).
+      attention: ``"dense"`` (cuDNN on GPU, XLA elsewhere) or ``"ms"`` (select-and-merge, ``ms`` below).
+      ms: the select-and-merge configuration used when ``attention == "ms"``.
+      ms_kernel: ``"reference"`` (pure-JAX block-sparse op) or ``"pallas"`` (best kernel, falls back).
+      param_dtype: storage dtype of parameters (f32 master weights by default).
+      dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
+      remat: per-layer rematerialisation: ``none``, ``full`` (save nothing), ``dots`` or ``dots_no_batch``.
+      init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
+      bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    max_seq_len: int = 4096
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    attention: AttentionKind = "dense"
+    ms: MSAttentionConfig = dataclasses.field(default_factory=MSAttentionConfig)
+    ms_kernel: Literal["reference", "pallas"] = "reference"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: RematPolicy = "none"
+    init_std: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("head_dim", "sliding_window"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                             "set head_dim explicitly")
+        if self.head_size % 2:
+            raise ValueError(f"ModelConfig head dim {self.head_size} must be even for RoPE")
+        for name in ("norm_eps", "init_std"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+        self._check_choices()
+
+    def _check_choices(self):
+        if self.attention in _NOT_YET:
+            raise ValueError(f"ModelConfig.attention={self.attention!r} is not available in the model yet "
+                             f"(ring attention lives in selmerge_jax.sharding); allowed now: {_ATTENTION}")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: {_ATTENTION}")
+        if self.attention == "ms" and self.sliding_window is not None:
+            raise ValueError("ModelConfig: attention='ms' with sliding_window set is not supported; "
+                             "set sliding_window=None (select-and-merge replaces the window)")
+        if self.ms_kernel not in ("reference", "pallas"):
+            raise ValueError(f"ModelConfig.ms_kernel={self.ms_kernel!r}; allowed: 'reference', 'pallas'")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {tuple(_DTYPES)}")
+        if self.remat not in _REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; allowed: {tuple(_REMAT)}")
+        if not isinstance(self.rope, RopeConfig) or not isinstance(self.ms, MSAttentionConfig):
+            raise TypeError(f"ModelConfig.rope must be a RopeConfig and .ms an MSAttentionConfig, got "
+                            f"{type(self.rope).__name__} and {type(self.ms).__name__}")
+
+    @property
+    def head_size(self) -> int:
+        """H, the head dim (explicit or ``d_model // num_heads``)."""
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def jnp_param_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def remat_policy(self):
+        """The ``jax.checkpoint`` policy for ``remat`` (None when ``remat == "none"``)."""
+        return _REMAT[self.remat]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids as a tuple (Llama 3 checkpoints list several)."""
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+
+
+def _tiny() -> ModelConfig:
+    # Byte-level vocab (259 ids, see models/tokenizer.py); small enough for CPU tests, GQA on, long context.
+    return ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=176,
+                       max_seq_len=32768, ms=MSAttentionConfig(block_size=16, top_k=4, selection_source="previous",
+                                                               selection_heads="kv"))
+
+
+def _llama2_7b() -> ModelConfig:
+    return ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                       ffn_dim=11008, norm_eps=1e-5, max_seq_len=4096)
+
+
+def _mistral_7b() -> ModelConfig:
+    # Mistral-7B-v0.1 shapes: GQA 32/8 and a 4096-token sliding window.
+    return ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       ffn_dim=14336, norm_eps=1e-5, max_seq_len=32768, sliding_window=4096)
+
+
+def _llama3_8b() -> ModelConfig:
+    return ModelConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       ffn_dim=14336, norm_eps=1e-5, max_seq_len=8192, rope=RopeConfig(theta=500000.0),
+                       bos_token_id=128000, eos_token_id=128001)
+
+
+PRESETS = {"tiny": _tiny, "llama2-7b": _llama2_7b, "mistral-7b": _mistral_7b, "llama3-8b": _llama3_8b}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset (``tiny``, ``llama2-7b``, ``mistral-7b``, ``llama3-8b``) with field overrides applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {tuple(PRESETS)}")
+    return PRESETS[name]().replace(**overrides)

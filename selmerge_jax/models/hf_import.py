@@ -1,0 +1,227 @@
+"""Hugging Face checkpoints <-> ``Llama``: local ``config.json`` + ``*.safetensors`` (single or sharded) directories.
+
+Only local directories are read or written (no hub access). The NNX parameter tree mirrors HF's module names
+(see ``llama.py``), so a tensor's HF name is its NNX path with a fixed leaf rename; matrices are transposed
+(torch ``[out, in]`` vs NNX ``[in, out]``). Tensors are cast to the config's ``param_dtype`` on import and to a
+chosen dtype on export; exporting in the dtype it was imported in gives back the same bytes.
+"""
+
+import json
+import os
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.llama import Llama
+from selmerge_jax.positional import RopeConfig
+
+__all__ = ["config_from_hf", "config_to_hf", "hf_name", "load_hf", "save_hf", "params_to_hf", "SUPPORTED"]
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+# Buffers older transformers versions saved alongside the weights; they are recomputed from the config.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+_LEAF_RENAME = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a parsed HF ``config.json`` (Llama/Mistral); ``overrides`` replace fields.
+
+    Raises ValueError for unsupported architectures or features (non-SiLU activations, MLP biases).
+    """
+    arch = _architecture(hf)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with SiLU only)")
+    if hf.get("mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported by this Llama implementation")
+    heads = hf["num_attention_heads"]
+    fields = dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+        head_dim=hf.get("head_dim"), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope=RopeConfig.from_hf(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
+        sliding_window=hf.get("sliding_window") if SUPPORTED[arch] == "mistral" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf.get("eos_token_id")),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    known = [a for a in archs if a in SUPPORTED]
+    if not known:
+        by_type = {v: k for k, v in SUPPORTED.items()}.get(hf.get("model_type"))
+        if by_type is None:
+            raise ValueError(f"unsupported architecture: architectures={archs!r}, model_type="
+                             f"{hf.get('model_type')!r}; supported: {sorted(SUPPORTED)}")
+        return by_type
+    return known[0]
+
+
+def _eos(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict:
+    """The HF ``config.json`` dict for ``config`` (Mistral when it has a sliding window, Llama otherwise)."""
+    arch = "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    hf = {
+        "architectures": [arch], "model_type": SUPPORTED[arch], "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps, "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings, "attention_bias": config.attention_bias,
+        "mlp_bias": False, "initializer_range": config.init_std, "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos, "torch_dtype": dtype or config.param_dtype,
+    }
+    if arch == "MistralForCausalLM":
+        hf["sliding_window"] = config.sliding_window
+    hf.update(config.rope.to_hf(config.head_size))
+    return hf
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """``(HF tensor name, transpose?)`` of an NNX parameter path such as ``('layers', 0, 'mlp', 'up_proj',
+    'kernel')`` -> ``('model.layers.0.mlp.up_proj.weight', True)``."""
+    *prefix, leaf = (str(p) for p in path)
+    if leaf not in _LEAF_RENAME:
+        raise ValueError(f"parameter path {path!r} has no Hugging Face name (leaf {leaf!r})")
+    name = ".".join([*prefix, _LEAF_RENAME[leaf]])
+    return (name if prefix[0] == "lm_head" else "model." + name), leaf == "kernel"
+
+
+def _base_params(model: nnx.Module) -> dict:
+    """Flat ``{path: array}`` of the base weights (LoRA adapters are not part of an HF checkpoint)."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    return traverse_util.flatten_dict(nnx.to_pure_dict(state))
+
+
+def _tensor_index(path: str) -> dict[str, str]:
+    """``{tensor name: file}`` for a single-file or sharded safetensors checkpoint directory."""
+    index = os.path.join(path, _INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, _SINGLE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path!r} (found {sorted(os.listdir(path))}); "
+                                "only safetensors checkpoints are supported")
+    with safe_open(single, "np") as f:
+        return {name: single for name in f.keys()}
+
+
+def _check_names(expected: Iterable[str], present: Iterable[str], tied: bool) -> None:
+    expected, present = set(expected), set(present)
+    ignorable = {n for n in present if n.endswith(_IGNORABLE_SUFFIXES) or (tied and n == "lm_head.weight")}
+    missing, unexpected = sorted(expected - present), sorted(present - expected - ignorable)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: {len(missing)} missing tensors "
+                         f"{missing[:8]}, {len(unexpected)} unexpected tensors {unexpected[:8]}")
+
+
+def load_hf(path: str, **overrides) -> Llama:
+    """Loads a local HF Llama/Mistral directory into a new ``Llama`` (no random init is ever materialised).
+
+    ``overrides`` replace ``ModelConfig`` fields (e.g. ``param_dtype="bfloat16"``, ``attention="ms"``).
+    Tensors are cast to ``param_dtype``. Missing/unexpected tensors and wrong shapes raise ValueError.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        config = config_from_hf(json.load(f), **overrides)
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    abstract = _base_params(model)
+    targets = {hf_name(p)[0]: (p, hf_name(p)[1]) for p in abstract}
+    files = _tensor_index(path)
+    _check_names(targets, files, config.tie_embeddings)
+    loaded = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, "np") as f:
+            for name in f.keys():
+                if name in targets:
+                    p, transpose = targets[name]
+                    loaded[p] = _to_param(f.get_tensor(name), name, abstract[p], transpose)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(loaded))
+    nnx.update(model, state)
+    return model
+
+
+def _to_param(array: np.ndarray, name: str, target: jax.ShapeDtypeStruct, transpose: bool) -> jax.Array:
+    if transpose:
+        array = array.T
+    if array.shape != target.shape:
+        raise ValueError(f"tensor {name!r} has shape {array.shape} (after transpose), expected {target.shape}")
+    return jnp.asarray(array, dtype=target.dtype)
+
+
+def params_to_hf(model: nnx.Module, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """``{HF name: numpy array}`` of the model's base weights, cast to ``dtype`` (default: as stored)."""
+    _check_no_unmerged_lora(model)
+    out = {}
+    for path, value in _base_params(model).items():
+        name, transpose = hf_name(path)
+        array = np.asarray(jax.device_get(value))
+        array = array.T if transpose else array
+        out[name] = np.ascontiguousarray(array.astype(_NP_DTYPES[dtype]) if dtype else array)
+    return out
+
+
+def _check_no_unmerged_lora(model: nnx.Module) -> None:
+    for path, node in nnx.iter_graph(model):
+        if getattr(node, "merged", True) is False:
+            raise ValueError(f"module at {'.'.join(map(str, path))} has unmerged LoRA adapters: call "
+                             "lora.merge_lora(model) before exporting, or lora.save_adapters for the adapters")
+
+
+def save_hf(model: Llama, path: str, *, dtype: str | None = None, max_shard_bytes: int | None = None) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+
+    Args:
+      dtype: tensor dtype on disk (``float32``/``bfloat16``/``float16``); default: the parameter dtype.
+      max_shard_bytes: split into shards of at most this many bytes (a tensor is never split).
+    """
+    if dtype is not None and dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {tuple(_NP_DTYPES)}")
+    os.makedirs(path, exist_ok=True)
+    tensors = params_to_hf(model, dtype)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.config, dtype=dtype), f, indent=2)
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(path, _INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def _shard(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_bytes!r}")
+    shards, size = [{}], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
