@@ -95,9 +95,12 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     """A ``Mesh`` with axes ``MESH_AXES`` over ``devices`` (default: all, in ``jax.make_mesh`` order)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = config.shape(len(devices))
+    # Auto axes: XLA propagates shardings through the model (Explicit axes would demand out_sharding= on every
+    # gather, e.g. the embedding lookup, which the model code should not have to know about).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def batch_sharding(mesh: Mesh, seq_len: int | None = None) -> NamedSharding:

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+# optax.global_norm is deprecated in newer optax; older releases only have it.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 __all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "split_batch",
            "token_cross_entropy", "default_forward", "trainable_filter"]
 
@@ -136,7 +139,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
         (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / total, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(mask)}
+        metrics = {"loss": loss_sum / total, "grad_norm": _global_norm(grads), "tokens": jnp.sum(mask)}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

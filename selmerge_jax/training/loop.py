@@ -1,0 +1,168 @@
+"""The training loop: resume, step, log, evaluate, checkpoint; everything else is in the pure step functions.
+
+``train`` owns the side effects and nothing else: it builds the optimizer and the ``(graphdef, TrainState)``,
+restores the newest checkpoint (state *and* data-iterator position) when there is one, then runs optimizer steps
+until ``train.steps``. Metrics sync with the device only every ``log_every`` steps, so the host keeps queueing work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selmerge_jax.sharding.mesh import shard_batch, shard_params
+from selmerge_jax.training.checkpoint import Checkpointer
+from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
+from selmerge_jax.training.metrics import MetricsWriter, Progress
+from selmerge_jax.training.optimizer import build_optimizer
+from selmerge_jax.training.train_step import (TrainState, default_forward, init_train_state, make_eval_step,
+                                              make_train_step)
+
+__all__ = ["TrainResult", "train", "evaluate", "peak_memory_bytes"]
+
+_log = logging.getLogger(__name__)
+BatchTransform = Callable[[dict, int], dict]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    graphdef: object
+    state: TrainState
+    history: list[dict]  # the logged train lines, in order
+    evals: list[dict]  # validation lines ({"step", "val_loss", ...})
+    resumed_from: int | None  # the checkpoint step this run started from, if any
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes allocated on device 0 (GPU/TPU); None on backends without memory stats (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def _place(batch: dict, mesh) -> dict:
+    if mesh is not None:
+        return shard_batch(batch, mesh)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterable[dict], num_batches: int, mesh=None) -> dict:
+    """Token-weighted mean loss over up to ``num_batches`` batches: ``{"val_loss", "val_tokens"}``."""
+    loss_sum, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        s, c = jax.device_get(eval_step(state, _place(batch, mesh)))
+        loss_sum, count = loss_sum + float(s), count + float(c)
+    if count == 0:
+        raise ValueError("evaluation saw no tokens: the validation source yielded no batches")
+    return {"val_loss": loss_sum / count, "val_tokens": count}
+
+
+def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh):
+    tx, schedule = build_optimizer(opt_cfg, train_cfg.steps)
+    graphdef, state = init_train_state(model, tx, trainable=train_cfg.trainable, seed=train_cfg.seed)
+    if mesh is not None:
+        state = shard_params(state, mesh)
+    return tx, schedule, graphdef, state
+
+
+def _resume(ckpt: Checkpointer, state: TrainState, batches) -> tuple[TrainState, int | None]:
+    step = ckpt.latest_step()
+    if step is None:
+        return state, None
+    state, data_state, _ = ckpt.restore(state, step)
+    if data_state and hasattr(batches, "set_state"):
+        batches.set_state(data_state)
+    elif hasattr(batches, "set_state"):
+        _log.warning("checkpoint %d has no data-iterator state; data order restarts from the beginning", step)
+    else:
+        _log.warning("the batch iterator has no set_state(): a resumed run does not see the same data order")
+    _log.info("resumed from %s step %d", ckpt.directory, step)
+    return state, step
+
+
+class _Interval:
+    """Accumulates device-side metrics between log points; one host sync per ``log_every`` steps."""
+
+    def __init__(self):
+        self.metrics, self.start = [], time.perf_counter()
+
+    def flush(self) -> dict:
+        values = jax.device_get(self.metrics)
+        now = time.perf_counter()
+        elapsed, steps = now - self.start, len(values)
+        tokens = sum(float(m["tokens"]) for m in values)
+        out = {"loss": float(np.mean([m["loss"] for m in values])), "grad_norm": float(values[-1]["grad_norm"]),
+               "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps}
+        if "learning_rate" in values[-1]:
+            out["learning_rate"] = float(values[-1]["learning_rate"])
+        self.metrics, self.start = [], now
+        return out
+
+
+def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: OptimizerConfig,
+          checkpoint: CheckpointConfig, eval_batches: Callable[[], Iterable[dict]] | None = None, mesh=None,
+          forward=default_forward, batch_transform: BatchTransform | None = None,
+          meta: dict | None = None) -> TrainResult:
+    """Trains ``model`` (an ``nnx.Module``) on ``batches`` to ``train.steps`` optimizer steps.
+
+    Args:
+      batches: iterator of batch dicts (see ``train_step.split_batch``); with ``get_state``/``set_state`` its
+        position is checkpointed for exact resume.
+      eval_batches: returns a fresh iterable of validation batches each time it is called.
+      mesh: a ``("data", "fsdp", "seq")`` mesh (``selmerge_jax.sharding.mesh``); None = default device.
+      forward: ``forward(model, inputs, positions) -> logits``.
+      batch_transform: ``(host_batch, step) -> host_batch`` before the step (e.g. CRD NTK positions); it must be
+        a deterministic function of its arguments for resume to be exact.
+      meta: JSON kept with every checkpoint (e.g. the experiment config).
+    """
+    tx, schedule, graphdef, state = _init(model, train, optimizer, mesh)
+    ckpt_dir = checkpoint.directory or os.path.join(train.output_dir, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
+    resumed = None
+    if checkpoint.resume:
+        state, resumed = _resume(ckpt, state, batches)
+    step_fn = make_train_step(graphdef, tx, schedule=schedule, accumulation_steps=optimizer.accumulation_steps,
+                              compute_dtype=train.compute_dtype, forward=forward)
+    eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=forward)
+    writer = MetricsWriter(train.output_dir)
+    step = int(state.step)
+    progress = Progress(step, train.steps, enabled=train.progress)
+    history, evals = [], []
+    try:
+        interval = _Interval()
+        while step < train.steps:
+            host_batch = next(batches)
+            if batch_transform is not None:
+                host_batch = batch_transform(host_batch, step)
+            state, metrics = step_fn(state, _place(host_batch, mesh))
+            step += 1
+            interval.metrics.append(metrics)
+            if step % train.log_every == 0 or step == train.steps:
+                line = interval.flush()
+                if (peak := peak_memory_bytes()) is not None:
+                    line["peak_bytes"] = peak
+                writer.write(step, line)
+                history.append({"step": step, **line})
+                progress.update(step, {"loss": line["loss"], "tok/s": f"{line['tokens_per_s']:.0f}"})
+            if eval_batches is not None and train.eval_batches and (
+                    step == train.steps or (train.eval_every and step % train.eval_every == 0)):
+                line = evaluate(eval_step, state, eval_batches(), train.eval_batches, mesh)
+                writer.write(step, line)
+                evals.append({"step": step, **line})
+                interval.start = time.perf_counter()  # evaluation time is not training throughput
+            if step == train.steps or (checkpoint.every_steps and step % checkpoint.every_steps == 0):
+                data_state = batches.get_state() if hasattr(batches, "get_state") else None
+                ckpt.save(step, state, data_state=data_state, meta=meta)
+    finally:
+        progress.close()
+        writer.close()
+        ckpt.close()
+    return TrainResult(graphdef, state, history, evals, resumed)
