@@ -1,5 +1,15 @@
 """Position encodings for length extension: the RoPE family (HF-compatible scaling rules) and CRD NTK."""
 
+from selmerge_jax.positional.crd_ntk import (
+    CRDNTKConfig,
+    CRDNTKFn,
+    CRDPositions,
+    crd_base,
+    crd_offsets,
+    crd_positions,
+    crd_scale,
+    crd_step,
+)
 from selmerge_jax.positional.rope import (
     RopeFn,
     apply_rope,
@@ -11,6 +21,14 @@ from selmerge_jax.positional.rope import (
 from selmerge_jax.positional.rope_config import ROPE_TYPES, RopeConfig
 
 __all__ = [
+    "CRDNTKConfig",
+    "CRDNTKFn",
+    "CRDPositions",
+    "crd_base",
+    "crd_offsets",
+    "crd_positions",
+    "crd_scale",
+    "crd_step",
     "ROPE_TYPES",
     "RopeConfig",
     "RopeFn",
