@@ -51,17 +51,21 @@ class TritonTiling:
     block_k_fwd: int = 128
     warps_fwd: int = 8
     stages_fwd: int = 3
-    rows_bwd: int = 64
-    block_k_bwd: int = 64
+    # Backward, as in the Triton fused-attention tutorial: dQ owns many query rows and streams narrow key
+    # chunks; dK/dV owns many keys and streams narrow query chunks (its two f32 accumulators are [keys, H]).
+    rows_dq: int = 128
+    block_k_dq: int = 32
+    rows_dkv: int = 32
+    block_k_dkv: int = 128
     warps_bwd: int = 4
-    stages_bwd: int = 2
+    stages_bwd: int = 3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TritonTiling.{f.name} must be a positive int, got {value!r}")
-        for name in ("rows_fwd", "block_k_fwd", "rows_bwd", "block_k_bwd"):
+        for name in ("rows_fwd", "block_k_fwd", "rows_dq", "block_k_dq", "rows_dkv", "block_k_dkv"):
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
                 raise ValueError(f"TritonTiling.{name}={value} must be a power of two >= 16 (tensor-core tiles)")
@@ -83,8 +87,10 @@ class _Static:
     scale: float
     block_q: int
     block_k: int
-    block_q_bwd: int
-    block_k_bwd: int
+    block_q_dq: int
+    block_k_dq: int
+    block_q_dkv: int
+    block_k_dkv: int
     tiling: TritonTiling
     interpret: bool
 
@@ -111,14 +117,16 @@ def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
     if hp & (hp - 1):
         raise NotImplementedError(f"pallas_triton packs a power-of-two number of heads, got N/P={hp}")
     w, lt = plan.block_size, plan.group_tokens
-    bk, bkb = _pow2_divisor(w, tiling.block_k_fwd), _pow2_divisor(w, tiling.block_k_bwd)
-    bq = _pow2_divisor(lt, max(tiling.rows_fwd // hp, 1))
-    bqb = _pow2_divisor(lt, max(tiling.rows_bwd // hp, 1))
-    if min(bk, bkb) < 16 or min(bq, bqb) * hp < 16:
-        raise NotImplementedError(f"pallas_triton needs block_size (W={w}) and tiles divisible by 16")
+    blocks = []
+    for rows, block_k in ((tiling.rows_fwd, tiling.block_k_fwd), (tiling.rows_dq, tiling.block_k_dq),
+                          (tiling.rows_dkv, tiling.block_k_dkv)):
+        bq, bk = _pow2_divisor(lt, max(rows // hp, 1)), _pow2_divisor(w, block_k)
+        if bk < 16 or bq * hp < 16:
+            raise NotImplementedError(f"pallas_triton needs block_size (W={w}) and tiles divisible by 16")
+        blocks += [bq, bk]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     return _Static(w, plan.merge, plan.num_groups, kv_heads, p, hp, g, plan.causal, plan.include_local, scale,
-                   bq, bk, bqb, bkb, tiling, interpret)
+                   *blocks, tiling, interpret)
 
 
 def _params(warps, stages):
@@ -216,48 +224,48 @@ def _whole(x):
 
 
 def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
-    k = k_ref[pl.ds(start, st.block_k_bwd), :]
-    v = v_ref[pl.ds(start, st.block_k_bwd), :]
+    k = k_ref[pl.ds(start, st.block_k_dq), :]
+    v = v_ref[pl.ds(start, st.block_k_dq), :]
     p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
     ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
     if masked:
-        kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_bwd,), 0)
+        kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dq,), 0)
         ds = jnp.where(qpos[:, None] >= kpos[None, :], ds, 0.0)
     return dq + pl.dot(ds.astype(k.dtype), k)
 
 
 def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
     i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    t0 = i * st.block_q_bwd
+    t0 = i * st.block_q_dq
     group = t0 // st.group_tokens
     q, do = _flat(q_ref[...]), _flat(do_ref[...])
     lse2, delta = lse_ref[...].reshape(q.shape[0]), delta_ref[...].reshape(q.shape[0])
-    qpos = _row_positions(t0, st.block_q_bwd, st.heads_per_tile)
-    chunks = st.w // st.block_k_bwd
+    qpos = _row_positions(t0, st.block_q_dq, st.heads_per_tile)
+    chunks = st.w // st.block_k_dq
 
     def selected(it, dq):
-        start = sel_ref[b, p, group, it // chunks] * st.w + (it % chunks) * st.block_k_bwd
+        start = sel_ref[b, p, group, it // chunks] * st.w + (it % chunks) * st.block_k_dq
         return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False)
 
     dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, _F32))
     if st.include_local:
-        lo, hi = _local_bounds(t0, st.block_q_bwd, group, st, st.block_k_bwd)
+        lo, hi = _local_bounds(t0, st.block_q_dq, group, st, st.block_k_dq)
         dq = jax.lax.fori_loop(lo, hi, lambda j, a: _dq_chunk(
-            a, q, do, lse2, delta, k_ref, v_ref, j * st.block_k_bwd, qpos, st, st.causal), dq)
+            a, q, do, lse2, delta, k_ref, v_ref, j * st.block_k_dq, qpos, st, st.causal), dq)
     dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
-    """Adds the contribution of query rows ``[row0, row0 + block_q_bwd)`` x heads ``[head0, head0 + hp)``."""
+    """Adds the contribution of query rows ``[row0, row0 + block_q_dkv)`` x heads ``[head0, head0 + hp)``."""
     dk, dv = carry
     q_ref, do_ref, lse_ref, delta_ref = refs
-    rows, heads = pl.ds(row0, st.block_q_bwd), pl.ds(head0, st.heads_per_tile)
+    rows, heads = pl.ds(row0, st.block_q_dkv), pl.ds(head0, st.heads_per_tile)
     q, do = _flat(q_ref[rows, heads, :]), _flat(do_ref[rows, heads, :])
     lse2 = lse_ref[rows, heads].reshape(q.shape[0])
     delta = delta_ref[rows, heads].reshape(q.shape[0])
     p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])  # [rows, block_k]
     if masked:
-        qpos = _row_positions(row0, st.block_q_bwd, st.heads_per_tile)
+        qpos = _row_positions(row0, st.block_q_dkv, st.heads_per_tile)
         keep = qpos[:, None] >= kpos[None, :]
         p = jnp.where(keep, p, 0.0)
     dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
@@ -270,18 +278,18 @@ def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
 def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 st: _Static):
     j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    kstart = j * st.block_k_bwd
+    kstart = j * st.block_k_dkv
     region = kstart // st.w
     k, v = k_ref[...], v_ref[...]
-    kpos = kstart + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_bwd,), 0)
+    kpos = kstart + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dkv,), 0)
     refs = (q_ref, do_ref, lse_ref, delta_ref)
     hp, per_kv, lt = st.heads_per_tile, st.sel_heads // st.kv_heads, st.group_tokens
-    qchunks = lt // st.block_q_bwd
+    qchunks = lt // st.block_q_dkv
     first = off_ref[b, kh, region]
 
     def selected(it, c):
         code = ent_ref[b, kh, first + it // qchunks]
-        row0 = (code % st.groups) * lt + (it % qchunks) * st.block_q_bwd
+        row0 = (code % st.groups) * lt + (it % qchunks) * st.block_q_dkv
         head0 = (kh * per_kv + code // st.groups) * hp
         return _dkv_chunk(c, k, v, kpos, refs, row0, head0, st, False)
 
@@ -291,11 +299,11 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     if st.include_local:
         gstart = region // st.merge * lt
         # Causal: query chunks before the one holding this key chunk cannot see it.
-        q0 = (kstart - gstart) // st.block_q_bwd if st.causal else 0
+        q0 = (kstart - gstart) // st.block_q_dkv if st.causal else 0
         nq, head_blocks = qchunks - q0, st.q_per_kv // hp
 
         def local(it, c):
-            row0 = gstart + (q0 + it % nq) * st.block_q_bwd
+            row0 = gstart + (q0 + it % nq) * st.block_q_dkv
             return _dkv_chunk(c, k, v, kpos, refs, row0, kh * st.q_per_kv + (it // nq) * hp, st, st.causal)
 
         carry = jax.lax.fori_loop(0, nq * head_blocks, local, carry)
@@ -308,11 +316,11 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
     b, t, n, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, p // per_kv, 0))
-    tile = pl.BlockSpec((None, st.block_q_bwd, hp, h), lambda i, bi, p: (bi, i, p, 0))
-    stat = pl.BlockSpec((None, st.block_q_bwd, hp), lambda i, bi, p: (bi, i, p))
+    tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))
+    stat = pl.BlockSpec((None, st.block_q_dq, hp), lambda i, bi, p: (bi, i, p))
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
-        grid=(t // st.block_q_bwd, b, st.sel_heads),
+        grid=(t // st.block_q_dq, b, st.sel_heads),
         in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec, tile, stat, stat],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -326,10 +334,10 @@ def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
     b, t, n, h = q.shape
     full = pl.BlockSpec((None, t, n, h), lambda j, bi, kh: (bi, 0, 0, 0))
     full_stat = pl.BlockSpec((None, t, n), lambda j, bi, kh: (bi, 0, 0))
-    kv_tile = pl.BlockSpec((None, st.block_k_bwd, None, h), lambda j, bi, kh: (bi, j, kh, 0))
+    kv_tile = pl.BlockSpec((None, st.block_k_dkv, None, h), lambda j, bi, kh: (bi, j, kh, 0))
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
-        grid=(t // st.block_k_bwd, b, st.kv_heads),
+        grid=(t // st.block_k_dkv, b, st.kv_heads),
         in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
         out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],

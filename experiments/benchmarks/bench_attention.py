@@ -1,0 +1,226 @@
+"""Benchmark block-sparse attention: Pallas kernel vs the XLA reference vs dense cuDNN, and the MS layer.
+
+Every measurement is one JSON line (device, versions, spec, implementation, mode, median ms over ``--reps``
+runs after ``--warmup`` runs with ``block_until_ready``, useful TFLOP/s counting the attended blocks only,
+peak device memory). Examples::
+
+    python experiments/benchmarks/bench_attention.py --specs h100_64k h100_128k --out results/attention_h100.jsonl
+    python experiments/benchmarks/bench_attention.py --check gpu_check_8k          # kernel vs reference
+    python experiments/benchmarks/bench_attention.py --specs --ms-layer h100_1m --dense-lens 131072 262144
+
+Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the tests use the same names).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference
+from selmerge_jax.kernels.block_sparse_attention.pallas_triton import TritonTiling, block_sparse_attention_triton
+from selmerge_jax.kernels.block_sparse_attention.specs import get_spec, useful_flops
+
+INTERPRET = False  # --interpret: run the Pallas kernels in the interpreter (CPU smoke runs)
+BWD_FACTOR = 3.5  # fwd+bwd FLOPs / fwd FLOPs (backward = 2.5 forward: the usual flash-attention convention)
+
+
+def environment() -> dict:
+    dev = jax.devices()[0]
+    return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "python": platform.python_version()}
+
+
+def emit(row: dict, out) -> None:
+    print(json.dumps(row), flush=True)
+    if out is not sys.stdout:
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+
+
+def peak_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def time_fn(fn, args, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def compiled_bytes(fn, args):
+    """Temp + argument + output bytes XLA plans for ``fn`` (a per-function peak, unlike the process peak)."""
+    try:
+        mem = fn.lower(*args).compile().memory_analysis()
+        return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+    except Exception:  # noqa: BLE001 (not every backend reports memory)
+        return None
+
+
+def fwd_and_fwdbwd(attn):
+    """Jitted forward and forward+backward (vjp with a fixed cotangent) of ``attn(q, k, v)``."""
+    fwd = jax.jit(attn)
+
+    def fb(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return out, vjp(do)
+
+    return fwd, jax.jit(fb)
+
+
+def measure(record, fn, args, flops, reps, warmup, out):
+    times = time_fn(fn, args, reps, warmup)
+    ms = statistics.median(times)
+    row = {**record, "ms": round(ms, 4), "ms_min": round(min(times), 4), "reps": reps,
+           "tflops_useful": round(flops / ms / 1e9, 1) if flops else None, "flops": flops,
+           "compiled_bytes": compiled_bytes(fn, args), "process_peak_bytes": peak_bytes()}
+    emit(row, out)
+    return row
+
+
+def attention_fns(spec, plan, tiling):
+    fns = {
+        "pallas_triton": lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, tiling=tiling,
+                                                                           interpret=INTERPRET),
+        "xla": lambda q, k, v: block_sparse_attention_reference(q, k, v, plan),
+        "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn"),
+    }
+    return fns
+
+
+def bench_spec(name, args, tiling, out):
+    spec = get_spec(name)
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    sparse = useful_flops(plan, spec.q_heads, spec.head_dim)
+    dense = 4.0 * spec.batch * spec.q_heads * spec.seq_len ** 2 * spec.head_dim * 0.5
+    base = {"kind": "kernel", **environment(), "spec": name, "shape": spec.__dict__,
+            "tiling": tiling.__dict__}
+    for impl, attn in attention_fns(spec, plan, tiling).items():
+        if impl not in args.impls or (impl == "xla" and spec.seq_len > args.max_xla_len):
+            continue
+        flops = dense if impl == "cudnn_dense" else sparse
+        fwd, fb = fwd_and_fwdbwd(attn)
+        for mode in args.modes:
+            fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
+            try:
+                measure({**base, "impl": impl, "mode": mode, "flops_kind": "dense_causal" if impl == "cudnn_dense"
+                         else "useful"}, fn, fargs, flops * (1 if mode == "fwd" else BWD_FACTOR),
+                        args.reps, args.warmup, out)
+            except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
+                emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
+
+
+def check_spec(name, tiling, out):
+    """Kernel vs reference (forward, dq, dk, dv, lse) on one spec: max abs error relative to max |ref|."""
+    spec = get_spec(name)
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(1))
+
+    def run(attn):
+        def f(q, k, v):
+            (out, lse), vjp = jax.vjp(lambda *a: attn(*a), q, k, v)
+            return out, lse, vjp((do, jnp.zeros_like(lse)))
+        return jax.jit(f)(q, k, v)
+
+    ref = run(lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True))
+    ker = run(lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
+                                                           interpret=INTERPRET))
+    again = run(lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
+                                                           interpret=INTERPRET))
+    names = ("out", "lse", "dq", "dk", "dv")
+    flat = lambda t: (t[0], t[1], *t[2])  # noqa: E731
+    errs = {}
+    for n, a, b in zip(names, flat(ref), flat(ker)):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        errs[n] = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(a)), 1e-6))
+    same = all(bool(jnp.array_equal(x, y)) for x, y in zip(flat(ker), flat(again)))
+    nan = any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in flat(ker))
+    row = {"kind": "check", **environment(), "spec": name, "rel_err": errs, "bitwise_deterministic": same,
+           "nan": nan, "tiling": tiling.__dict__}
+    emit(row, out)
+
+
+def bench_ms_layer(name, args, out):
+    """Selection + kernel at the spec's length (MS attention as the layer runs it), fwd and fwd+bwd."""
+    from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
+
+    spec = get_spec(name)
+    cfg = MSAttentionConfig(block_size=spec.block_size, top_k=spec.selected + 1, merge=1, selection_heads="kv",
+                            selection_source="previous", selection_batch=args.selection_batch)
+    q, k, v, _, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(2))
+    base = {"kind": "ms_layer", **environment(), "spec": name, "shape": spec.__dict__, "config": cfg.__dict__}
+    plan = jax.jit(lambda q, k: select_regions(q, k, cfg))(q, k)
+    flops = useful_flops(plan, spec.q_heads, spec.head_dim)
+    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton")  # noqa: E731
+    fwd, fb = fwd_and_fwdbwd(attn)
+    select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
+    for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
+                               ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR)):
+        measure({**base, "impl": "ms_attention+pallas_triton", "mode": mode}, fn, fargs, f,
+                max(args.reps // 2, 3), 1, out)
+
+
+def bench_dense(seq_lens, args, out):
+    """Dense cuDNN causal at long lengths (H100 spec heads), with the quadratic extrapolation to 1M."""
+    spec = get_spec("h100_64k")
+    for t in seq_lens:
+        shape_q, shape_k = (1, t, spec.q_heads, spec.head_dim), (1, t, spec.kv_heads, spec.head_dim)
+        key = jax.random.PRNGKey(3)
+        q = jax.random.normal(key, shape_q, jnp.bfloat16)
+        k = jax.random.normal(key, shape_k, jnp.bfloat16)
+        v, do = k, q
+        attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                            implementation="cudnn")
+        fwd, fb = fwd_and_fwdbwd(attn)
+        flops = 4.0 * t * t * spec.q_heads * spec.head_dim * 0.5
+        for mode, fn, fargs, f in (("fwd", fwd, (q, k, v), flops), ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR)):
+            row = measure({"kind": "dense", **environment(), "impl": "cudnn_dense", "mode": mode, "seq_len": t,
+                           "heads": [spec.q_heads, spec.kv_heads, spec.head_dim]}, fn, fargs, f, 3, 1, out)
+            emit({"kind": "dense_extrapolation", "impl": "cudnn_dense", "mode": mode, "from_seq_len": t,
+                  "seq_len": 1048576, "ms": round(row["ms"] * (1048576 / t) ** 2, 1)}, out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--specs", nargs="*", default=[], help="spec names to benchmark (see specs.py)")
+    ap.add_argument("--impls", nargs="+", default=["pallas_triton", "xla", "cudnn_dense"])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-xla-len", type=int, default=16384, help="skip the XLA reference above this length")
+    ap.add_argument("--check", nargs="*", default=[], help="specs to check kernel vs reference on")
+    ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
+    ap.add_argument("--selection-batch", type=int, default=64)
+    ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
+    ap.add_argument("--tiling", default="{}", help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
+    ap.add_argument("--out", default="-")
+    args = ap.parse_args(argv)
+    global INTERPRET
+    INTERPRET = args.interpret
+    tiling = TritonTiling(**json.loads(args.tiling))
+    out = sys.stdout if args.out == "-" else open(args.out, "a")
+    for name in args.check:
+        check_spec(name, tiling, out)
+    for name in args.specs:
+        bench_spec(name, args, tiling, out)
+    for name in args.ms_layer:
+        bench_ms_layer(name, args, out)
+    if args.dense_lens:
+        bench_dense(args.dense_lens, args, out)
+
+
+if __name__ == "__main__":
+    main()
