@@ -58,9 +58,9 @@ def build_stdlib_corpus(data_dir: str | os.PathLike | None = None, *, options: S
     from selmerge_jax.data.stdlib_corpus import StdlibCorpus, StdlibCorpusConfig, default_stdlib_config
 
     if options is None:
-        config = default_stdlib_config(include_tests)
+        config = default_stdlib_config(include_tests).name  # by name: TFDS refuses a copy of a class config
         if name is not None:
-            raise ValueError(f"name={name!r} only applies with custom options; the default config is {config.name}")
+            raise ValueError(f"name={name!r} only applies with custom options; the default config is {config}")
     else:
         if not isinstance(options, StdlibOptions):
             raise TypeError(f"options must be StdlibOptions, got {type(options).__name__}")
