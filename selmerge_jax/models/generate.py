@@ -1,0 +1,256 @@
+"""Generation: chunked prefill into a static-shape KV cache, then a jit-compiled decode loop.
+
+* Prefill runs the prompt through the model in chunks of ``chunk_size`` tokens inside one ``lax.scan``: each
+  chunk appends its k/v to the per-layer ``selmerge_jax.kvcache.KVCache`` and attends over the cache, so the
+  largest attention buffer is ``[chunk, capacity]``, linear in the prompt length (never ``T x T``).
+* Decode is a ``lax.while_loop`` over ``decode_step`` (one token per row per step, static shapes), which stops
+  early when every row has produced an end-of-sequence id. The loop compiles once per (model, shapes, sampling).
+* Prompts of different lengths are right-padded; padding gets position -1, which the cache stores but never
+  attends, so each row behaves as if it were alone.
+
+Everything takes the model as ``nnx.split`` pieces inside ``jax.jit`` (not ``nnx.jit``): the graph is a static
+argument and the state a pytree, which keeps Python overhead out of the decode loop.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from selmerge_jax import kvcache
+from selmerge_jax.models.llama import Llama
+
+__all__ = ["SamplingConfig", "Generation", "sample_logits", "init_caches", "prefill", "decode_step", "generate",
+           "complete", "prefill_memory"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is drawn from the logits.
+
+    Attributes:
+      temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+      top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = off).
+      top_k: keep only the ``top_k`` most likely tokens (None = off).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise ValueError(f"SamplingConfig.top_k must be a positive int or None, got {self.top_k!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """``tokens int32 [B, max_new_tokens]`` (``pad_id`` after a row's end), ``lengths int32 [B]`` (tokens
+    generated, the end-of-sequence id included) and, when asked, ``logits float32 [B, max_new_tokens, V]``."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logits: jax.Array | None = None
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Next tokens ``int32 [B]`` from ``logits [B, V]`` under ``config`` (greedy when temperature == 0)."""
+    logits = logits.astype(jnp.float32)
+    if config.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / config.temperature
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if config.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Mass strictly before each token: the top token always survives, and a token is kept while the
+        # tokens ranked above it have not yet reached top_p.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(before < config.top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def init_caches(model: Llama, batch: int, capacity: int, dtype=None) -> tuple[kvcache.KVCache, ...]:
+    """One empty ``KVCache`` per layer (``[B, K, C, H]``), in the model's compute dtype by default."""
+    cfg = model.config
+    dtype = cfg.jnp_dtype if dtype is None else dtype
+    make = lambda: tuple(kvcache.init_cache(batch, cfg.num_kv_heads, capacity, cfg.head_size, dtype)  # noqa: E731
+                         for _ in range(cfg.num_layers))
+    # Built under jit so every leaf is its own buffer (init_cache shares one zeros array between k and v,
+    # which buffer donation rejects) and allocated directly on device.
+    return jax.jit(make)()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
+def _prefill(graphdef, state, caches, tokens, positions, last):
+    """tokens/positions ``[n, B, c]`` chunks; ``last int [B]``: flat index of each row's last prompt token."""
+    model = nnx.merge(graphdef, state)
+    n, b, c = tokens.shape
+
+    def body(carry, xs):
+        caches, h_last = carry
+        tok, pos, i = xs
+        h, caches = model.hidden_states(tok, pos, caches=caches)  # h [B, c, D]
+        here = (last >= i * c) & (last < (i + 1) * c)
+        h_sel = h[jnp.arange(b), jnp.clip(last - i * c, 0, c - 1)]
+        return (caches, jnp.where(here[:, None], h_sel, h_last)), None
+
+    h0 = jnp.zeros((b, model.config.d_model), model.config.jnp_dtype)
+    (caches, h_last), _ = jax.lax.scan(body, (caches, h0), (tokens, positions, jnp.arange(n)))
+    return model.output_logits(h_last), caches
+
+
+def _chunks(tokens: np.ndarray, lengths: np.ndarray, chunk_size: int):
+    """Pads ``[B, T]`` to a multiple of chunk_size and returns ``[n, B, c]`` tokens and positions (-1: pad)."""
+    b, t = tokens.shape
+    padded = -(-t // chunk_size) * chunk_size
+    tok = np.zeros((b, padded), np.int32)
+    tok[:, :t] = tokens
+    pos = np.arange(padded, dtype=np.int32)[None, :].repeat(b, 0)
+    pos = np.where(pos < lengths[:, None], pos, -1)
+    split = lambda x: x.reshape(b, padded // chunk_size, chunk_size).transpose(1, 0, 2)  # noqa: E731
+    return split(tok), split(pos)
+
+
+def _check_prompts(prompts, lengths):
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] == 0 or not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must be int [B, T] with T >= 1, got {prompts.dtype} {prompts.shape}")
+    b, t = prompts.shape
+    lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+        raise ValueError(f"lengths must be int [B={b}] with values in [1, T={t}], got {lengths!r}")
+    return prompts, lengths
+
+
+def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256):
+    """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches`` chunk by chunk.
+
+    Returns ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated.
+    """
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    prompts, lengths = _check_prompts(prompts, lengths)
+    window = model.config.sliding_window
+    if window is not None and lengths.max() > window:
+        # The cache masks by position only; a prompt longer than the window would need a per-query window.
+        raise ValueError(f"prompt length {lengths.max()} exceeds sliding_window={window}: chunked prefill "
+                         "with a window is only exact for prompts that fit in it")
+    tok, pos = _chunks(prompts, lengths, chunk_size)
+    graphdef, state = nnx.split(model)
+    return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1))
+
+
+def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig):
+    """One decode step: tokens ``int [B]`` at ``positions [B]`` (-1: row finished) ->
+    ``(next tokens int32 [B], logits float32 [B, V], caches)``."""
+    h, caches = model.hidden_states(tokens[:, None], positions[:, None], caches=caches)
+    logits = model.output_logits(h[:, 0])
+    return sample_logits(logits, key, sampling), logits, caches
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new", "keep_logits"))
+def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, sampling, max_new, keep_logits):
+    """Samples from the prefill logits, then feeds each token back until ``max_new`` or every row ended."""
+    model = nnx.merge(graphdef, state)
+    b, v = logits.shape
+    key, sub = jax.random.split(key)
+    first = sample_logits(logits, sub, sampling)
+    out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
+    all_logits = jnp.zeros((b, max_new, v) if keep_logits else (b, 1, v), jnp.float32).at[:, 0].set(logits)
+    done = jnp.isin(first, eos)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done, *_ = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, caches, out, all_logits, done, lengths, key = carry
+        key, sub = jax.random.split(key)
+        positions = jnp.where(done, -1, start + i - 1)
+        tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling)
+        tok = jnp.where(done, pad_id, tok)
+        if keep_logits:
+            all_logits = all_logits.at[:, i].set(step_logits)
+        lengths = lengths + (~done).astype(jnp.int32)
+        return i + 1, caches, out.at[:, i].set(tok), all_logits, done | jnp.isin(tok, eos), lengths, key
+
+    carry = (jnp.int32(1), caches, out, all_logits, done, lengths, key)
+    _, caches, out, all_logits, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths, (all_logits if keep_logits else None)
+
+
+def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             key=None, lengths=None, chunk_size: int = 256, capacity: int | None = None,
+             eos_ids: tuple[int, ...] | None = None, pad_id: int = 0, return_logits: bool = False) -> Generation:
+    """Continues right-padded prompts ``int [B, T]`` by up to ``max_new_tokens`` tokens.
+
+    Args:
+      sampling: greedy / temperature / top-p / top-k (see ``SamplingConfig``).
+      key: PRNG key for sampling (default ``jax.random.key(0)``).
+      lengths: real prompt lengths ``[B]`` (default: all T).
+      chunk_size: prefill chunk; the prompt is padded up to a multiple of it.
+      capacity: cache slots (default: padded prompt + max_new_tokens, the least that fits).
+      eos_ids: ids that end a row (default: the config's ``eos_token_id``; ``()`` never stops early).
+      pad_id: written after a row has ended.
+      return_logits: also return every step's logits ``[B, max_new_tokens, V]`` (tests, scoring).
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    prompts, lengths = _check_prompts(prompts, lengths)
+    padded = -(-prompts.shape[1] // chunk_size) * chunk_size
+    need = padded + max_new_tokens - 1  # the last sampled token is never fed back
+    capacity = need if capacity is None else capacity
+    if capacity < need:
+        raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
+    caches = init_caches(model, prompts.shape[0], capacity)
+    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size)
+    # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
+    eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(0) if key is None else key
+    tokens, lens, all_logits = _decode(graphdef, state, caches, logits, jnp.asarray(lengths), key,
+                                       jnp.int32(pad_id), eos, sampling=sampling, max_new=max_new_tokens,
+                                       keep_logits=return_logits)
+    return Generation(tokens=tokens, lengths=lens, logits=all_logits)
+
+
+def complete(model: Llama, tokenizer, text: str, *, max_new_tokens: int = 64, **kwargs) -> str:
+    """Text in, text out: encodes ``text`` (with BOS), generates, decodes up to the end-of-sequence id."""
+    ids = tokenizer.encode(text, add_bos=True)[None]
+    out = generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=(tokenizer.eos_id,),
+                   pad_id=tokenizer.pad_id, **kwargs)
+    n = int(out.lengths[0])
+    return tokenizer.decode(np.asarray(out.tokens[0, :n]))
+
+
+def prefill_memory(model: Llama, *, batch: int, prompt_len: int, chunk_size: int = 256,
+                   capacity: int | None = None) -> dict[str, int]:
+    """Bytes XLA plans for a compiled prefill of ``prompt_len`` tokens (compiled, never run).
+
+    Returns ``temp`` (scratch, e.g. the ``[chunk, capacity]`` attention buffer), ``argument`` (params + caches
+    + tokens), ``output`` and ``peak = argument + output + temp - alias`` (donated caches are aliased).
+    """
+    capacity = capacity or -(-prompt_len // chunk_size) * chunk_size
+    n = -(-prompt_len // chunk_size)
+    graphdef, state = nnx.split(model)
+    caches = jax.eval_shape(lambda: init_caches(model, batch, capacity))
+    chunk = jax.ShapeDtypeStruct((n, batch, chunk_size), jnp.int32)
+    last = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    stats = _prefill.lower(graphdef, state, caches, chunk, chunk, last).compile().memory_analysis()
+    out = {"temp": stats.temp_size_in_bytes, "argument": stats.argument_size_in_bytes,
+           "output": stats.output_size_in_bytes, "alias": stats.alias_size_in_bytes}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
