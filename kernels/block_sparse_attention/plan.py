@@ -18,8 +18,9 @@ For query group ``q`` (regions ``[q*merge, (q+1)*merge)``), the plan lists up to
 
 An entry is *valid* iff ``0 <= idx < R``, it is not inside the group's own local regions, and (when ``causal``)
 it lies strictly before the group: ``idx < q*merge``. Invalid entries (``-1`` is the canonical padding) are
-ignored; their K/V are never read. Rows may hold fewer valid entries than ``M`` (ragged plans). Valid entries
-must be distinct: a region listed twice is attended twice. Ordering inside a row does not change the result.
+ignored; their K/V are never read. With ``include_local=False`` the keys are another sequence (a ring step
+visiting another shard), so entries inside the group's own index range are valid too. Rows may hold fewer
+valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is attended twice. Ordering inside a row does not change the result.
 
 The selection axis ``P`` equals ``N`` (one selection per query head) or ``K`` (one per kv head, shared by its
 ``G`` query heads: what GQA-native kernels and caches want); with ``N == K`` the two coincide.
@@ -82,7 +83,8 @@ class SelectionPlan:
         start = (jnp.arange(self.num_groups, dtype=idx.dtype) * self.merge)[None, None, :, None]
         in_range = (idx >= 0) & (idx < self.num_regions)
         in_local = (idx >= start) & (idx < start + self.merge)
-        ok = in_range & ~in_local
+        # Without the local block the keys belong to another shard: its region q*merge is not "local".
+        ok = in_range & ~in_local if self.include_local else in_range
         return ok & (idx < start) if self.causal else ok
 
     def attended_tokens(self) -> jax.Array:
