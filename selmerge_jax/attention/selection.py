@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
 
-__all__ = ["region_summaries", "select_regions", "selection_summaries"]
+__all__ = ["plan_rows", "region_summaries", "select_regions", "selection_summaries"]
 
 _NO_PRIORITY = jnp.iinfo(jnp.int32).max
 
@@ -106,13 +106,23 @@ def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | N
     num_groups = t // config.group_tokens
     valid_tokens = t if num_valid_tokens is None else num_valid_tokens
     num_valid_regions = -(-valid_tokens // config.block_size)
-    if config.num_selected == 0:
-        regions = jnp.full((q.shape[0], qbar.shape[2], num_groups, 1), -1, jnp.int32)
-    else:
-        regions = jax.lax.map(
-            lambda g: _group_plan(g, qbar, kbar, config, num_valid_regions),
-            jnp.arange(num_groups),
-            batch_size=min(config.selection_batch, num_groups),
-        )  # [Q, B, P, M]
-        regions = jnp.moveaxis(regions, 0, 2)
+    regions = plan_rows(qbar, kbar, jnp.arange(num_groups), config, num_valid_regions=num_valid_regions)
     return SelectionPlan(regions, block_size=config.block_size, merge=config.merge, causal=config.causal)
+
+
+def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_regions: int | None = None):
+    """Selected regions ``int32 [B, P, len(groups), M]`` of the query ``groups`` from summaries ``[B, R, P, H]``.
+
+    ``select_regions`` calls it with every group; ring attention calls it with its shard's groups only, on
+    all-gathered summaries, and gets the same rows.
+    """
+    b, r, p, _ = kbar.shape
+    num_groups = groups.shape[0]
+    if config.num_selected == 0:
+        return jnp.full((b, p, num_groups, 1), -1, jnp.int32)
+    regions = jax.lax.map(
+        lambda g: _group_plan(g, qbar, kbar, config, r if num_valid_regions is None else num_valid_regions),
+        groups,
+        batch_size=min(config.selection_batch, num_groups),
+    )  # [Q, B, P, M]
+    return jnp.moveaxis(regions, 0, 2)
