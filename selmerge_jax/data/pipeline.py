@@ -42,6 +42,8 @@ class PipelineConfig:
       drop_remainder: drop a last partial batch (keeps shapes static under jit); only matters for finite passes.
       passkey_ratio: fraction of windows replaced by passkey-retrieval examples of the same length.
       passkey_loss: ``"all"`` tokens of a passkey window count in the loss, or only the ``"answer"``.
+      prefetch_documents: documents tokenized ahead by a background thread; 0 = synchronous. Kept small on
+        purpose: grain's default read-ahead (hundreds of elements) of megabyte-long documents holds gigabytes.
     """
 
     seq_len: int
@@ -57,8 +59,11 @@ class PipelineConfig:
     drop_remainder: bool = True
     passkey_ratio: float = 0.0
     passkey_loss: str = "all"
+    prefetch_documents: int = 2
 
     def __post_init__(self):
+        if not isinstance(self.prefetch_documents, int) or self.prefetch_documents < 0:
+            raise ValueError(f"PipelineConfig.prefetch_documents must be an int >= 0, got {self.prefetch_documents!r}")
         for name in ("seq_len", "batch_size", "shuffle_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -138,8 +143,10 @@ def passkey_windows(tokenizer, cfg: PipelineConfig) -> grain.IterDataset:
     """Endless passkey examples of exactly seq_len + 1 tokens (random depth), as LM examples, sharded."""
     index, count = cfg.shard()
     source = PasskeySource(PasskeyConfig(length=cfg.seq_len + 1, num_examples=1 << 30, seed=cfg.seed), tokenizer)
+    source[0]  # fails now, naming the length, if seq_len + 1 cannot hold a passkey prompt
     ds = grain.MapDataset.source(source)[index::count].repeat(None)
-    return ds.map(_PasskeyToExample(tokenizer.pad_id, cfg.passkey_loss == "answer")).to_iter_dataset()
+    ds = ds.map(_PasskeyToExample(tokenizer.pad_id, cfg.passkey_loss == "answer"))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # examples are cheap: no thread needed
 
 
 def _slices_as_tuples(state):
@@ -188,7 +195,8 @@ def lm_dataset(documents: Sequence, tokenizer, cfg: PipelineConfig) -> grain.Ite
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs).map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos))
-    it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": cfg.seq_len + 1})
+    read = grain.ReadOptions(num_threads=min(1, cfg.prefetch_documents), prefetch_buffer_size=cfg.prefetch_documents)
+    it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(read), length_struct={"tokens": cfg.seq_len + 1})
     if cfg.shuffle and cfg.shuffle_window > 1:
         it = gx.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=cfg.seed)
     it = it.map(_PackedToExample(tokenizer.pad_id))
