@@ -1,0 +1,152 @@
+"""Frozen, validated configuration of KV-cache compression (one object, every policy selected by name)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["KVCompressionConfig", "POLICIES", "MERGES", "QUANTS"]
+
+POLICIES = ("none", "streaming", "h2o", "snapkv", "tova")
+MERGES = ("none", "nearest", "value", "centroid")
+QUANTS = ("none", "int8", "int4")
+SUMMARY_MODES = ("cumulative", "ema")
+
+
+def _int_in(name: str, value, lo: int, hi: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"KVCompressionConfig.{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"KVCompressionConfig.{name}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVCompressionConfig:
+    """What to keep in the KV cache and how; every size is in slots per (batch row, kv head).
+
+    Attributes:
+      policy: scorer deciding which tokens survive: ``"none"`` (never compress), ``"streaming"`` (sinks + most
+        recent), ``"h2o"`` (accumulated attention), ``"snapkv"`` (pooled attention from the observation window
+        of the last prompt queries), ``"tova"`` (attention from the latest query).
+      budget: absolute slots kept after each compression (tokens + merged/summary slots). Exactly one of
+        ``budget``, ``ratio``, ``layer_budgets`` is set.
+      ratio: fraction of the context kept, in (0, 1]; resolved per call with :meth:`budget_for`.
+      layer_budgets: one absolute budget per layer (PyramidKV-style schedules).
+      slack: free slots above the budget, filled between compressions (decode steps, a prefill chunk); the
+        cache capacity is ``budget + slack`` and compression runs once every ``slack`` decode steps.
+      sink: the first ``sink`` positions are never evicted (StreamingLLM attention sinks).
+      window: the most recent ``window`` positions are never evicted.
+      obs_window / pool_kernel / pool: SnapKV's observation window (last queries whose attention votes),
+        1-D pooling width (odd) and kind (``"avg"``/``"max"``) that keeps neighbours of important tokens.
+      merge: what happens to evicted tokens: ``"none"`` (dropped), ``"nearest"`` (K and V averaged into the
+        kept slot with the most similar key, counts added), ``"value"`` (only V mixed into that slot; keys,
+        positions and counts untouched), ``"centroid"`` (``merge_slots`` region centroids: mean K/V of
+        contiguous position ranges of the evicted tokens, each with its count).
+      merge_slots: slots reserved for centroids (``merge="centroid"``).
+      summary_slots / summary_mode / summary_decay: reserved memory slots fed by evicted K/V with a cumulative
+        (exact running mean) or exponential moving average.
+      quant / quant_group / quant_window: int8/int4 storage (keys per channel in groups of ``quant_group``
+        tokens, values per token) with the latest ``quant_window`` tokens kept in full precision.
+    """
+
+    policy: str = "h2o"
+    budget: int | None = None
+    ratio: float | None = None
+    layer_budgets: tuple[int, ...] | None = None
+    slack: int = 64
+    sink: int = 4
+    window: int = 32
+    obs_window: int = 32
+    pool_kernel: int = 5
+    pool: str = "avg"
+    merge: str = "none"
+    merge_slots: int = 0
+    summary_slots: int = 0
+    summary_mode: str = "cumulative"
+    summary_decay: float = 0.9
+    quant: str = "none"
+    quant_group: int = 32
+    quant_window: int = 32
+
+    def __post_init__(self):
+        _choice("policy", self.policy, POLICIES)
+        _choice("merge", self.merge, MERGES)
+        _choice("quant", self.quant, QUANTS)
+        _choice("pool", self.pool, ("avg", "max"))
+        _choice("summary_mode", self.summary_mode, SUMMARY_MODES)
+        for name in ("sink", "window", "merge_slots", "summary_slots"):
+            _int_in(name, getattr(self, name), 0)
+        for name in ("slack", "obs_window", "pool_kernel", "quant_group", "quant_window"):
+            _int_in(name, getattr(self, name), 1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"KVCompressionConfig.pool_kernel must be odd (centred pooling), got {self.pool_kernel}")
+        if not 0.0 < self.summary_decay < 1.0:
+            raise ValueError(f"KVCompressionConfig.summary_decay must be in (0, 1), got {self.summary_decay!r}")
+        if (self.merge == "centroid") != (self.merge_slots > 0):
+            raise ValueError(f"KVCompressionConfig.merge_slots={self.merge_slots} must be > 0 exactly when "
+                             f"merge='centroid' (merge={self.merge!r})")
+        self._check_budget_fields()
+
+    def _check_budget_fields(self) -> None:
+        given = [n for n in ("budget", "ratio", "layer_budgets") if getattr(self, n) is not None]
+        if self.policy == "none":
+            if given:
+                raise ValueError(f"KVCompressionConfig.policy='none' keeps everything; do not set {given}")
+            return
+        if len(given) != 1:
+            raise ValueError(f"KVCompressionConfig needs exactly one of budget, ratio, layer_budgets for policy="
+                             f"{self.policy!r}, got {given or 'none'}")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"KVCompressionConfig.ratio must be in (0, 1], got {self.ratio!r}")
+        budgets = [self.budget] if self.budget is not None else list(self.layer_budgets or ())
+        if self.layer_budgets is not None and not budgets:
+            raise ValueError("KVCompressionConfig.layer_budgets must name at least one layer")
+        for i, b in enumerate(budgets):
+            name = "budget" if self.budget is not None else f"layer_budgets[{i}]"
+            _int_in(name, b, 1)
+            if b < self.min_budget:
+                raise ValueError(f"KVCompressionConfig.{name}={b} is too small: sink={self.sink} + window="
+                                 f"{self.window} + reserved={self.reserved} (merge/summary slots) = "
+                                 f"{self.min_budget} slots are protected (window larger than the budget?)")
+
+    @property
+    def reserved(self) -> int:
+        """Slots at the front of the cache that hold centroids and summaries, never plain tokens."""
+        return self.merge_slots + self.summary_slots
+
+    @property
+    def min_budget(self) -> int:
+        """Smallest legal budget: the protected sinks and window plus the reserved slots (at least 1)."""
+        return max(1, self.sink + self.window + self.reserved)
+
+    def budget_for(self, context_len: int, layer: int = 0) -> int:
+        """The static budget for a layer given the (static, Python int) context length it will hold."""
+        _int_in("context_len", context_len, 1)
+        if self.policy == "none":
+            return context_len
+        if self.layer_budgets is not None:
+            if not 0 <= layer < len(self.layer_budgets):
+                raise ValueError(f"layer={layer} outside layer_budgets of length {len(self.layer_budgets)}")
+            return self.layer_budgets[layer]
+        if self.budget is not None:
+            return self.budget
+        return max(self.min_budget, math.ceil(self.ratio * context_len))
+
+    def capacity_for(self, context_len: int, layer: int = 0) -> int:
+        """Cache slots to allocate: the budget plus the slack filled between compressions."""
+        if self.policy == "none":
+            return context_len
+        return self.budget_for(context_len, layer) + self.slack
+
+    def check_capacity(self, budget: int, capacity: int, incoming: int = 0) -> None:
+        """Raises if a compression to ``budget`` cannot leave room for ``incoming`` tokens in ``capacity`` slots."""
+        if budget > capacity:
+            raise ValueError(f"budget={budget} is larger than the cache capacity C={capacity}")
+        if budget + incoming > capacity:
+            raise ValueError(f"budget={budget} + incoming T={incoming} tokens exceeds the cache capacity "
+                             f"C={capacity}; allocate capacity >= budget + T (raise KVCompressionConfig.slack)")
+        if budget < self.min_budget:
+            raise ValueError(f"budget={budget} is below sink + window + reserved = {self.min_budget}")

@@ -1,0 +1,160 @@
+"""Eviction policies behind one contract: ``observe`` updates a per-slot score, ``compress`` keeps the top slots.
+
+Contract (every policy, every kv head independently, GQA-native: scores are summed over the G query heads of a
+kv head, never stored per query head):
+
+1. ``observe(cache, probs, config)``: fold the attention probabilities ``[B, K, G, T, C]`` returned by
+   ``attend(..., return_probs=True)`` into ``cache.score`` (H2O accumulates, TOVA keeps the latest query,
+   SnapKV votes with its observation window and pools; StreamingLLM needs nothing).
+2. ``slot_scores(cache, config)``: the ranking score ``[B, K, C]``; sinks and the recent window are +inf,
+   empty and reserved slots -inf.
+3. ``compress(cache, config, budget)``: keeps the ``budget - reserved`` best token slots per kv head (in slot
+   order, so pooled neighbours stay neighbours), merges or summarises the rest, and compacts to the front.
+   Shapes never change: the capacity stays C, ``length`` becomes ``budget``.
+
+``step`` chains make_room -> append -> attend -> observe: the one call a decode loop or a prefill chunk makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from selmerge_jax.kvcache import merging
+from selmerge_jax.kvcache.cache import KVCache, append, attend, gather_slots
+from selmerge_jax.kvcache.config import KVCompressionConfig
+
+__all__ = ["observe", "slot_scores", "compress", "make_room", "step", "init_for", "needs_probs"]
+
+_PROTECT = 3e38  # above any real score, below +inf so protected slots still rank among themselves by nothing
+
+
+def needs_probs(config: KVCompressionConfig) -> bool:
+    """Whether ``observe`` needs attention probabilities (the caller must ``attend(..., return_probs=True)``)."""
+    return config.policy in ("h2o", "snapkv", "tova")
+
+
+def init_for(config: KVCompressionConfig, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
+    """An empty cache whose first ``config.reserved`` slots are held for centroids/summaries (cursor after them)."""
+    from selmerge_jax.kvcache.cache import init_cache  # local: keeps the import graph of this module flat
+
+    if config.reserved >= capacity:
+        raise ValueError(f"capacity={capacity} must exceed the reserved merge/summary slots ({config.reserved})")
+    cache = init_cache(batch, kv_heads, capacity, head_dim, dtype)
+    return dataclasses.replace(cache, length=jnp.asarray(config.reserved, jnp.int32))
+
+
+def _pool(x, kernel: int, kind: str):
+    """Centred 1-D pooling along slots (SnapKV's clustering), ``x [B, K, C]``."""
+    pad = [(0, 0), (0, 0), (kernel // 2, kernel // 2)]
+    if kind == "max":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, kernel), (1, 1, 1), pad)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, kernel), (1, 1, 1), pad) / kernel
+
+
+def observe(cache: KVCache, probs, config: KVCompressionConfig) -> KVCache:
+    """Folds attention probabilities ``float32 [B, K, G, T, C]`` into ``cache.score`` per the policy."""
+    if config.policy in ("none", "streaming"):
+        return cache
+    if probs.shape[:2] != cache.pos.shape[:2] or probs.shape[-1] != cache.capacity or probs.ndim != 5:
+        raise ValueError(f"probs must be [B, K, G, T, C={cache.capacity}] from attend(return_probs=True), "
+                         f"got {probs.shape}")
+    received = probs.sum(2)  # [B, K, T, C]: summed over the G query heads of each kv head
+    if config.policy == "h2o":
+        score = cache.score + received.sum(2)
+    elif config.policy == "tova":
+        score = received[:, :, -1]
+    else:  # snapkv: a prompt chunk votes with its last obs_window queries; decode steps keep voting
+        vote = _pool(received[:, :, -config.obs_window:].sum(2), config.pool_kernel, config.pool)
+        score = vote if probs.shape[3] > 1 else cache.score + vote
+    return dataclasses.replace(cache, score=score)
+
+
+def slot_scores(cache: KVCache, config: KVCompressionConfig):
+    """``float32 [B, K, C]`` ranking: higher is kept; protected +3e38, empty/reserved -inf."""
+    pos = cache.pos
+    valid = pos >= 0
+    base = pos.astype(jnp.float32) if config.policy == "streaming" else cache.score
+    newest = jnp.max(pos, axis=-1, keepdims=True)
+    protected = (pos < config.sink) | (pos > newest - config.window)
+    s = jnp.where(protected, _PROTECT, base)
+    s = jnp.where(valid, s, -jnp.inf)
+    reserved = jnp.arange(cache.capacity) < config.reserved
+    return jnp.where(reserved, -jnp.inf, s)
+
+
+def compress(cache: KVCache, config: KVCompressionConfig, budget: int) -> KVCache:
+    """Keeps ``budget`` slots per (batch row, kv head): reserved slots, then the best tokens in slot order."""
+    config.check_capacity(budget, cache.capacity)
+    r = config.reserved
+    keep = budget - r
+    _, top = jax.lax.top_k(slot_scores(cache, config), keep)
+    kept_idx = jnp.sort(top, axis=-1).astype(jnp.int32)  # slot order == position order of appended tokens
+    kept = jnp.zeros(cache.pos.shape, bool).at[_bk_index(kept_idx)].set(True)
+    slot = jnp.arange(cache.capacity)
+    evicted = (cache.pos >= 0) & ~kept & (slot >= r)
+    bk = cache.pos.shape[:2]
+    reserved_idx = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*bk, r))
+    free = jnp.full((*bk, cache.capacity - budget), -1, jnp.int32)  # capacity stays C: static shapes
+    out = gather_slots(cache, jnp.concatenate([reserved_idx, kept_idx, free], -1), length=budget)
+    if config.merge in ("nearest", "value"):
+        k, v, c = merging.merge_into_kept(cache.k, cache.v, cache.count, kept_idx, evicted,
+                                          value_only=config.merge == "value")
+        out = _write(out, r, k=k, v=v, count=c)
+    elif config.merge == "centroid":
+        member = evicted | ((slot < config.merge_slots) & (cache.pos >= 0))  # old centroids are re-bucketed
+        k, v, c, p = merging.centroids(cache.k, cache.v, cache.pos, cache.count, member, config.merge_slots)
+        out = _write(out, 0, k=k, v=v, count=c, pos=p)
+    if config.summary_slots:
+        out = _fold_summary(cache, out, evicted, config)
+    return out
+
+
+def _bk_index(idx):
+    b, k, _ = idx.shape
+    return jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], idx
+
+
+def _write(cache: KVCache, start: int, **fields) -> KVCache:
+    """Overwrites slots ``[start, start + n)`` of the given fields (k/v/count/pos) with new values."""
+    updates = {}
+    for name, val in fields.items():
+        dst = getattr(cache, name)
+        updates[name] = jax.lax.dynamic_update_slice_in_dim(dst, val.astype(dst.dtype), start, axis=2)
+    return dataclasses.replace(cache, **updates)
+
+
+def _fold_summary(old: KVCache, out: KVCache, evicted, config: KVCompressionConfig) -> KVCache:
+    n, s0 = config.summary_slots, config.merge_slots
+    bucket = merging.position_buckets(old.pos, old.count, evicted, n)
+    new = merging.bucket_means(old.k, old.v, old.pos, old.count, evicted, bucket, n)
+    sl = lambda x: jax.lax.slice_in_dim(x, s0, s0 + n, axis=2)  # noqa: E731
+    summary = (sl(old.k), sl(old.v), sl(old.count), sl(old.pos))
+    k, v, c, p = merging.update_summary(summary, new, mode=config.summary_mode, decay=config.summary_decay)
+    return _write(out, s0, k=k, v=v, count=c, pos=p)
+
+
+def make_room(cache: KVCache, config: KVCompressionConfig, budget: int, incoming: int) -> KVCache:
+    """Compresses to ``budget`` iff ``incoming`` more tokens would not fit (a ``lax.cond``: jit-static)."""
+    if config.policy == "none":
+        return cache
+    config.check_capacity(budget, cache.capacity, incoming)
+    full = cache.length + incoming > cache.capacity
+    return jax.lax.cond(full, lambda c: compress(c, config, budget), lambda c: c, cache)
+
+
+def step(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, budget: int,
+         scale: float | None = None):
+    """One attention call against a compressed cache: make_room -> append -> attend -> observe.
+
+    q ``[B, T, N, H]``, k/v ``[B, T, K, H]``, positions ``int [B, T]``. Returns ``(out [B, T, N, H], cache)``.
+    Works for a decode step (T=1) and for a prefill chunk (T = chunk) alike.
+    """
+    cache = make_room(cache, config, budget, q.shape[1])
+    cache = append(cache, k, v, positions)
+    if not needs_probs(config):
+        return attend(cache, q, positions, scale=scale), cache
+    out, probs, _ = attend(cache, q, positions, scale=scale, return_probs=True)
+    return out, observe(cache, probs, config)
