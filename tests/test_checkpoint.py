@@ -23,15 +23,15 @@ _TRAIN_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     from flax import nnx
-    from selmerge_jax.training import (CheckpointConfig, OptimizerConfig, TokenWindowBatches, TrainConfig,
-                                       train)
+    from selmerge_jax.data import TokenWindows
+    from selmerge_jax.training import CheckpointConfig, OptimizerConfig, TrainConfig, train
 
     class Tiny(nnx.Module):
         def __init__(self):
             rngs = nnx.Rngs(0)
             self.emb, self.out = nnx.Embed(16, 8, rngs=rngs), nnx.Linear(8, 16, rngs=rngs)
 
-        def __call__(self, x):
+        def __call__(self, x, positions=None, segment_ids=None):
             return self.out(jax.nn.gelu(self.emb(x)))
 
     def run(out_dir, delay):
@@ -40,7 +40,7 @@ _TRAIN_SCRIPT = textwrap.dedent("""
             return batch
         tokens = np.random.default_rng(1).integers(0, 16, 4000)
         cfg = TrainConfig(steps=9, batch_size=4, seq_len=8, log_every=1, output_dir=out_dir, progress=False)
-        result = train(Tiny(), TokenWindowBatches(tokens, batch_size=4, seq_len=8, seed=3), train=cfg,
+        result = train(Tiny(), TokenWindows(tokens, batch_size=4, seq_len=8, bos_id=16, seed=3), train=cfg,
                        optimizer=OptimizerConfig(learning_rate=3e-2, warmup_steps=2),
                        checkpoint=CheckpointConfig(every_steps=3, keep=2), batch_transform=slow)
         print("RESUMED_FROM", result.resumed_from, flush=True)

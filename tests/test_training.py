@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from selmerge_jax.sharding.mesh import MeshConfig, make_mesh, param_sharding, shard_batch, shard_params
-from selmerge_jax.training import (CheckpointConfig, MetricsWriter, OptimizerConfig, TokenWindowBatches,
-                                   TrainConfig, build_optimizer, eval_windows, init_train_state,
+from selmerge_jax.data import TokenWindows
+from selmerge_jax.training import (CheckpointConfig, MetricsWriter, OptimizerConfig, TrainConfig,
+                                   build_optimizer, init_train_state,
                                    learning_rate_schedule, make_eval_step, make_train_step, read_jsonl, train)
 from selmerge_jax.training.optimizer import decay_mask
 from selmerge_jax.training.train_step import split_batch
@@ -29,7 +30,7 @@ class Tiny(nnx.Module):
         self.out = (nnx.LoRALinear(d, V, lora_rank=lora_rank, rngs=rngs) if lora_rank
                     else nnx.Linear(d, V, rngs=rngs))
 
-    def __call__(self, x):
+    def __call__(self, x, positions=None, segment_ids=None):
         return self.out(self.norm(self.emb(x)))
 
 
@@ -75,9 +76,9 @@ def test_optimizer_config_rejects(bad):
 def test_loss_falls_and_step_compiles_once():
     traces = []
 
-    def forward(model, inputs, positions):
+    def forward(model, inputs):
         traces.append(1)  # runs only while tracing
-        return model(inputs)
+        return model(inputs["tokens"])
 
     tx, _ = build_optimizer(OptimizerConfig(learning_rate=3e-2, warmup_steps=0), 50)
     graphdef, state = init_train_state(Tiny(), tx)
@@ -117,11 +118,14 @@ def test_lora_only_updates_adapters():
 
 
 def test_split_batch_forms_and_errors():
-    inputs, targets, mask, positions = split_batch(_batch(0, b=2, t=5))
-    assert inputs.shape == targets.shape == mask.shape == (2, 5) and positions is None
+    inputs, targets, mask = split_batch(_batch(0, b=2, t=5))
+    assert inputs["tokens"].shape == targets.shape == mask.shape == (2, 5) and set(inputs) == {"tokens"}
+    pos = jnp.zeros((2, 5), jnp.int32)
+    inputs, _, _ = split_batch({"inputs": pos, "targets": pos, "positions": pos, "segment_ids": None})
+    assert set(inputs) == {"tokens", "positions"}
     with pytest.raises(ValueError, match="needs 'tokens' or 'inputs'"):
         split_batch({"x": jnp.zeros((2, 3))})
-    with pytest.raises(ValueError, match="batch\\['mask'\\]"):
+    with pytest.raises(ValueError, match="batch\\['loss_mask'\\]"):
         split_batch({"tokens": jnp.zeros((2, 4), jnp.int32), "mask": jnp.ones((2, 4))})
 
 
@@ -132,7 +136,7 @@ def test_masked_targets_do_not_count():
     batch = _batch(1)
     mask = np.ones((4, 8), np.float32)
     mask[:, 4:] = 0
-    s_half, c_half = ev(state, {**batch, "mask": jnp.asarray(mask)})
+    s_half, c_half = ev(state, {**batch, "loss_mask": jnp.asarray(mask)})
     s_cut, c_cut = ev(state, {"tokens": batch["tokens"][:, :5]})
     assert float(c_half) == float(c_cut) == 16
     np.testing.assert_allclose(float(s_half), float(s_cut), rtol=1e-6)
@@ -179,10 +183,11 @@ def test_train_loop_logs_evaluates_and_checkpoints(tmp_path):
     tokens = np.tile(np.arange(V), 400)  # a learnable cycle: next token = current + 1
     cfg = TrainConfig(steps=12, batch_size=4, seq_len=8, log_every=4, eval_every=6, eval_batches=2,
                       output_dir=str(tmp_path), progress=False)
-    result = train(Tiny(), TokenWindowBatches(tokens, batch_size=4, seq_len=8), train=cfg,
+    windows = dict(batch_size=4, seq_len=8, bos_id=V)
+    result = train(Tiny(), TokenWindows(tokens, **windows), train=cfg,
                    optimizer=OptimizerConfig(learning_rate=5e-2, warmup_steps=2),
                    checkpoint=CheckpointConfig(every_steps=6, async_save=False),
-                   eval_batches=lambda: eval_windows(tokens, batch_size=4, seq_len=8, num_batches=2),
+                   eval_batches=lambda: TokenWindows(tokens, shuffle=False, num_epochs=1, **windows),
                    meta={"note": "x"})
     assert [h["step"] for h in result.history] == [4, 8, 12]
     assert [e["step"] for e in result.evals] == [6, 12]

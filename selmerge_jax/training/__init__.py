@@ -1,7 +1,6 @@
 """Training: frozen configs and a YAML loader, optax AdamW, a jitted train step on ``nnx.split`` state,
 orbax checkpoints with exact resume (model, optimizer, step, RNG, data iterator), metrics and the loop."""
 
-from selmerge_jax.training.batches import TokenWindowBatches, eval_windows
 from selmerge_jax.training.checkpoint import Checkpointer
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.config_loader import ConfigError, apply_overrides, from_dict, load_config, to_dict
@@ -11,7 +10,7 @@ from selmerge_jax.training.optimizer import build_optimizer, learning_rate_sched
 from selmerge_jax.training.train_step import (TrainState, init_train_state, make_eval_step, make_train_step,
                                               token_cross_entropy)
 
-__all__ = ["TokenWindowBatches", "eval_windows", "Checkpointer", "CheckpointConfig", "OptimizerConfig",
+__all__ = ["Checkpointer", "CheckpointConfig", "OptimizerConfig",
            "TrainConfig", "ConfigError", "apply_overrides", "from_dict", "load_config", "to_dict", "TrainResult",
            "evaluate", "train", "MetricsWriter", "read_jsonl", "build_optimizer", "learning_rate_schedule",
            "TrainState", "init_train_state", "make_eval_step", "make_train_step", "token_cross_entropy"]

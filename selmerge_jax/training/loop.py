@@ -65,9 +65,10 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[dict], num_batches:
     return {"val_loss": loss_sum / count, "val_tokens": count}
 
 
-def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh):
+def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh, trainable):
     tx, schedule = build_optimizer(opt_cfg, train_cfg.steps)
-    graphdef, state = init_train_state(model, tx, trainable=train_cfg.trainable, seed=train_cfg.seed)
+    trainable = train_cfg.trainable if trainable is None else trainable
+    graphdef, state = init_train_state(model, tx, trainable=trainable, seed=train_cfg.seed)
     if mesh is not None:
         state = shard_params(state, mesh)
     return tx, schedule, graphdef, state
@@ -110,7 +111,7 @@ class _Interval:
 def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: OptimizerConfig,
           checkpoint: CheckpointConfig, eval_batches: Callable[[], Iterable[dict]] | None = None, mesh=None,
           forward=default_forward, batch_transform: BatchTransform | None = None,
-          meta: dict | None = None) -> TrainResult:
+          meta: dict | None = None, trainable=None) -> TrainResult:
     """Trains ``model`` (an ``nnx.Module``) on ``batches`` to ``train.steps`` optimizer steps.
 
     Args:
@@ -118,12 +119,13 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
         position is checkpointed for exact resume.
       eval_batches: returns a fresh iterable of validation batches each time it is called.
       mesh: a ``("data", "fsdp", "seq")`` mesh (``selmerge_jax.sharding.mesh``); None = default device.
-      forward: ``forward(model, inputs, positions) -> logits``.
+      forward: ``forward(model, {"tokens", ["positions"], ["segment_ids"]}) -> logits``.
       batch_transform: ``(host_batch, step) -> host_batch`` before the step (e.g. CRD NTK positions); it must be
         a deterministic function of its arguments for resume to be exact.
       meta: JSON kept with every checkpoint (e.g. the experiment config).
+      trainable: an NNX filter of the trained variables (default from ``train.trainable``).
     """
-    tx, schedule, graphdef, state = _init(model, train, optimizer, mesh)
+    tx, schedule, graphdef, state = _init(model, train, optimizer, mesh, trainable)
     ckpt_dir = checkpoint.directory or os.path.join(train.output_dir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
     resumed = None

@@ -6,8 +6,9 @@ the LoRA adapters), ``rest`` everything else (a frozen base, RNG counters). Ever
 restores bit-for-bit.
 
 Batches are dicts of host or device arrays: either ``tokens int[B, T+1]`` (inputs are ``tokens[:, :-1]``,
-targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]``; optional ``mask [B, T]`` (1 = count the target in
-the loss) and ``positions int[B, T]`` (passed to the model, e.g. for CRD NTK's cycled positions).
+targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]`` (the grain pipeline's format); optional
+``loss_mask`` (or ``mask``) ``[B, T]`` (1 = count the target in the loss), and ``positions``/``segment_ids``
+``int[B, T]``, which are handed to the model (e.g. CRD NTK's cycled positions, packed-document masking).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.glob
 __all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "split_batch",
            "token_cross_entropy", "default_forward", "trainable_filter"]
 
-Forward = Callable[[nnx.Module, jax.Array, "jax.Array | None"], jax.Array]
+Forward = Callable[[nnx.Module, dict], jax.Array]  # (model, {"tokens", ["positions"], ...}) -> logits
 
 
 @flax.struct.dataclass
@@ -41,8 +42,10 @@ class TrainState:
     rng: jax.Array  # uint32 [2]: raw key; per-step keys are fold_in(rng, step), so resuming replays them
 
 
-def trainable_filter(trainable: str):
-    """``"all"`` -> every ``nnx.Param``; ``"lora"`` -> only ``nnx.LoRAParam`` (the adapters' variable type)."""
+def trainable_filter(trainable):
+    """``"all"`` -> every ``nnx.Param``; ``"lora"`` -> only ``nnx.LoRAParam``; any other NNX filter as is."""
+    if not isinstance(trainable, str):
+        return trainable
     if trainable == "all":
         return nnx.Param
     if trainable == "lora":
@@ -50,7 +53,7 @@ def trainable_filter(trainable: str):
     raise ValueError(f"trainable={trainable!r}; allowed: 'all', 'lora'")
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable: str = "all",
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable="all",
                      seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, rest = nnx.split(model, trainable_filter(trainable), ...)
     if not jax.tree.leaves(params):
@@ -61,8 +64,9 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, tra
     return graphdef, state
 
 
-def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """``(inputs [B,T], targets [B,T], mask float32 [B,T], positions [B,T] | None)`` from a batch dict."""
+def split_batch(batch) -> tuple[dict, jax.Array, jax.Array]:
+    """``(model_inputs, targets [B,T], mask float32 [B,T])``; model_inputs holds ``tokens`` and, when the batch
+    has them, ``positions`` and ``segment_ids``."""
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
     if "tokens" in batch:
@@ -76,11 +80,17 @@ def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | Non
             raise ValueError(f"batch inputs/targets must both be [B, T], got {inputs.shape} / {targets.shape}")
     else:
         raise ValueError(f"batch needs 'tokens' or 'inputs' + 'targets', got keys {sorted(batch)}")
-    mask = batch.get("mask")
+    mask = batch.get("loss_mask", batch.get("mask"))
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     if mask.shape != targets.shape:
-        raise ValueError(f"batch['mask'] must be {targets.shape}, got {mask.shape}")
-    return inputs, targets, mask, batch.get("positions")
+        raise ValueError(f"batch['loss_mask'] must be {targets.shape}, got {mask.shape}")
+    model_inputs = {"tokens": inputs}
+    for key in ("positions", "segment_ids"):
+        if batch.get(key) is not None:
+            if batch[key].shape != inputs.shape:
+                raise ValueError(f"batch[{key!r}] must be {inputs.shape}, got {batch[key].shape}")
+            model_inputs[key] = batch[key]
+    return model_inputs, targets, mask
 
 
 def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
@@ -89,9 +99,10 @@ def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def default_forward(model, inputs, positions):
-    """``model(inputs)`` -> logits ``[B, T, V]``; positions are passed only when the batch has them."""
-    return model(inputs) if positions is None else model(inputs, positions=positions)
+def default_forward(model, inputs: dict):
+    """``model(tokens, **rest)`` -> logits ``[B, T, V]``; ``rest`` = the batch's positions / segment_ids."""
+    rest = {k: v for k, v in inputs.items() if k != "tokens"}
+    return model(inputs["tokens"], **rest)
 
 
 def _cast_floating(tree, dtype):
@@ -100,9 +111,9 @@ def _cast_floating(tree, dtype):
 
 def _micro_loss(params, rest, graphdef, micro, total_count, compute_dtype, forward):
     """Summed loss of one micro-batch divided by the whole step's token count, so micro-grads simply add."""
-    inputs, targets, mask, positions = micro
+    inputs, targets, mask = micro
     model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), _cast_floating(rest, compute_dtype))
-    logits = forward(model, inputs, positions)
+    logits = forward(model, inputs)
     loss_sum, _ = token_cross_entropy(logits, targets, mask)
     return loss_sum / total_count, loss_sum
 
@@ -110,12 +121,10 @@ def _micro_loss(params, rest, graphdef, micro, total_count, compute_dtype, forwa
 def _microbatches(parts, accumulation_steps: int):
     """``[A*b, ...]`` -> ``[A, b, ...]`` for a scan over micro-batches."""
     def split(x):
-        if x is None:
-            return None
         if x.shape[0] % accumulation_steps:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulation_steps={accumulation_steps}")
         return x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:])
-    return tuple(split(x) for x in parts)
+    return jax.tree.map(split, parts)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
@@ -126,9 +135,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
     grad_fn = jax.grad(_micro_loss, has_aux=True)
 
     def step(state: TrainState, batch):
-        inputs, targets, mask, positions = split_batch(batch)
+        inputs, targets, mask = split_batch(batch)
         total = jnp.maximum(jnp.sum(mask), 1.0)
-        micro = _microbatches((inputs, targets, mask, positions), accumulation_steps)
+        micro = _microbatches((inputs, targets, mask), accumulation_steps)
 
         def body(carry, mb):
             grads, loss_sum = carry
@@ -153,9 +162,9 @@ def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = de
     compute_dtype = jnp.dtype(compute_dtype)
 
     def eval_step(state: TrainState, batch):
-        inputs, targets, mask, positions = split_batch(batch)
+        inputs, targets, mask = split_batch(batch)
         model = nnx.merge(graphdef, _cast_floating(state.params, compute_dtype),
                           _cast_floating(state.rest, compute_dtype))
-        return token_cross_entropy(forward(model, inputs, positions), targets, mask)
+        return token_cross_entropy(forward(model, inputs), targets, mask)
 
     return jax.jit(eval_step)

@@ -1,0 +1,216 @@
+"""Experiment schemas (what ``experiments/configs/*.yaml`` hold) and loading them with presets and overrides.
+
+A YAML file is one of :class:`PretrainConfig`, :class:`FinetuneConfig`, :class:`InferConfig`, section by
+section. ``model:`` may name a preset and override any field of it, nested ones included::
+
+    model: {preset: tiny, attention: ms, ms: {block_size: 32}}
+
+Unknown keys and bad values fail with their key path (``model.ms.block_sze: unknown key ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from selmerge_jax.models.config import ModelConfig, preset
+from selmerge_jax.models.generate import SamplingConfig
+from selmerge_jax.models.lora import LoRAConfig
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.sharding.mesh import MeshConfig
+from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
+from selmerge_jax.training.config_loader import ConfigError, apply_overrides, from_dict, to_dict
+
+__all__ = ["DataConfig", "InitConfig", "PretrainConfig", "FinetuneConfig", "InferConfig", "PasskeyCheckConfig",
+           "load_experiment", "expand_model_section", "config_to_dict"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tokens come from.
+
+    Attributes:
+      source: a TFDS name (``stdlib_corpus``: the embedded default, built locally on first use; ``pg19``; ...)
+        or a prepared TFDS directory. Ignored when ``train_npy`` is set.
+      train_split, validation_split: TFDS split strings.
+      train_npy, validation_npy: flat pre-tokenized arrays (``.npy``; see ``experiments/pretrain.py
+        --export-npy``) read with numpy alone, for machines without TFDS/grain.
+      data_dir: TFDS data dir (default ``$SELMERGE_DATA_DIR`` or ``~/.cache/selmerge_jax``).
+      tokenizer: null/"byte" for the byte tokenizer, or a path to a ``tokenizer.json`` (or its directory).
+      shuffle_window: grain shuffle buffer of windows.
+      passkey_ratio: fraction of training windows replaced by passkey-retrieval examples.
+      document_masking: keep packed-document ``segment_ids``/positions (dense attention only); false lets
+        tokens attend across document boundaries at absolute positions, which select-and-merge needs.
+    """
+
+    source: str = "stdlib_corpus"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    train_npy: str | None = None
+    validation_npy: str | None = None
+    data_dir: str | None = None
+    tokenizer: str | None = None
+    shuffle_window: int = 64
+    passkey_ratio: float = 0.0
+    document_masking: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"DataConfig.source must be a dataset name or directory, got {self.source!r}")
+        if (self.train_npy is None) != (self.validation_npy is None):
+            raise ValueError(f"DataConfig.train_npy={self.train_npy!r} and validation_npy="
+                             f"{self.validation_npy!r}: give both or neither")
+        if isinstance(self.shuffle_window, bool) or not isinstance(self.shuffle_window, int) or self.shuffle_window < 1:
+            raise ValueError(f"DataConfig.shuffle_window must be a positive int, got {self.shuffle_window!r}")
+        if not 0.0 <= self.passkey_ratio < 1.0:
+            raise ValueError(f"DataConfig.passkey_ratio must be in [0, 1), got {self.passkey_ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Where a fine-tune or inference run gets its weights.
+
+    Attributes:
+      kind: "checkpoint" (our orbax run directory; the model config is read from it), "hf" (a local Hugging
+        Face Llama/Mistral directory) or "scratch" (random init from ``model``).
+      path: the checkpoint directory (``.../checkpoints``) or HF directory.
+      step: checkpoint step (default: the newest).
+    """
+
+    kind: Literal["checkpoint", "hf", "scratch"] = "scratch"
+    path: str | None = None
+    step: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("checkpoint", "hf", "scratch"):
+            raise ValueError(f"InitConfig.kind={self.kind!r}; allowed: 'checkpoint', 'hf', 'scratch'")
+        if self.kind != "scratch" and not self.path:
+            raise ValueError(f"InitConfig.path is required with kind={self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    model: ModelConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        per_device = self.train.batch_size % self.optimizer.accumulation_steps
+        if per_device:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+                             f"optimizer.accumulation_steps={self.optimizer.accumulation_steps}")
+        if self.data.document_masking and self.model.attention != "dense":
+            raise ValueError(f"data.document_masking needs model.attention='dense', got {self.model.attention!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(PretrainConfig):
+    """Pretrain's sections plus where the weights start, LoRA and CRD NTK (both optional)."""
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    lora: LoRAConfig | None = None
+    crd: CRDNTKConfig | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.lora is None) != (self.train.trainable == "all"):
+            raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
+                             f"{'set' if self.lora else 'null'}: use 'lora' exactly when a lora section is given")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PasskeyCheckConfig:
+    """Passkey retrieval at given prompt lengths and depths (0 = start of the prompt, 1 = end)."""
+
+    lengths: tuple[int, ...] = (512,)
+    depths: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self):
+        if not self.lengths or any(n < 64 for n in self.lengths):
+            raise ValueError(f"PasskeyCheckConfig.lengths must be non-empty, each >= 64, got {self.lengths!r}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"PasskeyCheckConfig.depths must be non-empty, each in [0, 1], got {self.depths!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferConfig:
+    """Load weights, prefill a long prompt, generate; report tokens/s and memory.
+
+    Attributes:
+      init: the weights (checkpoint, hf or scratch).
+      model: the model config for ``hf``/``scratch`` (with ``checkpoint`` it is read from the run); null keeps
+        the stored one.
+      prompt: prompt text; null takes ``prompt_tokens`` tokens of the validation corpus (``data``).
+      prompt_tokens: prompt length when taken from the corpus.
+      max_new_tokens, sampling, chunk_size: generation (see ``selmerge_jax.models.generate``).
+      passkey: also run a passkey retrieval check (null skips it).
+      output: JSON lines with the measurements go here.
+      seed: sampling seed.
+    """
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    model: ModelConfig | None = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prompt: str | None = None
+    prompt_tokens: int = 2048
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    chunk_size: int = 256
+    passkey: PasskeyCheckConfig | None = None
+    output: str = "runs/infer/results.jsonl"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "max_new_tokens", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InferConfig.{name} must be a positive int, got {value!r}")
+        if self.init.kind != "checkpoint" and self.model is None:
+            raise ValueError(f"InferConfig.model is required with init.kind={self.init.kind!r}")
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def expand_model_section(section, path: str = "model"):
+    """``{preset: tiny, ...overrides}`` -> the preset's full field dict with the overrides merged in."""
+    if not isinstance(section, Mapping) or "preset" not in section:
+        return section
+    overrides = {k: v for k, v in section.items() if k != "preset"}
+    try:
+        base = to_dict(preset(section["preset"]))
+    except ValueError as e:
+        raise ConfigError(f"{path}.preset: {e}") from e
+    return _deep_merge(base, overrides)
+
+
+def load_experiment(cls, path: str | None = None, overrides: Sequence[str] = ()):
+    """Reads ``path`` (YAML), applies ``--set`` overrides, expands model presets and validates into ``cls``."""
+    import yaml
+
+    data = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    if data.get("model") is not None:
+        data["model"] = expand_model_section(data["model"])
+    return from_dict(cls, data)
+
+
+def config_to_dict(config) -> dict:
+    """The config as plain YAML/JSON data (stored in checkpoints so a run can be rebuilt from them)."""
+    return to_dict(config)

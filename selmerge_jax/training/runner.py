@@ -1,0 +1,197 @@
+"""What the experiment scripts do, as library functions: build data and model from a config, pretrain,
+fine-tune (LoRA, CRD NTK), restore a trained model from its checkpoint directory, plot a loss curve.
+
+Scripts stay a few lines: parse ``--config``/``--set``, call one function here, print the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from selmerge_jax.models import Llama
+from selmerge_jax.models.lora import apply_lora, trainable_filter as lora_filter
+from selmerge_jax.models.tokenizer import load_tokenizer
+from selmerge_jax.sharding.mesh import initialize_distributed, make_mesh
+from selmerge_jax.training.checkpoint import Checkpointer
+from selmerge_jax.training.config_loader import from_dict
+from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, config_to_dict
+from selmerge_jax.training.loop import TrainResult, train
+from selmerge_jax.training.optimizer import build_optimizer
+from selmerge_jax.training.train_step import init_train_state
+
+__all__ = ["build_model", "make_data", "run_pretrain", "run_finetune", "restore_model", "plot_loss_curve",
+           "crd_batch_transform"]
+
+_log = logging.getLogger(__name__)
+
+
+def build_model(cfg: PretrainConfig) -> Llama:
+    """A freshly initialised (or HF-loaded) model, with LoRA adapters when the config has a ``lora`` section."""
+    init = getattr(cfg, "init", None)
+    if init is not None and init.kind == "hf":
+        from selmerge_jax.models import load_hf
+
+        model = load_hf(init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
+    else:
+        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    if getattr(cfg, "lora", None) is not None:
+        apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.train.seed + 1))
+    return model
+
+
+def _trainable(cfg: PretrainConfig):
+    lora = getattr(cfg, "lora", None)
+    return lora_filter(lora) if lora is not None else nnx.Param
+
+
+def _npy(path: str) -> np.ndarray:
+    return np.load(os.path.expanduser(path), mmap_mode="r")
+
+
+def make_data(cfg: PretrainConfig, tokenizer):
+    """``(train_iterator, eval_batches_fn)``; both yield the pipeline's ``inputs/targets/loss_mask/...`` dicts."""
+    from selmerge_jax import data
+
+    per_process = cfg.train.batch_size // jax.process_count()
+    t, seed = cfg.train.seq_len, cfg.train.seed
+    d = cfg.data
+    if d.train_npy is not None:
+        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+        train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process, bos_id=tokenizer.bos_id,
+                                     seed=seed, **shard)
+        val = _npy(d.validation_npy)
+        return train_it, lambda: data.TokenWindows(val, seq_len=t, batch_size=per_process, shuffle=False,
+                                                   num_epochs=1, bos_id=tokenizer.bos_id, **shard)
+    if d.source == "stdlib_corpus":
+        data.build_stdlib_corpus(d.data_dir)  # a no-op once built
+    train_docs = data.text_source(d.source, d.train_split, d.data_dir)
+    val_docs = data.text_source(d.source, d.validation_split, d.data_dir)
+    pipe = data.PipelineConfig(seq_len=t, batch_size=per_process, seed=seed, shuffle_window=d.shuffle_window,
+                               passkey_ratio=d.passkey_ratio)
+    val_pipe = dataclasses.replace(pipe, shuffle=False, num_epochs=1, passkey_ratio=0.0)
+    return data.lm_iterator(train_docs, tokenizer, pipe), lambda: data.lm_iterator(val_docs, tokenizer, val_pipe)
+
+
+def _strip_packing(batch: dict, step: int) -> dict:
+    # Without document masking, tokens attend across packed documents at absolute positions.
+    return {k: v for k, v in batch.items() if k not in ("segment_ids", "positions")}
+
+
+def _mesh(cfg: PretrainConfig):
+    initialize_distributed(cfg.mesh)
+    return make_mesh(cfg.mesh) if jax.device_count() > 1 else None
+
+
+def _run(cfg: PretrainConfig, model, kind: str, batch_transform=None) -> TrainResult:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
+    train_it, eval_fn = make_data(cfg, tokenizer)
+    transform = batch_transform or (None if cfg.data.document_masking else _strip_packing)
+    meta = {"kind": kind, "config": config_to_dict(cfg)}
+    return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
+                 eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=transform, meta=meta,
+                 trainable=_trainable(cfg))
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Pretrains ``cfg.model`` from scratch (resuming the run in ``cfg.train.output_dir`` if there is one)."""
+    return _run(cfg, build_model(cfg), "pretrain")
+
+
+def crd_batch_transform(cfg: FinetuneConfig):
+    """Per-step CRD NTK positions (cycled modulo C from a random start), deterministic in (seed, step).
+
+    Positions only: the NTK *base* schedule needs the model's RoPE to read per-step frequencies, which the
+    Llama module does not expose yet, so the base stays the model's own (see ``run_finetune``).
+    """
+    from selmerge_jax.positional.crd_ntk import crd_offsets, crd_positions
+
+    crd, seed = cfg.crd, cfg.train.seed
+
+    def transform(batch: dict, step: int) -> dict:
+        batch = _strip_packing(batch, step)
+        b, t = batch["inputs"].shape
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        batch["positions"] = np.asarray(crd_positions(crd, crd_offsets(crd, key, b, t), t))
+        return batch
+
+    return transform
+
+
+def run_finetune(cfg: FinetuneConfig) -> TrainResult:
+    """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if configured."""
+    if cfg.init.kind == "checkpoint":
+        model, _ = restore_model(cfg.init.path, step=cfg.init.step)
+        model = _with_model_config(model, cfg)
+        if cfg.lora is not None:
+            apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.train.seed + 1))
+    else:
+        model = build_model(cfg)
+    transform = crd_batch_transform(cfg) if cfg.crd is not None else None
+    if cfg.crd is not None:
+        _log.warning("CRD NTK: cycled positions are applied; the staged NTK base needs a RoPE hook in the model")
+    return _run(cfg, model, "finetune", transform)
+
+
+def _with_model_config(model: Llama, cfg: FinetuneConfig) -> Llama:
+    """Rebuilds ``model`` under ``cfg.model`` (e.g. switching attention to ms) keeping its weights."""
+    graphdef, state = nnx.split(model)
+    fresh = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
+    new_graphdef, new_state = nnx.split(fresh)
+    if jax.tree.structure(new_state) != jax.tree.structure(state):
+        raise ValueError("model section of the fine-tune config changes parameter shapes of the checkpoint")
+    return nnx.merge(new_graphdef, state)
+
+
+def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, dict]:
+    """The trained model of a run (weights of ``step``, default newest) and the run's stored config dict."""
+    ckpt = Checkpointer(checkpoint_dir)
+    try:
+        meta = ckpt.read_meta(step)
+        kind = meta.get("kind", "pretrain")
+        cls = FinetuneConfig if kind == "finetune" else PretrainConfig
+        raw = dict(meta["config"])
+        if kind == "finetune":  # weights come from this checkpoint, not from where the fine-tune started
+            raw["init"] = {"kind": "scratch"}
+        cfg = from_dict(cls, raw)
+        tx, _ = build_optimizer(cfg.optimizer, cfg.train.steps)
+        # Shapes only: nothing is initialised before the stored arrays arrive.
+        target = jax.eval_shape(lambda: init_train_state(build_model(cfg), tx, trainable=_trainable(cfg))[1])
+        state, _, _ = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), _trainable(cfg), ...)
+    return nnx.merge(graphdef, state.params, state.rest), meta["config"]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str, *, reference: float | None = None,
+                    reference_label: str = "unigram entropy") -> str:
+    """Train (and validation) loss against step from a metrics JSONL, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selmerge_jax.training.metrics import read_jsonl
+
+    train_lines, val_lines = read_jsonl(metrics_path, key="loss"), read_jsonl(metrics_path, key="val_loss")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(list(train_lines), [r["loss"] for r in train_lines.values()], label="train loss")
+    if val_lines:
+        ax.plot(list(val_lines), [r["val_loss"] for r in val_lines.values()], "o-", label="validation loss")
+    if reference is not None:
+        ax.axhline(reference, color="gray", ls="--", label=f"{reference_label} ({reference:.2f})")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=os.path.basename(os.path.dirname(png_path)))
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
