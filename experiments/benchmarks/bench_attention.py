@@ -213,7 +213,10 @@ def main(argv=None):
     tiling = TritonTiling(**json.loads(args.tiling))
     out = sys.stdout if args.out == "-" else open(args.out, "a")
     for name in args.check:
-        check_spec(name, tiling, out)
+        try:
+            check_spec(name, tiling, out)
+        except Exception as e:  # noqa: BLE001 (a failed check is a result too; the timings still run)
+            emit({"kind": "check", **environment(), "spec": name, "error": f"{type(e).__name__}: {str(e)[:600]}"}, out)
     for name in args.specs:
         bench_spec(name, args, tiling, out)
     for name in args.ms_layer:

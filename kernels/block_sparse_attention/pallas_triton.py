@@ -135,13 +135,32 @@ def _params(warps, stages):
     return _pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
+def _dot(a, b, trans_a=False, trans_b=False):
+    """2-D matmul with float32 accumulation (what ``pl.dot`` did before it was removed in jax 0.11)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _div(x, d: int):
+    """``x // d`` for non-negative traced ints: plain ``lax.div`` (jnp's floor-division lowers badly in Triton)."""
+    if isinstance(d, int) and d == 1:
+        return x
+    return jax.lax.div(x, jnp.asarray(d, x.dtype))
+
+
+def _rem(x, d: int):
+    if isinstance(d, int) and d == 1:
+        return jnp.zeros_like(x)
+    return jax.lax.rem(x, jnp.asarray(d, x.dtype))
+
+
 def _flat(x):
     """``[tokens, heads, H]`` -> ``[tokens * heads, H]`` (token-major rows; free: same memory order)."""
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
 
 
 def _row_positions(first_token, tokens, hp):
-    return first_token + jax.lax.broadcasted_iota(jnp.int32, (tokens * hp,), 0) // hp
+    return first_token + _div(jax.lax.broadcasted_iota(jnp.int32, (tokens * hp,), 0), hp)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -152,28 +171,28 @@ def _fwd_chunk(carry, q, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
     m_i, l_i, acc = carry
     k = k_ref[pl.ds(start, st.block_k), :]
     v = v_ref[pl.ds(start, st.block_k), :]
-    s = pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+    s = _dot(q, k, trans_b=True) * (st.scale * _LOG2E)
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k,), 0)
         s = jnp.where(qpos[:, None] >= kpos[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m_i - m_new)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return m_new, l_i * alpha + p.sum(axis=1), acc
 
 
 def _local_bounds(first_token, tokens, group, st: _Static, block):
     """Chunks ``[lo, hi)`` (in units of ``block``) of the group's own block a query tile can see."""
-    lo = group * st.group_tokens // block
+    lo = _div(group * st.group_tokens, block)
     end = first_token + tokens if st.causal else (group + 1) * st.group_tokens
-    return lo, (end + block - 1) // block
+    return lo, _div(end + block - 1, block)
 
 
 def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
     i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * st.block_q
-    group = t0 // st.group_tokens
+    group = _div(t0, st.group_tokens)
     q = _flat(q_ref[...])
     rows = q.shape[0]
     qpos = _row_positions(t0, st.block_q, st.heads_per_tile)
@@ -181,8 +200,8 @@ def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _S
     chunks = st.w // st.block_k
 
     def selected(it, c):
-        region = sel_ref[b, p, group, it // chunks]
-        return _fwd_chunk(c, q, k_ref, v_ref, region * st.w + (it % chunks) * st.block_k, qpos, st, False)
+        region = sel_ref[b, p, group, _div(it, chunks)]
+        return _fwd_chunk(c, q, k_ref, v_ref, region * st.w + _rem(it, chunks) * st.block_k, qpos, st, False)
 
     carry = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, carry)
     if st.include_local:
@@ -201,7 +220,7 @@ def _forward(q, k, v, sel, cnt, st: _Static):
     b, t, n, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
     grid = (t // st.block_q, b, st.sel_heads)
-    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, p // per_kv, 0))
+    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q, hp, h), lambda i, bi, p: (bi, i, p, 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
@@ -226,25 +245,25 @@ def _whole(x):
 def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
     k = k_ref[pl.ds(start, st.block_k_dq), :]
     v = v_ref[pl.ds(start, st.block_k_dq), :]
-    p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
-    ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
+    p = jnp.exp2(_dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dq,), 0)
         ds = jnp.where(qpos[:, None] >= kpos[None, :], ds, 0.0)
-    return dq + pl.dot(ds.astype(k.dtype), k)
+    return dq + _dot(ds.astype(k.dtype), k)
 
 
 def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
     i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * st.block_q_dq
-    group = t0 // st.group_tokens
+    group = _div(t0, st.group_tokens)
     q, do = _flat(q_ref[...]), _flat(do_ref[...])
     lse2, delta = lse_ref[...].reshape(q.shape[0]), delta_ref[...].reshape(q.shape[0])
     qpos = _row_positions(t0, st.block_q_dq, st.heads_per_tile)
     chunks = st.w // st.block_k_dq
 
     def selected(it, dq):
-        start = sel_ref[b, p, group, it // chunks] * st.w + (it % chunks) * st.block_k_dq
+        start = sel_ref[b, p, group, _div(it, chunks)] * st.w + _rem(it, chunks) * st.block_k_dq
         return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False)
 
     dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, _F32))
@@ -263,23 +282,23 @@ def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
     q, do = _flat(q_ref[rows, heads, :]), _flat(do_ref[rows, heads, :])
     lse2 = lse_ref[rows, heads].reshape(q.shape[0])
     delta = delta_ref[rows, heads].reshape(q.shape[0])
-    p = jnp.exp2(pl.dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])  # [rows, block_k]
+    p = jnp.exp2(_dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])  # [rows, block_k]
     if masked:
         qpos = _row_positions(row0, st.block_q_dkv, st.heads_per_tile)
         keep = qpos[:, None] >= kpos[None, :]
         p = jnp.where(keep, p, 0.0)
-    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-    ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     if masked:
         ds = jnp.where(keep, ds, 0.0)
-    return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True), dv
+    return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
 
 def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 st: _Static):
     j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kstart = j * st.block_k_dkv
-    region = kstart // st.w
+    region = _div(kstart, st.w)
     k, v = k_ref[...], v_ref[...]
     kpos = kstart + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dkv,), 0)
     refs = (q_ref, do_ref, lse_ref, delta_ref)
@@ -288,23 +307,23 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     first = off_ref[b, kh, region]
 
     def selected(it, c):
-        code = ent_ref[b, kh, first + it // qchunks]
-        row0 = (code % st.groups) * lt + (it % qchunks) * st.block_q_dkv
-        head0 = (kh * per_kv + code // st.groups) * hp
+        code = ent_ref[b, kh, first + _div(it, qchunks)]
+        row0 = _rem(code, st.groups) * lt + _rem(it, qchunks) * st.block_q_dkv
+        head0 = (kh * per_kv + _div(code, st.groups)) * hp
         return _dkv_chunk(c, k, v, kpos, refs, row0, head0, st, False)
 
     zeros = jnp.zeros(k.shape, _F32)
     count = (off_ref[b, kh, region + 1] - first) * qchunks
     carry = jax.lax.fori_loop(0, count, selected, (zeros, zeros))
     if st.include_local:
-        gstart = region // st.merge * lt
+        gstart = _div(region, st.merge) * lt
         # Causal: query chunks before the one holding this key chunk cannot see it.
-        q0 = (kstart - gstart) // st.block_q_dkv if st.causal else 0
+        q0 = _div(kstart - gstart, st.block_q_dkv) if st.causal else 0
         nq, head_blocks = qchunks - q0, st.q_per_kv // hp
 
         def local(it, c):
-            row0 = gstart + (q0 + it % nq) * st.block_q_dkv
-            return _dkv_chunk(c, k, v, kpos, refs, row0, kh * st.q_per_kv + (it // nq) * hp, st, st.causal)
+            row0 = gstart + (q0 + _rem(it, nq)) * st.block_q_dkv
+            return _dkv_chunk(c, k, v, kpos, refs, row0, kh * st.q_per_kv + _div(it, nq) * hp, st, st.causal)
 
         carry = jax.lax.fori_loop(0, nq * head_blocks, local, carry)
     dk, dv = carry
@@ -315,7 +334,7 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
     b, t, n, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
-    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, p // per_kv, 0))
+    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))
     stat = pl.BlockSpec((None, st.block_q_dq, hp), lambda i, bi, p: (bi, i, p))
     return pl.pallas_call(
