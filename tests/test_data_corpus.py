@@ -8,8 +8,14 @@ import time
 import pytest
 
 from selmerge_jax.data import catalog
-from selmerge_jax.data.documents import (StdlibOptions, TextFolderOptions, file_header, split_documents,
-                                         stdlib_documents, text_folder_documents)
+from selmerge_jax.data.documents import (
+    StdlibOptions,
+    TextFolderOptions,
+    file_header,
+    split_documents,
+    stdlib_documents,
+    text_folder_documents,
+)
 
 TINY = StdlibOptions(max_files=40, min_document_chars=20_000, max_document_chars=200_000)
 
@@ -78,8 +84,9 @@ def text_dir(tmp_path):
 
 def test_text_folder_documents(text_dir):
     per_file = text_folder_documents(text_dir)
+    # walk order: a folder's own files, then its subfolders
     assert [d["name"] for d in per_file] == ["notes.md", "austen/emma.txt", "austen/persuasion.txt",
-                                             "melville/moby.txt"]  # walk order: a folder's files, then subfolders
+                                             "melville/moby.txt"]
     per_dir = text_folder_documents(text_dir, TextFolderOptions(group_by="directory"))
     assert [(d["name"], d["num_files"]) for d in per_dir] == [("text:(modules)", 1), ("text:austen", 2),
                                                               ("text:melville", 1)]

@@ -10,8 +10,14 @@ import pytest
 from selmerge_jax.data import catalog
 from selmerge_jax.data.arrays import TokenWindows, tokenize_documents
 from selmerge_jax.data.documents import StdlibOptions
-from selmerge_jax.data.pipeline import (PipelineConfig, lm_dataset, lm_iterator, state_from_json, state_to_json,
-                                        unigram_entropy)
+from selmerge_jax.data.pipeline import (
+    PipelineConfig,
+    lm_dataset,
+    lm_iterator,
+    state_from_json,
+    state_to_json,
+    unigram_entropy,
+)
 from selmerge_jax.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -33,7 +39,7 @@ def _take(it, n):
 def _stream(batches):
     """The token stream behind a sequence of batches: each window is its first input plus its targets."""
     rows = [(np.concatenate([i[:1], t]), m) for b in batches
-            for i, t, m in zip(b["inputs"], b["targets"], b["loss_mask"].astype(bool))]
+            for i, t, m in zip(b["inputs"], b["targets"], b["loss_mask"].astype(bool), strict=True)]
     return np.concatenate([w[:1 + int(m.sum())] for w, m in rows])
 
 
@@ -99,7 +105,7 @@ def test_processes_read_disjoint_documents():
 
 def test_passkey_mixing_ratio_and_answer_loss():
     it = lm_iterator(DOCS, TOK, _cfg(seq_len=512, batch_size=8, passkey_ratio=0.25, passkey_loss="answer"))
-    rows = [(row, mask) for b in _take(it, 25) for row, mask in zip(b["inputs"], b["loss_mask"])]
+    rows = [(row, mask) for b in _take(it, 25) for row, mask in zip(b["inputs"], b["loss_mask"], strict=True)]
     passkey = [(r, m) for r, m in rows if "What is the pass key?" in TOK.decode(r)]
     assert 0.15 < len(passkey) / len(rows) < 0.35
     for row, mask in passkey:

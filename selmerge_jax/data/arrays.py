@@ -47,7 +47,8 @@ class TokenWindows:
     """
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, bos_id: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1):
+                 shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -87,7 +88,7 @@ class TokenWindows:
         width = self.seq_len + 1
         windows = np.stack([self.tokens[w * width:(w + 1) * width] for w in self._window_ids(epoch, batch)])
         windows = windows.astype(np.int32)
-        segs, pos = zip(*(_segments(w, self.bos_id) for w in windows))
+        segs, pos = zip(*(_segments(w, self.bos_id) for w in windows), strict=True)
         segs, pos = np.stack(segs), np.stack(pos)
         self.step += 1
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:],

@@ -43,7 +43,7 @@ def default_data_dir() -> str:
 
 def _prepare(builder, overwrite: bool):
     if overwrite and os.path.isdir(builder.data_dir):
-        shutil.rmtree(builder.data_dir)  # the builder's own version dir only, e.g. .../stdlib_corpus/py311/1.0.0
+        shutil.rmtree(builder.data_dir)  # only this builder's version dir, e.g. .../stdlib_corpus/py311/1.0.0
     builder.download_and_prepare()
     return builder
 
@@ -60,7 +60,8 @@ def build_stdlib_corpus(data_dir: str | os.PathLike | None = None, *, options: S
     if options is None:
         config = default_stdlib_config(include_tests).name  # by name: TFDS refuses a copy of a class config
         if name is not None:
-            raise ValueError(f"name={name!r} only applies with custom options; the default config is {config}")
+            raise ValueError(f"name={name!r} only applies with custom options; the default config is "
+                             f"{config}")
     else:
         if not isinstance(options, StdlibOptions):
             raise TypeError(f"options must be StdlibOptions, got {type(options).__name__}")
@@ -141,7 +142,8 @@ def text_source(name: str, split: str = "train", data_dir: str | os.PathLike | N
         elif not builder.is_prepared():
             raise FileNotFoundError(
                 f"dataset {name!r} is not prepared under data_dir={data_dir!r}; pass download=True, or run "
-                f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` where the data is reachable")
+                f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` where the data is "
+                "reachable")
         source, base = builder.as_data_source(split=split), builder.name
     key = text_key or TEXT_KEYS.get(base, "text")
     return TextView(source, key)

@@ -26,7 +26,8 @@ def _check_positive(owner: str, name: str, value, allow_none: bool = False):
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+        kind = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{owner}.{name} must be {kind}, got {value!r}")
 
 
 def _check_fraction(owner: str, value):
@@ -40,7 +41,7 @@ class StdlibOptions:
 
     Attributes:
       include_tests: also the stdlib's own ``test`` package (~4x the size; off for a quick build).
-      include_docs: the ``pydoc_data`` topics (the language reference as plain text) as documentation documents.
+      include_docs: the ``pydoc_data`` topics (the language reference as plain text) as "docs" documents.
       min_document_chars: packages smaller than this are packed together, in name order, until a document
         reaches it (the point of the corpus is long, repository-level documents).
       max_document_chars: a package larger than this is cut at file boundaries into several documents.
@@ -96,7 +97,7 @@ class TextFolderOptions:
 
 
 def file_header(relpath: str) -> str:
-    """The line that separates files inside a document, so a model can tell where it is in the 'repository'."""
+    """The line that separates files inside a document: the model can tell where it is in the 'repository'."""
     return f"# ===== file: {relpath} =====\n"
 
 
@@ -184,16 +185,19 @@ def _grouped(files: list[tuple[str, str]]) -> list[tuple[str, list[tuple[str, st
 
 def stdlib_documents(opts: StdlibOptions = StdlibOptions()) -> list[dict]:
     """The running interpreter's standard library as long code documents, plus its documentation topics."""
-    docs = list(_pack(_grouped(_stdlib_files(opts)), "code", opts.min_document_chars, opts.max_document_chars))
+    sizes = (opts.min_document_chars, opts.max_document_chars)
+    docs = list(_pack(_grouped(_stdlib_files(opts)), "code", *sizes))
     if opts.include_docs:
         from pydoc_data import topics  # the language reference as text; shipped with every CPython
 
-        units = [(name, [(f"pydoc_data/topics/{name}", body)]) for name, body in sorted(topics.topics.items())]
-        docs += _pack(units, "docs", opts.min_document_chars, opts.max_document_chars)
+        units = [(name, [(f"pydoc_data/topics/{name}", body)])
+                 for name, body in sorted(topics.topics.items())]
+        docs += _pack(units, "docs", *sizes)
     return docs
 
 
-def text_folder_documents(root: str | os.PathLike, opts: TextFolderOptions = TextFolderOptions()) -> list[dict]:
+def text_folder_documents(root: str | os.PathLike,
+                          opts: TextFolderOptions = TextFolderOptions()) -> list[dict]:
     """Every matching UTF-8 file under root, one document per file or per top-level directory."""
     root = os.fspath(root)
     if not os.path.isdir(root):

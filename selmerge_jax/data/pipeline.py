@@ -6,10 +6,10 @@ Order of operations (all deterministic given the seed, all checkpointable throug
   (bos + text + eos) -> concatenate and split into windows of seq_len + 1 -> window shuffle buffer
   -> [mix with synthetic passkey windows] -> inputs/targets/loss_mask -> batch.
 
-Windows of ``seq_len + 1`` tokens give ``seq_len`` inputs and their next-token targets. Packing crosses document
-boundaries (every document starts with bos), so no token is wasted on padding except at the very end of a
-finite pass. ``iterator.get_state()`` / ``set_state()`` resume exactly: the test consumes n batches, restores
-the state in a fresh iterator and compares the following batches bit for bit.
+Windows of ``seq_len + 1`` tokens give ``seq_len`` inputs and their next-token targets. Packing crosses
+document boundaries (every document starts with bos), so no token is wasted on padding except at the very end
+of a finite pass. ``iterator.get_state()`` / ``set_state()`` resume exactly: the test consumes n batches,
+restores the state in a fresh iterator and compares the following batches bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class PipelineConfig:
       num_epochs: passes over the documents; None repeats forever (training).
       shard_index / shard_count: this process's document shard; None = jax.process_index() / process_count().
       add_bos / add_eos: mark document boundaries inside packed windows.
-      drop_remainder: drop a last partial batch (keeps shapes static under jit); only matters for finite passes.
+      drop_remainder: drop a last partial batch (static shapes under jit); only matters for finite passes.
       passkey_ratio: fraction of windows replaced by passkey-retrieval examples of the same length.
       passkey_loss: ``"all"`` tokens of a passkey window count in the loss, or only the ``"answer"``.
       prefetch_documents: documents tokenized ahead by a background thread; 0 = synchronous. Kept small on
@@ -63,13 +63,15 @@ class PipelineConfig:
 
     def __post_init__(self):
         if not isinstance(self.prefetch_documents, int) or self.prefetch_documents < 0:
-            raise ValueError(f"PipelineConfig.prefetch_documents must be an int >= 0, got {self.prefetch_documents!r}")
+            raise ValueError("PipelineConfig.prefetch_documents must be an int >= 0, got "
+                             f"{self.prefetch_documents!r}")
         for name in ("seq_len", "batch_size", "shuffle_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PipelineConfig.{name} must be a positive int, got {value!r}")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs <= 0):
-            raise ValueError(f"PipelineConfig.num_epochs must be a positive int or None, got {self.num_epochs!r}")
+            raise ValueError(f"PipelineConfig.num_epochs must be a positive int or None, got "
+                             f"{self.num_epochs!r}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError(f"PipelineConfig.shard_index={self.shard_index!r} and shard_count="
                              f"{self.shard_count!r}: give both or neither")
@@ -99,8 +101,8 @@ class _Tokenize:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         if not isinstance(text, str):
-            raise TypeError(f"documents must be str or bytes, got {type(text).__name__}; wrap TFDS records with "
-                            "catalog.TextView(source, key)")
+            raise TypeError(f"documents must be str or bytes, got {type(text).__name__}; wrap TFDS records "
+                            "with catalog.TextView(source, key)")
         return {"tokens": self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos)}
 
 
@@ -123,7 +125,8 @@ class _PackedToExample:
         self.pad_id = pad_id
 
     def __call__(self, packed: dict) -> dict:
-        return lm_example(packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"], self.pad_id)
+        return lm_example(packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"],
+                          self.pad_id)
 
 
 class _PasskeyToExample:
@@ -142,7 +145,8 @@ class _PasskeyToExample:
 def passkey_windows(tokenizer, cfg: PipelineConfig) -> grain.IterDataset:
     """Endless passkey examples of exactly seq_len + 1 tokens (random depth), as LM examples, sharded."""
     index, count = cfg.shard()
-    source = PasskeySource(PasskeyConfig(length=cfg.seq_len + 1, num_examples=1 << 30, seed=cfg.seed), tokenizer)
+    task = PasskeyConfig(length=cfg.seq_len + 1, num_examples=1 << 30, seed=cfg.seed)
+    source = PasskeySource(task, tokenizer)
     source[0]  # fails now, naming the length, if seq_len + 1 cannot hold a passkey prompt
     ds = grain.MapDataset.source(source)[index::count].repeat(None)
     ds = ds.map(_PasskeyToExample(tokenizer.pad_id, cfg.passkey_loss == "answer"))
@@ -150,9 +154,9 @@ def passkey_windows(tokenizer, cfg: PipelineConfig) -> grain.IterDataset:
 
 
 def _slices_as_tuples(state):
-    """grain 0.2.x's ConcatThenSplit tests ``slice != (-1, -1)``, so the lists a JSON round trip makes (grain's
-    own orbax handler stores JSON) read as a pending remainder and the restored stream is shifted. Any
-    ``remainder_slices`` entry goes back to a tuple; everything else is left as is."""
+    """grain 0.2.x's ConcatThenSplit tests ``slice != (-1, -1)``, so the lists a JSON round trip makes
+    (grain's own orbax handler stores JSON) read as a pending remainder and the restored stream is shifted.
+    Any ``remainder_slices`` entry goes back to a tuple; everything else is left as is."""
     if isinstance(state, dict):
         return {k: ({f: tuple(v) for f, v in sub.items()} if k == "remainder_slices" and isinstance(sub, dict)
                     else _slices_as_tuples(sub)) for k, sub in state.items()}
@@ -189,13 +193,15 @@ def lm_dataset(documents: Sequence, tokenizer, cfg: PipelineConfig) -> grain.Ite
         raise TypeError(f"cfg must be PipelineConfig, got {type(cfg).__name__}")
     index, count = cfg.shard()
     if len(documents) < count:
-        raise ValueError(f"documents has {len(documents)} entries, fewer than shard_count={count}: some processes "
-                         "would get no data; use a larger corpus or shard windows instead of documents")
+        raise ValueError(f"documents has {len(documents)} entries, fewer than shard_count={count}: some "
+                         "processes would get no data; use a larger corpus, or arrays.TokenWindows (which "
+                         "shards windows)")
     ds = grain.MapDataset.source(documents)[index::count]
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs).map(_Tokenize(tokenizer, cfg.add_bos, cfg.add_eos))
-    read = grain.ReadOptions(num_threads=min(1, cfg.prefetch_documents), prefetch_buffer_size=cfg.prefetch_documents)
+    read = grain.ReadOptions(num_threads=min(1, cfg.prefetch_documents),
+                             prefetch_buffer_size=cfg.prefetch_documents)
     it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(read), length_struct={"tokens": cfg.seq_len + 1})
     if cfg.shuffle and cfg.shuffle_window > 1:
         it = gx.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=cfg.seed)

@@ -18,7 +18,8 @@ from etils import epath
 
 from selmerge_jax.data.documents import StdlibOptions, split_documents, stdlib_documents
 
-__all__ = ["StdlibCorpus", "StdlibCorpusConfig", "default_stdlib_config", "document_features", "LocalDocumentBuilder"]
+__all__ = ["StdlibCorpus", "StdlibCorpusConfig", "default_stdlib_config", "document_features",
+           "LocalDocumentBuilder"]
 
 _PY = f"py{sys.version_info.major}{sys.version_info.minor}"
 
@@ -41,7 +42,8 @@ class StdlibCorpusConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         if not isinstance(self.options, StdlibOptions):
-            raise TypeError(f"StdlibCorpusConfig.options must be StdlibOptions, got {type(self.options).__name__}")
+            raise TypeError("StdlibCorpusConfig.options must be StdlibOptions, got "
+                            f"{type(self.options).__name__}")
 
 
 def default_stdlib_config(include_tests: bool = False) -> StdlibCorpusConfig:

@@ -19,8 +19,8 @@ import numpy as np
 __all__ = ["PASSKEY_TASK", "PASSKEY_FILLER", "PASSKEY_QUESTION", "passkey_example", "kv_recall_example",
            "PasskeyConfig", "KVRecallConfig", "PasskeySource", "KVRecallSource", "passkey_grid"]
 
-PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-                "I will quiz you about the important information there.")
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. "
+                "Find it and memorize them. I will quiz you about the important information there.")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 KV_TASK = "Extract the value corresponding to the specified key in the JSON object below.\n{"
@@ -31,13 +31,14 @@ def _enc(tokenizer, text: str) -> np.ndarray:
 
 
 def _too_short(arg: str, length: int, need: int):
-    raise ValueError(f"{arg}={length} is too short for this task with this tokenizer: need at least {need} tokens")
+    raise ValueError(f"{arg}={length} is too short for this task with this tokenizer: need at least {need} "
+                     "tokens")
 
 
 def _check_depth(depth: float):
     if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be a float in [0, 1] (0 = right after the instruction, 1 = right before "
-                         f"the question), got {depth!r}")
+        raise ValueError(f"depth must be a float in [0, 1] (0 = right after the instruction, 1 = right "
+                         f"before the question), got {depth!r}")
 
 
 def _filler(tokenizer, count: int) -> tuple[np.ndarray, int]:
@@ -53,7 +54,7 @@ def _assemble(head, middle, answer) -> dict:
 
 
 def passkey_example(tokenizer, length: int, depth: float, passkey: int, *, add_bos: bool = True) -> dict:
-    """One passkey prompt of exactly ``length`` tokens, answer included (the last ``answer_end - answer_start``).
+    """One passkey prompt of exactly ``length`` tokens, the answer included as its last tokens.
 
     ``depth`` places the key line inside the filler (0 = first, 1 = last), snapped to a sentence boundary.
     """
@@ -81,8 +82,10 @@ def kv_recall_example(tokenizer, length: int, depth: float, rng: np.random.Gener
     head = np.concatenate([[tokenizer.bos_id] if add_bos else [], _enc(tokenizer, KV_TASK)]).astype(np.int32)
     hexdigits = np.array(list("0123456789abcdef"))
     pairs, pair_tokens, used = [], [], len(head)
-    reserve = len(_enc(tokenizer, '}\nKey: "' + "0" * key_chars + '"\nThe value associated with the specified '
-                       'key is: ')) + len(_enc(tokenizer, '"' + "0" * key_chars + '"')) + 8  # BPE slack
+    dummy = "0" * key_chars
+    question = f'}}\nKey: "{dummy}"\nThe value associated with the specified key is: '
+    question_len = len(_enc(tokenizer, question))
+    reserve = question_len + len(_enc(tokenizer, f'"{dummy}"')) + 8  # slack: BPE lengths vary with the key
     while True:
         key, value = ("".join(rng.choice(hexdigits, key_chars)) for _ in range(2))
         toks = _enc(tokenizer, f'"{key}": "{value}", ')
@@ -182,7 +185,8 @@ class PasskeySource(_TaskSource):
 
 class KVRecallSource(_TaskSource):
     def _make(self, rng, depth):
-        return kv_recall_example(self.tokenizer, self.config.length, depth, rng, key_chars=self.config.key_chars)
+        cfg = self.config
+        return kv_recall_example(self.tokenizer, cfg.length, depth, rng, key_chars=cfg.key_chars)
 
 
 def passkey_grid(tokenizer, lengths: Sequence[int], depths: Sequence[float], per_cell: int = 1,

@@ -26,7 +26,8 @@ class TextFolderConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         if not isinstance(self.options, TextFolderOptions):
-            raise TypeError(f"TextFolderConfig.options must be TextFolderOptions, got {type(self.options).__name__}")
+            raise TypeError("TextFolderConfig.options must be TextFolderOptions, got "
+                            f"{type(self.options).__name__}")
 
 
 def text_folder_config(root: str | os.PathLike, options: TextFolderOptions = TextFolderOptions(),
@@ -53,8 +54,8 @@ class TextFolder(LocalDocumentBuilder):
         cfg = self.builder_config
         return tfds.core.DatasetInfo(
             builder=self, description=self.__doc__, features=document_features(),
-            metadata=tfds.core.MetadataDict(root=cfg.root if cfg else "", options=dataclasses.asdict(cfg.options)
-                                            if cfg else {}),
+            metadata=tfds.core.MetadataDict(root=cfg.root if cfg else "",
+                                            options=dataclasses.asdict(cfg.options) if cfg else {}),
         )
 
     def _split_generators(self, dl_manager):
@@ -62,5 +63,6 @@ class TextFolder(LocalDocumentBuilder):
         cfg = self.builder_config
         if cfg is None or not cfg.root:
             raise ValueError("TextFolder needs config=text_folder_config(root): the folder to read")
-        splits = split_documents(text_folder_documents(cfg.root, cfg.options), cfg.options.validation_fraction)
+        docs = text_folder_documents(cfg.root, cfg.options)
+        splits = split_documents(docs, cfg.options.validation_fraction)
         return {name: self._generate_examples(docs) for name, docs in splits.items() if docs}

@@ -1,9 +1,9 @@
 """Tokenizers with one small interface: a byte-level default and a wrapper around a local ``tokenizer.json``.
 
 Both expose ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``, ``encode(text) -> int32 array`` and
-``decode(ids) -> str``. ``load_tokenizer(None)`` gives the byte tokenizer, so the embedded corpus, the tiny demo
-and the tests need no file and no network; ``load_tokenizer("path/to/tokenizer.json")`` (or a directory holding
-one, as Hugging Face checkpoints ship it) gives :class:`HFTokenizer`.
+``decode(ids) -> str``. ``load_tokenizer(None)`` gives the byte tokenizer, so the embedded corpus, the tiny
+demo and the tests need no file and no network; ``load_tokenizer("path/to/tokenizer.json")`` (or a directory
+holding one, as Hugging Face checkpoints ship it) gives :class:`HFTokenizer`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class ByteTokenizer:
             names = {self._PAD: "<pad>", self._BOS: "<bos>", self._EOS: "<eos>"}
             pieces, start = [], 0
             for pos in np.flatnonzero(arr >= 256):
-                pieces += [bytes(arr[start:pos].astype(np.uint8)).decode("utf-8", "replace"), names[int(arr[pos])]]
+                text = bytes(arr[start:pos].astype(np.uint8)).decode("utf-8", "replace")
+                pieces += [text, names[int(arr[pos])]]
                 start = pos + 1
             pieces.append(bytes(arr[start:].astype(np.uint8)).decode("utf-8", "replace"))
             return "".join(pieces)
@@ -111,7 +112,7 @@ _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<unk>", "<|endoftext|>")
 
 
 def _config_token(directory: str, field: str) -> str | None:
-    """Reads e.g. ``bos_token`` from a ``tokenizer_config.json`` beside the tokenizer, as HF checkpoints ship."""
+    """Reads e.g. ``bos_token`` from the ``tokenizer_config.json`` that HF checkpoints ship beside it."""
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
         return None
@@ -123,7 +124,8 @@ def _config_token(directory: str, field: str) -> str | None:
 
 
 class HFTokenizer:
-    """A local Hugging Face ``tokenizer.json`` through the ``tokenizers`` library (no network, no transformers).
+    """A local Hugging Face ``tokenizer.json`` through the ``tokenizers`` library (no network, no
+    transformers).
 
     Special tokens: explicit arguments win, then ``tokenizer_config.json`` beside the file, then common
     spellings (``<s>``, ``<|begin_of_text|>``, ...). A missing pad falls back to eos, which is safe because
