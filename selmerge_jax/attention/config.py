@@ -7,6 +7,8 @@ __all__ = ["MSAttentionConfig"]
 
 SelectionSource = Literal["group", "previous"]
 SelectionHeads = Literal["query", "kv"]
+PositionMode = Literal["before_selection", "selected_original", "selected_compact"]
+POSITION_MODES = ("before_selection", "selected_original", "selected_compact")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,6 +28,10 @@ class MSAttentionConfig:
       centroids: also attend one mean-K/mean-V token per unselected candidate region (logit + log W).
       causal: causal attention (candidates strictly before the group, causal local block).
       selection_batch: query groups scored per step of the selection loop (memory/speed knob only).
+      position_mode: where the layer's ``position_fn`` (RoPE) applies: ``"before_selection"`` (rotate q/k,
+        then select: fine-tuning a RoPE model), or only on the selected tokens (pre-training ablation):
+        ``"selected_original"`` (select on un-rotated q/k, true positions) or ``"selected_compact"`` (positions
+        re-indexed inside each group's gathered set; see ``attention/selected_positions.py``).
     """
 
     block_size: int = 64
@@ -37,6 +43,7 @@ class MSAttentionConfig:
     centroids: bool = False
     causal: bool = True
     selection_batch: int = 16
+    position_mode: PositionMode = "before_selection"
 
     def __post_init__(self):
         for name in ("block_size", "top_k", "merge", "selection_batch"):
@@ -53,6 +60,11 @@ class MSAttentionConfig:
                              "allowed: 'group', 'previous'")
         if self.selection_heads not in ("query", "kv"):
             raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', 'kv'")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"MSAttentionConfig.position_mode={self.position_mode!r}; allowed: {POSITION_MODES}")
+        if self.position_mode == "selected_compact" and (self.centroids or not self.causal):
+            raise ValueError("MSAttentionConfig.position_mode='selected_compact' needs causal=True and "
+                             f"centroids=False, got causal={self.causal}, centroids={self.centroids}")
         if not isinstance(self.sink, int) or not 0 <= self.sink <= self.num_selected:
             raise ValueError(f"MSAttentionConfig.sink={self.sink!r} must be an int in [0, top_k - merge = "
                              f"{self.num_selected}]")

@@ -8,7 +8,10 @@ The module only holds parameters and dispatches; the math lives in pure function
 * ``"dense"``: plain causal attention (the baseline), ignoring the MS config.
 
 ``position_fn(q, k, positions) -> (q, k)`` is an optional hook applied to the projected heads (RoPE and its
-scaling rules plug in here, see ``selmerge_jax.positional``).
+scaling rules plug in here, see ``selmerge_jax.positional``); ``AttentionLayerConfig.rope`` builds it from a
+``RopeConfig`` or ``CRDNTKConfig``. ``MSAttentionConfig.position_mode`` says where it applies: before
+selection, or only on the selected tokens (then the hook needs a ``rotate(x, positions)`` method for the
+compact scheme, which ``RopeFn`` and ``CRDNTKFn`` have).
 """
 
 import dataclasses
@@ -22,6 +25,8 @@ from flax import nnx
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.ms import ms_attention
 from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.attention.selected_positions import ms_attention_selected_positions
+from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, make_position_fn
 
 __all__ = ["AttentionLayerConfig", "MSAttention"]
 
@@ -41,6 +46,8 @@ class AttentionLayerConfig:
       ms: the select-and-merge configuration.
       implementation: "reference" | "pallas" | "dense" (see module docstring).
       use_bias: biases on the q/k/v projections (Qwen-style); o has none.
+      rope: position encoding built into the layer's ``position_fn`` when none is passed: a ``RopeConfig``
+        (any HF scaling rule) or a ``CRDNTKConfig`` (CRD NTK training / inference rule); None: no positions.
     """
 
     d_model: int
@@ -50,6 +57,7 @@ class AttentionLayerConfig:
     ms: MSAttentionConfig = dataclasses.field(default_factory=MSAttentionConfig)
     implementation: LayerImplementation = "reference"
     use_bias: bool = False
+    rope: RopeConfig | CRDNTKConfig | None = None
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
@@ -65,6 +73,9 @@ class AttentionLayerConfig:
         if self.implementation not in ("reference", "pallas", "dense"):
             raise ValueError(f"AttentionLayerConfig.implementation={self.implementation!r}; "
                              "allowed: 'reference', 'pallas', 'dense'")
+        if self.rope is not None and not isinstance(self.rope, (RopeConfig, CRDNTKConfig)):
+            raise TypeError(f"AttentionLayerConfig.rope must be a RopeConfig, CRDNTKConfig or None, got "
+                            f"{type(self.rope).__name__}")
 
     @property
     def kv_heads(self) -> int:
@@ -81,6 +92,9 @@ class MSAttention(nnx.Module):
     def __init__(self, config: AttentionLayerConfig, *, rngs: nnx.Rngs,
                  position_fn: Callable | None = None, dtype=None, param_dtype=jnp.float32):
         self.config = config
+        if position_fn is None and config.rope is not None:
+            position_fn = (CRDNTKFn(config.rope, config.head_size) if isinstance(config.rope, CRDNTKConfig)
+                           else make_position_fn(config.rope, config.head_size))
         self.position_fn = position_fn
         n, kh, h, d = config.num_heads, config.kv_heads, config.head_size, config.d_model
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -98,12 +112,23 @@ class MSAttention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
         k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
         v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
-        if self.position_fn is not None:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            q, k = self.position_fn(q, k, positions)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return self.o_proj(self._attend(q, k, v, positions).reshape(b, t, -1))
+
+    def _attend(self, q, k, v, positions):
+        """Routes the position hook by ``position_mode`` (dense attention has no selection: plain RoPE)."""
+        cfg, fn = self.config, self.position_fn
+        mode = "before_selection" if fn is None or cfg.implementation == "dense" else cfg.ms.position_mode
+        if mode == "selected_compact":
+            if not callable(getattr(fn, "rotate", None)):
+                raise TypeError("position_mode='selected_compact' needs a position_fn with a rotate(x, positions) "
+                                "method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
+            return ms_attention_selected_positions(q, k, v, cfg.ms, fn.rotate, scheme="compact")
+        sel_q, sel_k = q, k
+        if fn is not None:
+            q, k = fn(q, k, positions)
         if cfg.implementation == "dense":
-            out = dense_attention(q, k, v, causal=cfg.ms.causal)
-        else:
-            out = ms_attention(q, k, v, cfg.ms, implementation=_BACKENDS[cfg.implementation])
-        return self.o_proj(out.reshape(b, t, -1))
+            return dense_attention(q, k, v, causal=cfg.ms.causal)
+        selection = dict(selection_q=sel_q, selection_k=sel_k) if mode == "selected_original" else {}
+        return ms_attention(q, k, v, cfg.ms, implementation=_BACKENDS[cfg.implementation], **selection)
