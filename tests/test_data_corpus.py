@@ -121,6 +121,9 @@ def test_text_source_by_name_path_and_errors(built, tmp_path):
     data_dir, builder = built
     view = catalog.text_source("stdlib_corpus/tiny", "validation", data_dir)
     assert isinstance(view[0], str) and len(view) == builder.info.splits["validation"].num_examples
+    assert list(view) == view[:] and view[-1] == view[len(view) - 1]
+    with pytest.raises(IndexError):
+        view[len(view)]
     half = catalog.text_source(os.fspath(builder.data_dir), "train[:50%]")
     assert 0 < len(half) < builder.info.splits["train"].num_examples
     with pytest.raises(FileNotFoundError, match="download=True"):

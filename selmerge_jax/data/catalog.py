@@ -101,11 +101,17 @@ class TextView(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        record = self.source[index]
+        # array_record raises ValueError out of range; Sequence's iteration and callers expect IndexError.
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index={index} out of range for {len(self)} records")
+        record = self.source[index % len(self)]
         if self.key not in record:
             raise KeyError(f"key={self.key!r} is not a feature of this dataset; it has {sorted(record)}")
         value = record[self.key]
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
         return f"TextView({self.source!r}, key={self.key!r})"
