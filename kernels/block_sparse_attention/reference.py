@@ -74,6 +74,7 @@ def block_sparse_attention_reference(q, k, v, plan: SelectionPlan, *, scale: flo
     Returns:
       ``out [B, T, N, H]`` in q's dtype (and ``lse`` when asked). A query with nothing to attend outputs 0.
     """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     kv_heads, _ = check_plan_inputs(q, k, v, plan)
     b, t, n, h = q.shape
     scale = 1.0 / math.sqrt(h) if scale is None else scale

@@ -45,6 +45,7 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
     Returns:
       ``[B, T, N, H]`` in q's dtype (and the plan when asked).
     """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     check_qkv(q, k, v)
     t = q.shape[1]
     if k.shape[1] != t:

@@ -43,6 +43,7 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, scale: fl
     Returns:
       ``[B, T, N, H]`` in q's dtype; fully masked rows give 0, never NaN.
     """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     kv_heads, g = check_qkv(q, k, v)
     b, t, n, h = q.shape
     s = k.shape[1]
