@@ -153,6 +153,8 @@ def test_text_folder_builder_and_overwrite(text_dir, tmp_path):
     assert builder.builder_config.name.startswith("books_")
     counts = {k: v.num_examples for k, v in builder.info.splits.items()}
     assert sum(counts.values()) == 4 and counts["validation"] >= 1
+    view = catalog.text_source(f"text_folder/{builder.builder_config.name}", "train", tmp_path)
+    assert len(view) == counts["train"] and all(isinstance(t, str) and t for t in view)
     (text_dir / "melville" / "typee.txt").write_text("The sea.\n" * 30)
     same = catalog.build_text_folder(text_dir, tmp_path, options=opts)  # found, not rebuilt
     assert sum(v.num_examples for v in same.info.splits.values()) == 4

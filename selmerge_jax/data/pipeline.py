@@ -36,7 +36,9 @@ class PipelineConfig:
       seed: shuffling seed (documents, windows and passkey examples).
       shuffle: shuffle documents per epoch and windows through a buffer; False keeps corpus order (eval).
       shuffle_window: windows in the shuffle buffer; long documents yield runs of windows, this mixes them.
-      num_epochs: passes over the documents; None repeats forever (training).
+      num_epochs: passes over the documents; None repeats forever (training). Shards hold different numbers
+        of tokens, so with several processes a finite pass ends at different steps on each: evaluate a fixed
+        number of batches there.
       shard_index / shard_count: this process's document shard; None = jax.process_index() / process_count().
       add_bos / add_eos: mark document boundaries inside packed windows.
       drop_remainder: drop a last partial batch (static shapes under jit); only matters for finite passes.
