@@ -22,11 +22,13 @@ from selmerge_jax.kvcache.cache import (
     with_capacity,
 )
 from selmerge_jax.kvcache.config import KVCompressionConfig
+from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
 from selmerge_jax.kvcache.policies import compress, init_for, make_room, needs_probs, observe, slot_scores, step
 
 __all__ = [
     "KVCache",
     "KVCompressionConfig",
+    "QuantizedKVCache",
     "append",
     "attend",
     "attend_slots",
@@ -34,12 +36,14 @@ __all__ = [
     "gather_slots",
     "init_cache",
     "init_for",
+    "init_quantized",
     "kv_nbytes",
     "make_room",
     "nbytes",
     "needs_probs",
     "num_valid",
     "observe",
+    "quantized_step",
     "slot_scores",
     "step",
     "valid_mask",

@@ -1,0 +1,92 @@
+"""int8/int4 KIVI-layout storage: round trips, real byte sizes, decode fidelity, composition with eviction."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.kvcache import cache as kc
+from selmerge_jax.kvcache import quant as kq
+from selmerge_jax.kvcache.config import KVCompressionConfig
+
+B, K, G, H = 1, 2, 2, 16
+N = K * G
+
+
+def _data(n, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(ks[0], (B, n, N, H)), jax.random.normal(ks[1], (B, n, K, H)),
+            jax.random.normal(ks[2], (B, n, K, H)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_error_is_half_a_step_and_int4_packs(bits):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8, 16)) * jnp.arange(1, 17)  # channel outliers
+    codes, scale, zero = kq.quantize(x, bits, axis=2)  # per channel over 8 tokens, as for keys
+    assert int(codes.max()) <= 2**bits - 1
+    err = jnp.abs(kq.dequantize(codes, scale, zero, jnp.float32) - x)
+    assert bool((err <= scale / 2 + 1e-5).all())
+    np.testing.assert_array_equal(kq._unpack(kq._pack(codes, bits), bits), codes)
+    assert kq._pack(codes, bits).shape[-1] == 16 * bits // 8
+
+
+def _decode(config, n, capacity, budget, seed=0):
+    q, k, v = _data(n, seed)
+    qc = kq.init_quantized(config, B, K, capacity, H, jnp.float32)
+    chex.clear_trace_counter()  # the counter is keyed by code location; each call of _decode is a fresh loop
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(c, q_t, k_t, v_t, p_t):
+        return kq.quantized_step(c, config, q_t, k_t, v_t, p_t, budget=budget)
+
+    outs = []
+    for i in range(n):
+        o, qc = step(qc, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], jnp.full((B, 1), i))
+        outs.append(o)
+    return jnp.concatenate(outs, 1), qc, (q, k, v)
+
+
+@pytest.mark.parametrize("quant, tol", [("int8", 0.03), ("int4", 0.3)])
+def test_quantized_decode_tracks_dense_and_keeps_recent_exact(quant, tol):
+    config = KVCompressionConfig(policy="none", quant=quant, quant_group=4, quant_window=4)
+    out, qc, (q, k, v) = _decode(config, 26, 32, 28)
+    ref = dense_attention(q, k, v)
+    err = float(jnp.abs(out - ref).max())
+    assert err < tol
+    assert int(qc.length) == 20 and int(qc.recent.length) == 6 and int(qc.recent.dropped) == 0
+    np.testing.assert_array_equal(qc.recent.k[0, :, :6], k[0, 20:].transpose(1, 0, 2))  # full precision
+    np.testing.assert_allclose(out[:, :4], ref[:, :4], rtol=1e-6, atol=1e-6)  # nothing quantized yet
+
+
+def test_quantized_storage_reports_real_bytes():
+    for quant, code_bytes in (("int8", 16), ("int4", 8)):
+        config = KVCompressionConfig(policy="none", quant=quant, quant_group=8, quant_window=8)
+        qc = kq.init_quantized(config, 2, 4, 64, H, jnp.bfloat16)
+        codes = 2 * 2 * 4 * 64 * code_bytes  # K and V codes: B x K x C x H x bits/8
+        scales = 2 * (2 * 4 * 8 * H * 4) + 2 * (2 * 4 * 64 * 4)  # key (per channel, per group) + value (per token)
+        meta = 3 * 2 * 4 * 64 * 4 + 4  # pos, count, score, length
+        window = kc.nbytes(qc.recent)
+        assert kc.nbytes(qc) == codes + scales + meta + window
+        assert qc.kq.nbytes == 2 * 4 * 64 * code_bytes
+
+
+def test_quantization_composes_with_h2o_eviction():
+    config = KVCompressionConfig(policy="h2o", budget=8, sink=1, window=2, quant="int8", quant_group=4,
+                                 quant_window=4)
+    out, qc, (q, k, v) = _decode(config, 40, 12, 8, seed=1)
+    assert int(qc.recent.dropped) == 0 and not bool(jnp.isnan(out).any())
+    assert int((qc.pos >= 0).sum(-1).max()) <= 12 and float(qc.count.sum() + qc.recent.count.sum()) < 40 * K
+    assert int(qc.pos.max()) >= 30  # the quantized store keeps receiving new groups after evicting
+
+
+def test_init_quantized_rejects_bad_shapes():
+    config = KVCompressionConfig(policy="none", quant="int4", quant_group=8)
+    with pytest.raises(ValueError, match="multiple of quant_group"):
+        kq.init_quantized(config, 1, 1, 20, 8)
+    with pytest.raises(ValueError, match="head_dim=7"):
+        kq.init_quantized(config, 1, 1, 16, 7)
+    with pytest.raises(ValueError, match="quant"):
+        kq.init_quantized(KVCompressionConfig(policy="none"), 1, 1, 16, 8)
