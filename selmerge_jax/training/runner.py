@@ -26,7 +26,7 @@ from selmerge_jax.training.optimizer import build_optimizer
 from selmerge_jax.training.train_step import init_train_state
 
 __all__ = ["build_model", "make_data", "run_pretrain", "run_finetune", "restore_model", "plot_loss_curve",
-           "crd_batch_transform"]
+           "crd_batch_transform", "train_summary", "export_npy"]
 
 _log = logging.getLogger(__name__)
 
@@ -93,10 +93,13 @@ def _run(cfg: PretrainConfig, model, kind: str, batch_transform=None) -> TrainRe
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
     train_it, eval_fn = make_data(cfg, tokenizer)
-    transform = batch_transform or (None if cfg.data.document_masking else _strip_packing)
+    if not cfg.data.document_masking:
+        batch_transform = batch_transform or _strip_packing
+        raw_eval = eval_fn
+        eval_fn = lambda: (_strip_packing(b, 0) for b in raw_eval())  # noqa: E731
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
-                 eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=transform, meta=meta,
+                 eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=batch_transform, meta=meta,
                  trainable=_trainable(cfg))
 
 
@@ -195,3 +198,41 @@ def plot_loss_curve(metrics_path: str, png_path: str, *, reference: float | None
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+def train_summary(cfg: PretrainConfig, result: TrainResult) -> dict:
+    """Key figures of a run: steady-state tokens/s and step time (first log interval, which holds the
+    compile, left out when there are others), peak device memory, final validation loss, parameter count."""
+    from selmerge_jax.models import count_params
+
+    steady = result.history[1:] or result.history
+    out = {
+        "attention": cfg.model.attention, "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+        "steps": int(result.state.step), "tokens": int(result.state.step) * cfg.train.batch_size * cfg.train.seq_len,
+        "params": count_params(result.state.params) + count_params(result.state.rest),
+        "tokens_per_s": float(np.median([h["tokens_per_s"] for h in steady])) if steady else None,
+        "step_time_s": float(np.median([h["step_time_s"] for h in steady])) if steady else None,
+        "final_train_loss": result.history[-1]["loss"] if result.history else None,
+        "final_val_loss": result.evals[-1]["val_loss"] if result.evals else None,
+        "peak_bytes": max((h.get("peak_bytes", 0) for h in result.history), default=0) or None,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "resumed_from": result.resumed_from,
+    }
+    return out
+
+
+def export_npy(cfg: PretrainConfig, out_dir: str) -> dict[str, str]:
+    """Tokenizes the train/validation splits of ``cfg.data`` into flat ``.npy`` files (``train.npy``,
+    ``validation.npy``) for machines without TFDS/grain; point ``data.train_npy``/``validation_npy`` at them."""
+    from selmerge_jax import data
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    d = cfg.data
+    if d.source == "stdlib_corpus":
+        data.build_stdlib_corpus(d.data_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, name in ((d.train_split, "train"), (d.validation_split, "validation")):
+        docs = data.text_source(d.source, split, d.data_dir)
+        paths[name] = os.path.join(out_dir, f"{name}.npy")
+        np.save(paths[name], data.tokenize_documents(list(docs), tokenizer))
+    return paths
