@@ -184,3 +184,15 @@ def test_data_package_imports_lazily():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_command_line_builds_and_reports(text_dir, tmp_path, capsys):
+    from selmerge_jax.data.__main__ import main
+
+    data_dir = ["--data-dir", os.fspath(tmp_path)]
+    built = main(data_dir + ["folder", os.fspath(text_dir), "--group-by", "directory"])
+    assert sum(built["splits"].values()) == 3
+    stats = main(data_dir + ["stats", built["name"], "--split", "train"])
+    assert stats["tokens"] == stats["chars"] + 2 * stats["documents"]  # ASCII: a byte per char, + bos/eos
+    assert 0 < stats["unigram_entropy_nats"] < 5.6  # below log(259)
+    assert '"splits"' in capsys.readouterr().out

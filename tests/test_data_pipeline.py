@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 
 from selmerge_jax.data import catalog
-from selmerge_jax.data.arrays import TokenWindows, tokenize_documents
+from selmerge_jax.data.arrays import TokenWindows, tokenize_documents, unigram_entropy
 from selmerge_jax.data.documents import StdlibOptions
-from selmerge_jax.data.pipeline import (
-    PipelineConfig,
-    lm_dataset,
-    lm_iterator,
-    state_from_json,
-    state_to_json,
-    unigram_entropy,
-)
+from selmerge_jax.data.pipeline import PipelineConfig, lm_dataset, lm_iterator, state_from_json, state_to_json
 from selmerge_jax.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

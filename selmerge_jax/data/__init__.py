@@ -23,10 +23,10 @@ _EXPORTS = {
     "stdlib_corpus": ("StdlibCorpus", "StdlibCorpusConfig"),
     "text_folder": ("TextFolder", "TextFolderConfig", "text_folder_config"),
     "pipeline": ("PipelineConfig", "lm_dataset", "lm_iterator", "lm_example", "state_to_json",
-                 "state_from_json", "unigram_entropy"),
+                 "state_from_json"),
     "synthetic": ("PasskeyConfig", "KVRecallConfig", "PasskeySource", "KVRecallSource", "passkey_example",
                   "kv_recall_example", "passkey_grid"),
-    "arrays": ("TokenWindows", "tokenize_documents"),
+    "arrays": ("TokenWindows", "tokenize_documents", "unigram_entropy"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

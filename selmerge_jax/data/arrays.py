@@ -1,4 +1,5 @@
-"""A numpy-only loader over a pre-tokenized stream, for machines without grain or tfds (the GPU box).
+"""numpy-only tools for machines without grain or tfds (the GPU box): a loader over a pre-tokenized stream
+and corpus token statistics.
 
 Same batch format as the grain pipeline (``inputs``, ``targets``, ``loss_mask``, ``segment_ids``,
 ``positions``), same packing (documents concatenated with bos/eos, cut into windows of seq_len + 1), but
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["tokenize_documents", "TokenWindows"]
+__all__ = ["tokenize_documents", "TokenWindows", "unigram_entropy"]
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer, *, add_bos: bool = True,
@@ -103,3 +104,17 @@ class TokenWindows:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"state must be {{'step': int >= 0}}, got {state!r}")
         self.step = step
+
+
+def unigram_entropy(documents: Sequence, tokenizer, *, add_bos: bool = True, add_eos: bool = True) -> float:
+    """Entropy in nats of the corpus's token unigram distribution: the loss of a model that ignores context
+    (the bar the tiny demo must get well below)."""
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    for doc in documents:
+        text = doc.decode("utf-8") if isinstance(doc, bytes) else doc
+        counts += np.bincount(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos),
+                              minlength=tokenizer.vocab_size)
+    if counts.sum() == 0:
+        raise ValueError("documents hold no tokens")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

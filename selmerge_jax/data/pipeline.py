@@ -25,7 +25,7 @@ from grain import experimental as gx
 from selmerge_jax.data.synthetic import PasskeyConfig, PasskeySource
 
 __all__ = ["PipelineConfig", "lm_dataset", "lm_iterator", "lm_example", "passkey_windows", "state_to_json",
-           "state_from_json", "unigram_entropy"]
+           "state_from_json"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -228,17 +228,3 @@ def state_from_json(iterator: grain.DatasetIterator, text: str) -> grain.Dataset
     """Moves a freshly made iterator (same documents, tokenizer and config) to the saved position."""
     iterator.set_state(json.loads(text))
     return iterator
-
-
-def unigram_entropy(documents: Sequence, tokenizer, *, add_bos: bool = True, add_eos: bool = True) -> float:
-    """Entropy in nats of the corpus's token unigram distribution: the loss of a model that ignores context
-    (the bar the tiny demo must get well below)."""
-    counts = np.zeros(tokenizer.vocab_size, np.int64)
-    for doc in documents:
-        text = doc.decode("utf-8") if isinstance(doc, bytes) else doc
-        counts += np.bincount(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos),
-                              minlength=tokenizer.vocab_size)
-    if counts.sum() == 0:
-        raise ValueError("documents hold no tokens")
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
