@@ -22,8 +22,10 @@ from selmerge_jax.kvcache.cache import (
     with_capacity,
 )
 from selmerge_jax.kvcache.config import KVCompressionConfig
-from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
 from selmerge_jax.kvcache.policies import compress, init_for, make_room, needs_probs, observe, slot_scores, step
+from selmerge_jax.kvcache.prefill import chunked_prefill, left_pad, scan_chunks
+from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
+from selmerge_jax.kvcache.query_select import attend_selected, region_summaries, select_blocks
 
 __all__ = [
     "KVCache",
@@ -31,19 +33,25 @@ __all__ = [
     "QuantizedKVCache",
     "append",
     "attend",
+    "attend_selected",
     "attend_slots",
+    "chunked_prefill",
     "compress",
     "gather_slots",
     "init_cache",
     "init_for",
     "init_quantized",
     "kv_nbytes",
+    "left_pad",
     "make_room",
     "nbytes",
     "needs_probs",
     "num_valid",
     "observe",
     "quantized_step",
+    "region_summaries",
+    "scan_chunks",
+    "select_blocks",
     "slot_scores",
     "step",
     "valid_mask",

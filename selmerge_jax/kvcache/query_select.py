@@ -1,0 +1,80 @@
+"""Query-aware block selection at decode time: the select-and-merge rule applied to the cache.
+
+The cache's C slots are cut into R = C / W regions of W consecutive slots (slots are filled in position order,
+and compaction keeps that order, so a region is a run of nearby positions). Each region is summarised by the
+count-weighted mean of its valid keys; the current queries (mean over the T queries and the G query heads of a
+kv head: one selection per kv head, GQA-native) score the summaries by dot product; the top M regions, plus
+forced sink and local regions, are attended exactly. Optionally every unselected non-empty region is also
+attended through one centroid token (mean K, mean V, ``log(count)`` on its logit), as in the training-time
+algorithm. Compute and memory traffic per step scale with ``M * W (+ R)`` instead of C.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from selmerge_jax.kvcache.cache import KVCache, attend_slots
+
+__all__ = ["region_summaries", "select_blocks", "attend_selected"]
+
+
+def region_summaries(cache: KVCache, block: int):
+    """Per region: mean key/value ``float32 [B, K, R, H]``, token count ``[B, K, R]``, newest position ``[B, K, R]``."""
+    b, kh, c, h = cache.k.shape
+    if block <= 0 or c % block:
+        raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={c}")
+    r = c // block
+    w = jnp.where(cache.pos >= 0, cache.count, 0.0).reshape(b, kh, r, block)
+    n = w.sum(-1)
+    denom = jnp.maximum(n, 1e-30)[..., None]
+    mean = lambda x: jnp.einsum("bkrw,bkrwh->bkrh", w, x.astype(jnp.float32).reshape(b, kh, r, block, h)) / denom  # noqa: E731
+    return mean(cache.k), mean(cache.v), n, cache.pos.reshape(b, kh, r, block).max(-1)
+
+
+def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1):
+    """``int32 [B, K, M]``: regions to attend, sorted; sinks (first regions) and the newest regions forced."""
+    if block <= 0 or cache.capacity % block:
+        raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={cache.capacity}")
+    r = cache.capacity // block
+    if not 0 < top_m <= r:
+        raise ValueError(f"top_m={top_m} must be in [1, R={r}] (R = C / block)")
+    if sink_blocks + local_blocks > top_m:
+        raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
+    ks, _, n, _ = region_summaries(cache, block)
+    b, t, nh, h = q.shape
+    qs = q.astype(jnp.float32).reshape(b, t, cache.kv_heads, -1, h).mean((1, 3))  # [B, K, H]
+    score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks))
+    region = jnp.arange(r)
+    newest = (jnp.maximum(cache.length, 1) - 1) // block
+    forced = (region < sink_blocks) | ((region > newest - local_blocks) & (region <= newest))
+    score = jnp.where(n > 0, score, -jnp.inf)
+    score = jnp.where(forced, jnp.inf, score)
+    _, idx = jax.lax.top_k(score, top_m)
+    return jnp.sort(idx, -1).astype(jnp.int32)
+
+
+def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
+                    local_blocks: int = 1, centroids: bool = False, scale: float | None = None):
+    """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``, one
+    merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`."""
+    regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
+                            local_blocks=local_blocks)
+    slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
+    take = lambda x: jnp.take_along_axis(x, slots, axis=2)  # noqa: E731
+    take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)  # noqa: E731
+    k, v, pos, count = take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count)
+    if centroids:
+        ks, vs, n, newest = region_summaries(cache, block)
+        chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
+        n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
+        k = jnp.concatenate([k, ks.astype(k.dtype)], 2)
+        v = jnp.concatenate([v, vs.astype(v.dtype)], 2)
+        pos = jnp.concatenate([pos, jnp.where(n > 0, newest, -1)], 2)
+        count = jnp.concatenate([count, n], 2)
+    return attend_slots(q, q_positions, k, v, pos, count, scale=scale)
+
+
+def _bk(idx):
+    b, k, _ = idx.shape
+    return jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], idx
