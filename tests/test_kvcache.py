@@ -38,7 +38,7 @@ def test_probs_and_lse_match_dense(key):
     q, k, v = _qkv(key, 4, 4)
     pos = jnp.broadcast_to(jnp.arange(4), (B, 4))
     cache = kc.append(kc.init_cache(B, K, 6, H, jnp.float32), k, v, pos)
-    out, probs, lse = kc.attend(cache, q, pos, return_probs=True)
+    _out, probs, lse = kc.attend(cache, q, pos, return_probs=True)
     _, lse_ref = dense_attention(q, k, v, return_lse=True)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
     assert probs.shape == (B, K, G, 4, 6)
@@ -93,9 +93,9 @@ def test_overflow_raises_eagerly_and_drops_under_jit(key):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(batch=0), "batch"), (dict(capacity=-1), "capacity"), (dict(dtype=jnp.int8), "floating")])
+    ({"batch": 0}, "batch"), ({"capacity": -1}, "capacity"), ({"dtype": jnp.int8}, "floating")])
 def test_init_cache_rejects_bad_args(bad, match):
-    args = dict(batch=1, kv_heads=1, capacity=4, head_dim=8, dtype=jnp.float32) | bad
+    args = {"batch": 1, "kv_heads": 1, "capacity": 4, "head_dim": 8, "dtype": jnp.float32} | bad
     with pytest.raises((ValueError, TypeError), match=match):
         kc.init_cache(**args)
 

@@ -17,8 +17,8 @@ B, K, G, H = 1, 2, 2, 16
 N = K * G
 
 
-def _filled(n, capacity, key=jax.random.PRNGKey(1), config=None, keys=None, values=None):
-    kk, kv = jax.random.split(key)
+def _filled(n, capacity, seed=1, config=None, keys=None, values=None):
+    kk, kv = jax.random.split(jax.random.PRNGKey(seed))
     k = jax.random.normal(kk, (B, n, K, H)) if keys is None else keys
     v = jax.random.normal(kv, (B, n, K, H)) if values is None else values
     cache = (kp.init_for(config, B, K, capacity, H, jnp.float32) if config is not None
@@ -35,9 +35,9 @@ def _onehot_keys(n, hot):
     return jnp.broadcast_to(jax.nn.one_hot(jnp.arange(n) % H, H)[None, :, None] * 1.0, (B, n, K, H)) + 0 * hot
 
 
-ALL = [dict(policy=p) for p in ("streaming", "h2o", "snapkv", "tova")] + [
-    dict(policy="h2o", merge="nearest"), dict(policy="h2o", merge="value"),
-    dict(policy="tova", merge="centroid", merge_slots=2), dict(policy="snapkv", summary_slots=2)]
+ALL = [{"policy": p} for p in ("streaming", "h2o", "snapkv", "tova")] + [
+    {"policy": "h2o", "merge": "nearest"}, {"policy": "h2o", "merge": "value"},
+    {"policy": "tova", "merge": "centroid", "merge_slots": 2}, {"policy": "snapkv", "summary_slots": 2}]
 
 
 @pytest.mark.parametrize("kw", ALL, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -134,7 +134,7 @@ def test_nearest_merge_of_duplicate_tokens_is_lossless():
 
 def test_value_merge_keeps_keys_positions_counts():
     config = KVCompressionConfig(policy="h2o", budget=4, sink=0, window=0, merge="value")
-    cache, k, v = _filled(6, 6)
+    cache, _k, _v = _filled(6, 6)
     score = jnp.arange(6.0)[None, None].repeat(K, 1)  # keeps slots 2..5
     out = kp.compress(dataclasses.replace(cache, score=score), config, 4)
     np.testing.assert_array_equal(out.k[:, :, :4], cache.k[:, :, 2:])
@@ -199,15 +199,15 @@ def test_gqa_memory_is_kv_heads_times_budget():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(policy="lru", budget=8), "policy='lru' is unknown"),
-    (dict(policy="h2o", budget=8, window=16), "window=16"),
-    (dict(policy="h2o"), "exactly one of"),
-    (dict(policy="h2o", budget=8, ratio=0.5), "exactly one of"),
-    (dict(policy="h2o", ratio=1.5), "ratio"),
-    (dict(policy="h2o", budget=64, merge="centroid"), "merge_slots"),
-    (dict(policy="h2o", budget=64, pool_kernel=4), "pool_kernel"),
-    (dict(policy="none", budget=64), "keeps everything"),
-    (dict(policy="h2o", budget=64, quant="int3"), "quant='int3'"),
+    ({"policy": "lru", "budget": 8}, "policy='lru' is unknown"),
+    ({"policy": "h2o", "budget": 8, "window": 16}, "window=16"),
+    ({"policy": "h2o"}, "exactly one of"),
+    ({"policy": "h2o", "budget": 8, "ratio": 0.5}, "exactly one of"),
+    ({"policy": "h2o", "ratio": 1.5}, "ratio"),
+    ({"policy": "h2o", "budget": 64, "merge": "centroid"}, "merge_slots"),
+    ({"policy": "h2o", "budget": 64, "pool_kernel": 4}, "pool_kernel"),
+    ({"policy": "none", "budget": 64}, "keeps everything"),
+    ({"policy": "h2o", "budget": 64, "quant": "int3"}, "quant='int3'"),
 ])
 def test_bad_configs_raise(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -55,7 +55,7 @@ def test_chunked_prefill_peak_memory_does_not_grow_with_the_prompt():
     def temp_bytes(s):
         q, k, v = (jax.ShapeDtypeStruct((B, s, n, H), jnp.float32) for n in (N, K, K))
         cache = jax.eval_shape(lambda: kp.init_for(config, B, K, 32, H, jnp.float32))
-        f = lambda c, q, k, v: kpre.chunked_prefill(c, config, q, k, v, jnp.arange(s)[None], chunk=8,  # noqa: E731
+        f = lambda c, q, k, v: kpre.chunked_prefill(c, config, q, k, v, jnp.arange(s)[None], chunk=8,
                                                      budget=24)[1]
         return jax.jit(f).lower(cache, q, k, v).compile().memory_analysis().temp_size_in_bytes
 

@@ -76,7 +76,7 @@ def test_quantized_storage_reports_real_bytes():
 def test_quantization_composes_with_h2o_eviction():
     config = KVCompressionConfig(policy="h2o", budget=8, sink=1, window=2, quant="int8", quant_group=4,
                                  quant_window=4)
-    out, qc, (q, k, v) = _decode(config, 40, 12, 8, seed=1)
+    out, qc, (_q, _k, _v) = _decode(config, 40, 12, 8, seed=1)
     assert int(qc.recent.dropped) == 0 and not bool(jnp.isnan(out).any())
     assert int((qc.pos >= 0).sum(-1).max()) <= 12 and float(qc.count.sum() + qc.recent.count.sum()) < 40 * K
     assert int(qc.pos.max()) >= 30  # the quantized store keeps receiving new groups after evicting

@@ -22,7 +22,15 @@ from selmerge_jax.kvcache.cache import (
     with_capacity,
 )
 from selmerge_jax.kvcache.config import KVCompressionConfig
-from selmerge_jax.kvcache.policies import compress, init_for, make_room, needs_probs, observe, slot_scores, step
+from selmerge_jax.kvcache.policies import (
+    compress,
+    init_for,
+    make_room,
+    needs_probs,
+    observe,
+    slot_scores,
+    step,
+)
 from selmerge_jax.kvcache.prefill import chunked_prefill, left_pad, scan_chunks
 from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
 from selmerge_jax.kvcache.query_select import attend_selected, region_summaries, select_blocks

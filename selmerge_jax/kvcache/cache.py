@@ -28,15 +28,15 @@ import numpy as np
 
 __all__ = [
     "KVCache",
-    "init_cache",
     "append",
     "attend",
     "attend_slots",
-    "valid_mask",
-    "nbytes",
-    "kv_nbytes",
-    "num_valid",
     "gather_slots",
+    "init_cache",
+    "kv_nbytes",
+    "nbytes",
+    "num_valid",
+    "valid_mask",
     "with_capacity",
 ]
 
@@ -131,7 +131,7 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = jnp.asarray(positions, jnp.int32)
     pos_new = jnp.broadcast_to(positions[:, None, :], (cache.batch, cache.kv_heads, t))  # [B, K, T]
-    write = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
+    write = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")
     overflow = jnp.maximum(cache.length + t - cache.capacity, 0)
     return dataclasses.replace(
         cache,
@@ -213,8 +213,8 @@ def gather_slots(cache: KVCache, idx, length=None) -> KVCache:
         raise ValueError(f"idx must be int [B, K, C'] with B, K = {cache.pos.shape[:2]}, got {idx.shape}")
     empty = idx < 0
     safe = jnp.where(empty, 0, idx)
-    take3 = lambda x, fill: jnp.where(empty, fill, jnp.take_along_axis(x, safe, axis=2))  # noqa: E731
-    take4 = lambda x: jnp.where(empty[..., None], 0, jnp.take_along_axis(x, safe[..., None], axis=2))  # noqa: E731
+    take3 = lambda x, fill: jnp.where(empty, fill, jnp.take_along_axis(x, safe, axis=2))
+    take4 = lambda x: jnp.where(empty[..., None], 0, jnp.take_along_axis(x, safe[..., None], axis=2))
     new_len = idx.shape[2] if length is None else length
     return dataclasses.replace(cache, k=take4(cache.k), v=take4(cache.v), pos=take3(cache.pos, -1),
                                count=take3(cache.count, 0.0), score=take3(cache.score, 0.0),

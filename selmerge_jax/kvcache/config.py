@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["KVCompressionConfig", "POLICIES", "MERGES", "QUANTS"]
+__all__ = ["MERGES", "POLICIES", "QUANTS", "KVCompressionConfig"]
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "tova")
 MERGES = ("none", "nearest", "value", "centroid")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["merge_into_kept", "position_buckets", "bucket_means", "centroids", "update_summary"]
+__all__ = ["bucket_means", "centroids", "merge_into_kept", "position_buckets", "update_summary"]
 
 
 def _unit(x):
@@ -33,7 +33,7 @@ def merge_into_kept(k, v, count, kept_idx, evicted, *, value_only: bool):
     Returns:
       ``(k_kept, v_kept, count_kept)`` with shapes ``[B, K, J, H]``, ``[B, K, J, H]``, ``[B, K, J]``.
     """
-    take = lambda x: jnp.take_along_axis(x, kept_idx[..., None], axis=2)  # noqa: E731
+    take = lambda x: jnp.take_along_axis(x, kept_idx[..., None], axis=2)
     kk, vk = take(k).astype(jnp.float32), take(v).astype(jnp.float32)
     ck = jnp.take_along_axis(count, kept_idx, axis=2)
     sim = jnp.einsum("bkch,bkjh->bkcj", _unit(k), _unit(kk))  # [B, K, C, J]
@@ -104,10 +104,10 @@ def update_summary(summary, new, *, mode: str, decay: float):
     has_new = (nc > 0)[..., None]
     if mode == "cumulative":
         denom = jnp.maximum(sc + nc, 1e-30)[..., None]
-        mix = lambda old, upd: (sc[..., None] * old.astype(jnp.float32) + nc[..., None] * upd) / denom  # noqa: E731
+        mix = lambda old, upd: (sc[..., None] * old.astype(jnp.float32) + nc[..., None] * upd) / denom
     else:
         fresh = (sc == 0)[..., None]
-        mix = lambda old, upd: jnp.where(fresh, upd, decay * old.astype(jnp.float32) + (1 - decay) * upd)  # noqa: E731
+        mix = lambda old, upd: jnp.where(fresh, upd, decay * old.astype(jnp.float32) + (1 - decay) * upd)
     k_out = jnp.where(has_new, mix(sk, nk), sk.astype(jnp.float32)).astype(sk.dtype)
     v_out = jnp.where(has_new, mix(sv, nv), sv.astype(jnp.float32)).astype(sv.dtype)
     return k_out, v_out, sc + nc, jnp.maximum(sp, np_)

@@ -26,7 +26,7 @@ from selmerge_jax.kvcache import merging
 from selmerge_jax.kvcache.cache import KVCache, append, attend, gather_slots
 from selmerge_jax.kvcache.config import KVCompressionConfig
 
-__all__ = ["observe", "slot_scores", "compress", "make_room", "step", "init_for", "needs_probs"]
+__all__ = ["compress", "init_for", "make_room", "needs_probs", "observe", "slot_scores", "step"]
 
 _PROTECT = 3e38  # above any real score, below +inf so protected slots still rank among themselves by nothing
 
@@ -130,7 +130,7 @@ def _fold_summary(old: KVCache, out: KVCache, evicted, config: KVCompressionConf
     n, s0 = config.summary_slots, config.merge_slots
     bucket = merging.position_buckets(old.pos, old.count, evicted, n)
     new = merging.bucket_means(old.k, old.v, old.pos, old.count, evicted, bucket, n)
-    sl = lambda x: jax.lax.slice_in_dim(x, s0, s0 + n, axis=2)  # noqa: E731
+    sl = lambda x: jax.lax.slice_in_dim(x, s0, s0 + n, axis=2)
     summary = (sl(old.k), sl(old.v), sl(old.count), sl(old.pos))
     k, v, c, p = merging.update_summary(summary, new, mode=config.summary_mode, decay=config.summary_decay)
     return _write(out, s0, k=k, v=v, count=c, pos=p)

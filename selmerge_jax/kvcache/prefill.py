@@ -9,7 +9,7 @@ cache): :func:`scan_chunks` is that driver.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache
 from selmerge_jax.kvcache.config import KVCompressionConfig
 
-__all__ = ["scan_chunks", "chunked_prefill", "left_pad"]
+__all__ = ["chunked_prefill", "left_pad", "scan_chunks"]
 
 
 def left_pad(x, positions, chunk: int):
@@ -41,8 +41,8 @@ def scan_chunks(step_fn: Callable, state, xs, positions, chunk: int):
     if chunk <= 0 or s % chunk:
         raise ValueError(f"prompt length S={s} must be a positive multiple of chunk={chunk} (left_pad first)")
     n = s // chunk
-    split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
-    merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], s, *a.shape[3:])  # noqa: E731
+    split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+    merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], s, *a.shape[3:])
 
     def body(carry, inp):
         x, p = inp

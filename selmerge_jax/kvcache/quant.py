@@ -23,7 +23,7 @@ from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache, append, attend_slots, gather_slots, init_cache
 from selmerge_jax.kvcache.config import KVCompressionConfig
 
-__all__ = ["QuantizedKVCache", "quantize", "dequantize", "init_quantized", "quantized_step", "as_float_cache"]
+__all__ = ["QuantizedKVCache", "as_float_cache", "dequantize", "init_quantized", "quantize", "quantized_step"]
 
 _BITS = {"int8": 8, "int4": 4}
 
@@ -44,8 +44,8 @@ class QuantizedKVCache:
     score: jax.Array  # float32 [B, K, Cq]
     length: jax.Array  # int32 []
     recent: KVCache
-    bits: int = dataclasses.field(metadata=dict(static=True), default=8)
-    group: int = dataclasses.field(metadata=dict(static=True), default=32)
+    bits: int = dataclasses.field(metadata={"static": True}, default=8)
+    group: int = dataclasses.field(metadata={"static": True}, default=32)
 
 
 def _pack(codes, bits: int):
@@ -145,7 +145,7 @@ def _flush(qc: QuantizedKVCache, config: KVCompressionConfig, budget: int) -> Qu
     old = gather_slots(qc.recent, jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (*qc.pos.shape[:2], f)))
     slots = fc.length + jnp.arange(f, dtype=jnp.int32)
     # mode="drop": with policy "none" a full store drops the flushed tokens (counted) instead of overwriting
-    put = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
+    put = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")
     fc = dataclasses.replace(fc, k=put(fc.k, old.k), v=put(fc.v, old.v), pos=put(fc.pos, old.pos),
                              count=put(fc.count, old.count), score=put(fc.score, old.score),
                              length=jnp.minimum(fc.length + f, fc.capacity))
@@ -177,7 +177,7 @@ def quantized_step(qc: QuantizedKVCache, config: KVCompressionConfig, q, k, v, p
     qc = jax.lax.cond(full, lambda c: _flush(c, config, budget), lambda c: c, qc)
     recent = append(qc.recent, k, v, positions)
     km, vm = _dequant_main(qc, q.dtype)
-    cat = lambda a, b: jnp.concatenate([a, b], axis=2)  # noqa: E731
+    cat = lambda a, b: jnp.concatenate([a, b], axis=2)
     res = attend_slots(q, positions, cat(km, recent.k), cat(vm, recent.v), cat(qc.pos, recent.pos),
                        cat(qc.count, recent.count), scale=scale, return_probs=policies.needs_probs(config))
     if not policies.needs_probs(config):

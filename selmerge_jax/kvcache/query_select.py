@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from selmerge_jax.kvcache.cache import KVCache, attend_slots
 
-__all__ = ["region_summaries", "select_blocks", "attend_selected"]
+__all__ = ["attend_selected", "region_summaries", "select_blocks"]
 
 
 def region_summaries(cache: KVCache, block: int):
@@ -28,7 +28,7 @@ def region_summaries(cache: KVCache, block: int):
     w = jnp.where(cache.pos >= 0, cache.count, 0.0).reshape(b, kh, r, block)
     n = w.sum(-1)
     denom = jnp.maximum(n, 1e-30)[..., None]
-    mean = lambda x: jnp.einsum("bkrw,bkrwh->bkrh", w, x.astype(jnp.float32).reshape(b, kh, r, block, h)) / denom  # noqa: E731
+    mean = lambda x: jnp.einsum("bkrw,bkrwh->bkrh", w, x.astype(jnp.float32).reshape(b, kh, r, block, h)) / denom
     return mean(cache.k), mean(cache.v), n, cache.pos.reshape(b, kh, r, block).max(-1)
 
 
@@ -42,7 +42,7 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
     if sink_blocks + local_blocks > top_m:
         raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
     ks, _, n, _ = region_summaries(cache, block)
-    b, t, nh, h = q.shape
+    b, t, _nh, h = q.shape
     qs = q.astype(jnp.float32).reshape(b, t, cache.kv_heads, -1, h).mean((1, 3))  # [B, K, H]
     score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks))
     region = jnp.arange(r)
@@ -61,8 +61,8 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks)
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
-    take = lambda x: jnp.take_along_axis(x, slots, axis=2)  # noqa: E731
-    take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)  # noqa: E731
+    take = lambda x: jnp.take_along_axis(x, slots, axis=2)
+    take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
     k, v, pos, count = take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count)
     if centroids:
         ks, vs, n, newest = region_summaries(cache, block)
