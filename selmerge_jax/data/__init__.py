@@ -11,6 +11,10 @@ needs neither tfds nor grain, the builders need tfds (no TensorFlow), the pipeli
     docs = data.text_source("stdlib_corpus", "train")
     cfg = data.PipelineConfig(seq_len=4096, batch_size=8, seed=0)
     batches = data.lm_iterator(docs, load_tokenizer(None), cfg)   # next(batches)["inputs"]: int32 [8, 4096]
+    state = data.state_to_json(batches)                           # exact resume: data.state_from_json(...)
+
+Without tfds/grain (the GPU box): ``data.tokenize_documents`` + ``data.TokenWindows`` (numpy only).
+From a shell: ``python -m selmerge_jax.data stdlib`` / ``folder ROOT`` / ``stats NAME``.
 """
 
 import importlib
