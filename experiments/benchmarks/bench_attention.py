@@ -12,6 +12,7 @@ Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the test
 """
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference
+from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference, register_implementation
 from selmerge_jax.kernels.block_sparse_attention.pallas_triton import TritonTiling, block_sparse_attention_triton
 from selmerge_jax.kernels.block_sparse_attention.specs import get_spec, useful_flops
 
@@ -98,7 +99,7 @@ def attention_fns(spec, plan, tiling):
         "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                     implementation="cudnn"),
     }
-    return fns
+    return fns  # ms_attention uses the registered default tiling (TritonTiling())
 
 
 def bench_spec(name, args, tiling, out):
@@ -121,6 +122,32 @@ def bench_spec(name, args, tiling, out):
                         args.reps, args.warmup, out)
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
+
+
+def sweep_tiling(name, args, tiling, out) -> TritonTiling:
+    """Times candidate tilings on one spec (fwd ones on fwd, bwd ones on fwd+bwd); returns the best merge."""
+    spec = get_spec(name)
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    best = dict(tiling.__dict__)
+    for mode, cands in (("fwd", json.loads(args.sweep_fwd)), ("fwdbwd", json.loads(args.sweep_bwd))):
+        scores = []
+        for cand in cands:
+            t = TritonTiling(**{**best, **cand})
+            attn = lambda q, k, v, t=t: block_sparse_attention_triton(q, k, v, plan, tiling=t,  # noqa: E731
+                                                                      interpret=INTERPRET)
+            fwd, fb = fwd_and_fwdbwd(attn)
+            fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
+            try:
+                ms = statistics.median(time_fn(fn, fargs, 5, 1))
+            except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: skip the candidate)
+                emit({"kind": "sweep", "spec": name, "mode": mode, "tiling": t.__dict__, "error": str(e)[:200]}, out)
+                continue
+            emit({"kind": "sweep", **environment(), "spec": name, "mode": mode, "tiling": t.__dict__,
+                  "ms": round(ms, 4)}, out)
+            scores.append((ms, cand))
+        if scores:
+            best.update(min(scores, key=lambda s: s[0])[1])
+    return TritonTiling(**best)
 
 
 def check_spec(name, tiling, out):
@@ -152,7 +179,7 @@ def check_spec(name, tiling, out):
     emit(row, out)
 
 
-def bench_ms_layer(name, args, out):
+def bench_ms_layer(name, args, tiling, out):
     """Selection + kernel at the spec's length (MS attention as the layer runs it), fwd and fwd+bwd."""
     from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
 
@@ -160,10 +187,14 @@ def bench_ms_layer(name, args, out):
     cfg = MSAttentionConfig(block_size=spec.block_size, top_k=spec.selected + 1, merge=1, selection_heads="kv",
                             selection_source="previous", selection_batch=args.selection_batch)
     q, k, v, _, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(2))
-    base = {"kind": "ms_layer", **environment(), "spec": name, "shape": spec.__dict__, "config": cfg.__dict__}
+    base = {"kind": "ms_layer", **environment(), "spec": name, "shape": spec.__dict__, "config": cfg.__dict__,
+            "tiling": tiling.__dict__}
     plan = jax.jit(lambda q, k: select_regions(q, k, cfg))(q, k)
     flops = useful_flops(plan, spec.q_heads, spec.head_dim)
-    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton")  # noqa: E731
+    # The layer dispatches by name: register the (possibly tuned) tiling under its own name for this run.
+    register_implementation("pallas_triton_bench", functools.partial(block_sparse_attention_triton, tiling=tiling,
+                                                                     interpret=INTERPRET))
+    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton_bench")  # noqa: E731
     fwd, fb = fwd_and_fwdbwd(attn)
     select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
     for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
@@ -205,6 +236,9 @@ def main(argv=None):
     ap.add_argument("--selection-batch", type=int, default=64)
     ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
     ap.add_argument("--tiling", default="{}", help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
+    ap.add_argument("--sweep-spec", default=None, help="spec to tune the tiling on before benchmarking")
+    ap.add_argument("--sweep-fwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd")
+    ap.add_argument("--sweep-bwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd+bwd")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
     ap.add_argument("--out", default="-")
     args = ap.parse_args(argv)
@@ -212,6 +246,9 @@ def main(argv=None):
     INTERPRET = args.interpret
     tiling = TritonTiling(**json.loads(args.tiling))
     out = sys.stdout if args.out == "-" else open(args.out, "a")
+    if args.sweep_spec:
+        tiling = sweep_tiling(args.sweep_spec, args, tiling, out)
+        emit({"kind": "chosen_tiling", "tiling": tiling.__dict__}, out)
     for name in args.check:
         try:
             check_spec(name, tiling, out)
@@ -220,7 +257,7 @@ def main(argv=None):
     for name in args.specs:
         bench_spec(name, args, tiling, out)
     for name in args.ms_layer:
-        bench_ms_layer(name, args, out)
+        bench_ms_layer(name, args, tiling, out)
     if args.dense_lens:
         bench_dense(args.dense_lens, args, out)
 

@@ -55,10 +55,12 @@ class TritonTiling:
     # chunks; dK/dV owns many keys and streams narrow query chunks (its two f32 accumulators are [keys, H]).
     rows_dq: int = 128
     block_k_dq: int = 32
-    rows_dkv: int = 32
+    rows_dkv: int = 16
     block_k_dkv: int = 128
-    warps_bwd: int = 4
-    stages_bwd: int = 3
+    warps_dq: int = 8
+    stages_dq: int = 3
+    warps_dkv: int = 8
+    stages_dkv: int = 3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -343,7 +345,7 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
         in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec, tile, stat, stat],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(st.tiling.warps_bwd, st.tiling.stages_bwd),
+        compiler_params=_params(st.tiling.warps_dq, st.tiling.stages_dq),
         interpret=st.interpret,
         name="block_sparse_dq",
     )(sel, cnt, q, k, v, do, lse2, delta)
@@ -360,7 +362,7 @@ def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
         in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
         out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(st.tiling.warps_bwd, st.tiling.stages_bwd),
+        compiler_params=_params(st.tiling.warps_dkv, st.tiling.stages_dkv),
         interpret=st.interpret,
         name="block_sparse_dkv",
     )(offsets, entries, q, k, v, do, lse2, delta)
