@@ -29,7 +29,8 @@ from selmerge_jax.positional.crd_ntk import (
 def test_stage_schedule_gives_expected_scales():
     cfg = CRDNTKConfig(initial_scale=16.0, growth=2.0, stage_steps=2000)
     steps = jnp.array([0, 1, 1999, 2000, 3999, 4000, 5999, 6000])
-    np.testing.assert_array_equal(jax.vmap(lambda s: crd_scale(cfg, s))(steps), [16, 16, 16, 32, 32, 64, 64, 128])
+    scales = jax.vmap(lambda s: crd_scale(cfg, s))(steps)
+    np.testing.assert_array_equal(scales, [16, 16, 16, 32, 32, 64, 64, 128])
     capped = CRDNTKConfig(initial_scale=16.0, growth=2.0, stage_steps=10, max_scale=40.0)
     assert float(crd_scale(capped, 25)) == 40.0 and float(crd_scale(capped, 15)) == 32.0
     assert float(crd_scale(CRDNTKConfig(growth=1, initial_scale=8.0), 10**6)) == 8.0
@@ -53,7 +54,8 @@ def test_inference_rule_base(a, want):
 
 
 @settings(max_examples=30, deadline=None)
-@given(cycle=st.integers(8, 5000), seq_len=st.integers(1, 300), wrap=st.booleans(), seed=st.integers(0, 2**30))
+@given(cycle=st.integers(8, 5000), seq_len=st.integers(1, 300), wrap=st.booleans(),
+       seed=st.integers(0, 2**30))
 def test_positions_stay_in_cycle(cycle, seq_len, wrap, seed):
     cfg = CRDNTKConfig(cycle=cycle, wrap=wrap)
     if not wrap and seq_len > cycle:
@@ -85,7 +87,8 @@ def test_offsets_follow_the_configured_distribution(wrap, max_offset, low, high)
     cfg = CRDNTKConfig(cycle=32768, wrap=wrap, max_offset=max_offset)
     off = np.asarray(crd_offsets(cfg, jax.random.PRNGKey(3), 20000, 16384)).astype(np.int64)
     assert off.min() >= low and off.max() < high
-    assert off.min() < low + (high - low) * 0.01 and off.max() > high - (high - low) * 0.01  # whole range used
+    span = high - low
+    assert off.min() < low + 0.01 * span and off.max() > high - 0.01 * span  # the whole range is used
     assert abs(off.mean() - (low + high - 1) / 2) < 0.02 * (high - low)
     assert _uniformity_chi2(off, low, high) < 27.9  # chi2(9 dof) at p = 0.001
 

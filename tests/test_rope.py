@@ -44,7 +44,8 @@ def test_dynamic_ntk_matches_hf_rule_and_never_recompiles():
     base = 1e4 * (4 * 16384 / 4096 - 3) ** (128 / 126)  # = 1e4 * 13^(64/63)
     calls = chex.assert_max_traces(lambda n: rope_frequencies(cfg, D, seq_len=n)[0], n=1)
     f = jax.jit(calls)
-    np.testing.assert_allclose(f(16384)[np.array([0, 32, 63])], [1.0, base**-0.5, base ** (-126 / 128)], rtol=1e-5)
+    want = [1.0, base**-0.5, base ** (-126 / 128)]
+    np.testing.assert_allclose(f(16384)[np.array([0, 32, 63])], want, rtol=1e-5)
     f(70000)  # a different length: same trace
     assert float(f(70000)[63]) < float(f(16384)[63])
 
@@ -54,8 +55,8 @@ def test_yarn_ramp_and_temperature_by_hand():
     # low = floor(128 ln(4096 / (32*2pi)) / (2 ln 1e4)) = floor(20.94) = 20; high = ceil(45.027) = 46
     low, high = yarn_correction_range(cfg, D, 1e4)
     assert (float(low), float(high)) == (20.0, 46.0)
-    raw = yarn_correction_range(RopeConfig(rope_type="yarn", factor=8.0, original_max_position_embeddings=4096,
-                                           truncate=False), D, 1e4)
+    exact = RopeConfig(rope_type="yarn", factor=8.0, original_max_position_embeddings=4096, truncate=False)
+    raw = yarn_correction_range(exact, D, 1e4)
     np.testing.assert_allclose(raw, [20.9445, 45.0269], atol=1e-3)
     inv, temp = rope_frequencies(cfg, D)
     assert math.isclose(temp, 0.1 * math.log(8) + 1, rel_tol=1e-12)  # 1.2079
@@ -87,22 +88,24 @@ def test_llama3_bands_by_hand():
 
 
 def test_traced_theta_matches_static():
-    static, _ = rope_frequencies(RopeConfig(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048), 64)
-    traced = jax.jit(lambda b: rope_frequencies(RopeConfig(rope_type="yarn", factor=4.0,
-                                                           original_max_position_embeddings=2048), 64, theta=b)[0])
+    cfg = RopeConfig(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048)
+    static, _ = rope_frequencies(cfg, 64)
+    traced = jax.jit(lambda b: rope_frequencies(cfg, 64, theta=b)[0])
     np.testing.assert_allclose(traced(1e4), static, rtol=2e-6)
 
 
 HF_CONFIGS = [
     {"rope_theta": 10000.0, "max_position_embeddings": 4096},
-    {"rope_theta": 10000.0, "max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}},
-    {"rope_theta": 10000.0, "max_position_embeddings": 4096, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_theta": 10000.0, "max_position_embeddings": 4096,
+     "rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_theta": 10000.0, "max_position_embeddings": 4096,
+     "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
     {"rope_theta": 1e6, "max_position_embeddings": 131072, "rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0,
         "beta_slow": 1.0, "truncate": True}},
     {"rope_theta": 500000.0, "max_position_embeddings": 131072, "rope_scaling": {
-        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-        "rope_type": "llama3"}},
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
 ]
 
 
@@ -137,7 +140,8 @@ def test_from_hf_defaults_follow_hf():
     (dict(rope_type="linear", factor=-2.0), "factor"),
     (dict(theta=-1.0), "theta"),
     (dict(rope_type="yarn", factor=2.0), "original_max_position_embeddings"),
-    (dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, beta_fast=1, beta_slow=2), "beta"),
+    (dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, beta_fast=1, beta_slow=2),
+     "beta"),
     (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=4.0,
           high_freq_factor=1.0), "high_freq_factor"),
     (dict(layout="diagonal"), "layout"),
@@ -218,10 +222,11 @@ def test_layouts_hand_values_and_dtype():
     np.testing.assert_allclose(half, [c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + s0, 4 * c1 + 2 * s1], rtol=1e-6)
     inter = apply_rope(x, jnp.array([1]), inv, layout="interleaved", attention_scale=2.0)[0, 0, 0]
     # interleaved: pairs (x0, x1) at angle 1 and (x2, x3) at angle 0.5, times the attention scale 2
-    np.testing.assert_allclose(inter, 2 * np.array([c0 - 2 * s0, 2 * c0 + s0, 3 * c1 - 4 * s1, 4 * c1 + 3 * s1]),
-                               rtol=1e-6)
+    want = 2 * np.array([c0 - 2 * s0, 2 * c0 + s0, 3 * c1 - 4 * s1, 4 * c1 + 3 * s1])
+    np.testing.assert_allclose(inter, want, rtol=1e-6)
     xb = jnp.ones((2, 3, 1, 8), jnp.bfloat16)
-    assert apply_rope(xb, jnp.zeros((2, 3), jnp.int32), rope_frequencies(RopeConfig(), 8)[0]).dtype == jnp.bfloat16
+    inv8 = rope_frequencies(RopeConfig(), 8)[0]
+    assert apply_rope(xb, jnp.zeros((2, 3), jnp.int32), inv8).dtype == jnp.bfloat16
 
 
 def test_position_fn_rotates_q_and_k_and_dynamic_uses_max_position():

@@ -30,8 +30,8 @@ class MSAttentionConfig:
       selection_batch: query groups scored per step of the selection loop (memory/speed knob only).
       position_mode: where the layer's ``position_fn`` (RoPE) applies: ``"before_selection"`` (rotate q/k,
         then select: fine-tuning a RoPE model), or only on the selected tokens (pre-training ablation):
-        ``"selected_original"`` (select on un-rotated q/k, true positions) or ``"selected_compact"`` (positions
-        re-indexed inside each group's gathered set; see ``attention/selected_positions.py``).
+        ``"selected_original"`` (select on un-rotated q/k, true positions) or ``"selected_compact"``
+        (positions re-indexed inside each group's gathered set; see ``attention/selected_positions.py``).
     """
 
     block_size: int = 64
@@ -61,7 +61,8 @@ class MSAttentionConfig:
         if self.selection_heads not in ("query", "kv"):
             raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', 'kv'")
         if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"MSAttentionConfig.position_mode={self.position_mode!r}; allowed: {POSITION_MODES}")
+            raise ValueError(f"MSAttentionConfig.position_mode={self.position_mode!r}; "
+                             f"allowed: {POSITION_MODES}")
         if self.position_mode == "selected_compact" and (self.centroids or not self.causal):
             raise ValueError("MSAttentionConfig.position_mode='selected_compact' needs causal=True and "
                              f"centroids=False, got causal={self.causal}, centroids={self.centroids}")

@@ -122,8 +122,8 @@ class MSAttention(nnx.Module):
         mode = "before_selection" if fn is None or cfg.implementation == "dense" else cfg.ms.position_mode
         if mode == "selected_compact":
             if not callable(getattr(fn, "rotate", None)):
-                raise TypeError("position_mode='selected_compact' needs a position_fn with a rotate(x, positions) "
-                                "method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
+                raise TypeError("position_mode='selected_compact' needs a position_fn with a "
+                                "rotate(x, positions) method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
             return ms_attention_selected_positions(q, k, v, cfg.ms, fn.rotate, scheme="compact")
         sel_q, sel_k = q, k
         if fn is not None:

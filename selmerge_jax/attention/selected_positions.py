@@ -47,12 +47,12 @@ def gathered_positions(regions, valid, group, *, block_size: int, group_tokens: 
       ``(selected int32 [B, P, M*W], local int32 [B, P, L])``; the group's queries share the local positions.
       Invalid entries get position 0 (they are masked out).
     """
-    w, l = block_size, group_tokens
+    w, lg = block_size, group_tokens
     offs = jnp.arange(w, dtype=jnp.int32)
-    t = jnp.arange(l, dtype=jnp.int32)
+    t = jnp.arange(lg, dtype=jnp.int32)
     if scheme == "original":
         sel = regions[..., None] * w + offs
-        loc = jnp.broadcast_to(group * l + t, (*regions.shape[:2], l))
+        loc = jnp.broadcast_to(group * lg + t, (*regions.shape[:2], lg))
     else:
         # rank among valid entries by region index (entries are distinct): the position-sorted order
         below = (regions[..., None, :] < regions[..., :, None]) & valid[..., None, :]
@@ -72,12 +72,12 @@ def _gather(x_t, head_of_p, regions):
 
 def _group_step(q_g, k_t, v_t, k_loc, v_loc, regions, valid, group, *, plan, rotate, scheme, scale):
     """One query group. q_g ``[B, L, N, H]``; k_loc/v_loc ``[B, L, K, H]``. Returns out and lse."""
-    b, l, n, h = q_g.shape
+    b, lg, n, h = q_g.shape
     kv_heads, p, w = k_t.shape[1], regions.shape[1], plan.block_size
     gp = n // p  # query heads per selection head
     head_of_p = jnp.arange(p) // (p // kv_heads)
     safe = jnp.clip(regions, 0, plan.num_regions - 1)
-    sel_pos, loc_pos = gathered_positions(regions, valid, group, block_size=w, group_tokens=l, scheme=scheme)
+    sel_pos, loc_pos = gathered_positions(regions, valid, group, block_size=w, group_tokens=lg, scheme=scheme)
     loc_k = jnp.moveaxis(k_loc[:, :, head_of_p], 2, 1)  # [B, P, L, H]
     loc_v = jnp.moveaxis(v_loc[:, :, head_of_p], 2, 1)
     keys = jnp.concatenate([_gather(k_t, head_of_p, safe), loc_k], axis=2)  # [B, P, S', H]
@@ -85,15 +85,15 @@ def _group_step(q_g, k_t, v_t, k_loc, v_loc, regions, valid, group, *, plan, rot
     key_pos = jnp.concatenate([sel_pos, loc_pos], axis=2)  # [B, P, S']
     s_len = keys.shape[2]
     keys = rotate(keys.reshape(b * p, s_len, 1, h), key_pos.reshape(b * p, s_len)).reshape(b, p, s_len, h)
-    qp = q_g.reshape(b, l, p, gp, h).transpose(0, 2, 1, 3, 4).reshape(b * p, l, gp, h)
-    qp = rotate(qp, loc_pos.reshape(b * p, l)).reshape(b, p, l, gp, h)
+    qp = q_g.reshape(b, lg, p, gp, h).transpose(0, 2, 1, 3, 4).reshape(b * p, lg, gp, h)
+    qp = rotate(qp, loc_pos.reshape(b * p, lg)).reshape(b, p, lg, gp, h)
     logits = jnp.einsum("bplgh,bpsh->bpgls", qp.astype(_F32), keys.astype(_F32)) * scale
     key_ok = jnp.repeat(valid, w, axis=-1)[:, :, None, None, :]  # [B, P, 1, 1, M*W]
-    tri = jnp.tril(jnp.ones((l, l), bool)) if plan.causal else jnp.ones((l, l), bool)
-    mask = jnp.concatenate([jnp.broadcast_to(key_ok, (b, p, 1, l, key_ok.shape[-1])),
-                            jnp.broadcast_to(tri, (b, p, 1, l, l))], axis=-1)
+    tri = jnp.tril(jnp.ones((lg, lg), bool)) if plan.causal else jnp.ones((lg, lg), bool)
+    mask = jnp.concatenate([jnp.broadcast_to(key_ok, (b, p, 1, lg, key_ok.shape[-1])),
+                            jnp.broadcast_to(tri, (b, p, 1, lg, lg))], axis=-1)
     if not plan.include_local:
-        mask = mask.at[..., -l:].set(False)
+        mask = mask.at[..., -lg:].set(False)
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, -1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -101,8 +101,8 @@ def _group_step(q_g, k_t, v_t, k_loc, v_loc, regions, valid, group, *, plan, rot
     den = pr.sum(-1, keepdims=True)
     out = jnp.einsum("bpgls,bpsh->bplgh", pr, vals) / jnp.where(den == 0, 1.0, den).swapaxes(2, 3)
     lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(den[..., 0]), -jnp.inf)  # [B, P, G', L]
-    return out.reshape(b, p, l, gp, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h), \
-        lse.transpose(0, 3, 1, 2).reshape(b, l, n)
+    return out.reshape(b, p, lg, gp, h).transpose(0, 2, 1, 3, 4).reshape(b, lg, n, h), \
+        lse.transpose(0, 3, 1, 2).reshape(b, lg, n)
 
 
 def selected_positions_attention(q, k, v, plan: SelectionPlan, rotate: Callable, *,
@@ -132,10 +132,10 @@ def selected_positions_attention(q, k, v, plan: SelectionPlan, rotate: Callable,
         raise ValueError(f"q/k length {t}/{k.shape[1]} must equal plan groups x merge x W = "
                          f"{plan.num_groups * plan.group_tokens}")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    w, l, r = plan.block_size, plan.group_tokens, plan.num_regions
+    w, lg, r = plan.block_size, plan.group_tokens, plan.num_regions
     k_t = k.reshape(b, r, w, kv_heads, h).transpose(0, 3, 1, 2, 4)  # [B, K, R, W, H]
     v_t = v.reshape(b, r, w, kv_heads, h).transpose(0, 3, 1, 2, 4)
-    split = lambda x: jnp.moveaxis(x.reshape(b, plan.num_groups, l, *x.shape[2:]), 1, 0)  # noqa: E731
+    split = lambda x: jnp.moveaxis(x.reshape(b, plan.num_groups, lg, *x.shape[2:]), 1, 0)  # noqa: E731
 
     def step(args):
         q_g, k_g, v_g, r_g, ok_g, g = args

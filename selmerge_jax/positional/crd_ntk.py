@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from selmerge_jax.positional.rope import _check_head_dim, apply_rope, inv_freq_from_base, rope_frequencies
 from selmerge_jax.positional.rope_config import RopeConfig
 
-__all__ = ["CRDNTKConfig", "CRDNTKFn", "CRDPositions", "crd_base", "crd_offsets", "crd_positions", "crd_scale",
-           "crd_step"]
+__all__ = ["CRDNTKConfig", "CRDNTKFn", "CRDPositions", "crd_base", "crd_offsets", "crd_positions",
+           "crd_scale", "crd_step"]
 
 
 def _check_positive(name, value, kind=(int, float)):
@@ -89,8 +89,8 @@ class CRDNTKConfig:
 
     def check_seq_len(self, seq_len: int) -> None:
         if not self.wrap and seq_len > self.cycle:
-            raise ValueError(f"sequence length {seq_len} exceeds CRDNTKConfig.cycle={self.cycle} with wrap=False; "
-                             "set wrap=True or a cycle >= the sequence length")
+            raise ValueError(f"sequence length {seq_len} exceeds CRDNTKConfig.cycle={self.cycle} with "
+                             "wrap=False; set wrap=True or a cycle >= the sequence length")
 
 
 @jax.tree_util.register_dataclass
@@ -111,7 +111,7 @@ class CRDPositions:
 
 
 def crd_scale(config: CRDNTKConfig, step):
-    """``float32 []``: ``s0 * growth ** (step // stage_steps)``, capped at ``max_scale``; step may be traced."""
+    """``float32 []``: ``s0 * growth ** (step // stage_steps)``, capped at ``max_scale`` (step: traced ok)."""
     stage = (jnp.asarray(step, jnp.int32) // config.stage_steps).astype(jnp.float32)
     scale = config.initial_scale * jnp.float32(config.growth) ** stage
     return scale if config.max_scale is None else jnp.minimum(scale, config.max_scale)

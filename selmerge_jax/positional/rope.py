@@ -21,7 +21,8 @@ import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
 
-__all__ = ["apply_rope", "inv_freq_from_base", "make_position_fn", "rope_angles", "rope_frequencies", "RopeFn"]
+__all__ = ["RopeFn", "apply_rope", "inv_freq_from_base", "make_position_fn", "rope_angles",
+           "rope_frequencies"]
 
 _TWO_32 = 2.0**32
 
@@ -147,7 +148,7 @@ _C_LO = np.float32(_INV_2PI - np.float64(_C_HI) - np.float64(_C_MID))
 
 
 def _fixed_point(turns):
-    """Non-negative float32 turns -> ``(hi uint32, lo float32)`` with frac(turns) = (hi + lo) / 2^32, exact."""
+    """Non-negative float32 turns -> ``(hi uint32, lo float32)``, frac(turns) = (hi + lo) / 2^32 exactly."""
     scaled = (turns - jnp.floor(turns)) * _TWO_32  # the fraction of a float is exact; 2^32 scaling too
     hi = jnp.floor(scaled)
     return hi.astype(jnp.uint32), scaled - hi

@@ -9,7 +9,7 @@ linear    position interpolation: ``inv_freq / factor``
 ntk       fixed NTK-aware base: ``theta * factor^(d/(d-2))`` (the CRD NTK inference rule; HF has no such
           type, so ``to_hf`` writes it as a default RoPE with the scaled ``rope_theta``)
 dynamic   NTK base recomputed from the current length L: ``theta * (factor*L/L0 - (factor-1))^(d/(d-2))``
-          with ``L = max(L, L0)`` and ``L0 = original_max_position_embeddings`` (HF's ``max_position_embeddings``)
+          with ``L = max(L, L0)``, ``L0 = original_max_position_embeddings`` (HF: ``max_position_embeddings``)
 yarn      ramp between interpolation and extrapolation over frequency bands + attention temperature
 llama3    Llama-3.1 frequency-band scaling (low band / factor, high band kept, smooth ramp between)
 ========  ======================================================================================
@@ -39,7 +39,8 @@ _HF_KEYS = {
 def _positive(name: str, value, *, allow_none: bool = False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not value > 0 or not math.isfinite(value):
         raise ValueError(f"RopeConfig.{name} must be a positive finite number, got {value!r}")
 
 
@@ -86,9 +87,11 @@ class RopeConfig:
             _positive(name, getattr(self, name), allow_none=True)
         l0 = self.original_max_position_embeddings
         if l0 is not None and (isinstance(l0, bool) or not isinstance(l0, int) or l0 <= 0):
-            raise ValueError(f"RopeConfig.original_max_position_embeddings must be a positive int, got {l0!r}")
+            raise ValueError(f"RopeConfig.original_max_position_embeddings must be a positive int, "
+                             f"got {l0!r}")
         if self.rope_type in _NEEDS_L0 and l0 is None:
-            raise ValueError(f"RopeConfig(rope_type={self.rope_type!r}) needs original_max_position_embeddings")
+            raise ValueError(f"RopeConfig(rope_type={self.rope_type!r}) needs "
+                             "original_max_position_embeddings")
         if self.rope_type == "yarn" and self.beta_fast < self.beta_slow:
             raise ValueError(f"RopeConfig.beta_fast={self.beta_fast} must be >= beta_slow={self.beta_slow}")
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
@@ -101,7 +104,7 @@ class RopeConfig:
     def from_hf(cls, config: dict[str, Any], *, layout: RopeLayout = "half") -> "RopeConfig":
         """Builds the config from a Hugging Face ``config.json`` dict (``rope_theta`` + ``rope_scaling``).
 
-        Reads ``rope_scaling`` (or the newer ``rope_parameters``) with its ``rope_type`` or legacy ``type`` key.
+        Reads ``rope_scaling`` (or the newer ``rope_parameters``) with its ``rope_type`` or legacy ``type``.
         Like HF, dynamic NTK measures lengths against ``max_position_embeddings`` and YaRN/llama3 fall back to
         it when ``original_max_position_embeddings`` is missing. Unsupported features raise ValueError.
         """
@@ -115,7 +118,8 @@ class RopeConfig:
         if partial not in (None, 1, 1.0):
             raise ValueError(f"partial_rotary_factor={partial!r} is not supported (only full-head RoPE)")
         if rope_type not in _HF_KEYS:
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {sorted(_HF_KEYS)}")
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
+                             f"supported: {sorted(_HF_KEYS)}")
         unknown = set(scaling) - _HF_KEYS[rope_type]
         if unknown:
             raise ValueError(f"rope_scaling keys {sorted(unknown)} are not understood for type {rope_type!r}")
