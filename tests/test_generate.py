@@ -1,0 +1,138 @@
+"""Generation: sampling rules, KV-cache decode == full recompute, windows, no recompiles, prefill memory."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from selmerge_jax.models import Llama, preset
+from selmerge_jax.models.generate import (SamplingConfig, _decode, _prefill, complete, decode_step, generate,
+                                          init_caches, prefill, prefill_memory, sample_logits)
+from selmerge_jax.models.tokenizer import ByteTokenizer
+
+SMALL = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48)
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+_PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+def _draw(config: SamplingConfig, n: int = 4000) -> np.ndarray:
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(_PROBS, jnp.float32)), (n, 4))
+    return np.asarray(sample_logits(logits, jax.random.key(0), config))
+
+
+def test_greedy_and_top_k_one_are_argmax():
+    assert set(_draw(SamplingConfig())) == {0}
+    assert set(_draw(SamplingConfig(temperature=2.0, top_k=1))) == {0}
+
+
+def test_temperature_one_matches_the_distribution():
+    freq = np.bincount(_draw(SamplingConfig(temperature=1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(freq, _PROBS, atol=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # Mass before token 2 is 0.8 >= 0.6: only tokens 0 and 1 survive, renormalised to 0.625 / 0.375.
+    draws = _draw(SamplingConfig(temperature=1.0, top_p=0.6))
+    assert set(draws) == {0, 1}
+    assert abs(np.mean(draws == 0) - 0.625) < 0.03
+
+
+@pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                             ({"top_k": 0}, "top_k")])
+def test_bad_sampling_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Llama(SMALL, rngs=nnx.Rngs(0))
+
+
+def _assert_matches_recompute(model, prompts, lengths, out, steps):
+    for b in range(prompts.shape[0]):
+        seq = np.concatenate([prompts[b, :lengths[b]], np.asarray(out.tokens[b])])
+        full = np.asarray(_forward(model, jnp.asarray(seq[None])))[0]
+        ref = full[lengths[b] - 1: lengths[b] - 1 + steps]  # the logits that predicted each new token
+        np.testing.assert_allclose(np.asarray(out.logits[b]), ref, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out.tokens[b]), ref.argmax(-1))
+
+
+def test_cache_decode_equals_full_recompute_every_step(model):
+    prompts = np.random.RandomState(0).randint(0, 64, (2, 13))
+    lengths = np.array([13, 7])  # ragged: row 1 is right-padded, its padding must stay invisible
+    out = generate(model, prompts, lengths=lengths, max_new_tokens=6, chunk_size=4, eos_ids=(),
+                   return_logits=True)
+    assert out.tokens.shape == (2, 6) and list(out.lengths) == [6, 6]
+    _assert_matches_recompute(model, prompts, lengths, out, 6)
+
+
+def test_sliding_window_decode_runs_past_the_window():
+    windowed = Llama(SMALL.replace(sliding_window=6), rngs=nnx.Rngs(0))
+    prompts = np.random.RandomState(1).randint(0, 64, (1, 5))
+    out = generate(windowed, prompts, max_new_tokens=10, chunk_size=4, eos_ids=(), return_logits=True)
+    _assert_matches_recompute(windowed, prompts, [5], out, 10)
+    with pytest.raises(ValueError, match="exceeds sliding_window=6"):
+        generate(windowed, np.zeros((1, 7), np.int32), max_new_tokens=2)
+
+
+def test_eos_stops_rows_and_nothing_recompiles(model):
+    prompts = np.random.RandomState(2).randint(0, 64, (2, 9))
+    first = generate(model, prompts, max_new_tokens=5, chunk_size=4, eos_ids=())
+    sizes = (_prefill._cache_size(), _decode._cache_size())
+    eos = int(first.tokens[0, 0])
+    out = generate(model, prompts + 0, max_new_tokens=5, chunk_size=4, eos_ids=(eos,), pad_id=63)
+    assert int(out.lengths[0]) == 1 and set(np.asarray(out.tokens[0, 1:])) == {63}
+    assert (_prefill._cache_size(), _decode._cache_size()) == sizes  # new prompts and end ids: same programs
+
+
+def test_decode_step_traces_once(model):
+    graphdef, state = nnx.split(model)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, caches, tokens, positions, key):
+        return decode_step(nnx.merge(graphdef, state), caches, tokens, positions, key, sampling)
+
+    caches = init_caches(model, 2, 8)
+    tokens = jnp.array([3, 5], jnp.int32)
+    for i in range(5):
+        tokens, logits, caches = step(state, caches, tokens, jnp.full((2,), i, jnp.int32), jax.random.key(i))
+    assert logits.shape == (2, 64) and int(caches[0].length) == 5
+
+
+def test_prefill_validates_inputs(model):
+    caches = init_caches(model, 1, 8)
+    with pytest.raises(ValueError, match="lengths must be"):
+        prefill(model, np.zeros((1, 4), np.int32), caches, lengths=[5])
+    with pytest.raises(ValueError, match="capacity=4"):
+        generate(model, np.zeros((1, 4), np.int32), max_new_tokens=3, chunk_size=4, capacity=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, np.zeros((1, 4), np.int32), max_new_tokens=0)
+
+
+def test_chunked_prefill_memory_is_linear_in_length():
+    tiny = nnx.eval_shape(lambda: Llama(preset("tiny"), rngs=nnx.Rngs(0)))  # compiled, never run
+    mem = {n: prefill_memory(tiny, batch=1, prompt_len=n, chunk_size=512) for n in (8192, 16384, 32768)}
+    # Quadratic growth would multiply by 4 per doubling; the [chunk, capacity] buffer only doubles.
+    assert mem[32768]["peak"] <= 2.1 * mem[16384]["peak"] <= 4.41 * mem[8192]["peak"]
+    # f32 T x T scores for the 4 heads at 32K would take 16 GiB; the whole compiled prefill stays below 1 GiB.
+    assert mem[32768]["peak"] < 2**30
+
+
+def test_complete_with_byte_tokenizer():
+    tok = ByteTokenizer()
+    byte_model = Llama(preset("tiny", d_model=32, ffn_dim=48), rngs=nnx.Rngs(0))
+    text = complete(byte_model, tok, "def f(x):", max_new_tokens=4, chunk_size=16)
+    assert isinstance(text, str)
+
+
+@pytest.mark.slow
+def test_prefill_32k_prompt_runs_on_cpu():
+    tiny = Llama(preset("tiny"), rngs=nnx.Rngs(0))
+    prompt = np.random.RandomState(0).randint(0, 259, (1, 32768))
+    logits, caches = prefill(tiny, prompt, init_caches(tiny, 1, 32768), chunk_size=1024)
+    assert np.isfinite(np.asarray(logits)).all() and int(caches[0].length) == 32768
