@@ -1,5 +1,7 @@
 """The cache pytree: append/attend against the dense oracle, GQA storage size, overflow, padding, compaction."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -124,7 +126,7 @@ def test_gather_and_with_capacity(key):
 def test_decode_loop_compiles_once(key):
     q, k, v = _qkv(key, 6, 6)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)  # a fresh cache must be donatable (distinct k/v buffers)
     @chex.assert_max_traces(n=1)
     def step(cache, q_t, k_t, v_t, p_t):
         cache = kc.append(cache, k_t, v_t, p_t)

@@ -83,8 +83,8 @@ def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=jn
                    (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    zeros = jnp.zeros((b, kh, c, h), dtype)
-    return KVCache(k=zeros, v=zeros, pos=jnp.full((b, kh, c), -1, jnp.int32),
+    # k and v must be distinct buffers: a decode step donates the cache, and XLA refuses to donate one twice.
+    return KVCache(k=jnp.zeros((b, kh, c, h), dtype), v=jnp.zeros((b, kh, c, h), dtype), pos=jnp.full((b, kh, c), -1, jnp.int32),
                    count=jnp.zeros((b, kh, c), jnp.float32), score=jnp.zeros((b, kh, c), jnp.float32),
                    length=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32))
 
