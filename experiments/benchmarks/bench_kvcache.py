@@ -55,9 +55,9 @@ def config_for(variant: str, ratio: float, slack: int) -> KVCompressionConfig:
 
 def init_weights(key, s: Shape, dtype):
     ks = jax.random.split(key, 4 * s.layers)
-    mk = lambda k, a, b: (jax.random.normal(k, (a, b), jnp.float32) / a**0.5).astype(dtype)  # noqa: E731
-    return [dict(wq=mk(ks[4 * i], s.d, s.n * s.h), wk=mk(ks[4 * i + 1], s.d, s.k * s.h),
-                 wv=mk(ks[4 * i + 2], s.d, s.k * s.h), wo=mk(ks[4 * i + 3], s.n * s.h, s.d))
+    mk = lambda k, a, b: (jax.random.normal(k, (a, b), jnp.float32) / a**0.5).astype(dtype)
+    return [{"wq": mk(ks[4 * i], s.d, s.n * s.h), "wk": mk(ks[4 * i + 1], s.d, s.k * s.h),
+                 "wv": mk(ks[4 * i + 2], s.d, s.k * s.h), "wo": mk(ks[4 * i + 3], s.n * s.h, s.d)}
             for i in range(s.layers)]
 
 
@@ -138,7 +138,7 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
                peak_est_bytes=None if live is None or temp is None else live + temp,
                process_peak_bytes=stats.get("peak_bytes_in_use"))
     if variant == "select":
-        row["select"] = dict(block=512, top_m=args.select_m, centroids=True)
+        row["select"] = {"block": 512, "top_m": args.select_m, "centroids": True}
     emit(row, out)
     del caches
 
