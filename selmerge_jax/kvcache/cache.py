@@ -114,6 +114,14 @@ def _check_new(cache: KVCache, k_new, v_new, positions) -> int:
     return t
 
 
+def _concrete_or_none(x) -> int | None:
+    """The int value of a concrete scalar, or None under tracing (version-proof: no jax.core.Tracer import)."""
+    try:
+        return int(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
+
+
 def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     """Writes ``k_new``/``v_new`` ``[B, T, K, H]`` at positions ``int [B, T]`` into slots ``[length, length+T)``.
 
@@ -125,8 +133,9 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     afterwards. Policies avoid overflow by compressing before appending (``policies.make_room``).
     """
     t = _check_new(cache, k_new, v_new, positions)
-    if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + t > cache.capacity:
-        raise ValueError(f"cache overflow: length={int(cache.length)} + T={t} > capacity C={cache.capacity}; "
+    length = _concrete_or_none(cache.length)
+    if length is not None and length + t > cache.capacity:
+        raise ValueError(f"cache overflow: length={length} + T={t} > capacity C={cache.capacity}; "
                          "compress first (kvcache.make_room) or allocate a larger cache")
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = jnp.asarray(positions, jnp.int32)
