@@ -240,3 +240,49 @@ def test_position_fn_rotates_q_and_k_and_dynamic_uses_max_position():
     inv, _ = rope_frequencies(cfg, 8, seq_len=40)
     np.testing.assert_allclose(qr, apply_rope(q, pos, inv), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kr, apply_rope(k, pos, inv), rtol=1e-5, atol=1e-6)
+
+
+HF_PARITY = [
+    {"rope_theta": 10000.0, "max_position_embeddings": 4096},
+    {"rope_theta": 1e4, "max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 4.0}},
+    {"rope_theta": 1e4, "max_position_embeddings": 2048, "rope_scaling": {"type": "dynamic", "factor": 4.0}},
+    {"rope_theta": 1e6, "max_position_embeddings": 8192, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}},
+    {"rope_theta": 1e4, "max_position_embeddings": 8192, "rope_scaling": {
+        "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 2048, "mscale": 0.707,
+        "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": False}},
+    {"rope_theta": 500000.0, "max_position_embeddings": 131072, "rope_scaling": {
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+]
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("hf", HF_PARITY,
+                         ids=["default", "linear", "dynamic", "yarn", "yarn_mscale", "llama3"])
+def test_matches_transformers_rotary_embedding(hf):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    copy = {k: dict(v) if isinstance(v, dict) else v for k, v in hf.items()}  # HF edits dicts in place
+    hf_cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, **copy)
+    emb = LlamaRotaryEmbedding(hf_cfg)
+    pos = torch.arange(0, 9000, 7)[None]  # beyond max_position_embeddings: dynamic NTK rescales
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, pos.shape[1], 64, generator=gen)  # HF layout: [B, heads, T, H]
+    with torch.no_grad():
+        cos, sin = emb(x, pos)
+        want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    inv, scale = make_position_fn(RopeConfig.from_hf(hf), 64).frequencies(jnp.asarray(pos.numpy()))
+    np.testing.assert_allclose(inv, emb.inv_freq.numpy(), rtol=2e-6)
+    assert scale == pytest.approx(emb.attention_scaling, rel=1e-6)
+    xj, pj = jnp.asarray(x.numpy().transpose(0, 2, 1, 3)), jnp.asarray(pos.numpy())
+    # Same frequencies -> same rotation: layout, temperature and float32 angles are HF's exactly.
+    same = apply_rope(xj, pj, emb.inv_freq.numpy(), attention_scale=scale, precise=False)
+    np.testing.assert_allclose(np.asarray(same).transpose(0, 2, 1, 3), want.numpy(), rtol=1e-5, atol=1e-5)
+    # Our own frequencies are correctly rounded; HF's float32 pow is 1-2 ulp off, i.e. ~1e-3 rad at 9000.
+    for precise in (False, True):
+        got = np.asarray(make_position_fn(RopeConfig.from_hf(hf), 64, precise=precise).rotate(xj, pj))
+        np.testing.assert_allclose(got.transpose(0, 2, 1, 3), want.numpy(), atol=5e-3)
