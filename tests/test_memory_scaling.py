@@ -1,0 +1,23 @@
+"""Selection and attention memory of ms_attention grow linearly in T (compiled memory analysis, nothing run)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "memory_scaling.py"
+_spec = importlib.util.spec_from_file_location("memory_scaling", _SCRIPT)
+memory_scaling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory_scaling)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_ms_memory_linear_dense_quadratic(backward, tmp_path):
+    args = ["--lengths", "2048,4096,8192", "--block-size", "32", "--top-k", "8", "--heads", "2",
+            "--head-dim", "32", "--out", str(tmp_path / "m.jsonl")] + (["--backward"] if backward else [])
+    rows = memory_scaling.main(args)
+    for small, big in zip(rows, rows[1:]):
+        assert big["ms_bytes"] / small["ms_bytes"] < 2.3  # linear (+ constant overhead)
+        assert big["dense_bytes"] / small["dense_bytes"] > 3.5  # quadratic
+    assert rows[-1]["dense_bytes"] > 10 * rows[-1]["ms_bytes"]
+    assert (tmp_path / "m.png").stat().st_size > 0
