@@ -122,10 +122,8 @@ SPECS: dict[str, AttentionSpec] = {s.name: s for s in (
                   selected=3, dtype="float32", ragged=0.3),
     AttentionSpec(name="tiny_g1_h128_w128", seq_len=512, q_heads=2, kv_heads=2, head_dim=128, block_size=128,
                   selected=2, dtype="float32"),
-    AttentionSpec(name="tiny_g8_merge2", seq_len=256, q_heads=8, kv_heads=1, head_dim=64, block_size=32,
-                  merge=2, selected=2, dtype="float32", ragged=0.3),
-    AttentionSpec(name="tiny_per_query_head", seq_len=256, q_heads=4, kv_heads=2, head_dim=64, block_size=32,
-                  selected=3, dtype="float32", per_kv_selection=False, ragged=0.3),
+    AttentionSpec(name="tiny_g8_merge2_per_head", seq_len=256, q_heads=8, kv_heads=1, head_dim=64, block_size=32,
+                  merge=2, selected=2, dtype="float32", per_kv_selection=False, ragged=0.3),
     AttentionSpec(name="tiny_no_local", seq_len=256, q_heads=4, kv_heads=2, head_dim=64, block_size=32,
                   selected=2, dtype="float32", include_local=False, ragged=0.5),
     # GPU: correctness at a realistic tile count, then the benchmark shapes.
