@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selmerge_jax.attention import AttentionLayerConfig, MSAttention
-from selmerge_jax.positional import RopeConfig, apply_rope, rope_frequencies
+from selmerge_jax.positional import RopeConfig, apply_rope, make_position_fn, rope_frequencies
 from selmerge_jax.positional.crd_ntk import (
     CRDNTKConfig,
     CRDNTKFn,
@@ -110,9 +110,12 @@ def test_training_fn_uses_traced_step_frequencies():
     assert float(state.scale) == 32.0
     np.testing.assert_allclose(state.base, 1e4 * (32 * 4 - 31) ** (8 / 6), rtol=1e-5)
     np.testing.assert_allclose(state.inv_freq, float(state.base) ** (-np.arange(0, 8, 2) / 8), rtol=1e-5)
-    x = jnp.ones((2, 32, 1, 8))
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 1, 8))
     qr, _ = CRDNTKFn(cfg, 8)(x, x, state)
     np.testing.assert_allclose(qr, apply_rope(x, state.positions, state.inv_freq), rtol=1e-6)
+    # a model's plain RopeFn takes the same CRDPositions (their traced frequencies win over its config's)
+    qr2, _ = jax.jit(make_position_fn(RopeConfig(), 8))(x, x, state)
+    np.testing.assert_allclose(qr2, qr, rtol=1e-5, atol=1e-6)
 
 
 def test_one_trace_across_stage_changes_in_a_jitted_step():

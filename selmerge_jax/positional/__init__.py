@@ -12,6 +12,7 @@ from selmerge_jax.positional.crd_ntk import (
 )
 from selmerge_jax.positional.rope import (
     RopeFn,
+    RotaryPositions,
     apply_rope,
     inv_freq_from_base,
     make_position_fn,
@@ -32,6 +33,7 @@ __all__ = [
     "ROPE_TYPES",
     "RopeConfig",
     "RopeFn",
+    "RotaryPositions",
     "apply_rope",
     "inv_freq_from_base",
     "make_position_fn",

@@ -12,7 +12,9 @@ inside ``[0, C)`` (so C must hold the whole sequence). At inference the rule is 
 
 Everything that changes between steps (scale, base, offsets) is a traced value, so a jitted train step
 compiles once for all stages. ``CRDNTKFn`` is the ``position_fn`` hook: given ``CRDPositions`` it applies the
-training rotation, given plain integer positions it applies the inference rule.
+training rotation, given plain integer positions it applies the inference rule. A model that already holds
+a ``RopeFn`` (``make_position_fn``) needs no change: ``CRDPositions`` is a ``RotaryPositions``, whose traced
+frequencies ``RopeFn`` uses in place of its config's.
 """
 
 import dataclasses
@@ -21,7 +23,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from selmerge_jax.positional.rope import _check_head_dim, apply_rope, inv_freq_from_base, rope_frequencies
+from selmerge_jax.positional.rope import (
+    RotaryPositions,
+    _check_head_dim,
+    apply_rope,
+    inv_freq_from_base,
+    rope_frequencies,
+)
 from selmerge_jax.positional.rope_config import RopeConfig
 
 __all__ = ["CRDNTKConfig", "CRDNTKFn", "CRDPositions", "crd_base", "crd_offsets", "crd_positions",
@@ -95,8 +103,9 @@ class CRDNTKConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CRDPositions:
-    """One training step's positions and frequencies (all traced), passed as ``positions`` to the layer.
+class CRDPositions(RotaryPositions):
+    """One training step's positions and frequencies (all traced), passed as ``positions`` to the layer or
+    to any ``RopeFn`` (it is a ``RotaryPositions``).
 
     Attributes:
       positions: ``int32 [B, T]`` in ``[0, C)``.
@@ -104,8 +113,6 @@ class CRDPositions:
       scale: ``float32 []`` NTK scale s_t; base: ``float32 []`` base_t (for logging).
     """
 
-    positions: jax.Array
-    inv_freq: jax.Array
     scale: jax.Array
     base: jax.Array
 
@@ -165,7 +172,7 @@ class CRDNTKFn:
         _check_head_dim(self.head_dim)
 
     def _frequencies(self, positions):
-        if isinstance(positions, CRDPositions):
+        if isinstance(positions, RotaryPositions):
             return positions.positions, positions.inv_freq
         inv_freq, _ = rope_frequencies(self.config.inference_rope_config(), self.head_dim)
         return positions, inv_freq

@@ -21,7 +21,7 @@ import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
 
-__all__ = ["RopeFn", "apply_rope", "inv_freq_from_base", "make_position_fn", "rope_angles",
+__all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "make_position_fn", "rope_angles",
            "rope_frequencies"]
 
 _TWO_32 = 2.0**32
@@ -234,12 +234,29 @@ def apply_rope(x, positions, inv_freq, *, layout: str = "half", attention_scale=
     return out.astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RotaryPositions:
+    """Positions that bring their own (traced) frequencies, e.g. one CRD NTK training step.
+
+    Attributes:
+      positions: ``int32 [B, T]`` or ``[T]``.
+      inv_freq: ``float32 [H/2]``; replaces the config's frequencies (the config's layout and YaRN
+        temperature still apply).
+    """
+
+    positions: jax.Array
+    inv_freq: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeFn:
     """The ``position_fn`` hook of ``MSAttention``: ``fn(q, k, positions) -> (q, k)`` for a static config.
 
-    Dynamic NTK recomputes its base from ``max(positions) + 1`` inside the trace (HF semantics, without HF's
-    "never shrink" cache). ``rotate(x, positions)`` rotates one tensor (used for compact positions).
+    ``positions`` is ``int [B, T]`` / ``[T]``, or a ``RotaryPositions`` (``CRDPositions``) whose traced
+    frequencies are used instead of the config's. Dynamic NTK recomputes its base from ``max(positions) + 1``
+    inside the trace (HF semantics, without HF's "never shrink" cache). ``rotate(x, positions)`` rotates one
+    tensor (used for compact positions).
     """
 
     config: RopeConfig
@@ -252,6 +269,10 @@ class RopeFn:
         _check_head_dim(self.head_dim)
 
     def frequencies(self, positions=None):
+        """``(inv_freq, attention_scale)`` for these positions."""
+        if isinstance(positions, RotaryPositions):
+            scale = yarn_attention_factor(self.config) if self.config.rope_type == "yarn" else 1.0
+            return positions.inv_freq, scale
         seq_len = None
         if self.config.rope_type == "dynamic" and positions is not None:
             seq_len = jnp.max(positions) + 1
@@ -260,13 +281,13 @@ class RopeFn:
     def rotate(self, x, positions, *, freq_positions=None):
         """Rotates x; ``freq_positions`` (default ``positions``) sets dynamic NTK's current length."""
         inv_freq, scale = self.frequencies(positions if freq_positions is None else freq_positions)
+        if isinstance(positions, RotaryPositions):
+            positions = positions.positions
         return apply_rope(x, positions, inv_freq, layout=self.config.layout, attention_scale=scale,
                           precise=self.precise)
 
     def __call__(self, q, k, positions):
-        inv_freq, scale = self.frequencies(positions)
-        kw = dict(layout=self.config.layout, attention_scale=scale, precise=self.precise)
-        return apply_rope(q, positions, inv_freq, **kw), apply_rope(k, positions, inv_freq, **kw)
+        return self.rotate(q, positions), self.rotate(k, positions)
 
 
 def make_position_fn(config: RopeConfig, head_dim: int, *, precise: bool = True) -> RopeFn:
