@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
-__all__ = ["compact_plan", "transpose_plan"]
+__all__ = ["compact_plan", "transpose_plan", "transpose_plan_steps"]
 
 
 def compact_plan(plan: SelectionPlan):
@@ -48,3 +48,42 @@ def transpose_plan(plan: SelectionPlan, kv_heads: int):
     counts = jnp.zeros((b, kv_heads, r), jnp.int32).at[bi, ki, region].add(1, mode="drop")
     offsets = jnp.concatenate([jnp.zeros((b, kv_heads, 1), jnp.int32), jnp.cumsum(counts, -1)], -1)
     return offsets.astype(jnp.int32), entries
+
+
+def transpose_plan_steps(plan: SelectionPlan, kv_heads: int):
+    """The transposed plan as one flat step list per (batch, kv head), for grid-driven (TPU) dK/dV kernels.
+
+    A Mosaic TPU grid is static, so instead of CSR offsets every (KV region, reader) pair is a grid step, sorted
+    by region so that consecutive steps accumulate into the same dK/dV block. Each region also gets one *local*
+    step per selection head (its own group reading it causally): that step exists even when
+    ``include_local=False`` (it then computes nothing), so every output block is initialised and written.
+    Padding steps sort last and repeat the last region (no new DMA, no new output block).
+
+    Returns four ``int32 [B, K, E]`` arrays, ``E = (P // K) * (R + Q * M)``: ``region``, ``group``, ``sub``
+    (selection head inside the kv head) and ``kind`` (0 selected, 1 local, 2 padding).
+    """
+    b, p, q, m = plan.kv_regions.shape
+    r, per_kv = plan.num_regions, p // kv_heads
+    valid = plan.valid_mask().reshape(b, kv_heads, per_kv, q, m)
+    sel_region = jnp.where(valid, plan.kv_regions.reshape(valid.shape).astype(jnp.int32), r)
+    sel_group = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32)[:, None], (q, m))
+    loc_region = jnp.arange(r, dtype=jnp.int32)
+    region = jnp.concatenate([sel_region.reshape(b, kv_heads, per_kv, q * m),
+                              jnp.broadcast_to(loc_region, (b, kv_heads, per_kv, r))], -1)
+    group = jnp.concatenate([sel_group.reshape(-1), loc_region // plan.merge])
+    group = jnp.broadcast_to(group, region.shape)
+    sub = jnp.broadcast_to(jnp.arange(per_kv, dtype=jnp.int32)[:, None], region.shape[2:])
+    sub = jnp.broadcast_to(sub, region.shape)
+    kind = jnp.concatenate([jnp.where(sel_region < r, 0, 2).reshape(b, kv_heads, per_kv, q * m),
+                            jnp.ones((b, kv_heads, per_kv, r), jnp.int32)], -1)
+    flat = lambda x: x.reshape(b, kv_heads, -1)  # noqa: E731
+    region, group, sub, kind = map(flat, (region, group, sub, kind))
+    # Local steps first inside a region: the step that always exists opens the accumulation.
+    order = jnp.argsort(region * 3 + (kind != 1), axis=-1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
+    region, group, sub, kind = map(take, (region, group, sub, kind))
+    # Padding repeats the last real step's blocks, so the pipeline issues no new copies for it.
+    last = jnp.sum(kind != 2, -1, keepdims=True) - 1
+    group, sub = (jnp.where(kind == 2, jnp.take_along_axis(x, last, axis=-1), x) for x in (group, sub))
+    region = jnp.minimum(region, r - 1)
+    return tuple(x.astype(jnp.int32) for x in (region, group, sub, kind))
