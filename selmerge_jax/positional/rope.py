@@ -110,7 +110,9 @@ def rope_frequencies(config: RopeConfig, head_dim: int, *, seq_len=None, theta=N
 
     Returns:
       ``(inv_freq float32 [H/2], attention_scale)``; ``attention_scale`` multiplies cos and sin (YaRN only,
-      1.0 otherwise), so q.k logits scale by its square, as in HF.
+      1.0 otherwise), so q.k logits scale by its square, as in HF. ``inv_freq`` is a NumPy array (correctly
+      rounded from float64) when nothing is traced, so ``apply_rope`` can reduce phases in float64 at trace
+      time; HF's float32 ``pow`` lands 1-2 ulp away from it.
     """
     if not isinstance(config, RopeConfig):
         raise TypeError(f"config must be a RopeConfig, got {type(config).__name__}")
