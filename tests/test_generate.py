@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from selmerge_jax.models import Llama, preset
+from selmerge_jax.models.llama import append_and_attend
 from selmerge_jax.models.generate import (SamplingConfig, _decode, _prefill, complete, decode_step, generate,
                                           init_caches, prefill, prefill_memory, sample_logits)
 from selmerge_jax.models.tokenizer import ByteTokenizer
@@ -69,13 +70,21 @@ def test_cache_decode_equals_full_recompute_every_step(model):
     _assert_matches_recompute(model, prompts, lengths, out, 6)
 
 
-def test_sliding_window_decode_runs_past_the_window():
+def _window_six(cache, q, k, v, positions, *, window):
+    del window  # this policy imposes its own
+    return append_and_attend(cache, q, k, v, positions, window=6)
+
+
+def test_sliding_window_decode_runs_past_the_window(model):
     windowed = Llama(SMALL.replace(sliding_window=6), rngs=nnx.Rngs(0))
     prompts = np.random.RandomState(1).randint(0, 64, (1, 5))
     out = generate(windowed, prompts, max_new_tokens=10, chunk_size=4, eos_ids=(), return_logits=True)
     _assert_matches_recompute(windowed, prompts, [5], out, 10)
     with pytest.raises(ValueError, match="exceeds sliding_window=6"):
         generate(windowed, np.zeros((1, 7), np.int32), max_new_tokens=2)
+    # The same window as a cache_fn on the unwindowed model (same weights): the hook runs in prefill and decode.
+    hooked = generate(model, prompts, max_new_tokens=10, chunk_size=4, eos_ids=(), cache_fn=_window_six)
+    np.testing.assert_array_equal(hooked.tokens, out.tokens)
 
 
 def test_eos_stops_rows_and_nothing_recompiles(model):

@@ -92,8 +92,8 @@ def init_caches(model: Llama, batch: int, capacity: int, dtype=None) -> tuple[kv
     return jax.jit(make)()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
-def _prefill(graphdef, state, caches, tokens, positions, last):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_fn"), donate_argnames=("caches",))
+def _prefill(graphdef, state, caches, tokens, positions, last, cache_fn=None):
     """tokens/positions ``[n, B, c]`` chunks; ``last int [B]``: flat index of each row's last prompt token."""
     model = nnx.merge(graphdef, state)
     n, b, c = tokens.shape
@@ -101,7 +101,7 @@ def _prefill(graphdef, state, caches, tokens, positions, last):
     def body(carry, xs):
         caches, h_last = carry
         tok, pos, i = xs
-        h, caches = model.hidden_states(tok, pos, caches=caches)  # h [B, c, D]
+        h, caches = model.hidden_states(tok, pos, caches=caches, cache_fn=cache_fn)  # h [B, c, D]
         here = (last >= i * c) & (last < (i + 1) * c)
         h_sel = h[jnp.arange(b), jnp.clip(last - i * c, 0, c - 1)]
         return (caches, jnp.where(here[:, None], h_sel, h_last)), None
@@ -134,10 +134,11 @@ def _check_prompts(prompts, lengths):
     return prompts, lengths
 
 
-def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256):
+def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None):
     """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches`` chunk by chunk.
 
     Returns ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated.
+    ``cache_fn`` replaces ``llama.append_and_attend`` (hashable: it is a static argument of the compiled scan).
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -149,19 +150,22 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
                          "with a window is only exact for prompts that fit in it")
     tok, pos = _chunks(prompts, lengths, chunk_size)
     graphdef, state = nnx.split(model)
-    return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1))
+    return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1),
+                    cache_fn)
 
 
-def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig):
+def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig, cache_fn=None):
     """One decode step: tokens ``int [B]`` at ``positions [B]`` (-1: row finished) ->
     ``(next tokens int32 [B], logits float32 [B, V], caches)``."""
-    h, caches = model.hidden_states(tokens[:, None], positions[:, None], caches=caches)
+    h, caches = model.hidden_states(tokens[:, None], positions[:, None], caches=caches, cache_fn=cache_fn)
     logits = model.output_logits(h[:, 0])
     return sample_logits(logits, key, sampling), logits, caches
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new", "keep_logits"))
-def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, sampling, max_new, keep_logits):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new", "keep_logits", "cache_fn"),
+                   donate_argnames=("caches",))
+def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, sampling, max_new, keep_logits,
+            cache_fn=None):
     """Samples from the prefill logits, then feeds each token back until ``max_new`` or every row ended."""
     model = nnx.merge(graphdef, state)
     b, v = logits.shape
@@ -180,7 +184,7 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
         i, caches, out, all_logits, done, lengths, key = carry
         key, sub = jax.random.split(key)
         positions = jnp.where(done, -1, start + i - 1)
-        tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling)
+        tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling, cache_fn)
         tok = jnp.where(done, pad_id, tok)
         if keep_logits:
             all_logits = all_logits.at[:, i].set(step_logits)
@@ -189,12 +193,14 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
 
     carry = (jnp.int32(1), caches, out, all_logits, done, lengths, key)
     _, caches, out, all_logits, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
-    return out, lengths, (all_logits if keep_logits else None)
+    # Returning the caches lets XLA run the loop in the donated buffers (no second copy of a long cache).
+    return out, lengths, (all_logits if keep_logits else None), caches
 
 
 def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              key=None, lengths=None, chunk_size: int = 256, capacity: int | None = None,
-             eos_ids: tuple[int, ...] | None = None, pad_id: int = 0, return_logits: bool = False) -> Generation:
+             eos_ids: tuple[int, ...] | None = None, pad_id: int = 0, return_logits: bool = False,
+             caches=None, cache_fn=None) -> Generation:
     """Continues right-padded prompts ``int [B, T]`` by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -206,6 +212,9 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
       eos_ids: ids that end a row (default: the config's ``eos_token_id``; ``()`` never stops early).
       pad_id: written after a row has ended.
       return_logits: also return every step's logits ``[B, max_new_tokens, V]`` (tests, scoring).
+      caches: prebuilt per-layer caches (e.g. a compressed cache of fixed budget) instead of
+        ``init_caches(capacity)``; their capacity is then the caller's business.
+      cache_fn: replaces ``llama.append_and_attend`` in prefill and decode (e.g. evict, then append).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -213,17 +222,17 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
     padded = -(-prompts.shape[1] // chunk_size) * chunk_size
     need = padded + max_new_tokens - 1  # the last sampled token is never fed back
     capacity = need if capacity is None else capacity
-    if capacity < need:
+    if capacity < need and caches is None:
         raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
-    caches = init_caches(model, prompts.shape[0], capacity)
-    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size)
+    caches = init_caches(model, prompts.shape[0], capacity) if caches is None else caches
+    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size, cache_fn=cache_fn)
     # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
     eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
-    tokens, lens, all_logits = _decode(graphdef, state, caches, logits, jnp.asarray(lengths), key,
-                                       jnp.int32(pad_id), eos, sampling=sampling, max_new=max_new_tokens,
-                                       keep_logits=return_logits)
+    tokens, lens, all_logits, _ = _decode(graphdef, state, caches, logits, jnp.asarray(lengths), key,
+                                          jnp.int32(pad_id), eos, sampling=sampling, max_new=max_new_tokens,
+                                          keep_logits=return_logits, cache_fn=cache_fn)
     return Generation(tokens=tokens, lengths=lens, logits=all_logits)
 
 

@@ -14,6 +14,7 @@ Two ways to run it:
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ from selmerge_jax.attention import ms_attention
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import make_position_fn
 
-__all__ = ["Llama", "DecoderLayer", "Attention", "MLP", "RMSNorm", "rms_norm", "count_params"]
+__all__ = ["Llama", "DecoderLayer", "Attention", "MLP", "RMSNorm", "rms_norm", "count_params",
+           "append_and_attend", "cache_attention", "dense_self_attention"]
 
 _MS_BACKENDS = {"reference": "xla", "pallas": None}
 
@@ -99,6 +101,17 @@ def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
     return kvcache.attend_slots(q, positions, cache.k, cache.v, cache.pos, count)
 
 
+def append_and_attend(cache, q, k, v, positions, *, window: int | None = None):
+    """The default cache step: write the new k/v ``[B, T, K, H]``, then attend q ``[B, T, N, H]`` over the cache.
+
+    Returns ``(out [B, T, N, H], cache)``. Anything with this signature can replace it (``cache_fn`` of
+    ``Llama.hidden_states`` and ``generate``): e.g. a KV-compression policy that evicts before appending, or a
+    quantised cache pytree with its own append/attend.
+    """
+    cache = kvcache.append(cache, k, v, positions)
+    return cache_attention(cache, q, positions, window), cache
+
+
 class Attention(nnx.Module):
     """GQA self-attention with RoPE; dispatches to dense, select-and-merge or KV-cache attention."""
 
@@ -111,7 +124,7 @@ class Attention(nnx.Module):
         self.v_proj = _linear(config, d, kh * h, rngs, bias)
         self.o_proj = _linear(config, n * h, d, rngs, bias)
 
-    def __call__(self, x, positions, cache=None, segment_ids=None):
+    def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
         """x ``[B, T, D]``, positions ``int [B, T]`` -> (``[B, T, D]``, updated cache or None)."""
         cfg = self.config
         b, t, _ = x.shape
@@ -120,8 +133,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
         q, k = _position_fn(cfg.rope, cfg.head_size)(q, k, positions)
         if cache is not None:
-            cache = kvcache.append(cache, k, v, positions)
-            out = cache_attention(cache, q, positions, cfg.sliding_window)
+            out, cache = (cache_fn or append_and_attend)(cache, q, k, v, positions, window=cfg.sliding_window)
         elif cfg.attention == "ms":
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) are not supported with attention='ms'")
@@ -141,8 +153,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps, pd)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, segment_ids=None):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids)
+    def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids, cache_fn)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -167,7 +179,8 @@ class Llama(nnx.Module):
         """Logits ``float32 [B, T, V]`` of a full causal forward (training and scoring)."""
         return self.output_logits(self.hidden_states(tokens, positions, segment_ids=segment_ids)[0])
 
-    def hidden_states(self, tokens, positions=None, *, caches=None, segment_ids=None):
+    def hidden_states(self, tokens, positions=None, *, caches=None, segment_ids=None,
+                      cache_fn: Callable | None = None):
         """Final-norm hidden states ``[B, T, D]`` and the updated per-layer caches (None without caches).
 
         Args:
@@ -176,6 +189,7 @@ class Llama(nnx.Module):
             (written to the cache but never attended).
           caches: a sequence of ``L`` ``KVCache`` (see ``generate.init_caches``), or None for self-attention.
           segment_ids: ``int [B, T]`` for packed sequences (dense attention only, no caches).
+          cache_fn: replaces ``append_and_attend`` (same signature) for every layer's cache step.
         """
         tokens = _check_tokens(tokens)
         b, t = tokens.shape
@@ -189,7 +203,7 @@ class Llama(nnx.Module):
         new_caches = [] if caches is not None else None
         for i, layer in enumerate(self.layers):
             if caches is not None:
-                x, cache = layer(x, positions, caches[i])
+                x, cache = layer(x, positions, caches[i], None, cache_fn)
                 new_caches.append(cache)
             elif self.config.remat_policy is not None:
                 x = nnx.remat(_run_layer, policy=self.config.remat_policy)(layer, x, positions, segment_ids)
