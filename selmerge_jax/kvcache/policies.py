@@ -90,9 +90,7 @@ def compress(cache: KVCache, config: KVCompressionConfig, budget: int) -> KVCach
     config.check_capacity(budget, cache.capacity)
     r = config.reserved
     keep = budget - r
-    _, top = jax.lax.top_k(slot_scores(cache, config), keep)
-    kept_idx = jnp.sort(top, axis=-1).astype(jnp.int32)  # slot order == position order of appended tokens
-    kept = jnp.zeros(cache.pos.shape, bool).at[_bk_index(kept_idx)].set(True)
+    kept_idx, kept = _keep_best(slot_scores(cache, config), keep)
     slot = jnp.arange(cache.capacity)
     evicted = (cache.pos >= 0) & ~kept & (slot >= r)
     bk = cache.pos.shape[:2]
@@ -110,6 +108,28 @@ def compress(cache: KVCache, config: KVCompressionConfig, budget: int) -> KVCach
     if config.summary_slots:
         out = _fold_summary(cache, out, evicted, config)
     return out
+
+
+def _keep_best(scores, keep: int):
+    """Sorted indices ``int32 [B, K, keep]`` of the best slots and their mask ``bool [B, K, C]``.
+
+    ``lax.top_k`` costs grow with k (a sort when k is large), and a decode-time compression keeps almost every
+    slot (keep = budget, C - keep = slack). So when fewer slots are dropped than kept, top_k finds the *dropped*
+    ones and the kept indices come from a cumulative sum (O(C), already in slot order); ties evict lower
+    slots first in that branch. Slot order == position order of appended tokens, which SnapKV pooling and
+    block selection rely on.
+    """
+    b, k, c = scores.shape
+    if keep >= c - keep:
+        _, low = jax.lax.top_k(-scores, c - keep)
+        mask = jnp.ones(scores.shape, bool).at[_bk_index(low)].set(False)
+        rank = jnp.where(mask, jnp.cumsum(mask, -1) - 1, keep)  # dropped slots aim past the end: discarded
+        idx = jnp.zeros((b, k, keep), jnp.int32).at[_bk_index(rank)].set(
+            jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), scores.shape), mode="drop")
+        return idx, mask
+    _, top = jax.lax.top_k(scores, keep)
+    idx = jnp.sort(top, axis=-1).astype(jnp.int32)
+    return idx, jnp.zeros(scores.shape, bool).at[_bk_index(idx)].set(True)
 
 
 def _bk_index(idx):
