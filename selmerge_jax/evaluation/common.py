@@ -1,0 +1,146 @@
+"""What every evaluation study shares: where the model comes from, swapping its inference-time position rule,
+the validation token stream, and writing results (JSON with device/version provenance).
+
+A study never trains here; it takes weights from a checkpoint of our training runs, a local Hugging Face
+directory, or a fresh initialisation (``scratch``: only for smoke tests of the pipeline itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+
+import jax
+import numpy as np
+from flax import nnx
+
+from selmerge_jax.models import Llama
+from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.positional import RopeConfig
+from selmerge_jax.training.experiment import DataConfig, InitConfig
+
+__all__ = ["ModelSource", "load_model", "with_config", "with_rope", "validation_tokens", "write_json",
+           "provenance", "check_positive_ints", "check_fractions"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Weights and (optionally) a changed model config for evaluation.
+
+    Attributes:
+      init: checkpoint / hf / scratch (see ``training.experiment.InitConfig``).
+      model: required for ``hf``/``scratch``; with ``checkpoint`` it replaces the stored config while keeping
+        the weights (e.g. ``attention: dense`` to evaluate an ms-trained model densely).
+      rope: the position rule at inference (e.g. ``{rope_type: ntk, factor: 16}``, the CRD NTK fixed-base
+        rule); null keeps the model's own.
+      seed: initialisation seed for ``scratch``.
+    """
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    model: ModelConfig | None = None
+    rope: RopeConfig | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init.kind != "checkpoint" and self.model is None:
+            raise ValueError(f"ModelSource.model is required with init.kind={self.init.kind!r}")
+
+
+def with_config(model: Llama, config: ModelConfig) -> Llama:
+    """The same weights under another config of identical parameter shapes (attention kind, RoPE rule...)."""
+    graphdef, state = nnx.split(model)
+    fresh_graphdef, fresh_state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)  # noqa: E731
+    if shapes(fresh_state) != shapes(state):
+        raise ValueError("the new model config changes parameter shapes; only attention/RoPE/numerics may change")
+    return nnx.merge(fresh_graphdef, state)
+
+
+def with_rope(model: Llama, rope: RopeConfig | None) -> Llama:
+    """``model`` with its RoPE rule replaced (None: unchanged). Frequencies are trace-time constants, so this is
+    a config swap, not a weight change."""
+    if rope is None:
+        return model
+    if not isinstance(rope, RopeConfig):
+        raise TypeError(f"rope must be a RopeConfig or None, got {type(rope).__name__}")
+    return with_config(model, model.config.replace(rope=rope))
+
+
+def load_model(source: ModelSource) -> Llama:
+    """The model a study evaluates, with ``source.model`` and ``source.rope`` applied."""
+    init = source.init
+    if init.kind == "checkpoint":
+        from selmerge_jax.training.runner import restore_model
+
+        model, _ = restore_model(init.path, step=init.step)
+        if source.model is not None:
+            model = with_config(model, source.model)
+    elif init.kind == "hf":
+        from selmerge_jax.models import load_hf
+
+        m = source.model
+        model = load_hf(init.path, attention=m.attention, ms=m.ms, ms_kernel=m.ms_kernel)
+    else:
+        model = Llama(source.model, rngs=nnx.Rngs(source.seed))
+    return with_rope(model, source.rope)
+
+
+def validation_tokens(data: DataConfig, tokenizer, count: int) -> np.ndarray:
+    """The first ``count`` tokens of the held-out split (documents joined with bos/eos), int32 ``[count]``."""
+    if data.validation_npy is not None:
+        tokens = np.load(os.path.expanduser(data.validation_npy), mmap_mode="r")[:count]
+    else:
+        from selmerge_jax import data as data_lib
+
+        if data.source == "stdlib_corpus":
+            data_lib.build_stdlib_corpus(data.data_dir)
+        parts, total = [], 0
+        for doc in data_lib.text_source(data.source, data.validation_split, data.data_dir):
+            parts.append(tokenizer.encode(doc, add_bos=True, add_eos=True))
+            total += len(parts[-1])
+            if total >= count:
+                break
+        tokens = np.concatenate(parts)[:count] if parts else np.zeros((0,), np.int32)
+    if len(tokens) < count:
+        raise ValueError(f"the validation split holds only {len(tokens)} tokens; {count} were asked for")
+    return np.asarray(tokens, np.int32)
+
+
+def provenance() -> dict:
+    """Device, versions and host: every result file carries them."""
+    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "python": platform.python_version(), "host_devices": jax.device_count()}
+
+
+def write_json(path: str, payload: dict) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, default=_plain)
+    return path
+
+
+def _plain(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+def check_positive_ints(owner: str, name: str, values, minimum: int = 1) -> None:
+    """Non-empty sequence of ints >= ``minimum``, else a ValueError naming ``owner.name``."""
+    ok = isinstance(values, (tuple, list)) and len(values) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+    if not ok:
+        raise ValueError(f"{owner}.{name} must be a non-empty list of ints >= {minimum}, got {values!r}")
+
+
+def check_fractions(owner: str, name: str, values) -> None:
+    ok = isinstance(values, (tuple, list)) and len(values) > 0
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values)
+    if not ok:
+        raise ValueError(f"{owner}.{name} must be a non-empty list of numbers in [0, 1], got {values!r}")

@@ -1,0 +1,256 @@
+"""Compression fidelity: the same prompts decoded greedily with a KV-compression setting OFF and ON.
+
+Per prompt and setting: kept ratio (valid cache slots after the prompt over prompt tokens, mean over layers,
+rows and kv heads), token-set Jaccard of the two continuations, exact-prefix length (tokens until the first
+disagreement) and ROUGE-L F1 (longest common subsequence, on tokens); a summary table averages them.
+
+The decoder here runs the model's own weights and modules (norms, projections, RoPE rule, MLP) but replaces
+each layer's cache attention by ``kvcache.step``, which compresses the cache to the policy's budget before
+appending (prefill chunks and decode steps alike), attends, and updates the policy's statistics. With
+``policy: none`` it is exactly ``models.generate``'s greedy decode (a test checks this), so differences
+between OFF and ON come from compression alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from selmerge_jax import kvcache
+from selmerge_jax.evaluation.common import (ModelSource, check_positive_ints, load_model, provenance,
+                                            validation_tokens, write_json)
+from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.tokenizer import load_tokenizer
+from selmerge_jax.positional import RopeConfig, make_position_fn
+from selmerge_jax.training.experiment import DataConfig, InitConfig
+
+__all__ = ["FidelityEvalConfig", "compressed_generate", "rouge_l", "token_jaccard", "exact_prefix",
+           "compare", "setting_name", "run_fidelity"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FidelityEvalConfig:
+    """``experiments/eval_fidelity.py``: model (``common.ModelSource``), prompts from the held-out split,
+    and the compression settings compared against no compression."""
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    model: ModelConfig | None = None
+    rope: RopeConfig | None = None
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prompt_tokens: int = 512
+    num_prompts: int = 4
+    max_new_tokens: int = 64
+    chunk_size: int = 64
+    compressions: tuple[KVCompressionConfig, ...] = (KVCompressionConfig(policy="h2o", ratio=0.2),)
+    output_dir: str = "runs/eval_fidelity"
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "num_prompts", "max_new_tokens", "chunk_size"):
+            check_positive_ints("FidelityEvalConfig", name, [getattr(self, name)])
+        if self.prompt_tokens % self.chunk_size:
+            raise ValueError(f"FidelityEvalConfig.prompt_tokens={self.prompt_tokens} must be a multiple of "
+                             f"chunk_size={self.chunk_size}")
+        if not self.compressions:
+            raise ValueError("FidelityEvalConfig.compressions must hold at least one setting")
+        for c in self.compressions:
+            _check_supported(c, self.chunk_size)
+        ModelSource(init=self.init, model=self.model, rope=self.rope, seed=self.seed)
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource(init=self.init, model=self.model, rope=self.rope, seed=self.seed)
+
+
+def _check_supported(config: KVCompressionConfig, chunk: int) -> None:
+    if not isinstance(config, KVCompressionConfig):
+        raise TypeError(f"compression settings must be KVCompressionConfig, got {type(config).__name__}")
+    if config.quant != "none":
+        raise ValueError(f"compression quant={config.quant!r}: quantized caches are not in this study yet "
+                         "(float caches only; use quant='none')")
+    if config.layer_budgets is not None:
+        raise ValueError("compression layer_budgets: give budget or ratio (one budget for every layer)")
+    del chunk
+
+
+def setting_name(config: KVCompressionConfig) -> str:
+    """A short label: ``h2o r=0.2``, ``snapkv b=128 +centroid``."""
+    size = f"r={config.ratio:g}" if config.ratio is not None else f"b={config.budget}"
+    name = "none" if config.policy == "none" else f"{config.policy} {size}"
+    return name + (f" +{config.merge}" if config.merge != "none" else "")
+
+
+def _layer(layer, x, positions, cache, kv: KVCompressionConfig, budget: int):
+    """One decoder layer over ``x [B, T, D]`` with a compressed cache; mirrors ``models.llama.DecoderLayer``."""
+    attn, cfg = layer.self_attn, layer.self_attn.config
+    b, t, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_size)
+    k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+    v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+    q, k = make_position_fn(cfg.rope, cfg.head_size)(q, k, positions)
+    out, cache = kvcache.step(cache, kv, q, k, v, positions, budget=budget)
+    x = x + attn.o_proj(out.reshape(b, t, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x)), cache
+
+
+def _forward(model, tokens, positions, caches, kv, budget):
+    x = model.embed_tokens(tokens)
+    new = []
+    for layer, cache in zip(model.layers, caches, strict=True):
+        x, cache = _layer(layer, x, positions, cache, kv, budget)
+        new.append(cache)
+    return model.output_logits(model.norm(x)), tuple(new)
+
+
+def _finish(cache, kv: KVCompressionConfig, budget: int):
+    # One-shot compression after the prompt (SnapKV's observation window is the prompt's tail).
+    if kv.policy == "none":
+        return cache
+    return jax.lax.cond(cache.length > budget, lambda c: kvcache.compress(c, kv, budget), lambda c: c, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "budget", "capacity", "max_new"))
+def _run(graphdef, state, chunks, *, kv, budget, capacity, max_new):
+    """chunks ``[n, B, c]`` -> (greedy tokens ``[B, max_new]``, valid slots after the prompt ``[L, B, K]``)."""
+    model = nnx.merge(graphdef, state)
+    n, b, c = chunks.shape
+    cfg = model.config
+    caches = tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)
+                   for _ in range(cfg.num_layers))
+
+    def prefill(carry, xs):
+        caches, _ = carry
+        tok, i = xs
+        pos = jnp.broadcast_to(i * c + jnp.arange(c, dtype=jnp.int32), (b, c))
+        logits, caches = _forward(model, tok, pos, caches, kv, budget)
+        return (caches, logits[:, -1]), None
+
+    init = (caches, jnp.zeros((b, cfg.vocab_size), jnp.float32))
+    (caches, last), _ = jax.lax.scan(prefill, init, (chunks, jnp.arange(n)))
+    caches = tuple(_finish(cache, kv, budget) for cache in caches)
+    kept = jnp.stack([kvcache.num_valid(cache) for cache in caches])
+
+    def decode(carry, i):
+        caches, tok = carry
+        pos = jnp.full((b, 1), n * c, jnp.int32) + i
+        logits, caches = _forward(model, tok[:, None], pos, caches, kv, budget)
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return (caches, nxt), nxt
+
+    first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    _, rest = jax.lax.scan(decode, (caches, first), jnp.arange(max_new - 1))
+    return jnp.concatenate([first[:, None], rest.T], axis=1), kept
+
+
+def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_tokens: int,
+                        chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy continuations ``int32 [B, max_new_tokens]`` of prompts ``int [B, T]`` (T a multiple of
+    ``chunk_size``) under cache compression ``kv``, and the kept ratio per row ``[B]`` after the prompt."""
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.ndim != 2 or prompts.shape[1] % chunk_size:
+        raise ValueError(f"prompts must be int [B, T] with T a multiple of chunk_size={chunk_size}, "
+                         f"got shape {prompts.shape}")
+    _check_supported(kv, chunk_size)
+    b, t = prompts.shape
+    if kv.policy == "none":
+        budget, capacity = t + max_new_tokens, t + max_new_tokens
+    else:
+        budget = kv.budget_for(t)
+        capacity = budget + max(kv.slack, chunk_size)  # room for a whole chunk after each compression
+        kv.check_capacity(budget, capacity, chunk_size)
+    chunks = jnp.asarray(prompts.reshape(b, t // chunk_size, chunk_size).transpose(1, 0, 2))
+    graphdef, state = nnx.split(model)
+    tokens, kept = _run(graphdef, state, chunks, kv=kv, budget=budget, capacity=capacity, max_new=max_new_tokens)
+    return np.asarray(tokens), np.asarray(kept, np.float64).mean(axis=(0, 2)) / t
+
+
+def _lcs(a, b) -> int:
+    """Length of the longest common subsequence (one DP row at a time: O(len(a) * len(b)) time, O(len(b)) space)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(reference, candidate) -> float:
+    """ROUGE-L F1 (beta = 1) of two token sequences: 2PR/(P+R) with P, R = LCS over each length."""
+    reference, candidate = list(np.asarray(reference).tolist()), list(np.asarray(candidate).tolist())
+    if not reference or not candidate:
+        return float(reference == candidate)
+    lcs = _lcs(reference, candidate)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def token_jaccard(a, b) -> float:
+    """|set(a) & set(b)| / |set(a) | set(b)| (1.0 for two empty sequences)."""
+    sa, sb = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def exact_prefix(a, b) -> int:
+    """Tokens before the first position where ``a`` and ``b`` differ."""
+    a, b = np.asarray(a), np.asarray(b)
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def compare(reference, candidate) -> dict:
+    return {"jaccard": token_jaccard(reference, candidate), "exact_prefix": exact_prefix(reference, candidate),
+            "rouge_l": rouge_l(reference, candidate)}
+
+
+def run_fidelity(cfg: FidelityEvalConfig) -> dict:
+    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json`` and ``fidelity.png``."""
+    model = load_model(cfg.source)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokens = validation_tokens(cfg.data, tokenizer, cfg.num_prompts * cfg.prompt_tokens)
+    prompts = tokens.reshape(cfg.num_prompts, cfg.prompt_tokens)
+    gen = functools.partial(compressed_generate, model, prompts, max_new_tokens=cfg.max_new_tokens,
+                            chunk_size=cfg.chunk_size)
+    reference, _ = gen(KVCompressionConfig(policy="none"))
+    settings = []
+    for kv in cfg.compressions:
+        out, kept = gen(kv)
+        rows = [dict(compare(r, o), kept_ratio=float(k), text=tokenizer.decode(o))
+                for r, o, k in zip(reference, out, kept, strict=True)]
+        means = {m: float(np.mean([r[m] for r in rows])) for m in ("kept_ratio", "jaccard", "exact_prefix", "rouge_l")}
+        settings.append({"name": setting_name(kv), "config": dataclasses.asdict(kv), "mean": means, "prompts": rows})
+    result = {"study": "fidelity", "attention": model.config.attention, "prompt_tokens": cfg.prompt_tokens,
+              "max_new_tokens": cfg.max_new_tokens, "reference_texts": [tokenizer.decode(r) for r in reference],
+              "settings": settings, **provenance()}
+    json_path = write_json(os.path.join(cfg.output_dir, "fidelity.json"), result)
+    png_path = _plot(os.path.join(cfg.output_dir, "fidelity.png"), settings, cfg.max_new_tokens)
+    return {"json": json_path, "png": png_path, "table": summary_table(settings)}
+
+
+def _plot(path: str, settings: list[dict], max_new: int) -> str:
+    from selmerge_jax.evaluation.plots import bars
+
+    metrics = {"Jaccard": "jaccard", "ROUGE-L": "rouge_l", f"exact prefix / {max_new}": "exact_prefix",
+               "kept ratio": "kept_ratio"}
+    values = {label: [s["mean"][m] / (max_new if m == "exact_prefix" else 1) for s in settings]
+              for label, m in metrics.items()}
+    return bars(path, [s["name"] for s in settings], values, ylabel="mean over prompts",
+                title="compression fidelity (compressed vs full cache, greedy)")
+
+
+def summary_table(settings: list[dict]) -> str:
+    head = "| setting | kept ratio | Jaccard | exact prefix | ROUGE-L |\n|---|---|---|---|---|"
+    rows = [f"| {s['name']} | {s['mean']['kept_ratio']:.3f} | {s['mean']['jaccard']:.3f} | "
+            f"{s['mean']['exact_prefix']:.1f} | {s['mean']['rouge_l']:.3f} |" for s in settings]
+    return "\n".join([head, *rows])

@@ -1,0 +1,101 @@
+"""PNG figures of the studies (matplotlib, Agg backend: works headless on CI, TPU VMs and GPU boxes).
+
+Every function takes plain Python data (what the study wrote to JSON), so a figure can be redrawn from a
+result file alone, and returns the path it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["heatmap", "lines", "curves", "bars"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def heatmap(path: str, values, *, rows: Sequence, cols: Sequence, row_label: str, col_label: str, title: str,
+            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.0%}") -> str:
+    """``values [len(rows), len(cols)]`` as a coloured grid with each cell's value printed (passkey accuracy)."""
+    values = np.asarray(values, np.float64)
+    if values.shape != (len(rows), len(cols)):
+        raise ValueError(f"values has shape {values.shape}, expected (len(rows)={len(rows)}, len(cols)={len(cols)})")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.0 + 0.5 * len(rows)))
+    im = ax.imshow(values, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set(xlabel=col_label, ylabel=row_label, title=title)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def lines(path: str, series: Mapping[str, tuple[Sequence, Sequence]], *, xlabel: str, ylabel: str, title: str,
+          logx: bool = False, logy: bool = False) -> str:
+    """One line per named ``(x, y)`` series (perplexity vs context, prefill time vs length)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in series.items():
+        ax.plot(list(x), list(y), "o-", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def curves(path: str, train: Mapping[str, tuple[Sequence, Sequence]], val: Mapping[str, tuple[Sequence, Sequence]],
+           *, title: str) -> str:
+    """Overlaid training curves (thin) with validation points (markers) in the same colour per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(sorted(set(train) | set(val))):
+        color = f"C{i % 10}"
+        if name in train:
+            ax.plot(list(train[name][0]), list(train[name][1]), color=color, lw=1, alpha=0.8, label=name)
+        if name in val:
+            ax.plot(list(val[name][0]), list(val[name][1]), "o--", color=color, ms=4)
+    ax.set(xlabel="optimizer step (same tokens per step for every run)", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def bars(path: str, groups: Sequence[str], values: Mapping[str, Sequence[float]], *, ylabel: str,
+         title: str) -> str:
+    """Grouped bars: one group per entry of ``groups``, one bar per metric in ``values`` (fidelity)."""
+    for name, v in values.items():
+        if len(v) != len(groups):
+            raise ValueError(f"values[{name!r}] has {len(v)} entries, expected one per group ({len(groups)})")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(groups), 4))
+    width = 0.8 / max(len(values), 1)
+    x = np.arange(len(groups))
+    for i, (name, v) in enumerate(values.items()):
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, list(v), width, label=name)
+    ax.set_xticks(x, list(groups), rotation=20, ha="right")
+    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    return _save(fig, path)
