@@ -4,11 +4,11 @@ Per prompt and setting: kept ratio (valid cache slots after the prompt over prom
 rows and kv heads), token-set Jaccard of the two continuations, exact-prefix length (tokens until the first
 disagreement) and ROUGE-L F1 (longest common subsequence, on tokens); a summary table averages them.
 
-The decoder here runs the model's own weights and modules (norms, projections, RoPE rule, MLP) but replaces
-each layer's cache attention by ``kvcache.step``, which compresses the cache to the policy's budget before
-appending (prefill chunks and decode steps alike), attends, and updates the policy's statistics. With
-``policy: none`` it is exactly ``models.generate``'s greedy decode (a test checks this), so differences
-between OFF and ON come from compression alone.
+Decoding goes through the model's own chunked prefill and decode step with its ``cache_fn`` hook set to
+``kvcache.step``, which compresses the cache to the policy's budget before appending (prefill chunks and
+decode steps alike), attends, and updates the policy's statistics; after the prompt the cache is compressed
+once to the budget. With ``policy: none`` it is exactly ``models.generate``'s greedy decode (a test checks
+this), so differences between OFF and ON come from compression alone.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from selmerge_jax.evaluation.common import (ModelSource, check_positive_ints, lo
                                             validation_tokens, write_json)
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.generate import SamplingConfig, decode_step, prefill
 from selmerge_jax.models.tokenizer import load_tokenizer
-from selmerge_jax.positional import RopeConfig, make_position_fn
+from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import DataConfig, InitConfig
 
-__all__ = ["FidelityEvalConfig", "compressed_generate", "rouge_l", "token_jaccard", "exact_prefix",
+__all__ = ["FidelityEvalConfig", "CompressedStep", "compressed_generate", "rouge_l", "token_jaccard", "exact_prefix",
            "compare", "setting_name", "run_fidelity"]
 
 
@@ -87,67 +88,54 @@ def setting_name(config: KVCompressionConfig) -> str:
     return name + (f" +{config.merge}" if config.merge != "none" else "")
 
 
-def _layer(layer, x, positions, cache, kv: KVCompressionConfig, budget: int):
-    """One decoder layer over ``x [B, T, D]`` with a compressed cache; mirrors ``models.llama.DecoderLayer``."""
-    attn, cfg = layer.self_attn, layer.self_attn.config
-    b, t, _ = x.shape
-    h = layer.input_layernorm(x)
-    q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_size)
-    k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-    v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-    q, k = make_position_fn(cfg.rope, cfg.head_size)(q, k, positions)
-    out, cache = kvcache.step(cache, kv, q, k, v, positions, budget=budget)
-    x = x + attn.o_proj(out.reshape(b, t, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x)), cache
+@dataclasses.dataclass(frozen=True)
+class CompressedStep:
+    """The model's ``cache_fn`` hook under a compression policy: make room (evict/merge down to ``budget`` when
+    the incoming tokens would not fit), append, attend, update the policy's statistics. A frozen dataclass, so
+    it hashes by value and equal settings share one compiled prefill/decode."""
+
+    kv: KVCompressionConfig
+    budget: int
+
+    def __call__(self, cache, q, k, v, positions, *, window=None):
+        if window is not None:
+            raise ValueError(f"compressed caches do not support sliding_window={window}")
+        return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget)
 
 
-def _forward(model, tokens, positions, caches, kv, budget):
-    x = model.embed_tokens(tokens)
-    new = []
-    for layer, cache in zip(model.layers, caches, strict=True):
-        x, cache = _layer(layer, x, positions, cache, kv, budget)
-        new.append(cache)
-    return model.output_logits(model.norm(x)), tuple(new)
-
-
-def _finish(cache, kv: KVCompressionConfig, budget: int):
-    # One-shot compression after the prompt (SnapKV's observation window is the prompt's tail).
+@functools.partial(jax.jit, static_argnames=("kv", "budget"))
+def _finish(caches, *, kv: KVCompressionConfig, budget: int):
+    """One-shot compression to the budget after the prompt (SnapKV votes with the prompt's last queries)."""
     if kv.policy == "none":
-        return cache
-    return jax.lax.cond(cache.length > budget, lambda c: kvcache.compress(c, kv, budget), lambda c: c, cache)
+        return caches
+    squeeze = lambda c: jax.lax.cond(c.length > budget, lambda x: kvcache.compress(x, kv, budget),  # noqa: E731
+                                     lambda x: x, c)
+    return tuple(squeeze(c) for c in caches)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "budget", "capacity", "max_new"))
-def _run(graphdef, state, chunks, *, kv, budget, capacity, max_new):
-    """chunks ``[n, B, c]`` -> (greedy tokens ``[B, max_new]``, valid slots after the prompt ``[L, B, K]``)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_fn"))
+def _greedy(graphdef, state, caches, first, start, *, steps: int, cache_fn):
+    """``first [B]`` then ``steps`` greedy tokens fed back through ``decode_step`` -> ``int32 [B, steps + 1]``."""
     model = nnx.merge(graphdef, state)
-    n, b, c = chunks.shape
-    cfg = model.config
-    caches = tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)
-                   for _ in range(cfg.num_layers))
 
-    def prefill(carry, xs):
-        caches, _ = carry
-        tok, i = xs
-        pos = jnp.broadcast_to(i * c + jnp.arange(c, dtype=jnp.int32), (b, c))
-        logits, caches = _forward(model, tok, pos, caches, kv, budget)
-        return (caches, logits[:, -1]), None
-
-    init = (caches, jnp.zeros((b, cfg.vocab_size), jnp.float32))
-    (caches, last), _ = jax.lax.scan(prefill, init, (chunks, jnp.arange(n)))
-    caches = tuple(_finish(cache, kv, budget) for cache in caches)
-    kept = jnp.stack([kvcache.num_valid(cache) for cache in caches])
-
-    def decode(carry, i):
+    def body(carry, i):
         caches, tok = carry
-        pos = jnp.full((b, 1), n * c, jnp.int32) + i
-        logits, caches = _forward(model, tok[:, None], pos, caches, kv, budget)
-        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        pos = jnp.full(tok.shape, start, jnp.int32) + i
+        nxt, _, caches = decode_step(model, caches, tok, pos, jax.random.key(0), SamplingConfig(), cache_fn)
         return (caches, nxt), nxt
 
-    first = jnp.argmax(last, axis=-1).astype(jnp.int32)
-    _, rest = jax.lax.scan(decode, (caches, first), jnp.arange(max_new - 1))
-    return jnp.concatenate([first[:, None], rest.T], axis=1), kept
+    _, rest = jax.lax.scan(body, (caches, first), jnp.arange(steps))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def _sizes(kv: KVCompressionConfig, prompt_len: int, max_new: int, chunk: int) -> tuple[int, int]:
+    """(budget, capacity): no compression keeps everything; otherwise leave room for a whole prefill chunk."""
+    if kv.policy == "none":
+        return prompt_len + max_new, prompt_len + max_new
+    budget = kv.budget_for(prompt_len)
+    capacity = budget + max(kv.slack, chunk)
+    kv.check_capacity(budget, capacity, chunk)
+    return budget, capacity
 
 
 def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_tokens: int,
@@ -160,16 +148,18 @@ def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_toke
                          f"got shape {prompts.shape}")
     _check_supported(kv, chunk_size)
     b, t = prompts.shape
-    if kv.policy == "none":
-        budget, capacity = t + max_new_tokens, t + max_new_tokens
-    else:
-        budget = kv.budget_for(t)
-        capacity = budget + max(kv.slack, chunk_size)  # room for a whole chunk after each compression
-        kv.check_capacity(budget, capacity, chunk_size)
-    chunks = jnp.asarray(prompts.reshape(b, t // chunk_size, chunk_size).transpose(1, 0, 2))
+    cfg = model.config
+    budget, capacity = _sizes(kv, t, max_new_tokens, chunk_size)
+    make = lambda: tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)  # noqa: E731
+                         for _ in range(cfg.num_layers))
+    step = CompressedStep(kv, budget)
+    logits, caches = prefill(model, prompts, jax.jit(make)(), chunk_size=chunk_size, cache_fn=step)
+    caches = _finish(caches, kv=kv, budget=budget)
+    kept = np.stack([np.asarray(kvcache.num_valid(c)) for c in caches]).mean(axis=(0, 2)) / t  # [L, B, K] -> [B]
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     graphdef, state = nnx.split(model)
-    tokens, kept = _run(graphdef, state, chunks, kv=kv, budget=budget, capacity=capacity, max_new=max_new_tokens)
-    return np.asarray(tokens), np.asarray(kept, np.float64).mean(axis=(0, 2)) / t
+    tokens = _greedy(graphdef, state, caches, first, t, steps=max_new_tokens - 1, cache_fn=step)
+    return np.asarray(tokens), kept
 
 
 def _lcs(a, b) -> int:
