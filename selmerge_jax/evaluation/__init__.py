@@ -14,4 +14,24 @@ Submodules are imported on use (``from selmerge_jax.evaluation import passkey``)
 training runner, TFDS and matplotlib, which a user of one study should not pay for.
 """
 
-__all__ = ["common", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots"]
+__all__ = ["config_schema", "common", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots"]
+
+# Config schema of each ``experiments/configs/eval_<study>.yaml`` (module, class), imported on use.
+_SCHEMAS = {
+    "eval_passkey": ("passkey", "PasskeyEvalConfig"),
+    "eval_perplexity": ("perplexity", "PerplexityEvalConfig"),
+    "eval_loss_curves": ("loss_curves", "LossCurveSweepConfig"),
+    "eval_fidelity": ("fidelity", "FidelityEvalConfig"),
+    "eval_memory": ("memory_report", "MemoryReportConfig"),
+}
+
+
+def config_schema(name: str):
+    """The config class of an evaluation YAML named ``eval_<study>[_suffix]`` (e.g. ``eval_passkey_crd``)."""
+    import importlib
+
+    for prefix in sorted(_SCHEMAS, key=len, reverse=True):
+        if name == prefix or name.startswith(prefix + "_"):
+            module, cls = _SCHEMAS[prefix]
+            return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    raise ValueError(f"no evaluation study for config {name!r}; names start with one of {sorted(_SCHEMAS)}")

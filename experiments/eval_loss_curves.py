@@ -1,0 +1,20 @@
+"""Train a family of attention configs on the same tokens; overlay loss curves; table of final validation loss
+vs attended fraction, FLOPs and memory (JSON + PNG + a markdown table on stdout).
+
+    python experiments/eval_loss_curves.py --config experiments/configs/eval_loss_curves.yaml
+    python experiments/eval_loss_curves.py --config ... --set base_config=experiments/configs/gpu_25m_ms.yaml
+"""
+
+from selmerge_jax.evaluation.loss_curves import LossCurveSweepConfig, run_loss_curves
+from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+
+
+def main():
+    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_loss_curves.yaml").parse_args()
+    result = run_loss_curves(load_from_args(LossCurveSweepConfig, args))
+    print(result.pop("table"))
+    print_summary(result)
+
+
+if __name__ == "__main__":
+    main()
