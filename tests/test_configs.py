@@ -13,7 +13,11 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs")
 
 
 def _schema(path: pathlib.Path):
-    """Config files are typed by name: finetune*.yaml, infer*.yaml, everything else pretrains."""
+    """Config files are typed by name: finetune*.yaml, infer*.yaml, eval_*.yaml, everything else pretrains."""
+    if path.stem.startswith("eval_"):
+        from selmerge_jax.evaluation import config_schema
+
+        return config_schema(path.stem)
     if path.stem.startswith("finetune"):
         return FinetuneConfig
     return InferConfig if path.stem.startswith("infer") else PretrainConfig
