@@ -8,9 +8,19 @@ import pytest
 from flax import nnx
 
 from selmerge_jax.models import Llama, preset
+from selmerge_jax.models.generate import (
+    SamplingConfig,
+    _decode,
+    _prefill,
+    complete,
+    decode_step,
+    generate,
+    init_caches,
+    prefill,
+    prefill_memory,
+    sample_logits,
+)
 from selmerge_jax.models.llama import append_and_attend
-from selmerge_jax.models.generate import (SamplingConfig, _decode, _prefill, complete, decode_step, generate,
-                                          init_caches, prefill, prefill_memory, sample_logits)
 from selmerge_jax.models.tokenizer import ByteTokenizer
 
 SMALL = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48)

@@ -14,8 +14,8 @@ from selmerge_jax.models import Llama, config_from_hf, config_to_hf, load_hf, pr
 from selmerge_jax.models.generate import generate
 from selmerge_jax.positional import RopeConfig
 
-_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2)
+_SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2}
 # name -> (architecture, extra HF config); GQA (4 query heads over 2 kv heads) except the "mha" variant.
 _VARIANTS = {
     "llama3_rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -38,8 +38,8 @@ def _params(model) -> dict:
 
 def _assert_bitwise(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for name in a:
-        x, y = np.asarray(a[name]), np.asarray(b[name])
+    for name, value in a.items():
+        x, y = np.asarray(value), np.asarray(b[name])
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), f"{name} differs"
 

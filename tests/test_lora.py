@@ -8,8 +8,16 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file
 
 from selmerge_jax.models import Llama, preset, save_hf
-from selmerge_jax.models.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora,
-                                      save_adapters, trainable_filter, unmerge_lora)
+from selmerge_jax.models.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapters,
+    merge_lora,
+    save_adapters,
+    trainable_filter,
+    unmerge_lora,
+)
 
 SMALL = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48)
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -56,7 +64,7 @@ def test_gradients_reach_only_what_trains(adapted):
     model, _ = adapted
     _perturb(model)
     wrt = trainable_filter(CFG)
-    loss = lambda m: jnp.mean(m(TOKENS) ** 2)  # noqa: E731
+    loss = lambda m: jnp.mean(m(TOKENS) ** 2)
     grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, wrt)))(model)
     assert _paths(grads) == _paths(nnx.state(model, wrt))
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))

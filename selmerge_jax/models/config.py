@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.positional import RopeConfig
 
-__all__ = ["ModelConfig", "PRESETS", "preset"]
+__all__ = ["PRESETS", "ModelConfig", "preset"]
 
 AttentionKind = Literal["dense", "ms"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]

@@ -23,8 +23,17 @@ from flax import nnx
 from selmerge_jax import kvcache
 from selmerge_jax.models.llama import Llama
 
-__all__ = ["SamplingConfig", "Generation", "sample_logits", "init_caches", "prefill", "decode_step", "generate",
-           "complete", "prefill_memory"]
+__all__ = [
+    "Generation",
+    "SamplingConfig",
+    "complete",
+    "decode_step",
+    "generate",
+    "init_caches",
+    "prefill",
+    "prefill_memory",
+    "sample_logits",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,7 +94,7 @@ def init_caches(model: Llama, batch: int, capacity: int, dtype=None) -> tuple[kv
     """One empty ``KVCache`` per layer (``[B, K, C, H]``), in the model's compute dtype by default."""
     cfg = model.config
     dtype = cfg.jnp_dtype if dtype is None else dtype
-    make = lambda: tuple(kvcache.init_cache(batch, cfg.num_kv_heads, capacity, cfg.head_size, dtype)  # noqa: E731
+    make = lambda: tuple(kvcache.init_cache(batch, cfg.num_kv_heads, capacity, cfg.head_size, dtype)
                          for _ in range(cfg.num_layers))
     # Built under jit so every leaf is its own buffer (init_cache shares one zeros array between k and v,
     # which buffer donation rejects) and allocated directly on device.
@@ -119,7 +128,7 @@ def _chunks(tokens: np.ndarray, lengths: np.ndarray, chunk_size: int):
     tok[:, :t] = tokens
     pos = np.arange(padded, dtype=np.int32)[None, :].repeat(b, 0)
     pos = np.where(pos < lengths[:, None], pos, -1)
-    split = lambda x: x.reshape(b, padded // chunk_size, chunk_size).transpose(1, 0, 2)  # noqa: E731
+    split = lambda x: x.reshape(b, padded // chunk_size, chunk_size).transpose(1, 0, 2)
     return split(tok), split(pos)
 
 

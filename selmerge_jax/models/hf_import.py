@@ -21,7 +21,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.positional import RopeConfig
 
-__all__ = ["config_from_hf", "config_to_hf", "hf_name", "load_hf", "save_hf", "params_to_hf", "SUPPORTED"]
+__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "load_hf", "params_to_hf", "save_hf"]
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _INDEX = "model.safetensors.index.json"
@@ -43,17 +43,18 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     if hf.get("mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported by this Llama implementation")
     heads = hf["num_attention_heads"]
-    fields = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
-        head_dim=hf.get("head_dim"), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope=RopeConfig.from_hf(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
-        sliding_window=hf.get("sliding_window") if SUPPORTED[arch] == "mistral" else None,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf.get("eos_token_id")),
-    )
+    fields = {
+        "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "ffn_dim": hf["intermediate_size"], "head_dim": hf.get("head_dim"),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope": RopeConfig.from_hf(hf),
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "sliding_window": hf.get("sliding_window") if SUPPORTED[arch] == "mistral" else None,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "init_std": float(hf.get("initializer_range", 0.02)),
+        "bos_token_id": hf.get("bos_token_id"), "eos_token_id": _eos(hf.get("eos_token_id")),
+    }
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -122,7 +123,7 @@ def _tensor_index(path: str) -> dict[str, str]:
         raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path!r} (found {sorted(os.listdir(path))}); "
                                 "only safetensors checkpoints are supported")
     with safe_open(single, "np") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def _check_names(expected: Iterable[str], present: Iterable[str], tied: bool) -> None:
@@ -150,7 +151,7 @@ def load_hf(path: str, **overrides) -> Llama:
     loaded = {}
     for file in sorted(set(files.values())):
         with safe_open(file, "np") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name in targets:
                     p, transpose = targets[name]
                     loaded[p] = _to_param(f.get_tensor(name), name, abstract[p], transpose)

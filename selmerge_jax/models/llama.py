@@ -25,8 +25,18 @@ from selmerge_jax.attention import ms_attention
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import make_position_fn
 
-__all__ = ["Llama", "DecoderLayer", "Attention", "MLP", "RMSNorm", "rms_norm", "count_params",
-           "append_and_attend", "cache_attention", "dense_self_attention"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "DecoderLayer",
+    "Llama",
+    "RMSNorm",
+    "append_and_attend",
+    "cache_attention",
+    "count_params",
+    "dense_self_attention",
+    "rms_norm",
+]
 
 _MS_BACKENDS = {"reference": "xla", "pallas": None}
 

@@ -21,8 +21,17 @@ from safetensors.numpy import load_file, save_file
 
 from selmerge_jax.models.hf_import import hf_name
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "trainable_filter", "merge_lora", "unmerge_lora",
-           "save_adapters", "load_adapters", "TARGETS"]
+__all__ = [
+    "TARGETS",
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "load_adapters",
+    "merge_lora",
+    "save_adapters",
+    "trainable_filter",
+    "unmerge_lora",
+]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 _NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
