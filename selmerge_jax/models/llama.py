@@ -10,7 +10,9 @@ Two ways to run it:
   whole sequence (dense with causal + sliding-window + segment masks, or select-and-merge).
 * ``model.hidden_states(tokens, positions, caches=...)``: the inference path. Each layer appends its new k/v to
   its ``selmerge_jax.kvcache.KVCache`` and attends over the cache (causal by stored position), so prefill can be
-  chunked and decode is one token per step with static shapes.
+  chunked and decode is one token per step with static shapes. This path is exact attention over the cache
+  whatever ``config.attention`` says; decode-time selection or eviction plugs in through ``cache_fn``
+  (see ``append_and_attend``), which is where the KV-compression policies live.
 """
 
 import functools
