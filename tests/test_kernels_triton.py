@@ -5,6 +5,8 @@ function returning the output, LSE and the three gradients, and tiles are kept t
 several tiles and several loop trips per program.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,7 @@ from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, 
 _TINY = TritonTiling(rows_fwd=32, block_k_fwd=32, rows_dq=32, block_k_dq=16, rows_dkv=16, block_k_dkv=32)
 
 
-def _outputs(attn, q, k, v, do):
+def outputs(attn, q, k, v, do):
     """``(out, lse, dq, dk, dv)`` of ``attn``, with an LSE cotangent too (merging partials differentiates it)."""
 
     @jax.jit
@@ -34,16 +36,23 @@ def _outputs(attn, q, k, v, do):
     return run, run(q, k, v)
 
 
+@functools.lru_cache(maxsize=8)
+def reference_case(name: str, seed: int = 0):
+    """Inputs and reference ``(out, lse, dq, dk, dv)`` of a named spec, shared by the Triton and TPU tests."""
+    q, k, v, plan, do = get_spec(name).make_inputs(jax.random.PRNGKey(seed))
+    return (q, k, v, plan, do), outputs(reference_fn(plan), q, k, v, do)[1]
+
+
 def _kernel(plan, tiling=_TINY, interpret=True):
     return lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
                                                          interpret=interpret)
 
 
-def _reference(plan):
+def reference_fn(plan):
     return lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True)
 
 
-def _assert_close(got, want, rtol, atol):
+def assert_close(got, want, rtol, atol):
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert not np.isnan(a).any(), f"{name} has NaN"
@@ -53,19 +62,21 @@ def _assert_close(got, want, rtol, atol):
 @pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g1_h128_w128", "tiny_g8_merge2_per_head"])
 def test_matches_reference(name):
     """Forward, LSE and all gradients: GQA G=4/1/8, H=64/128, W=64/128/32, merge 2, P=K and P=N, ragged."""
-    q, k, v, plan, do = get_spec(name).make_inputs(jax.random.PRNGKey(0))
-    _, want = _outputs(_reference(plan), q, k, v, do)
-    run, got = _outputs(_kernel(plan), q, k, v, do)
-    _assert_close(got, want, rtol=2e-5, atol=2e-5)
+    (q, k, v, plan, do), want = reference_case(name)
+    run, got = outputs(_kernel(plan), q, k, v, do)
+    assert_close(got, want, rtol=2e-5, atol=2e-5)
     if name == "tiny_g4_h64_w64":  # bitwise determinism: a second run of the same executable
         for a, b in zip(got, run(q, k, v)):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_empty_row_and_nan_in_unselected_regions():
-    """A group with no valid entry (include_local=False) outputs 0 / LSE -inf; NaN K/V nobody selected stays out."""
-    spec = get_spec("tiny_no_local")
-    q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(1))
+@functools.lru_cache(maxsize=1)
+def empty_row_nan_case():
+    """tiny_no_local with group 2 emptied and NaN K/V in every region no group selected (region 0 excepted).
+
+    Returns the inputs and the reference outputs.
+    """
+    q, k, v, plan, do = get_spec("tiny_no_local").make_inputs(jax.random.PRNGKey(1))
     regions = plan.kv_regions.at[:, :, 2, :].set(-1)  # group 2 attends to nothing
     plan = SelectionPlan(regions, block_size=plan.block_size, merge=plan.merge, include_local=False)
     used = np.zeros(plan.num_regions, bool)
@@ -73,22 +84,39 @@ def test_empty_row_and_nan_in_unselected_regions():
     used[0] = True  # the reference gathers region 0 for padding entries (then masks it): keep it finite
     tok_bad = jnp.repeat(jnp.asarray(~used), plan.block_size)[None, :, None, None]
     k, v = jnp.where(tok_bad, jnp.nan, k), jnp.where(tok_bad, jnp.nan, v)
-    _, want = _outputs(_reference(plan), q, k, v, do)
-    _, got = _outputs(_kernel(plan), q, k, v, do)
+    return (q, k, v, plan, do), outputs(reference_fn(plan), q, k, v, do)[1]
+
+
+def check_empty_row_and_nan(got, want, plan):
     lt = plan.group_tokens
     np.testing.assert_array_equal(np.asarray(got[0][:, 2 * lt:3 * lt]), 0.0)
     assert np.all(np.isneginf(np.asarray(got[1][:, 2 * lt:3 * lt])))
-    _assert_close(got, want, rtol=2e-5, atol=2e-5)  # dK/dV of the NaN regions are exactly 0 in both
+    assert_close(got, want, rtol=2e-5, atol=2e-5)  # dK/dV of the NaN regions are exactly 0 in both
+
+
+def test_empty_row_and_nan_in_unselected_regions():
+    """A group with no valid entry (include_local=False) outputs 0 / LSE -inf; NaN K/V nobody selected stays out."""
+    (q, k, v, plan, do), want = empty_row_nan_case()
+    _, got = outputs(_kernel(plan), q, k, v, do)
+    check_empty_row_and_nan(got, want, plan)
+
+
+def numpy_plan(sel_heads=4, groups=16, selected=4, merge=1, seed=0) -> SelectionPlan:
+    """A plan with random entries, -1 padding and some invalid (later / own-group) entries, built in numpy."""
+    rng = np.random.default_rng(seed)
+    shape = (1, sel_heads, groups, selected)
+    regions = rng.random((*shape[:3], groups * merge)).argsort(-1)[..., :selected]  # distinct within a row
+    regions = np.where(rng.random(shape) < 0.25, -1, regions)
+    return SelectionPlan(jnp.asarray(regions, jnp.int32), block_size=16, merge=merge)
 
 
 def test_transpose_plan_lists_every_reader():
-    spec = AttentionSpec(name="t", seq_len=256, q_heads=4, kv_heads=2, head_dim=16, block_size=16, selected=4,
-                         per_kv_selection=False, ragged=0.3)
-    plan = spec.make_inputs(jax.random.PRNGKey(2))[3]
-    offsets, entries = map(np.asarray, transpose_plan(plan, spec.kv_heads))
+    kv_heads = 2
+    plan = numpy_plan(sel_heads=4)
+    offsets, entries = map(np.asarray, transpose_plan(plan, kv_heads))
     regions, valid = np.asarray(plan.kv_regions), np.asarray(plan.valid_mask())
-    per_kv = spec.sel_heads // spec.kv_heads
-    for kh in range(spec.kv_heads):
+    per_kv = 4 // kv_heads
+    for kh in range(kv_heads):
         for j in range(plan.num_regions):
             got = sorted(entries[0, kh, offsets[0, kh, j]:offsets[0, kh, j + 1]])
             want = sorted(s * plan.num_groups + g for s in range(per_kv) for g in range(plan.num_groups)
@@ -124,8 +152,8 @@ def test_native_gpu_bf16_matches_reference(per_kv):
     spec = AttentionSpec(name="gpu", seq_len=4096, q_heads=16, kv_heads=4, head_dim=128, block_size=128,
                          selected=8, per_kv_selection=per_kv, ragged=0.2)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(5))
-    _, want = _outputs(_reference(plan), q, k, v, do)
-    run, got = _outputs(_kernel(plan, TritonTiling(), interpret=False), q, k, v, do)
+    _, want = outputs(reference_fn(plan), q, k, v, do)
+    run, got = outputs(_kernel(plan, TritonTiling(), interpret=False), q, k, v, do)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b)), name
