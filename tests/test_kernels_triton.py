@@ -11,13 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from selmerge_jax.kernels.block_sparse_attention import (
     SelectionPlan,
     block_sparse_attention,
     block_sparse_attention_reference,
 )
-from selmerge_jax.kernels.block_sparse_attention.pallas_triton import TritonTiling, block_sparse_attention_triton
+from selmerge_jax.kernels.block_sparse_attention.pallas_triton import (
+    TritonTiling,
+    block_sparse_attention_triton,
+)
 from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec, get_spec
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
 

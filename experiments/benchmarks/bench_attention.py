@@ -22,9 +22,14 @@ import time
 import jax
 import jax.numpy as jnp
 import jaxlib
-
-from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference, register_implementation
-from selmerge_jax.kernels.block_sparse_attention.pallas_triton import TritonTiling, block_sparse_attention_triton
+from selmerge_jax.kernels.block_sparse_attention import (
+    block_sparse_attention_reference,
+    register_implementation,
+)
+from selmerge_jax.kernels.block_sparse_attention.pallas_triton import (
+    TritonTiling,
+    block_sparse_attention_triton,
+)
 from selmerge_jax.kernels.block_sparse_attention.specs import get_spec, useful_flops
 
 INTERPRET = False  # --interpret: run the Pallas kernels in the interpreter (CPU smoke runs)
@@ -91,15 +96,15 @@ def measure(record, fn, args, flops, reps, warmup, out):
     return row
 
 
-def attention_fns(spec, plan, tiling):
-    fns = {
+def attention_fns(plan, tiling):
+    """The compared implementations on the same q/k/v (cuDNN is dense causal: it ignores the plan)."""
+    return {
         "pallas_triton": lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, tiling=tiling,
-                                                                           interpret=INTERPRET),
+                                                                       interpret=INTERPRET),
         "xla": lambda q, k, v: block_sparse_attention_reference(q, k, v, plan),
         "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                     implementation="cudnn"),
     }
-    return fns  # ms_attention uses the registered default tiling (TritonTiling())
 
 
 def bench_spec(name, args, tiling, out):
@@ -109,17 +114,17 @@ def bench_spec(name, args, tiling, out):
     dense = 4.0 * spec.batch * spec.q_heads * spec.seq_len ** 2 * spec.head_dim * 0.5
     base = {"kind": "kernel", **environment(), "spec": name, "shape": spec.__dict__,
             "tiling": tiling.__dict__}
-    for impl, attn in attention_fns(spec, plan, tiling).items():
+    for impl, attn in attention_fns(plan, tiling).items():
         if impl not in args.impls or (impl == "xla" and spec.seq_len > args.max_xla_len):
             continue
         flops = dense if impl == "cudnn_dense" else sparse
         fwd, fb = fwd_and_fwdbwd(attn)
         for mode in args.modes:
             fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
+            kind = "dense_causal" if impl == "cudnn_dense" else "useful"
             try:
-                measure({**base, "impl": impl, "mode": mode, "flops_kind": "dense_causal" if impl == "cudnn_dense"
-                         else "useful"}, fn, fargs, flops * (1 if mode == "fwd" else BWD_FACTOR),
-                        args.reps, args.warmup, out)
+                measure({**base, "impl": impl, "mode": mode, "flops_kind": kind}, fn, fargs,
+                        flops * (1 if mode == "fwd" else BWD_FACTOR), args.reps, args.warmup, out)
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
 
@@ -133,7 +138,7 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
         scores = []
         for cand in cands:
             t = TritonTiling(**{**best, **cand})
-            attn = lambda q, k, v, t=t: block_sparse_attention_triton(q, k, v, plan, tiling=t,  # noqa: E731
+            attn = lambda q, k, v, t=t: block_sparse_attention_triton(q, k, v, plan, tiling=t,
                                                                       interpret=INTERPRET)
             fwd, fb = fwd_and_fwdbwd(attn)
             fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
@@ -167,7 +172,7 @@ def check_spec(name, tiling, out):
     again = run(lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
                                                            interpret=INTERPRET))
     names = ("out", "lse", "dq", "dk", "dv")
-    flat = lambda t: (t[0], t[1], *t[2])  # noqa: E731
+    flat = lambda t: (t[0], t[1], *t[2])
     errs = {}
     for n, a, b in zip(names, flat(ref), flat(ker)):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -194,7 +199,7 @@ def bench_ms_layer(name, args, tiling, out):
     # The layer dispatches by name: register the (possibly tuned) tiling under its own name for this run.
     register_implementation("pallas_triton_bench", functools.partial(block_sparse_attention_triton, tiling=tiling,
                                                                      interpret=INTERPRET))
-    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton_bench")  # noqa: E731
+    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton_bench")
     fwd, fb = fwd_and_fwdbwd(attn)
     select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
     for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
@@ -212,7 +217,7 @@ def bench_dense(seq_lens, args, out):
         q = jax.random.normal(key, shape_q, jnp.bfloat16)
         k = jax.random.normal(key, shape_k, jnp.bfloat16)
         v, do = k, q
-        attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+        attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                             implementation="cudnn")
         fwd, fb = fwd_and_fwdbwd(attn)
         flops = 4.0 * t * t * spec.q_heads * spec.head_dim * 0.5
@@ -245,7 +250,14 @@ def main(argv=None):
     global INTERPRET
     INTERPRET = args.interpret
     tiling = TritonTiling(**json.loads(args.tiling))
-    out = sys.stdout if args.out == "-" else open(args.out, "a")
+    if args.out == "-":
+        run(args, tiling, sys.stdout)
+    else:
+        with open(args.out, "a") as out:
+            run(args, tiling, out)
+
+
+def run(args, tiling, out):
     if args.sweep_spec:
         tiling = sweep_tiling(args.sweep_spec, args, tiling, out)
         emit({"kind": "chosen_tiling", "tiling": tiling.__dict__}, out)

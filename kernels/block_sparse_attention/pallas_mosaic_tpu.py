@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
 from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan_steps
@@ -228,7 +227,7 @@ def _dkv_kernel(reg_ref, grp_ref, sub_ref, kind_ref, q_ref, k_ref, v_ref, do_ref
 
 
 def _dq_call(qh, kh, vh, doh, lse, delta, sel, cnt, st: _Static):
-    b, p, hp, t, h = qh.shape
+    b, p, hp, _, h = qh.shape
     tile, stat, kv = _group_specs(st, h)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, p, st.groups, st.steps),
@@ -243,7 +242,7 @@ def _dq_call(qh, kh, vh, doh, lse, delta, sel, cnt, st: _Static):
 
 
 def _dkv_call(qh, kh, vh, doh, lse, delta, steps, st: _Static):
-    b, p, hp, t, h = qh.shape
+    b, _, hp, _, h = qh.shape
     lt, per_kv, num_steps = st.group_tokens, st.sel_heads // st.kv_heads, steps[0].shape[-1]
 
     tile = pl.BlockSpec((None, None, hp, lt, h), lambda bi, k, e, reg, grp, sub, kind: (
@@ -294,7 +293,7 @@ def _attend_bwd(st, res, cotangents):
     plan = _plan(regions, st)
     delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse  # [B, T, N]
     lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # empty rows: exp(s - inf) = 0
-    stat = lambda x: _heads_major(x[..., None], st.heads_per_tile)[..., 0]  # noqa: E731  [B, P, hp, T]
+    stat = lambda x: _heads_major(x[..., None], st.heads_per_tile)[..., 0]
     qh, kh, vh = _layouts(q, k, v, st)
     doh = _heads_major(do, st.heads_per_tile)
     sel, cnt = compact_plan(plan)

@@ -24,7 +24,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
 from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
@@ -334,7 +333,7 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 
 
 def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
-    b, t, n, h = q.shape
+    b, t, _, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))

@@ -10,10 +10,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
-__all__ = ["AttentionSpec", "SPECS", "get_spec", "random_plan", "useful_flops"]
+__all__ = ["SPECS", "AttentionSpec", "get_spec", "random_plan", "useful_flops"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -8,7 +8,6 @@ All of it is integer work, hence deterministic.
 """
 
 import jax.numpy as jnp
-
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
 __all__ = ["compact_plan", "transpose_plan", "transpose_plan_steps"]
@@ -76,11 +75,11 @@ def transpose_plan_steps(plan: SelectionPlan, kv_heads: int):
     sub = jnp.broadcast_to(sub, region.shape)
     kind = jnp.concatenate([jnp.where(sel_region < r, 0, 2).reshape(b, kv_heads, per_kv, q * m),
                             jnp.ones((b, kv_heads, per_kv, r), jnp.int32)], -1)
-    flat = lambda x: x.reshape(b, kv_heads, -1)  # noqa: E731
+    flat = lambda x: x.reshape(b, kv_heads, -1)
     region, group, sub, kind = map(flat, (region, group, sub, kind))
     # Local steps first inside a region: the step that always exists opens the accumulation.
     order = jnp.argsort(region * 3 + (kind != 1), axis=-1, stable=True)
-    take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
+    take = lambda x: jnp.take_along_axis(x, order, axis=-1)
     region, group, sub, kind = map(take, (region, group, sub, kind))
     # Padding repeats the last real step's blocks, so the pipeline issues no new copies for it.
     last = jnp.sum(kind != 2, -1, keepdims=True) - 1
