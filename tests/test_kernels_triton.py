@@ -161,3 +161,23 @@ def test_native_gpu_bf16_matches_reference(per_kv):
         assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b)), name
     for a, b in zip(got, run(q, k, v)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ms_attention_default_dispatch_picks_pallas_triton_on_gpu(monkeypatch):
+    """``ms_attention(..., implementation=None)`` (and the layer's "pallas") reaches the Triton kernel on GPU."""
+    from selmerge_jax.attention import MSAttentionConfig, ms_attention
+    from selmerge_jax.kernels.block_sparse_attention import api
+
+    calls = []
+
+    def spy(q, k, v, plan, *, scale=None, return_lse=False):
+        calls.append(plan.kv_regions.shape)
+        return block_sparse_attention_reference(q, k, v, plan, scale=scale, return_lse=return_lse)
+
+    api._load_backends()  # the real backend registers first; the spy then replaces it for this test only
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_triton", spy)
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    q = jax.random.normal(jax.random.PRNGKey(6), (1, 64, 4, 16))
+    k = jax.random.normal(jax.random.PRNGKey(7), (1, 64, 2, 16))
+    ms_attention(q, k, k, MSAttentionConfig(block_size=16, top_k=3, selection_heads="kv"))
+    assert calls == [(1, 2, 4, 2)]
