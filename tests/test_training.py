@@ -76,7 +76,7 @@ def test_optimizer_config_rejects(bad):
 def test_loss_falls_and_step_compiles_once():
     traces = []
 
-    def forward(model, inputs):
+    def forward(model, inputs, ctx):
         traces.append(1)  # runs only while tracing
         return model(inputs["tokens"])
 

@@ -120,6 +120,10 @@ class FinetuneConfig(PretrainConfig):
         if (self.lora is None) != (self.train.trainable == "all"):
             raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
                              f"{'set' if self.lora else 'null'}: use 'lora' exactly when a lora section is given")
+        rope = self.model.rope
+        if self.crd is not None and (self.crd.theta != rope.theta or self.crd.layout != rope.layout):
+            raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must match the model's RoPE "
+                             f"(model.rope.theta={rope.theta}, layout={rope.layout!r}): CRD NTK rescales that base")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,12 +20,16 @@ __all__ = ["load_for_inference", "passkey_check", "run_infer", "corpus_prompt"]
 
 def load_for_inference(cfg: InferConfig) -> Llama:
     if cfg.init.kind == "checkpoint":
-        from selmerge_jax.training.runner import restore_model
+        from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+        from selmerge_jax.training.config_loader import from_dict
+        from selmerge_jax.training.runner import restore_model, with_model_config
 
-        model, _ = restore_model(cfg.init.path, step=cfg.init.step)
+        model, stored = restore_model(cfg.init.path, step=cfg.init.step)
         if cfg.model is not None:  # e.g. the same weights with another attention implementation
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))))[0], state)
+            return with_model_config(model, cfg.model)
+        if stored.get("crd"):  # a CRD NTK fine-tune: infer with its fixed-base rule at unwrapped positions
+            crd = from_dict(CRDNTKConfig, stored["crd"], "crd")
+            return with_model_config(model, model.config.replace(rope=crd.inference_rope_config()))
         return model
     if cfg.init.kind == "hf":
         from selmerge_jax.models import load_hf

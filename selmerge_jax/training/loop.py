@@ -111,7 +111,7 @@ class _Interval:
 def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: OptimizerConfig,
           checkpoint: CheckpointConfig, eval_batches: Callable[[], Iterable[dict]] | None = None, mesh=None,
           forward=default_forward, batch_transform: BatchTransform | None = None,
-          meta: dict | None = None, trainable=None) -> TrainResult:
+          meta: dict | None = None, trainable=None, eval_forward=None) -> TrainResult:
     """Trains ``model`` (an ``nnx.Module``) on ``batches`` to ``train.steps`` optimizer steps.
 
     Args:
@@ -119,11 +119,12 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
         position is checkpointed for exact resume.
       eval_batches: returns a fresh iterable of validation batches each time it is called.
       mesh: a ``("data", "fsdp", "seq")`` mesh (``selmerge_jax.sharding.mesh``); None = default device.
-      forward: ``forward(model, {"tokens", ["positions"], ["segment_ids"]}) -> logits``.
+      forward: ``forward(model, {"tokens", ["positions"], ["segment_ids"]}, StepContext) -> logits``.
       batch_transform: ``(host_batch, step) -> host_batch`` before the step (e.g. CRD NTK positions); it must be
         a deterministic function of its arguments for resume to be exact.
       meta: JSON kept with every checkpoint (e.g. the experiment config).
       trainable: an NNX filter of the trained variables (default from ``train.trainable``).
+      eval_forward: the forward of validation passes (default: ``forward``).
     """
     tx, schedule, graphdef, state = _init(model, train, optimizer, mesh, trainable)
     ckpt_dir = checkpoint.directory or os.path.join(train.output_dir, "checkpoints")
@@ -133,7 +134,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
         state, resumed = _resume(ckpt, state, batches)
     step_fn = make_train_step(graphdef, tx, schedule=schedule, accumulation_steps=optimizer.accumulation_steps,
                               compute_dtype=train.compute_dtype, forward=forward)
-    eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=forward)
+    eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=eval_forward or forward)
     writer = MetricsWriter(train.output_dir)
     step = int(state.step)
     progress = Progress(step, train.steps, enabled=train.progress)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.models import Llama
+from selmerge_jax.models import Llama, ModelConfig
 from selmerge_jax.models.lora import apply_lora, trainable_filter as lora_filter
 from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.sharding.mesh import initialize_distributed, make_mesh
@@ -23,10 +23,11 @@ from selmerge_jax.training.config_loader import from_dict
 from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, config_to_dict
 from selmerge_jax.training.loop import TrainResult, train
 from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.training.train_step import init_train_state
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.training.train_step import StepContext, default_forward, init_train_state
 
 __all__ = ["build_model", "make_data", "run_pretrain", "run_finetune", "restore_model", "plot_loss_curve",
-           "crd_batch_transform", "train_summary", "export_npy"]
+           "crd_forward", "train_summary", "export_npy", "with_model_config"]
 
 _log = logging.getLogger(__name__)
 
@@ -88,19 +89,20 @@ def _mesh(cfg: PretrainConfig):
     return make_mesh(cfg.mesh) if jax.device_count() > 1 else None
 
 
-def _run(cfg: PretrainConfig, model, kind: str, batch_transform=None) -> TrainResult:
+def _run(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> TrainResult:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
     train_it, eval_fn = make_data(cfg, tokenizer)
+    batch_transform = None
     if not cfg.data.document_masking:
-        batch_transform = batch_transform or _strip_packing
+        batch_transform = _strip_packing
         raw_eval = eval_fn
         eval_fn = lambda: (_strip_packing(b, 0) for b in raw_eval())  # noqa: E731
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
                  eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=batch_transform, meta=meta,
-                 trainable=_trainable(cfg))
+                 trainable=_trainable(cfg), forward=forward, eval_forward=default_forward)
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
@@ -108,49 +110,54 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     return _run(cfg, build_model(cfg), "pretrain")
 
 
-def crd_batch_transform(cfg: FinetuneConfig):
-    """Per-step CRD NTK positions (cycled modulo C from a random start), deterministic in (seed, step).
+def crd_forward(crd: CRDNTKConfig):
+    """The training forward of CRD NTK: every step draws cycled positions (modulo C, random start per row) and
+    the stage's NTK base inside the jitted step, from the step's own key, so resume replays them exactly.
 
-    Positions only: the NTK *base* schedule needs the model's RoPE to read per-step frequencies, which the
-    Llama module does not expose yet, so the base stays the model's own (see ``run_finetune``).
+    ``Llama.__call__`` takes plain ``int [B, T]`` positions only, so this runs the decoder's layers directly
+    with a ``CRDPositions`` (which every layer's RoPE accepts: it carries its traced frequencies).
     """
-    from selmerge_jax.positional.crd_ntk import crd_offsets, crd_positions
+    from selmerge_jax.positional.crd_ntk import crd_step
 
-    crd, seed = cfg.crd, cfg.train.seed
+    def forward(model: Llama, inputs: dict, ctx: StepContext):
+        tokens = inputs["tokens"]
+        b, t = tokens.shape
+        positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size)
+        x = model.embed_tokens(tokens)
+        for layer in model.layers:
+            x = layer(x, positions)[0]
+        return model.output_logits(model.norm(x))
 
-    def transform(batch: dict, step: int) -> dict:
-        batch = _strip_packing(batch, step)
-        b, t = batch["inputs"].shape
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        batch["positions"] = np.asarray(crd_positions(crd, crd_offsets(crd, key, b, t), t))
-        return batch
-
-    return transform
+    return forward
 
 
 def run_finetune(cfg: FinetuneConfig) -> TrainResult:
     """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if configured."""
     if cfg.init.kind == "checkpoint":
         model, _ = restore_model(cfg.init.path, step=cfg.init.step)
-        model = _with_model_config(model, cfg)
+        model = with_model_config(model, cfg.model)
         if cfg.lora is not None:
             apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.train.seed + 1))
     else:
         model = build_model(cfg)
-    transform = crd_batch_transform(cfg) if cfg.crd is not None else None
-    if cfg.crd is not None:
-        _log.warning("CRD NTK: cycled positions are applied; the staged NTK base needs a RoPE hook in the model")
-    return _run(cfg, model, "finetune", transform)
+    forward = crd_forward(cfg.crd) if cfg.crd is not None else default_forward
+    # Validation stays on plain positions with the model's own RoPE: CRD NTK is a training augmentation.
+    return _run(cfg, model, "finetune", forward=forward)
 
 
-def _with_model_config(model: Llama, cfg: FinetuneConfig) -> Llama:
-    """Rebuilds ``model`` under ``cfg.model`` (e.g. switching attention to ms) keeping its weights."""
-    graphdef, state = nnx.split(model)
-    fresh = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0)))
-    new_graphdef, new_state = nnx.split(fresh)
-    if jax.tree.structure(new_state) != jax.tree.structure(state):
-        raise ValueError("model section of the fine-tune config changes parameter shapes of the checkpoint")
-    return nnx.merge(new_graphdef, state)
+def with_model_config(model: Llama, model_cfg: ModelConfig) -> Llama:
+    """``model`` (in place) under another ``ModelConfig`` of the same shapes: attention kind, ms settings, RoPE
+    rule. Modules read their config at call time, so swapping it on every module is enough (LoRA included)."""
+    shapes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_size",
+              "tie_embeddings", "attention_bias")
+    changed = [f for f in shapes if getattr(model.config, f) != getattr(model_cfg, f)]
+    if changed:
+        raise ValueError(f"the model config changes parameter shapes ({', '.join(changed)}): "
+                         f"{ {f: (getattr(model.config, f), getattr(model_cfg, f)) for f in changed} }")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "config", None), ModelConfig):
+            node.config = model_cfg
+    return model
 
 
 def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, dict]:

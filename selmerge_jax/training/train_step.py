@@ -14,7 +14,7 @@ targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]`` (the grain pipeli
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -26,9 +26,19 @@ from flax import nnx
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 __all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "split_batch",
-           "token_cross_entropy", "default_forward", "trainable_filter"]
+           "token_cross_entropy", "default_forward", "trainable_filter", "StepContext"]
 
-Forward = Callable[[nnx.Module, dict], jax.Array]  # (model, {"tokens", ["positions"], ...}) -> logits
+
+
+class StepContext(NamedTuple):
+    """What a forward may need besides the batch: the optimizer step (traced) and a key unique to this step and
+    micro-batch (e.g. CRD NTK's stage and random offsets), both replayed exactly on resume."""
+
+    step: jax.Array
+    key: jax.Array
+
+
+Forward = Callable[[nnx.Module, dict, StepContext], jax.Array]  # (model, {"tokens", ...}, ctx) -> logits
 
 
 @flax.struct.dataclass
@@ -99,7 +109,7 @@ def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def default_forward(model, inputs: dict):
+def default_forward(model, inputs: dict, ctx: StepContext | None = None):
     """``model(tokens, **rest)`` -> logits ``[B, T, V]``; ``rest`` = the batch's positions / segment_ids."""
     rest = {k: v for k, v in inputs.items() if k != "tokens"}
     return model(inputs["tokens"], **rest)
@@ -109,11 +119,11 @@ def _cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _micro_loss(params, rest, graphdef, micro, total_count, compute_dtype, forward):
+def _micro_loss(params, rest, graphdef, micro, ctx, total_count, compute_dtype, forward):
     """Summed loss of one micro-batch divided by the whole step's token count, so micro-grads simply add."""
     inputs, targets, mask = micro
     model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), _cast_floating(rest, compute_dtype))
-    logits = forward(model, inputs)
+    logits = forward(model, inputs, ctx)
     loss_sum, _ = token_cross_entropy(logits, targets, mask)
     return loss_sum / total_count, loss_sum
 
@@ -139,13 +149,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
         total = jnp.maximum(jnp.sum(mask), 1.0)
         micro = _microbatches((inputs, targets, mask), accumulation_steps)
 
-        def body(carry, mb):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def body(carry, xs):
             grads, loss_sum = carry
-            g, ls = grad_fn(state.params, state.rest, graphdef, mb, total, compute_dtype, forward)
+            index, mb = xs
+            ctx = StepContext(state.step, jax.random.fold_in(step_key, index))
+            g, ls = grad_fn(state.params, state.rest, graphdef, mb, ctx, total, compute_dtype, forward)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + ls), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+        xs = (jnp.arange(accumulation_steps), micro)
+        (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / total, "grad_norm": _global_norm(grads), "tokens": jnp.sum(mask)}
@@ -165,6 +180,7 @@ def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = de
         inputs, targets, mask = split_batch(batch)
         model = nnx.merge(graphdef, _cast_floating(state.params, compute_dtype),
                           _cast_floating(state.rest, compute_dtype))
-        return token_cross_entropy(forward(model, inputs), targets, mask)
+        ctx = StepContext(state.step, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+        return token_cross_entropy(forward(model, inputs, ctx), targets, mask)
 
     return jax.jit(eval_step)
