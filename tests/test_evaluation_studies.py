@@ -1,0 +1,108 @@
+"""Each evaluation study end to end on CPU with a tiny model and a small grid: it writes its JSON and PNG and
+the figures in them are sane. Data comes from a .npy token file (no TFDS build) to keep the file quick."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from selmerge_jax.evaluation import fidelity, loss_curves, memory_report, passkey, perplexity
+from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.models.config import preset
+from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.positional import RopeConfig
+from selmerge_jax.training.experiment import DataConfig
+
+ROOT = pathlib.Path(__file__).parents[1]
+MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def npy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    text = (ROOT / "selmerge_jax" / "training" / "loop.py").read_text()
+    tokens = ByteTokenizer().encode(text, add_bos=True, add_eos=True).astype(np.uint16)
+    np.save(d / "train.npy", tokens)
+    np.save(d / "validation.npy", tokens[::-1].copy())
+    return str(d / "train.npy"), str(d / "validation.npy")
+
+
+def _outputs(result: dict) -> dict:
+    assert pathlib.Path(result["png"]).read_bytes()[:8] == PNG_MAGIC
+    return json.loads(pathlib.Path(result["json"]).read_text())
+
+
+def test_passkey_study_with_ntk_rule(tmp_path):
+    cfg = passkey.PasskeyEvalConfig(model=MICRO, rope=RopeConfig(rope_type="ntk", factor=4.0), lengths=(288,),
+                                    depths=(0.0, 1.0), per_cell=1, chunk_size=96, output_dir=str(tmp_path))
+    data = _outputs(passkey.run_passkey(cfg))
+    assert np.asarray(data["accuracy"]).shape == (2, 1) and data["rope"]["rope_type"] == "ntk"
+    assert 0.0 <= data["mean_accuracy"] <= 1.0 and data["backend"] == "cpu"
+    assert [e["length"] for e in data["examples"]] == [288, 288]
+
+
+def test_perplexity_study(tmp_path, npy):
+    cfg = perplexity.PerplexityEvalConfig(model=MICRO, data=DataConfig(train_npy=npy[0], validation_npy=npy[1]),
+                                          lengths=(32, 64), windows=2, chunk_size=32, output_dir=str(tmp_path))
+    data = _outputs(perplexity.run_perplexity(cfg))
+    assert [r["length"] for r in data["rows"]] == [32, 64]
+    for r in data["rows"]:  # an untrained byte model is close to uniform over its 259 ids
+        assert 100 < r["perplexity"] < 600 and r["tokens"] == 2 * r["length"]
+
+
+def test_fidelity_study_keeps_the_budget(tmp_path, npy):
+    kv = KVCompressionConfig(policy="h2o", budget=24, slack=32, sink=2, window=8)
+    cfg = fidelity.FidelityEvalConfig(model=MICRO, data=DataConfig(train_npy=npy[0], validation_npy=npy[1]),
+                                      prompt_tokens=64, num_prompts=2, max_new_tokens=4, chunk_size=32,
+                                      compressions=(kv,), output_dir=str(tmp_path))
+    result = fidelity.run_fidelity(cfg)
+    data = _outputs(result)
+    (setting,) = data["settings"]
+    assert setting["name"] == "h2o b=24" and len(setting["prompts"]) == 2
+    assert setting["mean"]["kept_ratio"] == pytest.approx(24 / 64)
+    for row in setting["prompts"]:
+        assert 0 <= row["jaccard"] <= 1 and 0 <= row["rouge_l"] <= 1 and 0 <= row["exact_prefix"] <= 4
+    assert "| h2o b=24 | 0.375 |" in result["table"]
+
+
+def test_memory_study(tmp_path):
+    cfg = memory_report.MemoryReportConfig(model=MICRO, lengths=(64,), new_tokens=2, chunk_size=32, repeats=1,
+                                           output_dir=str(tmp_path))
+    (row,) = _outputs(memory_report.run_memory_report(cfg))["rows"]
+    assert row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
+    assert row["prefill_plan_bytes"] > 0 and row["forward_plan_bytes"] > 0
+
+
+def test_loss_curve_sweep(tmp_path, npy):
+    base = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.ms.block_size=8",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2", "train.batch_size=8",
+            "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.progress=false",
+            "optimizer.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.async_save=false"]
+    sweep = loss_curves.LossCurveSweepConfig(base_overrides=tuple(base), output_dir=str(tmp_path),
+                                             variants={"dense": ["model.attention=dense"], "ms_k2": ["model.ms.top_k=2"]})
+    result = loss_curves.run_loss_curves(sweep)
+    runs = _outputs(result)["runs"]
+    assert set(runs) == {"dense", "ms_k2"}
+    assert runs["dense"]["attended_fraction"] == 1.0 > runs["ms_k2"]["attended_fraction"]
+    assert runs["dense"]["train_flops_total"] > runs["ms_k2"]["train_flops_total"]
+    for r in runs.values():
+        assert r["curve"]["step"] == [1, 2] and r["tokens"] == 2 * 8 * 32 and np.isfinite(r["final_val_loss"])
+        assert r["compiled_step_bytes"] > 0
+    assert result["table"].splitlines()[2].startswith("| dense | dense | 1.000 |")
+
+
+@pytest.mark.parametrize("script", ["eval_passkey", "eval_perplexity", "eval_loss_curves", "eval_fidelity",
+                                    "eval_memory"])
+def test_scripts_reject_a_bad_key_with_exit_code_2(script, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(ROOT)  # the default --config path is relative to the repository
+    monkeypatch.setattr(sys, "argv", [script, "--set", "no_such_key=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and "no_such_key: unknown key" in capsys.readouterr().err
