@@ -56,8 +56,8 @@ def test_pretrain_script(tmp_path, npy_data):
 @pytest.mark.slow
 def test_pretrain_finetune_infer_chain(tmp_path, npy_data):
     pre, ckpt = _pretrain(tmp_path, npy_data)
-    model = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1",
-             "model.ms.block_size=16", "model.ms.top_k=4"]
+    model = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.num_heads=4",
+             "model.num_kv_heads=2", "model.ms.block_size=16", "model.ms.top_k=4"]  # the checkpoint's shapes
     fine = _summary(_run("finetune.py", "finetune.yaml", TINY + npy_data + model + [
         f"init.path={ckpt}", "train.steps=2", "train.seq_len=128", f"train.output_dir={tmp_path / 'fine'}",
         "crd.cycle=256", "crd.original_max_position_embeddings=64", "crd.stage_steps=1"], tmp_path))
