@@ -23,7 +23,7 @@ def _kernel(plan, interpret=True):
     return lambda q, k, v: block_sparse_attention_mosaic_tpu(q, k, v, plan, return_lse=True, interpret=interpret)
 
 
-@pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g8_merge2_per_head"])
+@pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g8_merge2_per_head", "tiny_noncausal_g2"])
 def test_matches_reference(name):
     """Forward, LSE, dq/dk/dv: G=4 packed (P=K, W=64, ragged) and G=8 per-head (P=N, merge 2, W=32)."""
     (q, k, v, plan, do), want = reference_case(name)

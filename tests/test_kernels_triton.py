@@ -61,9 +61,10 @@ def assert_close(got, want, rtol, atol):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g1_h128_w128", "tiny_g8_merge2_per_head"])
+@pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g1_h128_w128", "tiny_g8_merge2_per_head",
+                                  "tiny_noncausal_g2"])
 def test_matches_reference(name):
-    """Forward, LSE and all gradients: GQA G=4/1/8, H=64/128, W=64/128/32, merge 2, P=K and P=N, ragged."""
+    """Forward, LSE, all gradients: G=4/1/8/2, H=64/128/32, W=64/128/32, merge 2, P=K and N, ragged, non-causal."""
     (q, k, v, plan, do), want = reference_case(name)
     run, got = outputs(_kernel(plan), q, k, v, do)
     assert_close(got, want, rtol=2e-5, atol=2e-5)

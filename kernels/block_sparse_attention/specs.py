@@ -125,6 +125,8 @@ SPECS: dict[str, AttentionSpec] = {s.name: s for s in (
                   merge=2, selected=2, dtype="float32", per_kv_selection=False, ragged=0.3),
     AttentionSpec(name="tiny_no_local", seq_len=256, q_heads=4, kv_heads=2, head_dim=64, block_size=32,
                   selected=2, dtype="float32", include_local=False, ragged=0.5),
+    AttentionSpec(name="tiny_noncausal_g2", seq_len=256, q_heads=4, kv_heads=2, head_dim=32, block_size=32,
+                  selected=3, dtype="float32", causal=False, ragged=0.3),
     # GPU: correctness at a realistic tile count, then the benchmark shapes.
     _h100("gpu_check_8k", 8192, ragged=0.2),
     _h100("h100_16k", 16384),
