@@ -20,7 +20,8 @@ An entry is *valid* iff ``0 <= idx < R``, it is not inside the group's own local
 it lies strictly before the group: ``idx < q*merge``. Invalid entries (``-1`` is the canonical padding) are
 ignored; their K/V are never read. With ``include_local=False`` the keys are another sequence (a ring step
 visiting another shard), so entries inside the group's own index range are valid too. Rows may hold fewer
-valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is attended twice. Ordering inside a row does not change the result.
+valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is attended
+twice. Ordering inside a row does not change the result.
 
 The selection axis ``P`` equals ``N`` (one selection per query head) or ``K`` (one per kv head, shared by its
 ``G`` query heads: what GQA-native kernels and caches want); with ``N == K`` the two coincide.
