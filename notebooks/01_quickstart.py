@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -114,6 +116,11 @@ print("same output:", bool(jnp.allclose(y_nnx, y_jax, atol=1e-6)), y_nnx.shape)
 # large; notebook 02 shows a sequence with structure, where selection finds what matters.
 
 # %%
+def rel(a, b):
+    """Relative L2 error of a against b."""
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
 def twin(ms_config, implementation="reference"):
     """A layer with the same parameters as ``layer`` and another attention config."""
     other = MSAttention(AttentionLayerConfig(d_model=cfg.d_model, num_heads=cfg.num_heads,
@@ -128,7 +135,6 @@ dense_layer = twin(ms, implementation="dense")
 full_layer = twin(MSAttentionConfig(block_size=32, top_k=regions, selection_source="previous"))
 y_dense = forward_nnx(dense_layer, x)
 y_full = forward_nnx(full_layer, x)
-rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
 print(f"top_k={regions} (everything) vs dense: max |diff| = {float(jnp.abs(y_full - y_dense).max()):.2e}")
 print(f"top_k={ms.top_k} (sparse)      vs dense: relative L2 error = {rel(y_nnx, y_dense):.3f}")
 assert float(jnp.abs(y_full - y_dense).max()) < 1e-4
