@@ -26,6 +26,7 @@ __all__ = [
     "chunk_order",
     "from_layout",
     "global_index",
+    "layout_order",
     "local_positions",
     "shard_and_local_index",
     "to_layout",
@@ -73,6 +74,14 @@ def from_layout(x, layout: str, num_shards: int, axis: int = 1):
     xs = _split(x, layout, num_shards, axis)
     inverse = np.argsort(chunk_order(layout, num_shards))
     return jnp.take(xs, inverse, axis=axis).reshape(x.shape)
+
+
+def layout_order(layout: str, num_shards: int, units_per_shard: int) -> np.ndarray:
+    """Global index of every unit (token, region, group) in layout order: ``x_global = x_layout[argsort(order)]``."""
+    per_chunk = units_per_shard // check_layout(layout)
+    chunks = chunk_order(layout, num_shards)
+    slot = np.arange(num_shards * units_per_shard)
+    return chunks[slot // per_chunk] * per_chunk + slot % per_chunk
 
 
 def global_index(local, shard, units_per_shard: int, layout: str, num_shards: int):

@@ -2,7 +2,8 @@
 
 Each device holds a shard of the sequence (``layouts.py`` says which tokens). Over ``n`` steps the local
 queries meet every KV shard: step 0 uses the device's own K/V, then K and V (stacked into one array, so one
-collective per step) move one hop along the ring with ``lax.ppermute``. Every step yields a partial
+collective per step) move one hop along the ring with ``lax.ppermute``, n-1 hops in all. Steps 1..n-1 are one
+``lax.scan`` body, so compile time does not grow with the ring size. Every step yields a partial
 ``(out, lse)`` and the partials are merged with the float32 online-softmax rule of ``merge_partials``.
 
 Gradients use a custom VJP that keeps only q, k, v, out and lse (no per-step residuals): the backward pass
@@ -28,26 +29,18 @@ import numpy as np
 from jax import lax
 
 from selmerge_jax.attention.merging import merge_partials
-from selmerge_jax.attention.reference import check_qkv
+from selmerge_jax.attention.reference import check_qkv, dense_attention
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention, dense_causal_plan
 from selmerge_jax.sharding.layouts import check_layout
 
-__all__ = ["Strategy", "ring_attention", "ring_partials", "varying"]
+__all__ = ["Strategy", "empty_partial", "ring_attention", "ring_partials"]
 
 Strategy = Literal["ring", "allgather"]
 _F32 = jnp.float32
 
-# step_fn(step, origin, q, k, v, aux) -> (out [B, T, N, H], lse float32 [B, T, N]): the partial of the local
-# queries over the KV shard that started on device `origin`; `step` is static, `origin` traced.
+# step_fn(first, origin, q, k, v, aux) -> (out [B, T, N, H], lse float32 [B, T, N]): the partial of the local
+# queries over the KV shard that started on device `origin` (traced); `first` (static) marks the own shard.
 StepFn = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def varying(x, axis_name: str):
-    """Marks x as varying over ``axis_name`` (check_vma needs matching types in lax.cond branches)."""
-    cast = getattr(lax, "pcast", None)
-    if cast is not None:
-        return cast(x, axis_name, to="varying")
-    return lax.pvary(x, axis_name)  # jax versions before pcast
 
 
 def _shift(n: int):
@@ -65,6 +58,8 @@ def ring_partials(step_fn: StepFn, q, k, v, aux=None, *, axis_name: str, strateg
     ``aux`` is an integer pytree passed unchanged to ``step_fn`` (no gradient), e.g. selection plan rows.
     """
     _check_strategy(strategy)
+    if lax.axis_size(axis_name) == 1:  # no ring: the step's own VJP (the kernel's) beats recomputing it
+        return step_fn(True, lax.axis_index(axis_name), q, k, v, aux)
     return _ring(step_fn, axis_name, strategy, q, k, v, aux)
 
 
@@ -73,57 +68,78 @@ def _ring(step_fn, axis_name, strategy, q, k, v, aux):
     return _ring_fwd(step_fn, axis_name, strategy, q, k, v, aux)[0]
 
 
-def _visits(kv, axis_name: str, strategy: str):
-    """Yields ``(step, origin, kv)`` for every ring step; exactly n-1 ppermutes for the ring strategy."""
-    n, me = lax.axis_size(axis_name), lax.axis_index(axis_name)
-    gathered = lax.all_gather(kv, axis_name) if strategy == "allgather" and n > 1 else None
-    for step in range(n):
-        origin = (me - step) % n
-        if step and gathered is None:
-            kv = lax.ppermute(kv, axis_name, _shift(n))
-        yield step, origin, (kv if gathered is None else gathered[origin])
+def _fetch(kv, gathered, origin, axis_name: str):
+    """The visiting KV shard: one ring hop (ring) or a slice of the gathered K/V (allgather)."""
+    if gathered is None:
+        return lax.ppermute(kv, axis_name, _shift(lax.axis_size(axis_name)))
+    return gathered[origin]
 
 
 def _ring_fwd(step_fn, axis_name, strategy, q, k, v, aux):
-    out = lse = None
-    for step, origin, kv in _visits(jnp.stack([k, v]), axis_name, strategy):
-        out_s, lse_s = step_fn(step, origin, q, kv[0], kv[1], aux)
-        if out is None:
-            out, lse = out_s.astype(_F32), lse_s
-        else:
-            out, lse = merge_partials(out, lse, out_s.astype(_F32), lse_s)
-    return (out.astype(q.dtype), lse), (q, k, v, aux, out.astype(q.dtype), lse)
+    n, me = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    kv = jnp.stack([k, v])
+    gathered = lax.all_gather(kv, axis_name) if strategy == "allgather" and n > 1 else None
+    out, lse = step_fn(True, me, q, k, v, aux)
+    out = out.astype(_F32)
+
+    def body(carry, step):  # steps 1..n-1 share one body: compile time does not grow with n
+        kv, out, lse = carry
+        origin = (me - step) % n
+        kv = _fetch(kv, gathered, origin, axis_name)
+        out_s, lse_s = step_fn(False, origin, q, kv[0], kv[1], aux)
+        out, lse = merge_partials(out, lse, out_s.astype(_F32), lse_s)
+        return (kv, out, lse), None
+
+    if n > 1:
+        (_, out, lse), _ = lax.scan(body, (kv, out, lse), jnp.arange(1, n))
+    out = out.astype(q.dtype)
+    return (out, lse), (q, k, v, aux, out, lse)
 
 
 def _step_cotangents(out_s, lse_s, out, lse, d_out, d_lse):
     """Cotangents of one partial from those of the merged result: out = sum_s exp(lse_s - lse) * out_s."""
-    w = jnp.where(jnp.isfinite(lse_s) & jnp.isfinite(lse), jnp.exp(lse_s - jnp.where(jnp.isfinite(lse), lse, 0.0)),
-                  0.0)
+    finite = jnp.isfinite(lse_s) & jnp.isfinite(lse)
+    w = jnp.where(finite, jnp.exp(lse_s - jnp.where(finite, lse, 0.0)), 0.0)
     d_out32 = d_out.astype(_F32)
     ct_out = (w[..., None] * d_out32).astype(out_s.dtype)
     ct_lse = w * (jnp.sum(d_out32 * (out_s.astype(_F32) - out.astype(_F32)), -1) + d_lse)
     return ct_out, ct_lse
 
 
+def _step_grads(step_fn, first, origin, q, kv, aux, res_out, res_lse, d_out, d_lse):
+    """Recomputes one step's partial and pulls the merged result's cotangents back to ``(dq, dkv)``."""
+    f = lambda q_, k_, v_: step_fn(first, origin, q_, k_, v_, aux)  # noqa: E731
+    (out_s, lse_s), pull = jax.vjp(f, q, kv[0], kv[1])
+    dq, dk, dv = pull(_step_cotangents(out_s, lse_s, res_out, res_lse, d_out, d_lse))
+    return dq.astype(_F32), jnp.stack([dk, dv]).astype(_F32)
+
+
 def _ring_bwd(step_fn, axis_name, strategy, res, cts):
     q, k, v, aux, out, lse = res
-    d_out, d_lse = cts
-    n = lax.axis_size(axis_name)
-    dq = jnp.zeros(q.shape, _F32)
-    dkv = varying(jnp.zeros((2,) + k.shape if strategy == "ring" else (n, 2) + k.shape, _F32), axis_name)
-    for step, origin, kv in _visits(jnp.stack([k, v]), axis_name, strategy):
-        if step and strategy == "ring":
-            dkv = lax.ppermute(dkv, axis_name, _shift(n))  # travels with the K/V it belongs to
-        f = lambda q_, k_, v_, step=step, origin=origin: step_fn(step, origin, q_, k_, v_, aux)  # noqa: E731
-        (out_s, lse_s), pull = jax.vjp(f, q, kv[0], kv[1])
-        dq_s, dk_s, dv_s = pull(_step_cotangents(out_s, lse_s, out, lse, d_out, d_lse))
-        dq = dq + dq_s.astype(_F32)
-        d_step = jnp.stack([dk_s, dv_s]).astype(_F32)
-        dkv = dkv + d_step if strategy == "ring" else dkv.at[origin].add(d_step)
-    if strategy == "ring":
-        dkv = lax.ppermute(dkv, axis_name, _shift(n)) if n > 1 else dkv  # device i holds shard i+1's: one hop home
-    else:
-        dkv = lax.psum_scatter(dkv, axis_name, scatter_dimension=0) if n > 1 else dkv[0]
+    n, me = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    grads = partial(_step_grads, step_fn, res_out=out, res_lse=lse, d_out=cts[0], d_lse=cts[1])
+    kv = jnp.stack([k, v])
+    gathered = lax.all_gather(kv, axis_name) if strategy == "allgather" and n > 1 else None
+    dq, dkv = grads(True, me, q, kv, aux)
+    if gathered is not None:  # one dK/dV slot per source shard, reduce-scattered home at the end
+        dkv = jnp.zeros_like(dkv, shape=(n,) + dkv.shape).at[me].set(dkv)  # *_like: keeps the varying axes
+
+    def body(carry, step):
+        kv, dq, dkv = carry
+        origin = (me - step) % n
+        kv = _fetch(kv, gathered, origin, axis_name)
+        if gathered is None:
+            dkv = lax.ppermute(dkv, axis_name, _shift(n))  # the accumulator travels with the K/V it belongs to
+        dq_s, dkv_s = grads(False, origin, q, kv, aux)
+        dkv = dkv + dkv_s if gathered is None else dkv.at[origin].add(dkv_s)
+        return (kv, dq + dq_s, dkv), None
+
+    if n > 1:
+        (_, dq, dkv), _ = lax.scan(body, (kv, dq, dkv), jnp.arange(1, n))
+        if gathered is None:  # device i now holds shard i+1's dK/dV: one hop home
+            dkv = lax.ppermute(dkv, axis_name, _shift(n))
+        else:
+            dkv = lax.psum_scatter(dkv, axis_name, scatter_dimension=0)
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
 
@@ -142,6 +158,8 @@ def _full_plan(batch: int, heads: int, num_groups: int, block_size: int) -> Sele
 
 def _attend(q, k, v, *, causal: bool, block_size: int, scale, implementation):
     """One block of dense attention with equal q and kv lengths, as ``(out, lse)``."""
+    if implementation == "dense":
+        return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
     b, t, _, _ = q.shape
     w = math.gcd(t, block_size)
     heads = k.shape[2]
@@ -152,9 +170,12 @@ def _attend(q, k, v, *, causal: bool, block_size: int, scale, implementation):
     return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True, implementation=implementation)
 
 
-def _empty(q, axis_name):
-    out = varying(jnp.zeros(q.shape, q.dtype), axis_name)
-    return out, varying(jnp.full(q.shape[:3], -jnp.inf, _F32), axis_name)
+def empty_partial(q):
+    """The partial of a step with nothing to attend: zero output, ``lse = -inf``.
+
+    ``*_like`` keeps q's varying mesh axes, which check_vma requires of both lax.cond branches.
+    """
+    return jnp.zeros_like(q), jnp.full_like(q[..., 0], -jnp.inf, dtype=_F32)
 
 
 def _fold_halves(x):
@@ -187,16 +208,16 @@ def _zigzag_after(q, k, v, attend):
     return out, jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=1)
 
 
-def _dense_step(step, origin, q, k, v, aux, *, causal, layout, axis_name, attend):
+def _dense_step(first, origin, q, k, v, aux, *, causal, layout, axis_name, attend):
     del aux
-    if step == 0 or not causal:
-        return attend(q, k, v, causal=causal and step == 0)
+    if first or not causal:
+        return attend(q, k, v, causal=causal and first)
     me = lax.axis_index(axis_name)
     full = partial(attend, causal=False)
     if layout == "zigzag":
         return lax.cond(origin < me, partial(_zigzag_before, attend=full),
                         partial(_zigzag_after, attend=full), q, k, v)
-    return lax.cond(origin < me, full, lambda q_, k_, v_: _empty(q_, axis_name), q, k, v)
+    return lax.cond(origin < me, full, lambda q_, k_, v_: empty_partial(q_), q, k, v)
 
 
 def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str = "zigzag",
@@ -212,7 +233,9 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str 
       layout: ``"zigzag"`` (balanced causal work; T_local must be even) or ``"contiguous"``.
       strategy: ``"ring"`` (ppermute K/V, O(T/n) KV memory) or ``"allgather"`` (gather K/V once).
       block_size: tile of the block-sparse op that runs each step (reduced to a divisor of the block length).
-      implementation: backend(s) of ``block_sparse_attention``.
+      implementation: what runs each step: ``"dense"`` (the einsum oracle: T_local^2 logits per step, fastest
+        to compile; the CPU default) or backend name(s) of ``block_sparse_attention`` (default elsewhere:
+        the Pallas kernels with dense plans, flash-style memory).
       return_lse: also return the float32 log-sum-exp ``[B, T_local, N]``.
 
     Returns:
@@ -226,6 +249,8 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str 
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     _check_strategy(strategy)
+    if implementation is None and jax.default_backend() == "cpu":
+        implementation = "dense"
     attend = partial(_attend, block_size=block_size, scale=scale, implementation=implementation)
     step_fn = partial(_dense_step, causal=causal, layout=layout, axis_name=axis_name, attend=attend)
     out, lse = ring_partials(step_fn, q, k, v, axis_name=axis_name, strategy=strategy)
