@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.attention.reference import dense_attention as _dense_eager
 from selmerge_jax.kvcache import cache as kc
+
+# Jitted wrappers: one compile per shape instead of one per eager primitive (keeps the CPU suite fast).
+dense_attention = jax.jit(_dense_eager, static_argnames=("causal", "return_lse"))
+_append = jax.jit(kc.append)
+_attend = jax.jit(kc.attend, static_argnames=("return_probs",))
 
 B, K, G, H = 2, 2, 3, 8
 N = K * G
@@ -26,12 +31,12 @@ def test_prefill_then_decode_matches_dense(key):
     q, k, v = _qkv(key, s, s)
     pos = jnp.broadcast_to(jnp.arange(s), (B, s))
     cache = kc.init_cache(B, K, 16, H, jnp.float32)
-    cache = kc.append(cache, k[:, :8], v[:, :8], pos[:, :8])
-    out_prefill = kc.attend(cache, q[:, :8], pos[:, :8])
+    cache = _append(cache, k[:, :8], v[:, :8], pos[:, :8])
+    out_prefill = _attend(cache, q[:, :8], pos[:, :8])
     outs = [out_prefill]
     for i in range(8, s):  # token-by-token decode
-        cache = kc.append(cache, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1])
-        outs.append(kc.attend(cache, q[:, i:i + 1], pos[:, i:i + 1]))
+        cache = _append(cache, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1])
+        outs.append(_attend(cache, q[:, i:i + 1], pos[:, i:i + 1]))
     np.testing.assert_allclose(jnp.concatenate(outs, 1), dense_attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert int(cache.length) == s and int(kc.num_valid(cache).min()) == s
 
@@ -39,8 +44,8 @@ def test_prefill_then_decode_matches_dense(key):
 def test_probs_and_lse_match_dense(key):
     q, k, v = _qkv(key, 4, 4)
     pos = jnp.broadcast_to(jnp.arange(4), (B, 4))
-    cache = kc.append(kc.init_cache(B, K, 6, H, jnp.float32), k, v, pos)
-    _out, probs, lse = kc.attend(cache, q, pos, return_probs=True)
+    cache = _append(kc.init_cache(B, K, 6, H, jnp.float32), k, v, pos)
+    _out, probs, lse = _attend(cache, q, pos, return_probs=True)
     _, lse_ref = dense_attention(q, k, v, return_lse=True)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
     assert probs.shape == (B, K, G, 4, 6)
@@ -62,16 +67,16 @@ def test_merged_slot_count_equals_duplicated_tokens(key):
     dup_k = jnp.concatenate([k, k[:, 1:2], k[:, 1:2]], 1)
     dup_v = jnp.concatenate([v, v[:, 1:2], v[:, 1:2]], 1)
     ref = dense_attention(q, dup_k, dup_v, causal=False)
-    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.zeros((B, 3), jnp.int32))
+    cache = _append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.zeros((B, 3), jnp.int32))
     cache = kc.KVCache(**{**cache.__dict__, "count": cache.count.at[:, :, 1].set(3.0)})
-    np.testing.assert_allclose(kc.attend(cache, q, jnp.zeros((B, 1), jnp.int32)), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_attend(cache, q, jnp.zeros((B, 1), jnp.int32)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_positions_are_never_attended(key):
     q, k, v = _qkv(key, 1, 4)
     pos = jnp.array([[0, 1, 2, 3], [-1, -1, 0, 1]])  # row 1 is left-padded
-    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, pos)
-    out = kc.attend(cache, q, jnp.array([[3], [1]]))
+    cache = _append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, pos)
+    out = _attend(cache, q, jnp.array([[3], [1]]))
     ref1 = dense_attention(q[1:], k[1:, 2:], v[1:, 2:])
     np.testing.assert_allclose(out[1:], ref1, rtol=1e-5, atol=1e-5)
     assert kc.num_valid(cache).tolist() == [[4, 4], [2, 2]]
@@ -79,8 +84,8 @@ def test_padding_positions_are_never_attended(key):
 
 def test_query_that_sees_nothing_gives_zero_not_nan(key):
     q, k, v = _qkv(key, 1, 2)
-    cache = kc.append(kc.init_cache(B, K, 2, H, jnp.float32), k, v, jnp.full((B, 2), 5))
-    out = kc.attend(cache, q, jnp.zeros((B, 1), jnp.int32))
+    cache = _append(kc.init_cache(B, K, 2, H, jnp.float32), k, v, jnp.full((B, 2), 5))
+    out = _attend(cache, q, jnp.zeros((B, 1), jnp.int32))
     assert not bool(jnp.isnan(out).any()) and float(jnp.abs(out).max()) == 0.0
 
 
@@ -106,14 +111,14 @@ def test_append_rejects_bad_shapes(key):
     _, k, v = _qkv(key, 1, 2)
     cache = kc.init_cache(B, K, 4, H, jnp.float32)
     with pytest.raises(ValueError, match="k_new"):
-        kc.append(cache, k[:, :, :1], v, jnp.zeros((B, 2), jnp.int32))
+        _append(cache, k[:, :, :1], v, jnp.zeros((B, 2), jnp.int32))
     with pytest.raises(ValueError, match="positions"):
-        kc.append(cache, k, v, jnp.zeros((B, 3), jnp.int32))
+        _append(cache, k, v, jnp.zeros((B, 3), jnp.int32))
 
 
 def test_gather_and_with_capacity(key):
     _, k, v = _qkv(key, 1, 4)
-    cache = kc.append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.broadcast_to(jnp.arange(4), (B, 4)))
+    cache = _append(kc.init_cache(B, K, 4, H, jnp.float32), k, v, jnp.broadcast_to(jnp.arange(4), (B, 4)))
     idx = jnp.broadcast_to(jnp.array([3, 1, -1]), (B, K, 3))
     g = kc.gather_slots(cache, idx, length=2)
     assert g.capacity == 3 and g.pos[0, 0].tolist() == [3, 1, -1] and int(g.length) == 2
@@ -129,8 +134,8 @@ def test_decode_loop_compiles_once(key):
     @functools.partial(jax.jit, donate_argnums=0)  # a fresh cache must be donatable (distinct k/v buffers)
     @chex.assert_max_traces(n=1)
     def step(cache, q_t, k_t, v_t, p_t):
-        cache = kc.append(cache, k_t, v_t, p_t)
-        return cache, kc.attend(cache, q_t, p_t)
+        cache = _append(cache, k_t, v_t, p_t)
+        return cache, _attend(cache, q_t, p_t)
 
     cache = kc.init_cache(B, K, 6, H, jnp.float32)
     for i in range(6):

@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.attention.reference import dense_attention as _dense_eager
 from selmerge_jax.kvcache import cache as kc
 from selmerge_jax.kvcache import policies as kp
 from selmerge_jax.kvcache.config import KVCompressionConfig
+
+# Jitted wrappers: one compile per shape instead of one per eager primitive (keeps the CPU suite fast).
+dense_attention = jax.jit(_dense_eager, static_argnames=("causal", "return_lse"))
+_compress = jax.jit(kp.compress, static_argnums=(1, 2))
+_observe = jax.jit(kp.observe, static_argnums=(2,))
+_attend = jax.jit(kc.attend, static_argnames=("return_probs",))
+_append = jax.jit(kc.append)
 
 B, K, G, H = 1, 2, 2, 16
 N = K * G
@@ -23,7 +30,7 @@ def _filled(n, capacity, seed=1, config=None, keys=None, values=None):
     v = jax.random.normal(kv, (B, n, K, H)) if values is None else values
     cache = (kp.init_for(config, B, K, capacity, H, jnp.float32) if config is not None
              else kc.init_cache(B, K, capacity, H, jnp.float32))
-    return kc.append(cache, k, v, jnp.arange(n)[None]), k, v
+    return _append(cache, k, v, jnp.arange(n)[None]), k, v
 
 
 def _kept_positions(cache):
@@ -46,17 +53,17 @@ def test_budget_that_keeps_everything_is_exact(kw):
     cache, k, v = _filled(10, 16, config=config)
     q = jax.random.normal(jax.random.PRNGKey(2), (B, 10, N, H))
     pos = jnp.arange(10)[None]
-    _, probs, _ = kc.attend(cache, q, pos, return_probs=True)
-    squeezed = kp.compress(kp.observe(cache, probs, config), config, 14)
+    _, probs, _ = _attend(cache, q, pos, return_probs=True)
+    squeezed = _compress(_observe(cache, probs, config), config, 14)
     ref = dense_attention(q, k, v)
-    np.testing.assert_allclose(kc.attend(squeezed, q, pos), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_attend(squeezed, q, pos), ref, rtol=1e-6, atol=1e-6)
     assert int(squeezed.length) == 14 and squeezed.capacity == 16
 
 
 def test_streaming_keeps_sinks_and_recent_window():
     config = KVCompressionConfig(policy="streaming", budget=8, sink=2, window=6)
     cache, _, _ = _filled(20, 20)
-    out = kp.compress(cache, config, 8)
+    out = _compress(cache, config, 8)
     assert _kept_positions(out) == [[0, 1, 14, 15, 16, 17, 18, 19]] * K
 
 
@@ -86,8 +93,8 @@ def test_snapkv_keeps_what_the_observation_window_attends_and_its_neighbours():
     config = KVCompressionConfig(policy="snapkv", budget=7, sink=0, window=4, obs_window=4, pool_kernel=3,
                                  pool="max")
     cache, _, _ = _filled(n, n, keys=keys, values=keys)
-    _, probs, _ = kc.attend(cache, q, jnp.arange(n)[None], return_probs=True)
-    out = kp.compress(kp.observe(cache, probs, config), config, 7)
+    _, probs, _ = _attend(cache, q, jnp.arange(n)[None], return_probs=True)
+    out = _compress(_observe(cache, probs, config), config, 7)
     assert _kept_positions(out) == [[6, 7, 8, 20, 21, 22, 23]] * K  # key 7 + pooled neighbours + window
 
 
@@ -97,8 +104,8 @@ def test_tova_keeps_what_the_latest_query_attends():
     q = jnp.zeros((B, n, N, H)).at[:, -1].set(8.0 * jax.nn.one_hot(3, H))
     config = KVCompressionConfig(policy="tova", budget=3, sink=0, window=1)
     cache, _, _ = _filled(n, n, keys=keys, values=keys)
-    _, probs, _ = kc.attend(cache, q, jnp.arange(n)[None], return_probs=True)
-    out = kp.compress(kp.observe(cache, probs, config), config, 3)
+    _, probs, _ = _attend(cache, q, jnp.arange(n)[None], return_probs=True)
+    out = _compress(_observe(cache, probs, config), config, 3)
     kept = _kept_positions(out)
     assert all(3 in h and 11 in h for h in kept)
 
@@ -109,7 +116,7 @@ def test_top_scores_survive_per_kv_head(seed):
     config = KVCompressionConfig(policy="h2o", budget=7, sink=1, window=2)
     cache, _, _ = _filled(20, 20)
     score = jax.random.uniform(jax.random.PRNGKey(seed), cache.score.shape)
-    out = kp.compress(dataclasses.replace(cache, score=score), config, 7)
+    out = _compress(dataclasses.replace(cache, score=score), config, 7)
     for h in range(K):
         s = np.asarray(score[0, h, 1:18])
         top = set((np.argsort(-s)[:4] + 1).tolist())
@@ -125,10 +132,10 @@ def test_nearest_merge_of_duplicate_tokens_is_lossless():
     score = jnp.zeros((B, K, 8)).at[:, :, :6].set(1.0)  # the duplicates score lowest
     config = KVCompressionConfig(policy="h2o", budget=6, sink=0, window=0, merge="nearest")
     cache, _, _ = _filled(8, 8, keys=keys, values=vals)
-    out = kp.compress(dataclasses.replace(cache, score=score), config, 6)
+    out = _compress(dataclasses.replace(cache, score=score), config, 6)
     q = jax.random.normal(jax.random.PRNGKey(4), (B, 1, N, H))
     at = jnp.full((B, 1), 7)
-    np.testing.assert_allclose(kc.attend(out, q, at), kc.attend(cache, q, at), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_attend(out, q, at), _attend(cache, q, at), rtol=1e-5, atol=1e-5)
     assert out.count[0, 0, :6].tolist() == [1, 2, 2, 1, 1, 1] and float(out.count.sum()) == 8 * K
 
 
@@ -136,7 +143,7 @@ def test_value_merge_keeps_keys_positions_counts():
     config = KVCompressionConfig(policy="h2o", budget=4, sink=0, window=0, merge="value")
     cache, _k, _v = _filled(6, 6)
     score = jnp.arange(6.0)[None, None].repeat(K, 1)  # keeps slots 2..5
-    out = kp.compress(dataclasses.replace(cache, score=score), config, 4)
+    out = _compress(dataclasses.replace(cache, score=score), config, 4)
     np.testing.assert_array_equal(out.k[:, :, :4], cache.k[:, :, 2:])
     np.testing.assert_array_equal(out.count[:, :, :4], 1.0)
     assert _kept_positions(out) == [[2, 3, 4, 5]] * K
@@ -149,10 +156,10 @@ def test_centroid_merge_of_equal_keys_is_exact_and_keeps_mass():
     kk = jax.random.normal(jax.random.PRNGKey(5), (B, n, K, H)).at[:, 1:7].set(0.3)  # tokens 1..6: same key
     config = KVCompressionConfig(policy="h2o", budget=5, sink=1, window=3, merge="centroid", merge_slots=1)
     cache, _, _ = _filled(n, n + 1, keys=kk, config=config)
-    out = kp.compress(cache, config, 5)  # keeps sink 0 and window 7..9; 1..6 -> centroid
+    out = _compress(cache, config, 5)  # keeps sink 0 and window 7..9; 1..6 -> centroid
     q = jax.random.normal(jax.random.PRNGKey(6), (B, 1, N, H))
     at = jnp.full((B, 1), n - 1)
-    np.testing.assert_allclose(kc.attend(out, q, at), kc.attend(cache, q, at), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_attend(out, q, at), _attend(cache, q, at), rtol=1e-5, atol=1e-5)
     assert float(out.count[0, 0, 0]) == 6.0 and int(out.pos[0, 0, 0]) == 6  # tokens 1..6, newest 6
     assert float(out.count.sum()) == n * K
 
@@ -162,9 +169,9 @@ def test_summary_slot_running_average(mode):
     config = KVCompressionConfig(policy="streaming", budget=4, sink=0, window=3, summary_slots=1,
                                  summary_mode=mode, summary_decay=0.5)
     cache, k, v = _filled(4, 6, config=config)  # slots 1..4 hold tokens 0..3
-    cache = kp.compress(cache, config, 4)  # evicts token 0
-    cache = kc.append(cache, k[:, :2] * 3, v[:, :2] * 3, jnp.array([[4, 5]]))
-    cache = kp.compress(cache, config, 4)  # evicts tokens 1, 2
+    cache = _compress(cache, config, 4)  # evicts token 0
+    cache = _append(cache, k[:, :2] * 3, v[:, :2] * 3, jnp.array([[4, 5]]))
+    cache = _compress(cache, config, 4)  # evicts tokens 1, 2
     if mode == "cumulative":
         expect = (v[0, 0] + v[0, 1] + v[0, 2]) / 3  # [K, H]: the exact mean of all three evicted tokens
     else:
@@ -194,7 +201,7 @@ def test_decode_with_compression_compiles_once():
 def test_gqa_memory_is_kv_heads_times_budget():
     config = KVCompressionConfig(policy="snapkv", budget=40, sink=4, window=8)
     cache = kp.init_for(config, 2, 4, config.capacity_for(1000), 64, jnp.bfloat16)
-    squeezed = kc.with_capacity(kp.compress(cache, config, 40), 40)
+    squeezed = kc.with_capacity(_compress(cache, config, 40), 40)
     assert kc.kv_nbytes(squeezed) == 2 * 2 * 4 * 40 * 64 * 2  # 2 (K and V) x B x K x budget x H x bf16
 
 

@@ -5,12 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.attention.reference import dense_attention as _dense_eager
 from selmerge_jax.kvcache import cache as kc
 from selmerge_jax.kvcache import policies as kp
 from selmerge_jax.kvcache import prefill as kpre
 from selmerge_jax.kvcache import query_select as qs
 from selmerge_jax.kvcache.config import KVCompressionConfig
+
+# Jitted wrappers: one compile per shape instead of one per eager primitive (keeps the CPU suite fast).
+dense_attention = jax.jit(_dense_eager, static_argnames=("causal", "return_lse"))
+_attend = jax.jit(kc.attend)
+_attend_selected = jax.jit(qs.attend_selected, static_argnames=("block", "top_m", "sink_blocks", "local_blocks",
+                                                                 "centroids", "scale"))
+_select_blocks = jax.jit(qs.select_blocks, static_argnames=("block", "top_m", "sink_blocks", "local_blocks"))
 
 B, K, G, H = 1, 2, 2, 16
 N = K * G
@@ -26,7 +33,8 @@ def test_chunked_prefill_with_room_for_everything_equals_dense():
     q, k, v = _data(32)
     config = KVCompressionConfig(policy="snapkv", budget=40, slack=8, sink=2, window=4)
     cache = kp.init_for(config, B, K, 48, H, jnp.float32)
-    out, cache = kpre.chunked_prefill(cache, config, q, k, v, jnp.arange(32)[None], chunk=8, budget=40)
+    out, cache = jax.jit(lambda c: kpre.chunked_prefill(c, config, q, k, v, jnp.arange(32)[None], chunk=8,
+                                                        budget=40))(cache)
     np.testing.assert_allclose(out, dense_attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert int(kc.num_valid(cache).min()) == 32
 
@@ -75,14 +83,14 @@ def test_left_pad_and_chunk_validation():
 def _full_cache(s, keys=None, seed=0):
     _, k, v = _data(s, seed)
     k = k if keys is None else keys
-    return kc.append(kc.init_cache(B, K, s, H, jnp.float32), k, v, jnp.arange(s)[None]), k, v
+    return jax.jit(kc.append)(kc.init_cache(B, K, s, H, jnp.float32), k, v, jnp.arange(s)[None]), k, v
 
 
 def test_selecting_all_blocks_equals_full_attention():
     cache, _, _ = _full_cache(32)
     q = jax.random.normal(jax.random.PRNGKey(3), (B, 1, N, H))
     at = jnp.full((B, 1), 31)
-    np.testing.assert_allclose(qs.attend_selected(cache, q, at, block=8, top_m=4), kc.attend(cache, q, at),
+    np.testing.assert_allclose(_attend_selected(cache, q, at, block=8, top_m=4), _attend(cache, q, at),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -92,9 +100,9 @@ def test_query_aware_selection_finds_the_needle_region():
     keys = keys.at[:, 26].set(3.0 * jax.nn.one_hot(5, H))  # the needle sits in region 3
     cache, k, v = _full_cache(s, keys=keys)
     q = jnp.broadcast_to(3.0 * jax.nn.one_hot(5, H), (B, 1, N, H))
-    regions = qs.select_blocks(cache, q, block=block, top_m=3)
+    regions = _select_blocks(cache, q, block=block, top_m=3)
     assert regions[0].tolist() == [[0, 3, 7]] * K  # sink, needle, local
-    out = qs.attend_selected(cache, q, jnp.full((B, 1), s - 1), block=block, top_m=3)
+    out = _attend_selected(cache, q, jnp.full((B, 1), s - 1), block=block, top_m=3)
     seen = jnp.array(list(range(8)) + list(range(24, 32)) + list(range(56, 64)))
     np.testing.assert_allclose(out, dense_attention(q, k[:, seen], v[:, seen], causal=False), rtol=1e-5,
                                atol=1e-5)
@@ -107,9 +115,9 @@ def test_block_centroids_are_exact_when_regions_have_constant_keys():
     cache, _, _ = _full_cache(s, keys=keys)
     q = jax.random.normal(jax.random.PRNGKey(6), (B, 1, N, H))
     at = jnp.full((B, 1), s - 1)
-    out = qs.attend_selected(cache, q, at, block=block, top_m=2, centroids=True)
-    np.testing.assert_allclose(out, kc.attend(cache, q, at), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(qs.attend_selected(cache, q, at, block=block, top_m=2), kc.attend(cache, q, at))
+    out = _attend_selected(cache, q, at, block=block, top_m=2, centroids=True)
+    np.testing.assert_allclose(out, _attend(cache, q, at), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(_attend_selected(cache, q, at, block=block, top_m=2), _attend(cache, q, at))
 
 
 def test_block_selection_rejects_bad_args():

@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmerge_jax.attention.reference import dense_attention
+from selmerge_jax.attention.reference import dense_attention as _dense_eager
 from selmerge_jax.kvcache import cache as kc
 from selmerge_jax.kvcache import quant as kq
 from selmerge_jax.kvcache.config import KVCompressionConfig
+
+dense_attention = jax.jit(_dense_eager)  # one compile instead of one per eager primitive
 
 B, K, G, H = 1, 2, 2, 16
 N = K * G
