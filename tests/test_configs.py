@@ -6,7 +6,13 @@ from typing import Literal
 
 import pytest
 
-from selmerge_jax.training.config_loader import ConfigError, apply_overrides, from_dict, parse_override, to_dict
+from selmerge_jax.training.config_loader import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    parse_override,
+    to_dict,
+)
 from selmerge_jax.training.experiment import FinetuneConfig, InferConfig, PretrainConfig, load_experiment
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml"))

@@ -22,7 +22,8 @@ def _run(script: str, config: str, overrides: list[str], cwd) -> subprocess.Comp
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user's laptop
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env,
+                          check=False)
 
 
 def _summary(proc: subprocess.CompletedProcess) -> dict:

@@ -9,11 +9,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from selmerge_jax.sharding.mesh import MeshConfig, make_mesh, param_sharding, shard_batch, shard_params
 from selmerge_jax.data import TokenWindows
-from selmerge_jax.training import (CheckpointConfig, MetricsWriter, OptimizerConfig, TrainConfig,
-                                   build_optimizer, init_train_state,
-                                   learning_rate_schedule, make_eval_step, make_train_step, read_jsonl, train)
+from selmerge_jax.sharding.mesh import MeshConfig, make_mesh, param_sharding, shard_batch, shard_params
+from selmerge_jax.training import (
+    CheckpointConfig,
+    MetricsWriter,
+    OptimizerConfig,
+    TrainConfig,
+    build_optimizer,
+    init_train_state,
+    learning_rate_schedule,
+    make_eval_step,
+    make_train_step,
+    read_jsonl,
+    train,
+)
 from selmerge_jax.training.optimizer import decay_mask
 from selmerge_jax.training.train_step import split_batch
 
@@ -66,8 +76,8 @@ def test_decay_mask_exempts_vectors():
     assert mask == {"w": True, "b": False, "s": False}
 
 
-@pytest.mark.parametrize("bad", [dict(learning_rate=0.0), dict(schedule="linear"), dict(accumulation_steps=0),
-                                 dict(clip_norm=-1.0), dict(b2=1.5)])
+@pytest.mark.parametrize("bad", [{"learning_rate": 0.0}, {"schedule": "linear"}, {"accumulation_steps": 0},
+                                 {"clip_norm": -1.0}, {"b2": 1.5}])
 def test_optimizer_config_rejects(bad):
     with pytest.raises(ValueError, match="OptimizerConfig." + next(iter(bad))):
         OptimizerConfig(**bad)
@@ -149,7 +159,7 @@ def test_mesh_config_and_param_sharding():
     with pytest.raises(ValueError, match="!= device count"):
         MeshConfig(data=3, fsdp=1).shape(8)
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
-    spec = lambda shape, **kw: param_sharding(shape, mesh, **kw).spec  # noqa: E731
+    spec = lambda shape, **kw: param_sharding(shape, mesh, **kw).spec
     assert spec((1000, 6), min_size=0) == jax.sharding.PartitionSpec("fsdp", None)
     assert spec((6, 1024), min_size=0) == jax.sharding.PartitionSpec(None, "fsdp")  # largest divisible dim
     assert spec((6, 10), min_size=0) == jax.sharding.PartitionSpec()  # nothing divides by 4
@@ -183,7 +193,7 @@ def test_train_loop_logs_evaluates_and_checkpoints(tmp_path):
     tokens = np.tile(np.arange(V), 400)  # a learnable cycle: next token = current + 1
     cfg = TrainConfig(steps=12, batch_size=4, seq_len=8, log_every=4, eval_every=6, eval_batches=2,
                       output_dir=str(tmp_path), progress=False)
-    windows = dict(batch_size=4, seq_len=8, bos_id=V)
+    windows = {"batch_size": 4, "seq_len": 8, "bos_id": V}
     result = train(Tiny(), TokenWindows(tokens, **windows), train=cfg,
                    optimizer=OptimizerConfig(learning_rate=5e-2, warmup_steps=2),
                    checkpoint=CheckpointConfig(every_steps=6, async_save=False),
@@ -193,5 +203,5 @@ def test_train_loop_logs_evaluates_and_checkpoints(tmp_path):
     assert [e["step"] for e in result.evals] == [6, 12]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [6, 12]
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in x for x in lines) and all("step" in x for x in lines)

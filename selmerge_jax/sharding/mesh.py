@@ -18,10 +18,19 @@ from typing import Literal
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["MeshConfig", "make_mesh", "initialize_distributed", "batch_sharding", "param_sharding",
-           "shard_params", "shard_batch", "MESH_AXES"]
+__all__ = [
+    "MESH_AXES",
+    "MeshConfig",
+    "batch_sharding",
+    "initialize_distributed",
+    "make_mesh",
+    "param_sharding",
+    "shard_batch",
+    "shard_params",
+]
 
 MESH_AXES = ("data", "fsdp", "seq")
 _log = logging.getLogger(__name__)

@@ -7,10 +7,34 @@ from selmerge_jax.training.config_loader import ConfigError, apply_overrides, fr
 from selmerge_jax.training.loop import TrainResult, evaluate, train
 from selmerge_jax.training.metrics import MetricsWriter, read_jsonl
 from selmerge_jax.training.optimizer import build_optimizer, learning_rate_schedule
-from selmerge_jax.training.train_step import (TrainState, init_train_state, make_eval_step, make_train_step,
-                                              token_cross_entropy)
+from selmerge_jax.training.train_step import (
+                                              TrainState,
+                                              init_train_state,
+                                              make_eval_step,
+                                              make_train_step,
+                                              token_cross_entropy,
+)
 
-__all__ = ["Checkpointer", "CheckpointConfig", "OptimizerConfig",
-           "TrainConfig", "ConfigError", "apply_overrides", "from_dict", "load_config", "to_dict", "TrainResult",
-           "evaluate", "train", "MetricsWriter", "read_jsonl", "build_optimizer", "learning_rate_schedule",
-           "TrainState", "init_train_state", "make_eval_step", "make_train_step", "token_cross_entropy"]
+__all__ = [
+                                              "CheckpointConfig",
+                                              "Checkpointer",
+                                              "ConfigError",
+                                              "MetricsWriter",
+                                              "OptimizerConfig",
+                                              "TrainConfig",
+                                              "TrainResult",
+                                              "TrainState",
+                                              "apply_overrides",
+                                              "build_optimizer",
+                                              "evaluate",
+                                              "from_dict",
+                                              "init_train_state",
+                                              "learning_rate_schedule",
+                                              "load_config",
+                                              "make_eval_step",
+                                              "make_train_step",
+                                              "read_jsonl",
+                                              "to_dict",
+                                              "token_cross_entropy",
+                                              "train",
+]

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "tree_to_nested", "nested_to_tree"]
+__all__ = ["Checkpointer", "nested_to_tree", "tree_to_nested"]
 
 
 def _key_name(key) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-__all__ = ["OptimizerConfig", "TrainConfig", "CheckpointConfig"]
+__all__ = ["CheckpointConfig", "OptimizerConfig", "TrainConfig"]
 
 
 def _check_int(owner: str, name: str, value, low: int, high: int | None = None):

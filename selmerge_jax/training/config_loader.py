@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_config", "parse_override"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "parse_override", "to_dict"]
 
 T = TypeVar("T")
 

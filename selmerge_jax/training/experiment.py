@@ -22,8 +22,17 @@ from selmerge_jax.sharding.mesh import MeshConfig
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.config_loader import ConfigError, apply_overrides, from_dict, to_dict
 
-__all__ = ["DataConfig", "InitConfig", "PretrainConfig", "FinetuneConfig", "InferConfig", "PasskeyCheckConfig",
-           "load_experiment", "expand_model_section", "config_to_dict"]
+__all__ = [
+    "DataConfig",
+    "FinetuneConfig",
+    "InferConfig",
+    "InitConfig",
+    "PasskeyCheckConfig",
+    "PretrainConfig",
+    "config_to_dict",
+    "expand_model_section",
+    "load_experiment",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from selmerge_jax.models.generate import generate, prefill_memory
 from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.training.experiment import InferConfig
 
-__all__ = ["load_for_inference", "passkey_check", "run_infer", "corpus_prompt"]
+__all__ = ["corpus_prompt", "load_for_inference", "passkey_check", "run_infer"]
 
 
 def load_for_inference(cfg: InferConfig) -> Llama:
@@ -101,7 +101,7 @@ def run_infer(cfg: InferConfig) -> dict:
     decode_s = max(total_s - prefill_s, 1e-9)
     stats = jax.local_devices()[0].memory_stats() or {}
     result = {
-        "attention": model.config.attention, "prompt_tokens": int(len(prompt)), "new_tokens": cfg.max_new_tokens,
+        "attention": model.config.attention, "prompt_tokens": len(prompt), "new_tokens": cfg.max_new_tokens,
         "prefill_s": prefill_s, "prefill_tokens_per_s": len(prompt) / prefill_s,
         "decode_tokens_per_s": (cfg.max_new_tokens - 1) / decode_s, "total_s": total_s,
         "planned_prefill_bytes": prefill_memory(model, batch=1, prompt_len=len(prompt),

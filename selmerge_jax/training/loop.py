@@ -22,10 +22,15 @@ from selmerge_jax.training.checkpoint import Checkpointer
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.metrics import MetricsWriter, Progress
 from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.training.train_step import (TrainState, default_forward, init_train_state, make_eval_step,
-                                              make_train_step)
+from selmerge_jax.training.train_step import (
+    TrainState,
+    default_forward,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 
-__all__ = ["TrainResult", "train", "evaluate", "peak_memory_bytes"]
+__all__ = ["TrainResult", "evaluate", "peak_memory_bytes", "train"]
 
 _log = logging.getLogger(__name__)
 BatchTransform = Callable[[dict, int], dict]

@@ -38,7 +38,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(self.directory, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter

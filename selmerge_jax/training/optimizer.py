@@ -7,7 +7,7 @@ import optax
 
 from selmerge_jax.training.config import OptimizerConfig
 
-__all__ = ["learning_rate_schedule", "build_optimizer", "decay_mask"]
+__all__ = ["build_optimizer", "decay_mask", "learning_rate_schedule"]
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -15,19 +15,30 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax.models import Llama, ModelConfig
-from selmerge_jax.models.lora import apply_lora, trainable_filter as lora_filter
+from selmerge_jax.models.lora import apply_lora
+from selmerge_jax.models.lora import trainable_filter as lora_filter
 from selmerge_jax.models.tokenizer import load_tokenizer
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.sharding.mesh import initialize_distributed, make_mesh
 from selmerge_jax.training.checkpoint import Checkpointer
 from selmerge_jax.training.config_loader import from_dict
 from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, config_to_dict
 from selmerge_jax.training.loop import TrainResult, train
 from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.training.train_step import StepContext, default_forward, init_train_state
 
-__all__ = ["build_model", "make_data", "run_pretrain", "run_finetune", "restore_model", "plot_loss_curve",
-           "crd_forward", "train_summary", "export_npy", "with_model_config"]
+__all__ = [
+    "build_model",
+    "crd_forward",
+    "export_npy",
+    "make_data",
+    "plot_loss_curve",
+    "restore_model",
+    "run_finetune",
+    "run_pretrain",
+    "train_summary",
+    "with_model_config",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -63,7 +74,7 @@ def make_data(cfg: PretrainConfig, tokenizer):
     t, seed = cfg.train.seq_len, cfg.train.seed
     d = cfg.data
     if d.train_npy is not None:
-        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+        shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
         train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process, bos_id=tokenizer.bos_id,
                                      seed=seed, **shard)
         val = _npy(d.validation_npy)
@@ -99,7 +110,7 @@ def _run(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> Trai
     if not cfg.data.document_masking:
         batch_transform = _strip_packing
         raw_eval = eval_fn
-        eval_fn = lambda: (_strip_packing(b, 0) for b in raw_eval())  # noqa: E731
+        eval_fn = lambda: (_strip_packing(b, 0) for b in raw_eval())
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
                  eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=batch_transform, meta=meta,

@@ -25,8 +25,17 @@ from flax import nnx
 # optax.global_norm is deprecated in newer optax; older releases only have it.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
-__all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_step", "split_batch",
-           "token_cross_entropy", "default_forward", "trainable_filter", "StepContext"]
+__all__ = [
+    "StepContext",
+    "TrainState",
+    "default_forward",
+    "init_train_state",
+    "make_eval_step",
+    "make_train_step",
+    "split_batch",
+    "token_cross_entropy",
+    "trainable_filter",
+]
 
 
 
