@@ -111,7 +111,7 @@ def test_uncompressed_decode_is_generate(micro):
 def test_with_rope_changes_frequencies_not_weights(micro):
     ntk = with_rope(micro, RopeConfig(rope_type="ntk", factor=8.0))
     assert ntk.config.rope.rope_type == "ntk" and micro.config.rope.rope_type == "default"
-    leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))  # noqa: E731
+    leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
     assert all(a is b for a, b in zip(leaves(micro), leaves(ntk), strict=True))
     assert with_rope(micro, None) is micro
     with pytest.raises(ValueError, match="parameter shapes"):

@@ -14,7 +14,7 @@ Submodules are imported on use (``from selmerge_jax.evaluation import passkey``)
 training runner, TFDS and matplotlib, which a user of one study should not pay for.
 """
 
-__all__ = ["config_schema", "common", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots"]
+__all__ = ["common", "config_schema", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots"]
 
 # Config schema of each ``experiments/configs/eval_<study>.yaml`` (module, class), imported on use.
 _SCHEMAS = {

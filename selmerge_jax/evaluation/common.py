@@ -21,8 +21,17 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import DataConfig, InitConfig
 
-__all__ = ["ModelSource", "load_model", "with_config", "with_rope", "validation_tokens", "write_json",
-           "provenance", "check_positive_ints", "check_fractions"]
+__all__ = [
+    "ModelSource",
+    "check_fractions",
+    "check_positive_ints",
+    "load_model",
+    "provenance",
+    "validation_tokens",
+    "with_config",
+    "with_rope",
+    "write_json",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,9 +59,9 @@ class ModelSource:
 
 def with_config(model: Llama, config: ModelConfig) -> Llama:
     """The same weights under another config of identical parameter shapes (attention kind, RoPE rule...)."""
-    graphdef, state = nnx.split(model)
+    _, state = nnx.split(model)
     fresh_graphdef, fresh_state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)  # noqa: E731
+    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
     if shapes(fresh_state) != shapes(state):
         raise ValueError("the new model config changes parameter shapes; only attention/RoPE/numerics may change")
     return nnx.merge(fresh_graphdef, state)

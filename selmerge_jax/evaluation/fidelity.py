@@ -23,8 +23,14 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax import kvcache
-from selmerge_jax.evaluation.common import (ModelSource, check_positive_ints, load_model, provenance,
-                                            validation_tokens, write_json)
+from selmerge_jax.evaluation.common import (
+    ModelSource,
+    check_positive_ints,
+    load_model,
+    provenance,
+    validation_tokens,
+    write_json,
+)
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import SamplingConfig, decode_step, prefill
@@ -32,8 +38,17 @@ from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import DataConfig, InitConfig
 
-__all__ = ["FidelityEvalConfig", "CompressedStep", "compressed_generate", "rouge_l", "token_jaccard", "exact_prefix",
-           "compare", "setting_name", "run_fidelity"]
+__all__ = [
+    "CompressedStep",
+    "FidelityEvalConfig",
+    "compare",
+    "compressed_generate",
+    "exact_prefix",
+    "rouge_l",
+    "run_fidelity",
+    "setting_name",
+    "token_jaccard",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,7 +123,7 @@ def _finish(caches, *, kv: KVCompressionConfig, budget: int):
     """One-shot compression to the budget after the prompt (SnapKV votes with the prompt's last queries)."""
     if kv.policy == "none":
         return caches
-    squeeze = lambda c: jax.lax.cond(c.length > budget, lambda x: kvcache.compress(x, kv, budget),  # noqa: E731
+    squeeze = lambda c: jax.lax.cond(c.length > budget, lambda x: kvcache.compress(x, kv, budget),
                                      lambda x: x, c)
     return tuple(squeeze(c) for c in caches)
 
@@ -150,7 +165,7 @@ def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_toke
     b, t = prompts.shape
     cfg = model.config
     budget, capacity = _sizes(kv, t, max_new_tokens, chunk_size)
-    make = lambda: tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)  # noqa: E731
+    make = lambda: tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)
                          for _ in range(cfg.num_layers))
     step = CompressedStep(kv, budget)
     logits, caches = prefill(model, prompts, jax.jit(make)(), chunk_size=chunk_size, cache_fn=step)
@@ -205,7 +220,7 @@ def compare(reference, candidate) -> dict:
 
 
 def run_fidelity(cfg: FidelityEvalConfig) -> dict:
-    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json`` and ``fidelity.png``."""
+    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json``, ``fidelity.png``, ``fidelity.md``."""
     model = load_model(cfg.source)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokens = validation_tokens(cfg.data, tokenizer, cfg.num_prompts * cfg.prompt_tokens)
@@ -225,7 +240,10 @@ def run_fidelity(cfg: FidelityEvalConfig) -> dict:
               "settings": settings, **provenance()}
     json_path = write_json(os.path.join(cfg.output_dir, "fidelity.json"), result)
     png_path = _plot(os.path.join(cfg.output_dir, "fidelity.png"), settings, cfg.max_new_tokens)
-    return {"json": json_path, "png": png_path, "table": summary_table(settings)}
+    table = summary_table(settings)
+    with open(os.path.join(cfg.output_dir, "fidelity.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return {"json": json_path, "png": png_path, "table": table}
 
 
 def _plot(path: str, settings: list[dict], max_new: int) -> str:

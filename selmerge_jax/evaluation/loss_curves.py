@@ -34,8 +34,14 @@ from selmerge_jax.models import Llama, count_params
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.training.experiment import PretrainConfig, load_experiment
 
-__all__ = ["LossCurveSweepConfig", "attended_fraction", "train_flops_per_token", "train_step_bytes",
-           "variant_config", "run_loss_curves"]
+__all__ = [
+    "LossCurveSweepConfig",
+    "attended_fraction",
+    "run_loss_curves",
+    "train_flops_per_token",
+    "train_step_bytes",
+    "variant_config",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,7 +158,8 @@ def _run_variant(cfg: PretrainConfig) -> dict:
 
 
 def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
-    """Trains every variant, writes ``loss_curves.json`` (rows + curves) and ``loss_curves.png``."""
+    """Trains every variant; writes ``loss_curves.json`` (rows + curves), ``loss_curves.png`` and the summary
+    table as ``loss_curves.md``."""
     configs = {name: variant_config(sweep, name) for name in sweep.variants}  # fail on a typo before training
     tokens = {name: c.train.steps * c.train.batch_size * c.train.seq_len for name, c in configs.items()}
     if len(set(tokens.values())) > 1:
@@ -161,12 +168,15 @@ def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
     result = {"study": "loss_curves", "base_config": sweep.base_config, "base_overrides": list(sweep.base_overrides),
               "variants": {k: list(v) for k, v in sweep.variants.items()}, "runs": runs, **provenance()}
     json_path = write_json(os.path.join(sweep.output_dir, "loss_curves.json"), result)
-    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"  # noqa: E731
+    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
     train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
     val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items() if r["curve"]["val_step"]}
     png_path = plots.curves(os.path.join(sweep.output_dir, "loss_curves.png"), train, val,
                             title=f"loss curves, {next(iter(tokens.values())):,} tokens per run")
-    return {"json": json_path, "png": png_path, "table": summary_table(runs)}
+    table = summary_table(runs)
+    with open(os.path.join(sweep.output_dir, "loss_curves.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return {"json": json_path, "png": png_path, "table": table}
 
 
 def summary_table(runs: dict) -> str:

@@ -26,13 +26,19 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax.evaluation import plots
-from selmerge_jax.evaluation.common import ModelSource, check_positive_ints, load_model, provenance, write_json
+from selmerge_jax.evaluation.common import (
+    ModelSource,
+    check_positive_ints,
+    load_model,
+    provenance,
+    write_json,
+)
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import SamplingConfig, decode_step, init_caches, prefill, prefill_memory
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import InitConfig
 
-__all__ = ["MemoryReportConfig", "measure_length", "forward_plan_bytes", "run_memory_report"]
+__all__ = ["MemoryReportConfig", "forward_plan_bytes", "measure_length", "run_memory_report"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,7 +113,7 @@ def measure_length(model, length: int, *, batch: int = 1, new_tokens: int = 32, 
 
     logits, caches = run_prefill()  # compiles
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    run_decode = lambda: _decode_loop(graphdef, state, caches, first, length, steps=new_tokens)  # noqa: E731
+    run_decode = lambda: _decode_loop(graphdef, state, caches, first, length, steps=new_tokens)
     run_decode()  # compiles
     prefill_s = _median_seconds(lambda: run_prefill()[0], repeats)
     decode_s = _median_seconds(run_decode, repeats)

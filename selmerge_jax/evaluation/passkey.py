@@ -19,15 +19,21 @@ import time
 import numpy as np
 
 from selmerge_jax.evaluation import plots
-from selmerge_jax.evaluation.common import (ModelSource, check_fractions, check_positive_ints, load_model,
-                                            provenance, write_json)
+from selmerge_jax.evaluation.common import (
+    ModelSource,
+    check_fractions,
+    check_positive_ints,
+    load_model,
+    provenance,
+    write_json,
+)
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import generate
 from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import InitConfig
 
-__all__ = ["PasskeyEvalConfig", "passkey_prompts", "passkey_accuracy", "run_passkey"]
+__all__ = ["PasskeyEvalConfig", "passkey_accuracy", "passkey_prompts", "run_passkey"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

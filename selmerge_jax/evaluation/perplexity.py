@@ -30,15 +30,21 @@ import optax
 from flax import nnx
 
 from selmerge_jax.evaluation import plots
-from selmerge_jax.evaluation.common import (ModelSource, check_positive_ints, load_model, provenance,
-                                            validation_tokens, write_json)
+from selmerge_jax.evaluation.common import (
+    ModelSource,
+    check_positive_ints,
+    load_model,
+    provenance,
+    validation_tokens,
+    write_json,
+)
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import init_caches
 from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import DataConfig, InitConfig
 
-__all__ = ["PerplexityEvalConfig", "token_nll", "perplexity_by_length", "run_perplexity"]
+__all__ = ["PerplexityEvalConfig", "perplexity_by_length", "run_perplexity", "token_nll"]
 
 Mode = Literal["chunked", "forward"]
 
@@ -110,7 +116,7 @@ def token_nll(model, windows: np.ndarray, *, mode: Mode = "chunked", chunk_size:
     c = min(chunk_size, length)
     if length % c:
         raise ValueError(f"window length L={length} must be a multiple of chunk_size={chunk_size}")
-    split = lambda x: jnp.asarray(x.reshape(b, length // c, c).transpose(1, 0, 2))  # noqa: E731
+    split = lambda x: jnp.asarray(x.reshape(b, length // c, c).transpose(1, 0, 2))
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length))
     caches = init_caches(model, b, length)
     nll = _chunked_nll(graphdef, state, caches, split(inputs), split(targets), split(positions))

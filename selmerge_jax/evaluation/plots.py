@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["heatmap", "lines", "curves", "bars"]
+__all__ = ["bars", "curves", "heatmap", "lines"]
 
 
 def _pyplot():
