@@ -101,10 +101,11 @@ def test_snapkv_keeps_what_the_observation_window_attends_and_its_neighbours():
 def test_tova_keeps_what_the_latest_query_attends():
     n = 12
     keys = _onehot_keys(n, 0)
-    q = jnp.zeros((B, n, N, H)).at[:, -1].set(8.0 * jax.nn.one_hot(3, H))
+    q = jnp.zeros((B, n + 2, N, H)).at[:, -3].set(8.0 * jax.nn.one_hot(3, H))  # + 2 trailing padding queries
     config = KVCompressionConfig(policy="tova", budget=3, sink=0, window=1)
     cache, _, _ = _filled(n, n, keys=keys, values=keys)
-    _, probs, _ = _attend(cache, q, jnp.arange(n)[None], return_probs=True)
+    q_pos = jnp.concatenate([jnp.arange(n), jnp.array([-1, -1])])[None]
+    _, probs, _ = _attend(cache, q, q_pos, return_probs=True)
     out = _compress(_observe(cache, probs, config), config, 3)
     kept = _kept_positions(out)
     assert all(3 in h and 11 in h for h in kept)
@@ -215,6 +216,7 @@ def test_gqa_memory_is_kv_heads_times_budget():
     ({"policy": "h2o", "budget": 64, "pool_kernel": 4}, "pool_kernel"),
     ({"policy": "none", "budget": 64}, "keeps everything"),
     ({"policy": "h2o", "budget": 64, "quant": "int3"}, "quant='int3'"),
+    ({"policy": "h2o", "budget": 64, "merge": "nearest", "summary_slots": 2}, "counted twice"),
 ])
 def test_bad_configs_raise(kw, match):
     with pytest.raises(ValueError, match=match):

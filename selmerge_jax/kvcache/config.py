@@ -88,6 +88,9 @@ class KVCompressionConfig:
         if (self.merge == "centroid") != (self.merge_slots > 0):
             raise ValueError(f"KVCompressionConfig.merge_slots={self.merge_slots} must be > 0 exactly when "
                              f"merge='centroid' (merge={self.merge!r})")
+        if self.summary_slots and self.merge != "none":
+            raise ValueError(f"KVCompressionConfig.summary_slots={self.summary_slots} with merge={self.merge!r}: "
+                             "an evicted token would be counted twice (merged and summarised); pick one")
         self._check_budget_fields()
 
     def _check_budget_fields(self) -> None:

@@ -65,7 +65,10 @@ def observe(cache: KVCache, probs, config: KVCompressionConfig) -> KVCache:
     if config.policy == "h2o":
         score = cache.score + received.sum(2)
     elif config.policy == "tova":
-        score = received[:, :, -1]
+        # The latest *real* query: a right-padded chunk may end in padding rows, whose probabilities are all 0.
+        real = received.sum(-1) > 0  # [B, K, T]
+        last = received.shape[2] - 1 - jnp.argmax(real[..., ::-1], axis=-1)
+        score = jnp.take_along_axis(received, last[..., None, None], axis=2)[:, :, 0]
     else:  # snapkv: a prompt chunk votes with its last obs_window queries; decode steps keep voting
         vote = _pool(received[:, :, -config.obs_window:].sum(2), config.pool_kernel, config.pool)
         score = vote if probs.shape[3] > 1 else cache.score + vote
