@@ -129,3 +129,28 @@ def test_block_selection_rejects_bad_args():
         qs.attend_selected(cache, q, jnp.zeros((B, 1), jnp.int32), block=8, top_m=3)
     with pytest.raises(ValueError, match="exceed top_m"):
         qs.attend_selected(cache, q, jnp.zeros((B, 1), jnp.int32), block=4, top_m=1)
+
+
+def test_refreshed_block_index_equals_rebuilt_index_during_decode():
+    s, block = 24, 4
+    _, k, v = _data(s)
+    cache = kc.init_cache(B, K, s, H, jnp.float32)
+    cache = jax.jit(kc.append)(cache, k[:, :9], v[:, :9], jnp.arange(9)[None])
+    index = qs.build_index(cache, block)
+
+    @jax.jit
+    def decode(cache, index, k_t, v_t, p_t, q_t):
+        start = cache.length
+        cache = kc.append(cache, k_t, v_t, p_t)
+        index = qs.refresh_index(index, cache, start, k_t.shape[1])
+        return cache, index, qs.attend_selected(cache, q_t, p_t, block=block, top_m=3, index=index, centroids=True)
+
+    q = jax.random.normal(jax.random.PRNGKey(7), (B, 1, N, H))
+    for i, t in ((9, 1), (10, 3), (13, 5), (18, 6)):  # decode steps and chunks crossing region borders
+        p = jnp.arange(i, i + t)[None]
+        cache, index, out = decode(cache, index, k[:, i:i + t], v[:, i:i + t], p, jnp.repeat(q, t, 1))
+    ref = qs.build_index(cache, block)
+    for got, want in zip(qs._fields(index), qs._fields(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, _attend_selected(cache, jnp.repeat(q, 6, 1), jnp.arange(18, 24)[None],
+                                                     block=block, top_m=3, centroids=True), rtol=1e-5, atol=1e-5)

@@ -86,10 +86,16 @@ def make_step(s: Shape, config: KVCompressionConfig, budget: int, variant: str, 
             out, cache = kq.quantized_step(cache, config, q, k, v, pos, budget=budget)
         elif config.policy != "none":
             out, cache = kp.step(cache, config, q, k, v, pos, budget=budget)
+        elif variant == "select":  # (cache, block index): the index is refreshed, never rebuilt, per step
+            cache, index = cache
+            start = cache.length
+            cache = kc.append(cache, k, v, pos)
+            index = qs.refresh_index(index, cache, start, 1)
+            out = qs.attend_selected(cache, q, pos, block=512, top_m=select_m, centroids=True, index=index)
+            cache = (cache, index)
         else:
             cache = kc.append(cache, k, v, pos)
-            out = (qs.attend_selected(cache, q, pos, block=512, top_m=select_m, centroids=True)
-                   if variant == "select" else kc.attend(cache, q, pos))
+            out = kc.attend(cache, q, pos)
         return cache, x + out.reshape(b, 1, s.n * s.h) @ w["wo"]
 
     def step(caches, weights, x, pos):
@@ -116,6 +122,8 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
         capacity += -capacity % config.quant_group if config.quant != "none" else 0
     keys = jax.random.split(jax.random.PRNGKey(context), s.layers)
     caches = [filled_cache(keys[i], s, capacity, tokens, context, dtype, config, variant) for i in range(s.layers)]
+    if variant == "select":
+        caches = [(c, qs.build_index(c, 512)) for c in caches]
     cache_bytes = sum(kc.nbytes(c) for c in caches)
     step = make_step(s, config, budget, variant, args.select_m)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, s.d), dtype)

@@ -6,17 +6,21 @@ count-weighted mean of its valid keys; the current queries (mean over the T quer
 kv head: one selection per kv head, GQA-native) score the summaries by dot product; the top M regions, plus
 forced sink and local regions, are attended exactly. Optionally every unselected non-empty region is also
 attended through one centroid token (mean K, mean V, ``log(count)`` on its logit), as in the training-time
-algorithm. Compute and memory traffic per step scale with ``M * W (+ R)`` instead of C.
+algorithm. With a :class:`BlockIndex` kept up to date by :func:`refresh_index` (O(T + W) per step; rebuild
+with :func:`build_index` after a compression), a decode step reads ``R`` summaries and ``M * W`` slots instead
+of all C slots.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from selmerge_jax.kvcache.cache import KVCache, attend_slots
 
-__all__ = ["attend_selected", "region_summaries", "select_blocks"]
+__all__ = ["BlockIndex", "attend_selected", "build_index", "refresh_index", "region_summaries", "select_blocks"]
 
 
 def region_summaries(cache: KVCache, block: int):
@@ -32,7 +36,48 @@ def region_summaries(cache: KVCache, block: int):
     return mean(cache.k), mean(cache.v), n, cache.pos.reshape(b, kh, r, block).max(-1)
 
 
-def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockIndex:
+    """Region summaries of a cache (the output of :func:`region_summaries`), carried between decode steps."""
+
+    k_mean: jax.Array  # float32 [B, K, R, H]
+    v_mean: jax.Array  # float32 [B, K, R, H]
+    n: jax.Array  # float32 [B, K, R]
+    newest: jax.Array  # int32 [B, K, R]
+
+
+def _fields(index: BlockIndex):
+    # Not dataclasses.astuple: it deep-copies its leaves, which would copy (or fail on) jax arrays.
+    return index.k_mean, index.v_mean, index.n, index.newest
+
+
+def build_index(cache: KVCache, block: int) -> BlockIndex:
+    """Summaries of every region, from scratch (O(C)): after init, prefill or a compression."""
+    return BlockIndex(*region_summaries(cache, block))
+
+
+def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockIndex:
+    """Recomputes the regions touched by ``t`` slots written from slot ``start`` (traced ok; ``t`` static).
+
+    The window of regions is static (``ceil((t - 1) / W) + 1``); ``dynamic_slice`` clamps it inside the cache
+    and ``dynamic_update_slice`` clamps it the same way, so recomputed and rewritten regions always coincide.
+    """
+    c = cache.capacity
+    r = index.n.shape[-1]
+    block = c // r
+    nr = min(r, -(-(t - 1) // block) + 1)
+    r0 = jnp.asarray(start, jnp.int32) // block
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, r0 * block, nr * block, axis=2)
+    part = KVCache(k=sl(cache.k), v=sl(cache.v), pos=sl(cache.pos), count=sl(cache.count), score=sl(cache.score),
+                   length=cache.length, dropped=cache.dropped)
+    fresh = region_summaries(part, block)
+    put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), r0, axis=2)
+    return BlockIndex(*(put(d, s) for d, s in zip(_fields(index), fresh, strict=True)))
+
+
+def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1,
+                  index: BlockIndex | None = None):
     """``int32 [B, K, M]``: regions to attend, sorted; sinks (first regions) and the newest regions forced."""
     if block <= 0 or cache.capacity % block:
         raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={cache.capacity}")
@@ -41,7 +86,7 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
         raise ValueError(f"top_m={top_m} must be in [1, R={r}] (R = C / block)")
     if sink_blocks + local_blocks > top_m:
         raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
-    ks, _, n, _ = region_summaries(cache, block)
+    ks, _, n, _ = region_summaries(cache, block) if index is None else _fields(index)
     b, t, _nh, h = q.shape
     qs = q.astype(jnp.float32).reshape(b, t, cache.kv_heads, -1, h).mean((1, 3))  # [B, K, H]
     score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks))
@@ -55,17 +100,19 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
 
 
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
-                    local_blocks: int = 1, centroids: bool = False, scale: float | None = None):
+                    local_blocks: int = 1, centroids: bool = False, scale: float | None = None,
+                    index: BlockIndex | None = None):
     """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``, one
-    merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`."""
+    merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
+    ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary."""
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
-                            local_blocks=local_blocks)
+                            local_blocks=local_blocks, index=index)
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
     take = lambda x: jnp.take_along_axis(x, slots, axis=2)
     take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
     k, v, pos, count = take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count)
     if centroids:
-        ks, vs, n, newest = region_summaries(cache, block)
+        ks, vs, n, newest = region_summaries(cache, block) if index is None else _fields(index)
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
         k = jnp.concatenate([k, ks.astype(k.dtype)], 2)
