@@ -150,3 +150,59 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     for step in range(start + 1, 10):  # bit-for-bit equal losses from the resume point on
         assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
         assert a[step]["grad_norm"] == b[step]["grad_norm"]
+
+
+def test_resume_through_the_grain_pipeline_is_exact(tmp_path):
+    """The same guarantee with the TFDS/grain path's iterator (its state is what goes into the checkpoint)."""
+    from flax import nnx
+
+    from selmerge_jax.data import PipelineConfig, lm_iterator
+    from selmerge_jax.models.tokenizer import ByteTokenizer
+    from selmerge_jax.training import CheckpointConfig, OptimizerConfig, TrainConfig, train
+
+    class Bytes(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            self.emb, self.out = nnx.Embed(259, 8, rngs=rngs), nnx.Linear(8, 259, rngs=rngs)
+
+        def __call__(self, x, positions=None, segment_ids=None):
+            return self.out(jax.nn.gelu(self.emb(x)))
+
+    docs = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (i % 5 + 1) for i in range(40)]
+    tok = ByteTokenizer()
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfter:
+        """Passes batches through, then dies like a killed process would (after ``n`` batches)."""
+
+        def __init__(self, it, n):
+            self.it, self.n = it, n
+
+        def __next__(self):
+            if self.n == 0:
+                raise Crash
+            self.n -= 1
+            return next(self.it)
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    def run(out, crash_after=None):
+        it = lm_iterator(docs, tok, PipelineConfig(seq_len=16, batch_size=4, seed=5, shuffle_window=8,
+                                                   shard_index=0, shard_count=1))
+        it = it if crash_after is None else CrashAfter(it, crash_after)
+        cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, log_every=1, output_dir=str(out), progress=False)
+        return train(Bytes(), it, train=cfg, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+                     checkpoint=CheckpointConfig(every_steps=3, async_save=False))
+
+    full = run(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", crash_after=4)  # dies fetching batch 5, after checkpoint 3
+    resumed = run(tmp_path / "cut")
+    assert resumed.resumed_from == 3
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
