@@ -129,12 +129,24 @@ def bench_spec(name, args, tiling, out):
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
 
 
+def sweep_groups(args) -> list:
+    """``[[mode, [overrides, ...]], ...]``: ``--sweep-groups`` if given, else the fwd then the bwd list."""
+    if args.sweep_groups:
+        groups = json.loads(args.sweep_groups)
+    else:
+        groups = [["fwd", json.loads(args.sweep_fwd)], ["fwdbwd", json.loads(args.sweep_bwd)]]
+    for mode, cands in groups:
+        if mode not in ("fwd", "fwdbwd") or not isinstance(cands, list):
+            raise ValueError(f"--sweep-groups entries must be [\"fwd\"|\"fwdbwd\", [overrides...]], got {mode!r}")
+    return groups
+
+
 def sweep_tiling(name, args, tiling, out) -> TritonTiling:
-    """Times candidate tilings on one spec (fwd ones on fwd, bwd ones on fwd+bwd); returns the best merge."""
+    """Times candidate tilings on one spec, group after group (each group's best is kept for the next)."""
     spec = get_spec(name)
     q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
     best = dict(tiling.__dict__)
-    for mode, cands in (("fwd", json.loads(args.sweep_fwd)), ("fwdbwd", json.loads(args.sweep_bwd))):
+    for mode, cands in sweep_groups(args):
         scores = []
         for cand in cands:
             t = TritonTiling(**{**best, **cand})
@@ -143,7 +155,7 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
             fwd, fb = fwd_and_fwdbwd(attn)
             fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
             try:
-                ms = statistics.median(time_fn(fn, fargs, 5, 1))
+                ms = statistics.median(time_fn(fn, fargs, args.sweep_reps, 1))
             except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: skip the candidate)
                 emit({"kind": "sweep", "spec": name, "mode": mode, "tiling": t.__dict__, "error": str(e)[:200]}, out)
                 continue
@@ -244,6 +256,9 @@ def main(argv=None):
     ap.add_argument("--sweep-spec", default=None, help="spec to tune the tiling on before benchmarking")
     ap.add_argument("--sweep-fwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd")
     ap.add_argument("--sweep-bwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd+bwd")
+    ap.add_argument("--sweep-groups", default=None,
+                    help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", [{}, {"rows_fwd": 256}]]]\'')
+    ap.add_argument("--sweep-reps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
     ap.add_argument("--out", default="-")
     args = ap.parse_args(argv)
@@ -257,15 +272,22 @@ def main(argv=None):
             run(args, tiling, out)
 
 
-def run(args, tiling, out):
-    if args.sweep_spec:
-        tiling = sweep_tiling(args.sweep_spec, args, tiling, out)
-        emit({"kind": "chosen_tiling", "tiling": tiling.__dict__}, out)
-    for name in args.check:
+def checks(names, tiling, out):
+    for name in names:
         try:
             check_spec(name, tiling, out)
         except Exception as e:  # noqa: BLE001 (a failed check is a result too; the timings still run)
             emit({"kind": "check", **environment(), "spec": name, "error": f"{type(e).__name__}: {str(e)[:600]}"}, out)
+
+
+def run(args, tiling, out):
+    checks(args.check, tiling, out)  # the starting tiling is checked before anything is timed
+    if args.sweep_spec:
+        chosen = sweep_tiling(args.sweep_spec, args, tiling, out)
+        emit({"kind": "chosen_tiling", "tiling": chosen.__dict__}, out)
+        if chosen != tiling:  # the tuned tiling is checked too before its timings
+            checks(args.check, chosen, out)
+        tiling = chosen
     for name in args.specs:
         bench_spec(name, args, tiling, out)
     for name in args.ms_layer:
