@@ -29,7 +29,7 @@ def test_preset_sizes_from_eval_shape(name, expected):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"attention": "ring"}, "not available in the model yet"),
+    ({"attention": "ring", "sliding_window": 64}, "sliding_window"),
     ({"attention": "flash"}, "allowed"),
     ({"num_kv_heads": 3}, "multiple of num_kv_heads=3"),
     ({"dtype": "fp8"}, "ModelConfig.dtype='fp8'"),

@@ -16,12 +16,11 @@ from selmerge_jax.positional import RopeConfig
 
 __all__ = ["PRESETS", "ModelConfig", "preset"]
 
-AttentionKind = Literal["dense", "ms"]
+AttentionKind = Literal["dense", "ms", "ring", "ring_ms"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ATTENTION = ("dense", "ms")
-_NOT_YET = ("ring", "ring_ms")  # accepted names once selmerge_jax.sharding.ring is wired into the model
+_ATTENTION = ("dense", "ms", "ring", "ring_ms")
 _REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -48,9 +47,12 @@ class ModelConfig:
       sliding_window: Mistral's window (a query sees itself and the ``sliding_window - 1`` keys before it).
       tie_embeddings: the output projection reuses the input embedding (no ``lm_head`` parameter).
       attention_bias: biases on q/k/v/o projections (HF ``attention_bias``).
-      attention: ``"dense"`` (cuDNN on GPU, XLA elsewhere) or ``"ms"`` (select-and-merge, ``ms`` below).
+      attention: ``"dense"`` (cuDNN on GPU, XLA elsewhere), ``"ms"`` (select-and-merge, ``ms`` below), or their
+        sequence-parallel versions ``"ring"`` / ``"ring_ms"`` (``selmerge_jax.sharding``, same results).
       ms: the select-and-merge configuration used when ``attention == "ms"``.
       ms_kernel: ``"reference"`` (pure-JAX block-sparse op) or ``"pallas"`` (best kernel, falls back).
+      sequence_axis: mesh axis that ``attention="ring"`` (dense) / ``"ring_ms"`` shard the sequence over; the
+        mesh is the ambient one (``with jax.set_mesh(mesh):``), the batch goes over its other axes.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
       remat: per-layer rematerialisation: ``none``, ``full`` (save nothing), ``dots`` or ``dots_no_batch``.
@@ -74,6 +76,7 @@ class ModelConfig:
     attention: AttentionKind = "dense"
     ms: MSAttentionConfig = dataclasses.field(default_factory=MSAttentionConfig)
     ms_kernel: Literal["reference", "pallas"] = "reference"
+    sequence_axis: str = "seq"
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: RematPolicy = "none"
@@ -101,14 +104,13 @@ class ModelConfig:
         self._check_choices()
 
     def _check_choices(self):
-        if self.attention in _NOT_YET:
-            raise ValueError(f"ModelConfig.attention={self.attention!r} is not available in the model yet "
-                             f"(ring attention lives in selmerge_jax.sharding); allowed now: {_ATTENTION}")
         if self.attention not in _ATTENTION:
             raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: {_ATTENTION}")
-        if self.attention == "ms" and self.sliding_window is not None:
-            raise ValueError("ModelConfig: attention='ms' with sliding_window set is not supported; "
-                             "set sliding_window=None (select-and-merge replaces the window)")
+        if self.attention != "dense" and self.sliding_window is not None:
+            raise ValueError(f"ModelConfig: attention={self.attention!r} with sliding_window set is not supported; "
+                             "set sliding_window=None (only dense attention has a window)")
+        if not isinstance(self.sequence_axis, str) or not self.sequence_axis:
+            raise ValueError(f"ModelConfig.sequence_axis must be a mesh axis name, got {self.sequence_axis!r}")
         if self.ms_kernel not in ("reference", "pallas"):
             raise ValueError(f"ModelConfig.ms_kernel={self.ms_kernel!r}; allowed: 'reference', 'pallas'")
         for name in ("param_dtype", "dtype"):

@@ -26,6 +26,7 @@ from selmerge_jax import kvcache
 from selmerge_jax.attention import ms_attention
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import make_position_fn
+from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
 
 __all__ = [
     "MLP",
@@ -146,6 +147,12 @@ class Attention(nnx.Module):
         q, k = _position_fn(cfg.rope, cfg.head_size)(q, k, positions)
         if cache is not None:
             out, cache = (cache_fn or append_and_attend)(cache, q, k, v, positions, window=cfg.sliding_window)
+        elif cfg.attention in ("ring", "ring_ms"):
+            if segment_ids is not None:
+                raise ValueError(f"segment_ids (packed sequences) are not supported with attention={cfg.attention!r}")
+            ms = cfg.attention == "ring_ms"
+            out = sequence_parallel_attention(q, k, v, axis_name=cfg.sequence_axis, ms_config=cfg.ms if ms else None,
+                                              implementation=_MS_BACKENDS[cfg.ms_kernel] if ms else None)
         elif cfg.attention == "ms":
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) are not supported with attention='ms'")
