@@ -154,9 +154,9 @@ def test_local_positions_inside_shard_map():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(layout="striped"), "layout='striped'"),
-    (dict(strategy="broadcast"), "strategy='broadcast'"),
-    (dict(block_size=0), "block_size"),
+    ({"layout": "striped"}, "layout='striped'"),
+    ({"strategy": "broadcast"}, "strategy='broadcast'"),
+    ({"block_size": 0}, "block_size"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     q, k, v = qkv()

@@ -49,9 +49,9 @@ def build(args, mode: str, n: int, t: int):
     import jax.numpy as jnp
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
+    from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention, dense_causal_plan
 
     from selmerge_jax.attention import MSAttentionConfig, ms_attention
-    from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention, dense_causal_plan
     from selmerge_jax.sharding.ring import ring_attention
     from selmerge_jax.sharding.ring_ms import ring_ms_attention
 
@@ -63,17 +63,17 @@ def build(args, mode: str, n: int, t: int):
                                selection_source="previous")
     if mode == "plain_dense":
         plan = dense_causal_plan(args.batch, args.kv_heads, t, args.block_size)
-        attn = lambda a, b, c: block_sparse_attention(a, b, c, plan)  # noqa: E731
+        attn = lambda a, b, c: block_sparse_attention(a, b, c, plan)
     elif mode == "plain_ms":
-        attn = lambda a, b, c: ms_attention(a, b, c, config)  # noqa: E731
+        attn = lambda a, b, c: ms_attention(a, b, c, config)
     else:
         layout = args.layout or ("zigzag" if mode == "dense" else "contiguous")
         mesh = jax.sharding.Mesh(jax.devices()[:n], ("seq",), axis_types=(AxisType.Auto,))
         if mode == "dense":
-            inner = lambda a, b, c: ring_attention(a, b, c, axis_name="seq", layout=layout,  # noqa: E731
+            inner = lambda a, b, c: ring_attention(a, b, c, axis_name="seq", layout=layout,
                                                    strategy=args.strategy, block_size=args.block_size)
         else:
-            inner = lambda a, b, c: ring_ms_attention(a, b, c, config, axis_name="seq", layout=layout,  # noqa: E731
+            inner = lambda a, b, c: ring_ms_attention(a, b, c, config, axis_name="seq", layout=layout,
                                                       strategy=args.strategy)
         spec = P(None, "seq")
         attn = jax.shard_map(inner, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
@@ -114,7 +114,6 @@ def main(argv=None):
     dev = jax.devices()[0]
     env = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
            "python": platform.python_version(), "device_count": jax.device_count()}
-    out = open(args.out, "a") if args.out else None
     for t in args.lengths:
         for mode in args.modes:
             for n in ([1] if mode.startswith("plain") else args.devices):
@@ -124,15 +123,12 @@ def main(argv=None):
                        "top_k": args.top_k}
                 try:
                     row.update(measure(args, mode, n, t))
-                except Exception as e:  # one failed shape must not lose the other rows
+                except Exception as e:  # noqa: BLE001  one failed shape (OOM, lowering) must not lose the rest
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                line = json.dumps(row)
-                print(line, flush=True)
-                if out:
-                    out.write(line + "\n")
-                    out.flush()
-    if out:
-        out.close()
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:  # appended per row: a killed run keeps what it measured
+                        f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -30,7 +30,11 @@ from jax import lax
 
 from selmerge_jax.attention.merging import merge_partials
 from selmerge_jax.attention.reference import check_qkv, dense_attention
-from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention, dense_causal_plan
+from selmerge_jax.kernels.block_sparse_attention import (
+    SelectionPlan,
+    block_sparse_attention,
+    dense_causal_plan,
+)
 from selmerge_jax.sharding.layouts import check_layout
 
 __all__ = ["Strategy", "empty_partial", "ring_attention", "ring_partials"]
@@ -108,7 +112,7 @@ def _step_cotangents(out_s, lse_s, out, lse, d_out, d_lse):
 
 def _step_grads(step_fn, first, origin, q, kv, aux, res_out, res_lse, d_out, d_lse):
     """Recomputes one step's partial and pulls the merged result's cotangents back to ``(dq, dkv)``."""
-    f = lambda q_, k_, v_: step_fn(first, origin, q_, k_, v_, aux)  # noqa: E731
+    f = lambda q_, k_, v_: step_fn(first, origin, q_, k_, v_, aux)
     (out_s, lse_s), pull = jax.vjp(f, q, kv[0], kv[1])
     dq, dk, dv = pull(_step_cotangents(out_s, lse_s, res_out, res_lse, d_out, d_lse))
     return dq.astype(_F32), jnp.stack([dk, dv]).astype(_F32)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.merging import merge_partials
@@ -42,9 +43,9 @@ from selmerge_jax.attention.reference import check_qkv
 from selmerge_jax.attention.selection import plan_rows, region_summaries, selection_summaries
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention
 from selmerge_jax.sharding.layouts import check_layout, global_index, layout_order, shard_and_local_index
-from selmerge_jax.sharding.ring import Strategy, empty_partial, ring_partials
+from selmerge_jax.sharding.ring import Strategy, empty_partial, ring_attention, ring_partials
 
-__all__ = ["ring_ms_attention", "shard_plan_rows"]
+__all__ = ["ring_ms_attention", "sequence_parallel_attention", "shard_plan_rows"]
 
 _F32 = jnp.float32
 
@@ -165,3 +166,25 @@ def ring_ms_attention(q, k, v, config: MSAttentionConfig, *, axis_name: str, lay
         out_c, lse_c = _centroid_partial(q, k, v, rows, config, axis_name=axis_name, layout=layout, scale=scale)
         out = merge_partials(out.astype(_F32), lse, out_c, lse_c)[0].astype(q.dtype)
     return (out, rows) if return_rows else out
+
+
+def sequence_parallel_attention(q, k, v, *, axis_name: str, ms_config: MSAttentionConfig | None = None,
+                                layout: str = "contiguous", implementation=None):
+    """Ring attention on global ``[B, T, ...]`` arrays under the ambient mesh (``with jax.set_mesh(mesh):``).
+
+    The sequence is sharded over ``axis_name`` and the batch over every other mesh axis; ``ms_config=None``
+    gives dense causal attention, otherwise select-and-merge. The token order must already be ``layout``'s
+    (the natural order for ``"contiguous"``, which is why the model uses it). This is the model's hook.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis_name not in mesh.axis_names:
+        raise ValueError(f"ring attention needs a mesh with axis {axis_name!r}: call the model under "
+                         f"`with jax.set_mesh(mesh):` (current mesh axes: {tuple(mesh.axis_names)})")
+    batch_axes = tuple(a for a in mesh.axis_names if a != axis_name) or None
+    spec = P(batch_axes, axis_name)
+    if ms_config is None:
+        inner = partial(ring_attention, axis_name=axis_name, layout=layout, implementation=implementation)
+    else:
+        inner = partial(ring_ms_attention, config=ms_config, axis_name=axis_name, layout=layout,
+                        implementation=implementation)
+    return jax.shard_map(inner, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
