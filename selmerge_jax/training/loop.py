@@ -7,6 +7,7 @@ until ``train.steps``. Metrics sync with the device only every ``log_every`` ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -144,6 +145,9 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
     step = int(state.step)
     progress = Progress(step, train.steps, enabled=train.progress)
     history, evals = [], []
+    context = contextlib.ExitStack()
+    if mesh is not None:  # attention="ring"/"ring_ms" find the mesh through jax.set_mesh (models take no mesh)
+        context.enter_context(jax.set_mesh(mesh))
     try:
         interval = _Interval()
         while step < train.steps:
@@ -170,6 +174,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
                 data_state = batches.get_state() if hasattr(batches, "get_state") else None
                 ckpt.save(step, state, data_state=data_state, meta=meta)
     finally:
+        context.close()
         progress.close()
         writer.close()
         ckpt.close()
