@@ -308,3 +308,12 @@ def test_bad_inputs_raise(key):
         _ms_attention(q[..., :4], k, v, cfg)
     with pytest.raises(ValueError, match="non-causal"):
         _ms_attention(q[:, :60], k[:, :60], v[:, :60], MSAttentionConfig(block_size=8, top_k=4, causal=False))
+
+
+def test_budget_larger_than_sequence_is_dense(key):
+    # top_k - merge = 14 regions of budget, only 5 regions in the sequence: every group attends densely.
+    q, k, v = _qkv(key, t=40)
+    cfg = MSAttentionConfig(block_size=8, top_k=16, merge=2)
+    out, plan = ms_attention(q, k, v, cfg, return_plan=True)
+    assert plan.max_selected <= plan.num_regions
+    np.testing.assert_allclose(out, dense_attention(q, k, v), atol=1e-5)

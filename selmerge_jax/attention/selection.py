@@ -60,7 +60,8 @@ def _candidates(group, num_regions: int, config: MSAttentionConfig):
 
 def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions: int):
     """Selected regions of one group: ``int32 [B, P, M]`` sorted ascending, -1 padded."""
-    r, m, merge = kbar.shape[1], config.num_selected, config.merge
+    r, merge = kbar.shape[1], config.merge
+    m = min(config.num_selected, r)  # a short sequence has fewer regions than the budget: every group is dense
     start = group * merge
     if config.selection_source == "previous":
         src = jax.lax.dynamic_slice_in_dim(qbar, jnp.maximum(start - 1, 0), 1, axis=1)  # [B, 1, P, H]
