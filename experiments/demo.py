@@ -15,10 +15,11 @@ def main():
     cfg = load_from_args(PretrainConfig, experiment_parser(__doc__.splitlines()[0], "experiments/configs/demo.yaml")
                          .parse_args())
     result = run_demo(cfg)
-    # The demo's promise: context helps, i.e. the model beats the best context-free predictor by a clear margin.
-    if result["train_loss"] > 0.6 * result["unigram_entropy"] or (
-            result["final_val_loss"] > 0.8 * result["val_unigram_entropy"]):
-        print("demo FAILED: the final loss is not well below the unigram entropy", file=sys.stderr)
+    # The demo's promise: context helps, i.e. on held-out text the model beats the best context-free predictor
+    # (the unigram distribution of that same text) by a clear margin. Train loss swings with the document in
+    # the shuffle buffer, so the fixed validation batches decide.
+    if result["final_val_loss"] > 0.75 * result["val_unigram_entropy"]:
+        print("demo FAILED: the validation loss is not well below the unigram entropy", file=sys.stderr)
         raise SystemExit(1)
 
 
