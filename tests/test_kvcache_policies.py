@@ -42,9 +42,9 @@ def _onehot_keys(n, hot):
     return jnp.broadcast_to(jax.nn.one_hot(jnp.arange(n) % H, H)[None, :, None] * 1.0, (B, n, K, H)) + 0 * hot
 
 
-ALL = [{"policy": p} for p in ("streaming", "h2o", "snapkv", "tova")] + [
-    {"policy": "h2o", "merge": "nearest"}, {"policy": "h2o", "merge": "value"},
-    {"policy": "tova", "merge": "centroid", "merge_slots": 2}, {"policy": "snapkv", "summary_slots": 2}]
+# Every policy and every merge/summary mode at least once (combined, to keep the CPU suite short).
+ALL = [{"policy": "streaming"}, {"policy": "h2o", "merge": "nearest"}, {"policy": "h2o", "merge": "value"},
+       {"policy": "tova", "merge": "centroid", "merge_slots": 2}, {"policy": "snapkv", "summary_slots": 2}]
 
 
 @pytest.mark.parametrize("kw", ALL, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -111,7 +111,7 @@ def test_tova_keeps_what_the_latest_query_attends():
     assert all(3 in h and 11 in h for h in kept)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_top_scores_survive_per_kv_head(seed):
     """Whatever the scores, the kept token set is exactly the protected slots plus the top scorers, per kv head."""
     config = KVCompressionConfig(policy="h2o", budget=7, sink=1, window=2)
