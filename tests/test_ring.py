@@ -66,7 +66,7 @@ def assert_close(got, want, atol=2e-5):
 
 @pytest.mark.parametrize(("causal", "layout", "strategy"), [
     (True, "zigzag", "ring"),
-    pytest.param(True, "contiguous", "ring", marks=pytest.mark.slow),
+    (True, "contiguous", "ring"),
     (False, "contiguous", "allgather"),
 ])
 def test_ring_dense_matches_dense_attention(causal, layout, strategy):
@@ -79,7 +79,6 @@ def test_ring_dense_matches_dense_attention(causal, layout, strategy):
     assert_close(got, want)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("causal", "layout", "strategy"), [
     (True, "zigzag", "allgather"), (False, "zigzag", "ring"), (True, "contiguous", "allgather")])
 def test_ring_dense_other_combinations(causal, layout, strategy):

@@ -43,8 +43,8 @@ def test_ring_ms_matches_ms_attention_with_gradients():
 
 @pytest.mark.parametrize(("name", "layout", "strategy"), [
     ("query_heads", "zigzag", "allgather"),
-    pytest.param("gqa_kv_merge2_centroids", "zigzag", "allgather", marks=pytest.mark.slow),
-    pytest.param("noncausal", "contiguous", "ring", marks=pytest.mark.slow),
+    ("gqa_kv_merge2_centroids", "zigzag", "allgather"),
+    ("noncausal", "contiguous", "ring"),
 ])
 def test_ring_ms_forward_matches_ms_attention(name, layout, strategy):
     config = CONFIGS[name]
