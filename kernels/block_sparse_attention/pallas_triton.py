@@ -150,6 +150,15 @@ def _dot(a, b, trans_a=False, trans_b=False):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
+def _out_struct(shape, dtype, like):
+    """An out_shape that varies over the same manual mesh axes as ``like``: inside ``shard_map`` (check_vma)
+    a pallas_call result must say which axes it varies over, or tracing fails (ring attention calls us there)."""
+    mat = getattr(jax.typeof(like), "manual_axis_type", None)
+    if mat is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 def _div(x, d: int):
     """``x // d`` for non-negative traced ints: plain ``lax.div`` (jnp's floor-division lowers badly in Triton)."""
     if isinstance(d, int) and d == 1:
@@ -252,7 +261,7 @@ def _forward(q, k, v, sel, cnt, st: _Static):
         grid=grid,
         in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec],
         out_specs=[tile, pl.BlockSpec((None, st.block_q, hp), lambda i, bi, p: (bi, i, p))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, t, n), _F32)],
+        out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct((b, t, n), _F32, q)],
         compiler_params=_params(st.tiling.warps_fwd, st.tiling.stages_fwd),
         interpret=st.interpret,
         name="block_sparse_fwd",
@@ -367,7 +376,7 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
         grid=(t // st.block_q_dq, b, st.sel_heads),
         in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec, tile, stat, stat],
         out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_out_struct(q.shape, q.dtype, q),
         compiler_params=_params(st.tiling.warps_dq, st.tiling.stages_dq),
         interpret=st.interpret,
         name="block_sparse_dq",
@@ -384,7 +393,7 @@ def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
         grid=(t // st.block_k_dkv, b, st.kv_heads),
         in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
         out_specs=[kv_tile, kv_tile],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_out_struct(k.shape, k.dtype, q), _out_struct(v.shape, v.dtype, q)],
         compiler_params=_params(st.tiling.warps_dkv, st.tiling.stages_dkv),
         interpret=st.interpret,
         name="block_sparse_dkv",
