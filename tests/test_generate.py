@@ -131,6 +131,8 @@ def test_prefill_validates_inputs(model):
         generate(model, np.zeros((1, 4), np.int32), max_new_tokens=3, chunk_size=4, capacity=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, np.zeros((1, 4), np.int32), max_new_tokens=0)
+    with pytest.raises(ValueError, match="chunk_size"):  # was a ZeroDivisionError before any check
+        generate(model, np.zeros((1, 4), np.int32), max_new_tokens=2, chunk_size=0)
 
 
 def test_chunked_prefill_memory_is_linear_in_length():

@@ -227,6 +227,8 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     prompts, lengths = _check_prompts(prompts, lengths)
     padded = -(-prompts.shape[1] // chunk_size) * chunk_size
     need = padded + max_new_tokens - 1  # the last sampled token is never fed back
