@@ -182,3 +182,16 @@ def test_layer_builds_crd_hook_from_config_and_dense_ignores_mode():
     dense_a = _layer("selected_compact", implementation="dense")
     dense_b = _layer("before_selection", implementation="dense")
     np.testing.assert_allclose(dense_a(x), dense_b(x), rtol=1e-6)
+
+
+def test_layer_compact_positions_use_the_steps_traced_frequencies():
+    from selmerge_jax.positional import CRDNTKFn, RotaryPositions, crd_step
+    crd = CRDNTKConfig(cycle=64, original_max_position_embeddings=16, initial_scale=4.0)
+    lyr = _layer("selected_compact", rope=crd)
+    x = jax.random.normal(jax.random.PRNGKey(8), (1, 16, 16))
+    pos = crd_step(crd, 0, jax.random.PRNGKey(9), batch=1, seq_len=16, head_dim=H)
+    q, k, v = (proj(x).reshape(1, 16, 2, H) for proj in (lyr.q_proj, lyr.k_proj, lyr.v_proj))
+    fn = CRDNTKFn(crd, H)
+    rotate = lambda a, p: fn.rotate(a, RotaryPositions(p, pos.inv_freq))  # noqa: E731
+    want = lyr.o_proj(sp.ms_attention_selected_positions(q, k, v, lyr.config.ms, rotate).reshape(1, 16, 16))
+    np.testing.assert_allclose(lyr(x, pos), want, rtol=1e-5, atol=1e-5)

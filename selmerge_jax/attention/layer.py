@@ -26,7 +26,7 @@ from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.ms import ms_attention
 from selmerge_jax.attention.reference import dense_attention
 from selmerge_jax.attention.selected_positions import ms_attention_selected_positions
-from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, make_position_fn
+from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, RotaryPositions, make_position_fn
 
 __all__ = ["AttentionLayerConfig", "MSAttention"]
 
@@ -124,7 +124,10 @@ class MSAttention(nnx.Module):
             if not callable(getattr(fn, "rotate", None)):
                 raise TypeError("position_mode='selected_compact' needs a position_fn with a "
                                 "rotate(x, positions) method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
-            return ms_attention_selected_positions(q, k, v, cfg.ms, fn.rotate, scheme="compact")
+            rotate = fn.rotate
+            if isinstance(positions, RotaryPositions):  # keep the step's traced frequencies (CRD NTK)
+                rotate = lambda x, p: fn.rotate(x, RotaryPositions(p, positions.inv_freq))  # noqa: E731
+            return ms_attention_selected_positions(q, k, v, cfg.ms, rotate, scheme="compact")
         sel_q, sel_k = q, k
         if fn is not None:
             q, k = fn(q, k, positions)
