@@ -63,6 +63,25 @@ def test_quantized_decode_tracks_dense_and_keeps_recent_exact(quant, tol):
     np.testing.assert_allclose(out[:, :4], ref[:, :4], rtol=1e-6, atol=1e-6)  # nothing quantized yet
 
 
+def test_a_chunk_after_a_few_decode_steps_loses_no_token():
+    # A flush when the window holds fewer than `flush` tokens used to set a negative cursor: the chunk was written
+    # at wrapped (negative) slots beyond the cursor and later overwritten, silently losing tokens.
+    config = KVCompressionConfig(policy="none", quant="int8", quant_group=4, quant_window=2)
+    qc = kq.init_quantized(config, B, K, 32, H, jnp.float32, chunk=4)
+    q, k, v = _data(16)
+    step = jax.jit(lambda c, *a: kq.quantized_step(c, config, *a, budget=24))  # one compile per chunk size
+    outs, i = [], 0
+    for t in (1, 1, 1, 4, 1, 1, 4, 1, 1, 1):
+        o, qc = step(qc, q[:, i:i + t], k[:, i:i + t], v[:, i:i + t], jnp.arange(i, i + t)[None])
+        outs.append(o)
+        i += t
+        assert int(qc.recent.length) >= 0
+    kept = np.concatenate([np.asarray(qc.pos[0, 0]), np.asarray(qc.recent.pos[0, 0])])
+    assert sorted(kept[kept >= 0].tolist()) == list(range(16))
+    err = float(jnp.abs(jnp.concatenate(outs, 1) - dense_attention(q, k, v)).max())
+    assert err < 0.03
+
+
 def test_quantized_storage_reports_real_bytes():
     for quant, code_bytes in (("int8", 16), ("int4", 8)):
         config = KVCompressionConfig(policy="none", quant=quant, quant_group=8, quant_window=8)

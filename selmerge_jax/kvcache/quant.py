@@ -152,7 +152,9 @@ def _flush(qc: QuantizedKVCache, config: KVCompressionConfig, budget: int) -> Qu
     c = qc.recent.capacity
     shift = jnp.arange(c, dtype=jnp.int32) + f
     shift = jnp.broadcast_to(jnp.where(shift < c, shift, -1), (*qc.pos.shape[:2], c))
-    recent = gather_slots(qc.recent, shift, length=qc.recent.length - f)
+    # A window holding fewer than f tokens (decode steps, then a chunk) flushes empty slots too; the cursor must
+    # not go negative, or the next append writes at wrapped slots past it that later appends overwrite.
+    recent = gather_slots(qc.recent, shift, length=jnp.maximum(qc.recent.length - f, 0))
     lost = jnp.maximum(slots[-1] + 1 - fc.capacity, 0)
     recent = dataclasses.replace(recent, dropped=recent.dropped + lost)
     return dataclasses.replace(_from_float(qc, fc), recent=recent)
