@@ -283,6 +283,7 @@ def test_jit_compiles_once(key):
     (dict(block_size=-8), "block_size"),
     (dict(merge=0), "merge"),
     (dict(top_k=4, merge=1, sink=4), "sink=4"),
+    (dict(top_k=4, merge=1, sink=True), "sink=True"),
     (dict(selection_source="next"), "selection_source='next'"),
     (dict(selection_heads="all"), "selection_heads='all'"),
 ])

@@ -62,7 +62,7 @@ class AttentionLayerConfig:
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"AttentionLayerConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"AttentionLayerConfig.num_heads={self.num_heads} must be a multiple of "
