@@ -66,7 +66,8 @@ class MSAttentionConfig:
         if self.position_mode == "selected_compact" and (self.centroids or not self.causal):
             raise ValueError("MSAttentionConfig.position_mode='selected_compact' needs causal=True and "
                              f"centroids=False, got causal={self.causal}, centroids={self.centroids}")
-        if not isinstance(self.sink, int) or isinstance(self.sink, bool) or not 0 <= self.sink <= self.num_selected:
+        sink_ok = isinstance(self.sink, int) and not isinstance(self.sink, bool)
+        if not sink_ok or not 0 <= self.sink <= self.num_selected:
             raise ValueError(f"MSAttentionConfig.sink={self.sink!r} must be an int in [0, top_k - merge = "
                              f"{self.num_selected}]")
 
