@@ -183,3 +183,12 @@ def test_ms_attention_default_dispatch_picks_pallas_triton_on_gpu(monkeypatch):
     k = jax.random.normal(jax.random.PRNGKey(7), (1, 64, 2, 16))
     ms_attention(q, k, k, MSAttentionConfig(block_size=16, top_k=3, selection_heads="kv"))
     assert calls == [(1, 2, 4, 2)]
+
+
+def test_random_plan_with_more_selected_than_regions_is_dense():
+    from selmerge_jax.kernels.block_sparse_attention.specs import random_plan
+    spec = AttentionSpec(name="short", seq_len=64, q_heads=2, kv_heads=1, head_dim=8, block_size=16,
+                         selected=8, dtype="float32")
+    plan = random_plan(jax.random.PRNGKey(0), spec)
+    assert plan.kv_regions.shape == (1, 1, 4, 8)
+    np.testing.assert_array_equal(plan.valid_mask().sum(-1)[0, 0], [0, 1, 2, 3])

@@ -81,11 +81,12 @@ def random_plan(key, spec: AttentionSpec) -> SelectionPlan:
         start = g * merge
         cand = (jnp.arange(r) < start) if spec.causal else ~((jnp.arange(r) >= start) & (jnp.arange(r) < start + merge))
         scores = jnp.where(cand, jax.random.uniform(gkey, (b, p, r)), -1.0)
-        best, idx = jax.lax.top_k(scores, m)
+        best, idx = jax.lax.top_k(scores, min(m, r))  # top_k needs k <= R; the row is padded back to M
         keep = best >= 0.0
         if spec.ragged:
             keep &= jax.random.uniform(jax.random.fold_in(gkey, 1), idx.shape) >= spec.ragged
-        return jnp.sort(jnp.where(keep, idx, r), axis=-1)  # ascending, padding last
+        row = jnp.pad(jnp.where(keep, idx, r), ((0, 0), (0, 0), (0, m - idx.shape[-1])), constant_values=r)
+        return jnp.sort(row, axis=-1)  # ascending, padding last
 
     keys = jax.random.split(key, q)
     regions = jnp.moveaxis(jax.lax.map(one_group, (jnp.arange(q), keys), batch_size=min(q, 64)), 0, 2)
