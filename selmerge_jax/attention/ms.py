@@ -16,7 +16,7 @@ from selmerge_jax.attention.reference import check_qkv
 from selmerge_jax.attention.selection import select_regions
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention
 
-__all__ = ["ms_attention", "pad_to_multiple"]
+__all__ = ["check_self_attention", "ms_attention", "pad_to_multiple"]
 
 
 def pad_to_multiple(x, multiple: int, axis: int = 1):
@@ -27,6 +27,18 @@ def pad_to_multiple(x, multiple: int, axis: int = 1):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
+
+
+def check_self_attention(q, k, v, config: MSAttentionConfig) -> int:
+    """Validates q/k/v for select-and-merge self-attention; returns T."""
+    check_qkv(q, k, v)
+    t = q.shape[1]
+    if k.shape[1] != t:
+        raise ValueError(f"ms_attention is self-attention: q length {t} != k length {k.shape[1]}")
+    if not config.causal and t % config.group_tokens:
+        raise ValueError(f"non-causal ms_attention needs T={t} to be a multiple of block_size*merge="
+                         f"{config.group_tokens} (padding would be visible)")
+    return t
 
 
 def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, selection_k=None,
@@ -46,13 +58,7 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
       ``[B, T, N, H]`` in q's dtype (and the plan when asked).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    check_qkv(q, k, v)
-    t = q.shape[1]
-    if k.shape[1] != t:
-        raise ValueError(f"ms_attention is self-attention: q length {t} != k length {k.shape[1]}")
-    if not config.causal and t % config.group_tokens:
-        raise ValueError(f"non-causal ms_attention needs T={t} to be a multiple of block_size*merge="
-                         f"{config.group_tokens} (padding would be visible)")
+    t = check_self_attention(q, k, v, config)
     sq = q if selection_q is None else selection_q
     sk = k if selection_k is None else selection_k
     if sq.shape != q.shape or sk.shape != k.shape:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
-from selmerge_jax.attention.ms import pad_to_multiple
+from selmerge_jax.attention.ms import check_self_attention, pad_to_multiple
 from selmerge_jax.attention.reference import check_qkv
 from selmerge_jax.attention.selection import select_regions
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
@@ -154,16 +154,10 @@ def ms_attention_selected_positions(q, k, v, config: MSAttentionConfig, rotate: 
                                     scheme: PositionScheme = "compact", scale: float | None = None):
     """MS attention with RoPE only on the selected tokens: selection on the un-rotated q/k, then
     ``selected_positions_attention``. Pads like ``ms_attention`` (padding never votes, is never seen)."""
-    check_qkv(q, k, v)
     if config.centroids:
         raise ValueError("centroids are not defined with positions on selected tokens (a centroid has no "
                          "position); set MSAttentionConfig.centroids=False")
-    t = q.shape[1]
-    if k.shape[1] != t:
-        raise ValueError(f"self-attention only: q length {t} != k length {k.shape[1]}")
-    if not config.causal and t % config.group_tokens:
-        raise ValueError(f"non-causal attention needs T={t} to be a multiple of block_size*merge="
-                         f"{config.group_tokens}")
+    t = check_self_attention(q, k, v, config)
     qp, kp, vp = (pad_to_multiple(x, config.group_tokens) for x in (q, k, v))
     plan = select_regions(qp, kp, config, num_valid_tokens=t)
     return selected_positions_attention(qp, kp, vp, plan, rotate, scheme=scheme, scale=scale)[:, :t]
