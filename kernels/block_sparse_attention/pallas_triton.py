@@ -365,22 +365,32 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static):
+def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
+    """dQ ``[B, T, N, H]``. ``reuse``: a dead buffer of q's shape and dtype (the forward output, once delta is
+    formed) that dQ is written into, so the backward pass allocates no new T x N x H array; at T = 1M that is
+    the 8 GiB that kept the layer's peak above 40 GB. XLA copies it first if it is still live elsewhere."""
     b, t, _, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))
     stat = pl.BlockSpec((None, st.block_q_dq, hp), lambda i, bi, p: (bi, i, p))
+    args, in_specs, kernel = [sel, cnt, q, k, v, do, lse2, delta], [_whole(sel), _whole(cnt), tile, kv_spec, kv_spec,
+                                                                     tile, stat, stat], _dq_kernel
+    aliases = {}
+    if reuse is not None and reuse.shape == q.shape and reuse.dtype == q.dtype:
+        args, in_specs, aliases = [*args, reuse], [*in_specs, tile], {len(args): 0}
+        kernel = lambda *refs, st: _dq_kernel(*refs[:-2], refs[-1], st=st)  # the aliased input is never read
     return pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
+        functools.partial(kernel, st=st),
         grid=(t // st.block_q_dq, b, st.sel_heads),
-        in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec, tile, stat, stat],
+        in_specs=in_specs,
         out_specs=tile,
         out_shape=_out_struct(q.shape, q.dtype, q),
+        input_output_aliases=aliases,
         compiler_params=_params(st.tiling.warps_dq, st.tiling.stages_dq),
         interpret=st.interpret,
         name="block_sparse_dq",
-    )(sel, cnt, q, k, v, do, lse2, delta)
+    )(*args)
 
 
 def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
@@ -427,7 +437,7 @@ def _attend_bwd(st, res, cotangents):
     delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
     lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)  # empty rows: p = exp2(s - inf) = 0
     sel, cnt = compact_plan(plan)
-    dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st)
+    dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st, reuse=out)
     offsets, entries = transpose_plan(plan, st.kv_heads)
     dk, dv = _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st)
     return dq, dk, dv, None
