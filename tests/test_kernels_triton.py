@@ -97,6 +97,17 @@ def check_empty_row_and_nan(got, want, plan):
     assert_close(got, want, rtol=2e-5, atol=2e-5)  # dK/dV of the NaN regions are exactly 0 in both
 
 
+def test_gradients_alone_reuse_the_output_buffer():
+    """dQ is written into the forward output's buffer. With the output not returned (XLA keeps no copy) the
+    gradients still equal the reference's; ``test_matches_reference`` returns both (XLA must copy first)."""
+    (q, k, v, plan, do), _ = reference_case("tiny_g4_h64_w64")
+    grads = lambda attn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)[0].astype(jnp.float32) * do),
+                                          argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), grads(_kernel(plan)), grads(reference_fn(plan))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-5, atol=2e-5,
+                                   err_msg=name)
+
+
 def test_empty_row_and_nan_in_unselected_regions():
     """A group with no valid entry (include_local=False) outputs 0 / LSE -inf; NaN K/V nobody selected stays out."""
     (q, k, v, plan, do), want = empty_row_nan_case()
