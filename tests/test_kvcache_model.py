@@ -68,3 +68,36 @@ def test_prefill_compresses_padding_away_and_a_tight_budget_stays_bounded(tiny):
     assert bool((cache.pos < REAL).all())  # padding (position -1) never counts as a token
     kept = np.asarray(cache.pos[0, 0])
     assert 0 in kept and REAL - 1 in kept  # the sink and the newest real token survive
+
+
+def test_chunked_prefill_longer_than_the_window_equals_the_windowed_full_forward():
+    # Mistral-style window of 6 and a 20-token prompt in chunks of 4: every chunk's early queries must not see
+    # keys that only its late queries may see (a per-query window, not one per chunk).
+    model = Llama(preset("tiny", num_layers=2, sliding_window=6), rngs=nnx.Rngs(3))
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 20), 3, 259)
+    full, _ = model.hidden_states(tokens)
+    cfg = model.config
+    caches = tuple(kvcache.init_cache(2, cfg.num_kv_heads, 20, cfg.head_size, jnp.float32)
+                   for _ in range(cfg.num_layers))
+    chunks = []
+    for s in range(0, 20, 4):
+        pos = jnp.broadcast_to(jnp.arange(s, s + 4, dtype=jnp.int32), (2, 4))
+        h, caches = model.hidden_states(tokens[:, s:s + 4], pos, caches=caches)
+        chunks.append(h)
+    np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_window_attend_matches_a_dense_banded_mask():
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 4, 8))
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 9, 2, 8)) for i in (1, 2))
+    pos = jnp.arange(9, dtype=jnp.int32)[None]
+    cache = kvcache.append(kvcache.init_cache(1, 2, 9, 8, jnp.float32), k, v, pos)
+    qpos = jnp.arange(4, 9, dtype=jnp.int32)[None]
+    got = kvcache.attend(cache, q, qpos, window=3)
+    band = (pos[0][None, :] <= qpos[0][:, None]) & (pos[0][None, :] > qpos[0][:, None] - 3)  # [T, S]
+    kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk) / jnp.sqrt(8.0)
+    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(jnp.where(band, logits, -jnp.inf), -1), vv)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        kvcache.attend(cache, q, qpos, window=0)

@@ -45,12 +45,14 @@ class Shape:
     layers: int = 4
 
 
-def config_for(variant: str, ratio: float, slack: int) -> KVCompressionConfig:
+def config_for(variant: str, ratio: float | None, slack: int, budget: int | None = None) -> KVCompressionConfig:
+    """The compression of a variant: a ``ratio`` of the context, or an absolute ``budget`` (slots per layer)."""
     if variant in ("none", "select"):
         return KVCompressionConfig(policy="none")
     policy, _, quant = variant.partition("+")
-    return KVCompressionConfig(policy=policy, ratio=ratio, slack=slack, quant=quant or "none", quant_group=32,
-                               quant_window=32)
+    size = {"ratio": ratio} if budget is None else {"budget": budget}
+    return KVCompressionConfig(policy=policy, slack=slack, quant=quant or "none", quant_group=32, quant_window=32,
+                               **size)
 
 
 def init_weights(key, s: Shape, dtype):
@@ -110,7 +112,7 @@ def make_step(s: Shape, config: KVCompressionConfig, budget: int, variant: str, 
 
 def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     dtype = jnp.bfloat16
-    config = config_for(variant, args.ratio, args.slack)
+    config = config_for(variant, args.ratio, args.slack, args.budget)
     steps = args.steps
     if config.policy == "none":
         budget, tokens, capacity = context, context, context + steps + 1
@@ -140,7 +142,7 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     stats = jax.devices()[0].memory_stats() or {}
     live = stats.get("bytes_in_use")
     row = dict(bench="kvcache_decode", **environment(), layers=s.layers, d=s.d, n_heads=s.n, kv_heads=s.k,
-               head_dim=s.h, context=context, variant=variant, ratio=None if config.policy == "none" else args.ratio,
+               head_dim=s.h, context=context, variant=variant, ratio=None if config.policy == "none" else config.ratio,
                budget=budget, capacity=capacity, slack=args.slack, steps=steps - 1, ms_per_step=round(ms, 4),
                cache_bytes=cache_bytes, step_temp_bytes=temp, live_bytes=live,
                peak_est_bytes=None if live is None or temp is None else live + temp,
@@ -169,6 +171,8 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 524288, 1048576])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--budget", type=int, default=None,
+                   help="absolute budget (slots per layer) for the compressed variants instead of --ratio")
     p.add_argument("--slack", type=int, default=32, help="decode steps between compressions")
     p.add_argument("--steps", type=int, default=65)
     p.add_argument("--select-m", type=int, default=16, help="regions of 512 slots attended by 'select'")

@@ -128,19 +128,32 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     A negative position marks a padding token: it takes a slot but is never attended (count 0).
 
     Overflow: when ``length + T > C`` and the cursor is concrete (eager call), a ``ValueError`` is raised.
-    Under ``jit`` the cursor is a tracer, so the tokens that do not fit are dropped (the scatter uses
-    ``mode="drop"``), ``dropped`` counts them, and :func:`check_no_overflow`-style checks can read it
-    afterwards. Policies avoid overflow by compressing before appending (``policies.make_room``).
+    Under ``jit`` the cursor is a tracer, so the tokens that do not fit are dropped (the
+    window write is clamped to the end), ``dropped`` counts them, and callers can check it afterwards
+    (``int(cache.dropped) == 0``). Policies avoid overflow by compressing before appending (``policies.make_room``).
     """
     t = _check_new(cache, k_new, v_new, positions)
     length = _concrete_or_none(cache.length)
     if length is not None and length + t > cache.capacity:
         raise ValueError(f"cache overflow: length={length} + T={t} > capacity C={cache.capacity}; "
                          "compress first (kvcache.make_room) or allocate a larger cache")
-    slots = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = jnp.asarray(positions, jnp.int32)
     pos_new = jnp.broadcast_to(positions[:, None, :], (cache.batch, cache.kv_heads, t))  # [B, K, T]
-    write = lambda dst, src: dst.at[:, :, slots].set(src.astype(dst.dtype), mode="drop")
+    # A plain dynamic_update_slice of a T-slot window, so XLA updates the (donated) cache in place. A scatter
+    # with mode="drop" lowers to select(in_bounds, update, old) over the *whole* cache: a full read and write of
+    # K and V per decode step. The window starts at min(length, C - T); on overflow its first slots are old ones
+    # (written back unchanged) and the tokens past the end are dropped.
+    start = jnp.minimum(cache.length, cache.capacity - t)
+    src = start + jnp.arange(t, dtype=jnp.int32) - cache.length  # [T]: token written to window row j, < 0: old
+    fresh = src >= 0
+    take = jnp.clip(src, 0, t - 1)
+
+    def write(dst, new):  # dst [B, K, C, ...], new [B, K, T, ...]
+        old = jax.lax.dynamic_slice_in_dim(dst, start, t, axis=2)
+        rows = jnp.take(new.astype(dst.dtype), take, axis=2)
+        sel = fresh.reshape((1, 1, t) + (1,) * (dst.ndim - 3))
+        return jax.lax.dynamic_update_slice_in_dim(dst, jnp.where(sel, rows, old), start, axis=2)
+
     overflow = jnp.maximum(cache.length + t - cache.capacity, 0)
     return dataclasses.replace(
         cache,
@@ -154,12 +167,17 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     )
 
 
-def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None, return_probs: bool = False):
+def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None, return_probs: bool = False,
+                 window: int | None = None):
     """Attention of q ``[B, T, N, H]`` over slots k/v ``[B, K, C, H]`` with per-slot ``pos``/``count`` ``[B, K, C]``.
 
-    Query t sees slot c iff ``0 <= pos[c] <= q_positions[t]`` (causal by stored position) and ``count > 0``.
+    Query t sees slot c iff ``0 <= pos[c] <= q_positions[t]`` (causal by stored position) and ``count > 0``;
+    with a sliding ``window`` W also ``pos[c] > q_positions[t] - W`` (Mistral's convention: W tokens including
+    the query itself), decided per query, so a chunk of a prompt longer than the window is exact.
     Scores are computed per kv head on ``[B, K, G, T, C]`` without repeating K/V; softmax in float32 with
-    ``log(count)`` added to each logit. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
+    ``log(count)`` added to each logit. The value product runs in the cache dtype with float32 accumulation
+    (probabilities rounded to that dtype, as flash attention does): a float32 copy of a bf16 V would be written
+    and read again every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
     and with ``return_probs`` also ``probs float32 [B, K, G, T, C]`` and ``lse float32 [B, T, N]``.
     """
     b, t, n, h = q.shape
@@ -170,13 +188,18 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
         raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch or head dim")
     if jnp.shape(q_positions) != (b, t):
         raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     g = n // kh
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     qg = q.reshape(b, t, kh, g, h)
     logits = jnp.einsum("btkgh,bkch->bkgtc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     logits = logits * scale + jnp.log(jnp.maximum(count, 1e-30))[:, :, None, None, :]
-    qp = jnp.asarray(q_positions, jnp.int32)
-    mask = (pos >= 0)[:, :, None, :] & (count > 0)[:, :, None, :] & (pos[:, :, None, :] <= qp[:, None, :, None])
+    qp = jnp.asarray(q_positions, jnp.int32)[:, None, :, None]  # [B, 1, T, 1]
+    sp = pos[:, :, None, :]  # [B, K, 1, C]
+    mask = (sp >= 0) & (count > 0)[:, :, None, :] & (sp <= qp)
+    if window is not None:
+        mask = mask & (sp > qp - window)
     mask = mask[:, :, None]  # [B, K, 1, T, C]
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, -1, keepdims=True)
@@ -184,22 +207,25 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = p.sum(-1, keepdims=True)
     probs = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("bkgtc,bkch->btkgh", probs, v.astype(jnp.float32)).reshape(b, t, n, h).astype(q.dtype)
+    out = jnp.einsum("bkgtc,bkch->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out.reshape(b, t, n, h).astype(q.dtype)
     if not return_probs:
         return out
     lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)  # [B, K, G, T]
     return out, probs, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
-def attend(cache: KVCache, q, q_positions, *, scale: float | None = None, return_probs: bool = False):
+def attend(cache: KVCache, q, q_positions, *, scale: float | None = None, return_probs: bool = False,
+           window: int | None = None):
     """Attention of q ``[B, T, N, H]`` at positions ``int [B, T]`` over the cache (see :func:`attend_slots`).
 
     The usual decode step is ``cache = append(cache, k, v, pos); out = attend(cache, q, pos)``: the new tokens
-    see themselves and everything before them. ``return_probs=True`` also returns the float32 attention
-    probabilities ``[B, K, G, T, C]`` and ``lse [B, T, N]``, which scoring policies (H2O, TOVA, SnapKV) reduce.
+    see themselves and everything before them (within ``window`` positions when set). ``return_probs=True``
+    also returns the float32 attention probabilities ``[B, K, G, T, C]`` and ``lse [B, T, N]``, which scoring
+    policies (H2O, TOVA, SnapKV) reduce.
     """
     return attend_slots(q, q_positions, cache.k, cache.v, cache.pos, cache.count, scale=scale,
-                        return_probs=return_probs)
+                        return_probs=return_probs, window=window)
 
 
 def kv_nbytes(cache: KVCache) -> int:

@@ -165,19 +165,31 @@ def make_room(cache: KVCache, config: KVCompressionConfig, budget: int, incoming
         return cache
     config.check_capacity(budget, cache.capacity, incoming)
     full = cache.length + incoming > cache.capacity
-    return jax.lax.cond(full, lambda c: compress(c, config, budget), lambda c: c, cache)
+    return _run_if(full, lambda c: compress(c, config, budget), cache)
+
+
+def _run_if(pred, fn, cache):
+    """``fn(cache)`` if ``pred`` else ``cache``, as a while loop of 0 or 1 trips rather than a ``lax.cond``.
+
+    XLA copies a ``cond``'s pass-through operands into its result buffers (measured: the optimised decode step
+    copied the whole donated K cache before the cond, every step), while a while loop's carry lives in one
+    buffer: a decode step that does not compress touches nothing.
+    """
+    _, out = jax.lax.while_loop(lambda s: s[0], lambda s: (jnp.zeros((), bool), fn(s[1])), (pred, cache))
+    return out
 
 
 def step(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, budget: int,
-         scale: float | None = None):
+         scale: float | None = None, window: int | None = None):
     """One attention call against a compressed cache: make_room -> append -> attend -> observe.
 
     q ``[B, T, N, H]``, k/v ``[B, T, K, H]``, positions ``int [B, T]``. Returns ``(out [B, T, N, H], cache)``.
-    Works for a decode step (T=1) and for a prefill chunk (T = chunk) alike.
+    Works for a decode step (T=1) and for a prefill chunk (T = chunk) alike. ``window``: the model's sliding
+    window (each query sees the last ``window`` positions only; see ``cache.attend_slots``).
     """
     cache = make_room(cache, config, budget, q.shape[1])
     cache = append(cache, k, v, positions)
     if not needs_probs(config):
-        return attend(cache, q, positions, scale=scale), cache
-    out, probs, _ = attend(cache, q, positions, scale=scale, return_probs=True)
+        return attend(cache, q, positions, scale=scale, window=window), cache
+    out, probs, _ = attend(cache, q, positions, scale=scale, return_probs=True, window=window)
     return out, observe(cache, probs, config)

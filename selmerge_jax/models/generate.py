@@ -152,11 +152,6 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     prompts, lengths = _check_prompts(prompts, lengths)
-    window = model.config.sliding_window
-    if window is not None and lengths.max() > window:
-        # The cache masks by position only; a prompt longer than the window would need a per-query window.
-        raise ValueError(f"prompt length {lengths.max()} exceeds sliding_window={window}: chunked prefill "
-                         "with a window is only exact for prompts that fit in it")
     tok, pos = _chunks(prompts, lengths, chunk_size)
     graphdef, state = nnx.split(model)
     return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1),

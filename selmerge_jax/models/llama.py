@@ -102,16 +102,10 @@ def dense_self_attention(q, k, v, *, window: int | None = None, segment_ids=None
 def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
     """Attention of q ``[B, T, N, H]`` at ``positions`` over a cache that already holds these tokens.
 
-    With a sliding window, slots older than the window of the *earliest* query are hidden. That is exact for
-    decode (T == 1) and for chunks whose keys all lie inside every query's window (a prompt no longer than the
-    window); ``generate`` enforces the latter because the cache has no per-query window mask.
+    With a sliding window each query sees only the slots of the last ``window`` positions up to its own, decided
+    per query (``kvcache.attend(window=...)``), so chunked prefill of a prompt longer than the window is exact.
     """
-    if window is None:
-        return kvcache.attend(cache, q, positions)
-    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1)  # [B]
-    inside = cache.pos > (first - window)[:, None, None]
-    count = jnp.where(inside, cache.count, 0.0)
-    return kvcache.attend_slots(q, positions, cache.k, cache.v, cache.pos, count)
+    return kvcache.attend(cache, q, positions, window=window)
 
 
 def append_and_attend(cache, q, k, v, positions, *, window: int | None = None):
