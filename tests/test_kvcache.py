@@ -142,3 +142,30 @@ def test_decode_loop_compiles_once(key):
         p = jnp.full((B, 1), i, jnp.int32)
         cache, _ = step(cache, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], p)
     assert int(cache.length) == 6
+
+
+def test_partial_overflow_under_jit_keeps_the_tokens_that_fit(key):
+    # length C-1 and T=3: the first token takes the last slot, two are dropped, every older slot is unchanged.
+    _, k, v = _qkv(key, 1, 6)
+    pos = jnp.broadcast_to(jnp.arange(6), (B, 6))
+    cache = _append(kc.init_cache(B, K, 4, H, jnp.float32), k[:, :3], v[:, :3], pos[:, :3])
+    out = _append(cache, k[:, 3:], v[:, 3:], pos[:, 3:])
+    assert int(out.dropped) == 2 and int(out.length) == 4
+    np.testing.assert_array_equal(out.k[:, :, :3], cache.k[:, :, :3])
+    np.testing.assert_array_equal(out.k[:, :, 3], k[:, 3])
+    np.testing.assert_array_equal(out.v[:, :, 3], v[:, 3])
+    np.testing.assert_array_equal(out.pos[:, :, :], jnp.broadcast_to(jnp.arange(4), (B, K, 4)))
+
+
+def test_bf16_cache_attends_in_bf16_with_float32_accumulation(key):
+    # The value product runs on the bf16 cache (no float32 copy of V); it stays within bf16 rounding of float32.
+    s = 64
+    q, k, v = _qkv(key, 1, s)
+    pos = jnp.broadcast_to(jnp.arange(s), (B, s))
+    ref = _attend(_append(kc.init_cache(B, K, s, H, jnp.float32), k, v, pos), q, pos[:, -1:])
+    half = _append(kc.init_cache(B, K, s, H, jnp.bfloat16), k, v, pos)
+    got = _attend(half, q.astype(jnp.bfloat16), pos[:, -1:])
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), ref, atol=3e-2)
+    jaxpr = str(jax.make_jaxpr(kc.attend)(half, q.astype(jnp.bfloat16), pos[:, -1:]))
+    assert f"f32[{B},{K},{s},{H}]" not in jaxpr  # no float32 copy of the cache anywhere in the step

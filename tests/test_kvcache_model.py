@@ -101,3 +101,24 @@ def test_window_attend_matches_a_dense_banded_mask():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="window must be a positive int"):
         kvcache.attend(cache, q, qpos, window=0)
+
+
+def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
+    # init_caches and compressed_generate used to jit a fresh lambda per call: every call retraced and recompiled.
+    from selmerge_jax.evaluation import fidelity
+    from selmerge_jax.models import generate as gen
+
+    traces = []
+    for name in ("init_cache", "init_for"):  # called only while tracing: counts (re)traces of the cache builders
+        real = getattr(kvcache, name)
+        monkeypatch.setattr(kvcache, name, lambda *a, _real=real, _n=name, **k: traces.append(_n) or _real(*a, **k))
+    model, prompts = tiny
+    kv = KVCompressionConfig(policy="h2o", budget=12, slack=CHUNK, sink=1, window=2)
+    jitted = (gen._empty_caches, gen._prefill, fidelity._empty_caches, fidelity._finish, fidelity._greedy)
+
+    def both(shift):
+        gen.init_caches(model, 2, 16)
+        fidelity.compressed_generate(model, prompts[:, :16] + shift, kv, max_new_tokens=3, chunk_size=CHUNK)
+        return len(traces), [f._cache_size() for f in jitted]
+
+    assert both(0) == both(1)

@@ -111,3 +111,18 @@ def test_init_quantized_rejects_bad_shapes():
         kq.init_quantized(config, 1, 1, 16, 7)
     with pytest.raises(ValueError, match="quant"):
         kq.init_quantized(KVCompressionConfig(policy="none"), 1, 1, 16, 8)
+
+
+def test_a_full_store_counts_exactly_the_tokens_it_drops():
+    # policy "none", a store of 8 and a float window of 2 (+4 flush): 19 tokens arrive, 8 + 4 stay, 7 are lost.
+    # The last flush moves a window holding 3 tokens (4 slots): its empty slot is not a lost token.
+    config = KVCompressionConfig(policy="none", quant="int8", quant_group=4, quant_window=2)
+    qc = kq.init_quantized(config, B, K, 8, H, jnp.float32, chunk=4)
+    q, k, v = _data(19)
+    step = jax.jit(lambda c, *a: kq.quantized_step(c, config, *a, budget=4))
+    i = 0
+    for t in (4, 4, 4, 3, 4):
+        _, qc = step(qc, q[:, i:i + t], k[:, i:i + t], v[:, i:i + t], jnp.arange(i, i + t)[None])
+        i += t
+    stored = int((qc.pos[0, 0] >= 0).sum() + (qc.recent.pos[0, 0] >= 0).sum())
+    assert stored == 12 and int(qc.recent.dropped) == 19 - stored

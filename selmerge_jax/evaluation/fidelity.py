@@ -113,9 +113,7 @@ class CompressedStep:
     budget: int
 
     def __call__(self, cache, q, k, v, positions, *, window=None):
-        if window is not None:
-            raise ValueError(f"compressed caches do not support sliding_window={window}")
-        return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget)
+        return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget, window=window)
 
 
 @functools.partial(jax.jit, static_argnames=("kv", "budget"))
@@ -153,6 +151,13 @@ def _sizes(kv: KVCompressionConfig, prompt_len: int, max_new: int, chunk: int) -
     return budget, capacity
 
 
+@functools.partial(jax.jit, static_argnums=tuple(range(7)))
+def _empty_caches(kv: KVCompressionConfig, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                  dtype):
+    """One empty compressed cache per layer; module-level jit, so repeated generations reuse the program."""
+    return tuple(kvcache.init_for(kv, batch, kv_heads, capacity, head_dim, dtype) for _ in range(layers))
+
+
 def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_tokens: int,
                         chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Greedy continuations ``int32 [B, max_new_tokens]`` of prompts ``int [B, T]`` (T a multiple of
@@ -165,10 +170,10 @@ def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_toke
     b, t = prompts.shape
     cfg = model.config
     budget, capacity = _sizes(kv, t, max_new_tokens, chunk_size)
-    make = lambda: tuple(kvcache.init_for(kv, b, cfg.num_kv_heads, capacity, cfg.head_size, cfg.jnp_dtype)
-                         for _ in range(cfg.num_layers))
+    caches = _empty_caches(kv, cfg.num_layers, b, cfg.num_kv_heads, capacity, cfg.head_size,
+                           jnp.dtype(cfg.jnp_dtype))
     step = CompressedStep(kv, budget)
-    logits, caches = prefill(model, prompts, jax.jit(make)(), chunk_size=chunk_size, cache_fn=step)
+    logits, caches = prefill(model, prompts, caches, chunk_size=chunk_size, cache_fn=step)
     caches = _finish(caches, kv=kv, budget=budget)
     kept = np.stack([np.asarray(kvcache.num_valid(c)) for c in caches]).mean(axis=(0, 2)) / t  # [L, B, K] -> [B]
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)

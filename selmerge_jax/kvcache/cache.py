@@ -175,9 +175,9 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
     with a sliding ``window`` W also ``pos[c] > q_positions[t] - W`` (Mistral's convention: W tokens including
     the query itself), decided per query, so a chunk of a prompt longer than the window is exact.
     Scores are computed per kv head on ``[B, K, G, T, C]`` without repeating K/V; softmax in float32 with
-    ``log(count)`` added to each logit. The value product runs in the cache dtype with float32 accumulation
-    (probabilities rounded to that dtype, as flash attention does): a float32 copy of a bf16 V would be written
-    and read again every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
+    ``log(count)`` added to each logit. The value product runs in the cache dtype when q has it (probabilities
+    rounded to that dtype, as flash attention does): a float32 copy of a bf16 V would be written and read again
+    every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
     and with ``return_probs`` also ``probs float32 [B, K, G, T, C]`` and ``lse float32 [B, T, N]``.
     """
     b, t, n, h = q.shape
@@ -207,7 +207,12 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = p.sum(-1, keepdims=True)
     probs = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("bkgtc,bkch->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    if v.dtype == q.dtype:
+        # Rounded to q's dtype as the output is anyway; XLA accumulates bf16 dots in float32 on GPU/TPU. (An
+        # explicit float32 result type would fail on XLA:CPU: "Unsupported element type for DotThunk".)
+        out = jnp.einsum("bkgtc,bkch->btkgh", probs.astype(v.dtype), v)
+    else:  # mixed dtypes (rare): the exact float32 product
+        out = jnp.einsum("bkgtc,bkch->btkgh", probs, v.astype(jnp.float32))
     out = out.reshape(b, t, n, h).astype(q.dtype)
     if not return_probs:
         return out

@@ -155,7 +155,9 @@ def _flush(qc: QuantizedKVCache, config: KVCompressionConfig, budget: int) -> Qu
     # A window holding fewer than f tokens (decode steps, then a chunk) flushes empty slots too; the cursor must
     # not go negative, or the next append writes at wrapped slots past it that later appends overwrite.
     recent = gather_slots(qc.recent, shift, length=jnp.maximum(qc.recent.length - f, 0))
-    lost = jnp.maximum(slots[-1] + 1 - fc.capacity, 0)
+    # Tokens lost: flushed slots past the store's end that held a written token (the window may hold fewer than
+    # f tokens; its empty slots were never appended and are not lost).
+    lost = jnp.sum((slots >= fc.capacity) & (jnp.arange(f) < qc.recent.length), dtype=jnp.int32)
     recent = dataclasses.replace(recent, dropped=recent.dropped + lost)
     return dataclasses.replace(_from_float(qc, fc), recent=recent)
 

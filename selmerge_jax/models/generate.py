@@ -94,11 +94,14 @@ def init_caches(model: Llama, batch: int, capacity: int, dtype=None) -> tuple[kv
     """One empty ``KVCache`` per layer (``[B, K, C, H]``), in the model's compute dtype by default."""
     cfg = model.config
     dtype = cfg.jnp_dtype if dtype is None else dtype
-    make = lambda: tuple(kvcache.init_cache(batch, cfg.num_kv_heads, capacity, cfg.head_size, dtype)
-                         for _ in range(cfg.num_layers))
-    # Built under jit so every leaf is its own buffer (init_cache shares one zeros array between k and v,
-    # which buffer donation rejects) and allocated directly on device.
-    return jax.jit(make)()
+    return _empty_caches(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_size, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_caches(layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
+    # Under jit so every leaf is its own buffer (buffer donation rejects one array passed twice) and is
+    # allocated directly on device; module-level, so a second call with the same sizes reuses the program.
+    return tuple(kvcache.init_cache(batch, kv_heads, capacity, head_dim, dtype) for _ in range(layers))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_fn"), donate_argnames=("caches",))

@@ -34,7 +34,7 @@ def load_for_inference(cfg: InferConfig) -> Llama:
     if cfg.init.kind == "hf":
         from selmerge_jax.models import load_hf
 
-        return load_hf(cfg.init.path, attention=cfg.model.attention, ms=cfg.model.ms)
+        return load_hf(cfg.init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
     return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
 
