@@ -169,3 +169,17 @@ def test_bf16_cache_attends_in_bf16_with_float32_accumulation(key):
     np.testing.assert_allclose(got.astype(jnp.float32), ref, atol=3e-2)
     jaxpr = str(jax.make_jaxpr(kc.attend)(half, q.astype(jnp.bfloat16), pos[:, -1:]))
     assert f"f32[{B},{K},{s},{H}]" not in jaxpr  # no float32 copy of the cache anywhere in the step
+
+
+def test_segments_equal_one_concatenated_store(key):
+    q, k, v = _qkv(key, 3, 10)
+    pos = jnp.broadcast_to(jnp.arange(10), (B, K, 10)).at[:, :, 4].set(-1)  # an empty slot in the first segment
+    count = jnp.where(pos >= 0, 1.0, 0.0).at[:, :, 2].set(3.0)  # and a merged one
+    kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qpos = jnp.broadcast_to(jnp.arange(7, 10), (B, 3))
+    ref = kc.attend_slots(q, qpos, kk, vv, pos, count, return_probs=True, window=6)
+    split = [(kk[:, :, :6], vv[:, :, :6], pos[..., :6], count[..., :6]),
+             (kk[:, :, 6:], vv[:, :, 6:], pos[..., 6:], count[..., 6:])]
+    got = kc.attend_segments(q, qpos, split, return_probs=True, window=6)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)

@@ -30,6 +30,7 @@ __all__ = [
     "KVCache",
     "append",
     "attend",
+    "attend_segments",
     "attend_slots",
     "gather_slots",
     "init_cache",
@@ -180,12 +181,28 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
     every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
     and with ``return_probs`` also ``probs float32 [B, K, G, T, C]`` and ``lse float32 [B, T, N]``.
     """
+    return attend_segments(q, q_positions, [(k, v, pos, count)], scale=scale, return_probs=return_probs,
+                           window=window)
+
+
+def attend_segments(q, q_positions, segments, *, scale: float | None = None, return_probs: bool = False,
+                    window: int | None = None):
+    """:func:`attend_slots` over several slot stores at once, one softmax across all of them.
+
+    ``segments``: a sequence of ``(k, v, pos, count)``, each ``[B, K, C_i, H]`` / ``[B, K, C_i]`` (e.g. a
+    quantized store's dequantized slots and a float window). Equal to ``attend_slots`` on their concatenation
+    along slots, without ever concatenating K or V (only the small float32 logits are joined); ``probs`` come
+    back concatenated ``[B, K, G, T, sum C_i]`` in segment order.
+    """
     b, t, n, h = q.shape
-    kh = k.shape[1]
+    if not segments:
+        raise ValueError("segments must hold at least one (k, v, pos, count) store")
+    kh = segments[0][0].shape[1]
     if n % kh:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch or head dim")
+    for k, *_ in segments:
+        if k.ndim != 4 or k.shape[1] != kh or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch, kv heads or head dim")
     if jnp.shape(q_positions) != (b, t):
         raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
@@ -193,31 +210,47 @@ def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None
     g = n // kh
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     qg = q.reshape(b, t, kh, g, h)
-    logits = jnp.einsum("btkgh,bkch->bkgtc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    logits = logits * scale + jnp.log(jnp.maximum(count, 1e-30))[:, :, None, None, :]
     qp = jnp.asarray(q_positions, jnp.int32)[:, None, :, None]  # [B, 1, T, 1]
-    sp = pos[:, :, None, :]  # [B, K, 1, C]
-    mask = (sp >= 0) & (count > 0)[:, :, None, :] & (sp <= qp)
-    if window is not None:
-        mask = mask & (sp > qp - window)
-    mask = mask[:, :, None]  # [B, K, 1, T, C]
-    logits = jnp.where(mask, logits, -jnp.inf)
+
+    def seg_logits(k, pos, count):
+        logits = jnp.einsum("btkgh,bkch->bkgtc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        logits = logits * scale + jnp.log(jnp.maximum(count, 1e-30))[:, :, None, None, :]
+        sp = pos[:, :, None, :]  # [B, K, 1, C]
+        mask = (sp >= 0) & (count > 0)[:, :, None, :] & (sp <= qp)
+        if window is not None:
+            mask = mask & (sp > qp - window)
+        mask = mask[:, :, None]  # [B, K, 1, T, C]
+        return jnp.where(mask, logits, -jnp.inf), mask
+
+    parts = [seg_logits(k, pos, count) for k, _, pos, count in segments]
+    logits = jnp.concatenate([lg for lg, _ in parts], -1)  # one segment: a no-op under jit
+    mask = jnp.concatenate([mk for _, mk in parts], -1)
     m = jnp.max(logits, -1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows that see nothing: avoid inf - inf
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = p.sum(-1, keepdims=True)
     probs = p / jnp.where(denom == 0, 1.0, denom)
-    if v.dtype == q.dtype:
-        # Rounded to q's dtype as the output is anyway; XLA accumulates bf16 dots in float32 on GPU/TPU. (An
-        # explicit float32 result type would fail on XLA:CPU: "Unsupported element type for DotThunk".)
-        out = jnp.einsum("bkgtc,bkch->btkgh", probs.astype(v.dtype), v)
-    else:  # mixed dtypes (rare): the exact float32 product
-        out = jnp.einsum("bkgtc,bkch->btkgh", probs, v.astype(jnp.float32))
+    out, start = None, 0
+    for _, v, pos, _ in segments:
+        c = pos.shape[-1]
+        part = _value_product(probs[..., start:start + c], v, q.dtype)
+        out = part if out is None else out + part
+        start += c
     out = out.reshape(b, t, n, h).astype(q.dtype)
     if not return_probs:
         return out
     lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)  # [B, K, G, T]
     return out, probs, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+def _value_product(probs, v, dtype):
+    """``probs float32 [B, K, G, T, C]`` x ``v [B, K, C, H]`` -> ``[B, T, K, G, H]``."""
+    if v.dtype == dtype:
+        # In the cache dtype (XLA accumulates bf16 dots in float32 on GPU/TPU); the result is rounded to q's
+        # dtype anyway. (An explicit float32 result type fails on XLA:CPU: "Unsupported element type for
+        # DotThunk".)
+        return jnp.einsum("bkgtc,bkch->btkgh", probs.astype(v.dtype), v)
+    return jnp.einsum("bkgtc,bkch->btkgh", probs, v.astype(jnp.float32))  # mixed dtypes (rare): exact float32
 
 
 def attend(cache: KVCache, q, q_positions, *, scale: float | None = None, return_probs: bool = False,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.kvcache import policies
-from selmerge_jax.kvcache.cache import KVCache, append, attend_slots, gather_slots, init_cache
+from selmerge_jax.kvcache.cache import KVCache, append, attend_segments, gather_slots, init_cache
 from selmerge_jax.kvcache.config import KVCompressionConfig
 
 __all__ = ["QuantizedKVCache", "as_float_cache", "dequantize", "init_quantized", "quantize", "quantized_step"]
@@ -181,9 +181,9 @@ def quantized_step(qc: QuantizedKVCache, config: KVCompressionConfig, q, k, v, p
     qc = jax.lax.cond(full, lambda c: _flush(c, config, budget), lambda c: c, qc)
     recent = append(qc.recent, k, v, positions)
     km, vm = _dequant_main(qc, q.dtype)
-    cat = lambda a, b: jnp.concatenate([a, b], axis=2)
-    res = attend_slots(q, positions, cat(km, recent.k), cat(vm, recent.v), cat(qc.pos, recent.pos),
-                       cat(qc.count, recent.count), scale=scale, return_probs=policies.needs_probs(config))
+    # Two segments, one softmax: concatenating the dequantized store with the window would copy all of K and V.
+    res = attend_segments(q, positions, [(km, vm, qc.pos, qc.count), (recent.k, recent.v, recent.pos, recent.count)],
+                          scale=scale, return_probs=policies.needs_probs(config))
     if not policies.needs_probs(config):
         return res, dataclasses.replace(qc, recent=recent)
     out, probs, _ = res
