@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -130,8 +131,13 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     step = make_step(s, config, budget, variant, args.select_m)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, s.d), dtype)
     pos0 = jnp.full((1, 1), context, jnp.int32)
-    temp = step.lower(caches, weights, x, pos0).compile().memory_analysis()
-    temp = getattr(temp, "temp_size_in_bytes", None)
+    compiled = step.lower(caches, weights, x, pos0).compile()
+    temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
+    if args.dump_hlo and variant in args.dump_hlo_variants and context == max(args.contexts):
+        # The optimised step, to check that a decode step reads each cache once (no copies / converts of it).
+        with open(os.path.join(args.dump_hlo, f"kvcache_step_{variant.replace('+', '_')}_{context}.hlo.txt"),
+                  "w") as f:
+            f.write(compiled.as_text())
     caches, x = step(caches, weights, x, pos0)  # compile + warm up
     jax.block_until_ready(x)
     t0 = time.perf_counter()
@@ -179,6 +185,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--time-limit", type=float, default=1e9, help="seconds; stop starting new rows after this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with toy shapes")
+    p.add_argument("--dump-hlo", default=None, help="folder: write the optimised decode step at the largest context")
+    p.add_argument("--dump-hlo-variants", nargs="+", default=["none", "h2o"], choices=VARIANTS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     s = Shape(layers=args.layers)
