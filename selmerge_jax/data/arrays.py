@@ -6,6 +6,9 @@ Same batch format as the grain pipeline (``inputs``, ``targets``, ``loss_mask``,
 windows are addressed directly in one flat token array: shuffling is a per-epoch permutation of window
 indices, sharding takes every ``shard_count``-th window, and the whole iterator state is the step number.
 The order differs from the grain pipeline's (no document-then-window shuffle); both are exact on resume.
+With ``passkey_ratio > 0`` some rows of each batch are replaced by passkey-retrieval prompts of seq_len + 1
+tokens (random key and depth, loss on every token, as the grain pipeline's default); which rows and what they
+hold are a pure function of ``(seed, step, shard)``, so resume stays exact and the state is still the step.
 
     docs = split_documents(stdlib_documents(), 0.1)          # pure Python: no tfds needed
     tokens = tokenize_documents([d["text"] for d in docs["train"]], tokenizer)
@@ -18,7 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["tokenize_documents", "TokenWindows", "unigram_entropy"]
+from selmerge_jax.data.synthetic import passkey_example
+
+__all__ = ["TokenWindows", "tokenize_documents", "unigram_entropy"]
+
+_MAX_PASSKEY = 50_000  # keys in [1, 50000), as synthetic.PasskeyConfig and the evaluation grid draw them
+_PASSKEY_STREAM = 0x9A55  # separates the passkey draws from the window permutation's rng([seed, epoch])
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer, *, add_bos: bool = True,
@@ -49,7 +57,7 @@ class TokenWindows:
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, bos_id: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1):
+                 shard_count: int = 1, passkey_ratio: float = 0.0, tokenizer=None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -66,6 +74,7 @@ class TokenWindows:
         if self.batches_per_epoch == 0:
             raise ValueError(f"tokens has {len(tokens)} tokens: not one batch of {batch_size} windows of "
                              f"{seq_len + 1} per each of {shard_count} shards")
+        self.passkey_ratio, self.tokenizer = _check_passkey(passkey_ratio, tokenizer, seq_len), tokenizer
         self.step = 0
 
     def __iter__(self):
@@ -89,12 +98,24 @@ class TokenWindows:
         width = self.seq_len + 1
         windows = np.stack([self.tokens[w * width:(w + 1) * width] for w in self._window_ids(epoch, batch)])
         windows = windows.astype(np.int32)
+        if self.passkey_ratio > 0:
+            windows = self._mix_passkeys(windows, epoch * self.batches_per_epoch + batch)
         segs, pos = zip(*(_segments(w, self.bos_id) for w in windows), strict=True)
         segs, pos = np.stack(segs), np.stack(pos)
         self.step += 1
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
                 "loss_mask": np.ones((len(windows), self.seq_len), np.float32),
                 "segment_ids": segs[:, :-1], "positions": pos[:, :-1]}
+
+    def _mix_passkeys(self, windows: np.ndarray, step: int) -> np.ndarray:
+        # Keyed by (seed, step, shard) only: the same batch comes back after a resume, on any host.
+        rng = np.random.default_rng([self.seed, step, self.shard_index, _PASSKEY_STREAM])
+        replace = rng.random(len(windows)) < self.passkey_ratio
+        keys, depths = rng.integers(1, _MAX_PASSKEY, len(windows)), rng.random(len(windows))
+        for row in np.flatnonzero(replace):
+            ex = passkey_example(self.tokenizer, self.seq_len + 1, float(depths[row]), int(keys[row]))
+            windows[row] = ex["tokens"]
+        return windows
 
     def get_state(self) -> dict:
         return {"step": self.step}
@@ -104,6 +125,16 @@ class TokenWindows:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"state must be {{'step': int >= 0}}, got {state!r}")
         self.step = step
+
+
+def _check_passkey(ratio, tokenizer, seq_len: int) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"passkey_ratio must be a number in [0, 1), got {ratio!r}")
+    if ratio > 0:
+        if tokenizer is None:
+            raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the passkey prompts), got None")
+        passkey_example(tokenizer, seq_len + 1, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
+    return float(ratio)
 
 
 def unigram_entropy(documents: Sequence, tokenizer, *, add_bos: bool = True, add_eos: bool = True) -> float:

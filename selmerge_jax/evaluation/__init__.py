@@ -8,13 +8,15 @@ perplexity vs length    ``perplexity.run_perplexity(PerplexityEvalConfig)``  ``e
 loss-curve sweep        ``loss_curves.run_loss_curves(LossCurveSweepConfig)``  ``experiments/eval_loss_curves.py``
 compression fidelity    ``fidelity.run_fidelity(FidelityEvalConfig)``      ``experiments/eval_fidelity.py``
 memory/speed report     ``memory_report.run_memory_report(MemoryReportConfig)``  ``experiments/eval_memory.py``
+all claims, time-bound  ``reproduction.run_reproduction(ReproductionConfig)``  ``experiments/eval_reproduction.py``
 ======================  =================================================  ===============================
 
 Submodules are imported on use (``from selmerge_jax.evaluation import passkey``): the studies pull in the
 training runner, TFDS and matplotlib, which a user of one study should not pay for.
 """
 
-__all__ = ["common", "config_schema", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots"]
+__all__ = ["common", "config_schema", "fidelity", "loss_curves", "memory_report", "passkey", "perplexity", "plots",
+           "reproduction"]
 
 # Config schema of each ``experiments/configs/eval_<study>.yaml`` (module, class), imported on use.
 _SCHEMAS = {
@@ -23,6 +25,7 @@ _SCHEMAS = {
     "eval_loss_curves": ("loss_curves", "LossCurveSweepConfig"),
     "eval_fidelity": ("fidelity", "FidelityEvalConfig"),
     "eval_memory": ("memory_report", "MemoryReportConfig"),
+    "eval_reproduction": ("reproduction", "ReproductionConfig"),
 }
 
 

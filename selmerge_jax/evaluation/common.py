@@ -25,6 +25,7 @@ __all__ = [
     "ModelSource",
     "check_fractions",
     "check_positive_ints",
+    "crd_inference_rope",
     "load_model",
     "provenance",
     "validation_tokens",
@@ -77,15 +78,29 @@ def with_rope(model: Llama, rope: RopeConfig | None) -> Llama:
     return with_config(model, model.config.replace(rope=rope))
 
 
+def crd_inference_rope(stored_config: dict) -> RopeConfig | None:
+    """The fixed-base NTK rule (``theta * A^(d/(d-2))``, positions unwrapped) of a run trained with CRD NTK,
+    from its stored config; None for a run without a ``crd`` section."""
+    from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+    from selmerge_jax.training.config_loader import from_dict
+
+    raw = stored_config.get("crd") if isinstance(stored_config, dict) else None
+    return None if not raw else from_dict(CRDNTKConfig, raw, "crd").inference_rope_config()
+
+
 def load_model(source: ModelSource) -> Llama:
-    """The model a study evaluates, with ``source.model`` and ``source.rope`` applied."""
+    """The model a study evaluates, with ``source.model`` and ``source.rope`` applied. A checkpoint of a CRD
+    NTK run gets that run's fixed-base inference rule unless ``source.rope`` names another one (the training
+    forward drew its own cycled positions and bases; the stored model config's RoPE is not what it learned)."""
     init = source.init
     if init.kind == "checkpoint":
         from selmerge_jax.training.runner import restore_model
 
-        model, _ = restore_model(init.path, step=init.step)
+        model, stored = restore_model(init.path, step=init.step)
         if source.model is not None:
             model = with_config(model, source.model)
+        if source.rope is None:  # an explicit rule wins; otherwise a CRD NTK run infers with its own
+            return with_rope(model, crd_inference_rope(stored))
     elif init.kind == "hf":
         from selmerge_jax.models import load_hf
 

@@ -224,8 +224,11 @@ def compare(reference, candidate) -> dict:
             "rouge_l": rouge_l(reference, candidate)}
 
 
-def run_fidelity(cfg: FidelityEvalConfig) -> dict:
-    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json``, ``fidelity.png``, ``fidelity.md``."""
+def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
+    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json``, ``fidelity.png``, ``fidelity.md``.
+
+    ``stop() -> bool`` (optional) is asked before each setting: a time-bounded run ends early with the settings
+    done so far, and the JSON is rewritten after every setting so a killed run still leaves them."""
     model = load_model(cfg.source)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokens = validation_tokens(cfg.data, tokenizer, cfg.num_prompts * cfg.prompt_tokens)
@@ -233,17 +236,22 @@ def run_fidelity(cfg: FidelityEvalConfig) -> dict:
     gen = functools.partial(compressed_generate, model, prompts, max_new_tokens=cfg.max_new_tokens,
                             chunk_size=cfg.chunk_size)
     reference, _ = gen(KVCompressionConfig(policy="none"))
-    settings = []
+    settings, skipped = [], []
+    result = {"study": "fidelity", "attention": model.config.attention, "prompt_tokens": cfg.prompt_tokens,
+              "max_new_tokens": cfg.max_new_tokens, "reference_texts": [tokenizer.decode(r) for r in reference],
+              "settings": settings, "skipped": skipped, **provenance()}
+    json_path = os.path.join(cfg.output_dir, "fidelity.json")
     for kv in cfg.compressions:
+        if stop is not None and stop():
+            skipped.append(setting_name(kv))
+            continue
         out, kept = gen(kv)
         rows = [dict(compare(r, o), kept_ratio=float(k), text=tokenizer.decode(o))
                 for r, o, k in zip(reference, out, kept, strict=True)]
         means = {m: float(np.mean([r[m] for r in rows])) for m in ("kept_ratio", "jaccard", "exact_prefix", "rouge_l")}
         settings.append({"name": setting_name(kv), "config": dataclasses.asdict(kv), "mean": means, "prompts": rows})
-    result = {"study": "fidelity", "attention": model.config.attention, "prompt_tokens": cfg.prompt_tokens,
-              "max_new_tokens": cfg.max_new_tokens, "reference_texts": [tokenizer.decode(r) for r in reference],
-              "settings": settings, **provenance()}
-    json_path = write_json(os.path.join(cfg.output_dir, "fidelity.json"), result)
+        write_json(json_path, result)
+    write_json(json_path, result)
     png_path = _plot(os.path.join(cfg.output_dir, "fidelity.png"), settings, cfg.max_new_tokens)
     table = summary_table(settings)
     with open(os.path.join(cfg.output_dir, "fidelity.md"), "w", encoding="utf-8") as f:

@@ -140,9 +140,13 @@ def _curves(output_dir: str) -> tuple[list, list, list, list]:
 
 
 def _run_variant(cfg: PretrainConfig) -> dict:
-    from selmerge_jax.training.runner import run_pretrain, train_summary
+    """Trains one run and returns its row; a ``FinetuneConfig`` (e.g. CRD NTK from scratch) goes through the
+    fine-tuning runner, which owns the CRD forward."""
+    from selmerge_jax.training.experiment import FinetuneConfig
+    from selmerge_jax.training.runner import run_finetune, run_pretrain, train_summary
 
-    summary = train_summary(cfg, run_pretrain(cfg))
+    runner = run_finetune if isinstance(cfg, FinetuneConfig) else run_pretrain
+    summary = train_summary(cfg, runner(cfg))
     steps, losses, vsteps, vlosses = _curves(cfg.train.output_dir)
     t, m = cfg.train.seq_len, cfg.model
     flops = train_flops_per_token(m, t)

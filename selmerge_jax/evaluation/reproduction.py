@@ -1,0 +1,336 @@
+"""The paper-claims reproduction in one time-bounded command: a loss-curve family, a CRD NTK run beside its
+plain twin, the passkey grid on both, and KV-compression fidelity on one trained model.
+
+Stages run in this order, each only if the wall-clock budget still has room for it, and every stage rewrites
+its JSON as soon as it has something, so a run cut off by its time limit still leaves what it finished:
+
+1. the family (``variants``, all pretraining on the same tokens) with the CRD run right after ``crd_pair``,
+   whose overrides it copies plus ``crd_overrides`` (a ``FinetuneConfig`` from scratch: the fine-tuning runner
+   owns the CRD NTK forward);
+2. the passkey grid, one length at a time, on the CRD run (its own fixed-base inference rule) and on its
+   twin (``passkey_rope``, default the same rule), so the two heat maps share prompts and compiled shapes;
+3. fidelity (``evaluation.fidelity``) on ``fidelity_variant``, one compression setting at a time.
+
+``study.json`` gathers the stage log (seconds, skipped stages) and the acceptance checks of issue #7:
+(a) an ms run at attended fraction <= 1/8 within 3% of dense validation loss, (b) validation loss ordered by
+attended fraction, (c) CRD passkey accuracy at 16x the training length >= 95%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+
+from selmerge_jax.evaluation import fidelity, loss_curves, passkey, plots
+from selmerge_jax.evaluation.common import (
+    ModelSource,
+    check_fractions,
+    check_positive_ints,
+    load_model,
+    provenance,
+    write_json,
+)
+from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.positional import RopeConfig
+from selmerge_jax.training.experiment import DataConfig, FinetuneConfig, InitConfig, load_experiment
+
+__all__ = ["ReproductionConfig", "acceptance", "run_reproduction"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReproductionConfig:
+    """``experiments/eval_reproduction.py``.
+
+    Attributes:
+      base_config, base_overrides, variants: the loss-curve family (``loss_curves.LossCurveSweepConfig``).
+      crd_pair: the family variant the CRD run copies; crd_overrides: what it adds (``crd={...}``, ...).
+      passkey_lengths, passkey_depths, passkey_per_cell, passkey_chunk_size: the grid (prompt tokens incl.
+        the answer; depth 0 = start); passkey_rope: the twin's inference rule (null: the CRD run's);
+        passkey_scoring: "forward" (one teacher-forced pass with the trained attention; the default, since
+        the cached decode path attends densely) or "generate" (greedy decode through the cache).
+      fidelity_variant: the run whose checkpoint the fidelity study decodes; fidelity_*: its prompts;
+        compressions: the settings compared with the full cache.
+      budget_s: wall-clock seconds for everything; train_min_s: expected seconds of one training run;
+        eval_reserve_s: seconds kept for stages 2-3 when deciding to start a training run; passkey_min_s,
+        fidelity_min_s: seconds one passkey length (both models) and one fidelity setting need to start.
+      run_dir: checkpoints and metrics of the runs (large: keep out of output_dir); output_dir: JSON/PNG/MD.
+    """
+
+    base_config: str = "experiments/configs/demo.yaml"
+    base_overrides: tuple[str, ...] = ()
+    variants: dict = dataclasses.field(default_factory=dict)
+    crd_pair: str = ""
+    crd_overrides: tuple[str, ...] = ()
+    passkey_lengths: tuple[int, ...] = (512, 1024)
+    passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    passkey_per_cell: int = 2
+    passkey_chunk_size: int = 256
+    passkey_rope: RopeConfig | None = None
+    passkey_scoring: str = "forward"
+    fidelity_variant: str = ""
+    fidelity_prompt_tokens: int = 512
+    fidelity_num_prompts: int = 4
+    fidelity_max_new_tokens: int = 64
+    fidelity_chunk_size: int = 64
+    compressions: tuple[KVCompressionConfig, ...] = (KVCompressionConfig(policy="h2o", ratio=0.2),)
+    budget_s: float = 540.0
+    train_min_s: float = 60.0
+    eval_reserve_s: float = 120.0
+    passkey_min_s: float = 20.0
+    fidelity_min_s: float = 15.0
+    run_dir: str = "runs/reproduction"
+    output_dir: str = "runs/reproduction/results"
+
+    def __post_init__(self):
+        own = "ReproductionConfig"
+        loss_curves.LossCurveSweepConfig(variants=self.variants)  # validates names and override lists
+        for name in ("crd_pair", "fidelity_variant"):
+            if getattr(self, name) not in self.variants:
+                raise ValueError(f"{own}.{name}={getattr(self, name)!r} must name one of the variants "
+                                 f"{sorted(self.variants)}")
+        if not any(o.startswith(("crd=", "crd.")) for o in self.crd_overrides):
+            raise ValueError(f"{own}.crd_overrides must set the crd section (e.g. 'crd={{cycle: 32768}}'), "
+                             f"got {self.crd_overrides!r}")
+        check_positive_ints(own, "passkey_lengths", self.passkey_lengths, minimum=64)
+        check_fractions(own, "passkey_depths", self.passkey_depths)
+        if self.passkey_scoring not in passkey.SCORING_MODES:
+            raise ValueError(f"{own}.passkey_scoring={self.passkey_scoring!r}; allowed: {passkey.SCORING_MODES}")
+        for name in ("passkey_per_cell", "passkey_chunk_size"):
+            check_positive_ints(own, name, [getattr(self, name)])
+        fidelity.FidelityEvalConfig(model=None, init=InitConfig(kind="checkpoint", path="-"), **self._fidelity_kw())
+        for name in ("budget_s", "train_min_s", "eval_reserve_s", "passkey_min_s", "fidelity_min_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{own}.{name} must be a number >= 0 (seconds), got {value!r}")
+
+    def _fidelity_kw(self) -> dict:
+        return {"prompt_tokens": self.fidelity_prompt_tokens, "num_prompts": self.fidelity_num_prompts,
+                "max_new_tokens": self.fidelity_max_new_tokens, "chunk_size": self.fidelity_chunk_size,
+                "compressions": self.compressions}
+
+    @property
+    def sweep(self) -> loss_curves.LossCurveSweepConfig:
+        return loss_curves.LossCurveSweepConfig(base_config=self.base_config, base_overrides=self.base_overrides,
+                                                variants=self.variants, output_dir=self.run_dir)
+
+    def crd_config(self) -> FinetuneConfig:
+        overrides = [*self.base_overrides, *self.variants[self.crd_pair], *self.crd_overrides,
+                     "init.kind=scratch", f"train.output_dir={os.path.join(self.run_dir, 'crd')}"]
+        return load_experiment(FinetuneConfig, self.base_config, overrides)
+
+
+class _Clock:
+    """Seconds left of the budget, and the stage log that goes into study.json."""
+
+    def __init__(self, budget_s: float):
+        self.start, self.budget, self.log = time.monotonic(), budget_s, []
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def allows(self, stage: str, need_s: float) -> bool:
+        ok = self.left() > need_s
+        if not ok:
+            self.log.append({"stage": stage, "skipped": True, "left_s": round(self.left(), 1), "needed_s": need_s})
+        return ok
+
+    def done(self, stage: str, t0: float, **extra):
+        self.log.append({"stage": stage, "seconds": round(time.monotonic() - t0, 1), **extra})
+
+    def failed(self, stage: str, t0: float, error: BaseException):
+        # One-shot device runs: a failing stage is recorded and the next one still runs.
+        _log.exception("stage %s failed", stage)
+        self.log.append({"stage": stage, "failed": f"{type(error).__name__}: {error}"[:2000],
+                         "seconds": round(time.monotonic() - t0, 1)})
+
+
+def _checkpoints(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, name, "checkpoints")
+
+
+def _train_family(cfg: ReproductionConfig, clock: _Clock, status: dict) -> dict:
+    """Stage 1; returns the rows of the family (the CRD run's row goes to ``status['crd_run']``)."""
+    sweep = cfg.sweep
+    configs = {name: loss_curves.variant_config(sweep, name) for name in cfg.variants}
+    crd = cfg.crd_config()  # fails on a typo before anything trains
+    order = [cfg.crd_pair, "crd", *[n for n in cfg.variants if n != cfg.crd_pair]]
+    runs = {}
+    for name in order:
+        if not clock.allows(f"train {name}", cfg.train_min_s + cfg.eval_reserve_s):
+            continue
+        t0 = time.monotonic()
+        try:
+            row = loss_curves._run_variant(crd if name == "crd" else configs[name])
+        except Exception as e:  # noqa: BLE001 (recorded in study.json)
+            clock.failed(f"train {name}", t0, e)
+            continue
+        clock.done(f"train {name}", t0, final_val_loss=row["final_val_loss"], tokens_per_s=row["tokens_per_s"])
+        _copy_metrics(cfg, name)
+        if name == "crd":
+            status["crd_run"] = row
+        else:
+            runs[name] = row
+            _write_family(cfg, runs)
+        _write_status(cfg, clock, status, runs)
+    return runs
+
+
+def _copy_metrics(cfg: ReproductionConfig, name: str):
+    src = os.path.join(cfg.run_dir, name, "metrics.jsonl")
+    if os.path.exists(src):
+        os.makedirs(os.path.join(cfg.output_dir, "metrics"), exist_ok=True)
+        shutil.copy(src, os.path.join(cfg.output_dir, "metrics", f"{name}.jsonl"))
+
+
+def _write_family(cfg: ReproductionConfig, runs: dict):
+    result = {"study": "loss_curves", "base_config": cfg.base_config, "base_overrides": list(cfg.base_overrides),
+              "variants": {k: list(v) for k, v in cfg.variants.items()}, "runs": runs, **provenance()}
+    write_json(os.path.join(cfg.output_dir, "loss_curves.json"), result)
+    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
+    train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
+    val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items()
+           if r["curve"]["val_step"]}
+    tokens = next(iter(runs.values()))["tokens"]
+    plots.curves(os.path.join(cfg.output_dir, "loss_curves.png"), train, val,
+                 title=f"loss curves, {tokens:,} tokens per run")
+    with open(os.path.join(cfg.output_dir, "loss_curves.md"), "w", encoding="utf-8") as f:
+        f.write(loss_curves.summary_table(runs) + "\n")
+
+
+def _passkey_models(cfg: ReproductionConfig) -> dict:
+    """name -> model: the CRD run (its own inference rule) and its twin (``passkey_rope`` or the same rule)."""
+    crd_src = ModelSource(init=InitConfig(kind="checkpoint", path=_checkpoints(cfg.run_dir, "crd")))
+    crd_model = load_model(crd_src)
+    rope = cfg.passkey_rope or crd_model.config.rope
+    twin_src = ModelSource(init=InitConfig(kind="checkpoint", path=_checkpoints(cfg.run_dir, cfg.crd_pair)),
+                           rope=rope)
+    return {"crd": crd_model, cfg.crd_pair: load_model(twin_src)}
+
+
+def _empty_grid(cfg: ReproductionConfig, model) -> dict:
+    import dataclasses as dc
+
+    return {"study": "passkey", "attention": model.config.attention, "rope": dc.asdict(model.config.rope),
+            "depths": list(cfg.passkey_depths), "per_cell": cfg.passkey_per_cell, "scoring": cfg.passkey_scoring,
+            "lengths": [], "columns": [],
+            "examples": [], "seconds_per_length": [], **provenance()}
+
+
+def _add_column(grid: dict, part: dict):
+    grid["lengths"] += part["lengths"]
+    grid["columns"].append([row[0] for row in part["accuracy"]])  # one length: [depth][1] -> [depth]
+    grid["examples"] += part["examples"]
+    grid["seconds_per_length"] += part["seconds_per_length"]
+    grid["accuracy"] = np.asarray(grid["columns"]).T.tolist()  # [depth][length]
+    grid["mean_accuracy"] = float(np.mean(grid["accuracy"]))
+    grid["accuracy_per_length"] = dict(zip([str(n) for n in grid["lengths"]],
+                                           np.mean(grid["columns"], axis=1).tolist(), strict=True))
+
+
+def _write_grid(cfg: ReproductionConfig, name: str, grid: dict):
+    write_json(os.path.join(cfg.output_dir, f"passkey_{name}.json"), grid)
+    rope = grid["rope"]
+    label = rope["rope_type"] + (f" x{rope['factor']:g}" if rope["rope_type"] != "default" else "")
+    plots.heatmap(os.path.join(cfg.output_dir, f"passkey_{name}.png"), grid["accuracy"], rows=grid["depths"],
+                  cols=grid["lengths"], row_label="key depth (0 = start)", col_label="context tokens",
+                  title=f"passkey, {name} ({grid['attention']}, RoPE {label})")
+
+
+def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
+    if not os.path.isdir(_checkpoints(cfg.run_dir, "crd")) or not os.path.isdir(
+            _checkpoints(cfg.run_dir, cfg.crd_pair)):
+        clock.log.append({"stage": "passkey", "skipped": True, "why": "a passkey model did not train"})
+        return
+    from selmerge_jax.models.tokenizer import load_tokenizer
+
+    models = _passkey_models(cfg)
+    tokenizer = load_tokenizer(None)
+    grids = {name: _empty_grid(cfg, m) for name, m in models.items()}
+    status["passkey_rope"] = {name: g["rope"] for name, g in grids.items()}
+    for j, length in enumerate(cfg.passkey_lengths):
+        if not clock.allows(f"passkey {length}", cfg.passkey_min_s + cfg.fidelity_min_s):
+            continue
+        t0 = time.monotonic()
+        try:
+            for name, model in models.items():
+                part = passkey.passkey_accuracy(model, tokenizer, [length], cfg.passkey_depths,
+                                                per_cell=cfg.passkey_per_cell, seed=j,
+                                                chunk_size=cfg.passkey_chunk_size, scoring=cfg.passkey_scoring)
+                _add_column(grids[name], part)
+                _write_grid(cfg, name, grids[name])
+        except Exception as e:  # noqa: BLE001 (recorded in study.json)
+            clock.failed(f"passkey {length}", t0, e)
+            break  # longer prompts would fail the same way (memory), and the grids must stay aligned
+        clock.done(f"passkey {length}", t0, **{n: g["accuracy_per_length"][str(length)] for n, g in grids.items()})
+        status["passkey"] = {n: g["accuracy_per_length"] for n, g in grids.items()}
+        _write_status(cfg, clock, status, None)
+
+
+def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: DataConfig):
+    path = _checkpoints(cfg.run_dir, cfg.fidelity_variant)
+    if not os.path.isdir(path):
+        clock.log.append({"stage": "fidelity", "skipped": True, "why": f"{cfg.fidelity_variant} did not train"})
+        return
+    if not clock.allows("fidelity", 2 * cfg.fidelity_min_s):  # the uncompressed reference plus one setting
+        return
+    t0 = time.monotonic()
+    fcfg = fidelity.FidelityEvalConfig(init=InitConfig(kind="checkpoint", path=path), data=data,
+                                       output_dir=cfg.output_dir, **cfg._fidelity_kw())
+    try:
+        result = fidelity.run_fidelity(fcfg, stop=lambda: clock.left() < cfg.fidelity_min_s)
+    except Exception as e:  # noqa: BLE001 (recorded in study.json)
+        clock.failed("fidelity", t0, e)
+        return
+    status["fidelity_table"] = result["table"]
+    clock.done("fidelity", t0)
+
+
+def acceptance(runs: dict, crd_passkey: dict | None, seq_len: int | None) -> dict:
+    """The issue's checks from the figures: (a), (b), (c) as booleans (None when the figures are missing)."""
+    out = {"a": None, "b": None, "c": None}
+    val = {n: r["final_val_loss"] for n, r in runs.items() if r.get("final_val_loss") is not None}
+    dense = [val[n] for n in val if runs[n]["attention"] == "dense"]
+    sparse = {n: val[n] for n in val if runs[n]["attention"] != "dense" and runs[n]["attended_fraction"] <= 1 / 8}
+    if dense and sparse:
+        gap = {n: v / dense[0] - 1 for n, v in sparse.items()}
+        out["a"] = {"pass": min(gap.values()) <= 0.03, "relative_gap_to_dense": gap}
+    if len(val) >= 2:
+        by_frac = sorted(val, key=lambda n: runs[n]["attended_fraction"])
+        losses = [val[n] for n in by_frac]
+        out["b"] = {"pass": all(a > b for a, b in itertools.pairwise(losses)), "order": by_frac, "val_loss": losses}
+    if crd_passkey and seq_len:
+        key = str(16 * seq_len)
+        if key in crd_passkey:
+            out["c"] = {"pass": crd_passkey[key] >= 0.95, "length": 16 * seq_len, "accuracy": crd_passkey[key]}
+    return out
+
+
+def _write_status(cfg: ReproductionConfig, clock: _Clock, status: dict, runs: dict | None):
+    if runs is not None:
+        status["family"] = {n: {k: r[k] for k in ("attention", "attended_fraction", "final_val_loss", "tokens",
+                                                    "tokens_per_s", "params")} for n, r in runs.items()}
+    status["stages"], status["elapsed_s"] = clock.log, round(clock.budget - clock.left(), 1)
+    family = {n: dict(r) for n, r in status.get("family", {}).items()}
+    status["acceptance"] = acceptance(family, (status.get("passkey") or {}).get("crd"), status.get("seq_len"))
+    write_json(os.path.join(cfg.output_dir, "study.json"), status)
+
+
+def run_reproduction(cfg: ReproductionConfig) -> dict:
+    """Runs the three stages inside ``cfg.budget_s``; returns study.json's content."""
+    clock = _Clock(cfg.budget_s)
+    pair = loss_curves.variant_config(cfg.sweep, cfg.crd_pair)
+    status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s, **provenance()}
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    runs = _train_family(cfg, clock, status)
+    _passkey_stage(cfg, clock, status)
+    _fidelity_stage(cfg, clock, status, pair.data)
+    _write_status(cfg, clock, status, runs)
+    return status

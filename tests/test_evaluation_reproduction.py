@@ -1,0 +1,201 @@
+"""What the H100 reproduction study adds: passkey mixing in the numpy loader (and the runner's npy branch), the
+CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey scoring, and the
+time-bounded study driver end to end on CPU at micro size (slow)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from selmerge_jax.data.arrays import TokenWindows
+from selmerge_jax.data.synthetic import PASSKEY_QUESTION
+from selmerge_jax.evaluation import passkey, reproduction
+from selmerge_jax.evaluation.common import ModelSource, crd_inference_rope, load_model
+from selmerge_jax.models.config import preset
+from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.positional import RopeConfig
+from selmerge_jax.training.experiment import FinetuneConfig, InitConfig, PretrainConfig, load_experiment
+
+ROOT = pathlib.Path(__file__).parents[1]
+TOK = ByteTokenizer()
+MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
+CRD = "crd={cycle: 1024, original_max_position_embeddings: 320, initial_scale: 1.0, growth: 1.0, inference_scale: 4.0}"
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    text = (ROOT / "selmerge_jax" / "training" / "loop.py").read_text()
+    return TOK.encode(text * 3, add_bos=True, add_eos=True).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def npy(tmp_path_factory, tokens):
+    d = tmp_path_factory.mktemp("tokens")
+    np.save(d / "train.npy", tokens)
+    np.save(d / "validation.npy", tokens[::-1].copy())
+    return str(d / "train.npy"), str(d / "validation.npy")
+
+
+def _is_passkey(row) -> bool:
+    return PASSKEY_QUESTION in TOK.decode(row)
+
+
+def _windows(tokens, **kw):
+    return TokenWindows(tokens, seq_len=320, batch_size=8, bos_id=TOK.bos_id, seed=5, tokenizer=TOK, **kw)
+
+
+# ---- passkey mixing in TokenWindows -------------------------------------------------------------------------
+
+def test_passkey_mixing_replaces_whole_rows_deterministically(tokens):
+    it = _windows(tokens, passkey_ratio=0.5)
+    batches = [next(it) for _ in range(6)]
+    mixed = [[_is_passkey(np.append(r[:1], t)) for r, t in zip(b["inputs"], b["targets"], strict=True)]
+             for b in batches]
+    share = np.mean(mixed)
+    assert 0.25 < share < 0.75, share
+    plain = _windows(tokens)  # ratio 0: the corpus windows, in the same order
+    for b, p, m in zip(batches, (next(plain) for _ in range(6)), mixed, strict=True):
+        assert b["inputs"].shape == (8, 320) and b["inputs"].dtype == np.int32
+        np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+        keep = ~np.asarray(m)
+        np.testing.assert_array_equal(b["inputs"][keep], p["inputs"][keep])
+        for row in np.flatnonzero(m):  # one document from bos: segment 1, positions 0..T-1
+            assert b["inputs"][row, 0] == TOK.bos_id
+            np.testing.assert_array_equal(b["segment_ids"][row], np.ones(320))
+            np.testing.assert_array_equal(b["positions"][row], np.arange(320))
+        assert b["loss_mask"].all()
+
+
+def test_passkey_mixing_resumes_exactly(tokens):
+    it = _windows(tokens, passkey_ratio=0.3)
+    [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(4)]
+    again = _windows(tokens, passkey_ratio=0.3)
+    again.set_state(state)
+    for a, b in zip(expected, (next(again) for _ in range(4)), strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"passkey_ratio": 1.0}, r"passkey_ratio must be a number in \[0, 1\)"),
+    ({"passkey_ratio": True}, "passkey_ratio must be a number"),
+    ({"passkey_ratio": 0.2, "tokenizer": None}, "needs the tokenizer"),
+    ({"passkey_ratio": 0.2, "seq_len": 100}, "too short"),
+])
+def test_passkey_mixing_bad_arguments(tokens, kw, message):
+    args = {"seq_len": 320, "batch_size": 2, "bos_id": TOK.bos_id, "tokenizer": TOK, **kw}
+    with pytest.raises(ValueError, match=message):
+        TokenWindows(tokens, **args)
+
+
+def test_runner_npy_branch_mixes_training_windows_only(npy):
+    from selmerge_jax.training.runner import make_data
+
+    cfg = load_experiment(PretrainConfig, None, ["model={preset: tiny}", f"data.train_npy={npy[0]}",
+                                                 f"data.validation_npy={npy[1]}", "data.passkey_ratio=0.5",
+                                                 "train.seq_len=320", "train.batch_size=8"])
+    train_it, eval_fn = make_data(cfg, TOK)
+    train_rows = [_is_passkey(r) for _ in range(3) for r in next(train_it)["inputs"]]
+    val_rows = [_is_passkey(r) for b in eval_fn() for r in b["inputs"]]
+    assert any(train_rows) and not any(val_rows)
+
+
+# ---- the CRD NTK inference rule in load_model ----------------------------------------------------------------
+
+def test_crd_inference_rope_from_stored_config():
+    assert crd_inference_rope({"model": {}}) is None and crd_inference_rope({"crd": None}) is None
+    rope = crd_inference_rope({"crd": {"inference_scale": 16.0, "theta": 500.0}})
+    assert rope == RopeConfig(rope_type="ntk", theta=500.0, factor=16.0)
+
+
+@pytest.fixture(scope="module")
+def crd_checkpoint(tmp_path_factory, npy):
+    from selmerge_jax.training.runner import run_finetune
+
+    out = tmp_path_factory.mktemp("crd")
+    cfg = load_experiment(FinetuneConfig, None, [
+        "model={preset: tiny, d_model: 32, ffn_dim: 64, num_layers: 1}", CRD, f"data.train_npy={npy[0]}",
+        f"data.validation_npy={npy[1]}", "train.seq_len=64", "train.batch_size=8", "train.steps=1",
+        "train.eval_batches=0", "train.progress=false", "optimizer.warmup_steps=0",
+        "checkpoint.async_save=false", f"train.output_dir={out}"])
+    run_finetune(cfg)
+    return str(out / "checkpoints")
+
+
+def test_load_model_applies_the_crd_rule_unless_overridden(crd_checkpoint):
+    init = InitConfig(kind="checkpoint", path=crd_checkpoint)
+    rope = load_model(ModelSource(init=init)).config.rope
+    assert rope == RopeConfig(rope_type="ntk", factor=4.0)  # theta * A^(d/(d-2)) with A = inference_scale
+    other = RopeConfig(rope_type="ntk", factor=2.0)
+    assert load_model(ModelSource(init=init, rope=other)).config.rope == other
+
+
+# ---- teacher-forced passkey scoring ---------------------------------------------------------------------------
+
+def test_forward_scoring_matches_greedy_decoding_on_its_first_token():
+    from flax import nnx
+
+    from selmerge_jax.models import Llama
+
+    model = Llama(MICRO, rngs=nnx.Rngs(3))
+    kw = {"per_cell": 2, "seed": 1, "chunk_size": 96}
+    fwd = passkey.passkey_accuracy(model, TOK, [288], [0.0, 1.0], scoring="forward", **kw)
+    gen = passkey.passkey_accuracy(model, TOK, [288], [0.0, 1.0], scoring="generate", **kw)
+    for f, g in zip(fwd["examples"], gen["examples"], strict=True):
+        assert f["passkey"] == g["passkey"] and f["generated"][0] == g["generated"][0]
+        assert f["exact"] == g["exact"]
+    with pytest.raises(ValueError, match="scoring='beam'"):
+        passkey.passkey_accuracy(model, TOK, [288], [0.0], scoring="beam")
+
+
+# ---- the study driver -----------------------------------------------------------------------------------------
+
+def test_reproduction_config_checks_names():
+    with pytest.raises(ValueError, match="crd_pair='nope' must name one of the variants"):
+        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="nope", fidelity_variant="a",
+                                        crd_overrides=(CRD,))
+    with pytest.raises(ValueError, match="crd_overrides must set the crd section"):
+        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a")
+    with pytest.raises(ValueError, match="passkey_scoring"):
+        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+                                        crd_overrides=(CRD,), passkey_scoring="x")
+
+
+def test_acceptance_checks():
+    runs = {"dense": {"attention": "dense", "attended_fraction": 1.0, "final_val_loss": 2.00},
+            "k4": {"attention": "ms", "attended_fraction": 0.1, "final_val_loss": 2.05},
+            "k8": {"attention": "ms", "attended_fraction": 0.2, "final_val_loss": 2.02}}
+    out = reproduction.acceptance(runs, {"2048": 1.0, "4096": 0.9}, 256)
+    assert out["a"]["pass"] and out["a"]["relative_gap_to_dense"]["k4"] == pytest.approx(0.025)
+    assert out["b"]["pass"] and out["b"]["order"] == ["k4", "k8", "dense"]
+    assert out["c"] == {"pass": False, "length": 4096, "accuracy": 0.9}
+    runs["k8"]["final_val_loss"] = 2.06
+    assert not reproduction.acceptance(runs, None, None)["b"]["pass"]
+
+
+@pytest.mark.slow
+def test_reproduction_study_end_to_end(tmp_path, npy):
+    base = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.ffn_dim=64", "model.ms_kernel=reference", "train.compute_dtype=float32", "train.seq_len=320",
+            "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.eval_batches=1",
+            "optimizer.warmup_steps=1", "model.ms.block_size=32", "data.passkey_ratio=0.5",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "checkpoint.async_save=false"]
+    cfg = reproduction.ReproductionConfig(
+        base_config=str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml"), base_overrides=tuple(base),
+        variants={"ms": ["model.ms.top_k=2"], "dense": ["model.attention=dense"]}, crd_pair="ms",
+        crd_overrides=(CRD,), passkey_lengths=(320, 640), passkey_depths=(0.0, 1.0), passkey_per_cell=1,
+        fidelity_variant="dense", fidelity_prompt_tokens=128, fidelity_num_prompts=1, fidelity_max_new_tokens=4,
+        compressions=(reproduction.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
+        train_min_s=0, eval_reserve_s=0, passkey_min_s=0, fidelity_min_s=0,
+        run_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"))
+    status = reproduction.run_reproduction(cfg)
+    out = tmp_path / "out"
+    for name in ("study.json", "loss_curves.json", "loss_curves.png", "passkey_crd.png", "passkey_ms.json",
+                 "fidelity.json", "metrics/crd.jsonl"):
+        assert (out / name).exists(), name
+    assert set(status["family"]) == {"ms", "dense"} and np.isfinite(status["crd_run"]["final_val_loss"])
+    assert set(status["passkey"]["crd"]) == {"320", "640"}
+    assert status["passkey_rope"]["crd"] == status["passkey_rope"]["ms"]  # the twin gets the CRD run's rule
+    assert status["acceptance"]["b"] is not None and not any(s.get("skipped") for s in status["stages"])
