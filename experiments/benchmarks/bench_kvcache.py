@@ -115,14 +115,17 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     dtype = jnp.bfloat16
     config = config_for(variant, args.ratio, args.slack, args.budget)
     steps = args.steps
+    # Capacities are rounded up to --align slots: XLA:GPU splits the long contraction of the value product
+    # (split-K) and pads the whole V cache to a multiple of the split when C is not one, a full copy of V per step
+    # (seen in the optimised H100 HLO of v3). A compressed cache keeps its slack (compression every `slack`
+    # steps), so the rounding goes to the budget, which each row records next to the requested one.
+    requested = config.budget_for(context)
     if config.policy == "none":
-        budget, tokens, capacity = context, context, context + steps + 1
-        capacity += -capacity % 512
+        budget, tokens, capacity = context, context, _round_up(context + steps + 1, args.align)
     else:
-        budget = config.budget_for(context)
-        budget += -budget % config.quant_group if config.quant != "none" else 0
-        tokens, capacity = budget, budget + args.slack
-        capacity += -capacity % config.quant_group if config.quant != "none" else 0
+        capacity = _round_up(requested + args.slack, args.align)
+        capacity = _round_up(capacity, config.quant_group) if config.quant != "none" else capacity
+        budget = tokens = capacity - args.slack
     keys = jax.random.split(jax.random.PRNGKey(context), s.layers)
     caches = [filled_cache(keys[i], s, capacity, tokens, context, dtype, config, variant) for i in range(s.layers)]
     if variant == "select":
@@ -149,7 +152,7 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     live = stats.get("bytes_in_use")
     row = dict(bench="kvcache_decode", **environment(), layers=s.layers, d=s.d, n_heads=s.n, kv_heads=s.k,
                head_dim=s.h, context=context, variant=variant, ratio=None if config.policy == "none" else config.ratio,
-               budget=budget, capacity=capacity, slack=args.slack, steps=steps - 1, ms_per_step=round(ms, 4),
+               budget=budget, requested_budget=requested, capacity=capacity, slack=args.slack, steps=steps - 1, ms_per_step=round(ms, 4),
                cache_bytes=cache_bytes, step_temp_bytes=temp, live_bytes=live,
                peak_est_bytes=None if live is None or temp is None else live + temp,
                process_peak_bytes=stats.get("peak_bytes_in_use"))
@@ -157,6 +160,10 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
         row["select"] = {"block": 512, "top_m": args.select_m, "centroids": True}
     emit(row, out)
     del caches
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 def environment() -> dict:
@@ -181,6 +188,7 @@ def main(argv=None) -> None:
                    help="absolute budget (slots per layer) for the compressed variants instead of --ratio")
     p.add_argument("--slack", type=int, default=32, help="decode steps between compressions")
     p.add_argument("--steps", type=int, default=65)
+    p.add_argument("--align", type=int, default=1024, help="round cache capacities up to a multiple of this")
     p.add_argument("--select-m", type=int, default=16, help="regions of 512 slots attended by 'select'")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--time-limit", type=float, default=1e9, help="seconds; stop starting new rows after this")
@@ -192,7 +200,7 @@ def main(argv=None) -> None:
     s = Shape(layers=args.layers)
     if args.tiny:
         s = Shape(d=64, n=4, k=2, h=16, layers=2)
-        args.contexts, args.steps, args.select_m = [1024, 4096], 9, 2
+        args.contexts, args.steps, args.select_m, args.align = [1024, 4096], 9, 2, 64
     weights = init_weights(jax.random.PRNGKey(0), s, jnp.bfloat16)
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
     start = time.perf_counter()
