@@ -11,7 +11,8 @@ Per layer and per call (prefill chunk or decode step), inside the jitted model::
 decode loop compiles once and compresses every ``slack`` steps. Optional one-shot compression after the prompt
 (SnapKV's protocol): ``lax.cond(cache.length > budget, lambda c: compress(c, config, budget), lambda c: c,
 cache)``. Quantized storage: ``init_quantized`` + ``quantized_step`` (same arguments). Uncompressed caches use
-``append`` + ``attend`` directly; ``attend_selected`` is the query-aware block-selection read of a cache.
+``append`` + ``attend`` directly; ``attend_selected`` is the query-aware block-selection read of a cache. Per-head budgets with real memory
+savings: ``HeadClasses`` (kv heads grouped into budget classes, one cache per class) + ``grouped_step``.
 """
 
 from selmerge_jax.kvcache.cache import (
@@ -29,6 +30,13 @@ from selmerge_jax.kvcache.cache import (
     with_capacity,
 )
 from selmerge_jax.kvcache.config import KVCompressionConfig
+from selmerge_jax.kvcache.head_classes import (
+    HeadClasses,
+    assign_classes,
+    grouped_step,
+    init_grouped,
+    retrieval_scores,
+)
 from selmerge_jax.kvcache.policies import (
     compress,
     init_for,
@@ -43,10 +51,12 @@ from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantiz
 from selmerge_jax.kvcache.query_select import attend_selected, region_summaries, select_blocks
 
 __all__ = [
+    "HeadClasses",
     "KVCache",
     "KVCompressionConfig",
     "QuantizedKVCache",
     "append",
+    "assign_classes",
     "attend",
     "attend_segments",
     "attend_selected",
@@ -54,8 +64,10 @@ __all__ = [
     "chunked_prefill",
     "compress",
     "gather_slots",
+    "grouped_step",
     "init_cache",
     "init_for",
+    "init_grouped",
     "init_quantized",
     "kv_nbytes",
     "left_pad",
@@ -66,6 +78,7 @@ __all__ = [
     "observe",
     "quantized_step",
     "region_summaries",
+    "retrieval_scores",
     "scan_chunks",
     "select_blocks",
     "slot_scores",
