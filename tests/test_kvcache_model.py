@@ -122,3 +122,16 @@ def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
         return len(traces), [f._cache_size() for f in jitted]
 
     assert both(0) == both(1)
+
+
+def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
+    # training/inference.py's HF path passed attention and ms but dropped ms_kernel (the model silently ran the
+    # reference kernel).
+    from selmerge_jax.models import save_hf
+    from selmerge_jax.training.experiment import InferConfig, InitConfig
+    from selmerge_jax.training.inference import load_for_inference
+
+    save_hf(Llama(preset("tiny", num_layers=1), rngs=nnx.Rngs(0)), str(tmp_path))
+    want = preset("tiny", num_layers=1, attention="ms", ms_kernel="pallas")
+    model = load_for_inference(InferConfig(init=InitConfig(kind="hf", path=str(tmp_path)), model=want))
+    assert model.config.attention == "ms" and model.config.ms_kernel == "pallas"
