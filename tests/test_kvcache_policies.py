@@ -240,3 +240,22 @@ def test_budget_for_ratio_and_layers():
     assert [cfg.budget_for(1000, i) for i in (0, 1)] == [64, 48]
     with pytest.raises(ValueError, match="layer=2"):
         cfg.budget_for(1000, 2)
+
+
+def test_scheduled_compression_equals_the_cond_in_the_step():
+    # room=False + compress every `slack` steps on the host == make_room's cond inside every step.
+    config = KVCompressionConfig(policy="h2o", budget=6, slack=3, sink=1, window=2)
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q, k, v = (jax.random.normal(kk, (B, 20, n, H)) for kk, n in zip(ks, (N, K, K), strict=True))
+    with_cond = jax.jit(lambda c, *a: kp.step(c, config, *a, budget=6))
+    plain = jax.jit(lambda c, *a: kp.step(c, config, *a, budget=6, room=False))
+    squeeze = jax.jit(lambda c: kp.compress(c, config, 6))
+    a = b = kp.init_for(config, B, K, 9, H, jnp.float32)
+    for i in range(20):
+        x = (q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], jnp.full((B, 1), i))
+        out_a, a = with_cond(a, *x)
+        if int(b.length) + 1 > b.capacity:
+            b = squeeze(b)
+        out_b, b = plain(b, *x)
+        np.testing.assert_array_equal(out_a, out_b)
+    assert _kept_positions(a) == _kept_positions(b)

@@ -79,7 +79,8 @@ def filled_cache(key, s: Shape, capacity: int, tokens: int, context: int, dtype,
     return kc.append(c, k, v, pos)
 
 
-def make_step(s: Shape, config: KVCompressionConfig, budget: int, variant: str, select_m: int):
+def make_step(s: Shape, config: KVCompressionConfig, budget: int, variant: str, select_m: int,
+              scheduled: bool = False):
     def layer(cache, w, x, pos):
         b = x.shape[0]
         q = (x @ w["wq"]).reshape(b, 1, s.n, s.h)
@@ -88,7 +89,7 @@ def make_step(s: Shape, config: KVCompressionConfig, budget: int, variant: str, 
         if config.quant != "none":
             out, cache = kq.quantized_step(cache, config, q, k, v, pos, budget=budget)
         elif config.policy != "none":
-            out, cache = kp.step(cache, config, q, k, v, pos, budget=budget)
+            out, cache = kp.step(cache, config, q, k, v, pos, budget=budget, room=not scheduled)
         elif variant == "select":  # (cache, block index): the index is refreshed, never rebuilt, per step
             cache, index = cache
             start = cache.length
@@ -131,7 +132,13 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     if variant == "select":
         caches = [(c, qs.build_index(c, 512)) for c in caches]
     cache_bytes = sum(kc.nbytes(c) for c in caches)
-    step = make_step(s, config, budget, variant, args.select_m)
+    # --scheduled: no cond in the step; the host compresses every `slack` steps (a separate jitted call, timed).
+    scheduled = args.scheduled and config.policy != "none" and config.quant == "none"
+    step = make_step(s, config, budget, variant, args.select_m, scheduled)
+    squeeze = jax.jit(lambda cs: [kp.compress(c, config, budget) for c in cs], donate_argnums=(0,))
+    if scheduled:
+        caches = squeeze(caches)  # compile + warm up (the filled caches already hold `budget` tokens)
+    length = tokens
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, s.d), dtype)
     pos0 = jnp.full((1, 1), context, jnp.int32)
     compiled = step.lower(caches, weights, x, pos0).compile()
@@ -142,17 +149,22 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
                   "w") as f:
             f.write(compiled.as_text())
     caches, x = step(caches, weights, x, pos0)  # compile + warm up
+    length += 1
     jax.block_until_ready(x)
     t0 = time.perf_counter()
     for i in range(1, steps):
+        if scheduled and length + 1 > capacity:
+            caches, length = squeeze(caches), budget
         caches, x = step(caches, weights, x, jnp.full((1, 1), context + i, jnp.int32))
+        length += 1
     jax.block_until_ready(x)
     ms = (time.perf_counter() - t0) * 1e3 / (steps - 1)
     stats = jax.devices()[0].memory_stats() or {}
     live = stats.get("bytes_in_use")
     row = dict(bench="kvcache_decode", **environment(), layers=s.layers, d=s.d, n_heads=s.n, kv_heads=s.k,
                head_dim=s.h, context=context, variant=variant, ratio=None if config.policy == "none" else config.ratio,
-               budget=budget, requested_budget=requested, capacity=capacity, slack=args.slack, steps=steps - 1, ms_per_step=round(ms, 4),
+               budget=budget, requested_budget=requested, capacity=capacity, slack=args.slack,
+               room="scheduled" if scheduled else "cond", steps=steps - 1, ms_per_step=round(ms, 4),
                cache_bytes=cache_bytes, step_temp_bytes=temp, live_bytes=live,
                peak_est_bytes=None if live is None or temp is None else live + temp,
                process_peak_bytes=stats.get("peak_bytes_in_use"))
@@ -188,6 +200,8 @@ def main(argv=None) -> None:
                    help="absolute budget (slots per layer) for the compressed variants instead of --ratio")
     p.add_argument("--slack", type=int, default=32, help="decode steps between compressions")
     p.add_argument("--steps", type=int, default=65)
+    p.add_argument("--scheduled", action="store_true",
+                   help="compressed float caches: no cond in the step, the host compresses every `slack` steps")
     p.add_argument("--align", type=int, default=1024, help="round cache capacities up to a multiple of this")
     p.add_argument("--select-m", type=int, default=16, help="regions of 512 slots attended by 'select'")
     p.add_argument("--layers", type=int, default=4)

@@ -173,14 +173,17 @@ def make_room(cache: KVCache, config: KVCompressionConfig, budget: int, incoming
 
 
 def step(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, budget: int,
-         scale: float | None = None, window: int | None = None):
+         scale: float | None = None, window: int | None = None, room: bool = True):
     """One attention call against a compressed cache: make_room -> append -> attend -> observe.
 
     q ``[B, T, N, H]``, k/v ``[B, T, K, H]``, positions ``int [B, T]``. Returns ``(out [B, T, N, H], cache)``.
     Works for a decode step (T=1) and for a prefill chunk (T = chunk) alike. ``window``: the model's sliding
-    window (each query sees the last ``window`` positions only; see ``cache.attend_slots``).
+    window (each query sees the last ``window`` positions only; see ``cache.attend_slots``). ``room=False``
+    skips ``make_room`` (no cond in the step): the caller compresses on its own schedule, e.g. every ``slack``
+    decode steps with :func:`compress`, and guarantees the tokens fit.
     """
-    cache = make_room(cache, config, budget, q.shape[1])
+    if room:
+        cache = make_room(cache, config, budget, q.shape[1])
     cache = append(cache, k, v, positions)
     if not needs_probs(config):
         return attend(cache, q, positions, scale=scale, window=window), cache
