@@ -7,6 +7,8 @@ peak device memory). Examples::
     python experiments/benchmarks/bench_attention.py --specs h100_64k h100_128k --out results/attention_h100.jsonl
     python experiments/benchmarks/bench_attention.py --check gpu_check_8k          # kernel vs reference
     python experiments/benchmarks/bench_attention.py --specs --ms-layer h100_1m --dense-lens 131072 262144
+    python experiments/benchmarks/bench_attention.py --check gpu_check_8k --check-impls pallas_mosaic_gpu \
+        --specs h100_64k --impls pallas_mosaic_gpu pallas_triton --mosaic-sweep '[{}, {"stages": 3}]'
 
 Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the tests use the same names).
 """
@@ -31,6 +33,14 @@ from selmerge_jax.kernels.block_sparse_attention.pallas_triton import (
     block_sparse_attention_triton,
 )
 from selmerge_jax.kernels.block_sparse_attention.specs import get_spec, useful_flops
+
+try:  # Hopper-only backend; its module imports on any jax with Pallas Mosaic GPU
+    from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu import (
+        MosaicTiling,
+        block_sparse_attention_mosaic_gpu,
+    )
+except (ImportError, AttributeError):  # pragma: no cover
+    MosaicTiling = block_sparse_attention_mosaic_gpu = None
 
 INTERPRET = False  # --interpret: run the Pallas kernels in the interpreter (CPU smoke runs)
 BWD_FACTOR = 3.5  # fwd+bwd FLOPs / fwd FLOPs (backward = 2.5 forward: the usual flash-attention convention)
@@ -96,25 +106,33 @@ def measure(record, fn, args, flops, reps, warmup, out):
     return row
 
 
-def attention_fns(plan, tiling):
+def mosaic_fn(plan, tiling, mosaic_tiling, return_lse=False):
+    """Mosaic GPU forward (``mosaic_tiling``) + Triton backward (``tiling``)."""
+    return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=return_lse,
+                                                             tiling=mosaic_tiling, backward_tiling=tiling,
+                                                             interpret=INTERPRET)
+
+
+def attention_fns(plan, tiling, mosaic_tiling=None):
     """The compared implementations on the same q/k/v (cuDNN is dense causal: it ignores the plan)."""
     return {
         "pallas_triton": lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, tiling=tiling,
                                                                        interpret=INTERPRET),
+        "pallas_mosaic_gpu": mosaic_fn(plan, tiling, mosaic_tiling),
         "xla": lambda q, k, v: block_sparse_attention_reference(q, k, v, plan),
         "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                     implementation="cudnn"),
     }
 
 
-def bench_spec(name, args, tiling, out):
+def bench_spec(name, args, tiling, out, mosaic_tiling=None):
     spec = get_spec(name)
     q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
     sparse = useful_flops(plan, spec.q_heads, spec.head_dim)
     dense = 4.0 * spec.batch * spec.q_heads * spec.seq_len ** 2 * spec.head_dim * 0.5
     base = {"kind": "kernel", **environment(), "spec": name, "shape": spec.__dict__,
             "tiling": tiling.__dict__}
-    for impl, attn in attention_fns(plan, tiling).items():
+    for impl, attn in attention_fns(plan, tiling, mosaic_tiling).items():
         if impl not in args.impls or (impl == "xla" and spec.seq_len > args.max_xla_len):
             continue
         flops = dense if impl == "cudnn_dense" else sparse
@@ -122,8 +140,11 @@ def bench_spec(name, args, tiling, out):
         for mode in args.modes:
             fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
             kind = "dense_causal" if impl == "cudnn_dense" else "useful"
+            record = {**base, "impl": impl, "mode": mode, "flops_kind": kind}
+            if impl == "pallas_mosaic_gpu":
+                record["mosaic_tiling"] = (mosaic_tiling or MosaicTiling()).__dict__
             try:
-                measure({**base, "impl": impl, "mode": mode, "flops_kind": kind}, fn, fargs,
+                measure(record, fn, fargs,
                         flops * (1 if mode == "fwd" else BWD_FACTOR), args.reps, args.warmup, out)
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
@@ -167,7 +188,36 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
     return TritonTiling(**best)
 
 
-def check_spec(name, tiling, out):
+def sweep_mosaic(name, args, tiling, out):
+    """Times candidate ``MosaicTiling`` overrides on the forward of one spec; returns the fastest."""
+    spec = get_spec(name)
+    q, k, v, plan, _ = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    base = json.loads(args.mosaic_tiling)
+    scores = []
+    for cand in json.loads(args.mosaic_sweep):
+        mt = MosaicTiling(**{**base, **cand})
+        try:
+            ms = statistics.median(time_fn(jax.jit(mosaic_fn(plan, tiling, mt)), (q, k, v), args.sweep_reps, 1))
+        except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: skip the candidate)
+            emit({"kind": "mosaic_sweep", "spec": name, "mosaic_tiling": mt.__dict__,
+                  "error": f"{type(e).__name__}: {str(e)[:300]}"}, out)
+            continue
+        emit({"kind": "mosaic_sweep", **environment(), "spec": name, "mode": "fwd", "mosaic_tiling": mt.__dict__,
+              "ms": round(ms, 4)}, out)
+        scores.append((ms, mt))
+    return min(scores, key=lambda s: s[0])[1] if scores else MosaicTiling(**base)
+
+
+def check_attn(impl, plan, tiling, mosaic_tiling):
+    if impl == "pallas_mosaic_gpu":
+        return mosaic_fn(plan, tiling, mosaic_tiling, return_lse=True)
+    if impl != "pallas_triton":
+        raise ValueError(f"--check-impls: {impl!r} is not a kernel (pallas_triton, pallas_mosaic_gpu)")
+    return lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
+                                                         interpret=INTERPRET)
+
+
+def check_spec(name, tiling, out, impl="pallas_triton", mosaic_tiling=None):
     """Kernel vs reference (forward, dq, dk, dv, lse) on one spec: max abs error relative to max |ref|."""
     spec = get_spec(name)
     q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(1))
@@ -179,10 +229,8 @@ def check_spec(name, tiling, out):
         return jax.jit(f)(q, k, v)
 
     ref = run(lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True))
-    ker = run(lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
-                                                           interpret=INTERPRET))
-    again = run(lambda q, k, v: block_sparse_attention_triton(q, k, v, plan, return_lse=True, tiling=tiling,
-                                                           interpret=INTERPRET))
+    ker = run(check_attn(impl, plan, tiling, mosaic_tiling))
+    again = run(check_attn(impl, plan, tiling, mosaic_tiling))
     names = ("out", "lse", "dq", "dk", "dv")
     flat = lambda t: (t[0], t[1], *t[2])
     errs = {}
@@ -191,8 +239,10 @@ def check_spec(name, tiling, out):
         errs[n] = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(a)), 1e-6))
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(flat(ker), flat(again)))
     nan = any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in flat(ker))
-    row = {"kind": "check", **environment(), "spec": name, "rel_err": errs, "bitwise_deterministic": same,
-           "nan": nan, "tiling": tiling.__dict__}
+    row = {"kind": "check", **environment(), "spec": name, "impl": impl, "rel_err": errs,
+           "bitwise_deterministic": same, "nan": nan, "tiling": tiling.__dict__}
+    if impl == "pallas_mosaic_gpu":
+        row["mosaic_tiling"] = (mosaic_tiling or MosaicTiling()).__dict__
     emit(row, out)
 
 
@@ -249,6 +299,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-xla-len", type=int, default=16384, help="skip the XLA reference above this length")
     ap.add_argument("--check", nargs="*", default=[], help="specs to check kernel vs reference on")
+    ap.add_argument("--check-impls", nargs="+", default=["pallas_triton"], help="kernels --check checks")
+    ap.add_argument("--mosaic-tiling", default="{}", help='JSON overrides of MosaicTiling, e.g. \'{"stages": 3}\'')
+    ap.add_argument("--mosaic-sweep", default=None,
+                    help="JSON list of MosaicTiling overrides timed on the forward of the first --specs entry; "
+                         "the fastest is used for the benchmarks")
     ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
     ap.add_argument("--selection-batch", type=int, default=64)
     ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
@@ -272,16 +327,26 @@ def main(argv=None):
             run(args, tiling, out)
 
 
-def checks(names, tiling, out):
+def checks(names, tiling, out, impls=("pallas_triton",), mosaic_tiling=None):
     for name in names:
-        try:
-            check_spec(name, tiling, out)
-        except Exception as e:  # noqa: BLE001 (a failed check is a result too; the timings still run)
-            emit({"kind": "check", **environment(), "spec": name, "error": f"{type(e).__name__}: {str(e)[:600]}"}, out)
+        for impl in impls:
+            try:
+                check_spec(name, tiling, out, impl, mosaic_tiling)
+            except Exception as e:  # noqa: BLE001 (a failed check is a result too; the timings still run)
+                emit({"kind": "check", **environment(), "spec": name, "impl": impl,
+                      "error": f"{type(e).__name__}: {str(e)[:600]}"}, out)
 
 
 def run(args, tiling, out):
-    checks(args.check, tiling, out)  # the starting tiling is checked before anything is timed
+    mosaic_tiling = MosaicTiling(**json.loads(args.mosaic_tiling)) if MosaicTiling else None
+    # The starting tilings are checked before anything is timed.
+    checks(args.check, tiling, out, args.check_impls, mosaic_tiling)
+    if args.mosaic_sweep and args.specs:
+        chosen = sweep_mosaic(args.specs[0], args, tiling, out)
+        emit({"kind": "chosen_mosaic_tiling", "mosaic_tiling": chosen.__dict__}, out)
+        if chosen != mosaic_tiling and "pallas_mosaic_gpu" in args.check_impls:
+            checks(args.check, tiling, out, ("pallas_mosaic_gpu",), chosen)
+        mosaic_tiling = chosen
     if args.sweep_spec:
         chosen = sweep_tiling(args.sweep_spec, args, tiling, out)
         emit({"kind": "chosen_tiling", "tiling": chosen.__dict__}, out)
@@ -289,7 +354,7 @@ def run(args, tiling, out):
             checks(args.check, chosen, out)
         tiling = chosen
     for name in args.specs:
-        bench_spec(name, args, tiling, out)
+        bench_spec(name, args, tiling, out, mosaic_tiling)
     for name in args.ms_layer:
         bench_ms_layer(name, args, tiling, out)
     if args.dense_lens:

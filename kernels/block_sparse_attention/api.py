@@ -9,11 +9,10 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
-
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
-__all__ = ["Implementation", "block_sparse_attention", "register_implementation", "IMPLEMENTATIONS"]
+__all__ = ["IMPLEMENTATIONS", "Implementation", "block_sparse_attention", "register_implementation"]
 
 Implementation = Literal["xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"]
 
@@ -34,7 +33,7 @@ def register_implementation(name: str, fn: Callable) -> None:
 def _load_backends() -> None:
     # Backends register themselves on import; a missing Pallas lowering (old jaxlib, no GPU plugin) only
     # removes that backend, it never breaks the XLA path.
-    for module in ("pallas_triton", "pallas_mosaic_tpu"):
+    for module in ("pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"):
         try:
             __import__(f"selmerge_jax.kernels.block_sparse_attention.{module}")
         except (ImportError, AttributeError):  # AttributeError: Pallas API drift across jax versions

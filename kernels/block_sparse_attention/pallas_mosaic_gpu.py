@@ -1,0 +1,374 @@
+"""Block-sparse flash attention forward for Hopper in Pallas Mosaic GPU: TMA, wgmma and warp specialisation.
+
+The backward reuses the Triton dQ and dK/dV kernels (``pallas_triton._attend_bwd``) through a custom VJP: the
+forward here writes the same ``out`` and natural-log LSE the Triton forward does, so those kernels cannot tell
+which forward ran.
+
+One CTA (thread block) owns ``wgs`` units of 64 query rows. A unit is 64 consecutive tokens of one query head;
+the CTA's units are ``wgs`` heads of the same kv head at the *same* tokens, so they share the plan row (selection
+is per kv head), the K/V blocks and the causal structure of the local block. Warpgroups:
+
+* ``wgs`` compute warpgroups (2 when G is even, else 1), one unit each: Q stays in shared memory, S = Q K^T and
+  O += P V are wgmma (P from registers), online softmax in float32 registers, base-2 exponentials with
+  ``log2(e) * scale`` folded into one FMA;
+* one producer warpgroup that walks the plan row (scalar reads of the compacted row ``sel`` in global memory)
+  and streams the selected K/V regions, then the local region, with TMA into a ``stages``-deep shared-memory
+  ring. ``k_free``/``v_free`` barriers hand a slot back once every compute warpgroup has read it.
+
+With two compute warpgroups they ping-pong (``MosaicTiling.pingpong``): a rendezvous barrier makes one
+warpgroup issue its matmuls while the other runs its softmax, so tensor cores and the exponential units overlap.
+Both warpgroups always walk the same number of steps (same plan row, same tokens), so the rendezvous count
+matches without a drain loop. The causal mask is applied on the last step only (the local region).
+
+Supported (else ``NotImplementedError``, so ``api`` dispatch falls through): Hopper GPU, bf16/f16, H in {64,
+128}, W in {64, 128}, one selection per kv head (P == K), merge 1, causal with the local block.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from selmerge_jax.kernels.block_sparse_attention import pallas_triton as _triton
+from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
+from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan
+
+__all__ = ["MosaicTiling", "block_sparse_attention_mosaic_gpu"]
+
+_F32 = jnp.float32
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiling:
+    """Launch parameters. ``stages``: K/V shared-memory ring depth (W = H = 128 bf16: 64 KiB per stage)."""
+
+    stages: int = 2
+    pingpong: bool = True
+    approx_math: bool = True
+    compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
+
+    def __post_init__(self):
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+            raise ValueError(f"MosaicTiling.stages must be an int in [2, 4], got {self.stages!r}")
+        for name in ("pingpong", "approx_math"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.compute_registers not in range(24, 257, 8):
+            raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 256], "
+                             f"got {self.compute_registers!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What the kernel specialises on (hashable: a nondiff argument of the custom VJP)."""
+
+    w: int
+    h: int
+    groups: int
+    max_selected: int
+    kv_heads: int
+    q_per_kv: int
+    wgs: int
+    scale: float
+    dtype: str
+    tiling: MosaicTiling
+    interpret: bool
+
+    @property
+    def chunks(self) -> int:
+        return self.w // _BQ
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _check_supported(q, plan: SelectionPlan, scale) -> None:
+    h, w = q.shape[3], plan.block_size
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"pallas_mosaic_gpu: dtype {q.dtype} (supported: bfloat16, float16)")
+    if h not in (64, 128):
+        raise NotImplementedError(f"pallas_mosaic_gpu: head dim H={h} (supported: 64, 128)")
+    if w not in (64, 128):
+        raise NotImplementedError(f"pallas_mosaic_gpu: block_size W={w} (supported: 64, 128)")
+    if plan.merge != 1:
+        raise NotImplementedError(f"pallas_mosaic_gpu: merge={plan.merge} (supported: 1)")
+    if not (plan.causal and plan.include_local):
+        raise NotImplementedError(f"pallas_mosaic_gpu: causal={plan.causal}, include_local={plan.include_local} "
+                                  "(supported: causal with the local block)")
+    if scale is not None and not scale > 0:
+        raise NotImplementedError(f"pallas_mosaic_gpu: scale={scale} (the max trick needs scale > 0)")
+
+
+def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
+    kv_heads, g = check_plan_inputs(q, k, k, plan)
+    if plan.kv_regions.shape[1] != kv_heads:
+        raise NotImplementedError(f"pallas_mosaic_gpu: one selection per kv head (P == K = {kv_heads}), "
+                                  f"got P={plan.kv_regions.shape[1]}")
+    _check_supported(q, plan, scale)
+    h = q.shape[3]
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    return _Static(plan.block_size, h, plan.num_groups, plan.max_selected, kv_heads, g, 2 if g % 2 == 0 else 1,
+                   scale, jnp.dtype(q.dtype).name, tiling, interpret)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+def _rendezvous(sched):
+    """Both compute warpgroups meet here (a barrier with one arrival per warpgroup)."""
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+
+def _as_layout(x, layout, st: _Static):
+    """Register layout hint (wgmma fragments); the interpreter has no layouts, so it gets the plain array."""
+    return x if st.interpret else plgpu.layout_cast(x, layout)
+
+
+def _row_stat(value, st: _Static):
+    return _as_layout(jnp.full((_BQ,), value, _F32), plgpu.Layout.WGMMA.reduce(1), st)
+
+
+def _bcast_rows(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _softmax_step(s, m_i, l_i, acc, st: _Static):
+    """Online-softmax update with raw scores ``s``; ``m`` is kept in units of ``scale * log2(e)``."""
+    c = st.scale * _LOG2E
+    m_new = jnp.maximum(m_i, s.max(axis=1) * c)  # max commutes with a positive scale
+    alpha = jnp.exp2(m_i - m_new)  # m_i = -inf on the first step: alpha = 0
+    p = jnp.exp2(s * c - _bcast_rows(m_new, s.shape))
+    l_i = l_i * alpha + p.sum(axis=1)
+    return m_new, l_i, acc * _bcast_rows(alpha, acc.shape), p.astype(jnp.dtype(st.dtype))
+
+
+def _causal_mask(s, chunk, st: _Static):
+    """Local region (keys ``[g W, g W + W)``) seen by tokens ``g W + chunk * 64 + row``: key col <= token."""
+    rows = _as_layout(lax.broadcasted_iota(jnp.int32, s.shape, 0), plgpu.Layout.WGMMA, st)
+    cols = _as_layout(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA, st)
+    return jnp.where(rows + chunk * _BQ >= cols, s, -jnp.inf)
+
+
+def _dot(a, b, trans_b=False):
+    dims = (((1,), (1,) if trans_b else (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _qk(q_smem, k_smem, sched, pingpong, st: _Static):
+    """Raw scores ``Q K^T`` ``[64, W]`` f32. The Mosaic GPU interpreter's wgmma takes no transposed operand and
+    no register operand, so interpret mode (tests only) multiplies loaded values; everything else is shared."""
+    if st.interpret:
+        s = _dot(q_smem[...], k_smem[...], trans_b=True)
+        if pingpong:
+            _rendezvous(sched)
+        return s
+
+    def body(s_ref):
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        if pingpong:  # our QK^T is issued: the other warpgroup may issue its PV while we wait for ours
+            _rendezvous(sched)
+        return s_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((_BQ, st.w), _F32))
+
+
+def _pv(acc, p, v_smem, st: _Static):
+    """``acc + P V``, P the wgmma A operand straight from registers, accumulating in place."""
+    if st.interpret:
+        return acc + _dot(p, v_smem[...])
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+
+
+def _consumer(refs, b, kh, g, chunk, hgrp, cnt, st: _Static):
+    q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, sched = refs
+    wg = lax.axis_index("wg")
+    pingpong = st.wgs == 2 and st.tiling.pingpong
+    if st.wgs == 2:
+        plgpu.set_max_registers(st.tiling.compute_registers, action="increase")
+    head = kh * st.q_per_kv + hgrp * st.wgs + wg
+    t0 = g * st.w + chunk * _BQ
+    q_smem, stages = qo_smem.at[wg], st.tiling.stages
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, _BQ), head], q_smem, q_bar.at[wg])
+    plgpu.barrier_wait(q_bar.at[wg])
+
+    def step(i, carry, masked=False):
+        m_i, l_i, acc = carry
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        s = _qk(q_smem, k_smem.at[slot], sched, pingpong, st)
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+            s = _causal_mask(s, chunk, st)
+        m_i, l_i, acc, p = _softmax_step(s, m_i, l_i, acc, st)
+        if pingpong:  # finish the softmax before signalling (the compiler would otherwise sink it past the wait)
+            m_i, l_i, acc, p = lax.optimization_barrier((m_i, l_i, acc, p))
+            plgpu.barrier_arrive(sched)  # softmax done; the tensor cores are ours once the other arrives
+        plgpu.barrier_wait(v_bar.at[slot])
+        if pingpong:
+            plgpu.barrier_wait(sched)
+
+        acc = _pv(acc, p, v_smem.at[slot], st)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return m_i, l_i, acc
+
+    carry = (_row_stat(-jnp.inf, st), _row_stat(0.0, st),
+             _as_layout(jnp.zeros((_BQ, st.h), _F32), plgpu.Layout.WGMMA, st))
+    if pingpong:
+        pl.when(wg == 1)(lambda: _rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
+    carry = lax.fori_loop(0, cnt, step, carry)  # the selected regions: no mask
+    m_i, l_i, acc = step(cnt, carry, masked=True)  # the local region: causal (every row sees its own token)
+    if pingpong:
+        pl.when(wg == 0)(lambda: _rendezvous(sched))  # balances warpgroup 1's extra rendezvous
+    _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, pl.ds(t0, _BQ), head],
+           lse_ref.at[b, head, pl.ds(t0, _BQ)], st)
+
+
+def _store(acc, m_i, l_i, o_smem, lse_smem, o_gmem, lse_gmem, st: _Static):
+    """O = acc / l and LSE (natural log) through shared memory, written back with TMA."""
+    o_smem[...] = (acc * _bcast_rows(1.0 / l_i, acc.shape)).astype(jnp.dtype(st.dtype))
+    lse_smem[...] = m_i * _LN2 + jnp.log(l_i)  # m is in log2 units
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _producer(refs, b, kh, g, cnt, st: _Static):
+    sel_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
+    if st.wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
+    stages = st.tiling.stages
+
+    @pl.loop(0, cnt + 1)
+    def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        # Steps [0, cnt) read the compacted plan row; step cnt is the group's own (local) region.
+        region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
+        rows = (b, pl.ds(region * st.w, st.w), kh)
+        for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
+            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], full.at[slot])
+
+    # Observe the last releases too: every barrier phase then has been waited for when shared memory goes
+    # away (the interpreter checks this; on the GPU it costs nothing, the consumers are about to finish).
+    @pl.loop(jnp.maximum(cnt + 1 - stages, 0), cnt + 1)
+    def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+
+def _kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
+            q_bar, k_bar, v_bar, k_free, v_free, sched, *, st: _Static):
+    sub, g, bk = lax.axis_index("sub"), lax.axis_index("group"), lax.axis_index("bk")
+    b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
+    chunk, hgrp = lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
+    cnt = cnt_ref[b, kh, g]
+    wg = lax.axis_index("wg")
+    consumer_refs = (q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free,
+                     v_free, sched)
+    pl.when(wg < st.wgs)(lambda: _consumer(consumer_refs, b, kh, g, chunk, hgrp, cnt, st))
+    producer_refs = (sel_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
+    pl.when(wg == st.wgs)(lambda: _producer(producer_refs, b, kh, g, cnt, st))
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: tests only
+
+    return InterpretGPUParams()
+
+
+def _forward(q, k, v, sel, cnt, st: _Static):
+    b, t, n, h = q.shape
+    dtype, stages = q.dtype, st.tiling.stages
+    smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                              plgpu.SwizzleTransform(128)))
+    scratch = (
+        smem((st.wgs, _BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)), plgpu.SMEM((st.wgs, _BQ), _F32),
+        plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs,
+                                                                               num_barriers=stages),
+        plgpu.Barrier(num_arrivals=st.wgs),
+    )
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, st=st),
+        out_type=(_triton._out_struct(q.shape, dtype, q), _triton._out_struct((b, n, t), _F32, q)),
+        scratch_types=scratch,
+        grid=(st.chunks * (st.q_per_kv // st.wgs), st.groups, b * st.kv_heads),
+        grid_names=("sub", "group", "bk"),
+        num_threads=st.wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
+        interpret=_interpret_params() if st.interpret else None,
+    )
+    out, lse_nt = kernel(sel, cnt, q, k, v)
+    # [B, N, T] lets each warpgroup write its 64 LSE values as one contiguous TMA row; the Triton convention
+    # (and the backward) is [B, T, N].
+    return out, jnp.swapaxes(lse_nt, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------ custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, regions, st: _Static, tst):
+    sel, cnt = compact_plan(SelectionPlan(regions, block_size=st.w, merge=1))
+    return _forward(q, k, v, sel, cnt, st)
+
+
+def _attend_fwd(q, k, v, regions, st, tst):
+    out, lse = _attend(q, k, v, regions, st, tst)
+    return (out, lse), (q, k, v, regions, out, lse)
+
+
+def _attend_bwd(st, tst, res, cotangents):
+    return _triton._attend_bwd(tst, res, cotangents)  # the Triton dQ and dK/dV kernels read our out and LSE
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def block_sparse_attention_mosaic_gpu(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
+                                      return_lse: bool = False, tiling: MosaicTiling | None = None,
+                                      backward_tiling: "_triton.TritonTiling | None" = None,
+                                      interpret: bool = False):
+    """Block-sparse attention, Mosaic GPU forward + Triton backward (same contract as the reference).
+
+    Args:
+      q, k, v, plan, scale, return_lse: as ``block_sparse_attention_reference``.
+      tiling: forward launch parameters (``MosaicTiling()`` by default).
+      backward_tiling: the Triton backward's tiling (``TritonTiling()`` by default).
+      interpret: run the forward in the Mosaic GPU interpreter and the backward in the Pallas interpreter
+        (CPU; slow, for tests).
+
+    Raises:
+      NotImplementedError: not on a Hopper GPU (and not interpreting), or inputs outside the supported set
+        (see the module docstring); the dispatcher then falls through to the next implementation.
+    """
+    if not interpret and not _is_hopper():
+        raise NotImplementedError(f"pallas_mosaic_gpu needs a Hopper GPU (sm_90), running on "
+                                  f"{jax.devices()[0].device_kind!r}")
+    check_plan_inputs(q, k, v, plan)
+    st = _make_static(q, k, plan, scale, tiling or MosaicTiling(), bool(interpret))
+    tst = _triton._make_static(q, k, plan, scale, backward_tiling or _triton.TritonTiling(), bool(interpret))
+    out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st, tst)
+    return (out, lse) if return_lse else out
+
+
+def _dispatch(q, k, v, plan, *, scale=None, return_lse=False):
+    return block_sparse_attention_mosaic_gpu(q, k, v, plan, scale=scale, return_lse=return_lse)
+
+
+register_implementation("pallas_mosaic_gpu", _dispatch)

@@ -1,0 +1,164 @@
+"""Pallas Mosaic GPU (Hopper) block-sparse forward + Triton backward vs the pure-jnp reference.
+
+Native runs are marked ``gpu`` (an H100/H200; run with ``JAX_PLATFORMS=cuda``). On CPU: what the kernel declines
+(so ``api`` dispatch falls through), and one tiny forward in the Mosaic GPU interpreter, which runs the real
+TMA/barrier protocol, plan indexing, masking and softmax (only the two matmuls are plain dots there).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from selmerge_jax.kernels.block_sparse_attention import (
+    SelectionPlan,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+)
+from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu import (
+    MosaicTiling,
+    block_sparse_attention_mosaic_gpu,
+)
+from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec
+
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+def _spec(g=2, w=64, h=64, t=256, **kw):
+    kw = {"selected": 2, "dtype": "bfloat16", "ragged": 0.3, **kw}
+    return AttentionSpec(name="mgpu", seq_len=t, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w, **kw)
+
+
+def _outputs(attn, q, k, v, do):
+    """``(out, lse, dq, dk, dv)``, with an LSE cotangent too (the backward must take it)."""
+
+    @jax.jit
+    def run(q, k, v):
+        (out, lse), vjp = jax.vjp(attn, q, k, v)
+        return (out, lse, *vjp((do, jnp.where(jnp.isfinite(lse), 0.25, 0.0))))
+
+    return run, run(q, k, v)
+
+
+def _ref(plan):
+    return lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True)
+
+
+def _mosaic(plan, **kw):
+    return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=True, **kw)
+
+
+def _assert_close(got, want, rel=2e-2):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert not np.isnan(a).any(), f"{name} has NaN"
+        assert np.max(np.abs(a - b)) <= rel * np.max(np.abs(b)), (name, np.max(np.abs(a - b)), np.max(np.abs(b)))
+
+
+# ---------------------------------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.skipif(_ON_GPU, reason="checks the decline on a non-GPU backend")
+def test_declines_off_gpu_and_dispatch_falls_back():
+    q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(0))
+    with pytest.raises(NotImplementedError, match="Hopper"):
+        block_sparse_attention_mosaic_gpu(q, k, v, plan)
+    with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
+        block_sparse_attention(q, k, v, plan, implementation="pallas_mosaic_gpu")
+    out = block_sparse_attention(q, k, v, plan, implementation=("pallas_mosaic_gpu", "xla"))
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(block_sparse_attention_reference(q, k, v, plan), np.float32))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"dtype": "float32"}, "dtype"),
+    ({"h": 32}, "head dim"),
+    ({"w": 32}, "block_size"),
+    ({"merge": 2}, "merge"),
+    ({"per_kv_selection": False}, "per kv head"),
+    ({"causal": False}, "causal"),
+    ({"include_local": False}, "include_local"),
+])
+def test_rejects_unsupported_inputs(change, match):
+    """Everything outside the H100 spec's family raises NotImplementedError (checked before any lowering)."""
+    g, w, h, t = 2, change.get("w", 64), change.get("h", 64), 256
+    dtype = jnp.float32 if change.get("dtype") else jnp.bfloat16
+    q = jnp.zeros((1, t, 2 * g, h), dtype)
+    k = jnp.zeros((1, t, 2, h), dtype)
+    merge = change.get("merge", 1)
+    heads = 2 * g if change.get("per_kv_selection") is False else 2
+    regions = jnp.full((1, heads, t // (w * merge), 2), -1, jnp.int32)
+    plan = SelectionPlan(regions, block_size=w, merge=merge, causal=change.get("causal", True),
+                         include_local=change.get("include_local", True))
+    with pytest.raises(NotImplementedError, match=match):
+        block_sparse_attention_mosaic_gpu(q, k, k, plan, interpret=True)
+
+
+def test_tiling_validation():
+    with pytest.raises(ValueError, match="stages"):
+        MosaicTiling(stages=1)
+    with pytest.raises(TypeError, match="pingpong"):
+        MosaicTiling(pingpong=1)
+    with pytest.raises(ValueError, match="compute_registers"):
+        MosaicTiling(compute_registers=230)
+
+
+def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
+    """A non-Hopper device (here the CPU posing as "gpu") declines Mosaic and reaches Triton."""
+    from selmerge_jax.kernels.block_sparse_attention import api
+
+    calls = []
+
+    def spy(q, k, v, plan, *, scale=None, return_lse=False):
+        calls.append("triton")
+        return block_sparse_attention_reference(q, k, v, plan, scale=scale, return_lse=return_lse)
+
+    api._load_backends()
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_triton", spy)
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(2))
+    block_sparse_attention(q, k, v, plan)
+    assert calls == ["triton"]
+
+
+@pytest.mark.slow  # ~35 s on one core: the interpreter simulates every warpgroup, barrier and copy
+def test_interpret_forward_matches_reference():
+    """Two compute warpgroups ping-ponging (G=2), a 3-stage ring over ragged rows, an all-padding row (local
+    block only), in the Mosaic GPU interpreter."""
+    q, k, v, plan, _ = _spec(g=2, t=256).make_inputs(jax.random.PRNGKey(3))
+    plan = SelectionPlan(plan.kv_regions.at[:, 0, 3].set(-1), block_size=plan.block_size, merge=1)
+    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=MosaicTiling(stages=3)))(q, k, v)
+    want_out, want_lse = _ref(plan)(q, k, v)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
+                                                      (8, 128, 64, "float16"), (4, 64, 128, "bfloat16")])
+def test_native_matches_reference(g, w, h, dtype):
+    """Forward, LSE and the three gradients (Triton backward on the Mosaic forward's residuals); G = 1/4/8,
+    ragged plans, rows with no valid entry; bitwise deterministic across runs."""
+    spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
+                         selected=8, dtype=dtype, ragged=0.3)
+    q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))
+    plan = SelectionPlan(plan.kv_regions.at[:, :, 5].set(-1), block_size=w, merge=1)  # group 5: local only
+    _, want = _outputs(_ref(plan), q, k, v, do)
+    run, got = _outputs(_mosaic(plan), q, k, v, do)
+    _assert_close(got, want)
+    for a, b in zip(got, run(q, k, v)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=False), MosaicTiling(stages=3)])
+def test_native_tilings_agree(tiling):
+    spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
+                         selected=4, ragged=0.2)
+    q, k, v, plan, _ = spec.make_inputs(jax.random.PRNGKey(5))
+    got = jax.jit(_mosaic(plan, tiling=tiling))(q, k, v)
+    want = jax.jit(_mosaic(plan))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-2)
