@@ -120,13 +120,15 @@ def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
     assert calls == ["triton"]
 
 
-@pytest.mark.slow  # ~35 s on one core: the interpreter simulates every warpgroup, barrier and copy
-def test_interpret_forward_matches_reference():
-    """Two compute warpgroups ping-ponging (G=2), a 3-stage ring over ragged rows, an all-padding row (local
-    block only), in the Mosaic GPU interpreter."""
+@pytest.mark.slow  # ~15-35 s each on one core: the interpreter simulates every warpgroup, barrier and copy
+@pytest.mark.parametrize("tiling", [MosaicTiling(stages=3), MosaicTiling(persistent=True)])
+def test_interpret_forward_matches_reference(tiling):
+    """Two compute warpgroups ping-ponging (G=2) over ragged rows and an all-padding row (local block only), in
+    the Mosaic GPU interpreter; one CTA per item with a 3-stage ring, or 3 persistent CTAs looping over items
+    (the K/V ring and the Q double buffer carried across items)."""
     q, k, v, plan, _ = _spec(g=2, t=256).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 3].set(-1), block_size=plan.block_size, merge=1)
-    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=MosaicTiling(stages=3)))(q, k, v)
+    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
     want_out, want_lse = _ref(plan)(q, k, v)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
@@ -153,8 +155,10 @@ def test_native_matches_reference(g, w, h, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=False), MosaicTiling(stages=3)])
+@pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=False), MosaicTiling(persistent=True),
+                                    MosaicTiling(persistent=True, pingpong=False)])
 def test_native_tilings_agree(tiling):
+    """Other launch configurations give the default's results (same math, different schedule)."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
                          selected=4, ragged=0.2)
     q, k, v, plan, _ = spec.make_inputs(jax.random.PRNGKey(5))

@@ -53,12 +53,15 @@ class MosaicTiling:
     stages: int = 2
     pingpong: bool = True
     approx_math: bool = True
+    # One CTA per SM looping over work items: the producer streams the next item's K/V (and the consumers
+    # prefetch its Q) while the current item finishes, instead of a fresh CTA refilling an empty pipeline.
+    persistent: bool = False
     compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
 
     def __post_init__(self):
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicTiling.stages must be an int in [2, 4], got {self.stages!r}")
-        for name in ("pingpong", "approx_math"):
+        for name in ("pingpong", "approx_math", "persistent"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         if self.compute_registers not in range(24, 257, 8):
@@ -72,6 +75,7 @@ class _Static:
 
     w: int
     h: int
+    batch: int
     groups: int
     max_selected: int
     kv_heads: int
@@ -81,10 +85,25 @@ class _Static:
     dtype: str
     tiling: MosaicTiling
     interpret: bool
+    ctas: int = 0  # grid size: one CTA per item, or (persistent) one per SM looping over items
 
     @property
     def chunks(self) -> int:
         return self.w // _BQ
+
+    @property
+    def subs(self) -> int:
+        """Items per plan row: 64-token chunks x head groups of ``wgs`` heads."""
+        return self.chunks * (self.q_per_kv // self.wgs)
+
+    @property
+    def items(self) -> int:
+        return self.subs * self.groups * self.batch * self.kv_heads
+
+    @property
+    def qbufs(self) -> int:
+        """Q/O staging buffers per warpgroup: two when persistent (the next item's Q loads during this one)."""
+        return 2 if self.tiling.persistent else 1
 
 
 def _is_hopper() -> bool:
@@ -117,8 +136,16 @@ def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
     _check_supported(q, plan, scale)
     h = q.shape[3]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    return _Static(plan.block_size, h, plan.num_groups, plan.max_selected, kv_heads, g, 2 if g % 2 == 0 else 1,
-                   scale, jnp.dtype(q.dtype).name, tiling, interpret)
+    st = _Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
+                 2 if g % 2 == 0 else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
+    ctas = min(st.items, _num_sms(interpret)) if tiling.persistent else st.items
+    return dataclasses.replace(st, ctas=ctas)
+
+
+def _num_sms(interpret: bool) -> int:
+    if interpret:
+        return 3  # a few CTAs, each looping over several items
+    return int(getattr(jax.devices()[0], "core_count", 132))
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -190,23 +217,44 @@ def _pv(acc, p, v_smem, st: _Static):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
 
 
-def _consumer(refs, b, kh, g, chunk, hgrp, cnt, st: _Static):
-    q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, sched = refs
+def _item(j, st: _Static):
+    """This CTA's ``j``-th work item -> ``(b, kh, g, chunk, hgrp)``. Items run sub-tile fastest, so the CTAs
+    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads."""
+    item = lax.axis_index("cta") + j * st.ctas
+    sub, rest = lax.rem(item, jnp.int32(st.subs)), lax.div(item, jnp.int32(st.subs))
+    g, bk = lax.rem(rest, jnp.int32(st.groups)), lax.div(rest, jnp.int32(st.groups))
+    b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
+    return b, kh, g, lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
+
+
+def _num_items(st: _Static):
+    """Items this CTA owns: ``cta, cta + ctas, ...`` (one each without ``persistent``)."""
+    cta = lax.axis_index("cta")
+    return lax.div(jnp.int32(st.items) - cta + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
+
+
+def _consumer(refs, st: _Static):
+    cnt_ref, q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, \
+        sched = refs
     wg = lax.axis_index("wg")
     pingpong = st.wgs == 2 and st.tiling.pingpong
     if st.wgs == 2:
         plgpu.set_max_registers(st.tiling.compute_registers, action="increase")
-    head = kh * st.q_per_kv + hgrp * st.wgs + wg
-    t0 = g * st.w + chunk * _BQ
-    q_smem, stages = qo_smem.at[wg], st.tiling.stages
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, _BQ), head], q_smem, q_bar.at[wg])
-    plgpu.barrier_wait(q_bar.at[wg])
+    stages, nq, n_items = st.tiling.stages, st.qbufs, _num_items(st)
 
-    def step(i, carry, masked=False):
+    def rows(j):
+        b, kh, g, chunk, hgrp = _item(j, st)
+        return b, pl.ds(g * st.w + chunk * _BQ, _BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
+
+    def load_q(j):
+        buf = lax.rem(j, jnp.int32(nq))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows(j)], qo_smem.at[wg, buf], q_bar.at[wg * nq + buf])
+
+    def step(i, carry, q_smem, chunk, masked=False):
+        """Global step ``i`` (counted across this CTA's items, as the producer counts them)."""
         m_i, l_i, acc = carry
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
-
         s = _qk(q_smem, k_smem.at[slot], sched, pingpong, st)
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
@@ -218,52 +266,77 @@ def _consumer(refs, b, kh, g, chunk, hgrp, cnt, st: _Static):
         plgpu.barrier_wait(v_bar.at[slot])
         if pingpong:
             plgpu.barrier_wait(sched)
-
         acc = _pv(acc, p, v_smem.at[slot], st)
         plgpu.barrier_arrive(v_free.at[slot])
         return m_i, l_i, acc
 
-    carry = (_row_stat(-jnp.inf, st), _row_stat(0.0, st),
-             _as_layout(jnp.zeros((_BQ, st.h), _F32), plgpu.Layout.WGMMA, st))
+    def item(j, base):
+        b, kh, g, chunk, _ = _item(j, st)
+        buf = lax.rem(j, jnp.int32(nq))
+        q_smem = qo_smem.at[wg, buf]
+        plgpu.barrier_wait(q_bar.at[wg * nq + buf])
+        if nq == 2:  # prefetch the next item's Q into the other buffer once its O has been read out
+
+            @pl.when(j + 1 < n_items)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_q(j + 1)
+
+        cnt = cnt_ref[b, kh, g]
+        carry = (_row_stat(-jnp.inf, st), _row_stat(0.0, st),
+                 _as_layout(jnp.zeros((_BQ, st.h), _F32), plgpu.Layout.WGMMA, st))
+        carry = lax.fori_loop(base, base + cnt, lambda i, c: step(i, c, q_smem, chunk), carry)  # selected
+        m_i, l_i, acc = step(base + cnt, carry, q_smem, chunk, masked=True)  # local region: causal
+        b, t_rows, head = rows(j)
+        _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, t_rows, head], lse_ref.at[b, head, t_rows], st)
+        return base + cnt + 1
+
     if pingpong:
         pl.when(wg == 1)(lambda: _rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
-    carry = lax.fori_loop(0, cnt, step, carry)  # the selected regions: no mask
-    m_i, l_i, acc = step(cnt, carry, masked=True)  # the local region: causal (every row sees its own token)
+    load_q(0)
+    lax.fori_loop(0, n_items, item, jnp.int32(0))
     if pingpong:
         pl.when(wg == 0)(lambda: _rendezvous(sched))  # balances warpgroup 1's extra rendezvous
-    _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, pl.ds(t0, _BQ), head],
-           lse_ref.at[b, head, pl.ds(t0, _BQ)], st)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _store(acc, m_i, l_i, o_smem, lse_smem, o_gmem, lse_gmem, st: _Static):
-    """O = acc / l and LSE (natural log) through shared memory, written back with TMA."""
+    """O = acc / l and LSE (natural log) through shared memory, written back with TMA (not awaited)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's LSE row has left lse_smem
     o_smem[...] = (acc * _bcast_rows(1.0 / l_i, acc.shape)).astype(jnp.dtype(st.dtype))
     lse_smem[...] = m_i * _LN2 + jnp.log(l_i)  # m is in log2 units
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem)
     plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
-    plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(refs, b, kh, g, cnt, st: _Static):
-    sel_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
+def _producer(refs, st: _Static):
+    sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
     if st.wgs == 2:
         plgpu.set_max_registers(40, action="decrease")
     stages = st.tiling.stages
 
-    @pl.loop(0, cnt + 1)
-    def _(i):
-        slot = lax.rem(i, jnp.int32(stages))
-        # Steps [0, cnt) read the compacted plan row; step cnt is the group's own (local) region.
-        region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
-        rows = (b, pl.ds(region * st.w, st.w), kh)
-        for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
-            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-            plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], full.at[slot])
+    def item(j, base):
+        b, kh, g, _, _ = _item(j, st)
+        cnt = cnt_ref[b, kh, g]
+
+        @pl.loop(0, cnt + 1)
+        def _(i):
+            slot, first_use = lax.rem(base + i, jnp.int32(stages)), base + i < stages
+            # Steps [0, cnt) read the compacted plan row; step cnt is the group's own (local) region.
+            region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
+            src_rows = (b, pl.ds(region * st.w, st.w), kh)
+            for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
+                pl.when(~first_use)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+                plgpu.copy_gmem_to_smem(src.at[src_rows], dst.at[slot], full.at[slot])
+
+        return base + cnt + 1
+
+    total = lax.fori_loop(0, _num_items(st), item, jnp.int32(0))
 
     # Observe the last releases too: every barrier phase then has been waited for when shared memory goes
     # away (the interpreter checks this; on the GPU it costs nothing, the consumers are about to finish).
-    @pl.loop(jnp.maximum(cnt + 1 - stages, 0), cnt + 1)
+    @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(i):
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(k_free.at[slot])
@@ -272,16 +345,12 @@ def _producer(refs, b, kh, g, cnt, st: _Static):
 
 def _kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
             q_bar, k_bar, v_bar, k_free, v_free, sched, *, st: _Static):
-    sub, g, bk = lax.axis_index("sub"), lax.axis_index("group"), lax.axis_index("bk")
-    b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
-    chunk, hgrp = lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
-    cnt = cnt_ref[b, kh, g]
     wg = lax.axis_index("wg")
-    consumer_refs = (q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free,
-                     v_free, sched)
-    pl.when(wg < st.wgs)(lambda: _consumer(consumer_refs, b, kh, g, chunk, hgrp, cnt, st))
-    producer_refs = (sel_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
-    pl.when(wg == st.wgs)(lambda: _producer(producer_refs, b, kh, g, cnt, st))
+    consumer_refs = (cnt_ref, q_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar,
+                     v_bar, k_free, v_free, sched)
+    pl.when(wg < st.wgs)(lambda: _consumer(consumer_refs, st))
+    producer_refs = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
+    pl.when(wg == st.wgs)(lambda: _producer(producer_refs, st))
 
 
 def _interpret_params():
@@ -292,22 +361,22 @@ def _interpret_params():
 
 def _forward(q, k, v, sel, cnt, st: _Static):
     b, t, n, h = q.shape
-    dtype, stages = q.dtype, st.tiling.stages
+    dtype, stages, nq = q.dtype, st.tiling.stages, st.qbufs
     smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
                                                               plgpu.SwizzleTransform(128)))
+    ring_free = lambda: plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages)  # one arrival per warpgroup
     scratch = (
-        smem((st.wgs, _BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)), plgpu.SMEM((st.wgs, _BQ), _F32),
-        plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs,
-                                                                               num_barriers=stages),
-        plgpu.Barrier(num_arrivals=st.wgs),
+        smem((st.wgs, nq, _BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)),
+        plgpu.SMEM((st.wgs, _BQ), _F32),
+        plgpu.Barrier(num_barriers=st.wgs * nq), plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages), ring_free(), ring_free(), plgpu.Barrier(num_arrivals=st.wgs),
     )
     kernel = plgpu.kernel(
         functools.partial(_kernel, st=st),
         out_type=(_triton._out_struct(q.shape, dtype, q), _triton._out_struct((b, n, t), _F32, q)),
         scratch_types=scratch,
-        grid=(st.chunks * (st.q_per_kv // st.wgs), st.groups, b * st.kv_heads),
-        grid_names=("sub", "group", "bk"),
+        grid=(st.ctas,),
+        grid_names=("cta",),
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
