@@ -100,6 +100,8 @@ def test_tiling_validation():
         MosaicTiling(pingpong=1)
     with pytest.raises(ValueError, match="compute_registers"):
         MosaicTiling(compute_registers=230)
+    with pytest.raises(ValueError, match="cluster"):
+        MosaicTiling(cluster=3)
 
 
 def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
@@ -156,7 +158,8 @@ def test_native_matches_reference(g, w, h, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=False), MosaicTiling(persistent=True),
-                                    MosaicTiling(persistent=True, pingpong=False)])
+                                    MosaicTiling(persistent=True, pingpong=False), MosaicTiling(cluster=2),
+                                    MosaicTiling(cluster=4, persistent=True)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations give the default's results (same math, different schedule)."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,

@@ -56,6 +56,10 @@ class MosaicTiling:
     # One CTA per SM looping over work items: the producer streams the next item's K/V (and the consumers
     # prefetch its Q) while the current item finishes, instead of a fresh CTA refilling an empty pipeline.
     persistent: bool = False
+    # CTAs per cluster sharing one plan row: each K/V block is fetched once per cluster and multicast into every
+    # member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the largest
+    # power of two dividing the items per plan row (64-token chunks x head pairs).
+    cluster: int = 1
     compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
 
     def __post_init__(self):
@@ -64,6 +68,8 @@ class MosaicTiling:
         for name in ("pingpong", "approx_math", "persistent"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cluster not in (1, 2, 4):
+            raise ValueError(f"MosaicTiling.cluster must be 1, 2 or 4, got {self.cluster!r}")
         if self.compute_registers not in range(24, 257, 8):
             raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 256], "
                              f"got {self.compute_registers!r}")
@@ -85,7 +91,8 @@ class _Static:
     dtype: str
     tiling: MosaicTiling
     interpret: bool
-    ctas: int = 0  # grid size: one CTA per item, or (persistent) one per SM looping over items
+    ctas: int = 0  # CTAs: one per item, or (persistent) about one per SM looping over items
+    cluster: int = 1
 
     @property
     def chunks(self) -> int:
@@ -138,8 +145,9 @@ def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     st = _Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
                  2 if g % 2 == 0 else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
-    ctas = min(st.items, _num_sms(interpret)) if tiling.persistent else st.items
-    return dataclasses.replace(st, ctas=ctas)
+    cluster = math.gcd(tiling.cluster, st.subs)
+    ctas = min(st.items, _num_sms(interpret) // cluster * cluster) if tiling.persistent else st.items
+    return dataclasses.replace(st, ctas=ctas, cluster=cluster)
 
 
 def _num_sms(interpret: bool) -> int:
@@ -220,16 +228,24 @@ def _pv(acc, p, v_smem, st: _Static):
 def _item(j, st: _Static):
     """This CTA's ``j``-th work item -> ``(b, kh, g, chunk, hgrp)``. Items run sub-tile fastest, so the CTAs
     sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads."""
-    item = lax.axis_index("cta") + j * st.ctas
+    item = _cta(st) + j * st.ctas
     sub, rest = lax.rem(item, jnp.int32(st.subs)), lax.div(item, jnp.int32(st.subs))
     g, bk = lax.rem(rest, jnp.int32(st.groups)), lax.div(rest, jnp.int32(st.groups))
     b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
     return b, kh, g, lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
 
 
+def _cta(st: _Static):
+    """Linear CTA index. A cluster's CTAs get consecutive items of one plan row (``ctas`` and the items per row
+    are multiples of the cluster size), so they walk the same K/V steps in lockstep and can share each copy."""
+    if st.cluster == 1:
+        return lax.axis_index("cta")
+    return lax.axis_index("cta") * st.cluster + lax.axis_index("cluster")
+
+
 def _num_items(st: _Static):
     """Items this CTA owns: ``cta, cta + ctas, ...`` (one each without ``persistent``)."""
-    cta = lax.axis_index("cta")
+    cta = _cta(st)
     return lax.div(jnp.int32(st.items) - cta + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
 
 
@@ -327,8 +343,10 @@ def _producer(refs, st: _Static):
             region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
             src_rows = (b, pl.ds(region * st.w, st.w), kh)
             for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
+                # With a cluster the slot is free once every member's consumers released it (cluster barrier).
                 pl.when(~first_use)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-                plgpu.copy_gmem_to_smem(src.at[src_rows], dst.at[slot], full.at[slot])
+                plgpu.copy_gmem_to_smem(src.at[src_rows], dst.at[slot], full.at[slot],
+                                        collective_axes="cluster" if st.cluster > 1 else None)
 
         return base + cnt + 1
 
@@ -364,7 +382,9 @@ def _forward(q, k, v, sel, cnt, st: _Static):
     dtype, stages, nq = q.dtype, st.tiling.stages, st.qbufs
     smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
                                                               plgpu.SwizzleTransform(128)))
-    ring_free = lambda: plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages)  # one arrival per warpgroup
+    ring_free = lambda: (  # one arrival per consumer warpgroup (of every cluster member)
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=st.wgs, num_barriers=stages)
+        if st.cluster > 1 else plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages))
     scratch = (
         smem((st.wgs, nq, _BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)),
         plgpu.SMEM((st.wgs, _BQ), _F32),
@@ -375,8 +395,9 @@ def _forward(q, k, v, sel, cnt, st: _Static):
         functools.partial(_kernel, st=st),
         out_type=(_triton._out_struct(q.shape, dtype, q), _triton._out_struct((b, n, t), _F32, q)),
         scratch_types=scratch,
-        grid=(st.ctas,),
+        grid=(st.ctas // st.cluster,),
         grid_names=("cta",),
+        **({"cluster": (st.cluster,), "cluster_names": ("cluster",)} if st.cluster > 1 else {}),
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
