@@ -135,3 +135,39 @@ def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
     want = preset("tiny", num_layers=1, attention="ms", ms_kernel="pallas")
     model = load_for_inference(InferConfig(init=InitConfig(kind="hf", path=str(tmp_path)), model=want))
     assert model.config.attention == "ms" and model.config.ms_kernel == "pallas"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerToken:
+    """The old decode hook: make room inside every step (a cond per layer and token); not a CompressedStep."""
+
+    inner: object
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_greedy_makes_room_once_per_slack_steps_with_the_same_tokens(tiny, policy):
+    # compressed_generate checks for room once per `slack` decode steps (no cond in the per-token body, which
+    # copied the whole cache each token on the GPU). With capacity = budget + slack the compressions fire at
+    # the same steps as the per-token check, so the tokens must be identical; 11 steps = 2 chunks + a tail.
+    from flax import nnx as _nnx
+
+    from selmerge_jax.evaluation import fidelity
+
+    model, prompts = tiny
+    prompts = prompts[:, :16]
+    kv = KVCompressionConfig(policy=policy, ratio=0.5, slack=CHUNK, sink=1, window=2)
+    got, _ = fidelity.compressed_generate(model, prompts, kv, max_new_tokens=12, chunk_size=CHUNK)
+    budget, capacity = fidelity._sizes(kv, 16, 12, CHUNK)
+    assert capacity == budget + kv.slack
+    step = fidelity.CompressedStep(kv, budget)
+    caches = fidelity._empty_caches(kv, model.config.num_layers, 2, model.config.num_kv_heads, capacity,
+                                    model.config.head_size, jnp.dtype(model.config.jnp_dtype))
+    logits, caches = prefill(model, prompts, caches, chunk_size=CHUNK, cache_fn=step)
+    caches = fidelity._finish(caches, kv=kv, budget=budget)
+    graphdef, state = _nnx.split(model)
+    want = fidelity._greedy(graphdef, state, caches, jnp.argmax(logits, -1).astype(jnp.int32), 16, steps=11,
+                            cache_fn=_PerToken(step))
+    np.testing.assert_array_equal(got, want)
