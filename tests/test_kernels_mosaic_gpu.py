@@ -120,10 +120,35 @@ def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
     q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(2))
     block_sparse_attention(q, k, v, plan)
     assert calls == ["triton"]
+    assert api._DEFAULT_ORDER["gpu"] == ("pallas_mosaic_gpu", "pallas_triton", "xla")
+
+
+def test_declines_inside_shard_map():
+    """Ring attention calls the op inside shard_map; Mosaic leaves that to Triton (falls through)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(6))
+    mesh = jax.make_mesh((2,), ("r",))
+    spec = P("r")  # batch-sharded: each shard is a whole problem
+    q, k, v = (jax.device_put(jnp.concatenate([x, x]), NamedSharding(mesh, spec)) for x in (q, k, v))
+    regions = jax.device_put(jnp.concatenate([plan.kv_regions] * 2), NamedSharding(mesh, spec))
+    seen = []
+
+    def local(q, k, v, regions):
+        shard_plan = SelectionPlan(regions, block_size=plan.block_size, merge=1)
+        try:
+            block_sparse_attention_mosaic_gpu(q, k, v, shard_plan, interpret=True)
+        except NotImplementedError as e:
+            seen.append(str(e))
+        return q
+
+    jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)(q, k, v, regions)
+    assert seen and "shard_map" in seen[0]
 
 
 @pytest.mark.slow  # ~15-35 s each on one core: the interpreter simulates every warpgroup, barrier and copy
-@pytest.mark.parametrize("tiling", [MosaicTiling(stages=3), MosaicTiling(persistent=True)])
+@pytest.mark.parametrize("tiling", [MosaicTiling(stages=3, persistent=False), MosaicTiling()])
 def test_interpret_forward_matches_reference(tiling):
     """Two compute warpgroups ping-ponging (G=2) over ragged rows and an all-padding row (local block only), in
     the Mosaic GPU interpreter; one CTA per item with a 3-stage ring, or 3 persistent CTAs looping over items
@@ -141,7 +166,7 @@ def test_interpret_forward_matches_reference(tiling):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
-                                                      (8, 128, 64, "float16"), (4, 64, 128, "bfloat16")])
+                                                      (8, 128, 64, "float16")])
 def test_native_matches_reference(g, w, h, dtype):
     """Forward, LSE and the three gradients (Triton backward on the Mosaic forward's residuals); G = 1/4/8,
     ragged plans, rows with no valid entry; bitwise deterministic across runs."""
@@ -157,9 +182,8 @@ def test_native_matches_reference(g, w, h, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=False), MosaicTiling(persistent=True),
-                                    MosaicTiling(persistent=True, pingpong=False), MosaicTiling(cluster=2),
-                                    MosaicTiling(cluster=4, persistent=True)])
+@pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(pingpong=False),
+                                    MosaicTiling(cluster=2)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations give the default's results (same math, different schedule)."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
