@@ -99,17 +99,17 @@ def test_chunked_nll_equals_full_forward_for_dense(micro):
         perplexity.token_nll(micro, windows[:, :40], chunk_size=16)
 
 
-def test_chunked_nll_with_sliding_window_is_exact_or_refused(micro):
-    # The cache hides keys by the chunk's earliest query only: with chunks > 1 and windows longer than the
-    # sliding window, later queries of a chunk would silently see keys outside their window.
+def test_chunked_nll_with_sliding_window_is_exact(micro):
+    # Windows longer than the sliding window, chunks > 1: the cache masks each query by its own window (it used
+    # to hide keys by the chunk's earliest query only, and this case was refused).
     import dataclasses
 
     model = with_config(micro, dataclasses.replace(MICRO, sliding_window=8))
     windows = np.random.default_rng(0).integers(0, 256, (2, 33)).astype(np.int32)
     full = perplexity.token_nll(model, windows, mode="forward")
-    np.testing.assert_allclose(perplexity.token_nll(model, windows, chunk_size=1), full, rtol=2e-5, atol=2e-5)
-    with pytest.raises(ValueError, match="sliding_window"):
-        perplexity.token_nll(model, windows, chunk_size=16)
+    for chunk in (1, 16):
+        np.testing.assert_allclose(perplexity.token_nll(model, windows, chunk_size=chunk), full, rtol=2e-5,
+                                   atol=2e-5)
 
 
 def test_uncompressed_decode_is_generate(micro):

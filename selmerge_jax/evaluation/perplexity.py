@@ -116,11 +116,6 @@ def token_nll(model, windows: np.ndarray, *, mode: Mode = "chunked", chunk_size:
     c = min(chunk_size, length)
     if length % c:
         raise ValueError(f"window length L={length} must be a multiple of chunk_size={chunk_size}")
-    window = model.config.sliding_window
-    if window is not None and length > window and c > 1:
-        # The cache masks a chunk by its earliest query's window, exact only for c == 1 or L <= window.
-        raise ValueError(f"mode='chunked' with sliding_window={window} needs chunk_size=1 or window length "
-                         f"L={length} <= sliding_window (got chunk_size={chunk_size}); or use mode='forward'")
     split = lambda x: jnp.asarray(x.reshape(b, length // c, c).transpose(1, 0, 2))
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length))
     caches = init_caches(model, b, length)
