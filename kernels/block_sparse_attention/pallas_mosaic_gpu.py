@@ -4,9 +4,11 @@ The backward reuses the Triton dQ and dK/dV kernels (``pallas_triton._attend_bwd
 forward here writes the same ``out`` and natural-log LSE the Triton forward does, so those kernels cannot tell
 which forward ran.
 
-One CTA (thread block) owns ``wgs`` units of 64 query rows. A unit is 64 consecutive tokens of one query head;
-the CTA's units are ``wgs`` heads of the same kv head at the *same* tokens, so they share the plan row (selection
-is per kv head), the K/V blocks and the causal structure of the local block. Warpgroups:
+A work item is ``wgs`` units of 64 query rows. A unit is 64 consecutive tokens of one query head; an item's units
+are ``wgs`` heads of the same kv head at the *same* tokens, so they share the plan row (selection is per kv
+head), the K/V blocks and the causal structure of the local block. By default (``MosaicTiling.persistent``) one
+CTA per SM loops over items, and the K/V ring, the step count and the barrier phases run on across items, so
+the next item's blocks stream in while the current one finishes. Warpgroups of a CTA:
 
 * ``wgs`` compute warpgroups (2 when G is even, else 1), one unit each: Q stays in shared memory, S = Q K^T and
   O += P V are wgmma (P from registers), online softmax in float32 registers, base-2 exponentials with
@@ -19,6 +21,9 @@ With two compute warpgroups they ping-pong (``MosaicTiling.pingpong``): a rendez
 warpgroup issue its matmuls while the other runs its softmax, so tensor cores and the exponential units overlap.
 Both warpgroups always walk the same number of steps (same plan row, same tokens), so the rendezvous count
 matches without a drain loop. The causal mask is applied on the last step only (the local region).
+
+``MosaicTiling.cluster`` (off by default: no gain measured) groups the CTAs of one plan row into a cluster that
+TMA-multicasts each K/V block. H100 figures: experiments/benchmarks/results/attention_h100_README.md (run 6).
 
 Supported (else ``NotImplementedError``, so ``api`` dispatch falls through): Hopper GPU, bf16/f16, H in {64,
 128}, W in {64, 128}, one selection per kv head (P == K), merge 1, causal with the local block.
