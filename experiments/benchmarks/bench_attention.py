@@ -258,16 +258,25 @@ def bench_ms_layer(name, args, tiling, out):
             "tiling": tiling.__dict__}
     plan = jax.jit(lambda q, k: select_regions(q, k, cfg))(q, k)
     flops = useful_flops(plan, spec.q_heads, spec.head_dim)
-    # The layer dispatches by name: register the (possibly tuned) tiling under its own name for this run.
-    register_implementation("pallas_triton_bench", functools.partial(block_sparse_attention_triton, tiling=tiling,
-                                                                     interpret=INTERPRET))
-    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation="pallas_triton_bench")
+    impl, label = args.layer_impl, f"ms_attention+{args.layer_impl}"
+    if args.layer_impl == "pallas_triton":
+        # The layer dispatches by name: register the (possibly tuned) tiling under its own name for this run.
+        register_implementation("pallas_triton_bench", functools.partial(
+            block_sparse_attention_triton, tiling=tiling, interpret=INTERPRET))
+        impl = "pallas_triton_bench"
+    elif args.layer_impl == "default":  # the library's own order (Mosaic GPU forward first on a GPU)
+        impl, label = None, "ms_attention+default"
+    attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation=impl)
     fwd, fb = fwd_and_fwdbwd(attn)
+    # What a training step keeps: the gradients only. ``fwdbwd`` also returns the layer output, which must then
+    # outlive the backward (8 GiB at 1M), so its peak is not the layer's.
+    grads = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
     select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
     for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
-                               ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR)):
-        measure({**base, "impl": "ms_attention+pallas_triton", "mode": mode}, fn, fargs, f,
-                max(args.reps // 2, 3), 1, out)
+                               ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR),
+                               ("grads", grads, (q, k, v, do), flops * BWD_FACTOR)):
+        if mode in args.layer_modes:
+            measure({**base, "impl": label, "mode": mode}, fn, fargs, f, max(args.reps // 2, 3), 1, out)
 
 
 def bench_dense(seq_lens, args, out):
@@ -305,6 +314,10 @@ def main(argv=None):
                     help="JSON list of MosaicTiling overrides timed on the forward of the first --specs entry; "
                          "the fastest is used for the benchmarks")
     ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
+    ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
+                    help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
+    ap.add_argument("--layer-modes", nargs="+", default=["selection", "fwd", "fwdbwd", "grads"],
+                    choices=["selection", "fwd", "fwdbwd", "grads"])
     ap.add_argument("--selection-batch", type=int, default=64)
     ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
     ap.add_argument("--tiling", default="{}", help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
