@@ -175,6 +175,22 @@ def test_acceptance_checks():
     assert not reproduction.acceptance(runs, None, None)["b"]["pass"]
 
 
+def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
+    from selmerge_jax.models import tokenizer as tokenizer_lib
+    from selmerge_jax.training.experiment import DataConfig
+
+    cfg = reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+                                          crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=0,
+                                          fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+    for name in ("crd", "a"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    asked = []
+    monkeypatch.setattr(reproduction, "_passkey_models", lambda c: {})
+    monkeypatch.setattr(tokenizer_lib, "load_tokenizer", lambda path=None: asked.append(path) or TOK)
+    reproduction._passkey_stage(cfg, reproduction._Clock(60.0), {}, DataConfig(tokenizer="/tok/tokenizer.json"))
+    assert asked == ["/tok/tokenizer.json"]
+
+
 @pytest.mark.slow
 def test_reproduction_study_end_to_end(tmp_path, npy):
     base = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",

@@ -244,7 +244,7 @@ def _write_grid(cfg: ReproductionConfig, name: str, grid: dict):
                   title=f"passkey, {name} ({grid['attention']}, RoPE {label})")
 
 
-def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
+def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: DataConfig):
     if not os.path.isdir(_checkpoints(cfg.run_dir, "crd")) or not os.path.isdir(
             _checkpoints(cfg.run_dir, cfg.crd_pair)):
         clock.log.append({"stage": "passkey", "skipped": True, "why": "a passkey model did not train"})
@@ -252,7 +252,7 @@ def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
     from selmerge_jax.models.tokenizer import load_tokenizer
 
     models = _passkey_models(cfg)
-    tokenizer = load_tokenizer(None)
+    tokenizer = load_tokenizer(data.tokenizer)  # the runs' own tokenizer: prompts in another one are noise to them
     grids = {name: _empty_grid(cfg, m) for name, m in models.items()}
     status["passkey_rope"] = {name: g["rope"] for name, g in grids.items()}
     for j, length in enumerate(cfg.passkey_lengths):
@@ -330,7 +330,7 @@ def run_reproduction(cfg: ReproductionConfig) -> dict:
     status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s, **provenance()}
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = _train_family(cfg, clock, status)
-    _passkey_stage(cfg, clock, status)
+    _passkey_stage(cfg, clock, status, pair.data)
     _fidelity_stage(cfg, clock, status, pair.data)
     _write_status(cfg, clock, status, runs)
     return status
