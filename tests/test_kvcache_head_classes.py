@@ -93,3 +93,21 @@ def test_bad_classes_raise(heads, budgets, message):
 def test_assign_classes_needs_sizes_that_cover_every_head():
     with pytest.raises(ValueError, match="add up"):
         hc.assign_classes(np.zeros(4), sizes=(1, 2), budgets=(8, 4))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"window": 0}, "window must be a positive int"),
+    ({"pos": jnp.zeros((B, K, 1), jnp.int32)}, "pos"),  # would broadcast over every slot
+    ({"q_positions": jnp.zeros((B, 1), jnp.int32)}, "q_positions must be"),
+])
+def test_retrieval_scores_bad_inputs_raise(change, message):
+    c, t = 6, 2
+    args = {"probs": jnp.zeros((B, K, G, t, c)), "pos": jnp.zeros((B, K, c), jnp.int32),
+            "q_positions": jnp.zeros((B, t), jnp.int32), "window": 2, **change}
+    with pytest.raises(ValueError, match=message):
+        hc.retrieval_scores(**args)
+
+
+def test_assign_classes_rejects_nan_scores():
+    with pytest.raises(ValueError, match="scores must be finite"):
+        hc.assign_classes(np.array([0.1, np.nan, 0.3, 0.2]), sizes=(2, 2), budgets=(8, 4))

@@ -72,6 +72,14 @@ def retrieval_scores(probs, pos, q_positions, window: int):
     [B, K, C]`` the cache's slot positions, ``q_positions [B, T]``. Local heads score near 0, heads that
     retrieve from far back near 1.
     """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
+        raise ValueError(f"window must be a positive int (the recent positions not counted), got {window!r}")
+    if jnp.ndim(probs) != 5 or jnp.shape(pos) != jnp.shape(probs)[:2] + jnp.shape(probs)[-1:]:
+        raise ValueError(f"probs must be [B, K, G, T, C] and pos [B, K, C] of the same B, K, C; got probs "
+                         f"{jnp.shape(probs)}, pos {jnp.shape(pos)}")
+    b, _, _, t, _ = jnp.shape(probs)
+    if jnp.shape(q_positions) != (b, t):
+        raise ValueError(f"q_positions must be [B={b}, T={t}] (the queries of probs), got {jnp.shape(q_positions)}")
     qp = jnp.asarray(q_positions, jnp.int32)[:, None, :, None]  # [B, 1, T, 1]
     old = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= qp - window)  # [B, K, T, C]
     far = jnp.sum(probs * old[:, :, None], axis=-1)  # [B, K, G, T]
@@ -83,6 +91,8 @@ def assign_classes(scores, sizes, budgets) -> HeadClasses:
     order: the ``sizes[0]`` highest-scoring heads get ``budgets[0]``, the next ``sizes[1]`` ``budgets[1]``...
     Ties keep the lower head first."""
     scores = np.asarray(scores, np.float64)
+    if not np.isfinite(scores).all():  # argsort would rank NaN heads silently (last)
+        raise ValueError(f"scores must be finite, got {scores}")
     sizes = _int_tuple("sizes", sizes, 1)
     if scores.ndim != 1 or sum(sizes) != scores.shape[0]:
         raise ValueError(f"sizes {sizes} must add up to the number of kv heads K={scores.shape} of scores")
