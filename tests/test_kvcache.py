@@ -171,6 +171,16 @@ def test_bf16_cache_attends_in_bf16_with_float32_accumulation(key):
     assert f"f32[{B},{K},{s},{H}]" not in jaxpr  # no float32 copy of the cache anywhere in the step
 
 
+@pytest.mark.parametrize("field, bad", [(1, (B, K, 5, H)), (2, (B, K, 1)), (3, (B, K, 1))])
+def test_segments_reject_mismatched_v_pos_count(key, field, bad):
+    _, k, v = _qkv(key, 1, 6)
+    q = jnp.zeros((B, 1, N, H))
+    seg = [k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.zeros((B, K, 6), jnp.int32), jnp.ones((B, K, 6))]
+    seg[field] = jnp.zeros(bad, seg[field].dtype)  # pos/count [B, K, 1] would broadcast over all 6 slots
+    with pytest.raises(ValueError, match="segment 0: v must match k"):
+        kc.attend_segments(q, jnp.zeros((B, 1), jnp.int32), [tuple(seg)])
+
+
 def test_segments_equal_one_concatenated_store(key):
     q, k, v = _qkv(key, 3, 10)
     pos = jnp.broadcast_to(jnp.arange(10), (B, K, 10)).at[:, :, 4].set(-1)  # an empty slot in the first segment

@@ -200,9 +200,13 @@ def attend_segments(q, q_positions, segments, *, scale: float | None = None, ret
     kh = segments[0][0].shape[1]
     if n % kh:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
-    for k, *_ in segments:
+    for i, (k, v, pos, count) in enumerate(segments):
         if k.ndim != 4 or k.shape[1] != kh or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
             raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch, kv heads or head dim")
+        if jnp.shape(v) != k.shape or jnp.shape(pos) != k.shape[:3] or jnp.shape(count) != k.shape[:3]:
+            # pos/count of [B, K, 1] would broadcast over every slot instead of failing
+            raise ValueError(f"segment {i}: v must match k {k.shape} and pos, count must be {k.shape[:3]}; got v "
+                             f"{jnp.shape(v)}, pos {jnp.shape(pos)}, count {jnp.shape(count)}")
     if jnp.shape(q_positions) != (b, t):
         raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
