@@ -102,6 +102,10 @@ def test_tiling_validation():
         MosaicTiling(compute_registers=230)
     with pytest.raises(ValueError, match="cluster"):
         MosaicTiling(cluster=3)
+    with pytest.raises(ValueError, match="cluster"):
+        MosaicTiling(cluster=True)
+    with pytest.raises(ValueError, match="compute_registers"):
+        MosaicTiling(compute_registers=232.0)
 
 
 def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):

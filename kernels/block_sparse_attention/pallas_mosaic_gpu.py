@@ -74,9 +74,11 @@ class MosaicTiling:
         for name in ("pingpong", "approx_math", "persistent"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.cluster not in (1, 2, 4):
+        # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
+        if isinstance(self.cluster, bool) or not isinstance(self.cluster, int) or self.cluster not in (1, 2, 4):
             raise ValueError(f"MosaicTiling.cluster must be 1, 2 or 4, got {self.cluster!r}")
-        if self.compute_registers not in range(24, 257, 8):
+        if (isinstance(self.compute_registers, bool) or not isinstance(self.compute_registers, int)
+                or self.compute_registers not in range(24, 257, 8)):
             raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 256], "
                              f"got {self.compute_registers!r}")
 
