@@ -191,6 +191,20 @@ def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
     assert asked == ["/tok/tokenizer.json"]
 
 
+def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
+    from selmerge_jax.evaluation import fidelity
+
+    cfg = reproduction.ReproductionConfig(
+        base_config=str(ROOT / "experiments" / "configs" / "demo.yaml"), variants={"a": [], "f": [
+            "data.train_npy=/data/f_train.npy", "data.validation_npy=/data/f_val.npy"]}, crd_pair="a", fidelity_variant="f", crd_overrides=(CRD,),
+        fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+    (tmp_path / "f" / "checkpoints").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(fidelity, "run_fidelity", lambda fcfg, stop: seen.append(fcfg.data) or {"table": ""})
+    reproduction._fidelity_stage(cfg, reproduction._Clock(60.0), {})
+    assert [d.validation_npy for d in seen] == ["/data/f_val.npy"]
+
+
 @pytest.mark.slow
 def test_reproduction_study_end_to_end(tmp_path, npy):
     base = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",

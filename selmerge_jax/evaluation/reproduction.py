@@ -274,7 +274,7 @@ def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: D
         _write_status(cfg, clock, status, None)
 
 
-def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: DataConfig):
+def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
     path = _checkpoints(cfg.run_dir, cfg.fidelity_variant)
     if not os.path.isdir(path):
         clock.log.append({"stage": "fidelity", "skipped": True, "why": f"{cfg.fidelity_variant} did not train"})
@@ -282,6 +282,7 @@ def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: 
     if not clock.allows("fidelity", 2 * cfg.fidelity_min_s):  # the uncompressed reference plus one setting
         return
     t0 = time.monotonic()
+    data = loss_curves.variant_config(cfg.sweep, cfg.fidelity_variant).data  # the data that run trained on
     fcfg = fidelity.FidelityEvalConfig(init=InitConfig(kind="checkpoint", path=path), data=data,
                                        output_dir=cfg.output_dir, **cfg._fidelity_kw())
     try:
@@ -331,6 +332,6 @@ def run_reproduction(cfg: ReproductionConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = _train_family(cfg, clock, status)
     _passkey_stage(cfg, clock, status, pair.data)
-    _fidelity_stage(cfg, clock, status, pair.data)
+    _fidelity_stage(cfg, clock, status)
     _write_status(cfg, clock, status, runs)
     return status
