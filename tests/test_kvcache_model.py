@@ -171,3 +171,14 @@ def test_greedy_makes_room_once_per_slack_steps_with_the_same_tokens(tiny, polic
     want = fidelity._greedy(graphdef, state, caches, jnp.argmax(logits, -1).astype(jnp.int32), 16, steps=11,
                             cache_fn=_PerToken(step))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kw, error, match", [({"budget": 0}, ValueError, "budget must be a positive int"),
+                                              ({"budget": True}, ValueError, "budget must be a positive int"),
+                                              ({"room": 1}, TypeError, "room must be a bool")])
+def test_compressed_step_rejects_bad_fields(kw, error, match):
+    from selmerge_jax.evaluation import fidelity
+
+    args = {"kv": KVCompressionConfig(policy="h2o", ratio=0.5), "budget": 64, **kw}
+    with pytest.raises(error, match=match):
+        fidelity.CompressedStep(**args)

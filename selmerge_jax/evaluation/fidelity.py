@@ -113,6 +113,14 @@ class CompressedStep:
     budget: int
     room: bool = True  # False: the caller makes room on its own schedule (see room_every / make_room)
 
+    def __post_init__(self):
+        if not isinstance(self.kv, KVCompressionConfig):
+            raise TypeError(f"CompressedStep.kv must be a KVCompressionConfig, got {type(self.kv).__name__}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
+            raise ValueError(f"CompressedStep.budget must be a positive int, got {self.budget!r}")
+        if not isinstance(self.room, bool):
+            raise TypeError(f"CompressedStep.room must be a bool, got {self.room!r}")
+
     def __call__(self, cache, q, k, v, positions, *, window=None):
         return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget, window=window, room=self.room)
 
