@@ -107,7 +107,7 @@ def measure(record, fn, args, flops, reps, warmup, out):
 
 
 def mosaic_fn(plan, tiling, mosaic_tiling, return_lse=False):
-    """Mosaic GPU forward (``mosaic_tiling``) + Triton backward (``tiling``)."""
+    """Mosaic GPU kernels (``mosaic_tiling``; its ``backward="triton"`` runs the Triton backward with ``tiling``)."""
     return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=return_lse,
                                                              tiling=mosaic_tiling, backward_tiling=tiling,
                                                              interpret=INTERPRET)
@@ -189,20 +189,23 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
 
 
 def sweep_mosaic(name, args, tiling, out):
-    """Times candidate ``MosaicTiling`` overrides on the forward of one spec; returns the fastest."""
+    """Times candidate ``MosaicTiling`` overrides on one spec (``--mosaic-sweep-mode``); returns the fastest."""
     spec = get_spec(name)
-    q, k, v, plan, _ = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
     base = json.loads(args.mosaic_tiling)
+    mode = args.mosaic_sweep_mode
     scores = []
     for cand in json.loads(args.mosaic_sweep):
         mt = MosaicTiling(**{**base, **cand})
+        fwd, fb = fwd_and_fwdbwd(mosaic_fn(plan, tiling, mt))
+        fn, fargs = (fwd, (q, k, v)) if mode == "fwd" else (fb, (q, k, v, do))
         try:
-            ms = statistics.median(time_fn(jax.jit(mosaic_fn(plan, tiling, mt)), (q, k, v), args.sweep_reps, 1))
+            ms = statistics.median(time_fn(fn, fargs, args.sweep_reps, 1))
         except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: skip the candidate)
             emit({"kind": "mosaic_sweep", "spec": name, "mosaic_tiling": mt.__dict__,
                   "error": f"{type(e).__name__}: {str(e)[:300]}"}, out)
             continue
-        emit({"kind": "mosaic_sweep", **environment(), "spec": name, "mode": "fwd", "mosaic_tiling": mt.__dict__,
+        emit({"kind": "mosaic_sweep", **environment(), "spec": name, "mode": mode, "mosaic_tiling": mt.__dict__,
               "ms": round(ms, 4)}, out)
         scores.append((ms, mt))
     return min(scores, key=lambda s: s[0])[1] if scores else MosaicTiling(**base)
@@ -313,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--mosaic-sweep", default=None,
                     help="JSON list of MosaicTiling overrides timed on the forward of the first --specs entry; "
                          "the fastest is used for the benchmarks")
+    ap.add_argument("--mosaic-sweep-mode", default="fwd", choices=["fwd", "fwdbwd"],
+                    help="what --mosaic-sweep times (forward, or forward + backward for the backward's options)")
     ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")

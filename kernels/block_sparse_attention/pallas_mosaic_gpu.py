@@ -67,10 +67,20 @@ class MosaicTiling:
     # power of two dividing the items per plan row (64-token chunks x head pairs).
     cluster: int = 1
     compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
+    # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton kernels).
+    backward: str = "mosaic"
+    # Ring depths of the backward passes. dQ: a K/V ring like the forward's next to Q and dO tiles, so two
+    # stages at W = H = 128 (three exceed shared memory); dK/dV: a ring of 64-query Q/dO chunks (32 KiB each).
+    stages_dq: int = 2
+    stages_dkv: int = 4
 
     def __post_init__(self):
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
-            raise ValueError(f"MosaicTiling.stages must be an int in [2, 4], got {self.stages!r}")
+        for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= hi:
+                raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
+        if self.backward not in ("mosaic", "triton"):
+            raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
         for name in ("pingpong", "approx_math", "persistent"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
@@ -432,7 +442,11 @@ def _attend_fwd(q, k, v, regions, st, tst):
 
 
 def _attend_bwd(st, tst, res, cotangents):
-    return _triton._attend_bwd(tst, res, cotangents)  # the Triton dQ and dK/dV kernels read our out and LSE
+    if st.tiling.backward == "triton":
+        return _triton._attend_bwd(tst, res, cotangents)  # the Triton dQ and dK/dV kernels read our out and LSE
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd  # imports this module
+
+    return pallas_mosaic_gpu_bwd.attend_bwd(st, res, cotangents)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -1,0 +1,403 @@
+"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: a dQ pass and a dK/dV pass.
+
+Both passes are deterministic (every output tile has exactly one writer, no atomics) and read the residuals
+the forward (``pallas_mosaic_gpu``) saved: ``out`` only through ``delta = rowsum(dO * out)``, and the
+natural-log LSE. Both per-query statistics travel as one ``stats`` array ``[B, N, 2, T]`` f32 (``lse * log2
+e``, ``delta``), so one TMA copy brings a 64-query slice of both.
+
+dQ pass (plan-driven, same work items, producer and K/V ring as the forward): each compute warpgroup holds 64
+query rows of one head with their Q and dO tiles in shared memory; per selected K/V block (then the local
+block, causally masked)
+
+    S = Q K^T, dP = dO V^T  (two wgmma, one wait) -> P = exp2(S c - lse2), dS = P (dP - delta)
+    dQ += dS K              (dS the register A operand)
+
+dK/dV pass (transposed plan): a work item is one KV region of one kv head; compute warpgroup ``w`` owns its
+keys ``[64 w, 64 w + 64)`` with K and V in shared memory and dK, dV in f32 registers. The producer warpgroup
+streams 64-query chunks (Q, dO, stats) of every reader into a ``stages``-deep ring: first the query groups
+that selected the region (CSR rows of ``transpose_plan``), then the region's own group (causal). Per chunk
+
+    S^T = K Q^T -> P^T = exp2(S^T c - lse2), dV += P^T dO, dP^T = V dO^T  (dV and dP^T: one wait)
+    dS^T = P^T (dP^T - delta), dK += dS^T Q
+
+so keys are every matmul's M dimension and nothing is transposed in registers. Regions differ a lot in how
+many groups read them (early regions are selected by most later groups), so items run longest first: the
+persistent CTAs take them round-robin from a device-side sort by reader count.
+
+Interpret mode (CPU tests) replaces the wgmma calls by plain dots on loaded values, as the forward does: the
+interpreter's wgmma takes neither transposed nor register operands; barriers, copies and indexing are real.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as _fwd
+from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
+from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
+
+__all__ = ["attend_bwd"]
+
+_F32 = jnp.float32
+_BQ = _fwd._BQ  # 64: query rows per dQ warpgroup, keys per dK/dV warpgroup, queries per dK/dV chunk
+
+
+def _smem(shape, dtype):
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _load_vec(ref, axis: int, st):
+    """A 64-vector of per-query statistics in the layout that broadcasts along ``axis`` of a wgmma tile."""
+    if st.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+def _zeros(shape, st):
+    return _fwd._as_layout(jnp.zeros(shape, _F32), plgpu.Layout.WGMMA, st)
+
+
+def _two_wgmma(a1, b1, a2, b2, acc1):
+    """``(acc1 + a1 @ b1, a2 @ b2)``: both wgmma in flight, one wait. ``b`` refs are ``[K, N]`` views, ``a1``
+    a shared-memory ref or registers, ``acc1`` a zero or running f32 accumulator."""
+    zeros = plgpu.layout_cast(jnp.zeros((a2.shape[0], b2.shape[1]), _F32), plgpu.Layout.WGMMA)
+
+    def body(refs):
+        plgpu.wgmma(refs[0], a1, b1)
+        plgpu.wgmma(refs[1], a2, b2)
+
+    return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(zeros)))
+
+
+def _t(ref):
+    """``ref`` as the transposed wgmma B operand (``[N, K]`` in memory, read as ``[K, N]``)."""
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _acc_matmul(acc, a, b_ref, st):
+    """``acc + a @ b`` with ``a`` in registers, ``b`` in shared memory (the forward's P V product)."""
+    return _fwd._pv(acc, a, b_ref, st)
+
+
+def _scores_t(k_s, q_s, acc_ref):
+    """``S^T = K Q^T`` into a zeroed accumulator (read back, i.e. awaited)."""
+    plgpu.wgmma(acc_ref, k_s, _t(q_s))
+    return acc_ref[...]
+
+
+def _iota(shape, dim, st):
+    return _fwd._as_layout(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, st)
+
+
+# ----------------------------------------------------------------------------------------------- dQ pass
+
+
+def _dq_consumer(refs, st: "_fwd._Static"):
+    (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
+     q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free) = refs
+    wg = lax.axis_index("wg")
+    if st.wgs == 2:
+        plgpu.set_max_registers(st.tiling.compute_registers, action="increase")
+    stages, c = st.tiling.stages, st.scale * _fwd._LOG2E
+    dtype = jnp.dtype(st.dtype)
+    q_s, do_s, stat_s = q_smem.at[wg], do_smem.at[wg], st_smem.at[wg]
+
+    def step(i, dq, lse2, delta, chunk, masked=False):
+        slot = lax.rem(i, jnp.int32(stages))
+        k_s, v_s = k_smem.at[slot], v_smem.at[slot]
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot])
+        if st.interpret:
+            s, dp = _fwd._dot(q_s[...], k_s[...], trans_b=True), _fwd._dot(do_s[...], v_s[...], trans_b=True)
+        else:
+            s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((_BQ, st.w), st))
+        plgpu.barrier_arrive(v_free.at[slot])
+        p = jnp.exp2(s * c - _fwd._bcast_rows(lse2, s.shape))  # empty rows: lse2 = +inf, p = 0
+        if masked:
+            p = jnp.where(_iota(s.shape, 0, st) + chunk * _BQ >= _iota(s.shape, 1, st), p, 0.0)
+        ds = p * (dp - _fwd._bcast_rows(delta, dp.shape))
+        dq = _acc_matmul(dq, ds.astype(dtype), k_s, st)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+    def item(j, base):
+        b, kh, g, chunk, hgrp = _fwd._item(j, st)
+        t_rows, head = pl.ds(g * st.w + chunk * _BQ, _BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ has left q_s
+        plgpu.copy_gmem_to_smem(q_ref.at[b, t_rows, head], q_s, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, t_rows, head], do_s, do_bar.at[wg])
+        plgpu.copy_gmem_to_smem(stat_ref.at[b, head, :, t_rows], stat_s, st_bar.at[wg])
+        cnt = cnt_ref[b, kh, g]
+        plgpu.barrier_wait(st_bar.at[wg])
+        lse2, delta = _load_vec(stat_s.at[0], 1, st), _load_vec(stat_s.at[1], 1, st)
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(do_bar.at[wg])
+        dq = lax.fori_loop(base, base + cnt, lambda i, a: step(i, a, lse2, delta, chunk),
+                           _zeros((_BQ, st.h), st))
+        dq = step(base + cnt, dq, lse2, delta, chunk, masked=True)  # the local region, causal
+        q_s[...] = (dq * st.scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, t_rows, head])
+        return base + cnt + 1
+
+    lax.fori_loop(0, _fwd._num_items(st), item, jnp.int32(0))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem,
+               k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, *, st):
+    wg = lax.axis_index("wg")
+    consumer = (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
+                q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free)
+    pl.when(wg < st.wgs)(lambda: _dq_consumer(consumer, st))
+    producer = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
+    pl.when(wg == st.wgs)(lambda: _fwd._producer(producer, st))  # the forward's plan-row K/V streamer
+
+
+def _dq_call(q, k, v, do, stats, sel, cnt, st: "_fwd._Static"):
+    h, dtype, stages = q.shape[3], q.dtype, st.tiling.stages
+    tile = lambda n: _smem((n, _BQ, h), dtype)
+    scratch = (
+        tile(st.wgs), tile(st.wgs), plgpu.SMEM((st.wgs, 2, _BQ), _F32),
+        _smem((stages, st.w, h), dtype), _smem((stages, st.w, h), dtype),
+        plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
+        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
+    )
+    return plgpu.kernel(
+        functools.partial(_dq_kernel, st=st),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=(st.ctas,),
+        grid_names=("cta",),
+        num_threads=st.wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
+        interpret=_fwd._interpret_params() if st.interpret else None,
+    )(sel, cnt, q, k, v, do, stats)
+
+
+# -------------------------------------------------------------------------------------------- dK/dV pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _KVStatic:
+    w: int
+    h: int
+    batch: int
+    regions: int
+    kv_heads: int
+    q_per_kv: int
+    entries: int
+    scale: float
+    dtype: str
+    stages: int
+    registers: int
+    approx_math: bool
+    interpret: bool
+    ctas: int
+
+    @property
+    def wgs(self) -> int:
+        """Compute warpgroups: one per 64 keys of the region."""
+        return self.w // _BQ
+
+    @property
+    def chunk_steps(self) -> int:
+        """Ring steps per reading query group: its heads x 64-token chunks."""
+        return self.q_per_kv * (self.w // _BQ)
+
+    @property
+    def items(self) -> int:
+        return self.batch * self.kv_heads * self.regions
+
+
+def _kv_item(j, order_ref, off_ref, st: _KVStatic):
+    """This CTA's ``j``-th item (longest first) -> ``(b, kh, region, first entry, readers)``."""
+    item = order_ref[lax.axis_index("cta") + j * st.ctas]
+    region, bk = lax.rem(item, jnp.int32(st.regions)), lax.div(item, jnp.int32(st.regions))
+    b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
+    first = off_ref[b, kh, region]
+    return b, kh, region, first, off_ref[b, kh, region + 1] - first
+
+
+def _kv_num_items(st: _KVStatic):
+    cta = lax.axis_index("cta")
+    return lax.div(jnp.int32(st.items) - cta + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
+
+
+def _kv_chunk(s, readers, first, region, ent_ref, b, kh, st: _KVStatic):
+    """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads."""
+    per = jnp.int32(st.chunk_steps)
+    reader, rest = lax.div(s, per), lax.rem(s, per)
+    chunks = jnp.int32(st.w // _BQ)
+    code = ent_ref[b, kh, jnp.minimum(first + reader, st.entries - 1)]  # P == K: the code is the group
+    group = jnp.where(reader < readers, code, region)
+    rows = pl.ds(group * st.w + lax.rem(rest, chunks) * _BQ, _BQ)
+    return rows, kh * st.q_per_kv + lax.div(rest, chunks)
+
+
+def _dkv_producer(refs, st: _KVStatic):
+    order_ref, off_ref, ent_ref, q_ref, do_ref, stat_ref, q_smem, do_smem, st_smem, q_bar, do_bar, st_bar, \
+        free = refs
+    if st.wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
+
+    def item(j, base):
+        b, kh, region, first, readers = _kv_item(j, order_ref, off_ref, st)
+
+        @pl.loop(0, (readers + 1) * st.chunk_steps)
+        def _(s):
+            slot, reuse = lax.rem(base + s, jnp.int32(st.stages)), base + s >= st.stages
+            rows, head = _kv_chunk(s, readers, first, region, ent_ref, b, kh, st)
+            pl.when(reuse)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_smem.at[slot], do_bar.at[slot])
+            plgpu.copy_gmem_to_smem(stat_ref.at[b, head, :, rows], st_smem.at[slot], st_bar.at[slot])
+
+        return base + (readers + 1) * st.chunk_steps
+
+    total = lax.fori_loop(0, _kv_num_items(st), item, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - st.stages, 0), total)  # observe the last releases (see the forward)
+    def _(i):
+        plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(st.stages))])
+
+
+def _dkv_consumer(refs, st: _KVStatic):
+    (order_ref, off_ref, k_ref, v_ref, dk_ref, dv_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
+     q_bar, do_bar, st_bar, kv_bar, free) = refs
+    wg = lax.axis_index("wg")
+    if st.wgs == 2:
+        plgpu.set_max_registers(st.registers, action="increase")
+    c, dtype = st.scale * _fwd._LOG2E, jnp.dtype(st.dtype)
+    k_s, v_s = k_smem.at[wg], v_smem.at[wg]
+    tile = (_BQ, _BQ)
+
+    def step(i, carry, s, masked):
+        dk, dv = carry
+        slot = lax.rem(i, jnp.int32(st.stages))
+        q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(st_bar.at[slot])
+        lse2, delta = _load_vec(st_smem.at[slot, 0], 0, st), _load_vec(st_smem.at[slot, 1], 0, st)
+        plgpu.barrier_wait(do_bar.at[slot])
+        if st.interpret:
+            s_t = _fwd._dot(k_s[...], q_s[...], trans_b=True)
+        else:
+            s_t = pl.run_scoped(functools.partial(_scores_t, k_s, q_s), plgpu.ACC(tile, _F32))
+        p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse2, tile, [1]))  # empty query rows: lse2 = +inf
+        if masked:  # key wg*64 + row sees query chunk*64 + col of its own group when key <= query
+            chunk = lax.rem(s, jnp.int32(st.w // _BQ))
+            keep = _iota(tile, 0, st) + wg * _BQ <= _iota(tile, 1, st) + chunk * _BQ
+            p_t = jnp.where(keep, p_t, 0.0)
+        if st.interpret:
+            dv = dv + _fwd._dot(p_t.astype(dtype), do_s[...])
+            dp_t = _fwd._dot(v_s[...], do_s[...], trans_b=True)
+        else:
+            dv, dp_t = _two_wgmma(p_t.astype(dtype), do_s, v_s, _t(do_s), dv)
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
+        dk = _acc_matmul(dk, ds_t.astype(dtype), q_s, st)
+        plgpu.barrier_arrive(free.at[slot])
+        return dk, dv
+
+    def item(j, base):
+        b, kh, region, _, readers = _kv_item(j, order_ref, off_ref, st)
+        keys = pl.ds(region * st.w + wg * _BQ, _BQ)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dK/dV have left k_s/v_s
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_s, kv_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_s, kv_bar.at[st.wgs + wg])
+        plgpu.barrier_wait(kv_bar.at[wg])
+        plgpu.barrier_wait(kv_bar.at[st.wgs + wg])
+        n_sel = readers * st.chunk_steps
+        zeros = _zeros((_BQ, st.h), st)
+        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False), (zeros, zeros))
+        dk, dv = lax.fori_loop(n_sel, n_sel + st.chunk_steps, lambda s, a: step(base + s, a, s, True), carry)
+        k_s[...] = (dk * st.scale).astype(dtype)
+        v_s[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, keys, kh])
+        plgpu.copy_smem_to_gmem(v_s, dv_ref.at[b, keys, kh])
+        return base + n_sel + st.chunk_steps
+
+    lax.fori_loop(0, _kv_num_items(st), item, jnp.int32(0))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(order_ref, off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dk_ref, dv_ref,
+                q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, do_bar, st_bar, kv_bar, free, *, st):
+    wg = lax.axis_index("wg")
+    consumer = (order_ref, off_ref, k_ref, v_ref, dk_ref, dv_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
+                q_bar, do_bar, st_bar, kv_bar, free)
+    pl.when(wg < st.wgs)(lambda: _dkv_consumer(consumer, st))
+    producer = (order_ref, off_ref, ent_ref, q_ref, do_ref, stat_ref, q_smem, do_smem, st_smem, q_bar, do_bar,
+                st_bar, free)
+    pl.when(wg == st.wgs)(lambda: _dkv_producer(producer, st))
+
+
+def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
+    h, dtype = q.shape[3], q.dtype
+    scratch = (
+        _smem((st.stages, _BQ, h), dtype), _smem((st.stages, _BQ, h), dtype), plgpu.SMEM((st.stages, 2, _BQ), _F32),
+        _smem((st.wgs, _BQ, h), dtype), _smem((st.wgs, _BQ, h), dtype),
+        plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=st.stages),
+        plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=2 * st.wgs),
+        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=st.stages),
+    )
+    out = jax.ShapeDtypeStruct(k.shape, dtype)
+    return plgpu.kernel(
+        functools.partial(_dkv_kernel, st=st),
+        out_type=(out, out),
+        scratch_types=scratch,
+        grid=(st.ctas,),
+        grid_names=("cta",),
+        num_threads=st.wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=st.approx_math),
+        interpret=_fwd._interpret_params() if st.interpret else None,
+    )(order, offsets, entries, q, k, v, do, stats)
+
+
+def _dq_static(st: "_fwd._Static") -> "_fwd._Static":
+    """The forward's work items and K/V ring, with the backward's ring depth, no cluster, persistent CTAs."""
+    tiling = dataclasses.replace(st.tiling, stages=st.tiling.stages_dq, cluster=1, persistent=True)
+    return dataclasses.replace(st, tiling=tiling, cluster=1, ctas=min(st.items, _fwd._num_sms(st.interpret)))
+
+
+def _kv_static(q, k, entries, st: "_fwd._Static") -> _KVStatic:
+    regions = k.shape[1] // st.w
+    kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
+                    st.dtype, st.tiling.stages_dkv, st.tiling.compute_registers, st.tiling.approx_math,
+                    st.interpret, 0)
+    return dataclasses.replace(kst, ctas=min(kst.items, _fwd._num_sms(st.interpret)))
+
+
+def _longest_first(offsets):
+    """Item ids ``(b * K + kh) * R + region`` by descending reader count (ties by id: deterministic)."""
+    readers = (offsets[..., 1:] - offsets[..., :-1]).reshape(-1)
+    return jnp.argsort(-readers, stable=True).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def attend_bwd(st: "_fwd._Static", res, cotangents):
+    """The custom VJP's backward: ``(dq, dk, dv, None)`` from the forward's residuals."""
+    q, k, v, regions, out, lse = res
+    do, dlse = cotangents
+    # d lse_i / d s_ij = p_ij, so an LSE cotangent only shifts the row term: ds = p * (dp - (delta - dlse)).
+    delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _fwd._LOG2E, jnp.inf)  # empty rows: p = exp2(s - inf) = 0
+    stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1)  # [B, T, N, 2] -> [B, N, 2, T]
+    plan = SelectionPlan(regions, block_size=st.w, merge=1)
+    sel, cnt = compact_plan(plan)
+    dq = _dq_call(q, k, v, do, stats, sel, cnt, _dq_static(st))
+    offsets, entries = transpose_plan(plan, st.kv_heads)
+    kst = _kv_static(q, k, entries, st)
+    dk, dv = _dkv_call(q, k, v, do, stats, _longest_first(offsets), offsets, entries, kst)
+    return dq, dk, dv, None
