@@ -150,6 +150,38 @@ def bench_spec(name, args, tiling, out, mosaic_tiling=None):
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
 
 
+def bench_mosaic_parts(name, args, out, mosaic_tiling):
+    """Times the Mosaic kernels' parts separately: forward, backward preparation (XLA: delta, LSE rescale,
+    compacted and transposed plans), dQ pass, dK/dV pass. Matmul FLOPs are actual, not useful, per pass."""
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as mg
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as mb
+
+    spec = get_spec(name)
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    st = mg._make_static(q, k, plan, None, mosaic_tiling or MosaicTiling(), INTERPRET)
+    regions = plan.kv_regions.astype(jnp.int32)
+    fwd_flops = useful_flops(plan, spec.q_heads, spec.head_dim)
+    fwd = jax.jit(lambda q, k, v, regions: mg._attend(q, k, v, regions, st, None))
+    out_, lse = fwd(q, k, v, regions)
+    prep = jax.jit(lambda out_, lse, do, regions: mb.prepare(st, (q, k, v, regions, out_, lse),
+                                                             (do, jnp.zeros_like(lse))))
+    stats, sel, cnt, order, offsets, entries = prep(out_, lse, do, regions)
+    parts = {
+        "forward": (fwd, (q, k, v, regions), fwd_flops),
+        "bwd_prepare": (prep, (out_, lse, do, regions), None),
+        "bwd_prepare_stats": (jax.jit(lambda out_, lse, do: mb.prepare(
+            st, (q, k, v, regions, out_, lse), (do, jnp.zeros_like(lse)))[0]), (out_, lse, do), None),
+        "bwd_prepare_plans": (jax.jit(lambda regions: mb.prepare(
+            st, (q, k, v, regions, out_, lse), (do, jnp.zeros_like(lse)))[1:]), (regions,), None),
+        "dq_pass": (jax.jit(lambda *a: mb.dq_pass(st, *a)), (q, k, v, do, stats, sel, cnt), 1.5 * fwd_flops),
+        "dkv_pass": (jax.jit(lambda *a: mb.dkv_pass(st, *a)), (q, k, v, do, stats, order, offsets, entries),
+                     2.0 * fwd_flops),
+    }
+    base = {"kind": "mosaic_part", **environment(), "spec": name, "mosaic_tiling": st.tiling.__dict__}
+    for part, (fn, fargs, flops) in parts.items():
+        measure({**base, "part": part, "flops_kind": "actual"}, fn, fargs, flops, args.reps, args.warmup, out)
+
+
 def sweep_groups(args) -> list:
     """``[[mode, [overrides, ...]], ...]``: ``--sweep-groups`` if given, else the fwd then the bwd list."""
     if args.sweep_groups:
@@ -318,6 +350,8 @@ def main(argv=None):
                          "the fastest is used for the benchmarks")
     ap.add_argument("--mosaic-sweep-mode", default="fwd", choices=["fwd", "fwdbwd"],
                     help="what --mosaic-sweep times (forward, or forward + backward for the backward's options)")
+    ap.add_argument("--mosaic-parts", nargs="*", default=[],
+                    help="specs to time the Mosaic forward, backward preparation, dQ and dK/dV passes on, apart")
     ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
@@ -373,6 +407,8 @@ def run(args, tiling, out):
         tiling = chosen
     for name in args.specs:
         bench_spec(name, args, tiling, out, mosaic_tiling)
+    for name in args.mosaic_parts:
+        bench_mosaic_parts(name, args, out, mosaic_tiling)
     for name in args.ms_layer:
         bench_ms_layer(name, args, tiling, out)
     if args.dense_lens:

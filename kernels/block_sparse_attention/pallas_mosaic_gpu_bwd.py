@@ -38,9 +38,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as _fwd
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
-from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
+from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan
 
-__all__ = ["attend_bwd"]
+__all__ = ["attend_bwd", "dkv_pass", "dq_pass", "prepare"]
 
 _F32 = jnp.float32
 _BQ = _fwd._BQ  # 64: query rows per dQ warpgroup, keys per dK/dV warpgroup, queries per dK/dV chunk
@@ -61,14 +61,17 @@ def _zeros(shape, st):
     return _fwd._as_layout(jnp.zeros(shape, _F32), plgpu.Layout.WGMMA, st)
 
 
-def _two_wgmma(a1, b1, a2, b2, acc1):
+def _two_wgmma(a1, b1, a2, b2, acc1, issued=None):
     """``(acc1 + a1 @ b1, a2 @ b2)``: both wgmma in flight, one wait. ``b`` refs are ``[K, N]`` views, ``a1``
-    a shared-memory ref or registers, ``acc1`` a zero or running f32 accumulator."""
+    a shared-memory ref or registers, ``acc1`` a zero or running f32 accumulator. ``issued()`` runs after
+    both are issued and before the wait (the ping-pong rendezvous)."""
     zeros = plgpu.layout_cast(jnp.zeros((a2.shape[0], b2.shape[1]), _F32), plgpu.Layout.WGMMA)
 
     def body(refs):
         plgpu.wgmma(refs[0], a1, b1)
         plgpu.wgmma(refs[1], a2, b2)
+        if issued is not None:
+            issued()
 
     return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(zeros)))
 
@@ -98,8 +101,11 @@ def _iota(shape, dim, st):
 
 def _dq_consumer(refs, st: "_fwd._Static"):
     (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-     q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free) = refs
+     q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched) = refs
     wg = lax.axis_index("wg")
+    # Optional ping-pong as in the forward: one warpgroup's matmuls run while the other computes dS. Off by
+    # default: H100 64K dQ pass 6.62 ms with it, 5.71 ms without (attention_h100_run8).
+    pingpong = st.wgs == 2 and st.tiling.pingpong_dq
     if st.wgs == 2:
         plgpu.set_max_registers(st.tiling.compute_registers, action="increase")
     stages, c = st.tiling.stages, st.scale * _fwd._LOG2E
@@ -111,16 +117,22 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         k_s, v_s = k_smem.at[slot], v_smem.at[slot]
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
+        meet = functools.partial(_fwd._rendezvous, sched) if pingpong else None
         if st.interpret:
             s, dp = _fwd._dot(q_s[...], k_s[...], trans_b=True), _fwd._dot(do_s[...], v_s[...], trans_b=True)
+            if meet:
+                meet()
         else:
-            s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((_BQ, st.w), st))
+            s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((_BQ, st.w), st), issued=meet)
         plgpu.barrier_arrive(v_free.at[slot])
         p = jnp.exp2(s * c - _fwd._bcast_rows(lse2, s.shape))  # empty rows: lse2 = +inf, p = 0
         if masked:
             p = jnp.where(_iota(s.shape, 0, st) + chunk * _BQ >= _iota(s.shape, 1, st), p, 0.0)
-        ds = p * (dp - _fwd._bcast_rows(delta, dp.shape))
-        dq = _acc_matmul(dq, ds.astype(dtype), k_s, st)
+        ds = (p * (dp - _fwd._bcast_rows(delta, dp.shape))).astype(dtype)
+        if pingpong:  # dS done before signalling (else the compiler sinks it past the wait), then our turn
+            ds = lax.optimization_barrier(ds)
+            _fwd._rendezvous(sched)
+        dq = _acc_matmul(dq, ds, k_s, st)
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
@@ -144,15 +156,19 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, t_rows, head])
         return base + cnt + 1
 
+    if pingpong:
+        pl.when(wg == 1)(lambda: _fwd._rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
     lax.fori_loop(0, _fwd._num_items(st), item, jnp.int32(0))
+    if pingpong:
+        pl.when(wg == 0)(lambda: _fwd._rendezvous(sched))  # balances warpgroup 1's extra rendezvous
     plgpu.wait_smem_to_gmem(0)
 
 
 def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem,
-               k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, *, st):
+               k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched, *, st):
     wg = lax.axis_index("wg")
     consumer = (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-                q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free)
+                q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched)
     pl.when(wg < st.wgs)(lambda: _dq_consumer(consumer, st))
     producer = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
     pl.when(wg == st.wgs)(lambda: _fwd._producer(producer, st))  # the forward's plan-row K/V streamer
@@ -167,7 +183,7 @@ def _dq_call(q, k, v, do, stats, sel, cnt, st: "_fwd._Static"):
         plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs),
     )
     return plgpu.kernel(
         functools.partial(_dq_kernel, st=st),
@@ -217,9 +233,17 @@ class _KVStatic:
         return self.batch * self.kv_heads * self.regions
 
 
+def _snake(j, ctas: int):
+    """Position of this CTA in round ``j`` of dealing the sorted items: left to right, then right to left. Dealt
+    plainly round-robin, CTA 0 would take the largest item of every round (H100 64K spec: the busiest CTA gets
+    1.085x the mean work; snake order 1.024x)."""
+    cta = lax.axis_index("cta")
+    return jnp.where(lax.rem(j, jnp.int32(2)) == 0, cta, jnp.int32(ctas - 1) - cta)
+
+
 def _kv_item(j, order_ref, off_ref, st: _KVStatic):
     """This CTA's ``j``-th item (longest first) -> ``(b, kh, region, first entry, readers)``."""
-    item = order_ref[lax.axis_index("cta") + j * st.ctas]
+    item = order_ref[j * st.ctas + _snake(j, st.ctas)]
     region, bk = lax.rem(item, jnp.int32(st.regions)), lax.div(item, jnp.int32(st.regions))
     b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
     first = off_ref[b, kh, region]
@@ -227,19 +251,23 @@ def _kv_item(j, order_ref, off_ref, st: _KVStatic):
 
 
 def _kv_num_items(st: _KVStatic):
-    cta = lax.axis_index("cta")
-    return lax.div(jnp.int32(st.items) - cta + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
+    rounds, rest = divmod(st.items, st.ctas)  # the last, partial round deals positions [0, rest)
+    return jnp.int32(rounds) + (_snake(jnp.int32(rounds), st.ctas) < rest).astype(jnp.int32)
 
 
 def _kv_chunk(s, readers, first, region, ent_ref, b, kh, st: _KVStatic):
-    """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads."""
+    """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads. A selecting group's
+    steps run chunk fastest; the region's own group runs head fastest, so the chunks a warpgroup cannot see
+    (queries before its keys) come first and it skips them in one stretch."""
     per = jnp.int32(st.chunk_steps)
     reader, rest = lax.div(s, per), lax.rem(s, per)
-    chunks = jnp.int32(st.w // _BQ)
+    chunks, heads = jnp.int32(st.w // _BQ), jnp.int32(st.q_per_kv)
     code = ent_ref[b, kh, jnp.minimum(first + reader, st.entries - 1)]  # P == K: the code is the group
-    group = jnp.where(reader < readers, code, region)
-    rows = pl.ds(group * st.w + lax.rem(rest, chunks) * _BQ, _BQ)
-    return rows, kh * st.q_per_kv + lax.div(rest, chunks)
+    local = reader == readers
+    group = jnp.where(local, region, code)
+    chunk = jnp.where(local, lax.div(rest, heads), lax.rem(rest, chunks))
+    head = jnp.where(local, lax.rem(rest, heads), lax.div(rest, chunks))
+    return pl.ds(group * st.w + chunk * _BQ, _BQ), kh * st.q_per_kv + head
 
 
 def _dkv_producer(refs, st: _KVStatic):
@@ -279,7 +307,7 @@ def _dkv_consumer(refs, st: _KVStatic):
     k_s, v_s = k_smem.at[wg], v_smem.at[wg]
     tile = (_BQ, _BQ)
 
-    def step(i, carry, s, masked):
+    def step(i, carry, s, masked, readers):
         dk, dv = carry
         slot = lax.rem(i, jnp.int32(st.stages))
         q_s, do_s = q_smem.at[slot], do_smem.at[slot]
@@ -293,7 +321,7 @@ def _dkv_consumer(refs, st: _KVStatic):
             s_t = pl.run_scoped(functools.partial(_scores_t, k_s, q_s), plgpu.ACC(tile, _F32))
         p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse2, tile, [1]))  # empty query rows: lse2 = +inf
         if masked:  # key wg*64 + row sees query chunk*64 + col of its own group when key <= query
-            chunk = lax.rem(s, jnp.int32(st.w // _BQ))
+            chunk = lax.div(s - readers * st.chunk_steps, jnp.int32(st.q_per_kv))
             keep = _iota(tile, 0, st) + wg * _BQ <= _iota(tile, 1, st) + chunk * _BQ
             p_t = jnp.where(keep, p_t, 0.0)
         if st.interpret:
@@ -316,8 +344,18 @@ def _dkv_consumer(refs, st: _KVStatic):
         plgpu.barrier_wait(kv_bar.at[st.wgs + wg])
         n_sel = readers * st.chunk_steps
         zeros = _zeros((_BQ, st.h), st)
-        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False), (zeros, zeros))
-        dk, dv = lax.fori_loop(n_sel, n_sel + st.chunk_steps, lambda s, a: step(base + s, a, s, True), carry)
+        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, readers), (zeros, zeros))
+        hidden = n_sel + wg * st.q_per_kv  # own group's chunks before this warpgroup's keys: all masked
+
+        @pl.loop(n_sel, hidden)
+        def _(s):
+            slot = lax.rem(base + s, jnp.int32(st.stages))
+            for bar in (q_bar, st_bar, do_bar):  # keep the barrier phases in step with the ring
+                plgpu.barrier_wait(bar.at[slot])
+            plgpu.barrier_arrive(free.at[slot])
+
+        dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps, lambda s, a: step(base + s, a, s, True, readers),
+                               carry)
         k_s[...] = (dk * st.scale).astype(dtype)
         v_s[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -377,18 +415,19 @@ def _kv_static(q, k, entries, st: "_fwd._Static") -> _KVStatic:
     return dataclasses.replace(kst, ctas=min(kst.items, _fwd._num_sms(st.interpret)))
 
 
-def _longest_first(offsets):
-    """Item ids ``(b * K + kh) * R + region`` by descending reader count (ties by id: deterministic)."""
-    readers = (offsets[..., 1:] - offsets[..., :-1]).reshape(-1)
-    return jnp.argsort(-readers, stable=True).astype(jnp.int32)
+def _longest_first(offsets, groups: int):
+    """Item ids ``(b * K + kh) * R + region`` by descending reader count (ties by id: deterministic). Counts
+    above ``groups`` (a region read twice by one group) are clipped: the order is a schedule, not a result."""
+    readers = jnp.clip((offsets[..., 1:] - offsets[..., :-1]).reshape(-1), 0, groups)
+    return stable_argsort(groups - readers, groups + 1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def attend_bwd(st: "_fwd._Static", res, cotangents):
-    """The custom VJP's backward: ``(dq, dk, dv, None)`` from the forward's residuals."""
-    q, k, v, regions, out, lse = res
+def prepare(st: "_fwd._Static", res, cotangents):
+    """Everything the two passes read besides q/k/v/dO: ``(stats, sel, cnt, order, offsets, entries)``."""
+    _, _, _, regions, out, lse = res
     do, dlse = cotangents
     # d lse_i / d s_ij = p_ij, so an LSE cotangent only shifts the row term: ds = p * (dp - (delta - dlse)).
     delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
@@ -396,8 +435,23 @@ def attend_bwd(st: "_fwd._Static", res, cotangents):
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1)  # [B, T, N, 2] -> [B, N, 2, T]
     plan = SelectionPlan(regions, block_size=st.w, merge=1)
     sel, cnt = compact_plan(plan)
-    dq = _dq_call(q, k, v, do, stats, sel, cnt, _dq_static(st))
     offsets, entries = transpose_plan(plan, st.kv_heads)
-    kst = _kv_static(q, k, entries, st)
-    dk, dv = _dkv_call(q, k, v, do, stats, _longest_first(offsets), offsets, entries, kst)
+    return stats, sel, cnt, _longest_first(offsets, st.groups), offsets, entries
+
+
+def dq_pass(st: "_fwd._Static", q, k, v, do, stats, sel, cnt):
+    return _dq_call(q, k, v, do, stats, sel, cnt, _dq_static(st))
+
+
+def dkv_pass(st: "_fwd._Static", q, k, v, do, stats, order, offsets, entries):
+    return _dkv_call(q, k, v, do, stats, order, offsets, entries, _kv_static(q, k, entries, st))
+
+
+def attend_bwd(st: "_fwd._Static", res, cotangents):
+    """The custom VJP's backward: ``(dq, dk, dv, None)`` from the forward's residuals."""
+    q, k, v = res[:3]
+    do = cotangents[0]
+    stats, sel, cnt, order, offsets, entries = prepare(st, res, cotangents)
+    dq = dq_pass(st, q, k, v, do, stats, sel, cnt)
+    dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
     return dq, dk, dv, None

@@ -10,7 +10,7 @@ All of it is integer work, hence deterministic.
 import jax.numpy as jnp
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
-__all__ = ["compact_plan", "transpose_plan", "transpose_plan_steps"]
+__all__ = ["compact_plan", "stable_argsort", "transpose_plan", "transpose_plan_steps"]
 
 
 def compact_plan(plan: SelectionPlan):
@@ -21,6 +21,19 @@ def compact_plan(plan: SelectionPlan):
     valid = plan.valid_mask()
     regions = jnp.where(valid, plan.kv_regions.astype(jnp.int32), plan.num_regions)
     return jnp.sort(regions, axis=-1), valid.sum(-1).astype(jnp.int32)
+
+
+def stable_argsort(keys, bound: int):
+    """``jnp.argsort(keys, axis=-1, stable=True)`` for int keys in ``[0, bound)``.
+
+    When ``bound * n`` fits in int32, key and position are packed into one int32 and sorted alone: XLA:GPU
+    then runs one radix sort instead of sorting (key, index) pairs, which is several times slower there.
+    """
+    n = keys.shape[-1]
+    if bound * n >= 2**31:
+        return jnp.argsort(keys, axis=-1, stable=True)
+    packed = keys.astype(jnp.int32) * n + jnp.arange(n, dtype=jnp.int32)
+    return jnp.sort(packed, axis=-1) % n
 
 
 def transpose_plan(plan: SelectionPlan, kv_heads: int):
@@ -40,7 +53,7 @@ def transpose_plan(plan: SelectionPlan, kv_heads: int):
     code = (jnp.arange(per_kv, dtype=jnp.int32)[:, None, None] * q
             + jnp.arange(q, dtype=jnp.int32)[None, :, None])
     code = jnp.broadcast_to(code, (per_kv, q, m)).reshape(-1)
-    order = jnp.argsort(region, axis=-1, stable=True)  # invalid entries (region R) sort last
+    order = stable_argsort(region, r + 1)  # invalid entries (region R) sort last
     entries = code[order]
     bi = jnp.arange(b)[:, None, None]
     ki = jnp.arange(kv_heads)[None, :, None]
