@@ -1,8 +1,9 @@
-"""Pallas Mosaic GPU (Hopper) block-sparse forward + Triton backward vs the pure-jnp reference.
+"""Pallas Mosaic GPU (Hopper) block-sparse kernels (forward, dQ and dK/dV passes) vs the pure-jnp reference.
 
 Native runs are marked ``gpu`` (an H100/H200; run with ``JAX_PLATFORMS=cuda``). On CPU: what the kernel declines
-(so ``api`` dispatch falls through), and one tiny forward in the Mosaic GPU interpreter, which runs the real
-TMA/barrier protocol, plan indexing, masking and softmax (only the two matmuls are plain dots there).
+(so ``api`` dispatch falls through), and tiny problems in the Mosaic GPU interpreter, which runs the real
+TMA/barrier protocol, plan and transposed-plan indexing, item scheduling, masking and softmax (only the matmuls
+are plain dots there).
 """
 
 import jax
@@ -106,6 +107,14 @@ def test_tiling_validation():
         MosaicTiling(cluster=True)
     with pytest.raises(ValueError, match="compute_registers"):
         MosaicTiling(compute_registers=232.0)
+    with pytest.raises(ValueError, match="backward"):
+        MosaicTiling(backward="xla")
+    with pytest.raises(ValueError, match="stages_dkv"):
+        MosaicTiling(stages_dkv=7)
+    with pytest.raises(ValueError, match="stages_dq"):
+        MosaicTiling(stages_dq=True)
+    with pytest.raises(TypeError, match="pingpong_dq"):
+        MosaicTiling(pingpong_dq="yes")
 
 
 def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
@@ -165,6 +174,17 @@ def test_interpret_forward_matches_reference(tiling):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
 
 
+def test_interpret_backward_matches_reference():
+    """The Mosaic dQ and dK/dV passes in the interpreter, with an LSE cotangent: G = 2 (two dQ warpgroups), W =
+    128 (two dK/dV warpgroups, the second skipping its hidden local chunks), a ragged plan and a row with no
+    valid entry; 8 dK/dV items over 3 persistent CTAs, so the snake order ends in a partial round."""
+    q, k, v, plan, do = _spec(g=2, w=128, t=512).make_inputs(jax.random.PRNGKey(7))
+    plan = SelectionPlan(plan.kv_regions.at[:, 1, 2].set(-1), block_size=plan.block_size, merge=1)
+    _, want = _outputs(_ref(plan), q, k, v, do)
+    _, got = _outputs(_mosaic(plan, interpret=True), q, k, v, do)
+    _assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -187,13 +207,14 @@ def test_native_matches_reference(g, w, h, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(pingpong=False),
-                                    MosaicTiling(cluster=2)])
+                                    MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
+                                    MosaicTiling(pingpong_dq=True, stages_dkv=3)])
 def test_native_tilings_agree(tiling):
-    """Other launch configurations give the default's results (same math, different schedule)."""
+    """Other launch configurations (and the Triton backward) give the default's outputs and gradients."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
                          selected=4, ragged=0.2)
-    q, k, v, plan, _ = spec.make_inputs(jax.random.PRNGKey(5))
-    got = jax.jit(_mosaic(plan, tiling=tiling))(q, k, v)
-    want = jax.jit(_mosaic(plan))(q, k, v)
+    q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(5))
+    _, got = _outputs(_mosaic(plan, tiling=tiling), q, k, v, do)
+    _, want = _outputs(_mosaic(plan), q, k, v, do)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-2)

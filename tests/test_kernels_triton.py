@@ -21,7 +21,7 @@ from selmerge_jax.kernels.block_sparse_attention.pallas_triton import (
     block_sparse_attention_triton,
 )
 from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec, get_spec
-from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
+from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan
 
 _TINY = TritonTiling(rows_fwd=32, block_k_fwd=32, rows_dq=32, block_k_dq=16, rows_dkv=16, block_k_dkv=32)
 
@@ -203,3 +203,10 @@ def test_random_plan_with_more_selected_than_regions_is_dense():
     plan = random_plan(jax.random.PRNGKey(0), spec)
     assert plan.kv_regions.shape == (1, 1, 4, 8)
     np.testing.assert_array_equal(plan.valid_mask().sum(-1)[0, 0], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("bound", [37, 2**30])  # packed single-key sort, and the pair-sort fallback
+def test_stable_argsort_matches_jnp(bound):
+    keys = jax.random.randint(jax.random.PRNGKey(8), (3, 700), 0, 37)
+    np.testing.assert_array_equal(np.asarray(stable_argsort(keys, bound)),
+                                  np.asarray(jnp.argsort(keys, axis=-1, stable=True)))
