@@ -1,8 +1,9 @@
-"""Block-sparse flash attention forward for Hopper in Pallas Mosaic GPU: TMA, wgmma and warp specialisation.
+"""Block-sparse flash attention for Hopper in Pallas Mosaic GPU: TMA, wgmma and warp specialisation.
 
-The backward reuses the Triton dQ and dK/dV kernels (``pallas_triton._attend_bwd``) through a custom VJP: the
-forward here writes the same ``out`` and natural-log LSE the Triton forward does, so those kernels cannot tell
-which forward ran.
+This module holds the forward and the custom VJP. The backward is ``pallas_mosaic_gpu_bwd`` (a wgmma dQ pass
+over the plan that reuses this module's work items and K/V producer, and a dK/dV pass over the transposed
+plan); ``MosaicTiling(backward="triton")`` runs the Triton dQ and dK/dV kernels instead, which read the same
+``out`` and natural-log LSE.
 
 A work item is ``wgs`` units of 64 query rows. A unit is 64 consecutive tokens of one query head; an item's units
 are ``wgs`` heads of the same kv head at the *same* tokens, so they share the plan row (selection is per kv
@@ -457,12 +458,12 @@ def block_sparse_attention_mosaic_gpu(q, k, v, plan: SelectionPlan, *, scale: fl
                                       return_lse: bool = False, tiling: MosaicTiling | None = None,
                                       backward_tiling: "_triton.TritonTiling | None" = None,
                                       interpret: bool = False):
-    """Block-sparse attention, Mosaic GPU forward + Triton backward (same contract as the reference).
+    """Block-sparse attention with the Mosaic GPU kernels (same contract as the reference).
 
     Args:
       q, k, v, plan, scale, return_lse: as ``block_sparse_attention_reference``.
       tiling: forward launch parameters (``MosaicTiling()`` by default).
-      backward_tiling: the Triton backward's tiling (``TritonTiling()`` by default).
+      backward_tiling: the Triton backward's tiling, used with ``MosaicTiling(backward="triton")``.
       interpret: run the forward in the Mosaic GPU interpreter and the backward in the Pallas interpreter
         (CPU; slow, for tests).
 
