@@ -9,6 +9,10 @@ The order differs from the grain pipeline's (no document-then-window shuffle); b
 With ``passkey_ratio > 0`` some rows of each batch are replaced by passkey-retrieval prompts of seq_len + 1
 tokens (random key and depth, loss on every token, as the grain pipeline's default); which rows and what they
 hold are a pure function of ``(seed, step, shard)``, so resume stays exact and the state is still the step.
+With ``copy_ratio > 0`` other rows become copy rows: a random string of corpus tokens (period drawn from
+``copy_period``) repeated to the window's length, loss on every repeat. Only an induction head predicts them,
+and it forms on these within a few hundred steps, where passkey prompts alone (5 random answer tokens per
+window) left small models at chance (see experiments/benchmarks/results/h100_eval_README.md).
 
     docs = split_documents(stdlib_documents(), 0.1)          # pure Python: no tfds needed
     tokens = tokenize_documents([d["text"] for d in docs["train"]], tokenizer)
@@ -27,6 +31,7 @@ __all__ = ["TokenWindows", "tokenize_documents", "unigram_entropy"]
 
 _MAX_PASSKEY = 50_000  # keys in [1, 50000), as synthetic.PasskeyConfig and the evaluation grid draw them
 _PASSKEY_STREAM = 0x9A55  # separates the passkey draws from the window permutation's rng([seed, epoch])
+_COPY_STREAM = 0xC0B7  # the copy rows' own draws, so copy_ratio=0 leaves every other row bit-identical
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer, *, add_bos: bool = True,
@@ -57,7 +62,8 @@ class TokenWindows:
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, bos_id: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1, passkey_ratio: float = 0.0, tokenizer=None):
+                 shard_count: int = 1, passkey_ratio: float = 0.0, tokenizer=None, copy_ratio: float = 0.0,
+                 copy_period: tuple[int, int] = (8, 64)):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -75,6 +81,8 @@ class TokenWindows:
             raise ValueError(f"tokens has {len(tokens)} tokens: not one batch of {batch_size} windows of "
                              f"{seq_len + 1} per each of {shard_count} shards")
         self.passkey_ratio, self.tokenizer = _check_passkey(passkey_ratio, tokenizer, seq_len), tokenizer
+        self.copy_ratio, self.copy_period = _check_copy(copy_ratio, copy_period, self.passkey_ratio, seq_len)
+        self._copy_vocab = _copy_vocab(tokens, bos_id, tokenizer) if self.copy_ratio > 0 else None
         self.step = 0
 
     def __iter__(self):
@@ -98,23 +106,30 @@ class TokenWindows:
         width = self.seq_len + 1
         windows = np.stack([self.tokens[w * width:(w + 1) * width] for w in self._window_ids(epoch, batch)])
         windows = windows.astype(np.int32)
-        if self.passkey_ratio > 0:
-            windows = self._mix_passkeys(windows, epoch * self.batches_per_epoch + batch)
+        loss_mask = np.ones((len(windows), self.seq_len), np.float32)
+        if self.passkey_ratio > 0 or self.copy_ratio > 0:
+            windows = self._mix_passkeys(windows, epoch * self.batches_per_epoch + batch, loss_mask)
         segs, pos = zip(*(_segments(w, self.bos_id) for w in windows), strict=True)
         segs, pos = np.stack(segs), np.stack(pos)
         self.step += 1
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-                "loss_mask": np.ones((len(windows), self.seq_len), np.float32),
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "loss_mask": loss_mask,
                 "segment_ids": segs[:, :-1], "positions": pos[:, :-1]}
 
-    def _mix_passkeys(self, windows: np.ndarray, step: int) -> np.ndarray:
+    def _mix_passkeys(self, windows: np.ndarray, step: int, loss_mask: np.ndarray) -> np.ndarray:
         # Keyed by (seed, step, shard) only: the same batch comes back after a resume, on any host.
         rng = np.random.default_rng([self.seed, step, self.shard_index, _PASSKEY_STREAM])
-        replace = rng.random(len(windows)) < self.passkey_ratio
+        draw = rng.random(len(windows))
         keys, depths = rng.integers(1, _MAX_PASSKEY, len(windows)), rng.random(len(windows))
-        for row in np.flatnonzero(replace):
+        for row in np.flatnonzero(draw < self.passkey_ratio):
             ex = passkey_example(self.tokenizer, self.seq_len + 1, float(depths[row]), int(keys[row]))
             windows[row] = ex["tokens"]
+        copy_rows = np.flatnonzero((draw >= self.passkey_ratio) & (draw < self.passkey_ratio + self.copy_ratio))
+        if len(copy_rows):
+            copy_rng = np.random.default_rng([self.seed, step, self.shard_index, _COPY_STREAM])
+            for row in copy_rows:
+                period = int(copy_rng.integers(self.copy_period[0], self.copy_period[1] + 1))
+                windows[row] = np.resize(copy_rng.choice(self._copy_vocab, period), self.seq_len + 1)
+                loss_mask[row, :period - 1] = 0.0  # the first period is noise: only its repeats are predictable
         return windows
 
     def get_state(self) -> dict:
@@ -135,6 +150,31 @@ def _check_passkey(ratio, tokenizer, seq_len: int) -> float:
             raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the passkey prompts), got None")
         passkey_example(tokenizer, seq_len + 1, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
     return float(ratio)
+
+
+def _check_copy(ratio, period, passkey_ratio: float, seq_len: int) -> tuple[float, tuple[int, int]]:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"copy_ratio must be a number in [0, 1), got {ratio!r}")
+    if ratio + passkey_ratio >= 1.0:
+        raise ValueError(f"copy_ratio={ratio} + passkey_ratio={passkey_ratio} must be < 1 (some rows stay corpus)")
+    if ratio == 0:
+        return 0.0, tuple(period)  # unused: a short seq_len without copy rows must not trip the period check
+    ok = (isinstance(period, (tuple, list)) and len(period) == 2
+          and all(isinstance(p, int) and not isinstance(p, bool) for p in period))
+    if not ok or not 2 <= period[0] <= period[1] or 2 * period[1] > seq_len + 1:
+        raise ValueError(f"copy_period must be (low, high) ints with 2 <= low <= high and 2 * high <= seq_len + 1 "
+                         f"= {seq_len + 1} (each row repeats its string at least twice), got {period!r}")
+    return float(ratio), (int(period[0]), int(period[1]))
+
+
+def _copy_vocab(tokens: np.ndarray, bos_id: int, tokenizer) -> np.ndarray:
+    """The distinct ids of the stream minus the specials: copy strings are drawn uniformly from these."""
+    specials = {bos_id} | ({tokenizer.eos_id, tokenizer.pad_id} if tokenizer is not None else set())
+    ids = np.unique(np.asarray(tokens[: 1 << 24]))  # a prefix is plenty to find the vocabulary in use
+    ids = ids[~np.isin(ids, list(specials))].astype(np.int32)
+    if len(ids) < 2:
+        raise ValueError(f"copy_ratio needs at least 2 non-special token ids in tokens, found {len(ids)}")
+    return ids
 
 
 def unigram_entropy(documents: Sequence, tokenizer, *, add_bos: bool = True, add_eos: bool = True) -> float:

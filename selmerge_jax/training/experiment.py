@@ -49,6 +49,9 @@ class DataConfig:
       tokenizer: null/"byte" for the byte tokenizer, or a path to a ``tokenizer.json`` (or its directory).
       shuffle_window: grain shuffle buffer of windows.
       passkey_ratio: fraction of training windows replaced by passkey-retrieval examples.
+      copy_ratio: fraction of training windows replaced by copy rows (a random token string, period drawn
+        from ``copy_period``, repeated): an induction-head curriculum that makes passkey retrieval learnable
+        from scratch (``arrays.TokenWindows``; needs ``train_npy``).
       document_masking: keep packed-document ``segment_ids``/positions (dense attention only); false lets
         tokens attend across document boundaries at absolute positions, which select-and-merge needs.
     """
@@ -62,6 +65,8 @@ class DataConfig:
     tokenizer: str | None = None
     shuffle_window: int = 64
     passkey_ratio: float = 0.0
+    copy_ratio: float = 0.0
+    copy_period: tuple[int, int] = (8, 64)
     document_masking: bool = False
 
     def __post_init__(self):
@@ -74,6 +79,12 @@ class DataConfig:
             raise ValueError(f"DataConfig.shuffle_window must be a positive int, got {self.shuffle_window!r}")
         if not 0.0 <= self.passkey_ratio < 1.0:
             raise ValueError(f"DataConfig.passkey_ratio must be in [0, 1), got {self.passkey_ratio!r}")
+        if not 0.0 <= self.copy_ratio < 1.0 - self.passkey_ratio:
+            raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio!r} must be in [0, 1 - passkey_ratio = "
+                             f"{1.0 - self.passkey_ratio:g})")
+        if self.copy_ratio > 0 and self.train_npy is None:
+            raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs train_npy/validation_npy: copy rows "
+                             "are mixed by arrays.TokenWindows, the grain pipeline has none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

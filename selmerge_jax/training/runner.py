@@ -77,7 +77,8 @@ def make_data(cfg: PretrainConfig, tokenizer):
         shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
         # Passkey prompts replace whole training windows, as in the grain pipeline; validation stays corpus only.
         train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process, bos_id=tokenizer.bos_id,
-                                     seed=seed, passkey_ratio=d.passkey_ratio, tokenizer=tokenizer, **shard)
+                                     seed=seed, passkey_ratio=d.passkey_ratio, tokenizer=tokenizer,
+                                     copy_ratio=d.copy_ratio, copy_period=d.copy_period, **shard)
         val = _npy(d.validation_npy)
         return train_it, lambda: data.TokenWindows(val, seq_len=t, batch_size=per_process, num_epochs=1,
                                                    bos_id=tokenizer.bos_id, seed=seed, **shard)

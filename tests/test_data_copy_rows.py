@@ -1,0 +1,113 @@
+"""Copy rows in the numpy loader (``TokenWindows(copy_ratio=...)``, ``data.copy_ratio``): the induction-head
+curriculum that makes passkey retrieval learnable from scratch (issue #7 c)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from selmerge_jax.data.arrays import TokenWindows
+from selmerge_jax.data.synthetic import PASSKEY_QUESTION
+from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.training.experiment import DataConfig, PretrainConfig, load_experiment
+
+ROOT = pathlib.Path(__file__).parents[1]
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    text = (ROOT / "selmerge_jax" / "data" / "arrays.py").read_text()
+    return TOK.encode(text * 3, add_bos=True, add_eos=True).astype(np.uint16)
+
+
+def _windows(tokens, **kw):
+    return TokenWindows(tokens, seq_len=320, batch_size=8, bos_id=TOK.bos_id, seed=5, tokenizer=TOK, **kw)
+
+
+def _period(row: np.ndarray) -> int | None:
+    """The smallest p with row[i] == row[i - p] everywhere (None: not periodic)."""
+    for p in range(1, len(row) // 2 + 1):
+        if np.array_equal(row[p:], row[:-p]):
+            return p
+    return None
+
+
+def _rows(batch):
+    return [np.append(i[:1], t) for i, t in zip(batch["inputs"], batch["targets"], strict=True)]
+
+
+def test_copy_rows_repeat_a_random_string_with_the_first_period_masked(tokens):
+    it = _windows(tokens, passkey_ratio=0.3, copy_ratio=0.4, copy_period=(8, 32))
+    kinds = []
+    for _ in range(6):
+        b = next(it)
+        for row, mask in zip(_rows(b), b["loss_mask"], strict=True):
+            p = _period(row)
+            if PASSKEY_QUESTION in TOK.decode(row):
+                kinds.append("passkey")
+                assert mask.all()
+            elif p is not None and p <= 32:
+                kinds.append("copy")
+                assert 8 <= p and (row < 256).all()  # no bos/eos/pad: they would split "documents"
+                np.testing.assert_array_equal(mask, np.arange(320) >= p - 1)  # targets 0..p-2 are the noise
+            else:
+                kinds.append("corpus")
+                assert mask.all()
+    share = {k: kinds.count(k) / len(kinds) for k in ("passkey", "copy", "corpus")}
+    assert 0.15 < share["passkey"] < 0.5 and 0.2 < share["copy"] < 0.6 and share["corpus"] > 0.1, share
+
+
+def test_copy_ratio_zero_keeps_every_row(tokens):
+    # copy rows draw from their own stream: the passkey/corpus rows of a run without them are bit-identical.
+    with_copy, without = _windows(tokens, passkey_ratio=0.3, copy_ratio=0.3), _windows(tokens, passkey_ratio=0.3)
+    for _ in range(3):
+        a, b = next(with_copy), next(without)
+        keep = a["loss_mask"].all(axis=1)
+        np.testing.assert_array_equal(a["inputs"][keep], b["inputs"][keep])
+
+
+def test_copy_rows_resume_exactly(tokens):
+    it = _windows(tokens, copy_ratio=0.5)
+    [next(it) for _ in range(2)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    again = _windows(tokens, copy_ratio=0.5)
+    again.set_state(state)
+    for a, b in zip(expected, (next(again) for _ in range(3)), strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"copy_ratio": 1.0}, r"copy_ratio must be a number in \[0, 1\)"),
+    ({"copy_ratio": True}, "copy_ratio must be a number"),
+    ({"copy_ratio": 0.6, "passkey_ratio": 0.5}, "must be < 1"),
+    ({"copy_ratio": 0.2, "copy_period": (1, 8)}, "copy_period"),
+    ({"copy_ratio": 0.2, "copy_period": (16, 8)}, "copy_period"),
+    ({"copy_ratio": 0.2, "copy_period": (8, 200)}, r"2 \* high <= seq_len \+ 1 = 321"),
+    ({"copy_ratio": 0.2, "copy_period": (8.0, 16)}, "copy_period"),
+])
+def test_copy_rows_bad_arguments(tokens, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _windows(tokens, **kw)
+
+
+def test_data_config_copy_ratio_checks():
+    with pytest.raises(ValueError, match=r"copy_ratio=0.6 must be in \[0, 1 - passkey_ratio = 0.5\)"):
+        DataConfig(train_npy="a.npy", validation_npy="b.npy", passkey_ratio=0.5, copy_ratio=0.6)
+    with pytest.raises(ValueError, match="needs train_npy"):
+        DataConfig(copy_ratio=0.2)
+
+
+def test_runner_npy_branch_passes_copy_rows(tmp_path, tokens):
+    from selmerge_jax.training.runner import make_data
+
+    np.save(tmp_path / "t.npy", tokens)
+    cfg = load_experiment(PretrainConfig, None, [
+        "model={preset: tiny}", f"data.train_npy={tmp_path / 't.npy'}", f"data.validation_npy={tmp_path / 't.npy'}",
+        "data.copy_ratio=0.5", "data.copy_period=[4, 6]", "train.seq_len=64", "train.batch_size=8"])
+    train_it, eval_fn = make_data(cfg, TOK)
+    train_periods = [_period(r) for _ in range(3) for r in _rows(next(train_it))]
+    assert any(p is not None and 4 <= p <= 6 for p in train_periods)
+    assert all(b["loss_mask"].all() for b in eval_fn())  # validation stays corpus only
