@@ -185,6 +185,34 @@ def test_interpret_backward_matches_reference():
     _assert_close(got, want)
 
 
+def test_interpret_backward_odd_group_and_batch():
+    """G = 3 (one dQ warpgroup; the Triton backward's power-of-two packing must not be required) and B = 2 (batch
+    and kv head decoded from the sorted dK/dV item ids), W = 64, an LSE cotangent, one row with no valid entry."""
+    q, k, v, plan, do = _spec(g=3, w=64, t=256, batch=2).make_inputs(jax.random.PRNGKey(9))
+    plan = SelectionPlan(plan.kv_regions.at[1, 1, 2].set(-1), block_size=plan.block_size, merge=1)
+    _, want = _outputs(_ref(plan), q, k, v, do)
+    _, got = _outputs(_mosaic(plan, interpret=True), q, k, v, do)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize(("field", "depth"), [("stages_dkv", 6), ("stages_dq", 4), ("stages", 4)])
+def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth):
+    """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would not)."""
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu
+
+    q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
+    with pytest.raises(ValueError, match=f"MosaicTiling.{field}={depth}"):
+        pallas_mosaic_gpu._make_static(q, k, plan, None, MosaicTiling(**{field: depth}), interpret=False)
+
+
+def test_declines_a_plan_without_slots():
+    """M = 0 (only the local block): declined, so dispatch falls through, instead of reading slot -1."""
+    q, k, v, plan, _ = _spec(g=2, w=64, t=256).make_inputs(jax.random.PRNGKey(11))
+    empty = SelectionPlan(jnp.zeros((*plan.kv_regions.shape[:3], 0), jnp.int32), block_size=64, merge=1)
+    with pytest.raises(NotImplementedError, match="M=0"):
+        block_sparse_attention_mosaic_gpu(q, k, v, empty, interpret=True)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -192,8 +220,8 @@ def test_interpret_backward_matches_reference():
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
                                                       (8, 128, 64, "float16")])
 def test_native_matches_reference(g, w, h, dtype):
-    """Forward, LSE and the three gradients (Triton backward on the Mosaic forward's residuals); G = 1/4/8,
-    ragged plans, rows with no valid entry; bitwise deterministic across runs."""
+    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/4/8, ragged plans, rows with
+    no valid entry; bitwise deterministic across runs."""
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))

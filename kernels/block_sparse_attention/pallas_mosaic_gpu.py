@@ -148,6 +148,8 @@ def _check_supported(q, plan: SelectionPlan, scale) -> None:
         raise NotImplementedError(f"pallas_mosaic_gpu: block_size W={w} (supported: 64, 128)")
     if plan.merge != 1:
         raise NotImplementedError(f"pallas_mosaic_gpu: merge={plan.merge} (supported: 1)")
+    if plan.max_selected < 1:  # the producers read plan slot min(i, M - 1)
+        raise NotImplementedError(f"pallas_mosaic_gpu: a plan with M={plan.max_selected} slots (supported: M >= 1)")
     if not (plan.causal and plan.include_local):
         raise NotImplementedError(f"pallas_mosaic_gpu: causal={plan.causal}, include_local={plan.include_local} "
                                   "(supported: causal with the local block)")
@@ -165,9 +167,29 @@ def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     st = _Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
                  2 if g % 2 == 0 else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
+    _check_shared_memory(st)
     cluster = math.gcd(tiling.cluster, st.subs)
     ctas = min(st.items, _num_sms(interpret) // cluster * cluster) if tiling.persistent else st.items
     return dataclasses.replace(st, ctas=ctas, cluster=cluster)
+
+
+_SMEM_BYTES = 232448  # H100/H200 shared memory per block (227 KiB)
+
+
+def _check_shared_memory(st: _Static) -> None:
+    """Rejects ring depths whose buffers alone exceed shared memory, naming the setting (the compiler's own error
+    does not). Barriers and alignment add ~3 KiB on top, so a depth that passes here can still just miss."""
+    t, itemsize = st.tiling, 2
+    tile = _BQ * st.h * itemsize
+    kv_block = st.w * st.h * itemsize
+    need = {"stages": st.wgs * (2 if t.persistent else 1) * tile + 2 * t.stages * kv_block}
+    if t.backward == "mosaic":
+        need["stages_dq"] = 2 * st.wgs * tile + 2 * t.stages_dq * kv_block
+        need["stages_dkv"] = t.stages_dkv * (2 * tile + 2 * _BQ * 4) + 2 * (st.w // _BQ) * tile
+    for name, nbytes in need.items():
+        if not st.interpret and nbytes > _SMEM_BYTES:
+            raise ValueError(f"MosaicTiling.{name}={getattr(t, name)} needs {nbytes} bytes of shared memory for "
+                             f"W={st.w}, H={st.h} (limit {_SMEM_BYTES}); use a smaller {name}")
 
 
 def _num_sms(interpret: bool) -> int:
@@ -479,7 +501,9 @@ def block_sparse_attention_mosaic_gpu(q, k, v, plan: SelectionPlan, *, scale: fl
         raise NotImplementedError(f"pallas_mosaic_gpu is untested inside shard_map (q varies over {set(varying)})")
     check_plan_inputs(q, k, v, plan)
     st = _make_static(q, k, plan, scale, tiling or MosaicTiling(), bool(interpret))
-    tst = _triton._make_static(q, k, plan, scale, backward_tiling or _triton.TritonTiling(), bool(interpret))
+    tst = None  # the Triton backward's statics only when it runs (it packs power-of-two head counts only)
+    if st.tiling.backward == "triton":
+        tst = _triton._make_static(q, k, plan, scale, backward_tiling or _triton.TritonTiling(), bool(interpret))
     out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st, tst)
     return (out, lse) if return_lse else out
 

@@ -22,7 +22,7 @@ that selected the region (CSR rows of ``transpose_plan``), then the region's own
 
 so keys are every matmul's M dimension and nothing is transposed in registers. Regions differ a lot in how
 many groups read them (early regions are selected by most later groups), so items run longest first: the
-persistent CTAs take them round-robin from a device-side sort by reader count.
+persistent CTAs are dealt them in snake order from a device-side sort by reader count (``_snake``).
 
 Interpret mode (CPU tests) replaces the wgmma calls by plain dots on loaded values, as the forward does: the
 interpreter's wgmma takes neither transposed nor register operands; barriers, copies and indexing are real.
@@ -40,7 +40,7 @@ from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as _fw
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan
 
-__all__ = ["attend_bwd", "dkv_pass", "dq_pass", "prepare"]
+__all__ = ["attend_bwd"]  # prepare / dq_pass / dkv_pass: the VJP's pieces, timed apart by the benchmark
 
 _F32 = jnp.float32
 _BQ = _fwd._BQ  # 64: query rows per dQ warpgroup, keys per dK/dV warpgroup, queries per dK/dV chunk
@@ -79,11 +79,6 @@ def _two_wgmma(a1, b1, a2, b2, acc1, issued=None):
 def _t(ref):
     """``ref`` as the transposed wgmma B operand (``[N, K]`` in memory, read as ``[K, N]``)."""
     return plgpu.transpose_ref(ref, (1, 0))
-
-
-def _acc_matmul(acc, a, b_ref, st):
-    """``acc + a @ b`` with ``a`` in registers, ``b`` in shared memory (the forward's P V product)."""
-    return _fwd._pv(acc, a, b_ref, st)
 
 
 def _scores_t(k_s, q_s, acc_ref):
@@ -125,14 +120,14 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         else:
             s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((_BQ, st.w), st), issued=meet)
         plgpu.barrier_arrive(v_free.at[slot])
-        p = jnp.exp2(s * c - _fwd._bcast_rows(lse2, s.shape))  # empty rows: lse2 = +inf, p = 0
+        p = jnp.exp2(s * c - _fwd._bcast_rows(lse2, s.shape))  # lse2 = +inf (no finite LSE) gives p = 0
         if masked:
             p = jnp.where(_iota(s.shape, 0, st) + chunk * _BQ >= _iota(s.shape, 1, st), p, 0.0)
         ds = (p * (dp - _fwd._bcast_rows(delta, dp.shape))).astype(dtype)
         if pingpong:  # dS done before signalling (else the compiler sinks it past the wait), then our turn
             ds = lax.optimization_barrier(ds)
             _fwd._rendezvous(sched)
-        dq = _acc_matmul(dq, ds, k_s, st)
+        dq = _fwd._pv(dq, ds, k_s, st)  # dQ += dS K, dS from registers
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
@@ -319,7 +314,7 @@ def _dkv_consumer(refs, st: _KVStatic):
             s_t = _fwd._dot(k_s[...], q_s[...], trans_b=True)
         else:
             s_t = pl.run_scoped(functools.partial(_scores_t, k_s, q_s), plgpu.ACC(tile, _F32))
-        p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse2, tile, [1]))  # empty query rows: lse2 = +inf
+        p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse2, tile, [1]))  # lse2 = +inf gives p = 0
         if masked:  # key wg*64 + row sees query chunk*64 + col of its own group when key <= query
             chunk = lax.div(s - readers * st.chunk_steps, jnp.int32(st.q_per_kv))
             keep = _iota(tile, 0, st) + wg * _BQ <= _iota(tile, 1, st) + chunk * _BQ
@@ -330,7 +325,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         else:
             dv, dp_t = _two_wgmma(p_t.astype(dtype), do_s, v_s, _t(do_s), dv)
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-        dk = _acc_matmul(dk, ds_t.astype(dtype), q_s, st)
+        dk = _fwd._pv(dk, ds_t.astype(dtype), q_s, st)  # dK += dS^T Q
         plgpu.barrier_arrive(free.at[slot])
         return dk, dv
 
@@ -407,7 +402,7 @@ def _dq_static(st: "_fwd._Static") -> "_fwd._Static":
     return dataclasses.replace(st, tiling=tiling, cluster=1, ctas=min(st.items, _fwd._num_sms(st.interpret)))
 
 
-def _kv_static(q, k, entries, st: "_fwd._Static") -> _KVStatic:
+def _kv_static(k, entries, st: "_fwd._Static") -> _KVStatic:
     regions = k.shape[1] // st.w
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
                     st.dtype, st.tiling.stages_dkv, st.tiling.compute_registers, st.tiling.approx_math,
@@ -434,7 +429,9 @@ def prepare(st: "_fwd._Static", res, cotangents):
     # The barrier keeps XLA from fusing the [B, T, N] -> [B, N, T] transpose below into this reduction over
     # 2 x T x N x H values: fused, the reduction ran at a fraction of bandwidth (H100 64K: 2.06 ms, run 8).
     delta = lax.optimization_barrier(delta)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _fwd._LOG2E, jnp.inf)  # empty rows: p = exp2(s - inf) = 0
+    # Defensive: with the causal local block every query sees itself, so its LSE is finite; a non-finite one
+    # (say from an LSE cotangent path fed a foreign forward) makes p = exp2(s - inf) = 0 rather than NaN.
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _fwd._LOG2E, jnp.inf)
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1)  # [B, T, N, 2] -> [B, N, 2, T]
     plan = SelectionPlan(regions, block_size=st.w, merge=1)
     sel, cnt = compact_plan(plan)
@@ -447,7 +444,7 @@ def dq_pass(st: "_fwd._Static", q, k, v, do, stats, sel, cnt):
 
 
 def dkv_pass(st: "_fwd._Static", q, k, v, do, stats, order, offsets, entries):
-    return _dkv_call(q, k, v, do, stats, order, offsets, entries, _kv_static(q, k, entries, st))
+    return _dkv_call(q, k, v, do, stats, order, offsets, entries, _kv_static(k, entries, st))
 
 
 def attend_bwd(st: "_fwd._Static", res, cotangents):

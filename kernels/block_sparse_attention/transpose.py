@@ -40,8 +40,8 @@ def transpose_plan(plan: SelectionPlan, kv_heads: int):
     """Transposed plan in CSR form, per batch and kv head.
 
     Returns:
-      offsets: ``int32 [B, K, R + 1]``; the entries of KV region ``j`` are ``entries[b, k, offsets[j]:
-        offsets[j+1]]``.
+      offsets: ``int32 [B, K, R + 1]``; the entries of KV region ``j`` are ``entries[b, k, offsets[b, k, j]:
+        offsets[b, k, j + 1]]``.
       entries: ``int32 [B, K, E]`` with ``E = (P // K) * Q * M``; each entry encodes ``sub * Q + group``, where
         ``sub`` is the selection head inside kv head ``k`` (always 0 when ``P == K``) and ``group`` the query
         group that selected region ``j``. Entries past ``offsets[R]`` are padding.
