@@ -111,3 +111,31 @@ def test_runner_npy_branch_passes_copy_rows(tmp_path, tokens):
     train_periods = [_period(r) for _ in range(3) for r in _rows(next(train_it))]
     assert any(p is not None and 4 <= p <= 6 for p in train_periods)
     assert all(b["loss_mask"].all() for b in eval_fn())  # validation stays corpus only
+
+
+def test_passkey_answer_weight_scales_only_the_answer_targets(tokens):
+    b = next(_windows(tokens, passkey_ratio=0.6, passkey_answer_weight=5.0))
+    seen = 0
+    for row, mask in zip(_rows(b), b["loss_mask"], strict=True):
+        text = TOK.decode(row)
+        if PASSKEY_QUESTION not in text:
+            assert mask.all() and (mask == 1).all()
+            continue
+        seen += 1
+        key = text.split("The pass key is ")[1].split(".")[0]
+        answer = np.flatnonzero(mask == 5.0)
+        assert len(answer) == len(key) + 1 and answer[-1] == 319  # " " + digits, the window's last targets
+        assert TOK.decode(row[answer + 1]) == f" {key}"
+        assert (np.delete(mask, answer) == 1).all()
+    assert seen
+
+
+@pytest.mark.parametrize("weight", [0.5, 2000.0, True, "5"])
+def test_passkey_answer_weight_bad_values(tokens, weight):
+    with pytest.raises(ValueError, match="passkey_answer_weight must be a number in \\[1, 1000\\]"):
+        _windows(tokens, passkey_ratio=0.3, passkey_answer_weight=weight)
+
+
+def test_data_config_answer_weight_needs_npy():
+    with pytest.raises(ValueError, match="passkey_answer_weight=5.0 needs train_npy"):
+        DataConfig(passkey_ratio=0.3, passkey_answer_weight=5.0)

@@ -9,6 +9,8 @@ The order differs from the grain pipeline's (no document-then-window shuffle); b
 With ``passkey_ratio > 0`` some rows of each batch are replaced by passkey-retrieval prompts of seq_len + 1
 tokens (random key and depth, loss on every token, as the grain pipeline's default); which rows and what they
 hold are a pure function of ``(seed, step, shard)``, so resume stays exact and the state is still the step.
+``passkey_answer_weight`` scales the loss of a passkey row's answer tokens: the 5-6 answer tokens are the only
+ones that need retrieval, and at weight 1 they are a vanishing share of the loss.
 With ``copy_ratio > 0`` other rows become copy rows: a random string of corpus tokens (period drawn from
 ``copy_period``) repeated to the window's length, loss on every repeat. Only an induction head predicts them,
 and it forms on these within a few hundred steps, where passkey prompts alone (5 random answer tokens per
@@ -63,7 +65,7 @@ class TokenWindows:
     def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, bos_id: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
                  shard_count: int = 1, passkey_ratio: float = 0.0, tokenizer=None, copy_ratio: float = 0.0,
-                 copy_period: tuple[int, int] = (8, 64)):
+                 copy_period: tuple[int, int] = (8, 64), passkey_answer_weight: float = 1.0):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -81,6 +83,10 @@ class TokenWindows:
             raise ValueError(f"tokens has {len(tokens)} tokens: not one batch of {batch_size} windows of "
                              f"{seq_len + 1} per each of {shard_count} shards")
         self.passkey_ratio, self.tokenizer = _check_passkey(passkey_ratio, tokenizer, seq_len), tokenizer
+        if isinstance(passkey_answer_weight, bool) or not isinstance(passkey_answer_weight, (int, float)) or not (
+                1.0 <= passkey_answer_weight <= 1000.0):
+            raise ValueError(f"passkey_answer_weight must be a number in [1, 1000], got {passkey_answer_weight!r}")
+        self.passkey_answer_weight = float(passkey_answer_weight)
         self.copy_ratio, self.copy_period = _check_copy(copy_ratio, copy_period, self.passkey_ratio, seq_len)
         self._copy_vocab = _copy_vocab(tokens, bos_id, tokenizer) if self.copy_ratio > 0 else None
         self.step = 0
@@ -123,6 +129,8 @@ class TokenWindows:
         for row in np.flatnonzero(draw < self.passkey_ratio):
             ex = passkey_example(self.tokenizer, self.seq_len + 1, float(depths[row]), int(keys[row]))
             windows[row] = ex["tokens"]
+            # target j predicts token j + 1: the answer's tokens [start, end) are targets [start - 1, end - 1)
+            loss_mask[row, int(ex["answer_start"]) - 1:int(ex["answer_end"]) - 1] = self.passkey_answer_weight
         copy_rows = np.flatnonzero((draw >= self.passkey_ratio) & (draw < self.passkey_ratio + self.copy_ratio))
         if len(copy_rows):
             copy_rng = np.random.default_rng([self.seed, step, self.shard_index, _COPY_STREAM])

@@ -49,6 +49,8 @@ class DataConfig:
       tokenizer: null/"byte" for the byte tokenizer, or a path to a ``tokenizer.json`` (or its directory).
       shuffle_window: grain shuffle buffer of windows.
       passkey_ratio: fraction of training windows replaced by passkey-retrieval examples.
+      passkey_answer_weight: loss weight of a passkey window's answer tokens (1: like every other token); the
+        answer is the only part that needs retrieval (``arrays.TokenWindows``; needs ``train_npy``).
       copy_ratio: fraction of training windows replaced by copy rows (a random token string, period drawn
         from ``copy_period``, repeated): an induction-head curriculum that makes passkey retrieval learnable
         from scratch (``arrays.TokenWindows``; needs ``train_npy``).
@@ -65,6 +67,7 @@ class DataConfig:
     tokenizer: str | None = None
     shuffle_window: int = 64
     passkey_ratio: float = 0.0
+    passkey_answer_weight: float = 1.0
     copy_ratio: float = 0.0
     copy_period: tuple[int, int] = (8, 64)
     document_masking: bool = False
@@ -82,6 +85,9 @@ class DataConfig:
         if not 0.0 <= self.copy_ratio < 1.0 - self.passkey_ratio:
             raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio!r} must be in [0, 1 - passkey_ratio = "
                              f"{1.0 - self.passkey_ratio:g})")
+        if self.passkey_answer_weight != 1.0 and self.train_npy is None:
+            raise ValueError(f"DataConfig.passkey_answer_weight={self.passkey_answer_weight} needs train_npy/"
+                             "validation_npy (arrays.TokenWindows); the grain pipeline has passkey_loss='answer'")
         if self.copy_ratio > 0 and self.train_npy is None:
             raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs train_npy/validation_npy: copy rows "
                              "are mixed by arrays.TokenWindows, the grain pipeline has none")

@@ -7,7 +7,7 @@ restores bit-for-bit.
 
 Batches are dicts of host or device arrays: either ``tokens int[B, T+1]`` (inputs are ``tokens[:, :-1]``,
 targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]`` (the grain pipeline's format); optional
-``loss_mask`` (or ``mask``) ``[B, T]`` (1 = count the target in the loss), and ``positions``/``segment_ids``
+``loss_mask`` (or ``mask``) ``[B, T]`` (1 = count the target in the loss; other values weight it), and ``positions``/``segment_ids``
 ``int[B, T]``, which are handed to the model (e.g. CRD NTK's cycled positions, packed-document masking).
 """
 
@@ -172,7 +172,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
         (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / total, "grad_norm": _global_norm(grads), "tokens": jnp.sum(mask)}
+        # Tokens counted, not summed weights: a weighted loss_mask (passkey answers) must not inflate tokens/s.
+        metrics = {"loss": loss_sum / total, "grad_norm": _global_norm(grads), "tokens": jnp.sum(mask > 0)}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
