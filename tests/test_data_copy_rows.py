@@ -1,6 +1,7 @@
 """Copy rows in the numpy loader (``TokenWindows(copy_ratio=...)``, ``data.copy_ratio``): the induction-head
 curriculum that makes passkey retrieval learnable from scratch (issue #7 c)."""
 
+import itertools
 import json
 import pathlib
 
@@ -139,3 +140,36 @@ def test_passkey_answer_weight_bad_values(tokens, weight):
 def test_data_config_answer_weight_needs_npy():
     with pytest.raises(ValueError, match="passkey_answer_weight=5.0 needs train_npy"):
         DataConfig(passkey_ratio=0.3, passkey_answer_weight=5.0)
+
+
+def test_passkey_min_length_packs_prompts_of_random_lengths(tokens):
+    it = TokenWindows(tokens, seq_len=1023, batch_size=4, bos_id=TOK.bos_id, seed=2, tokenizer=TOK,
+                      passkey_ratio=0.9, passkey_min_length=300, passkey_answer_weight=4.0)
+    lengths, ends = [], set()
+    for _ in range(3):
+        b = next(it)
+        for row, mask, seg in zip(_rows(b), b["loss_mask"], b["segment_ids"], strict=True):
+            if PASSKEY_QUESTION not in TOK.decode(row):
+                continue
+            starts = np.flatnonzero(row == TOK.bos_id)
+            assert starts[0] == 0 and len(starts) == seg.max()  # one segment (positions restart) per prompt
+            bounds = [*starts, len(row)]
+            lengths += [int(b - a) for a, b in itertools.pairwise(bounds)]
+            answers = np.flatnonzero(mask == 4.0)
+            for a, b in itertools.pairwise(bounds):  # every prompt's answer ends its prompt
+                text = TOK.decode(row[a:b])
+                key = text.split("The pass key is ")[1].split(".")[0]
+                assert text.endswith(f"{PASSKEY_QUESTION} {key}")
+                assert b - 2 in answers  # the last answer token is target b - 2
+                ends.add(int(b))
+    assert min(lengths) >= 300 and max(lengths) <= 1024 and len(set(lengths)) > 3, lengths
+    assert len(ends) > 3  # answers at many positions, not only the window's end
+
+
+def test_passkey_min_length_checks(tokens):
+    with pytest.raises(ValueError, match=r"passkey_min_length must be None or an int in \[64, seq_len \+ 1 = 321\]"):
+        _windows(tokens, passkey_ratio=0.3, passkey_min_length=400)
+    with pytest.raises(ValueError, match="too short"):
+        _windows(tokens, passkey_ratio=0.3, passkey_min_length=100)
+    with pytest.raises(ValueError, match="needs train_npy"):
+        DataConfig(passkey_ratio=0.3, passkey_min_length=300)

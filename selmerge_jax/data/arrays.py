@@ -10,7 +10,10 @@ With ``passkey_ratio > 0`` some rows of each batch are replaced by passkey-retri
 tokens (random key and depth, loss on every token, as the grain pipeline's default); which rows and what they
 hold are a pure function of ``(seed, step, shard)``, so resume stays exact and the state is still the step.
 ``passkey_answer_weight`` scales the loss of a passkey row's answer tokens: the 5-6 answer tokens are the only
-ones that need retrieval, and at weight 1 they are a vanishing share of the loss.
+ones that need retrieval, and at weight 1 they are a vanishing share of the loss. ``passkey_min_length`` packs
+each passkey row with prompts of random lengths in [passkey_min_length, seq_len + 1] instead of one prompt of
+exactly seq_len + 1: with one full-window prompt the answer always sits at the window's last positions, and a
+small model learns that absolute position (evaluated one token shorter, it lost two thirds of its retrieval).
 With ``copy_ratio > 0`` other rows become copy rows: a random string of corpus tokens (period drawn from
 ``copy_period``) repeated to the window's length, loss on every repeat. Only an induction head predicts them,
 and it forms on these within a few hundred steps, where passkey prompts alone (5 random answer tokens per
@@ -33,6 +36,7 @@ __all__ = ["TokenWindows", "tokenize_documents", "unigram_entropy"]
 
 _MAX_PASSKEY = 50_000  # keys in [1, 50000), as synthetic.PasskeyConfig and the evaluation grid draw them
 _PASSKEY_STREAM = 0x9A55  # separates the passkey draws from the window permutation's rng([seed, epoch])
+_PACK_STREAM = 0x9ACC  # lengths, keys and depths of packed passkey prompts (passkey_min_length)
 _COPY_STREAM = 0xC0B7  # the copy rows' own draws, so copy_ratio=0 leaves every other row bit-identical
 
 
@@ -65,7 +69,8 @@ class TokenWindows:
     def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, bos_id: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
                  shard_count: int = 1, passkey_ratio: float = 0.0, tokenizer=None, copy_ratio: float = 0.0,
-                 copy_period: tuple[int, int] = (8, 64), passkey_answer_weight: float = 1.0):
+                 copy_period: tuple[int, int] = (8, 64), passkey_answer_weight: float = 1.0,
+                 passkey_min_length: int | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -87,6 +92,7 @@ class TokenWindows:
                 1.0 <= passkey_answer_weight <= 1000.0):
             raise ValueError(f"passkey_answer_weight must be a number in [1, 1000], got {passkey_answer_weight!r}")
         self.passkey_answer_weight = float(passkey_answer_weight)
+        self.passkey_min_length = _check_min_length(passkey_min_length, tokenizer, seq_len)
         self.copy_ratio, self.copy_period = _check_copy(copy_ratio, copy_period, self.passkey_ratio, seq_len)
         self._copy_vocab = _copy_vocab(tokens, bos_id, tokenizer) if self.copy_ratio > 0 else None
         self.step = 0
@@ -126,11 +132,13 @@ class TokenWindows:
         rng = np.random.default_rng([self.seed, step, self.shard_index, _PASSKEY_STREAM])
         draw = rng.random(len(windows))
         keys, depths = rng.integers(1, _MAX_PASSKEY, len(windows)), rng.random(len(windows))
+        pack_rng = np.random.default_rng([self.seed, step, self.shard_index, _PACK_STREAM])
         for row in np.flatnonzero(draw < self.passkey_ratio):
-            ex = passkey_example(self.tokenizer, self.seq_len + 1, float(depths[row]), int(keys[row]))
-            windows[row] = ex["tokens"]
-            # target j predicts token j + 1: the answer's tokens [start, end) are targets [start - 1, end - 1)
-            loss_mask[row, int(ex["answer_start"]) - 1:int(ex["answer_end"]) - 1] = self.passkey_answer_weight
+            if self.passkey_min_length is None:
+                ex = passkey_example(self.tokenizer, self.seq_len + 1, float(depths[row]), int(keys[row]))
+                self._put_prompt(windows, loss_mask, row, 0, ex)
+            else:
+                self._pack_prompts(windows, loss_mask, row, pack_rng)
         copy_rows = np.flatnonzero((draw >= self.passkey_ratio) & (draw < self.passkey_ratio + self.copy_ratio))
         if len(copy_rows):
             copy_rng = np.random.default_rng([self.seed, step, self.shard_index, _COPY_STREAM])
@@ -139,6 +147,25 @@ class TokenWindows:
                 windows[row] = np.resize(copy_rng.choice(self._copy_vocab, period), self.seq_len + 1)
                 loss_mask[row, :period - 1] = 0.0  # the first period is noise: only its repeats are predictable
         return windows
+
+    def _put_prompt(self, windows, loss_mask, row: int, at: int, ex: dict):
+        n = len(ex["tokens"])
+        windows[row, at:at + n] = ex["tokens"]
+        loss_mask[row, at:at + n - 1] = 1.0
+        # target j predicts token j + 1: the answer's tokens [start, end) are targets [start - 1, end - 1)
+        start, end = at + int(ex["answer_start"]), at + int(ex["answer_end"])
+        loss_mask[row, start - 1:end - 1] = self.passkey_answer_weight
+
+    def _pack_prompts(self, windows, loss_mask, row: int, rng: np.random.Generator):
+        at, width, low = 0, self.seq_len + 1, self.passkey_min_length
+        while at < width:
+            left = width - at
+            n = int(rng.integers(low, left + 1)) if left >= low else left
+            if left - n < low:  # a remainder too short for a prompt goes to this one
+                n = left
+            ex = passkey_example(self.tokenizer, n, float(rng.random()), int(rng.integers(1, _MAX_PASSKEY)))
+            self._put_prompt(windows, loss_mask, row, at, ex)
+            at += n
 
     def get_state(self) -> dict:
         return {"step": self.step}
@@ -158,6 +185,18 @@ def _check_passkey(ratio, tokenizer, seq_len: int) -> float:
             raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the passkey prompts), got None")
         passkey_example(tokenizer, seq_len + 1, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
     return float(ratio)
+
+
+def _check_min_length(length, tokenizer, seq_len: int) -> int | None:
+    if length is None:
+        return None
+    if isinstance(length, bool) or not isinstance(length, int) or not 64 <= length <= seq_len + 1:
+        raise ValueError(f"passkey_min_length must be None or an int in [64, seq_len + 1 = {seq_len + 1}], "
+                         f"got {length!r}")
+    if tokenizer is None:
+        raise ValueError(f"passkey_min_length={length} needs the tokenizer (to write the passkey prompts), got None")
+    passkey_example(tokenizer, length, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
+    return length
 
 
 def _check_copy(ratio, period, passkey_ratio: float, seq_len: int) -> tuple[float, tuple[int, int]]:

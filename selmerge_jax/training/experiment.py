@@ -51,6 +51,9 @@ class DataConfig:
       passkey_ratio: fraction of training windows replaced by passkey-retrieval examples.
       passkey_answer_weight: loss weight of a passkey window's answer tokens (1: like every other token); the
         answer is the only part that needs retrieval (``arrays.TokenWindows``; needs ``train_npy``).
+      passkey_min_length: null: one passkey prompt of exactly seq_len + 1 tokens per passkey window (the answer
+        always at the window's end); an int: each passkey window packs prompts of random lengths in
+        [passkey_min_length, seq_len + 1], so answers land at every position (``arrays.TokenWindows``).
       copy_ratio: fraction of training windows replaced by copy rows (a random token string, period drawn
         from ``copy_period``, repeated): an induction-head curriculum that makes passkey retrieval learnable
         from scratch (``arrays.TokenWindows``; needs ``train_npy``).
@@ -68,6 +71,7 @@ class DataConfig:
     shuffle_window: int = 64
     passkey_ratio: float = 0.0
     passkey_answer_weight: float = 1.0
+    passkey_min_length: int | None = None
     copy_ratio: float = 0.0
     copy_period: tuple[int, int] = (8, 64)
     document_masking: bool = False
@@ -88,6 +92,9 @@ class DataConfig:
         if self.passkey_answer_weight != 1.0 and self.train_npy is None:
             raise ValueError(f"DataConfig.passkey_answer_weight={self.passkey_answer_weight} needs train_npy/"
                              "validation_npy (arrays.TokenWindows); the grain pipeline has passkey_loss='answer'")
+        if self.passkey_min_length is not None and self.train_npy is None:
+            raise ValueError(f"DataConfig.passkey_min_length={self.passkey_min_length} needs train_npy/"
+                             "validation_npy (arrays.TokenWindows packs the prompts)")
         if self.copy_ratio > 0 and self.train_npy is None:
             raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs train_npy/validation_npy: copy rows "
                              "are mixed by arrays.TokenWindows, the grain pipeline has none")

@@ -79,7 +79,8 @@ def make_data(cfg: PretrainConfig, tokenizer):
         train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process, bos_id=tokenizer.bos_id,
                                      seed=seed, passkey_ratio=d.passkey_ratio, tokenizer=tokenizer,
                                      copy_ratio=d.copy_ratio, copy_period=d.copy_period,
-                                     passkey_answer_weight=d.passkey_answer_weight, **shard)
+                                     passkey_answer_weight=d.passkey_answer_weight,
+                                     passkey_min_length=d.passkey_min_length, **shard)
         val = _npy(d.validation_npy)
         return train_it, lambda: data.TokenWindows(val, seq_len=t, batch_size=per_process, num_epochs=1,
                                                    bos_id=tokenizer.bos_id, seed=seed, **shard)
