@@ -167,8 +167,8 @@ def test_passkey_min_length_packs_prompts_of_random_lengths(tokens):
 
 
 def test_passkey_min_length_checks(tokens):
-    with pytest.raises(ValueError, match=r"passkey_min_length must be None or an int in \[64, seq_len \+ 1 = 321\]"):
-        _windows(tokens, passkey_ratio=0.3, passkey_min_length=400)
+    with pytest.raises(ValueError, match=r"passkey_min_length must be None or an int in \[64, \(seq_len \+ 1\) // 3 = 107\]"):
+        _windows(tokens, passkey_ratio=0.3, passkey_min_length=200)  # fits the window, but packs one prompt
     with pytest.raises(ValueError, match="too short"):
         _windows(tokens, passkey_ratio=0.3, passkey_min_length=100)
     with pytest.raises(ValueError, match="needs train_npy"):
