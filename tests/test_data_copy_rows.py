@@ -69,14 +69,17 @@ def test_copy_ratio_zero_keeps_every_row(tokens):
         np.testing.assert_array_equal(a["inputs"][keep], b["inputs"][keep])
 
 
-def test_copy_rows_resume_exactly(tokens):
-    it = _windows(tokens, copy_ratio=0.5)
-    [next(it) for _ in range(2)]
+@pytest.mark.parametrize("kw", [{"copy_ratio": 0.5}, {"passkey_ratio": 0.3},
+                                {"passkey_ratio": 0.3, "copy_ratio": 0.3, "passkey_answer_weight": 4.0}])
+def test_mixed_rows_resume_exactly(tokens, kw):
+    """Copy rows, passkey rows and both (weighted answers): the state after a JSON round trip replays them."""
+    it = _windows(tokens, **kw)
+    [next(it) for _ in range(3)]
     state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(3)]
-    again = _windows(tokens, copy_ratio=0.5)
+    expected = [next(it) for _ in range(4)]
+    again = _windows(tokens, **kw)
     again.set_state(state)
-    for a, b in zip(expected, (next(again) for _ in range(3)), strict=True):
+    for a, b in zip(expected, (next(again) for _ in range(4)), strict=True):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 

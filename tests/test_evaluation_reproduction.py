@@ -2,7 +2,6 @@
 CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey scoring, and the
 time-bounded study driver end to end on CPU at micro size (slow)."""
 
-import json
 import pathlib
 
 import numpy as np
@@ -67,15 +66,7 @@ def test_passkey_mixing_replaces_whole_rows_deterministically(tokens):
         assert b["loss_mask"].all()
 
 
-def test_passkey_mixing_resumes_exactly(tokens):
-    it = _windows(tokens, passkey_ratio=0.3)
-    [next(it) for _ in range(3)]
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(4)]
-    again = _windows(tokens, passkey_ratio=0.3)
-    again.set_state(state)
-    for a, b in zip(expected, (next(again) for _ in range(4)), strict=True):
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+# (resume exactness of passkey mixing: tests/test_data_copy_rows.py::test_mixed_rows_resume_exactly)
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -210,3 +210,8 @@ def test_stable_argsort_matches_jnp(bound):
     keys = jax.random.randint(jax.random.PRNGKey(8), (3, 700), 0, 37)
     np.testing.assert_array_equal(np.asarray(stable_argsort(keys, bound)),
                                   np.asarray(jnp.argsort(keys, axis=-1, stable=True)))
+
+
+def test_stable_argsort_rejects_a_bad_bound():
+    with pytest.raises(ValueError, match="bound must be a positive int"):
+        stable_argsort(jnp.zeros((4,), jnp.int32), 0)

@@ -29,6 +29,8 @@ def stable_argsort(keys, bound: int):
     When ``bound * n`` fits in int32, key and position are packed into one int32 and sorted alone: XLA:GPU
     then runs one radix sort instead of sorting (key, index) pairs, which is several times slower there.
     """
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+        raise ValueError(f"stable_argsort: bound must be a positive int (keys lie in [0, bound)), got {bound!r}")
     n = keys.shape[-1]
     if bound * n >= 2**31:
         return jnp.argsort(keys, axis=-1, stable=True)
