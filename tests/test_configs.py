@@ -82,9 +82,9 @@ def test_cross_section_checks():
     finetune = str(CONFIGS[0].parent / "finetune.yaml")
     with pytest.raises(ConfigError, match="use 'lora' exactly when a lora section is given"):
         load_experiment(FinetuneConfig, finetune, ["lora=null"])
-    # crd_forward draws its own positions and takes no segment_ids: document masking would be silently dropped
-    with pytest.raises(ConfigError, match="crd with data.document_masking"):
-        load_experiment(FinetuneConfig, finetune, ["model.attention=dense", "data.document_masking=true"])
+    # crd_forward keeps the segment mask and per-document positions (tests/test_crd_ntk.py), so packing is allowed
+    cfg = load_experiment(FinetuneConfig, finetune, ["model.attention=dense", "data.document_masking=true"])
+    assert cfg.crd is not None and cfg.data.document_masking
 
 
 def test_overrides_merge_into_presets_and_parse_yaml_values():

@@ -161,3 +161,33 @@ def test_bad_call_arguments_raise():
         crd_positions(CRDNTKConfig(cycle=16, wrap=False), jnp.zeros(1, jnp.int32), 32)
     assert isinstance(crd_step(CRDNTKConfig(), 0, jax.random.PRNGKey(0), batch=1, seq_len=4, head_dim=8),
                       CRDPositions)
+
+
+def test_crd_forward_on_a_packed_batch_matches_each_document_alone():
+    """With document masking, a document packed after another gets the logits it gets alone: the segment mask
+    hides the first document and its positions restart at the row's cycle offset (same key -> same offset)."""
+    from selmerge_jax.models.config import preset
+    from selmerge_jax.models.llama import Llama
+    from selmerge_jax.training.runner import crd_forward
+    from selmerge_jax.training.train_step import StepContext
+
+    model = Llama(preset("tiny", d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=64,
+                         attention="dense"), rngs=nnx.Rngs(0))
+    forward = crd_forward(CRDNTKConfig(cycle=64, original_max_position_embeddings=16, initial_scale=4.0))
+    ctx = StepContext(step=jnp.int32(3), key=jax.random.PRNGKey(5))
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(3, 200, 10), rng.integers(3, 200, 14)
+    packed = {"tokens": jnp.asarray(np.concatenate([first, second])[None], jnp.int32),
+              "positions": jnp.asarray(np.concatenate([np.arange(10), np.arange(14)])[None], jnp.int32),
+              "segment_ids": jnp.asarray(np.repeat([1, 2], [10, 14])[None], jnp.int32)}
+    alone = forward(model, {"tokens": jnp.asarray(second[None], jnp.int32)}, ctx)
+    together = forward(model, packed, ctx)
+    np.testing.assert_allclose(together[0, 10:], alone[0], rtol=1e-5, atol=1e-5)
+    # and without the mask the second document does see the first: the test can fail
+    unmasked = forward(model, {"tokens": packed["tokens"], "positions": packed["positions"]}, ctx)
+    assert not np.allclose(unmasked[0, 10:], alone[0], atol=1e-3)
+
+
+def test_crd_positions_rejects_base_positions_of_the_wrong_length():
+    with pytest.raises(ValueError, match="base_positions must be int"):
+        crd_positions(CRDNTKConfig(cycle=64), jnp.zeros(1, jnp.int32), 8, jnp.zeros((1, 7), jnp.int32))

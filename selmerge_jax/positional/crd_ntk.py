@@ -140,18 +140,26 @@ def crd_offsets(config: CRDNTKConfig, key, batch: int, seq_len: int):
     return jax.random.randint(key, (batch,), 0, high, dtype=jnp.int32)
 
 
-def crd_positions(config: CRDNTKConfig, offsets, seq_len: int):
-    """``int32 [B, T]``: ``arange(T) + offset``, modulo C when wrapping; always in ``[0, C)``."""
+def crd_positions(config: CRDNTKConfig, offsets, seq_len: int, base_positions=None):
+    """``int32 [B, T]``: ``base_positions + offset`` (default ``arange(T)``), modulo C when wrapping; always in
+    ``[0, C)``. Packed documents pass their own restarting positions (each in ``[0, T)``), so every document of
+    a row starts at the row's offset, exactly as a single document would."""
     config.check_seq_len(seq_len)
-    pos = jnp.arange(seq_len, dtype=jnp.int32)[None, :] + jnp.asarray(offsets, jnp.int32)[:, None]
+    if base_positions is None:
+        base_positions = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
+    elif jnp.shape(base_positions)[-1] != seq_len:
+        raise ValueError(f"base_positions must be int [B, T={seq_len}], got shape {jnp.shape(base_positions)}")
+    pos = jnp.asarray(base_positions, jnp.int32) + jnp.asarray(offsets, jnp.int32)[:, None]
     return pos % config.cycle if config.wrap else pos
 
 
-def crd_step(config: CRDNTKConfig, step, key, *, batch: int, seq_len: int, head_dim: int) -> CRDPositions:
-    """Positions and frequencies for training step ``step`` (traced) with fresh offsets from ``key``."""
+def crd_step(config: CRDNTKConfig, step, key, *, batch: int, seq_len: int, head_dim: int,
+             base_positions=None) -> CRDPositions:
+    """Positions and frequencies for training step ``step`` (traced) with fresh offsets from ``key``;
+    ``base_positions`` ``int [B, T]``: per-document positions of a packed batch (see ``crd_positions``)."""
     scale = crd_scale(config, step)
     base = crd_base(config, scale, head_dim)
-    positions = crd_positions(config, crd_offsets(config, key, batch, seq_len), seq_len)
+    positions = crd_positions(config, crd_offsets(config, key, batch, seq_len), seq_len, base_positions)
     return CRDPositions(positions, inv_freq_from_base(base, head_dim), scale, base)
 
 

@@ -154,9 +154,6 @@ class FinetuneConfig(PretrainConfig):
         if (self.lora is None) != (self.train.trainable == "all"):
             raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
                              f"{'set' if self.lora else 'null'}: use 'lora' exactly when a lora section is given")
-        if self.crd is not None and self.data.document_masking:
-            raise ValueError("crd with data.document_masking=true: the CRD NTK forward draws its own positions "
-                             "and applies no segment mask, so packed documents would attend to each other")
         rope = self.model.rope
         if self.crd is not None and (self.crd.theta != rope.theta or self.crd.layout != rope.layout):
             raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must match the model's RoPE "

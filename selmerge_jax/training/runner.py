@@ -131,17 +131,21 @@ def crd_forward(crd: CRDNTKConfig):
     the stage's NTK base inside the jitted step, from the step's own key, so resume replays them exactly.
 
     ``Llama.__call__`` takes plain ``int [B, T]`` positions only, so this runs the decoder's layers directly
-    with a ``CRDPositions`` (which every layer's RoPE accepts: it carries its traced frequencies).
+    with a ``CRDPositions`` (which every layer's RoPE accepts: it carries its traced frequencies). A packed
+    batch (``data.document_masking``) keeps its segment mask, and each document's own positions are shifted
+    by the row's offset, so documents neither see each other nor start mid-cycle relative to one another.
     """
     from selmerge_jax.positional.crd_ntk import crd_step
 
     def forward(model: Llama, inputs: dict, ctx: StepContext):
         tokens = inputs["tokens"]
         b, t = tokens.shape
-        positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size)
+        positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size,
+                             base_positions=inputs.get("positions"))
+        segment_ids = inputs.get("segment_ids")
         x = model.embed_tokens(tokens)
         for layer in model.layers:
-            x = layer(x, positions)[0]
+            x = layer(x, positions, None, segment_ids)[0]
         return model.output_logits(model.norm(x))
 
     return forward
