@@ -220,3 +220,52 @@ def test_reproduction_study_end_to_end(tmp_path, npy):
     assert set(status["passkey"]["crd"]) == {"320", "640"}
     assert status["passkey_rope"]["crd"] == status["passkey_rope"]["ms"]  # the twin gets the CRD run's rule
     assert status["acceptance"]["b"] is not None and not any(s.get("skipped") for s in status["stages"])
+
+
+def _warm_study(tmp_path, npy, **kw):
+    base = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.ffn_dim=64", "model.attention=dense", "train.compute_dtype=float32", "train.seq_len=320",
+            "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.eval_batches=1",
+            "optimizer.warmup_steps=1", "data.passkey_ratio=0.5", "data.document_masking=true",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "checkpoint.async_save=false"]
+    kw = {"variants": {"plain": []}, "crd_pair": "plain", "fidelity_variant": "plain",
+          "warm_start": ("train.seq_len=288", "train.steps=12", "optimizer.learning_rate=0.02"), **kw}
+    return reproduction.ReproductionConfig(
+        base_config=str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml"), base_overrides=tuple(base),
+        crd_overrides=(CRD,), passkey_lengths=(320,), passkey_depths=(0.0,),
+        passkey_per_cell=1, passkey_scoring="generate", fidelity_prompt_tokens=128,
+        fidelity_num_prompts=1, fidelity_max_new_tokens=2,
+        compressions=(reproduction.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
+        train_min_s=0, eval_reserve_s=0, passkey_min_s=0, fidelity_min_s=0,
+        run_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"), **kw)
+
+
+def test_warm_start_configs_share_one_checkpoint(tmp_path, npy):
+    cfg = _warm_study(tmp_path, npy)
+    warm, twin, crd = cfg.warm_config(), cfg.variant_config("plain"), cfg.crd_config()
+    assert isinstance(warm, PretrainConfig) and warm.train.seq_len == 288 and warm.train.steps == 12
+    ckpt = str(tmp_path / "runs" / "warm" / "checkpoints")
+    for run in (twin, crd):  # both fine-tune from warm at the study's length; only the CRD run has CRD NTK
+        assert isinstance(run, FinetuneConfig) and run.init == InitConfig(kind="checkpoint", path=ckpt)
+        assert run.train.seq_len == 320 and run.data.document_masking
+    assert twin.crd is None and crd.crd is not None
+    scratch = _warm_study(tmp_path, npy, warm_start=())
+    assert scratch.warm_config() is None and scratch.crd_config().init.kind == "scratch"
+    assert not isinstance(scratch.variant_config("plain"), FinetuneConfig)
+    with pytest.raises(ValueError, match=r"may not be named \['warm'\]"):
+        _warm_study(tmp_path, npy, variants={"warm": []}, crd_pair="warm", fidelity_variant="warm")
+
+
+def test_warm_start_study_end_to_end(tmp_path, npy):
+    status = reproduction.run_reproduction(_warm_study(tmp_path, npy))
+    order = [s["stage"] for s in status["stages"]]
+    assert order[:3] == ["train warm", "train plain", "train crd"], order
+    assert not any(s.get("failed") or s.get("skipped") for s in status["stages"]), status["stages"]
+    assert status["warm_run"]["seq_len"] == 288 and set(status["passkey"]["crd"]) == {"320"}
+    # the twin starts from warm's weights: its first loss (learning rate 0 at step 1) is near warm's last one,
+    # far below a fresh init's ~log(256)
+    def losses(name):
+        text = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [float(line.split('"loss": ')[1].split(",")[0]) for line in text if '"loss": ' in line]
+    warm_last, twin_first = losses("warm")[-1], losses("plain")[0]
+    assert warm_last < np.log(256) - 1.0 and abs(twin_first - warm_last) < 0.5, (warm_last, twin_first)

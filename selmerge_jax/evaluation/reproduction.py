@@ -52,6 +52,11 @@ class ReproductionConfig:
     Attributes:
       base_config, base_overrides, variants: the loss-curve family (``loss_curves.LossCurveSweepConfig``).
       crd_pair: the family variant the CRD run copies; crd_overrides: what it adds (``crd={...}``, ...).
+      warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that the
+        CRD run and its twin both fine-tune from, the paper's recipe: a model that already retrieves at a
+        shorter context is fine-tuned at the training length with and without CRD NTK (a 25M byte model does
+        not learn retrieval from scratch at 2K within a device call; at 1K it does). Empty: both start from
+        scratch and the twin is the family's ``crd_pair`` run itself.
       passkey_lengths, passkey_depths, passkey_per_cell, passkey_chunk_size: the grid (prompt tokens incl.
         the answer; depth 0 = start); passkey_rope: the twin's inference rule (null: the CRD run's);
         passkey_scoring: "forward" (one teacher-forced pass with the trained attention; the default, since
@@ -69,6 +74,7 @@ class ReproductionConfig:
     variants: dict = dataclasses.field(default_factory=dict)
     crd_pair: str = ""
     crd_overrides: tuple[str, ...] = ()
+    warm_start: tuple[str, ...] = ()
     passkey_lengths: tuple[int, ...] = (512, 1024)
     passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     passkey_per_cell: int = 2
@@ -96,6 +102,10 @@ class ReproductionConfig:
             if getattr(self, name) not in self.variants:
                 raise ValueError(f"{own}.{name}={getattr(self, name)!r} must name one of the variants "
                                  f"{sorted(self.variants)}")
+        taken = {"crd", "warm"} & set(self.variants)
+        if taken:
+            raise ValueError(f"{own}.variants may not be named {sorted(taken)}: the CRD run and the warm start "
+                             "train into those run directories")
         if not any(o.startswith(("crd=", "crd.")) for o in self.crd_overrides):
             raise ValueError(f"{own}.crd_overrides must set the crd section (e.g. 'crd={{cycle: 32768}}'), "
                              f"got {self.crd_overrides!r}")
@@ -121,9 +131,32 @@ class ReproductionConfig:
         return loss_curves.LossCurveSweepConfig(base_config=self.base_config, base_overrides=self.base_overrides,
                                                 variants=self.variants, output_dir=self.run_dir)
 
+    def _init(self) -> list[str]:
+        if not self.warm_start:
+            return ["init.kind=scratch"]
+        return ["init.kind=checkpoint", f"init.path={_checkpoints(self.run_dir, 'warm')}"]
+
     def crd_config(self) -> FinetuneConfig:
-        overrides = [*self.base_overrides, *self.variants[self.crd_pair], *self.crd_overrides,
-                     "init.kind=scratch", f"train.output_dir={os.path.join(self.run_dir, 'crd')}"]
+        overrides = [*self.base_overrides, *self.variants[self.crd_pair], *self.crd_overrides, *self._init(),
+                     f"train.output_dir={os.path.join(self.run_dir, 'crd')}"]
+        return load_experiment(FinetuneConfig, self.base_config, overrides)
+
+    def warm_config(self):
+        """The shared starting point of the CRD run and its twin (None without ``warm_start``)."""
+        if not self.warm_start:
+            return None
+        from selmerge_jax.training.experiment import PretrainConfig
+
+        overrides = [*self.base_overrides, *self.warm_start, f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
+        return load_experiment(PretrainConfig, self.base_config, overrides)
+
+    def variant_config(self, name: str):
+        """A family run's config; with ``warm_start`` the CRD twin fine-tunes from ``warm`` exactly as the CRD
+        run does, minus CRD NTK."""
+        if name != self.crd_pair or not self.warm_start:
+            return loss_curves.variant_config(self.sweep, name)
+        overrides = [*self.base_overrides, *self.variants[name], *self._init(),
+                     f"train.output_dir={os.path.join(self.run_dir, name)}"]
         return load_experiment(FinetuneConfig, self.base_config, overrides)
 
 
@@ -158,24 +191,27 @@ def _checkpoints(run_dir: str, name: str) -> str:
 
 def _train_family(cfg: ReproductionConfig, clock: _Clock, status: dict) -> dict:
     """Stage 1; returns the rows of the family (the CRD run's row goes to ``status['crd_run']``)."""
-    sweep = cfg.sweep
-    configs = {name: loss_curves.variant_config(sweep, name) for name in cfg.variants}
-    crd = cfg.crd_config()  # fails on a typo before anything trains
-    order = [cfg.crd_pair, "crd", *[n for n in cfg.variants if n != cfg.crd_pair]]
+    configs = {name: cfg.variant_config(name) for name in cfg.variants}
+    configs["crd"] = cfg.crd_config()  # fails on a typo before anything trains
+    warm = cfg.warm_config()
+    if warm is not None:
+        configs["warm"] = warm
+    order = [*(["warm"] if warm is not None else []), cfg.crd_pair, "crd",
+             *[n for n in cfg.variants if n != cfg.crd_pair]]
     runs = {}
     for name in order:
         if not clock.allows(f"train {name}", cfg.train_min_s + cfg.eval_reserve_s):
             continue
         t0 = time.monotonic()
         try:
-            row = loss_curves._run_variant(crd if name == "crd" else configs[name])
+            row = loss_curves._run_variant(configs[name])
         except Exception as e:  # noqa: BLE001 (recorded in study.json)
             clock.failed(f"train {name}", t0, e)
             continue
         clock.done(f"train {name}", t0, final_val_loss=row["final_val_loss"], tokens_per_s=row["tokens_per_s"])
         _copy_metrics(cfg, name)
-        if name == "crd":
-            status["crd_run"] = row
+        if name in ("crd", "warm"):
+            status[f"{name}_run"] = row
         else:
             runs[name] = row
             _write_family(cfg, runs)
@@ -327,7 +363,7 @@ def _write_status(cfg: ReproductionConfig, clock: _Clock, status: dict, runs: di
 def run_reproduction(cfg: ReproductionConfig) -> dict:
     """Runs the three stages inside ``cfg.budget_s``; returns study.json's content."""
     clock = _Clock(cfg.budget_s)
-    pair = loss_curves.variant_config(cfg.sweep, cfg.crd_pair)
+    pair = cfg.variant_config(cfg.crd_pair)
     status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s, **provenance()}
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = _train_family(cfg, clock, status)
