@@ -2,6 +2,7 @@
 CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey scoring, and the
 time-bounded study driver end to end on CPU at micro size (slow)."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -269,3 +270,21 @@ def test_warm_start_study_end_to_end(tmp_path, npy):
         return [float(line.split('"loss": ')[1].split(",")[0]) for line in text if '"loss": ' in line]
     warm_last, twin_first = losses("warm")[-1], losses("plain")[0]
     assert warm_last < np.log(256) - 1.0 and abs(twin_first - warm_last) < 0.5, (warm_last, twin_first)
+
+
+def test_warm_started_twin_is_left_out_of_the_acceptance_checks(tmp_path, npy):
+    """With warm_start the twin fine-tunes from a pretrained model while the other variants train from scratch,
+    so its validation loss is no like-for-like point for (a)/(b); it stays in the family rows, not in the checks."""
+    cfg = _warm_study(tmp_path, npy, variants={"plain": [], "ms": ["model.attention=ms"]})
+    row = lambda attention, frac, val: {"attention": attention, "attended_fraction": frac, "final_val_loss": val,
+                                        "tokens": 1, "tokens_per_s": 1.0, "params": 1}
+    runs = {"plain": row("dense", 1.0, 1.0), "ms": row("ms", 0.1, 2.0)}
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    status = {"seq_len": 320}
+    reproduction._write_status(cfg, reproduction._Clock(60), status, runs)
+    assert set(status["family"]) == {"plain", "ms"}
+    assert status["acceptance"]["a"] is None and status["acceptance"]["b"] is None, status["acceptance"]
+    scratch = _warm_study(tmp_path, npy, variants={"plain": [], "ms": ["model.attention=ms"]}, warm_start=())
+    status = {"seq_len": 320}
+    reproduction._write_status(scratch, reproduction._Clock(60), status, runs)
+    assert status["acceptance"]["b"] is not None  # from scratch the twin is a family run like any other
