@@ -288,3 +288,9 @@ def test_warm_started_twin_is_left_out_of_the_acceptance_checks(tmp_path, npy):
     status = {"seq_len": 320}
     reproduction._write_status(scratch, reproduction._Clock(60), status, runs)
     assert status["acceptance"]["b"] is not None  # from scratch the twin is a family run like any other
+
+
+def test_warm_start_with_other_parameter_shapes_fails_before_training(tmp_path, npy):
+    cfg = _warm_study(tmp_path, npy, warm_start=("train.steps=12", "model.d_model=64"))
+    with pytest.raises(ValueError, match=r"warm_start: .* differ in parameter shapes .*d_model"):
+        cfg.warm_config()

@@ -148,7 +148,17 @@ class ReproductionConfig:
         from selmerge_jax.training.experiment import PretrainConfig
 
         overrides = [*self.base_overrides, *self.warm_start, f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
-        return load_experiment(PretrainConfig, self.base_config, overrides)
+        warm = load_experiment(PretrainConfig, self.base_config, overrides)
+        # Both fine-tunes restore warm's weights: a shape they do not share fails here, not after warm has trained.
+        shapes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_size",
+                  "tie_embeddings", "attention_bias")
+        for name, run in ((self.crd_pair, self.variant_config(self.crd_pair)), ("crd", self.crd_config())):
+            changed = {f: (getattr(warm.model, f), getattr(run.model, f)) for f in shapes
+                       if getattr(warm.model, f) != getattr(run.model, f)}
+            if changed:
+                raise ValueError(f"ReproductionConfig.warm_start: the warm model and the {name!r} run that fine-tunes "
+                                 f"from it differ in parameter shapes (warm, {name}): {changed}")
+        return warm
 
     def variant_config(self, name: str):
         """A family run's config; with ``warm_start`` the CRD twin fine-tunes from ``warm`` exactly as the CRD
