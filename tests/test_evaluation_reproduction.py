@@ -183,6 +183,29 @@ def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
     assert asked == ["/tok/tokenizer.json"]
 
 
+@pytest.mark.parametrize("compressions, passkey_runs", [((), True), (None, False)])
+def test_passkey_stage_keeps_time_for_fidelity_only_when_it_will_run(tmp_path, monkeypatch, compressions,
+                                                                      passkey_runs):
+    """A large fidelity_min_s reserves time after every passkey length; an empty ``compressions`` (the way to skip
+    fidelity) reserves none, so the grid runs (pk8 lost its grid to the reservation)."""
+    kw = {} if compressions is None else {"compressions": compressions}
+    cfg = reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+                                          crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=1,
+                                          fidelity_min_s=200, run_dir=str(tmp_path),
+                                          output_dir=str(tmp_path / "out"), **kw)
+    for name in ("crd", "a"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(reproduction, "_passkey_models", lambda c: {})
+    clock = reproduction._Clock(60.0)
+    reproduction._passkey_stage(cfg, clock, {}, reproduction.DataConfig())
+    reproduction._fidelity_stage(cfg, clock, {})
+    passkey_log, fidelity_log = clock.log[0], clock.log[-1]
+    assert passkey_log["stage"] == "passkey 320" and passkey_log.get("skipped", False) != passkey_runs
+    assert fidelity_log["stage"] == "fidelity" and fidelity_log["skipped"]
+    if passkey_runs:
+        assert fidelity_log["why"] == "no compressions configured"
+
+
 def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
     from selmerge_jax.evaluation import fidelity
 

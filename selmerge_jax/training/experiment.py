@@ -54,7 +54,9 @@ class DataConfig:
       passkey_min_length: null: one passkey prompt of exactly seq_len + 1 tokens per passkey window (the answer
         always at the window's end); an int: each passkey window packs prompts of random lengths in
         [passkey_min_length, seq_len + 1], so answers land at every position (``arrays.TokenWindows``); at
-        most (seq_len + 1) // 3, else a window has no room for a second prompt.
+        most (seq_len + 1) // 3, else a window has no room for a second prompt. Train dense models with
+        ``document_masking: true`` then: without it each prompt sees the earlier prompts' keys under the same
+        question, and the 25M H100 model never learned retrieval (pk4/pk5; with masking it did, pk7-pk9).
       copy_ratio: fraction of training windows replaced by copy rows (a random token string, period drawn
         from ``copy_period``, repeated): an induction-head curriculum that makes passkey retrieval learnable
         from scratch (``arrays.TokenWindows``; needs ``train_npy``).
