@@ -286,6 +286,9 @@ def test_warm_start_study_end_to_end(tmp_path, npy):
     assert order[:3] == ["train warm", "train plain", "train crd"], order
     assert not any(s.get("failed") or s.get("skipped") for s in status["stages"]), status["stages"]
     assert status["warm_run"]["seq_len"] == 288 and set(status["passkey"]["crd"]) == {"320"}
+    import json
+    family = json.loads((tmp_path / "out" / "loss_curves.json").read_text())
+    assert family["warm_started"] == ["plain"]  # the plotted twin is labelled as fine-tuned from warm
     # the twin starts from warm's weights: its first loss (learning rate 0 at step 1) is near warm's last one,
     # far below a fresh init's ~log(256)
     def losses(name):

@@ -241,9 +241,11 @@ def _copy_metrics(cfg: ReproductionConfig, name: str):
 
 def _write_family(cfg: ReproductionConfig, runs: dict):
     result = {"study": "loss_curves", "base_config": cfg.base_config, "base_overrides": list(cfg.base_overrides),
-              "variants": {k: list(v) for k, v in cfg.variants.items()}, "runs": runs, **provenance()}
+              "variants": {k: list(v) for k, v in cfg.variants.items()}, "runs": runs,
+              "warm_started": [cfg.crd_pair] if cfg.warm_start else [], **provenance()}
     write_json(os.path.join(cfg.output_dir, "loss_curves.json"), result)
-    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
+    warm = lambda n: ", from warm" if cfg.warm_start and n == cfg.crd_pair else ""  # a head start: say so
+    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f}{warm(n)})"
     train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
     val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items()
            if r["curve"]["val_step"]}
