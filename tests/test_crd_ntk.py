@@ -191,3 +191,40 @@ def test_crd_forward_on_a_packed_batch_matches_each_document_alone():
 def test_crd_positions_rejects_base_positions_of_the_wrong_length():
     with pytest.raises(ValueError, match="base_positions must be int"):
         crd_positions(CRDNTKConfig(cycle=64), jnp.zeros(1, jnp.int32), 8, jnp.zeros((1, 7), jnp.int32))
+
+
+def test_crd_forward_runs_through_the_models_remat_policy():
+    """CRDPositions go through ``Llama.__call__``, so ``model.remat`` applies: same logits and gradients with
+    and without rematerialisation, and the rematerialised step's jaxpr holds the remat (checkpoint) op."""
+    from selmerge_jax.models.config import preset
+    from selmerge_jax.models.llama import Llama
+    from selmerge_jax.training.runner import crd_forward
+    from selmerge_jax.training.train_step import StepContext
+
+    forward = crd_forward(CRDNTKConfig(cycle=64, original_max_position_embeddings=16, initial_scale=4.0))
+    ctx = StepContext(step=jnp.int32(0), key=jax.random.PRNGKey(1))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 16)), jnp.int32)
+
+    def loss_and_grads(remat):
+        cfg = preset("tiny", d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=64,
+                     attention="dense", remat=remat)
+        graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+        loss = lambda p: jnp.mean(forward(nnx.merge(graphdef, p), {"tokens": tokens}, ctx) ** 2)
+        return jax.value_and_grad(loss)(params), jax.make_jaxpr(jax.grad(loss))(params)
+
+    (plain, g_plain), _ = loss_and_grads("none")
+    (remat, g_remat), jaxpr = loss_and_grads("full")
+    np.testing.assert_allclose(remat, plain, rtol=1e-6)
+    chex.assert_trees_all_close(g_remat, g_plain, rtol=1e-5, atol=1e-6)
+    assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
+
+
+def test_model_rejects_rotary_positions_of_the_wrong_shape():
+    from selmerge_jax.models.config import preset
+    from selmerge_jax.models.llama import Llama
+
+    model = Llama(preset("tiny", d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_dim=64),
+                  rngs=nnx.Rngs(0))
+    pos = crd_step(CRDNTKConfig(cycle=64), 0, jax.random.PRNGKey(0), batch=1, seq_len=8, head_dim=16)
+    with pytest.raises(ValueError, match=r"positions must be int \[B=1, T=4\]"):
+        model(jnp.zeros((1, 4), jnp.int32), pos)

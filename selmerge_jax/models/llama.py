@@ -25,7 +25,7 @@ from flax import nnx
 from selmerge_jax import kvcache
 from selmerge_jax.attention import ms_attention
 from selmerge_jax.models.config import ModelConfig
-from selmerge_jax.positional import make_position_fn
+from selmerge_jax.positional import RotaryPositions, make_position_fn
 from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
 
 __all__ = [
@@ -199,7 +199,8 @@ class Llama(nnx.Module):
         Args:
           tokens: ``int [B, T]``.
           positions: ``int [B, T]``, default ``arange(T)``; with caches, negative positions mark padding
-            (written to the cache but never attended).
+            (written to the cache but never attended). Or a ``RotaryPositions`` (positions plus traced
+            frequencies, e.g. one CRD NTK training step), which every layer's RoPE accepts.
           caches: a sequence of ``L`` ``KVCache`` (see ``generate.init_caches``), or None for self-attention.
           segment_ids: ``int [B, T]`` for packed sequences (dense attention only, no caches).
           cache_fn: replaces ``append_and_attend`` (same signature) for every layer's cache step.
@@ -208,8 +209,9 @@ class Llama(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if jnp.shape(positions) != (b, t):
-            raise ValueError(f"positions must be int [B={b}, T={t}], got shape {jnp.shape(positions)}")
+        shape = jnp.shape(positions.positions if isinstance(positions, RotaryPositions) else positions)
+        if shape != (b, t):
+            raise ValueError(f"positions must be int [B={b}, T={t}], got shape {shape}")
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"caches must hold one KVCache per layer ({len(self.layers)}), got {len(caches)}")
         x = self.embed_tokens(tokens)

@@ -130,10 +130,10 @@ def crd_forward(crd: CRDNTKConfig):
     """The training forward of CRD NTK: every step draws cycled positions (modulo C, random start per row) and
     the stage's NTK base inside the jitted step, from the step's own key, so resume replays them exactly.
 
-    ``Llama.__call__`` takes plain ``int [B, T]`` positions only, so this runs the decoder's layers directly
-    with a ``CRDPositions`` (which every layer's RoPE accepts: it carries its traced frequencies). A packed
-    batch (``data.document_masking``) keeps its segment mask, and each document's own positions are shifted
-    by the row's offset, so documents neither see each other nor start mid-cycle relative to one another.
+    The step's ``CRDPositions`` go through ``Llama.__call__`` like plain positions (every layer's RoPE reads
+    its traced frequencies), so the model's remat policy applies as in any other forward. A packed batch
+    (``data.document_masking``) keeps its segment mask, and each document's own positions are shifted by the
+    row's offset, so documents neither see each other nor start mid-cycle relative to one another.
     """
     from selmerge_jax.positional.crd_ntk import crd_step
 
@@ -142,11 +142,7 @@ def crd_forward(crd: CRDNTKConfig):
         b, t = tokens.shape
         positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size,
                              base_positions=inputs.get("positions"))
-        segment_ids = inputs.get("segment_ids")
-        x = model.embed_tokens(tokens)
-        for layer in model.layers:
-            x = layer(x, positions, None, segment_ids)[0]
-        return model.output_logits(model.norm(x))
+        return model(tokens, positions, segment_ids=inputs.get("segment_ids"))
 
     return forward
 
