@@ -124,3 +124,16 @@ def test_loader_types():
         from_dict(_Outer, {"inner": 3})
     with pytest.raises(ConfigError, match="inner.kind: 'z' is not allowed"):
         from_dict(_Outer, {"inner": {"kind": "z"}})
+
+
+def test_packed_passkeys_without_document_masking_warn_for_dense_models():
+    base = ["model.attention=dense", "data.train_npy=/x/train.npy", "data.validation_npy=/x/val.npy",
+            "data.passkey_ratio=0.5", "data.passkey_min_length=64"]
+    with pytest.warns(UserWarning, match="data.document_masking=true for dense models"):
+        load_experiment(PretrainConfig, DEMO, base)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_experiment(PretrainConfig, DEMO, [*base, "data.document_masking=true"])
+        load_experiment(PretrainConfig, DEMO, [*base[1:], "model.attention=ms"])  # ms cannot mask: no warning
