@@ -37,6 +37,7 @@ from selmerge_jax.evaluation.common import (
     write_json,
 )
 from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.experiment import DataConfig, FinetuneConfig, InitConfig, load_experiment
 
@@ -153,11 +154,8 @@ class ReproductionConfig:
         overrides = [*self.base_overrides, *self.warm_start, f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
         warm = load_experiment(PretrainConfig, self.base_config, overrides)
         # Both fine-tunes restore warm's weights: a shape they do not share fails here, not after warm has trained.
-        shapes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_size",
-                  "tie_embeddings", "attention_bias")
         for name, run in ((self.crd_pair, self.variant_config(self.crd_pair)), ("crd", self.crd_config())):
-            changed = {f: (getattr(warm.model, f), getattr(run.model, f)) for f in shapes
-                       if getattr(warm.model, f) != getattr(run.model, f)}
+            changed = parameter_shape_changes(warm.model, run.model)
             if changed:
                 raise ValueError(f"ReproductionConfig.warm_start: the warm model and the {name!r} run that fine-tunes "
                                  f"from it differ in parameter shapes (warm, {name}): {changed}")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.positional import RopeConfig
 
-__all__ = ["PRESETS", "ModelConfig", "preset"]
+__all__ = ["PRESETS", "ModelConfig", "parameter_shape_changes", "preset"]
 
 AttentionKind = Literal["dense", "ms", "ring", "ring_ms"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -189,3 +189,12 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; allowed: {tuple(PRESETS)}")
     return PRESETS[name]().replace(**overrides)
+
+
+_SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_size",
+                 "tie_embeddings", "attention_bias")
+
+
+def parameter_shape_changes(old: ModelConfig, new: ModelConfig) -> dict:
+    """``{field: (old, new)}`` for the fields that change parameter shapes; empty when weights carry over."""
+    return {f: (getattr(old, f), getattr(new, f)) for f in _SHAPE_FIELDS if getattr(old, f) != getattr(new, f)}

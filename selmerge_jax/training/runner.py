@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax.models import Llama, ModelConfig
+from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.models.lora import apply_lora
 from selmerge_jax.models.lora import trainable_filter as lora_filter
 from selmerge_jax.models.tokenizer import load_tokenizer
@@ -164,12 +165,9 @@ def run_finetune(cfg: FinetuneConfig) -> TrainResult:
 def with_model_config(model: Llama, model_cfg: ModelConfig) -> Llama:
     """``model`` (in place) under another ``ModelConfig`` of the same shapes: attention kind, ms settings, RoPE
     rule. Modules read their config at call time, so swapping it on every module is enough (LoRA included)."""
-    shapes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_size",
-              "tie_embeddings", "attention_bias")
-    changed = [f for f in shapes if getattr(model.config, f) != getattr(model_cfg, f)]
+    changed = parameter_shape_changes(model.config, model_cfg)
     if changed:
-        raise ValueError(f"the model config changes parameter shapes ({', '.join(changed)}): "
-                         f"{ {f: (getattr(model.config, f), getattr(model_cfg, f)) for f in changed} }")
+        raise ValueError(f"the model config changes parameter shapes ({', '.join(changed)}): {changed}")
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and isinstance(getattr(node, "config", None), ModelConfig):
             node.config = model_cfg
