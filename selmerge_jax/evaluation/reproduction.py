@@ -140,9 +140,11 @@ class ReproductionConfig:
             return ["init.kind=scratch"]
         return ["init.kind=checkpoint", f"init.path={_checkpoints(self.run_dir, 'warm')}"]
 
-    def crd_config(self) -> FinetuneConfig:
+    def crd_config(self, extra: tuple[str, ...] = (), name: str = "crd") -> FinetuneConfig:
+        """The CRD run's config; ``extra`` overrides go last and the run trains into ``<run_dir>/<name>`` (a
+        sweep over CRD schedules from the same warm start, ``experiments/benchmarks/crd_passkey_sweep.py``)."""
         overrides = [*self.base_overrides, *self.variants[self.crd_pair], *self.crd_overrides, *self._init(),
-                     f"train.output_dir={os.path.join(self.run_dir, 'crd')}"]
+                     *extra, f"train.output_dir={os.path.join(self.run_dir, name)}"]
         return load_experiment(FinetuneConfig, self.base_config, overrides)
 
     def warm_config(self):
@@ -161,12 +163,15 @@ class ReproductionConfig:
                                  f"from it differ in parameter shapes (warm, {name}): {changed}")
         return warm
 
-    def variant_config(self, name: str):
+    def variant_config(self, name: str, extra: tuple[str, ...] = ()):
         """A family run's config; with ``warm_start`` the CRD twin fine-tunes from ``warm`` exactly as the CRD
-        run does, minus CRD NTK."""
+        run does, minus CRD NTK (``extra`` overrides go last, as in ``crd_config``; only for that twin)."""
         if name != self.crd_pair or not self.warm_start:
+            if extra:
+                raise ValueError(f"ReproductionConfig.variant_config: extra overrides {list(extra)} only apply to "
+                                 f"the warm-started twin {self.crd_pair!r}, not to {name!r}")
             return loss_curves.variant_config(self.sweep, name)
-        overrides = [*self.base_overrides, *self.variants[name], *self._init(),
+        overrides = [*self.base_overrides, *self.variants[name], *self._init(), *extra,
                      f"train.output_dir={os.path.join(self.run_dir, name)}"]
         return load_experiment(FinetuneConfig, self.base_config, overrides)
 

@@ -1,0 +1,220 @@
+"""Issue #7 (c) on one GPU: several CRD NTK fine-tunes from one warm start, trained side by side, then the passkey
+grid on each under several inference rules, also side by side.
+
+The reproduction pipeline (``evaluation.reproduction``) trains one CRD run and its twin in sequence; a 25M
+model leaves most of an H100 idle, so this sweep runs them as concurrent processes (each with its own slice of
+GPU memory, ``mem_fraction``) to compare CRD schedules (fixed scale, scale grown in stages, cycle lengths,
+seeds) within one device call. Every run is the reproduction config's CRD fine-tune (or its twin, when the
+run is named like ``crd_pair``) plus the run's own overrides, trained into ``<run_dir>/<name>``.
+
+    python experiments/benchmarks/crd_passkey_sweep.py --config experiments/configs/crd_sweep_h100.yaml \
+        --stage all --out runs/crd_sweep/results --max_s 560
+
+Stages: ``train`` (warm start if its checkpoint is missing, alone; then the runs, ``jobs`` at a time) and
+``score`` (each entry of ``scores``: one run under one RoPE rule, ``eval_passkey`` into ``<out>/<tag>/``).
+Finished runs and scores are skipped, so a second call resumes where a first one was cut off; whatever is
+still running at ``--max_s`` is stopped. ``<out>/summary.json``: accuracy per length for every score, and the
+log of every job (seconds, exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from selmerge_jax.training.experiment import load_experiment
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CRDSweepConfig:
+    """Attributes:
+      reproduction: a ``ReproductionConfig`` YAML with ``warm_start``: the base recipe, the warm start, the
+        CRD fine-tune and its twin (``crd_pair``).
+      run_dir: replaces the reproduction's run_dir (warm and every run train under it).
+      runs: name -> extra overrides of the CRD fine-tune; the name ``crd_pair`` (e.g. ``dense``) is the twin.
+      scores: ``{run, tag, rope}`` entries in priority order; ``rope`` a RopeConfig mapping or null (the
+        checkpoint's own rule).
+      lengths, depths, per_cell, chunk_size: the passkey grid (greedy decoding through the cache).
+      jobs: processes at once; mem_fraction: GPU memory fraction of each (XLA_PYTHON_CLIENT_MEM_FRACTION).
+    """
+
+    reproduction: str
+    run_dir: str = "runs/crd_sweep"
+    runs: dict = dataclasses.field(default_factory=dict)
+    scores: tuple[dict, ...] = ()
+    lengths: tuple[int, ...] = (2048, 8192, 32768)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    per_cell: int = 4
+    chunk_size: int = 512
+    jobs: int = 4
+    mem_fraction: float = 0.22
+
+    def __post_init__(self):
+        for i, s in enumerate(self.scores):
+            if not isinstance(s, dict) or set(s) - {"run", "tag", "rope"} or not {"run", "tag"} <= set(s):
+                raise ValueError(f"CRDSweepConfig.scores[{i}] must be a mapping with run, tag and optional rope, "
+                                 f"got {s!r}")
+            if s["run"] not in self.runs:
+                raise ValueError(f"CRDSweepConfig.scores[{i}].run={s['run']!r} is not one of runs "
+                                 f"{sorted(self.runs)}")
+        tags = [s["tag"] for s in self.scores]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"CRDSweepConfig.scores: tags must be unique (they name directories), got {tags}")
+        if not 0 < self.mem_fraction <= 1 or self.jobs < 1:
+            raise ValueError(f"CRDSweepConfig: jobs must be >= 1 and mem_fraction in (0, 1], got jobs={self.jobs}, "
+                             f"mem_fraction={self.mem_fraction}")
+
+    def reproduction_config(self):
+        from selmerge_jax.evaluation.reproduction import ReproductionConfig
+
+        rep = load_experiment(ReproductionConfig, self.reproduction,
+                              [f"run_dir={self.run_dir}", f"output_dir={self.run_dir}/results"])
+        if not rep.warm_start:
+            raise ValueError(f"CRDSweepConfig.reproduction={self.reproduction!r} has no warm_start: every run of "
+                             "the sweep fine-tunes from the same warm checkpoint")
+        return rep
+
+    def train_config(self, name: str):
+        rep = self.reproduction_config()
+        if name == "warm":
+            return rep.warm_config()
+        extra = tuple(self.runs[name] or ())
+        if name == rep.crd_pair:
+            return rep.variant_config(name, extra)
+        return rep.crd_config(extra, name)
+
+
+def _finished(run_dir: str, name: str) -> bool:
+    """A run is done when its checkpoint directory holds a committed step (orbax renames it into place)."""
+    path = os.path.join(run_dir, name, "checkpoints")
+    return os.path.isdir(path) and any(e.isdigit() for e in os.listdir(path))
+
+
+def _child_train(cfg: CRDSweepConfig, name: str):
+    from selmerge_jax.evaluation import loss_curves
+
+    row = loss_curves._run_variant(cfg.train_config(name))
+    print(json.dumps({"run": name, "final_train_loss": row["final_train_loss"],
+                      "final_val_loss": row["final_val_loss"], "tokens_per_s": row["tokens_per_s"]}))
+
+
+def _child_score(cfg: CRDSweepConfig, tag: str, out: str):
+    from selmerge_jax.evaluation.passkey import PasskeyEvalConfig, run_passkey
+    from selmerge_jax.positional import RopeConfig
+    from selmerge_jax.training.experiment import InitConfig
+
+    entry = next(s for s in cfg.scores if s["tag"] == tag)
+    rope = entry.get("rope")
+    pk = PasskeyEvalConfig(init=InitConfig(kind="checkpoint", path=os.path.join(cfg.run_dir, entry["run"], "checkpoints")),
+                           model=None, rope=RopeConfig(**rope) if rope else None, lengths=cfg.lengths,
+                           depths=cfg.depths, per_cell=cfg.per_cell, chunk_size=cfg.chunk_size,
+                           scoring="generate", output_dir=os.path.join(out, tag))
+    print(json.dumps(run_passkey(pk)))
+
+
+class _Pool:
+    """Child processes of this script, ``jobs`` at a time, stopped at the deadline; logs each one."""
+
+    def __init__(self, argv: list[str], out: str, deadline: float):
+        self.argv, self.out, self.deadline, self.log = argv, out, deadline, []
+
+    def run(self, jobs: list[str], width: int, mem_fraction: float):
+        pending, running = list(jobs), {}
+        while pending or running:
+            while pending and len(running) < width and time.monotonic() < self.deadline:
+                job = pending.pop(0)
+                env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{mem_fraction:.3f}"}
+                logf = open(os.path.join(self.out, "logs", job.replace(":", "_") + ".log"), "w")  # noqa: SIM115
+                proc = subprocess.Popen([*self.argv, "--child", job], env=env, stdout=logf, stderr=subprocess.STDOUT)
+                running[job] = (proc, logf, time.monotonic())
+                print(f"[sweep] start {job}", flush=True)
+            if not running:
+                break  # deadline reached with jobs left
+            time.sleep(1.0)
+            for job, (proc, logf, t0) in list(running.items()):
+                late = time.monotonic() > self.deadline
+                if late and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+                if proc.poll() is not None:
+                    logf.close()
+                    del running[job]
+                    entry = {"job": job, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
+                             "stopped_at_deadline": late}
+                    self.log.append(entry)
+                    print(f"[sweep] {entry}", flush=True)
+        self.log += [{"job": job, "skipped": "deadline"} for job in pending]
+
+
+def _accuracy_per_length(path: str) -> dict:
+    with open(path) as f:
+        grid = json.load(f)
+    cols = list(zip(*grid["accuracy"], strict=True))  # [depth][length] -> per length
+    return {str(n): round(sum(c) / len(c), 3) for n, c in zip(grid["lengths"], cols, strict=True)}
+
+
+def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
+    scores = {}
+    for s in cfg.scores:
+        path = os.path.join(out, s["tag"], "passkey.json")
+        if os.path.exists(path):
+            scores[s["tag"]] = {"run": s["run"], "rope": s.get("rope"), "accuracy": _accuracy_per_length(path)}
+    runs = {}
+    for name in ["warm", *cfg.runs]:
+        metrics = os.path.join(cfg.run_dir, name, "metrics.jsonl")
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                rows = [json.loads(line) for line in f]
+            train = [r for r in rows if "loss" in r]
+            runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"] if train
+                          else None, "finished": _finished(cfg.run_dir, name)}
+    summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "jobs": log}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], help="key.path=value override of the sweep config")
+    p.add_argument("--stage", choices=("train", "score", "all"), default="all")
+    p.add_argument("--out", default="runs/crd_sweep/results")
+    p.add_argument("--max_s", type=float, default=560.0, help="stop every child still running after this")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    cfg = load_experiment(CRDSweepConfig, a.config, a.set)
+    if a.child:
+        kind, name = a.child.split(":", 1)
+        return _child_train(cfg, name) if kind == "train" else _child_score(cfg, name, a.out)
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # the coordinator must not take GPU memory its children need
+    cfg.reproduction_config()  # a typo fails here, before any child starts
+    for name in cfg.runs:
+        cfg.train_config(name)
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    argv = [sys.executable, os.path.abspath(__file__), "--config", a.config, "--out", a.out,
+            *[f"--set={s}" for s in a.set]]
+    pool = _Pool(argv, a.out, time.monotonic() + a.max_s)
+    if a.stage in ("train", "all"):
+        if not _finished(cfg.run_dir, "warm"):
+            pool.run(["train:warm"], 1, 0.9)
+        pool.run([f"train:{n}" for n in cfg.runs if not _finished(cfg.run_dir, n)], cfg.jobs, cfg.mem_fraction)
+    if a.stage in ("score", "all"):
+        todo = [s["tag"] for s in cfg.scores if _finished(cfg.run_dir, s["run"])
+                and not os.path.exists(os.path.join(a.out, s["tag"], "passkey.json"))]
+        pool.run([f"score:{t}" for t in todo], cfg.jobs, cfg.mem_fraction)
+    summary = _summary(cfg, a.out, pool.log)
+    for tag, s in summary["scores"].items():
+        print(f"{tag:28s} {s['run']:12s} {s['accuracy']}")
+
+
+if __name__ == "__main__":
+    main()
