@@ -80,6 +80,23 @@ def test_cache_decode_equals_full_recompute_every_step(model):
     _assert_matches_recompute(model, prompts, lengths, out, 6)
 
 
+def test_cache_decode_equals_full_recompute_with_logn_attention():
+    """Log-n scales each query by its own position: the cached decode (one position per step) and the full
+    forward must agree past the training length L."""
+    from selmerge_jax.positional import RopeConfig
+
+    logn = Llama(SMALL.replace(rope=RopeConfig(rope_type="ntk", factor=4.0, logn_length=8)), rngs=nnx.Rngs(0))
+    prompts = np.random.RandomState(3).randint(0, 64, (2, 13))
+    out = generate(logn, prompts, lengths=np.array([13, 9]), max_new_tokens=5, chunk_size=4, eos_ids=(),
+                   return_logits=True)
+    _assert_matches_recompute(logn, prompts, np.array([13, 9]), out, 5)
+    plain = np.asarray(_forward(Llama(SMALL.replace(rope=RopeConfig(rope_type="ntk", factor=4.0)),
+                                      rngs=nnx.Rngs(0)), jnp.asarray(prompts)))
+    scaled = np.asarray(_forward(logn, jnp.asarray(prompts)))
+    np.testing.assert_allclose(scaled[:, :7], plain[:, :7], atol=1e-6)  # positions 0-6: p + 1 <= L, unscaled
+    assert np.abs(scaled[:, 8:] - plain[:, 8:]).max() > 1e-4
+
+
 def _window_six(cache, q, k, v, positions, *, window):
     del window  # this policy imposes its own
     return append_and_attend(cache, q, k, v, positions, window=6)

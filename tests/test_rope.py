@@ -1,5 +1,6 @@
 """RoPE: hand-derived frequencies for every scaling rule, HF config round trips, rotation invariants."""
 
+import dataclasses
 import math
 
 import chex
@@ -146,6 +147,8 @@ def test_from_hf_defaults_follow_hf():
           high_freq_factor=1.0), "high_freq_factor"),
     (dict(layout="diagonal"), "layout"),
     (dict(attention_factor=0.0), "attention_factor"),
+    (dict(logn_length=1), "logn_length"),
+    (dict(logn_length=2048.0), "logn_length"),
 ])
 def test_bad_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -240,6 +243,29 @@ def test_position_fn_rotates_q_and_k_and_dynamic_uses_max_position():
     inv, _ = rope_frequencies(cfg, 8, seq_len=40)
     np.testing.assert_allclose(qr, apply_rope(q, pos, inv), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kr, apply_rope(k, pos, inv), rtol=1e-5, atol=1e-6)
+
+
+def test_logn_scales_queries_past_the_training_length_only():
+    """Log-n attention: q at position p is multiplied by log(p + 1) / log(L) once p + 1 > L; k never."""
+    base = RopeConfig(rope_type="ntk", factor=4.0)
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 40, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 40, 2, 8)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(40) * 7, (2, 40))  # 0 ... 273: both sides of L = 16
+    q0, k0 = jax.jit(make_position_fn(base, 8))(q, k, pos)
+    ql, kl = jax.jit(make_position_fn(dataclasses.replace(base, logn_length=16), 8))(q, k, pos)
+    want = np.maximum(1.0, np.log(np.arange(40) * 7 + 1.0) / np.log(16.0))
+    assert want[2] == 1.0 and want[-1] > 2.0  # p = 14 is inside, p = 273 far outside
+    np.testing.assert_allclose(ql, q0 * want[None, :, None, None], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(kl, k0)
+    q1, _ = make_position_fn(RopeConfig(logn_length=16), 8)(q, k, jnp.arange(40) * 7)  # [T] positions
+    np.testing.assert_allclose(q1, make_position_fn(RopeConfig(), 8)(q, k, pos)[0] * want[None, :, None, None],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_logn_has_no_hf_export():
+    with pytest.raises(ValueError, match="logn_length"):
+        RopeConfig(logn_length=4096).to_hf()
 
 
 HF_PARITY = [

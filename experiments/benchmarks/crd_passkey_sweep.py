@@ -7,7 +7,7 @@ GPU memory, ``mem_fraction``) to compare CRD schedules (fixed scale, scale grown
 seeds) within one device call. Every run is the reproduction config's CRD fine-tune (or its twin, when the
 run is named like ``crd_pair``) plus the run's own overrides, trained into ``<run_dir>/<name>``.
 
-    python experiments/benchmarks/crd_passkey_sweep.py --config experiments/configs/crd_sweep_h100.yaml \
+    python experiments/benchmarks/crd_passkey_sweep.py --config experiments/benchmarks/crd_sweep_h100.yaml \
         --stage all --out runs/crd_sweep/results --max_s 560
 
 Stages: ``train`` (warm start if its checkpoint is missing, alone; then the runs, ``jobs`` at a time) and
@@ -38,8 +38,8 @@ class CRDSweepConfig:
         CRD fine-tune and its twin (``crd_pair``).
       run_dir: replaces the reproduction's run_dir (warm and every run train under it).
       runs: name -> extra overrides of the CRD fine-tune; the name ``crd_pair`` (e.g. ``dense``) is the twin.
-      scores: ``{run, tag, rope}`` entries in priority order; ``rope`` a RopeConfig mapping or null (the
-        checkpoint's own rule).
+      scores: ``{run, tag, rope, lengths}`` entries in priority order; ``rope`` a RopeConfig mapping or null
+        (the checkpoint's own rule); ``lengths`` replaces the sweep's own (e.g. a 64x stretch for one rule).
       lengths, depths, per_cell, chunk_size: the passkey grid (greedy decoding through the cache).
       jobs: processes at once; mem_fraction: GPU memory fraction of each (XLA_PYTHON_CLIENT_MEM_FRACTION).
     """
@@ -57,9 +57,9 @@ class CRDSweepConfig:
 
     def __post_init__(self):
         for i, s in enumerate(self.scores):
-            if not isinstance(s, dict) or set(s) - {"run", "tag", "rope"} or not {"run", "tag"} <= set(s):
-                raise ValueError(f"CRDSweepConfig.scores[{i}] must be a mapping with run, tag and optional rope, "
-                                 f"got {s!r}")
+            if not isinstance(s, dict) or set(s) - {"run", "tag", "rope", "lengths"} or not {"run", "tag"} <= set(s):
+                raise ValueError(f"CRDSweepConfig.scores[{i}] must be a mapping with run, tag and optional rope "
+                                 f"and lengths, got {s!r}")
             if s["run"] not in self.runs:
                 raise ValueError(f"CRDSweepConfig.scores[{i}].run={s['run']!r} is not one of runs "
                                  f"{sorted(self.runs)}")
@@ -112,7 +112,8 @@ def _child_score(cfg: CRDSweepConfig, tag: str, out: str):
     entry = next(s for s in cfg.scores if s["tag"] == tag)
     rope = entry.get("rope")
     pk = PasskeyEvalConfig(init=InitConfig(kind="checkpoint", path=os.path.join(cfg.run_dir, entry["run"], "checkpoints")),
-                           model=None, rope=RopeConfig(**rope) if rope else None, lengths=cfg.lengths,
+                           model=None, rope=RopeConfig(**rope) if rope else None,
+                           lengths=tuple(entry.get("lengths") or cfg.lengths),
                            depths=cfg.depths, per_cell=cfg.per_cell, chunk_size=cfg.chunk_size,
                            scoring="generate", output_dir=os.path.join(out, tag))
     print(json.dumps(run_passkey(pk)))

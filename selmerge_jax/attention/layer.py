@@ -124,6 +124,10 @@ class MSAttention(nnx.Module):
             if not callable(getattr(fn, "rotate", None)):
                 raise TypeError("position_mode='selected_compact' needs a position_fn with a "
                                 "rotate(x, positions) method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
+            if getattr(getattr(fn, "config", None), "logn_length", None) is not None:
+                raise ValueError(f"RopeConfig.logn_length={fn.config.logn_length} scales the queries in the "
+                                 "position hook's (q, k) call, which position_mode='selected_compact' does not make; "
+                                 "use before_selection or selected_original")
             rotate = fn.rotate
             if isinstance(positions, RotaryPositions):  # keep the step's traced frequencies (CRD NTK)
                 rotate = lambda x, p: fn.rotate(x, RotaryPositions(p, positions.inv_freq))  # noqa: E731

@@ -21,7 +21,7 @@ import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
 
-__all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "make_position_fn", "rope_angles",
+__all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "logn_scale", "make_position_fn", "rope_angles",
            "rope_frequencies"]
 
 _TWO_32 = 2.0**32
@@ -289,7 +289,17 @@ class RopeFn:
                           precise=self.precise)
 
     def __call__(self, q, k, positions):
-        return self.rotate(q, positions), self.rotate(k, positions)
+        q, k = self.rotate(q, positions), self.rotate(k, positions)
+        if self.config.logn_length is None or isinstance(positions, RotaryPositions):
+            return q, k  # a CRD training step's positions are cycle-shifted: log-n is an inference rule
+        scale = jnp.broadcast_to(logn_scale(positions, self.config.logn_length), q.shape[:2])
+        return (q.astype(jnp.float32) * scale[:, :, None, None]).astype(q.dtype), k
+
+
+def logn_scale(positions, length: int):
+    """``float32``, the shape of ``positions``: ``max(1, log(p + 1) / log(length))``, the log-n query scale."""
+    p = jnp.asarray(positions, jnp.float32)
+    return jnp.maximum(1.0, jnp.log1p(p) / math.log(length))
 
 
 def make_position_fn(config: RopeConfig, head_dim: int, *, precise: bool = True) -> RopeFn:

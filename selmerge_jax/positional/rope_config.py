@@ -60,6 +60,10 @@ class RopeConfig:
       low_freq_factor, high_freq_factor: Llama-3 band edges (HF defaults in Llama-3.1: 1 and 4).
       layout: ``"half"`` (rotate_half: pairs (i, i + H/2), Llama/HF checkpoints) or ``"interleaved"``
         (pairs (2i, 2i+1), GPT-J / original Meta checkpoints).
+      logn_length: L of log-n attention, an inference rule on top of any type: a query at position p is scaled
+        by ``max(1, log(p + 1) / log(L))`` (Qwen-7B's ``use_logn_attn``), so that the attention entropy of a
+        context longer than the training length L stays near its trained level instead of spreading over the
+        extra keys. None: off. Hugging Face RoPE has no such field (``to_hf`` refuses it).
     """
 
     rope_type: RopeType = "default"
@@ -75,6 +79,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     layout: RopeLayout = "half"
+    logn_length: int | None = None
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -97,6 +102,9 @@ class RopeConfig:
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(f"RopeConfig.high_freq_factor={self.high_freq_factor} must be > "
                              f"low_freq_factor={self.low_freq_factor}")
+        n = self.logn_length
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+            raise ValueError(f"RopeConfig.logn_length must be None or an int >= 2 (the training length), got {n!r}")
         if not isinstance(self.truncate, bool):
             raise TypeError(f"RopeConfig.truncate must be a bool, got {self.truncate!r}")
 
@@ -137,6 +145,9 @@ class RopeConfig:
         """The HF config fields for this RoPE: ``rope_theta``, ``rope_scaling`` (None for default RoPE), and
         ``max_position_embeddings`` for dynamic NTK (HF reads L0 from there). ``ntk`` becomes a default RoPE
         with the scaled theta (which depends on ``head_dim``), giving HF the same frequencies."""
+        if self.logn_length is not None:
+            raise ValueError(f"RopeConfig.logn_length={self.logn_length} has no Hugging Face equivalent; export "
+                             "the model with logn_length=None (it is an inference rule, not a weight)")
         if self.rope_type == "default":
             return {"rope_theta": self.theta, "rope_scaling": None}
         if self.rope_type == "ntk":

@@ -1,0 +1,96 @@
+"""experiments/benchmarks/crd_passkey_sweep.py: the shipped H100 sweep builds every run's config from the
+reproduction config it names; bad sweeps fail naming the field; a tiny sweep runs end to end on CPU."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, load_experiment
+
+ROOT = pathlib.Path(__file__).parents[1]
+SCRIPT = ROOT / "experiments" / "benchmarks" / "crd_passkey_sweep.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("crd_passkey_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _module()
+
+
+def test_shipped_h100_sweep_builds_every_run():
+    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100.yaml"))
+    warm = cfg.train_config("warm")
+    assert type(warm) is PretrainConfig and warm.train.seq_len == 1024
+    runs = {name: cfg.train_config(name) for name in cfg.runs}
+    assert all(isinstance(r, FinetuneConfig) for r in runs.values())
+    assert runs["dense"].crd is None  # the twin: the same fine-tune without CRD NTK
+    for name, run in runs.items():
+        assert run.init.path == os.path.join(cfg.run_dir, "warm", "checkpoints")
+        assert run.train.output_dir == os.path.join(cfg.run_dir, name) and run.train.steps == 1200
+    grow2 = runs["grow2"].crd
+    assert (grow2.growth, grow2.stage_steps, grow2.inference_scale) == (2.0, 300, 129.0)
+    assert runs["fixed16"].crd.growth == 1.0  # the reproduction config's own CRD schedule
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scores": ({"run": "nope", "tag": "x"},)}, "scores\\[0\\].run='nope'"),
+    ({"scores": ({"run": "a", "tag": "x"}, {"run": "a", "tag": "x"})}, "tags must be unique"),
+    ({"scores": ({"run": "a", "tag": "x", "rule": 1},)}, "scores\\[0\\] must be a mapping"),
+    ({"jobs": 0}, "jobs must be >= 1"),
+])
+def test_bad_sweeps_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.CRDSweepConfig(reproduction="-", runs={"a": []}, **change)
+
+
+def test_reproduction_without_warm_start_is_refused():
+    cfg = sweep.CRDSweepConfig(reproduction=str(ROOT / "experiments/configs/eval_reproduction_cpu.yaml"),
+                               runs={"ms_k4": []})
+    with pytest.raises(ValueError, match="no warm_start"):
+        cfg.reproduction_config()
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path):
+    """Warm start, a CRD run with a growing scale and the twin side by side, then one passkey score each; a
+    second call finds everything done and only rewrites the summary."""
+    import numpy as np
+
+    from selmerge_jax.models.tokenizer import ByteTokenizer
+
+    tokens = ByteTokenizer().encode((ROOT / "selmerge_jax/training/loop.py").read_text() * 4, add_bos=True)
+    np.save(tmp_path / "train.npy", tokens.astype(np.uint16))
+    np.save(tmp_path / "validation.npy", tokens[:4000].astype(np.uint16))
+    rep = (ROOT / "experiments/configs/eval_reproduction_cpu.yaml").read_text()
+    rep = rep.replace("model.ms.block_size=32,", f"model.ms.block_size=32, data.train_npy={tmp_path}/train.npy, "
+                      f"data.validation_npy={tmp_path}/validation.npy,")
+    (tmp_path / "rep.yaml").write_text(rep + "warm_start: [train.steps=2]\n")
+    crd = ("crd={theta: 10000.0, cycle: 768, original_max_position_embeddings: 384, initial_scale: 2.0, "
+           "growth: 2.0, stage_steps: 1, inference_scale: 5.0}")
+    (tmp_path / "sweep.yaml").write_text(json.dumps({
+        "reproduction": str(tmp_path / "rep.yaml"), "run_dir": str(tmp_path / "runs"),
+        "runs": {"ms_k4": ["train.steps=2"], "grow": ["train.steps=3", crd]},
+        "scores": [{"run": "grow", "tag": "grow_a5", "rope": {"rope_type": "ntk", "factor": 5.0}},
+                   {"run": "ms_k4", "tag": "twin"}],
+        "lengths": [384], "depths": [0.5], "per_cell": 1, "chunk_size": 128, "jobs": 2}))
+    cmd = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["scores"]) == {"grow_a5", "twin"}
+    assert summary["scores"]["grow_a5"]["accuracy"].keys() == {"384"}
+    assert {n: r["finished"] for n, r in summary["runs"].items()} == {"warm": True, "ms_k4": True, "grow": True}
+    assert summary["jobs"] == []  # the second call found every run trained and every score written
+    assert (tmp_path / "out" / "twin" / "passkey.png").stat().st_size > 0
