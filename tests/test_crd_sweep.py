@@ -60,6 +60,35 @@ def test_reproduction_without_warm_start_is_refused():
         cfg.reproduction_config()
 
 
+def _fake_score(out, tag, lengths, accuracy):
+    os.makedirs(out / tag)
+    (out / tag / "passkey.json").write_text(json.dumps({"lengths": lengths, "accuracy": accuracy}))
+
+
+def test_report_merges_a_panels_scores_by_length_and_draws_them(tmp_path):
+    """One panel's columns come from several scores (a later score wins a length both have)."""
+    cfg = sweep.CRDSweepConfig(reproduction="-", runs={"a": [], "b": []}, depths=(0.0, 1.0),
+                               scores=({"run": "a", "tag": "a1"}, {"run": "a", "tag": "a2"}, {"run": "b", "tag": "b1"}),
+                               figure={"with CRD": ["a1", "a2"], "twin": ["b1"]})
+    _fake_score(tmp_path, "a1", [2048, 32768], [[1.0, 0.5], [1.0, 0.0]])
+    _fake_score(tmp_path, "a2", [8192, 32768], [[1.0, 1.0], [0.5, 1.0]])
+    _fake_score(tmp_path, "b1", [2048], [[1.0], [0.0]])
+    merged = sweep._figure(cfg, str(tmp_path))
+    assert merged == {"with CRD": {"2048": 1.0, "8192": 0.75, "32768": 1.0}, "twin": {"2048": 0.5}}
+    assert (tmp_path / "side_by_side.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="figure\\['x'\\] must list score tags"):
+        sweep.CRDSweepConfig(reproduction="-", runs={"a": []}, scores=({"run": "a", "tag": "a1"},),
+                             figure={"x": ["a1", "zz"]})
+
+
+def test_heatmaps_rejects_a_panel_of_the_wrong_shape(tmp_path):
+    from selmerge_jax.evaluation import plots
+
+    with pytest.raises(ValueError, match="panel 'p' has shape"):
+        plots.heatmaps(str(tmp_path / "x.png"), {"p": ([[1.0, 0.0]], [1])}, rows=[0.5], row_label="d",
+                       col_label="n", title="t")
+
+
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
     """Warm start, a CRD run with a growing scale and the twin side by side, then one passkey score each; a
@@ -82,7 +111,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "runs": {"ms_k4": ["train.steps=2"], "grow": ["train.steps=3", crd]},
         "scores": [{"run": "grow", "tag": "grow_a5", "rope": {"rope_type": "ntk", "factor": 5.0}},
                    {"run": "ms_k4", "tag": "twin"}],
-        "lengths": [384], "depths": [0.5], "per_cell": 1, "chunk_size": 128, "jobs": 2}))
+        "lengths": [384], "depths": [0.5], "per_cell": 1, "chunk_size": 128, "jobs": 2,
+        "figure": {"CRD": ["grow_a5"], "twin": ["twin"]}}))
     cmd = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     for _ in range(2):
@@ -94,3 +124,4 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert {n: r["finished"] for n, r in summary["runs"].items()} == {"warm": True, "ms_k4": True, "grow": True}
     assert summary["jobs"] == []  # the second call found every run trained and every score written
     assert (tmp_path / "out" / "twin" / "passkey.png").stat().st_size > 0
+    assert set(summary["figure"]) == {"CRD", "twin"} and (tmp_path / "out" / "side_by_side.png").exists()

@@ -30,6 +30,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from selmerge_jax.training.experiment import load_experiment
 
+_SCORE_KEYS = {"run", "tag", "rope", "lengths", "per_cell"}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CRDSweepConfig:
@@ -38,8 +40,11 @@ class CRDSweepConfig:
         CRD fine-tune and its twin (``crd_pair``).
       run_dir: replaces the reproduction's run_dir (warm and every run train under it).
       runs: name -> extra overrides of the CRD fine-tune; the name ``crd_pair`` (e.g. ``dense``) is the twin.
-      scores: ``{run, tag, rope, lengths}`` entries in priority order; ``rope`` a RopeConfig mapping or null
-        (the checkpoint's own rule); ``lengths`` replaces the sweep's own (e.g. a 64x stretch for one rule).
+      scores: ``{run, tag, rope, lengths, per_cell}`` entries in priority order; ``rope`` a RopeConfig mapping
+        or null (the checkpoint's own rule); ``lengths`` and ``per_cell`` replace the sweep's own (e.g. a 64x
+        stretch for one rule, with fewer prompts so that one batch fits in memory).
+      figure: panel title -> score tags drawn as one heat map (their columns merged by length), the panels
+        side by side in ``<out>/side_by_side.png`` (the CRD run next to its twin).
       lengths, depths, per_cell, chunk_size: the passkey grid (greedy decoding through the cache).
       jobs: processes at once; mem_fraction: GPU memory fraction of each (XLA_PYTHON_CLIENT_MEM_FRACTION).
     """
@@ -54,18 +59,24 @@ class CRDSweepConfig:
     chunk_size: int = 512
     jobs: int = 4
     mem_fraction: float = 0.22
+    figure: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for i, s in enumerate(self.scores):
-            if not isinstance(s, dict) or set(s) - {"run", "tag", "rope", "lengths"} or not {"run", "tag"} <= set(s):
-                raise ValueError(f"CRDSweepConfig.scores[{i}] must be a mapping with run, tag and optional rope "
-                                 f"and lengths, got {s!r}")
+            if not isinstance(s, dict) or set(s) - _SCORE_KEYS or not {"run", "tag"} <= set(s):
+                raise ValueError(f"CRDSweepConfig.scores[{i}] must be a mapping with run, tag and optionally "
+                                 f"rope, lengths, per_cell; got {s!r}")
             if s["run"] not in self.runs:
                 raise ValueError(f"CRDSweepConfig.scores[{i}].run={s['run']!r} is not one of runs "
                                  f"{sorted(self.runs)}")
         tags = [s["tag"] for s in self.scores]
         if len(set(tags)) != len(tags):
             raise ValueError(f"CRDSweepConfig.scores: tags must be unique (they name directories), got {tags}")
+        for title, panel in self.figure.items():
+            unknown = set(panel) - set(tags)
+            if not panel or unknown:
+                raise ValueError(f"CRDSweepConfig.figure[{title!r}] must list score tags, got {panel!r} "
+                                 f"(unknown: {sorted(unknown)})")
         if not 0 < self.mem_fraction <= 1 or self.jobs < 1:
             raise ValueError(f"CRDSweepConfig: jobs must be >= 1 and mem_fraction in (0, 1], got jobs={self.jobs}, "
                              f"mem_fraction={self.mem_fraction}")
@@ -114,7 +125,7 @@ def _child_score(cfg: CRDSweepConfig, tag: str, out: str):
     pk = PasskeyEvalConfig(init=InitConfig(kind="checkpoint", path=os.path.join(cfg.run_dir, entry["run"], "checkpoints")),
                            model=None, rope=RopeConfig(**rope) if rope else None,
                            lengths=tuple(entry.get("lengths") or cfg.lengths),
-                           depths=cfg.depths, per_cell=cfg.per_cell, chunk_size=cfg.chunk_size,
+                           depths=cfg.depths, per_cell=entry.get("per_cell") or cfg.per_cell, chunk_size=cfg.chunk_size,
                            scoring="generate", output_dir=os.path.join(out, tag))
     print(json.dumps(run_passkey(pk)))
 
@@ -153,19 +164,44 @@ class _Pool:
         self.log += [{"job": job, "skipped": "deadline"} for job in pending]
 
 
-def _accuracy_per_length(path: str) -> dict:
-    with open(path) as f:
+def _columns(out: str, tag: str) -> dict:
+    """length -> accuracy per depth, from ``<out>/<tag>/passkey.json``."""
+    with open(os.path.join(out, tag, "passkey.json")) as f:
         grid = json.load(f)
-    cols = list(zip(*grid["accuracy"], strict=True))  # [depth][length] -> per length
-    return {str(n): round(sum(c) / len(c), 3) for n, c in zip(grid["lengths"], cols, strict=True)}
+    return dict(zip(grid["lengths"], zip(*grid["accuracy"], strict=True), strict=True))  # [depth][length]
+
+
+def _accuracy_per_length(columns: dict) -> dict:
+    return {str(n): round(sum(c) / len(c), 3) for n, c in sorted(columns.items())}
+
+
+def _figure(cfg: CRDSweepConfig, out: str) -> dict:
+    """Each panel's tags merged into one grid (a later tag wins a length both have); draws side_by_side.png."""
+    from selmerge_jax.evaluation import plots
+
+    panels = {}
+    for title, tags in cfg.figure.items():
+        merged = {}
+        for tag in tags:
+            if os.path.exists(os.path.join(out, tag, "passkey.json")):
+                merged.update(_columns(out, tag))
+        if merged:
+            lengths = sorted(merged)
+            panels[title] = ([list(row) for row in zip(*(merged[n] for n in lengths), strict=True)], lengths)
+    if panels:
+        plots.heatmaps(os.path.join(out, "side_by_side.png"), panels, rows=list(cfg.depths),
+                       row_label="key depth (0 = start)", col_label="context tokens",
+                       title="passkey retrieval (greedy decoding)")
+    return {title: _accuracy_per_length(dict(zip(cols, zip(*values, strict=True), strict=True)))
+            for title, (values, cols) in panels.items()}
 
 
 def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
     scores = {}
     for s in cfg.scores:
-        path = os.path.join(out, s["tag"], "passkey.json")
-        if os.path.exists(path):
-            scores[s["tag"]] = {"run": s["run"], "rope": s.get("rope"), "accuracy": _accuracy_per_length(path)}
+        if os.path.exists(os.path.join(out, s["tag"], "passkey.json")):
+            scores[s["tag"]] = {"run": s["run"], "rope": s.get("rope"),
+                                "accuracy": _accuracy_per_length(_columns(out, s["tag"]))}
     runs = {}
     for name in ["warm", *cfg.runs]:
         metrics = os.path.join(cfg.run_dir, name, "metrics.jsonl")
@@ -175,7 +211,8 @@ def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
             train = [r for r in rows if "loss" in r]
             runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"] if train
                           else None, "finished": _finished(cfg.run_dir, name)}
-    summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "jobs": log}
+    summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "figure": _figure(cfg, out),
+               "jobs": log}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -185,7 +222,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], help="key.path=value override of the sweep config")
-    p.add_argument("--stage", choices=("train", "score", "all"), default="all")
+    p.add_argument("--stage", choices=("train", "score", "all", "report"), default="all",
+                   help="report: only summary.json and side_by_side.png from the scores already written")
     p.add_argument("--out", default="runs/crd_sweep/results")
     p.add_argument("--max_s", type=float, default=560.0, help="stop every child still running after this")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -200,6 +238,8 @@ def main():
     cfg.reproduction_config()  # a typo fails here, before any child starts
     for name in cfg.runs:
         cfg.train_config(name)
+    if a.stage == "report" and not os.path.isdir(a.out):
+        raise SystemExit(f"--stage report: {a.out} holds no scores")
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
     argv = [sys.executable, os.path.abspath(__file__), "--config", a.config, "--out", a.out,
             *[f"--set={s}" for s in a.set]]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["bars", "curves", "heatmap", "lines"]
+__all__ = ["bars", "curves", "heatmap", "heatmaps", "lines"]
 
 
 def _pyplot():
@@ -47,6 +47,37 @@ def heatmap(path: str, values, *, rows: Sequence, cols: Sequence, row_label: str
         ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
+
+
+def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows: Sequence, row_label: str,
+             col_label: str, title: str, vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.0%}") -> str:
+    """Heat maps side by side, sharing their rows and colour scale: ``panels`` maps a panel title to
+    ``(values [len(rows)][len(cols)], cols)`` (a model with and without CRD NTK, each at its own lengths)."""
+    if not panels:
+        raise ValueError("heatmaps: panels must hold at least one (values, cols) pair, got none")
+    grids = {name: (np.asarray(v, np.float64), list(c)) for name, (v, c) in panels.items()}
+    for name, (values, cols) in grids.items():
+        if values.shape != (len(rows), len(cols)):
+            raise ValueError(f"heatmaps: panel {name!r} has shape {values.shape}, expected "
+                             f"(len(rows)={len(rows)}, len(cols)={len(cols)})")
+    plt = _pyplot()
+    widths = [len(cols) for _, cols in grids.values()]
+    fig, axes = plt.subplots(1, len(grids), squeeze=False, gridspec_kw={"width_ratios": widths},
+                             figsize=(1.5 + 0.9 * sum(widths) + 0.6 * len(grids), 1.4 + 0.5 * len(rows)))
+    for ax, (name, (values, cols)) in zip(axes[0], grids.items(), strict=True):
+        im = ax.imshow(values, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set(xlabel=col_label, title=name)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
+    axes[0][0].set_ylabel(row_label)
+    fig.suptitle(title)
+    fig.colorbar(im, ax=list(axes[0]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight_layout cannot place a colorbar shared by panels
+    plt.close(fig)
+    return path
 
 
 def lines(path: str, series: Mapping[str, tuple[Sequence, Sequence]], *, xlabel: str, ylabel: str, title: str,
