@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from selmerge_jax.training.experiment import load_experiment
 
@@ -176,24 +178,24 @@ def _accuracy_per_length(columns: dict) -> dict:
 
 
 def _figure(cfg: CRDSweepConfig, out: str) -> dict:
-    """Each panel's tags merged into one grid (a later tag wins a length both have); draws side_by_side.png."""
+    """Each panel's tags merged into one grid (a later tag wins a length both have); draws side_by_side.png and
+    returns each panel's accuracy per length."""
     from selmerge_jax.evaluation import plots
 
-    panels = {}
+    merged = {}
     for title, tags in cfg.figure.items():
-        merged = {}
+        columns = {}
         for tag in tags:
             if os.path.exists(os.path.join(out, tag, "passkey.json")):
-                merged.update(_columns(out, tag))
-        if merged:
-            lengths = sorted(merged)
-            panels[title] = ([list(row) for row in zip(*(merged[n] for n in lengths), strict=True)], lengths)
-    if panels:
+                columns.update(_columns(out, tag))
+        if columns:
+            merged[title] = dict(sorted(columns.items()))
+    if merged:
+        panels = {title: (np.asarray(list(c.values())).T, list(c)) for title, c in merged.items()}
         plots.heatmaps(os.path.join(out, "side_by_side.png"), panels, rows=list(cfg.depths),
                        row_label="key depth (0 = start)", col_label="context tokens",
                        title="passkey retrieval (greedy decoding)")
-    return {title: _accuracy_per_length(dict(zip(cols, zip(*values, strict=True), strict=True)))
-            for title, (values, cols) in panels.items()}
+    return {title: _accuracy_per_length(c) for title, c in merged.items()}
 
 
 def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:

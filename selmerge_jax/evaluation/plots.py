@@ -39,14 +39,20 @@ def heatmap(path: str, values, *, rows: Sequence, cols: Sequence, row_label: str
         raise ValueError(f"values has shape {values.shape}, expected (len(rows)={len(rows)}, len(cols)={len(cols)})")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.0 + 0.5 * len(rows)))
+    im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
+    ax.set(xlabel=col_label, ylabel=row_label, title=title)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def _grid(ax, values, rows, cols, vmin, vmax, fmt):
+    """One heat map on ``ax``, each cell's value printed; returns the image (for a colour bar)."""
     im = ax.imshow(values, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-    ax.set(xlabel=col_label, ylabel=row_label, title=title)
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return im
 
 
 def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows: Sequence, row_label: str,
@@ -65,12 +71,8 @@ def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows
     fig, axes = plt.subplots(1, len(grids), squeeze=False, gridspec_kw={"width_ratios": widths},
                              figsize=(1.5 + 0.9 * sum(widths) + 0.6 * len(grids), 1.4 + 0.5 * len(rows)))
     for ax, (name, (values, cols)) in zip(axes[0], grids.items(), strict=True):
-        im = ax.imshow(values, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
-        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
         ax.set(xlabel=col_label, title=name)
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
     axes[0][0].set_ylabel(row_label)
     fig.suptitle(title)
     fig.colorbar(im, ax=list(axes[0]))
