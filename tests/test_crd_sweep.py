@@ -60,6 +60,25 @@ def test_reproduction_without_warm_start_is_refused():
         cfg.reproduction_config()
 
 
+def test_only_the_final_checkpoint_step_finishes_a_run(tmp_path):
+    """A run stopped at the deadline may leave an intermediate step: it must train again, not be scored."""
+    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100.yaml"),
+                          [f"run_dir={tmp_path}"])
+    os.makedirs(tmp_path / "grow2" / "checkpoints" / "500")
+    assert not cfg.finished("grow2") and not cfg.finished("grow4")
+    os.makedirs(tmp_path / "grow2" / "checkpoints" / "1200")
+    os.makedirs(tmp_path / "warm" / "checkpoints" / "1200")  # warm trains 1800 steps
+    assert cfg.finished("grow2") and not cfg.finished("warm")
+
+
+def test_rope_label_names_the_rule_and_log_n():
+    from selmerge_jax.evaluation.common import rope_label
+    from selmerge_jax.positional import RopeConfig
+
+    assert rope_label(RopeConfig()) == "default"
+    assert rope_label({"rope_type": "ntk", "factor": 257.0, "logn_length": 1024}) == "ntk x257, log-n 1024"
+
+
 def _fake_score(out, tag, lengths, accuracy):
     os.makedirs(out / tag)
     (out / tag / "passkey.json").write_text(json.dumps({"lengths": lengths, "accuracy": accuracy}))

@@ -184,6 +184,13 @@ def test_layer_builds_crd_hook_from_config_and_dense_ignores_mode():
     np.testing.assert_allclose(dense_a(x), dense_b(x), rtol=1e-6)
 
 
+def test_compact_positions_refuse_logn_queries():
+    """Log-n scales q in the hook's (q, k) call, which the compact scheme never makes: refused, not skipped."""
+    lyr = _layer("selected_compact", rope=RopeConfig(theta=100.0, logn_length=8))
+    with pytest.raises(ValueError, match="logn_length=8"):
+        lyr(jax.random.normal(jax.random.PRNGKey(7), (1, 16, 16)))
+
+
 def test_layer_compact_positions_use_the_steps_traced_frequencies():
     from selmerge_jax.positional import CRDNTKFn, RotaryPositions, crd_step
     crd = CRDNTKConfig(cycle=64, original_max_position_embeddings=16, initial_scale=4.0)

@@ -103,10 +103,11 @@ class CRDSweepConfig:
         return rep.crd_config(extra, name)
 
 
-def _finished(run_dir: str, name: str) -> bool:
-    """A run is done when its checkpoint directory holds a committed step (orbax renames it into place)."""
-    path = os.path.join(run_dir, name, "checkpoints")
-    return os.path.isdir(path) and any(e.isdigit() for e in os.listdir(path))
+    def finished(self, name: str) -> bool:
+        """A run is done when its checkpoint directory holds its *final* step, committed (orbax renames a step
+        into place); an intermediate step left by a run stopped at the deadline does not count."""
+        path = os.path.join(self.run_dir, name, "checkpoints")
+        return os.path.isdir(path) and str(self.train_config(name).train.steps) in os.listdir(path)
 
 
 def _child_train(cfg: CRDSweepConfig, name: str):
@@ -136,7 +137,21 @@ class _Pool:
     """Child processes of this script, ``jobs`` at a time, stopped at the deadline; logs each one."""
 
     def __init__(self, argv: list[str], out: str, deadline: float):
-        self.argv, self.out, self.deadline, self.log = argv, out, deadline, []
+        self.argv, self.out, self.deadline, self.log, self.stopped = argv, out, deadline, [], set()
+
+    def _stop(self, running: dict, grace_s: float = 30.0):
+        """SIGTERM to every child still running, then SIGKILL to any that outlives the shared grace period."""
+        for job, (proc, _, _) in running.items():
+            if proc.poll() is None and job not in self.stopped:
+                proc.terminate()
+                self.stopped.add(job)
+        end = time.monotonic() + grace_s
+        for proc, _, _ in running.values():
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def run(self, jobs: list[str], width: int, mem_fraction: float):
         pending, running = list(jobs), {}
@@ -151,16 +166,14 @@ class _Pool:
             if not running:
                 break  # deadline reached with jobs left
             time.sleep(1.0)
+            if time.monotonic() > self.deadline:
+                self._stop(running)
             for job, (proc, logf, t0) in list(running.items()):
-                late = time.monotonic() > self.deadline
-                if late and proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(30)
                 if proc.poll() is not None:
                     logf.close()
                     del running[job]
                     entry = {"job": job, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
-                             "stopped_at_deadline": late}
+                             "stopped_at_deadline": job in self.stopped}
                     self.log.append(entry)
                     print(f"[sweep] {entry}", flush=True)
         self.log += [{"job": job, "skipped": "deadline"} for job in pending]
@@ -212,7 +225,7 @@ def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
                 rows = [json.loads(line) for line in f]
             train = [r for r in rows if "loss" in r]
             runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"] if train
-                          else None, "finished": _finished(cfg.run_dir, name)}
+                          else None, "finished": cfg.finished(name)}
     summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "figure": _figure(cfg, out),
                "jobs": log}
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -247,11 +260,11 @@ def main():
             *[f"--set={s}" for s in a.set]]
     pool = _Pool(argv, a.out, time.monotonic() + a.max_s)
     if a.stage in ("train", "all"):
-        if not _finished(cfg.run_dir, "warm"):
+        if not cfg.finished("warm"):
             pool.run(["train:warm"], 1, 0.9)
-        pool.run([f"train:{n}" for n in cfg.runs if not _finished(cfg.run_dir, n)], cfg.jobs, cfg.mem_fraction)
+        pool.run([f"train:{n}" for n in cfg.runs if not cfg.finished(n)], cfg.jobs, cfg.mem_fraction)
     if a.stage in ("score", "all"):
-        todo = [s["tag"] for s in cfg.scores if _finished(cfg.run_dir, s["run"])
+        todo = [s["tag"] for s in cfg.scores if cfg.finished(s["run"])
                 and not os.path.exists(os.path.join(a.out, s["tag"], "passkey.json"))]
         pool.run([f"score:{t}" for t in todo], cfg.jobs, cfg.mem_fraction)
     summary = _summary(cfg, a.out, pool.log)

@@ -28,6 +28,7 @@ __all__ = [
     "crd_inference_rope",
     "load_model",
     "provenance",
+    "rope_label",
     "validation_tokens",
     "with_config",
     "with_rope",
@@ -130,6 +131,13 @@ def validation_tokens(data: DataConfig, tokenizer, count: int) -> np.ndarray:
     if len(tokens) < count:
         raise ValueError(f"the validation split holds only {len(tokens)} tokens; {count} were asked for")
     return np.asarray(tokens, np.int32)
+
+
+def rope_label(rope) -> str:
+    """A plot title's name for a position rule (a ``RopeConfig`` or its dict): type, factor and log-n."""
+    rope = rope if isinstance(rope, dict) else dataclasses.asdict(rope)
+    label = rope["rope_type"] + (f" x{rope['factor']:g}" if rope["rope_type"] != "default" else "")
+    return label + (f", log-n {rope['logn_length']}" if rope.get("logn_length") else "")
 
 
 def provenance() -> dict:

@@ -29,6 +29,7 @@ from selmerge_jax.evaluation.common import (
     check_positive_ints,
     load_model,
     provenance,
+    rope_label,
     write_json,
 )
 from selmerge_jax.models.config import ModelConfig
@@ -162,7 +163,7 @@ def run_passkey(cfg: PasskeyEvalConfig) -> dict:
     result = passkey_accuracy(model, tokenizer, cfg.lengths, cfg.depths, per_cell=cfg.per_cell, seed=cfg.seed,
                               chunk_size=cfg.chunk_size, scoring=cfg.scoring)
     rope = model.config.rope
-    label = rope.rope_type + (f" x{rope.factor:g}" if rope.rope_type != "default" else "")
+    label = rope_label(rope)
     result.update(study="passkey", attention=model.config.attention, rope=dataclasses.asdict(rope),
                   per_cell=cfg.per_cell, scoring=cfg.scoring, **provenance())
     json_path = write_json(os.path.join(cfg.output_dir, "passkey.json"), result)

@@ -34,6 +34,7 @@ from selmerge_jax.evaluation.common import (
     check_positive_ints,
     load_model,
     provenance,
+    rope_label,
     write_json,
 )
 from selmerge_jax.kvcache import KVCompressionConfig
@@ -291,8 +292,7 @@ def _add_column(grid: dict, part: dict):
 
 def _write_grid(cfg: ReproductionConfig, name: str, grid: dict):
     write_json(os.path.join(cfg.output_dir, f"passkey_{name}.json"), grid)
-    rope = grid["rope"]
-    label = rope["rope_type"] + (f" x{rope['factor']:g}" if rope["rope_type"] != "default" else "")
+    label = rope_label(grid["rope"])
     plots.heatmap(os.path.join(cfg.output_dir, f"passkey_{name}.png"), grid["accuracy"], rows=grid["depths"],
                   cols=grid["lengths"], row_label="key depth (0 = start)", col_label="context tokens",
                   title=f"passkey, {name} ({grid['attention']}, RoPE {label})")
