@@ -47,10 +47,11 @@ def test_shipped_h100_sweep_builds_every_run():
     ({"scores": ({"run": "a", "tag": "x"}, {"run": "a", "tag": "x"})}, "tags must be unique"),
     ({"scores": ({"run": "a", "tag": "x", "rule": 1},)}, "scores\\[0\\] must be a mapping"),
     ({"jobs": 0}, "jobs must be >= 1"),
+    ({"runs": {"a": [], "warm": []}}, "names \\['warm'\\] are not allowed"),
 ])
 def test_bad_sweeps_raise(change, message):
     with pytest.raises(ValueError, match=message):
-        sweep.CRDSweepConfig(reproduction="-", runs={"a": []}, **change)
+        sweep.CRDSweepConfig(reproduction="-", **{"runs": {"a": []}, **change})
 
 
 def test_reproduction_without_warm_start_is_refused():
@@ -64,11 +65,14 @@ def test_only_the_final_checkpoint_step_finishes_a_run(tmp_path):
     """A run stopped at the deadline may leave an intermediate step: it must train again, not be scored."""
     cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100.yaml"),
                           [f"run_dir={tmp_path}"])
+    steps = cfg.final_steps()
+    assert steps == {"warm": 1800, "dense": 1200, "fixed16": 1200, "grow2": 1200, "grow4": 1200}
+    done = lambda name: sweep._finished(str(tmp_path), name, steps[name])
     os.makedirs(tmp_path / "grow2" / "checkpoints" / "500")
-    assert not cfg.finished("grow2") and not cfg.finished("grow4")
+    assert not done("grow2") and not done("grow4")
     os.makedirs(tmp_path / "grow2" / "checkpoints" / "1200")
     os.makedirs(tmp_path / "warm" / "checkpoints" / "1200")  # warm trains 1800 steps
-    assert cfg.finished("grow2") and not cfg.finished("warm")
+    assert done("grow2") and not done("warm")
 
 
 def test_rope_label_names_the_rule_and_log_n():

@@ -263,6 +263,13 @@ def test_logn_scales_queries_past_the_training_length_only():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_logn_scale_rejects_a_bad_length():
+    from selmerge_jax.positional import logn_scale
+
+    with pytest.raises(ValueError, match="length must be an int >= 2"):
+        logn_scale(jnp.arange(4), 1)
+
+
 def test_logn_has_no_hf_export():
     with pytest.raises(ValueError, match="logn_length"):
         RopeConfig(logn_length=4096).to_hf()

@@ -71,6 +71,10 @@ class CRDSweepConfig:
             if s["run"] not in self.runs:
                 raise ValueError(f"CRDSweepConfig.scores[{i}].run={s['run']!r} is not one of runs "
                                  f"{sorted(self.runs)}")
+        bad = [n for n in self.runs if n == "warm" or not n or "/" in n]
+        if bad:
+            raise ValueError(f"CRDSweepConfig.runs: names {bad} are not allowed (each names a directory under "
+                             "run_dir beside the shared warm start, 'warm')")
         tags = [s["tag"] for s in self.scores]
         if len(set(tags)) != len(tags):
             raise ValueError(f"CRDSweepConfig.scores: tags must be unique (they name directories), got {tags}")
@@ -102,12 +106,16 @@ class CRDSweepConfig:
             return rep.variant_config(name, extra)
         return rep.crd_config(extra, name)
 
+    def final_steps(self) -> dict:
+        """name -> training steps of warm and every run (building each config once also validates it)."""
+        return {name: self.train_config(name).train.steps for name in ("warm", *self.runs)}
 
-    def finished(self, name: str) -> bool:
-        """A run is done when its checkpoint directory holds its *final* step, committed (orbax renames a step
-        into place); an intermediate step left by a run stopped at the deadline does not count."""
-        path = os.path.join(self.run_dir, name, "checkpoints")
-        return os.path.isdir(path) and str(self.train_config(name).train.steps) in os.listdir(path)
+
+def _finished(run_dir: str, name: str, steps: int) -> bool:
+    """A run is done when its checkpoint directory holds its *final* step, committed (orbax renames a step into
+    place); an intermediate step left by a run stopped at the deadline does not count."""
+    path = os.path.join(run_dir, name, "checkpoints")
+    return os.path.isdir(path) and str(steps) in os.listdir(path)
 
 
 def _child_train(cfg: CRDSweepConfig, name: str):
@@ -211,7 +219,7 @@ def _figure(cfg: CRDSweepConfig, out: str) -> dict:
     return {title: _accuracy_per_length(c) for title, c in merged.items()}
 
 
-def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
+def _summary(cfg: CRDSweepConfig, out: str, log: list, steps: dict) -> dict:
     scores = {}
     for s in cfg.scores:
         if os.path.exists(os.path.join(out, s["tag"], "passkey.json")):
@@ -225,7 +233,7 @@ def _summary(cfg: CRDSweepConfig, out: str, log: list) -> dict:
                 rows = [json.loads(line) for line in f]
             train = [r for r in rows if "loss" in r]
             runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"] if train
-                          else None, "finished": cfg.finished(name)}
+                          else None, "finished": _finished(cfg.run_dir, name, steps[name])}
     summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "figure": _figure(cfg, out),
                "jobs": log}
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -251,8 +259,8 @@ def main():
 
     jax.config.update("jax_platforms", "cpu")  # the coordinator must not take GPU memory its children need
     cfg.reproduction_config()  # a typo fails here, before any child starts
-    for name in cfg.runs:
-        cfg.train_config(name)
+    steps = cfg.final_steps()
+    done = lambda name: _finished(cfg.run_dir, name, steps[name])
     if a.stage == "report" and not os.path.isdir(a.out):
         raise SystemExit(f"--stage report: {a.out} holds no scores")
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
@@ -260,14 +268,14 @@ def main():
             *[f"--set={s}" for s in a.set]]
     pool = _Pool(argv, a.out, time.monotonic() + a.max_s)
     if a.stage in ("train", "all"):
-        if not cfg.finished("warm"):
+        if not done("warm"):
             pool.run(["train:warm"], 1, 0.9)
-        pool.run([f"train:{n}" for n in cfg.runs if not cfg.finished(n)], cfg.jobs, cfg.mem_fraction)
+        pool.run([f"train:{n}" for n in cfg.runs if not done(n)], cfg.jobs, cfg.mem_fraction)
     if a.stage in ("score", "all"):
-        todo = [s["tag"] for s in cfg.scores if cfg.finished(s["run"])
+        todo = [s["tag"] for s in cfg.scores if done(s["run"])
                 and not os.path.exists(os.path.join(a.out, s["tag"], "passkey.json"))]
         pool.run([f"score:{t}" for t in todo], cfg.jobs, cfg.mem_fraction)
-    summary = _summary(cfg, a.out, pool.log)
+    summary = _summary(cfg, a.out, pool.log, steps)
     for tag, s in summary["scores"].items():
         print(f"{tag:28s} {s['run']:12s} {s['accuracy']}")
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
 
-__all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "logn_scale", "make_position_fn", "rope_angles",
-           "rope_frequencies"]
+__all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "logn_scale", "make_position_fn",
+           "rope_angles", "rope_frequencies"]
 
 _TWO_32 = 2.0**32
 
@@ -298,6 +298,8 @@ class RopeFn:
 
 def logn_scale(positions, length: int):
     """``float32``, the shape of ``positions``: ``max(1, log(p + 1) / log(length))``, the log-n query scale."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2 (the training length), got {length!r}")
     p = jnp.asarray(positions, jnp.float32)
     return jnp.maximum(1.0, jnp.log1p(p) / math.log(length))
 
