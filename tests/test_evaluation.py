@@ -172,6 +172,10 @@ def test_passkey_scoring_with_oracles(monkeypatch, shift, accuracy):
     (lambda: loss_curves.LossCurveSweepConfig(variants={}), "at least one run"),
     (lambda: loss_curves.LossCurveSweepConfig(variants={"a/b": []}), "without '/'"),
     (lambda: loss_curves.LossCurveSweepConfig(variants={"a": ["no_equals"]}), "key.path=value"),
+    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, warm_start=("x",)), "warm_start must be"),
+    (lambda: loss_curves.LossCurveSweepConfig(variants={"warm": []}, warm_start=("a.b=1",)), "may not be named 'warm'"),
+    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, seeds=(0, -1)), r"seeds must be .* >= 0"),
+    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, seeds=(1, 1)), "repeats a seed"),
 ])
 def test_bad_configs_name_the_field(make, message):
     with pytest.raises(ValueError, match=message):
@@ -183,6 +187,18 @@ def test_config_schema_by_file_name():
     assert config_schema("eval_loss_curves_gpu") is loss_curves.LossCurveSweepConfig
     with pytest.raises(ValueError, match="no evaluation study"):
         config_schema("eval_nothing")
+
+
+def test_loss_sweep_order_check():
+    runs = {"dense": {"attended_fraction": 1.0, "final_val_loss": 2.0, "final_train_loss": 1.9},
+            "k4": {"attended_fraction": 0.1, "final_val_loss": 2.2, "final_train_loss": 1.8},
+            "k8": {"attended_fraction": 0.2, "final_val_loss": 2.1, "final_train_loss": None}}
+    assert loss_curves.ordered(runs) == {"pass": True, "order": ["k4", "k8", "dense"],
+                                         "final_val_loss": [2.2, 2.1, 2.0]}
+    assert loss_curves.ordered(runs, "final_train_loss")["pass"] is False  # k8 has no figure: k4 vs dense
+    runs["k8"]["final_val_loss"] = 2.2  # a tie is not an order
+    assert not loss_curves.ordered(runs)["pass"]
+    assert loss_curves.ordered({"k4": runs["k4"]}) is None
 
 
 def test_loss_sweep_rejects_unequal_token_budgets(tmp_path):

@@ -14,7 +14,7 @@ from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models.config import preset
 from selmerge_jax.models.tokenizer import ByteTokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig
+from selmerge_jax.training.experiment import DataConfig, FinetuneConfig
 
 ROOT = pathlib.Path(__file__).parents[1]
 MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
@@ -93,6 +93,55 @@ def test_loss_curve_sweep(tmp_path, npy):
         assert r["curve"]["step"] == [1, 2] and r["tokens"] == 2 * 8 * 32 and np.isfinite(r["final_val_loss"])
         assert r["compiled_step_bytes"] > 0
     assert result["table"].splitlines()[2].startswith("| dense | dense | 1.000 |")
+
+
+def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
+    base = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.ms.block_size=8",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2", "train.batch_size=8",
+            "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.eval_every=2",
+            "train.progress=false", "optimizer.warmup_steps=1", "checkpoint.every_steps=0",
+            "checkpoint.async_save=false"]
+    sweep = loss_curves.LossCurveSweepConfig(
+        base_overrides=tuple(base), output_dir=str(tmp_path), seeds=(3, 5),
+        warm_start=("model.attention=dense", "train.steps=3"),
+        variants={"dense": ["model.attention=dense"], "ms_k2": ["model.ms.top_k=2"]})
+    result = loss_curves.run_loss_curves(sweep)
+    data = _outputs(result)
+    assert data["warm"]["tokens"] == 3 * 8 * 32 and data["seeds"] == [3, 5]
+    for name, row in data["runs"].items():
+        per_seed = row["per_seed"]
+        assert set(per_seed) == {"3", "5"} and (tmp_path / name / "seed5" / "metrics.jsonl").exists()
+        vals = [per_seed[k]["final_val_loss"] for k in ("3", "5")]
+        assert row["final_val_loss"] == pytest.approx(np.mean(vals))
+        assert row["final_val_loss_std"] == pytest.approx(np.std(vals, ddof=1))
+        assert vals[0] != vals[1]  # the seeds are different runs...
+        first = [per_seed[k]["curve"]["loss"][0] for k in ("3", "5")]
+        assert row["curve"]["loss"][0] == pytest.approx(np.mean(first))
+    # ...fine-tuned from warm's final checkpoint (restoring it is run_finetune's, tested with the reproduction)
+    cfg = loss_curves.variant_config(sweep, "ms_k2", 5)
+    assert isinstance(cfg, FinetuneConfig) and cfg.train.seed == 5 and cfg.model.attention == "ms"
+    assert cfg.init.kind == "checkpoint" and cfg.init.path == str(tmp_path / "warm" / "checkpoints")
+    assert (tmp_path / "warm" / "checkpoints").is_dir()
+    assert data["order"]["val"]["order"] == ["ms_k2", "dense"]
+    assert " ± " in result["table"].splitlines()[2]
+
+
+def test_validation_windows_do_not_depend_on_the_training_seed(npy):
+    from selmerge_jax.training.experiment import PretrainConfig, load_experiment
+    from selmerge_jax.training.runner import make_data
+
+    def windows(*extra):
+        cfg = load_experiment(PretrainConfig, None, ["model={preset: tiny}", f"data.train_npy={npy[0]}",
+                                                     f"data.validation_npy={npy[1]}", "train.seq_len=32",
+                                                     "train.batch_size=4", *extra])
+        train_it, eval_fn = make_data(cfg, ByteTokenizer())
+        return next(train_it)["inputs"], next(iter(eval_fn()))["inputs"]
+
+    train0, val0 = windows()
+    train1, val1 = windows("train.seed=1")
+    _, val2 = windows("train.seed=1", "data.validation_seed=2")
+    assert not np.array_equal(train0, train1) and np.array_equal(val0, val1)
+    assert not np.array_equal(val1, val2)
 
 
 @pytest.mark.parametrize("script", ["eval_passkey", "eval_perplexity", "eval_loss_curves", "eval_fidelity",

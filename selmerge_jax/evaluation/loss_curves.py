@@ -6,6 +6,17 @@ runner) plus a few ``--set``-style overrides, e.g. ``model.ms.top_k=2`` or ``mod
 batch and sequence length come from the base config, so every run sees the same tokens in the same order
 (same seed). Runs write into ``<output_dir>/<variant>/`` and resume from their checkpoints when re-run.
 
+Two options make the family a sharper instrument:
+
+* ``warm_start``: one pretraining run ``<output_dir>/warm`` (usually dense) that every variant then fine-tunes
+  from, the paper's setting (a dense-pretrained model adapted to select-and-merge attention). The family then
+  measures how much of a trained model's fit each attention budget keeps, free of the early-training speed
+  differences between attention kinds that dominate short from-scratch runs.
+* ``seeds``: every variant once per training seed (init, data order) in ``<variant>/seed<k>/``; the table and
+  the order check use the mean over seeds and report the spread, so an order is not read off one draw.
+  Validation windows do not depend on the training seed (``data.validation_seed``), so every run of a
+  variant scores the same text.
+
 Cost figures are computed, not timed, so they compare across machines:
 
 * attended fraction: keys each query attends (selected regions, its causal local block, one centroid per
@@ -20,6 +31,8 @@ Cost figures are computed, not timed, so they compare across machines:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import os
 
 import jax
@@ -31,16 +44,18 @@ from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.evaluation import plots
 from selmerge_jax.evaluation.common import provenance, write_json
 from selmerge_jax.models import Llama, count_params
-from selmerge_jax.models.config import ModelConfig
-from selmerge_jax.training.experiment import PretrainConfig, load_experiment
+from selmerge_jax.models.config import ModelConfig, parameter_shape_changes
+from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, load_experiment
 
 __all__ = [
     "LossCurveSweepConfig",
     "attended_fraction",
+    "ordered",
     "run_loss_curves",
     "train_flops_per_token",
     "train_step_bytes",
     "variant_config",
+    "warm_config",
 ]
 
 
@@ -52,31 +67,68 @@ class LossCurveSweepConfig:
       base_config: a pretraining YAML (``experiments/configs/*.yaml``) every variant starts from.
       base_overrides: ``key.path=value`` applied to the base first (e.g. a short CPU budget).
       variants: name -> list of overrides for that run (an empty list is the base itself).
-      output_dir: runs go to ``<output_dir>/<name>``; ``loss_curves.json``/``.png`` here.
+      warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that every
+        variant fine-tunes from (its weights; a fresh optimizer and schedule); empty: variants start from scratch.
+      seeds: training seeds to repeat every variant with (``train.seed``); empty: one run at the base's seed.
+      output_dir: runs go to ``<output_dir>/<name>`` (``<name>/seed<k>`` with seeds); ``loss_curves.json``/
+        ``.png``/``.md`` here.
     """
 
     base_config: str = "experiments/configs/demo.yaml"
     base_overrides: tuple[str, ...] = ()
     variants: dict = dataclasses.field(default_factory=dict)
+    warm_start: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
     output_dir: str = "runs/eval_loss_curves"
 
     def __post_init__(self):
+        own = "LossCurveSweepConfig"
         if not self.variants:
-            raise ValueError("LossCurveSweepConfig.variants must name at least one run, got none")
+            raise ValueError(f"{own}.variants must name at least one run, got none")
         for name, overrides in self.variants.items():
             if not isinstance(name, str) or not name or "/" in name:
-                raise ValueError(f"LossCurveSweepConfig.variants: name {name!r} must be a non-empty string "
+                raise ValueError(f"{own}.variants: name {name!r} must be a non-empty string "
                                  "without '/' (it becomes a directory)")
-            if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) and "=" in o
-                                                                    for o in overrides):
-                raise ValueError(f"LossCurveSweepConfig.variants.{name} must be a list of 'key.path=value' "
+            if not _override_list(overrides):
+                raise ValueError(f"{own}.variants.{name} must be a list of 'key.path=value' "
                                  f"strings, got {overrides!r}")
+        if not _override_list(self.warm_start):
+            raise ValueError(f"{own}.warm_start must be a list of 'key.path=value' strings, got {self.warm_start!r}")
+        if self.warm_start and "warm" in self.variants:
+            raise ValueError(f"{own}.variants may not be named 'warm' with warm_start: the warm run trains into "
+                             f"{os.path.join(self.output_dir, 'warm')}")
+        if not isinstance(self.seeds, (list, tuple)) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.seeds):
+            raise ValueError(f"{own}.seeds must be a list of ints >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"{own}.seeds={list(self.seeds)} repeats a seed: each seed is one run")
 
 
-def variant_config(sweep: LossCurveSweepConfig, name: str) -> PretrainConfig:
-    """The validated pretraining config of one variant (its output directory set under the sweep's)."""
-    overrides = [*sweep.base_overrides, *sweep.variants[name],
-                 f"train.output_dir={os.path.join(sweep.output_dir, name)}"]
+def _override_list(overrides) -> bool:
+    return isinstance(overrides, (list, tuple)) and all(isinstance(o, str) and "=" in o for o in overrides)
+
+
+def _run_dir(sweep: LossCurveSweepConfig, name: str, seed: int | None) -> str:
+    return os.path.join(sweep.output_dir, name, *([] if seed is None else [f"seed{seed}"]))
+
+
+def variant_config(sweep: LossCurveSweepConfig, name: str, seed: int | None = None) -> PretrainConfig:
+    """The validated config of one variant at ``seed`` (None: the base's seed), its output directory under the
+    sweep's: a ``PretrainConfig``, or with ``warm_start`` a ``FinetuneConfig`` starting from the warm run."""
+    overrides = [*sweep.base_overrides, *sweep.variants[name], *([] if seed is None else [f"train.seed={seed}"])]
+    out = f"train.output_dir={_run_dir(sweep, name, seed)}"
+    if not sweep.warm_start:
+        return load_experiment(PretrainConfig, sweep.base_config, [*overrides, out])
+    init = ["init.kind=checkpoint", f"init.path={os.path.join(sweep.output_dir, 'warm', 'checkpoints')}"]
+    return load_experiment(FinetuneConfig, sweep.base_config, [*overrides, *init, out])
+
+
+def warm_config(sweep: LossCurveSweepConfig) -> PretrainConfig | None:
+    """The shared starting point of every variant (None without ``warm_start``)."""
+    if not sweep.warm_start:
+        return None
+    overrides = [*sweep.base_overrides, *sweep.warm_start,
+                 f"train.output_dir={os.path.join(sweep.output_dir, 'warm')}"]
     return load_experiment(PretrainConfig, sweep.base_config, overrides)
 
 
@@ -117,6 +169,7 @@ def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return float(6 * matmul_params + attn)
 
 
+@functools.lru_cache(maxsize=32)  # seeds repeat a variant's shapes: compile each plan once
 def train_step_bytes(model: ModelConfig, batch: int, seq_len: int) -> int:
     """XLA's planned peak bytes of one forward+backward (loss gradient) on one device, compiled not run."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(model, rngs=nnx.Rngs(0))))
@@ -161,22 +214,89 @@ def _run_variant(cfg: PretrainConfig) -> dict:
     }
 
 
-def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
-    """Trains every variant; writes ``loss_curves.json`` (rows + curves), ``loss_curves.png`` and the summary
-    table as ``loss_curves.md``."""
-    configs = {name: variant_config(sweep, name) for name in sweep.variants}  # fail on a typo before training
-    tokens = {name: c.train.steps * c.train.batch_size * c.train.seq_len for name, c in configs.items()}
+def _configs(sweep: LossCurveSweepConfig) -> dict:
+    """``{(variant, seed): config}``, every one validated (a typo fails here, before anything trains)."""
+    configs = {(name, seed): variant_config(sweep, name, seed)
+               for name in sweep.variants for seed in (sweep.seeds or (None,))}
+    tokens = {f"{n}" + ("" if k is None else f"/seed{k}"): c.train.steps * c.train.batch_size * c.train.seq_len
+              for (n, k), c in configs.items()}
     if len(set(tokens.values())) > 1:
         raise ValueError(f"variants must train on the same token budget; got tokens per run {tokens}")
-    runs = {name: _run_variant(c) for name, c in configs.items()}
+    warm = warm_config(sweep)
+    for (name, seed), cfg in configs.items():
+        changed = warm is not None and parameter_shape_changes(warm.model, cfg.model)
+        if changed:  # a fine-tune restores warm's weights: fail now, not after warm has trained
+            raise ValueError(f"LossCurveSweepConfig.warm_start: the warm model and variant {name!r} differ in "
+                             f"parameter shapes (warm, {name}): {changed}")
+    return configs
+
+
+def _mean_curve(rows: list[dict]) -> dict:
+    """Point-wise mean of the seeds' curves, on the steps every seed logged."""
+    out = {}
+    for step_key, loss_key in (("step", "loss"), ("val_step", "val_loss")):
+        curves = [dict(zip(r["curve"][step_key], r["curve"][loss_key], strict=True)) for r in rows]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        out[step_key], out[loss_key] = steps, [float(np.mean([c[s] for c in curves])) for s in steps]
+    return out
+
+
+def _over_seeds(rows: dict[int, dict]) -> dict:
+    """One variant's row from its seeds' rows: losses and curves averaged, spread (sample std) and every seed's
+    figures kept. Costs (fraction, FLOPs, bytes) do not depend on the seed."""
+    first = next(iter(rows.values()))
+    out = {**first, "seeds": list(rows), "curve": _mean_curve(list(rows.values())),
+           "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows.values()]))}
+    for key in ("final_train_loss", "final_val_loss"):
+        values = [r[key] for r in rows.values()]
+        if any(v is None for v in values):
+            out[key], out[f"{key}_std"] = None, None
+        else:
+            out[key] = float(np.mean(values))
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out["per_seed"] = {str(k): {"final_train_loss": r["final_train_loss"], "final_val_loss": r["final_val_loss"],
+                                "curve": r["curve"]} for k, r in rows.items()}
+    return out
+
+
+def ordered(runs: dict, key: str = "final_val_loss") -> dict | None:
+    """Is ``key`` strictly lower the more a run attends? (the family's claim). None with fewer than two runs
+    holding the figure."""
+    have = {n: r[key] for n, r in runs.items() if r.get(key) is not None}
+    if len(have) < 2:
+        return None
+    by_frac = sorted(have, key=lambda n: runs[n]["attended_fraction"])
+    losses = [have[n] for n in by_frac]
+    return {"pass": all(a > b for a, b in itertools.pairwise(losses)), "order": by_frac, key: losses}
+
+
+def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
+    """Trains the warm start (if any), then every variant (at every seed); writes ``loss_curves.json`` (rows,
+    curves, the order checks), ``loss_curves.png`` and the summary table as ``loss_curves.md``."""
+    configs = _configs(sweep)
+    warm = warm_config(sweep)
+    warm_row = _run_variant(warm) if warm is not None else None
+    rows = {key: _run_variant(c) for key, c in configs.items()}
+    if sweep.seeds:
+        runs = {n: _over_seeds({k: rows[(n, k)] for k in sweep.seeds}) for n in sweep.variants}
+    else:
+        runs = {n: rows[(n, None)] for n in sweep.variants}
     result = {"study": "loss_curves", "base_config": sweep.base_config, "base_overrides": list(sweep.base_overrides),
-              "variants": {k: list(v) for k, v in sweep.variants.items()}, "runs": runs, **provenance()}
+              "variants": {k: list(v) for k, v in sweep.variants.items()}, "warm_start": list(sweep.warm_start),
+              "seeds": list(sweep.seeds), "warm": warm_row, "runs": runs,
+              "order": {"val": ordered(runs, "final_val_loss"), "train": ordered(runs, "final_train_loss")},
+              **provenance()}
     json_path = write_json(os.path.join(sweep.output_dir, "loss_curves.json"), result)
     label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
     train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
     val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items() if r["curve"]["val_step"]}
+    tokens = f"{runs[next(iter(runs))]['tokens']:,} tokens per run"
+    if warm_row is not None:
+        tokens += f" after a shared warm start of {warm_row['tokens']:,}"
+    if sweep.seeds:
+        tokens += f", mean of {len(sweep.seeds)} seeds"
     png_path = plots.curves(os.path.join(sweep.output_dir, "loss_curves.png"), train, val,
-                            title=f"loss curves, {next(iter(tokens.values())):,} tokens per run")
+                            title=f"loss curves, {tokens}")
     table = summary_table(runs)
     with open(os.path.join(sweep.output_dir, "loss_curves.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
@@ -184,12 +304,20 @@ def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
 
 
 def summary_table(runs: dict) -> str:
-    """Markdown table: final validation loss against attended fraction, FLOPs and memory."""
-    head = ("| run | attention | attended fraction | final val loss | train TFLOPs | step MiB (compiled) |\n"
-            "|---|---|---|---|---|---|")
+    """Markdown table: final validation (and training) loss against attended fraction, FLOPs and memory; with
+    seeds, losses are means ± sample std over the seeds."""
+    head = ("| run | attention | attended fraction | final val loss | final train loss | train TFLOPs | "
+            "step MiB (compiled) |\n|---|---|---|---|---|---|---|")
     rows = []
     for name, r in sorted(runs.items(), key=lambda kv: -kv[1]["attended_fraction"]):
-        val = "n/a" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}"
-        rows.append(f"| {name} | {r['attention']} | {r['attended_fraction']:.3f} | {val} | "
-                    f"{r['train_flops_total'] / 1e12:.3f} | {r['compiled_step_bytes'] / 2**20:.1f} |")
+        rows.append(f"| {name} | {r['attention']} | {r['attended_fraction']:.3f} | {_loss(r, 'final_val_loss')} | "
+                    f"{_loss(r, 'final_train_loss')} | {r['train_flops_total'] / 1e12:.3f} | "
+                    f"{r['compiled_step_bytes'] / 2**20:.1f} |")
     return "\n".join([head, *rows])
+
+
+def _loss(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "n/a"
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.4f}" + ("" if std is None else f" ± {std:.4f}")

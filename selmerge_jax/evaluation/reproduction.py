@@ -19,7 +19,6 @@ attended fraction, (c) CRD passkey accuracy at 16x the training length >= 95%.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import shutil
@@ -363,10 +362,7 @@ def acceptance(runs: dict, crd_passkey: dict | None, seq_len: int | None) -> dic
     if dense and sparse:
         gap = {n: v / dense[0] - 1 for n, v in sparse.items()}
         out["a"] = {"pass": min(gap.values()) <= 0.03, "relative_gap_to_dense": gap}
-    if len(val) >= 2:
-        by_frac = sorted(val, key=lambda n: runs[n]["attended_fraction"])
-        losses = [val[n] for n in by_frac]
-        out["b"] = {"pass": all(a > b for a, b in itertools.pairwise(losses)), "order": by_frac, "val_loss": losses}
+    out["b"] = loss_curves.ordered(runs, "final_val_loss")
     if crd_passkey and seq_len:
         key = str(16 * seq_len)
         if key in crd_passkey:

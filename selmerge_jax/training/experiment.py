@@ -63,6 +63,8 @@ class DataConfig:
         from scratch (``arrays.TokenWindows``; needs ``train_npy``).
       document_masking: keep packed-document ``segment_ids``/positions (dense attention only); false lets
         tokens attend across document boundaries at absolute positions, which select-and-merge needs.
+      validation_seed: which validation windows are scored (their shuffle). Separate from ``train.seed`` so runs
+        that differ only in their training seed are compared on the same text.
     """
 
     source: str = "stdlib_corpus"
@@ -79,8 +81,12 @@ class DataConfig:
     copy_ratio: float = 0.0
     copy_period: tuple[int, int] = (8, 64)
     document_masking: bool = False
+    validation_seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.validation_seed, bool) or not isinstance(self.validation_seed, int) or (
+                self.validation_seed < 0):
+            raise ValueError(f"DataConfig.validation_seed must be an int >= 0, got {self.validation_seed!r}")
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"DataConfig.source must be a dataset name or directory, got {self.source!r}")
         if (self.train_npy is None) != (self.validation_npy is None):

@@ -84,7 +84,7 @@ def make_data(cfg: PretrainConfig, tokenizer):
                                      passkey_min_length=d.passkey_min_length, **shard)
         val = _npy(d.validation_npy)
         return train_it, lambda: data.TokenWindows(val, seq_len=t, batch_size=per_process, num_epochs=1,
-                                                   bos_id=tokenizer.bos_id, seed=seed, **shard)
+                                                   bos_id=tokenizer.bos_id, seed=d.validation_seed, **shard)
     if d.source == "stdlib_corpus":
         data.build_stdlib_corpus(d.data_dir)  # a no-op once built
     train_docs = data.text_source(d.source, d.train_split, d.data_dir)
@@ -92,7 +92,7 @@ def make_data(cfg: PretrainConfig, tokenizer):
     pipe = data.PipelineConfig(seq_len=t, batch_size=per_process, seed=seed, shuffle_window=d.shuffle_window,
                                passkey_ratio=d.passkey_ratio)
     # Shuffled with a fixed seed: every pass sees the same batches, spread over the split rather than its start.
-    val_pipe = dataclasses.replace(pipe, num_epochs=1, passkey_ratio=0.0)
+    val_pipe = dataclasses.replace(pipe, num_epochs=1, passkey_ratio=0.0, seed=d.validation_seed)
     return data.lm_iterator(train_docs, tokenizer, pipe), lambda: data.lm_iterator(val_docs, tokenizer, val_pipe)
 
 
