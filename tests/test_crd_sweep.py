@@ -42,6 +42,17 @@ def test_shipped_h100_sweep_builds_every_run():
     assert runs["fixed16"].crd.growth == 1.0  # the reproduction config's own CRD schedule
 
 
+def test_shipped_seed_repeats_build_a_longer_warm_start_and_seeded_runs():
+    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"))
+    warm = cfg.train_config("warm")
+    assert (warm.train.seq_len, warm.train.steps, warm.optimizer.learning_rate) == (1024, 3000, 0.001)
+    runs = {name: cfg.train_config(name) for name in cfg.runs}
+    twin = runs.pop("dense")
+    assert twin.crd is None and twin.init.path == os.path.join(cfg.run_dir, "warm", "checkpoints")
+    assert [r.train.seed for r in runs.values()] == [1, 2, 3]
+    assert {(r.crd.growth, r.crd.inference_scale, r.train.seq_len) for r in runs.values()} == {(4.0, 257.0, 2048)}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"scores": ({"run": "nope", "tag": "x"},)}, "scores\\[0\\].run='nope'"),
     ({"scores": ({"run": "a", "tag": "x"}, {"run": "a", "tag": "x"})}, "tags must be unique"),

@@ -40,6 +40,7 @@ class CRDSweepConfig:
     """Attributes:
       reproduction: a ``ReproductionConfig`` YAML with ``warm_start``: the base recipe, the warm start, the
         CRD fine-tune and its twin (``crd_pair``).
+      reproduction_overrides: ``key.path=value`` changes of that config (e.g. a longer ``warm_start``).
       run_dir: replaces the reproduction's run_dir (warm and every run train under it).
       runs: name -> extra overrides of the CRD fine-tune; the name ``crd_pair`` (e.g. ``dense``) is the twin.
       scores: ``{run, tag, rope, lengths, per_cell}`` entries in priority order; ``rope`` a RopeConfig mapping
@@ -52,6 +53,7 @@ class CRDSweepConfig:
     """
 
     reproduction: str
+    reproduction_overrides: tuple[str, ...] = ()
     run_dir: str = "runs/crd_sweep"
     runs: dict = dataclasses.field(default_factory=dict)
     scores: tuple[dict, ...] = ()
@@ -90,8 +92,8 @@ class CRDSweepConfig:
     def reproduction_config(self):
         from selmerge_jax.evaluation.reproduction import ReproductionConfig
 
-        rep = load_experiment(ReproductionConfig, self.reproduction,
-                              [f"run_dir={self.run_dir}", f"output_dir={self.run_dir}/results"])
+        rep = load_experiment(ReproductionConfig, self.reproduction, [*self.reproduction_overrides,
+                              f"run_dir={self.run_dir}", f"output_dir={self.run_dir}/results"])
         if not rep.warm_start:
             raise ValueError(f"CRDSweepConfig.reproduction={self.reproduction!r} has no warm_start: every run of "
                              "the sweep fine-tunes from the same warm checkpoint")

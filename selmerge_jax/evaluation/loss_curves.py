@@ -50,6 +50,7 @@ from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, loa
 __all__ = [
     "LossCurveSweepConfig",
     "attended_fraction",
+    "figure",
     "ordered",
     "run_loss_curves",
     "train_flops_per_token",
@@ -287,20 +288,25 @@ def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
               "order": {"val": ordered(runs, "final_val_loss"), "train": ordered(runs, "final_train_loss")},
               **provenance()}
     json_path = write_json(os.path.join(sweep.output_dir, "loss_curves.json"), result)
-    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
-    train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
-    val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items() if r["curve"]["val_step"]}
-    tokens = f"{runs[next(iter(runs))]['tokens']:,} tokens per run"
-    if warm_row is not None:
-        tokens += f" after a shared warm start of {warm_row['tokens']:,}"
-    if sweep.seeds:
-        tokens += f", mean of {len(sweep.seeds)} seeds"
-    png_path = plots.curves(os.path.join(sweep.output_dir, "loss_curves.png"), train, val,
-                            title=f"loss curves, {tokens}")
+    png_path = figure(result, os.path.join(sweep.output_dir, "loss_curves.png"))
     table = summary_table(runs)
     with open(os.path.join(sweep.output_dir, "loss_curves.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     return {"json": json_path, "png": png_path, "table": table}
+
+
+def figure(result: dict, path: str) -> str:
+    """The family's curves from ``loss_curves.json``'s content (so a figure can be redrawn from the file)."""
+    runs = result["runs"]
+    label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
+    train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
+    val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items() if r["curve"]["val_step"]}
+    title = f"loss curves, {runs[next(iter(runs))]['tokens']:,} tokens per run"
+    if result.get("warm"):
+        title += f" after a shared warm start of {result['warm']['tokens']:,}"
+    if result.get("seeds"):
+        title += f", mean of {len(result['seeds'])} seeds (validation: dashed)"
+    return plots.curves(path, train, val, title=title)
 
 
 def summary_table(runs: dict) -> str:

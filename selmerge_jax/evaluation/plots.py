@@ -7,6 +7,7 @@ result file alone, and returns the path it wrote.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,11 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _wrap(text: str, width: int) -> str:
+    """A title broken into lines of at most ``width`` characters: long titles overrun their neighbours."""
+    return textwrap.fill(text, width=width, break_long_words=False)
 
 
 def _save(fig, path: str) -> str:
@@ -72,9 +78,11 @@ def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows
                              figsize=(1.5 + 0.9 * sum(widths) + 0.6 * len(grids), 1.4 + 0.5 * len(rows)))
     for ax, (name, (values, cols)) in zip(axes[0], grids.items(), strict=True):
         im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
-        ax.set(xlabel=col_label, title=name)
+        ax.set(xlabel=col_label, title=_wrap(name, max(14, 8 * len(cols))))
     axes[0][0].set_ylabel(row_label)
-    fig.suptitle(title)
+    for ax in axes[0][1:]:  # the rows are shared: labels on the first panel only, none crowding the gaps
+        ax.tick_params(labelleft=False)
+    fig.suptitle(title, y=1.0 + 0.04 * max(_wrap(n, max(14, 8 * len(c))).count("\n") for n, (_, c) in grids.items()))
     fig.colorbar(im, ax=list(axes[0]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # tight_layout cannot place a colorbar shared by panels
@@ -110,7 +118,8 @@ def curves(path: str, train: Mapping[str, tuple[Sequence, Sequence]], val: Mappi
             ax.plot(list(train[name][0]), list(train[name][1]), color=color, lw=1, alpha=0.8, label=name)
         if name in val:
             ax.plot(list(val[name][0]), list(val[name][1]), "o--", color=color, ms=4)
-    ax.set(xlabel="optimizer step (same tokens per step for every run)", ylabel="loss (nats/token)", title=title)
+    ax.set(xlabel="optimizer step (same tokens per step for every run)", ylabel="loss (nats/token)",
+           title=_wrap(title, 70))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
