@@ -206,3 +206,44 @@ def test_resume_through_the_grain_pipeline_is_exact(tmp_path):
     resumed = run(tmp_path / "cut")
     assert resumed.resumed_from == 3
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    """A run directory holding another experiment must not be continued (or, finished, reported) silently."""
+    from flax import nnx
+
+    from selmerge_jax.data import TokenWindows
+    from selmerge_jax.training import CheckpointConfig, OptimizerConfig, TrainConfig, train
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.emb = nnx.Embed(16, 16, rngs=nnx.Rngs(0))
+
+        def __call__(self, x, positions=None, segment_ids=None):
+            return self.emb(x)
+
+    tokens = np.random.default_rng(1).integers(0, 16, 2000)
+
+    def run(steps, config):
+        cfg = TrainConfig(steps=steps, batch_size=4, seq_len=8, log_every=1, output_dir=str(tmp_path), progress=False)
+        return train(Tiny(), TokenWindows(tokens, batch_size=4, seq_len=8, bos_id=16, seed=3), train=cfg,
+                     optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+                     checkpoint=CheckpointConfig(every_steps=2, async_save=False), meta={"config": config})
+
+    config = {"optimizer": {"learning_rate": 1e-2}, "train": {"steps": 2}, "data": {"copy_period": (8, 64)}}
+    run(2, config)
+    longer = {**config, "train": {"steps": 4}}  # extending a run is a resume (tuples stored as lists match)
+    assert run(4, longer).resumed_from == 2
+    with pytest.raises(ValueError, match=r"another config \(changed: optimizer.learning_rate\)"):
+        run(4, {**longer, "optimizer": {"learning_rate": 3e-2}})
+
+
+def test_config_changes_ignore_what_a_resume_may_change():
+    from selmerge_jax.training.experiment import config_changes
+
+    stored = {"model": {"d": 8, "ms": {"top_k": 4}}, "train": {"steps": 10, "seed": 0}, "init": {"path": "/a"},
+              "crd": None}
+    assert config_changes(stored, {**stored, "train": {"steps": 20, "seed": 0}, "init": {"path": "/b"}}) == []
+    changed = {**stored, "model": {"d": 8, "ms": {"top_k": 8}}, "train": {"steps": 10, "seed": 1},
+               "crd": {"cycle": 4}}
+    assert config_changes(stored, changed) == ["crd", "crd.cycle", "model.ms.top_k", "train.seed"]  # None -> {...}

@@ -53,6 +53,23 @@ def test_shipped_seed_repeats_build_a_longer_warm_start_and_seeded_runs():
     assert {(r.crd.growth, r.crd.inference_scale, r.train.seq_len) for r in runs.values()} == {(4.0, 257.0, 2048)}
 
 
+def test_finished_runs_of_another_config_are_found(tmp_path):
+    from selmerge_jax.training.experiment import config_to_dict
+
+    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"),
+                          [f"run_dir={tmp_path}"])
+    steps = cfg.final_steps()
+    stored = config_to_dict(cfg.train_config("warm"))
+    meta = tmp_path / "warm" / "checkpoints" / str(steps["warm"]) / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"kind": "pretrain", "config": stored}))
+    done = lambda name: name == "warm"
+    assert sweep._stale_runs(cfg, steps, done) == {}
+    stored["optimizer"]["learning_rate"] = 0.01  # e.g. trained before reproduction_overrides changed
+    (meta / "metadata").write_text(json.dumps({"kind": "pretrain", "config": stored}))
+    assert sweep._stale_runs(cfg, steps, done) == {"warm": ["optimizer.learning_rate"]}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"scores": ({"run": "nope", "tag": "x"},)}, "scores\\[0\\].run='nope'"),
     ({"scores": ({"run": "a", "tag": "x"}, {"run": "a", "tag": "x"})}, "tags must be unique"),

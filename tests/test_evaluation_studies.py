@@ -124,6 +124,12 @@ def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
     assert (tmp_path / "warm" / "checkpoints").is_dir()
     assert data["order"]["val"]["order"] == ["ms_k2", "dense"]
     assert " ± " in result["table"].splitlines()[2]
+    # Re-running finds every run finished: nothing trains, and the figures are read back, not lost.
+    again = _outputs(loss_curves.run_loss_curves(sweep))
+    for name, row in data["runs"].items():
+        assert again["runs"][name]["final_val_loss"] == pytest.approx(row["final_val_loss"])
+        assert again["runs"][name]["per_seed"] == row["per_seed"]
+    assert again["order"] == data["order"]
 
 
 def test_validation_windows_do_not_depend_on_the_training_seed(npy):

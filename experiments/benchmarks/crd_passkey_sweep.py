@@ -120,6 +120,22 @@ def _finished(run_dir: str, name: str, steps: int) -> bool:
     return os.path.isdir(path) and str(steps) in os.listdir(path)
 
 
+def _stale_runs(cfg: CRDSweepConfig, steps: dict, done) -> dict:
+    """Finished runs in run_dir whose stored config is not the one this sweep would train (e.g. after a change of
+    reproduction_overrides): name -> changed keys. They would be skipped, and scored, as if they were new."""
+    from selmerge_jax.training.checkpoint import stored_meta
+    from selmerge_jax.training.experiment import config_changes, config_to_dict
+
+    stale = {}
+    for name in ("warm", *cfg.runs):
+        if done(name):
+            stored = stored_meta(os.path.join(cfg.run_dir, name, "checkpoints"), steps[name]).get("config", {})
+            changed = config_changes(stored, config_to_dict(cfg.train_config(name)))
+            if changed:
+                stale[name] = changed
+    return stale
+
+
 def _child_train(cfg: CRDSweepConfig, name: str):
     from selmerge_jax.evaluation import loss_curves
 
@@ -263,6 +279,10 @@ def main():
     cfg.reproduction_config()  # a typo fails here, before any child starts
     steps = cfg.final_steps()
     done = lambda name: _finished(cfg.run_dir, name, steps[name])
+    stale = _stale_runs(cfg, steps, done)
+    if stale:
+        raise SystemExit(f"{cfg.run_dir} holds finished runs trained under another config (changed keys: {stale}); "
+                         "delete them or set run_dir elsewhere")
     if a.stage == "report" and not os.path.isdir(a.out):
         raise SystemExit(f"--stage report: {a.out} holds no scores")
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)

@@ -204,10 +204,12 @@ def _run_variant(cfg: PretrainConfig) -> dict:
     steps, losses, vsteps, vlosses = _curves(cfg.train.output_dir)
     t, m = cfg.train.seq_len, cfg.model
     flops = train_flops_per_token(m, t)
+    # Final losses from the run's whole metrics file: a run found finished (re-running the sweep resumes it at
+    # its last step) trains no steps, and its summary then has no history to read them from.
     return {
         "attention": m.attention, "ms": dataclasses.asdict(m.ms) if m.attention == "ms" else None,
-        "seq_len": t, "tokens": summary["tokens"], "final_train_loss": summary["final_train_loss"],
-        "final_val_loss": summary["final_val_loss"], "attended_fraction": attended_fraction(m, t),
+        "seq_len": t, "tokens": summary["tokens"], "final_train_loss": losses[-1] if losses else None,
+        "final_val_loss": vlosses[-1] if vlosses else None, "attended_fraction": attended_fraction(m, t),
         "train_flops_per_token": flops, "train_flops_total": flops * summary["tokens"],
         "compiled_step_bytes": train_step_bytes(m, cfg.train.batch_size, t),
         "measured_peak_bytes": summary["peak_bytes"], "tokens_per_s": summary["tokens_per_s"],
@@ -246,15 +248,16 @@ def _over_seeds(rows: dict[int, dict]) -> dict:
     """One variant's row from its seeds' rows: losses and curves averaged, spread (sample std) and every seed's
     figures kept. Costs (fraction, FLOPs, bytes) do not depend on the seed."""
     first = next(iter(rows.values()))
+    speeds = [r["tokens_per_s"] for r in rows.values() if r["tokens_per_s"] is not None]  # None: found finished
     out = {**first, "seeds": list(rows), "curve": _mean_curve(list(rows.values())),
-           "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows.values()]))}
+           "tokens_per_s": float(np.median(speeds)) if speeds else None}
     for key in ("final_train_loss", "final_val_loss"):
         values = [r[key] for r in rows.values()]
         if any(v is None for v in values):
             out[key], out[f"{key}_std"] = None, None
         else:
             out[key] = float(np.mean(values))
-            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
     out["per_seed"] = {str(k): {"final_train_loss": r["final_train_loss"], "final_val_loss": r["final_val_loss"],
                                 "curve": r["curve"]} for k, r in rows.items()}
     return out

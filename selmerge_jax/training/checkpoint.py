@@ -14,6 +14,7 @@ The only module of the package that imports orbax. One ``Checkpointer`` wraps an
 from __future__ import annotations
 
 import base64
+import json
 import os
 from typing import Any
 
@@ -87,6 +88,14 @@ def _from_json_safe(state):
     if isinstance(state, list):
         return [_from_json_safe(v) for v in state]
     return state
+
+
+def stored_meta(directory: str | os.PathLike, step: int) -> dict:
+    """The JSON ``meta`` of a finalized checkpoint step, read as a file: no JAX backend, no orbax manager (a
+    coordinating process that must not take device memory can check which config a run was trained with)."""
+    path = os.path.join(os.fspath(directory), str(step), "meta", "metadata")
+    with open(path, encoding="utf-8") as f:
+        return _from_json_safe(json.load(f)) or {}
 
 
 class Checkpointer:

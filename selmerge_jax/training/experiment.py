@@ -268,3 +268,40 @@ def load_experiment(cls, path: str | None = None, overrides: Sequence[str] = ())
 def config_to_dict(config) -> dict:
     """The config as plain YAML/JSON data (stored in checkpoints so a run can be rebuilt from them)."""
     return to_dict(config)
+
+
+# What a resumed run may change: its length and bookkeeping, where files live, the device mesh. Anything else
+# (model, data mix, optimizer, seed, CRD schedule...) makes "resume" continue a different experiment.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
+                     "train.output_dir", "checkpoint.", "mesh.", "init.", "data.data_dir", "data.train_npy",
+                     "data.validation_npy")
+
+
+def config_changes(stored: Mapping, current: Mapping, allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose values differ between two ``config_to_dict`` trees (missing counts as different),
+    leaving out ``allowed`` keys and prefixes (ending in '.'); tuples and lists compare equal."""
+    flat_a, flat_b = _flatten(stored), _flatten(current)
+    keys = sorted(set(flat_a) | set(flat_b))
+    ok = lambda k: any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)
+    return [k for k in keys if not ok(k) and flat_a.get(k, _MISSING) != flat_b.get(k, _MISSING)]
+
+
+_MISSING = object()
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, Mapping) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: _plain(tree)}
+
+
+def _plain(value):
+    """JSON's view of a value (a checkpoint stores lists where the config holds tuples)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -80,10 +80,11 @@ def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh, trainab
     return tx, schedule, graphdef, state
 
 
-def _resume(ckpt: Checkpointer, state: TrainState, batches) -> tuple[TrainState, int | None]:
+def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None) -> tuple[TrainState, int | None]:
     step = ckpt.latest_step()
     if step is None:
         return state, None
+    _check_same_run(ckpt, step, meta)
     state, data_state, _ = ckpt.restore(state, step)
     if data_state and hasattr(batches, "set_state"):
         batches.set_state(data_state)
@@ -93,6 +94,22 @@ def _resume(ckpt: Checkpointer, state: TrainState, batches) -> tuple[TrainState,
         _log.warning("the batch iterator has no set_state(): a resumed run does not see the same data order")
     _log.info("resumed from %s step %d", ckpt.directory, step)
     return state, step
+
+
+def _check_same_run(ckpt: Checkpointer, step: int, meta: dict | None):
+    """Refuses to resume a checkpoint written under another experiment config: it would silently continue (or,
+    at its final step, silently report) a different run."""
+    from selmerge_jax.training.experiment import config_changes
+
+    stored = ckpt.read_meta(step).get("config")
+    current = (meta or {}).get("config")
+    if stored is None or current is None:
+        return
+    changed = config_changes(stored, current)
+    if changed:
+        raise ValueError(f"{ckpt.directory} holds step {step} of a run with another config (changed: "
+                         f"{', '.join(changed)}); resuming would continue a different experiment. Point "
+                         "train.output_dir elsewhere or delete that run's directory.")
 
 
 class _Interval:
@@ -137,7 +154,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
     ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
     resumed = None
     if checkpoint.resume:
-        state, resumed = _resume(ckpt, state, batches)
+        state, resumed = _resume(ckpt, state, batches, meta)
     step_fn = make_train_step(graphdef, tx, schedule=schedule, accumulation_steps=optimizer.accumulation_steps,
                               compute_dtype=train.compute_dtype, forward=forward)
     eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=eval_forward or forward)
