@@ -246,4 +246,7 @@ def test_config_changes_ignore_what_a_resume_may_change():
     assert config_changes(stored, {**stored, "train": {"steps": 20, "seed": 0}, "init": {"path": "/b"}}) == []
     changed = {**stored, "model": {"d": 8, "ms": {"top_k": 8}}, "train": {"steps": 10, "seed": 1},
                "crd": {"cycle": 4}}
-    assert config_changes(stored, changed) == ["crd", "crd.cycle", "model.ms.top_k", "train.seed"]  # None -> {...}
+    assert config_changes(stored, changed) == ["crd", "model.ms.top_k", "train.seed"]  # crd: None -> a section
+    # A checkpoint from before a field existed (its default applies) still resumes: data.validation_seed is newer.
+    assert config_changes(stored, {**stored, "data": {"validation_seed": 0}}) == []
+    assert config_changes({"data": {"copy_period": [8, 64]}}, {"data": {"copy_period": (8, 64)}}) == []

@@ -217,8 +217,9 @@ def _run_variant(cfg: PretrainConfig) -> dict:
     }
 
 
-def _configs(sweep: LossCurveSweepConfig) -> dict:
-    """``{(variant, seed): config}``, every one validated (a typo fails here, before anything trains)."""
+def _configs(sweep: LossCurveSweepConfig) -> tuple[PretrainConfig | None, dict]:
+    """The warm start's config (or None) and ``{(variant, seed): config}``, every one validated (a typo fails
+    here, before anything trains)."""
     configs = {(name, seed): variant_config(sweep, name, seed)
                for name in sweep.variants for seed in (sweep.seeds or (None,))}
     tokens = {f"{n}" + ("" if k is None else f"/seed{k}"): c.train.steps * c.train.batch_size * c.train.seq_len
@@ -231,7 +232,7 @@ def _configs(sweep: LossCurveSweepConfig) -> dict:
         if changed:  # a fine-tune restores warm's weights: fail now, not after warm has trained
             raise ValueError(f"LossCurveSweepConfig.warm_start: the warm model and variant {name!r} differ in "
                              f"parameter shapes (warm, {name}): {changed}")
-    return configs
+    return warm, configs
 
 
 def _mean_curve(rows: list[dict]) -> dict:
@@ -277,8 +278,7 @@ def ordered(runs: dict, key: str = "final_val_loss") -> dict | None:
 def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
     """Trains the warm start (if any), then every variant (at every seed); writes ``loss_curves.json`` (rows,
     curves, the order checks), ``loss_curves.png`` and the summary table as ``loss_curves.md``."""
-    configs = _configs(sweep)
-    warm = warm_config(sweep)
+    warm, configs = _configs(sweep)
     warm_row = _run_variant(warm) if warm is not None else None
     rows = {key: _run_variant(c) for key, c in configs.items()}
     if sweep.seeds:

@@ -278,15 +278,21 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 
 
 def config_changes(stored: Mapping, current: Mapping, allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
-    """Dotted keys whose values differ between two ``config_to_dict`` trees (missing counts as different),
-    leaving out ``allowed`` keys and prefixes (ending in '.'); tuples and lists compare equal."""
+    """Dotted keys whose values differ between two ``config_to_dict`` trees, leaving out ``allowed`` keys and
+    prefixes (ending in '.'); tuples and lists compare equal.
+
+    A key on one side only is a field the other version of the code did not have (a checkpoint written before
+    a field with a default was added): not a change. A value on one side where the other has a section (``crd:
+    null`` against ``crd: {...}``) is.
+    """
     flat_a, flat_b = _flatten(stored), _flatten(current)
-    keys = sorted(set(flat_a) | set(flat_b))
+    changed = {k for k in set(flat_a) & set(flat_b) if flat_a[k] != flat_b[k]}
+    for key in set(flat_a) ^ set(flat_b):
+        other = flat_b if key in flat_a else flat_a
+        if any(o.startswith(key + ".") for o in other):
+            changed.add(key)
     ok = lambda k: any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)
-    return [k for k in keys if not ok(k) and flat_a.get(k, _MISSING) != flat_b.get(k, _MISSING)]
-
-
-_MISSING = object()
+    return sorted(k for k in changed if not ok(k))
 
 
 def _flatten(tree, prefix: str = "") -> dict:
