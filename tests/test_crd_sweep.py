@@ -58,16 +58,17 @@ def test_finished_runs_of_another_config_are_found(tmp_path):
 
     cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"),
                           [f"run_dir={tmp_path}"])
-    steps = cfg.final_steps()
-    stored = config_to_dict(cfg.train_config("warm"))
+    configs = cfg.train_configs()
+    steps = {name: c.train.steps for name, c in configs.items()}
+    stored = config_to_dict(configs["warm"])
     meta = tmp_path / "warm" / "checkpoints" / str(steps["warm"]) / "meta"
     meta.mkdir(parents=True)
     (meta / "metadata").write_text(json.dumps({"kind": "pretrain", "config": stored}))
     done = lambda name: name == "warm"
-    assert sweep._stale_runs(cfg, steps, done) == {}
+    assert sweep._stale_runs(str(tmp_path), configs, done) == {}
     stored["optimizer"]["learning_rate"] = 0.01  # e.g. trained before reproduction_overrides changed
     (meta / "metadata").write_text(json.dumps({"kind": "pretrain", "config": stored}))
-    assert sweep._stale_runs(cfg, steps, done) == {"warm": ["optimizer.learning_rate"]}
+    assert sweep._stale_runs(str(tmp_path), configs, done) == {"warm": ["optimizer.learning_rate"]}
 
 
 @pytest.mark.parametrize("change, message", [

@@ -99,8 +99,9 @@ class CRDSweepConfig:
                              "the sweep fine-tunes from the same warm checkpoint")
         return rep
 
-    def train_config(self, name: str):
-        rep = self.reproduction_config()
+    def train_config(self, name: str, rep=None):
+        """The training config of ``warm`` or a run (``rep``: the reproduction config, if already built)."""
+        rep = rep or self.reproduction_config()
         if name == "warm":
             return rep.warm_config()
         extra = tuple(self.runs[name] or ())
@@ -108,9 +109,15 @@ class CRDSweepConfig:
             return rep.variant_config(name, extra)
         return rep.crd_config(extra, name)
 
+    def train_configs(self) -> dict:
+        """name -> training config of warm and every run, from one reproduction config (building them validates
+        them)."""
+        rep = self.reproduction_config()
+        return {name: self.train_config(name, rep) for name in ("warm", *self.runs)}
+
     def final_steps(self) -> dict:
-        """name -> training steps of warm and every run (building each config once also validates it)."""
-        return {name: self.train_config(name).train.steps for name in ("warm", *self.runs)}
+        """name -> training steps of warm and every run."""
+        return {name: c.train.steps for name, c in self.train_configs().items()}
 
 
 def _finished(run_dir: str, name: str, steps: int) -> bool:
@@ -120,17 +127,18 @@ def _finished(run_dir: str, name: str, steps: int) -> bool:
     return os.path.isdir(path) and str(steps) in os.listdir(path)
 
 
-def _stale_runs(cfg: CRDSweepConfig, steps: dict, done) -> dict:
-    """Finished runs in run_dir whose stored config is not the one this sweep would train (e.g. after a change of
-    reproduction_overrides): name -> changed keys. They would be skipped, and scored, as if they were new."""
+def _stale_runs(run_dir: str, configs: dict, done) -> dict:
+    """Finished runs in run_dir whose stored config is not the one this sweep would train (``configs``: name ->
+    config, e.g. after a change of reproduction_overrides): name -> changed keys. They would be skipped, and
+    scored, as if they were new."""
     from selmerge_jax.training.checkpoint import stored_meta
     from selmerge_jax.training.experiment import config_changes, config_to_dict
 
     stale = {}
-    for name in ("warm", *cfg.runs):
+    for name, config in configs.items():
         if done(name):
-            stored = stored_meta(os.path.join(cfg.run_dir, name, "checkpoints"), steps[name]).get("config", {})
-            changed = config_changes(stored, config_to_dict(cfg.train_config(name)))
+            meta = stored_meta(os.path.join(run_dir, name, "checkpoints"), config.train.steps)
+            changed = config_changes(meta.get("config", {}), config_to_dict(config))
             if changed:
                 stale[name] = changed
     return stale
@@ -276,10 +284,10 @@ def main():
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # the coordinator must not take GPU memory its children need
-    cfg.reproduction_config()  # a typo fails here, before any child starts
-    steps = cfg.final_steps()
+    configs = cfg.train_configs()  # a typo fails here, before any child starts
+    steps = {name: c.train.steps for name, c in configs.items()}
     done = lambda name: _finished(cfg.run_dir, name, steps[name])
-    stale = _stale_runs(cfg, steps, done)
+    stale = _stale_runs(cfg.run_dir, configs, done)
     if stale:
         raise SystemExit(f"{cfg.run_dir} holds finished runs trained under another config (changed keys: {stale}); "
                          "delete them or set run_dir elsewhere")

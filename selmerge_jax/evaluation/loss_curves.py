@@ -252,7 +252,7 @@ def _over_seeds(rows: dict[int, dict]) -> dict:
     speeds = [r["tokens_per_s"] for r in rows.values() if r["tokens_per_s"] is not None]  # None: found finished
     out = {**first, "seeds": list(rows), "curve": _mean_curve(list(rows.values())),
            "tokens_per_s": float(np.median(speeds)) if speeds else None}
-    for key in ("final_train_loss", "final_val_loss"):
+    for key in _LOSS_KEYS:
         values = [r[key] for r in rows.values()]
         if any(v is None for v in values):
             out[key], out[f"{key}_std"] = None, None
@@ -264,9 +264,14 @@ def _over_seeds(rows: dict[int, dict]) -> dict:
     return out
 
 
+_LOSS_KEYS = ("final_val_loss", "final_train_loss")
+
+
 def ordered(runs: dict, key: str = "final_val_loss") -> dict | None:
     """Is ``key`` strictly lower the more a run attends? (the family's claim). None with fewer than two runs
     holding the figure."""
+    if key not in _LOSS_KEYS:
+        raise ValueError(f"ordered: key={key!r}; allowed: {_LOSS_KEYS}")
     have = {n: r[key] for n, r in runs.items() if r.get(key) is not None}
     if len(have) < 2:
         return None

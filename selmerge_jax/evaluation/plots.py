@@ -76,13 +76,14 @@ def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows
     widths = [len(cols) for _, cols in grids.values()]
     fig, axes = plt.subplots(1, len(grids), squeeze=False, gridspec_kw={"width_ratios": widths},
                              figsize=(1.5 + 0.9 * sum(widths) + 0.6 * len(grids), 1.4 + 0.5 * len(rows)))
-    for ax, (name, (values, cols)) in zip(axes[0], grids.items(), strict=True):
+    titles = [_wrap(name, max(14, 8 * len(cols))) for name, (_, cols) in grids.items()]  # a panel's width
+    for ax, panel_title, (values, cols) in zip(axes[0], titles, grids.values(), strict=True):
         im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
-        ax.set(xlabel=col_label, title=_wrap(name, max(14, 8 * len(cols))))
+        ax.set(xlabel=col_label, title=panel_title)
     axes[0][0].set_ylabel(row_label)
     for ax in axes[0][1:]:  # the rows are shared: labels on the first panel only, none crowding the gaps
         ax.tick_params(labelleft=False)
-    fig.suptitle(title, y=1.0 + 0.04 * max(_wrap(n, max(14, 8 * len(c))).count("\n") for n, (_, c) in grids.items()))
+    fig.suptitle(title, y=1.0 + 0.04 * max(t.count("\n") for t in titles))  # above the tallest panel title
     fig.colorbar(im, ax=list(axes[0]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # tight_layout cannot place a colorbar shared by panels
