@@ -33,13 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.attention import (
-    AttentionLayerConfig,
-    MSAttention,
-    MSAttentionConfig,
-    dense_attention,
-    ms_attention,
-)
+from selmerge_jax.attention import MSAttentionConfig, dense_attention, ms_attention
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 from selmerge_jax.models import Llama, count_params, preset
 from selmerge_jax.positional import RopeConfig
 

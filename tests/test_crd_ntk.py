@@ -12,7 +12,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selmerge_jax.attention import AttentionLayerConfig, MSAttention
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 from selmerge_jax.positional import RopeConfig, apply_rope, make_position_fn, rope_frequencies
 from selmerge_jax.positional.crd_ntk import (
     CRDNTKConfig,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from selmerge_jax.attention import AttentionLayerConfig, MSAttention, MSAttentionConfig
+from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 
 
 def _layer(implementation="reference", top_k=4, **kw):

@@ -46,15 +46,17 @@ def adapted():
 def test_fresh_adapters_are_an_identity(adapted):
     model, reference = adapted
     np.testing.assert_array_equal(_forward(model, TOKENS), reference)
-    assert isinstance(model.layers[0].self_attn.q_proj, LoRALinear)
-    assert not isinstance(model.layers[0].self_attn.k_proj, LoRALinear)
+    assert isinstance(model.layers.self_attn.q_proj, LoRALinear)  # stacked layers: one module, [L, ...] weights
+    assert not isinstance(model.layers.self_attn.k_proj, LoRALinear)
+    assert model.layers.self_attn.q_proj.lora_a.shape == (SMALL.num_layers, 32, 4)
+    assert model.layers.self_attn.q_proj.lora_a.dtype == jnp.float32
 
 
 def test_trainable_filter_selects_adapters_embeddings_and_norms(adapted):
     model, _ = adapted
     paths = _paths(nnx.state(model, trainable_filter(CFG)))
-    assert "layers.0.self_attn.q_proj.lora_a" in paths and "layers.1.mlp.down_proj.lora_b" in paths
-    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.weight", "layers.1.input_layernorm.weight"} <= paths
+    assert "layers.self_attn.q_proj.lora_a" in paths and "layers.mlp.down_proj.lora_b" in paths
+    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.weight", "layers.input_layernorm.weight"} <= paths
     assert not any(p.endswith("proj.kernel") for p in paths)  # frozen base projections
     only_lora = _paths(nnx.state(model, trainable_filter(LoRAConfig(rank=4, targets=CFG.targets))))
     assert only_lora and all(p.endswith(("lora_a", "lora_b")) for p in only_lora)
@@ -72,15 +74,15 @@ def test_gradients_reach_only_what_trains(adapted):
 
 def test_merge_and_unmerge(adapted):
     model, reference = adapted
-    kernel = np.asarray(model.layers[0].self_attn.q_proj.kernel[...])
+    kernel = np.asarray(model.layers.self_attn.q_proj.kernel[0])
     _perturb(model)
     adapted_logits = _forward(model, TOKENS)
     assert np.abs(np.asarray(adapted_logits - reference)).max() > 1e-3
     merge_lora(model)
-    assert not np.array_equal(np.asarray(model.layers[0].self_attn.q_proj.kernel[...]), kernel)
+    assert not np.array_equal(np.asarray(model.layers.self_attn.q_proj.kernel[0]), kernel)
     np.testing.assert_allclose(_forward(model, TOKENS), adapted_logits, atol=1e-5)
     unmerge_lora(model)
-    np.testing.assert_allclose(model.layers[0].self_attn.q_proj.kernel[...], kernel, atol=1e-6)
+    np.testing.assert_allclose(model.layers.self_attn.q_proj.kernel[0], kernel, atol=1e-6)
     np.testing.assert_allclose(_forward(model, TOKENS), adapted_logits, atol=1e-5)
 
 

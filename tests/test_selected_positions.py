@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from selmerge_jax.kernels.block_sparse_attention.plan import dense_causal_plan
 
-from selmerge_jax.attention import AttentionLayerConfig, MSAttention, MSAttentionConfig, ms_attention
+from selmerge_jax.attention import MSAttentionConfig, ms_attention
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 from selmerge_jax.attention import selected_positions as sp
 from selmerge_jax.attention.selected_positions import gathered_positions
 from selmerge_jax.attention.selection import select_regions

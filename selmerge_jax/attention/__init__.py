@@ -1,7 +1,8 @@
-"""Attention: the dense oracle, select-and-merge attention (selection, merging, plans) and the Flax layer."""
+"""Attention: the dense oracle and select-and-merge attention (selection, merging, plans): pure math.
+
+The NNX layer ``MSAttention`` and the front door ``attend`` live one floor up, in ``selmerge_jax.layers``."""
 
 from selmerge_jax.attention.config import MSAttentionConfig
-from selmerge_jax.attention.layer import AttentionLayerConfig, MSAttention
 from selmerge_jax.attention.merging import centroid_attention, merge_partials
 from selmerge_jax.attention.ms import ms_attention
 from selmerge_jax.attention.reference import dense_attention
@@ -9,8 +10,6 @@ from selmerge_jax.attention.selection import region_summaries, select_regions
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention
 
 __all__ = [
-    "AttentionLayerConfig",
-    "MSAttention",
     "MSAttentionConfig",
     "SelectionPlan",
     "block_sparse_attention",

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.evaluation import plots
 from selmerge_jax.evaluation.common import provenance, write_json
+from selmerge_jax.layers.attention import attended_fraction as layer_attended_fraction
+from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.models import Llama, count_params
 from selmerge_jax.models.config import ModelConfig, parameter_shape_changes
 from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, load_experiment
@@ -133,31 +134,17 @@ def warm_config(sweep: LossCurveSweepConfig) -> PretrainConfig | None:
     return load_experiment(PretrainConfig, sweep.base_config, overrides)
 
 
-def _attended_keys(ms: MSAttentionConfig, seq_len: int) -> np.ndarray:
-    """Keys attended by each query position ``[seq_len]`` (tokens of selected + local regions, centroids)."""
-    i = np.arange(seq_len)
-    w = ms.block_size
-    group_start = (i // w) // ms.merge * ms.merge  # gs, first region of the query's group
-    candidates = group_start  # regions strictly before the group
-    selected = np.minimum(candidates, ms.num_selected)
-    keys = selected * w + (i - group_start * w + 1)
-    if ms.centroids:
-        keys = keys + (candidates - selected)
-    return keys
-
-
 def attended_fraction(model: ModelConfig, seq_len: int) -> float:
     """Attended keys over causal dense keys, summed over the sequence (1.0 for dense attention)."""
     if model.attention == "dense":
         return 1.0
-    dense = np.arange(1, seq_len + 1)
-    return float(_attended_keys(model.ms, seq_len).sum() / dense.sum())
+    return layer_attended_fraction(model.ms, seq_len)
 
 
 def _mean_attended(model: ModelConfig, seq_len: int) -> float:
     if model.attention == "dense":
         return (seq_len + 1) / 2
-    return float(_attended_keys(model.ms, seq_len).mean())
+    return float(attended_keys(model.ms, seq_len).mean())
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:

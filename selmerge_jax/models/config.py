@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.layers.attention import DENSE_KERNELS, AttentionSpec
 from selmerge_jax.positional import RopeConfig
 
 __all__ = ["PRESETS", "ModelConfig", "parameter_shape_changes", "preset"]
@@ -47,10 +48,13 @@ class ModelConfig:
       sliding_window: Mistral's window (a query sees itself and the ``sliding_window - 1`` keys before it).
       tie_embeddings: the output projection reuses the input embedding (no ``lm_head`` parameter).
       attention_bias: biases on q/k/v/o projections (HF ``attention_bias``).
-      attention: ``"dense"`` (cuDNN on GPU, XLA elsewhere), ``"ms"`` (select-and-merge, ``ms`` below), or their
+      attention: ``"dense"`` (kernel ``dense_kernel``), ``"ms"`` (select-and-merge, ``ms`` below), or their
         sequence-parallel versions ``"ring"`` / ``"ring_ms"`` (``selmerge_jax.sharding``, same results).
+        Every kind goes through ``selmerge_jax.layers.attend``, which honours ``ms.position_mode``.
       ms: the select-and-merge configuration used when ``attention == "ms"``.
       ms_kernel: ``"reference"`` (pure-JAX block-sparse op) or ``"pallas"`` (best kernel, falls back).
+      dense_kernel: dense attention's kernel: ``"auto"`` (cuDNN flash on a GPU with bf16/fp16 activations, XLA
+        otherwise), ``"cudnn"`` (an error where unavailable) or ``"xla"`` (materialises ``T x T`` scores).
       sequence_axis: mesh axis that ``attention="ring"`` (dense) / ``"ring_ms"`` shard the sequence over; the
         mesh is the ambient one (``with jax.set_mesh(mesh):``), the batch goes over its other axes.
       param_dtype: storage dtype of parameters (f32 master weights by default).
@@ -76,6 +80,7 @@ class ModelConfig:
     attention: AttentionKind = "dense"
     ms: MSAttentionConfig = dataclasses.field(default_factory=MSAttentionConfig)
     ms_kernel: Literal["reference", "pallas"] = "reference"
+    dense_kernel: Literal["auto", "xla", "cudnn"] = "auto"
     sequence_axis: str = "seq"
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -113,6 +118,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sequence_axis must be a mesh axis name, got {self.sequence_axis!r}")
         if self.ms_kernel not in ("reference", "pallas"):
             raise ValueError(f"ModelConfig.ms_kernel={self.ms_kernel!r}; allowed: 'reference', 'pallas'")
+        if self.dense_kernel not in DENSE_KERNELS:
+            raise ValueError(f"ModelConfig.dense_kernel={self.dense_kernel!r}; allowed: {DENSE_KERNELS}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {tuple(_DTYPES)}")
@@ -121,6 +128,13 @@ class ModelConfig:
         if not isinstance(self.rope, RopeConfig) or not isinstance(self.ms, MSAttentionConfig):
             raise TypeError(f"ModelConfig.rope must be a RopeConfig and .ms an MSAttentionConfig, got "
                             f"{type(self.rope).__name__} and {type(self.ms).__name__}")
+
+    @property
+    def attention_spec(self) -> AttentionSpec:
+        """What every layer's ``layers.attend`` computes (kind, MS config, kernels, window, ring axis)."""
+        return AttentionSpec(kind=self.attention, ms=self.ms, ms_kernel=self.ms_kernel,
+                             dense_kernel=self.dense_kernel, window=self.sliding_window,
+                             sequence_axis=self.sequence_axis)
 
     @property
     def head_size(self) -> int:

@@ -2,7 +2,9 @@
 
 Only local directories are read or written (no hub access). The NNX parameter tree mirrors HF's module names
 (see ``llama.py``), so a tensor's HF name is its NNX path with a fixed leaf rename; matrices are transposed
-(torch ``[out, in]`` vs NNX ``[in, out]``). Tensors are cast to the config's ``param_dtype`` on import and to a
+(torch ``[out, in]`` vs NNX ``[in, out]``). The model stores its decoder layers stacked (``('layers', ...)`` paths
+with a leading ``[L]`` axis); HF files hold one tensor per layer (``model.layers.{i}...``), so layer variables are
+split on export and stacked on import (``layer_entries``). Tensors are cast to the config's ``param_dtype`` on import and to a
 chosen dtype on export; exporting in the dtype it was imported in gives back the same bytes.
 """
 
@@ -21,7 +23,8 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.positional import RopeConfig
 
-__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "load_hf", "params_to_hf", "save_hf"]
+__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "layer_entries", "load_hf", "params_to_hf",
+           "save_hf"]
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _INDEX = "model.safetensors.index.json"
@@ -111,6 +114,17 @@ def _base_params(model: nnx.Module) -> dict:
     return traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
+def layer_entries(path: tuple, shape: tuple) -> list[tuple[tuple, int | None]]:
+    """``[(per-layer path, index into the stored array or None)]`` of one stored variable.
+
+    A stacked layer variable ``('layers', *rest)`` of shape ``[L, ...]`` is L per-layer entries
+    ``('layers', i, *rest)``; anything else is itself, unindexed.
+    """
+    if path[0] != "layers":
+        return [(path, None)]
+    return [(("layers", i, *path[1:]), i) for i in range(shape[0])]
+
+
 def _tensor_index(path: str) -> dict[str, str]:
     """``{tensor name: file}`` for a single-file or sharded safetensors checkpoint directory."""
     index = os.path.join(path, _INDEX)
@@ -145,28 +159,34 @@ def load_hf(path: str, **overrides) -> Llama:
         config = config_from_hf(json.load(f), **overrides)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     abstract = _base_params(model)
-    targets = {hf_name(p)[0]: (p, hf_name(p)[1]) for p in abstract}
+    targets = {}  # HF name -> (stored path, layer index or None, transpose)
+    for p, value in abstract.items():
+        for layer_path, index in layer_entries(p, value.shape):
+            name, transpose = hf_name(layer_path)
+            targets[name] = (p, index, transpose)
     files = _tensor_index(path)
     _check_names(targets, files, config.tie_embeddings)
-    loaded = {}
+    buffers = {p: np.empty(v.shape, v.dtype) for p, v in abstract.items()}
     for file in sorted(set(files.values())):
         with safe_open(file, "np") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name in targets:
-                    p, transpose = targets[name]
-                    loaded[p] = _to_param(f.get_tensor(name), name, abstract[p], transpose)
+                    p, index, transpose = targets[name]
+                    dest = buffers[p] if index is None else buffers[p][index]
+                    dest[...] = _to_param(f.get_tensor(name), name, dest, transpose)
     state = nnx.state(model, nnx.Param)
+    loaded = {p: jnp.asarray(b) for p, b in buffers.items()}
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(loaded))
     nnx.update(model, state)
     return model
 
 
-def _to_param(array: np.ndarray, name: str, target: jax.ShapeDtypeStruct, transpose: bool) -> jax.Array:
+def _to_param(array: np.ndarray, name: str, target: np.ndarray, transpose: bool) -> np.ndarray:
     if transpose:
         array = array.T
     if array.shape != target.shape:
         raise ValueError(f"tensor {name!r} has shape {array.shape} (after transpose), expected {target.shape}")
-    return jnp.asarray(array, dtype=target.dtype)
+    return array.astype(target.dtype)
 
 
 def params_to_hf(model: nnx.Module, dtype: str | None = None) -> dict[str, np.ndarray]:
@@ -174,10 +194,12 @@ def params_to_hf(model: nnx.Module, dtype: str | None = None) -> dict[str, np.nd
     _check_no_unmerged_lora(model)
     out = {}
     for path, value in _base_params(model).items():
-        name, transpose = hf_name(path)
-        array = np.asarray(jax.device_get(value))
-        array = array.T if transpose else array
-        out[name] = np.ascontiguousarray(array.astype(_NP_DTYPES[dtype]) if dtype else array)
+        stored = np.asarray(jax.device_get(value))
+        for layer_path, index in layer_entries(path, stored.shape):
+            name, transpose = hf_name(layer_path)
+            array = stored if index is None else stored[index]
+            array = array.T if transpose else array
+            out[name] = np.ascontiguousarray(array.astype(_NP_DTYPES[dtype]) if dtype else array)
     return out
 
 

@@ -4,10 +4,15 @@ Attribute names mirror Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``, ``
 ``mlp.gate_proj``, ``input_layernorm``, ...), so checkpoint import/export (``hf_import.py``) is a rename plus a
 transpose of each matrix: NNX kernels are ``[in, out]``, torch weights ``[out, in]``.
 
+Decoder layers are stored stacked (every variable of ``model.layers`` has a leading ``[L]`` axis) and scanned,
+so compile time is independent of depth; ``hf_import`` and ``lora`` name tensors per layer (``layers.{i}``)
+when they talk to Hugging Face files.
+
 Two ways to run it:
 
 * ``model(tokens, positions, segment_ids=...)`` -> logits: the training/scoring path, self-attention over the
-  whole sequence (dense with causal + sliding-window + segment masks, or select-and-merge).
+  whole sequence through ``layers.attention.attend`` (dense flash / XLA with causal + sliding-window +
+  segment masks, select-and-merge, or their ring versions).
 * ``model.hidden_states(tokens, positions, caches=...)``: the inference path. Each layer appends its new k/v to
   its ``selmerge_jax.kvcache.KVCache`` and attends over the cache (causal by stored position), so prefill can be
   chunked and decode is one token per step with static shapes. This path is exact attention over the cache
@@ -23,10 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from selmerge_jax import kvcache
-from selmerge_jax.attention import ms_attention
+from selmerge_jax.layers.attention import attend
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RotaryPositions, make_position_fn
-from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
 
 __all__ = [
     "MLP",
@@ -37,11 +41,8 @@ __all__ = [
     "append_and_attend",
     "cache_attention",
     "count_params",
-    "dense_self_attention",
     "rms_norm",
 ]
-
-_MS_BACKENDS = {"reference": "xla", "pallas": None}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -85,20 +86,6 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def dense_self_attention(q, k, v, *, window: int | None = None, segment_ids=None):
-    """Causal attention of q ``[B, T, N, H]`` over k/v ``[B, T, K, H]`` (GQA), optional window and segments.
-
-    ``jax.nn.dot_product_attention`` picks cuDNN flash attention on GPU and XLA elsewhere; it masks by index,
-    so packed sequences must pass ``segment_ids`` ``int [B, T]``. A window W lets query i see keys
-    ``i - W + 1 .. i`` (Mistral's convention: W tokens including itself).
-    """
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local)
-
-
 def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
     """Attention of q ``[B, T, N, H]`` at ``positions`` over a cache that already holds these tokens.
 
@@ -138,21 +125,12 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
         k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-        q, k = _position_fn(cfg.rope, cfg.head_size)(q, k, positions)
+        position_fn = _position_fn(cfg.rope, cfg.head_size)
         if cache is not None:
+            q, k = position_fn(q, k, positions)
             out, cache = (cache_fn or append_and_attend)(cache, q, k, v, positions, window=cfg.sliding_window)
-        elif cfg.attention in ("ring", "ring_ms"):
-            if segment_ids is not None:
-                raise ValueError(f"segment_ids (packed sequences) are not supported with attention={cfg.attention!r}")
-            ms = cfg.attention == "ring_ms"
-            out = sequence_parallel_attention(q, k, v, axis_name=cfg.sequence_axis, ms_config=cfg.ms if ms else None,
-                                              implementation=_MS_BACKENDS[cfg.ms_kernel] if ms else None)
-        elif cfg.attention == "ms":
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed sequences) are not supported with attention='ms'")
-            out = ms_attention(q, k, v, cfg.ms, implementation=_MS_BACKENDS[cfg.ms_kernel])
         else:
-            out = dense_self_attention(q, k, v, window=cfg.sliding_window, segment_ids=segment_ids)
+            out = attend(q, k, v, positions, cfg.attention_spec, position_fn=position_fn, segment_ids=segment_ids)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -172,25 +150,49 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def _run_layer(layer: DecoderLayer, x, positions, segment_ids):
-    return layer(x, positions, None, segment_ids)[0]
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One ``DecoderLayer`` whose every variable carries a leading ``[L]`` axis: layer i's weights at index i.
+
+    Built with ``jax.vmap`` over L keys, so each layer draws its own initial weights, and under
+    ``nnx.eval_shape`` nothing is materialised.
+    """
+    keys = jax.random.split(rngs.params(), config.num_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
+
+    def one(key):
+        return nnx.split(DecoderLayer(config, rngs=nnx.Rngs(params=key)))[1]
+
+    return nnx.merge(graphdef, jax.vmap(one)(keys))
 
 
 class Llama(nnx.Module):
-    """Decoder-only transformer: ``tokens [B, T] -> logits [B, T, V]`` (float32)."""
+    """Decoder-only transformer: ``tokens [B, T] -> logits [B, T, V]`` (float32).
+
+    The decoder layers are stored stacked (``self.layers``: one ``DecoderLayer`` whose variables are ``[L, ...]``)
+    and run by ``jax.lax.scan`` on the training/scoring path, so compile time does not grow with depth. The
+    inference path (``caches=...``) runs them in a Python loop over per-layer slices, because each layer owns
+    its own cache (and, for compression policies, its own budget and head classes). ``layer(i)`` is layer i.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=config.jnp_dtype,
                                       param_dtype=config.jnp_param_dtype,
                                       embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = _stacked_layers(config, rngs)
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.jnp_param_dtype)
         self.lm_head = None if config.tie_embeddings else _linear(config, config.d_model, config.vocab_size, rngs)
 
     def __call__(self, tokens, positions=None, *, segment_ids=None) -> jax.Array:
         """Logits ``float32 [B, T, V]`` of a full causal forward (training and scoring)."""
         return self.output_logits(self.hidden_states(tokens, positions, segment_ids=segment_ids)[0])
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Layer ``i`` as a module of its own (a view of slice i: changing it does not change the model)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.config.num_layers:
+            raise ValueError(f"layer index i={i!r}; allowed: 0 .. {self.config.num_layers - 1}")
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def hidden_states(self, tokens, positions=None, *, caches=None, segment_ids=None,
                       cache_fn: Callable | None = None):
@@ -212,19 +214,29 @@ class Llama(nnx.Module):
         shape = jnp.shape(positions.positions if isinstance(positions, RotaryPositions) else positions)
         if shape != (b, t):
             raise ValueError(f"positions must be int [B={b}, T={t}], got shape {shape}")
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"caches must hold one KVCache per layer ({len(self.layers)}), got {len(caches)}")
         x = self.embed_tokens(tokens)
-        new_caches = [] if caches is not None else None
-        for i, layer in enumerate(self.layers):
-            if caches is not None:
-                x, cache = layer(x, positions, caches[i], None, cache_fn)
-                new_caches.append(cache)
-            elif self.config.remat_policy is not None:
-                x = nnx.remat(_run_layer, policy=self.config.remat_policy)(layer, x, positions, segment_ids)
-            else:
-                x = layer(x, positions, None, segment_ids)[0]
-        return self.norm(x), (tuple(new_caches) if new_caches is not None else None)
+        if caches is None:
+            return self.norm(self._scan_layers(x, positions, segment_ids)), None
+        if len(caches) != self.config.num_layers:
+            raise ValueError(f"caches must hold one KVCache per layer ({self.config.num_layers}), got {len(caches)}")
+        graphdef, state = nnx.split(self.layers)
+        new_caches = []
+        for i, cache in enumerate(caches):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            x, cache = layer(x, positions, cache, None, cache_fn)
+            new_caches.append(cache)
+        return self.norm(x), tuple(new_caches)
+
+    def _scan_layers(self, x, positions, segment_ids):
+        """``x [B, T, D]`` through every layer: one ``lax.scan`` step per layer, remat inside the step."""
+        graphdef, state = nnx.split(self.layers)
+
+        def step(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, positions, None, segment_ids)[0], None
+
+        if self.config.remat_policy is not None:
+            step = jax.checkpoint(step, policy=self.config.remat_policy, prevent_cse=False)
+        return jax.lax.scan(step, x, state)[0]
 
     def output_logits(self, h: jax.Array) -> jax.Array:
         """``[..., D] -> float32 [..., V]`` through ``lm_head`` or the tied embedding."""

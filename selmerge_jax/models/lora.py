@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from selmerge_jax.models.hf_import import hf_name
+from selmerge_jax.models.hf_import import hf_name, layer_entries
 
 __all__ = [
     "TARGETS",
@@ -72,24 +72,28 @@ class LoRAConfig:
 class LoRALinear(nnx.Module):
     """``y = x @ W (+ b) + (x @ A) @ B * alpha / r``; ``W`` is the wrapped layer's own kernel variable.
 
-    ``B`` starts at zero, so a freshly adapted model computes exactly what the base model did.
+    ``B`` starts at zero, so a freshly adapted model computes exactly what the base model did. The adapters are
+    float32 whatever the base's storage dtype (a bf16 7B base keeps f32 adapters and so f32 optimizer moments);
+    they are cast to the compute dtype in the matmul. A stacked base kernel ``[L, in, out]`` (the model's scanned
+    layers) gets stacked adapters ``[L, in, r]`` / ``[L, r, out]``, one independent adapter per layer.
     """
 
     def __init__(self, base: nnx.Linear, config: LoRAConfig, *, rngs: nnx.Rngs):
         d_in, d_out = base.in_features, base.out_features
+        lead = tuple(base.kernel.shape[:-2])  # (L,) for a stacked layer kernel, () otherwise
         self.kernel, self.bias = base.kernel, base.bias
         self.dtype, self.precision = base.dtype, base.precision
         self.scale = config.scale
         self.merged = False
         # A ~ N(0, 1/r) keeps x @ A at the scale of x whatever the rank; B = 0 makes the start an identity.
-        a = jax.random.normal(rngs.params(), (d_in, config.rank), jnp.float32) / np.sqrt(config.rank)
-        self.lora_a = nnx.LoRAParam(a.astype(base.param_dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, d_out), base.param_dtype))
+        a = jax.random.normal(rngs.params(), (*lead, d_in, config.rank), jnp.float32) / np.sqrt(config.rank)
+        self.lora_a = nnx.LoRAParam(a)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, config.rank, d_out), jnp.float32))
 
     def delta(self) -> jax.Array:
-        """The dense update ``A @ B * scale`` ``[in, out]`` (float32)."""
+        """The dense update ``A @ B * scale`` ``[..., in, out]`` (float32)."""
         a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
-        return a @ b * self.scale
+        return jnp.matmul(a, b) * self.scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
@@ -170,18 +174,29 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def _adapter_tensors(model: nnx.Module, config: LoRAConfig) -> dict[str, tuple[tuple, bool]]:
-    """``{file tensor name: (state path, transpose?)}`` of everything an adapter file holds."""
+def _adapter_tensors(model: nnx.Module, config: LoRAConfig) -> dict[str, tuple[tuple, int | None, bool]]:
+    """``{file tensor name: (state path, layer index or None, transpose?)}`` of everything an adapter file holds.
+
+    Files name one tensor per layer (PEFT's ``model.layers.{i}...``) while the model stores layers stacked.
+    """
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
     out = {}
     for path, _ in _lora_modules(model):
-        base = _PREFIX + hf_name((*path, "kernel"))[0].removesuffix(".weight")
-        out[base + ".lora_A.weight"] = ((*path, "lora_a"), True)
-        out[base + ".lora_B.weight"] = ((*path, "lora_b"), True)
+        for leaf, suffix in (("lora_a", ".lora_A.weight"), ("lora_b", ".lora_B.weight")):
+            stored = (*path, leaf)
+            for layer_path, index in layer_entries(stored, flat[stored].shape):
+                base = _PREFIX + hf_name((*layer_path[:-1], "kernel"))[0].removesuffix(".weight")
+                out[base + suffix] = (stored, index, True)
     extra = nnx.state(model, nnx.All(nnx.Not(nnx.LoRAParam), trainable_filter(config)))
     for path in traverse_util.flatten_dict(nnx.to_pure_dict(extra)):
-        name, transpose = hf_name(path)
-        out[_PREFIX + name] = (path, transpose)
+        for layer_path, index in layer_entries(path, flat[path].shape):
+            name, transpose = hf_name(layer_path)
+            out[_PREFIX + name] = (path, index, transpose)
     return out
+
+
+def _transposed(array, transpose: bool):
+    return np.swapaxes(array, -1, -2) if transpose and array.ndim >= 2 else array
 
 
 def save_adapters(model: nnx.Module, config: LoRAConfig, path: str) -> None:
@@ -190,9 +205,9 @@ def save_adapters(model: nnx.Module, config: LoRAConfig, path: str) -> None:
         raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before saving them")
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
     tensors = {}
-    for name, (p, transpose) in _adapter_tensors(model, config).items():
-        array = np.asarray(jax.device_get(flat[p]))
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    for name, (p, index, transpose) in _adapter_tensors(model, config).items():
+        array = np.asarray(jax.device_get(flat[p] if index is None else flat[p][index]))
+        tensors[name] = np.ascontiguousarray(_transposed(array, transpose))
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, _WEIGHTS), metadata={"format": "pt"})
     meta = {"peft_type": "LORA", "r": config.rank, "lora_alpha": config.alpha,
@@ -219,12 +234,15 @@ def load_adapters(model: nnx.Module, path: str) -> LoRAConfig:
     if missing or unexpected:
         raise ValueError(f"adapter file does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     state = nnx.state(model)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    for name, (p, transpose) in expected.items():
-        array = tensors[name].T if transpose else tensors[name]
-        if array.shape != flat[p].shape:
-            raise ValueError(f"adapter tensor {name!r} has shape {array.shape}, model expects {flat[p].shape}")
-        flat[p] = jnp.asarray(array, flat[p].dtype)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+    stored = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    flat = {p: np.array(jax.device_get(stored[p])) for p in {p for p, _, _ in expected.values()}}
+    for name, (p, index, transpose) in expected.items():
+        dest = flat[p] if index is None else flat[p][index]
+        array = _transposed(tensors[name], transpose)
+        if array.shape != dest.shape:
+            raise ValueError(f"adapter tensor {name!r} has shape {array.shape}, model expects {dest.shape}")
+        dest[...] = array.astype(dest.dtype)
+    stored.update({p: jnp.asarray(v) for p, v in flat.items()})
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(stored))
     nnx.update(model, state)
     return config

@@ -1,7 +1,7 @@
-"""``MSAttention``: a Flax NNX attention layer (q/k/v/o projections, GQA) that dispatches to MS attention.
+"""``MSAttention``: a Flax NNX attention layer (q/k/v/o projections, GQA) over the one front door ``attend``.
 
-The module only holds parameters and dispatches; the math lives in pure functions (``ms.py``, ``selection.py``,
-``reference.py``). ``implementation`` picks the attention path:
+The module only holds parameters; ``layers.attention.attend`` decides the rest, exactly as it does for the
+model's attention (``models/llama.py``). ``implementation`` picks the attention path:
 
 * ``"reference"``: select-and-merge with the pure-JAX block-sparse op (any backend);
 * ``"pallas"``: select-and-merge with the best Pallas kernel for the backend, falling back to pure JAX;
@@ -23,15 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from selmerge_jax.attention.config import MSAttentionConfig
-from selmerge_jax.attention.ms import ms_attention
-from selmerge_jax.attention.reference import dense_attention
-from selmerge_jax.attention.selected_positions import ms_attention_selected_positions
-from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, RotaryPositions, make_position_fn
+from selmerge_jax.layers.attention import AttentionSpec, attend
+from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, make_position_fn
 
 __all__ = ["AttentionLayerConfig", "MSAttention"]
 
 LayerImplementation = Literal["reference", "pallas", "dense"]
-_BACKENDS = {"reference": "xla", "pallas": None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,25 +114,8 @@ class MSAttention(nnx.Module):
         return self.o_proj(self._attend(q, k, v, positions).reshape(b, t, -1))
 
     def _attend(self, q, k, v, positions):
-        """Routes the position hook by ``position_mode`` (dense attention has no selection: plain RoPE)."""
-        cfg, fn = self.config, self.position_fn
-        mode = "before_selection" if fn is None or cfg.implementation == "dense" else cfg.ms.position_mode
-        if mode == "selected_compact":
-            if not callable(getattr(fn, "rotate", None)):
-                raise TypeError("position_mode='selected_compact' needs a position_fn with a "
-                                "rotate(x, positions) method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
-            if getattr(getattr(fn, "config", None), "logn_length", None) is not None:
-                raise ValueError(f"RopeConfig.logn_length={fn.config.logn_length} scales the queries in the "
-                                 "position hook's (q, k) call, which position_mode='selected_compact' does not make; "
-                                 "use before_selection or selected_original")
-            rotate = fn.rotate
-            if isinstance(positions, RotaryPositions):  # keep the step's traced frequencies (CRD NTK)
-                rotate = lambda x, p: fn.rotate(x, RotaryPositions(p, positions.inv_freq))  # noqa: E731
-            return ms_attention_selected_positions(q, k, v, cfg.ms, rotate, scheme="compact")
-        sel_q, sel_k = q, k
-        if fn is not None:
-            q, k = fn(q, k, positions)
-        if cfg.implementation == "dense":
-            return dense_attention(q, k, v, causal=cfg.ms.causal)
-        selection = dict(selection_q=sel_q, selection_k=sel_k) if mode == "selected_original" else {}
-        return ms_attention(q, k, v, cfg.ms, implementation=_BACKENDS[cfg.implementation], **selection)
+        cfg = self.config
+        dense = cfg.implementation == "dense"
+        spec = AttentionSpec(kind="dense" if dense else "ms", ms=cfg.ms, causal=cfg.ms.causal,
+                             ms_kernel="reference" if dense else cfg.implementation, dense_kernel="xla")
+        return attend(q, k, v, positions, spec, position_fn=self.position_fn)
