@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from selmerge_jax import kvcache
 from selmerge_jax.layers.attention import attend
@@ -232,6 +233,7 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def step(h, layer_state):
+            h = checkpoint_name(h, "layer_input")  # what remat="offload" moves to host memory
             return nnx.merge(graphdef, layer_state)(h, positions, None, segment_ids)[0], None
 
         if self.config.remat_policy is not None:

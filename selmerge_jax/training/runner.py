@@ -26,7 +26,7 @@ from selmerge_jax.training.config_loader import from_dict
 from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, config_to_dict
 from selmerge_jax.training.loop import TrainResult, train
 from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.training.train_step import StepContext, default_forward, init_train_state
+from selmerge_jax.training.train_step import HiddenStates, StepContext, default_forward, init_train_state
 
 __all__ = [
     "build_model",
@@ -143,7 +143,8 @@ def crd_forward(crd: CRDNTKConfig):
         b, t = tokens.shape
         positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size,
                              base_positions=inputs.get("positions"))
-        return model(tokens, positions, segment_ids=inputs.get("segment_ids"))
+        h = model.hidden_states(tokens, positions, segment_ids=inputs.get("segment_ids"))[0]
+        return HiddenStates(h, model.output_logits)
 
     return forward
 

@@ -13,6 +13,7 @@ targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]`` (the grain pipeli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,8 +27,10 @@ from flax import nnx
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 __all__ = [
+    "HiddenStates",
     "StepContext",
     "TrainState",
+    "chunked_cross_entropy",
     "default_forward",
     "init_train_state",
     "make_eval_step",
@@ -47,7 +50,18 @@ class StepContext(NamedTuple):
     key: jax.Array
 
 
-Forward = Callable[[nnx.Module, dict, StepContext], jax.Array]  # (model, {"tokens", ...}, ctx) -> logits
+class HiddenStates(NamedTuple):
+    """What a forward may return instead of logits: final hidden states ``[B, T, D]`` and the output head
+    ``head(h [b, c, D]) -> float32 logits [b, c, V]``, so the loss never holds full-length logits
+    (``chunked_cross_entropy``)."""
+
+    h: jax.Array
+    head: Callable[[jax.Array], jax.Array]
+
+
+# (model, {"tokens", ...}, ctx) -> logits [B, T, V] or HiddenStates
+Forward = Callable[[nnx.Module, dict, StepContext], "jax.Array | HiddenStates"]
+DEFAULT_LOSS_CHUNK = 4096  # tokens per cross-entropy chunk: 4096 x 128K vocab x 4 B = 2 GiB of f32 logits
 
 
 @flax.struct.dataclass
@@ -118,9 +132,52 @@ def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def chunked_cross_entropy(hidden: HiddenStates, targets, mask, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """``token_cross_entropy`` of ``hidden.head(hidden.h)`` computed ``chunk`` tokens at a time.
+
+    A ``lax.scan`` over sequence chunks with the head and the loss rematerialised per chunk: forward and
+    backward hold one chunk's float32 logits (``[B, chunk, V]``), never the ``[B, T, V]`` of the whole
+    sequence (16 GiB at T = 128K with a 32K vocabulary).
+    """
+    h = hidden.h
+    b, t, d = h.shape
+    c = min(chunk, t)
+    pad = -t % c
+    if pad:  # padded targets carry zero weight
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (t + pad) // c
+
+    def to_chunks(x):
+        return x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)  # [n, B, c, ...]
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(h_c, t_c, m_c):
+        return token_cross_entropy(hidden.head(h_c), t_c, m_c)[0]
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (to_chunks(h), to_chunks(targets), to_chunks(mask)))
+    return total, jnp.sum(mask)
+
+
+def _loss_sum(out, targets, mask, loss_chunk: int):
+    if isinstance(out, HiddenStates):
+        return chunked_cross_entropy(out, targets, mask, loss_chunk)[0]
+    return token_cross_entropy(out, targets, mask)[0]
+
+
 def default_forward(model, inputs: dict, ctx: StepContext | None = None):
-    """``model(tokens, **rest)`` -> logits ``[B, T, V]``; ``rest`` = the batch's positions / segment_ids."""
+    """``model(tokens, **rest)``; ``rest`` = the batch's positions / segment_ids.
+
+    A model with ``hidden_states`` and ``output_logits`` (``Llama``) returns ``HiddenStates``, so the loss is
+    chunked; any other model returns its logits ``[B, T, V]``.
+    """
     rest = {k: v for k, v in inputs.items() if k != "tokens"}
+    if hasattr(model, "hidden_states") and hasattr(model, "output_logits"):
+        return HiddenStates(model.hidden_states(inputs["tokens"], **rest)[0], model.output_logits)
     return model(inputs["tokens"], **rest)
 
 
@@ -128,12 +185,11 @@ def _cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _micro_loss(params, rest, graphdef, micro, ctx, total_count, compute_dtype, forward):
+def _micro_loss(params, rest, graphdef, micro, ctx, total_count, compute_dtype, forward, loss_chunk):
     """Summed loss of one micro-batch divided by the whole step's token count, so micro-grads simply add."""
     inputs, targets, mask = micro
     model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), _cast_floating(rest, compute_dtype))
-    logits = forward(model, inputs, ctx)
-    loss_sum, _ = token_cross_entropy(logits, targets, mask)
+    loss_sum = _loss_sum(forward(model, inputs, ctx), targets, mask, loss_chunk)
     return loss_sum / total_count, loss_sum
 
 
@@ -148,9 +204,13 @@ def _microbatches(parts, accumulation_steps: int):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
                     accumulation_steps: int = 1, compute_dtype=jnp.float32, forward: Forward = default_forward,
-                    donate: bool = True):
-    """Returns ``step(state, batch) -> (state, metrics)``, jitted; metrics are float32 scalars."""
+                    loss_chunk: int = DEFAULT_LOSS_CHUNK, donate: bool = True):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted; metrics are float32 scalars.
+
+    ``loss_chunk``: tokens per cross-entropy chunk when ``forward`` returns ``HiddenStates``.
+    """
     compute_dtype = jnp.dtype(compute_dtype)
+    _check_loss_chunk(loss_chunk)
     grad_fn = jax.grad(_micro_loss, has_aux=True)
 
     def step(state: TrainState, batch):
@@ -164,7 +224,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
             grads, loss_sum = carry
             index, mb = xs
             ctx = StepContext(state.step, jax.random.fold_in(step_key, index))
-            g, ls = grad_fn(state.params, state.rest, graphdef, mb, ctx, total, compute_dtype, forward)
+            g, ls = grad_fn(state.params, state.rest, graphdef, mb, ctx, total, compute_dtype, forward, loss_chunk)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + ls), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -182,15 +242,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = default_forward):
+def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = default_forward,
+                   loss_chunk: int = DEFAULT_LOSS_CHUNK):
     """Returns ``eval_step(state, batch) -> (loss_sum, token_count)``, jitted."""
     compute_dtype = jnp.dtype(compute_dtype)
+    _check_loss_chunk(loss_chunk)
 
     def eval_step(state: TrainState, batch):
         inputs, targets, mask = split_batch(batch)
         model = nnx.merge(graphdef, _cast_floating(state.params, compute_dtype),
                           _cast_floating(state.rest, compute_dtype))
         ctx = StepContext(state.step, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
-        return token_cross_entropy(forward(model, inputs, ctx), targets, mask)
+        return _loss_sum(forward(model, inputs, ctx), targets, mask, loss_chunk), jnp.sum(mask)
 
     return jax.jit(eval_step)
+
+
+def _check_loss_chunk(loss_chunk) -> None:
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk <= 0:
+        raise ValueError(f"loss_chunk={loss_chunk!r}: must be a positive int (tokens per cross-entropy chunk)")

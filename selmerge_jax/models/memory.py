@@ -1,0 +1,121 @@
+"""Whole-model memory planner: the device bytes of one training step, estimated before anything compiles.
+
+A 7B model at 128K tokens either fits on one GPU or fails after minutes of compilation; this module answers
+first, from the config alone. The estimate is a sum of named parts (``TrainMemory``), each a closed form:
+
+* ``weights``: every parameter at ``param_dtype``;
+* ``trainable``: the trained tensors' float32 copies: gradients and AdamW's two moments (LoRA adapters only
+  for a LoRA step; every parameter for full training, plus a compute-dtype copy of the weights);
+* ``saved``: what the scanned layers keep for the backward pass. Under ``remat="full"`` that is each layer's
+  input ``[B, T, D]`` (L of them); under ``"dots"`` also every matmul output of the layer;
+* ``transient``: the largest working set of one layer's recomputation and backward (q/k/v/o, the SwiGLU's
+  gate/up/product and their gradients, attention's own buffers), which exists once, not per layer;
+* ``logits``: one cross-entropy chunk of float32 logits and their gradient (``loss_chunk`` tokens).
+
+The coefficients of ``transient`` were fitted to XLA's plans and measured peaks of the 7B step on an H200
+(``results/INDEX.md``, bench_model rows); the planner is meant to be right to ~10%, and to refuse only what
+clearly does not fit.
+"""
+
+import dataclasses
+
+from selmerge_jax.models.config import ModelConfig
+
+__all__ = ["TrainMemory", "check_fits", "largest_fitting_seq_len", "train_memory"]
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Live [B, T, F]-sized and [B, T, D]-sized arrays at the peak of one layer's backward (fitted, see docstring).
+_TRANSIENT_F = 4.0
+_TRANSIENT_D = 10.0
+_HEADROOM = 1.5 * 2**30  # allocator fragmentation, cuBLAS/cuDNN workspaces, the runtime itself
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMemory:
+    """Estimated bytes of one training step, by part (see the module docstring)."""
+
+    weights: int
+    trainable: int
+    saved: int
+    transient: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable + self.saved + self.transient + self.logits + int(_HEADROOM)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in dataclasses.asdict(self).items())
+        return f"{self.total / 2**30:.1f} GiB ({parts}, headroom {_HEADROOM / 2**30:.1f})"
+
+
+def _matmul_params(config: ModelConfig) -> tuple[int, int]:
+    """``(per-layer params, embedding + head params)``."""
+    d, h, n, k, f = config.d_model, config.head_size, config.num_heads, config.num_kv_heads, config.ffn_dim
+    layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+    outer = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
+    return layer, outer
+
+
+def _lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
+    d, h, n, k, f = config.d_model, config.head_size, config.num_heads, config.num_kv_heads, config.ffn_dim
+    shapes = {"q_proj": (d, n * h), "k_proj": (d, k * h), "v_proj": (d, k * h), "o_proj": (n * h, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    per_layer = sum(rank * (a + b) for name, (a, b) in shapes.items() if name in targets)
+    head = rank * (d + config.vocab_size) if "lm_head" in targets else 0
+    return per_layer * config.num_layers + head
+
+
+def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: int | None = 16,
+                 lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                 loss_chunk: int = 4096) -> TrainMemory:
+    """The estimate for one step of ``batch`` sequences of ``seq_len`` tokens; ``lora_rank=None``: full training."""
+    layer, outer = _matmul_params(config)
+    params = layer * config.num_layers + outer
+    pbytes, abytes = _BYTES[config.param_dtype], _BYTES[config.dtype]
+    weights = params * pbytes
+    if lora_rank is None:
+        # f32 grads + two f32 moments, and the compute-dtype copy of the weights the step casts to.
+        trainable = params * (3 * 4 + (abytes if abytes != pbytes else 0))
+    else:
+        trainable = _lora_params(config, lora_rank, lora_targets) * 4 * 4  # master, grad, two moments
+    tokens = batch * seq_len
+    d, f = config.d_model, config.ffn_dim
+    qkvo = config.head_size * (2 * config.num_heads + 2 * config.num_kv_heads)
+    per_layer_saved = tokens * d * abytes
+    if config.remat == "none":
+        per_layer_saved = tokens * (4 * d + qkvo + 3 * f) * abytes
+    elif config.remat in ("dots", "dots_no_batch"):
+        per_layer_saved = tokens * (d + qkvo + 3 * f) * abytes
+    saved = per_layer_saved * config.num_layers
+    transient = int(tokens * (_TRANSIENT_F * f + _TRANSIENT_D * d + qkvo) * abytes)
+    logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 3  # f32 logits, softmax, gradient
+    return TrainMemory(weights=weights, trainable=trainable, saved=saved, transient=transient, logits=logits)
+
+
+def largest_fitting_seq_len(config: ModelConfig, capacity_bytes: int, *, batch: int = 1, multiple: int = 1024,
+                            **kwargs) -> int:
+    """The longest ``seq_len`` (a multiple of ``multiple``) whose estimate fits ``capacity_bytes``; 0 if none."""
+    lo, hi = 0, multiple
+    while train_memory(config, batch=batch, seq_len=hi, **kwargs).total <= capacity_bytes:
+        lo, hi = hi, hi * 2
+        if hi > 2**26:
+            return lo
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        if train_memory(config, batch=batch, seq_len=mid, **kwargs).total <= capacity_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def check_fits(config: ModelConfig, capacity_bytes: int, *, batch: int, seq_len: int, **kwargs) -> TrainMemory:
+    """The estimate, or a ``ValueError`` naming it and the largest ``seq_len`` that fits ``capacity_bytes``."""
+    estimate = train_memory(config, batch=batch, seq_len=seq_len, **kwargs)
+    if estimate.total > capacity_bytes:
+        fits = largest_fitting_seq_len(config, capacity_bytes, batch=batch, **kwargs)
+        raise ValueError(f"seq_len={seq_len} (batch {batch}, {config.num_layers} layers, remat={config.remat!r}) "
+                         f"needs an estimated {estimate.describe()}, more than the device's "
+                         f"{capacity_bytes / 2**30:.1f} GiB; the largest seq_len that fits is {fits}")
+    return estimate
