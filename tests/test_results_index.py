@@ -35,7 +35,7 @@ FIGURE = re.compile(
     rf"|(?<![\w.])\d+\.\d{{2,}}(?:{_SEP}\d+\.\d{{2,}})*(?![\w.])"
 )
 REF = re.compile(r"\[(R\d+)\]")
-LINK_DEFINITION = re.compile(r"^\[(R\d+)\]: (\S+)$", flags=re.M)
+LINK_DEFINITION = re.compile(r"^\[(R\d+)\]: (\S+)$", flags=re.MULTILINE)
 
 
 def readme_figures(text: str) -> list[str]:
@@ -46,10 +46,10 @@ def readme_figures(text: str) -> list[str]:
 def parse_index(text: str) -> dict[str, dict[str, str]]:
     """Row id -> {field: its text, from ``- field:`` to the next field} for every ``### R<n>`` section."""
     rows: dict[str, dict[str, str]] = {}
-    for section in re.split(r"^(?=### R\d+\b)", text, flags=re.M)[1:]:
+    for section in re.split(r"^(?=### R\d+\b)", text, flags=re.MULTILINE)[1:]:
         rid = re.match(r"### (R\d+)\b", section).group(1)
         assert rid not in rows, f"INDEX.md: {rid} appears twice"
-        starts = {m.group(1): m for m in re.finditer(rf"^- ({'|'.join(FIELDS)}):", section, flags=re.M)}
+        starts = {m.group(1): m for m in re.finditer(rf"^- ({'|'.join(FIELDS)}):", section, flags=re.MULTILINE)}
         missing = [name for name in FIELDS if name not in starts]
         assert not missing, f"INDEX.md {rid}: no '- {missing[0]}:' line"
         ends = sorted(m.start() for m in starts.values()) + [len(section)]
