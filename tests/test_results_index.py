@@ -7,9 +7,10 @@ figures the row backs, each in backticks, verbatim). The README's results sectio
 Checked both ways, without JAX:
 - every file under experiments/results/ outside archive/ (INDEX.md aside) is matched by some row's files, and
   every path or glob a row names matches at least one file;
-- every figure in the README's results section (a number with a unit such as ms, s, TF/s, x, %, GB, GiB, MiB,
-  K tokens/s, or a decimal with two or more places, such as a loss) sits in a paragraph or table that cites
-  rows, and is listed among those rows' figures; every cited row exists and every row is cited.
+- every figure in the README's results sections (every ``## `` section but the few in NOT_RESULTS; a figure is a
+  number with a unit such as ms, s, TF/s, x, %, GB, GiB, MiB, K tokens/s, or a decimal with two or more places,
+  such as a loss) sits in a paragraph or table that cites rows, and is listed among those rows' figures; every
+  cited row exists and every row is cited.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 INDEX = RESULTS / "INDEX.md"
 README = ROOT / "README.md"
-RESULTS_SECTION = "## Implementations and measured figures"
+# README sections that state no measured result (install and run times, the API, the layout); every other
+# section, and any section added later, is checked for figures
+NOT_RESULTS = ("Two commands", "Quickstart", "The algorithm (what the tests check)", "Library tour", "Notebooks",
+               "Layout", "Tests", "Citation")
 FIELDS = ("files", "command", "commit", "device", "figures")
 
 _NUM = r"\d+(?:[.,]\d+)*"
 _SEP = r"\s?(?:-|/|→|–)\s?"
-_UNIT = r"(?:K tokens/s|TF/s|ms|s|x|%|GB|GiB|MB|MiB|bytes)"
+_UNIT = r"(?:[KM] tokens/s|tokens/s|tok/s|TFLOP/s|TF/s|TB/s|GB/s|ms|µs|us|min|s|x|×|%|TB|GB|GiB|MB|MiB|KiB|bytes)"
 # a number (or a range / list of numbers like 1.05-1.21 or 100/15/0) with a unit, or a decimal of >= 2 places
 FIGURE = re.compile(
     rf"(?<![\w.])(?:>= )?{_NUM}(?:{_SEP}{_NUM})*\s?{_UNIT}(?![\w])"
@@ -62,12 +66,24 @@ def backticked(field: str) -> list[str]:
     return re.findall(r"`([^`]+)`", field)
 
 
+def results_sections(text: str) -> dict[str, str]:
+    """Title -> body of every ``## `` section of the README outside NOT_RESULTS (the title block above the first
+    section is the project's summary and is not checked)."""
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
+    titled = {s.split("\n", 1)[0].strip(): s.split("\n", 1)[1] if "\n" in s else "" for s in sections}
+    return {title: body for title, body in titled.items() if title not in NOT_RESULTS}
+
+
 def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
-    """(block text, rows cited) for each paragraph or table of the README's results section; a table with no
+    """(block text, rows cited) for each paragraph or table of the README's results sections; a table with no
     citation of its own takes those of the paragraph just above it (its caption)."""
-    start = text.index(RESULTS_SECTION)
-    end = text.find("\n## ", start + len(RESULTS_SECTION))
-    body = text[start + len(RESULTS_SECTION): end if end >= 0 else None]
+    blocks = []
+    for body in results_sections(text).values():
+        blocks += _blocks(body)
+    return blocks
+
+
+def _blocks(body: str) -> list[tuple[str, list[str]]]:
     blocks, caption_refs = [], []
     for block in re.split(r"\n\s*\n", body):
         if not block.strip() or re.fullmatch(r"(\[R\d+\]: \S+\s*)+", block.strip()):
@@ -129,6 +145,14 @@ def test_every_readme_figure_has_an_index_row(rows):
     assert not uncited, f"INDEX.md rows the README never cites: {uncited}"
 
 
+def test_the_readme_has_a_results_section_and_the_exempt_sections_exist():
+    text = README.read_text()
+    titles = re.findall(r"^## (.*)$", text, flags=re.MULTILINE)
+    absent = set(NOT_RESULTS) - set(titles)
+    assert not absent, f"NOT_RESULTS names sections the README lacks: {sorted(absent)}"
+    assert any(readme_figures(body) for body in results_sections(text).values()), "no figures found in the README"
+
+
 def test_every_readme_citation_has_a_link_to_its_row():
     text = README.read_text()
     cited = set(REF.findall(LINK_DEFINITION.sub("", text)))
@@ -144,7 +168,8 @@ def test_every_readme_citation_has_a_link_to_its_row():
     ("val k8 0.418 < k16 0.429, 1.138/1.136/1.273 (b fails)", ["0.418", "0.429", "1.138/1.136/1.273"]),
     ("scores 100/15/0% at 2K/8K/32K, reaches 4x, 436K tokens/s, 8.2 GiB, >= 95% at 16x",
      ["100/15/0%", "4x", "436K tokens/s", "8.2 GiB", ">= 95%", "16x"]),
-    ("B=1, N=32, W=128, top_k 4/8/16, 13.1M tokens, T = 2048, keep ratio 0.2, jax 0.11.2", []),
+    ("1.2M tokens/s at 2.9 TB/s, 12 µs, 3 min", ["1.2M tokens/s", "2.9 TB/s", "12 µs", "3 min"]),
+    ("B=1, N=32, W=128, top_k 4/8/16, 13.1M tokens, T = 2048, keep ratio 0.2, jax 0.11.2, 1200 steps", []),
 ])
 def test_the_figure_pattern(text, figures):
     assert readme_figures(text) == figures
