@@ -4,7 +4,8 @@ Every measurement is one JSON line (device, versions, spec, implementation, mode
 runs after ``--warmup`` runs with ``block_until_ready``, useful TFLOP/s counting the attended blocks only,
 peak device memory). Examples::
 
-    python experiments/benchmarks/bench_attention.py --specs h100_64k h100_128k --out results/attention_h100.jsonl
+    python experiments/benchmarks/bench_attention.py --specs h100_64k h100_128k \
+        --out experiments/results/attention_h100/run.jsonl
     python experiments/benchmarks/bench_attention.py --check gpu_check_8k          # kernel vs reference
     python experiments/benchmarks/bench_attention.py --specs --ms-layer h100_1m --dense-lens 131072 262144
     python experiments/benchmarks/bench_attention.py --check gpu_check_8k --check-impls pallas_mosaic_gpu \

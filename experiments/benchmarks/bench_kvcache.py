@@ -7,7 +7,8 @@ after a prefill (uncompressed: S tokens; compressed: ``ratio * S`` tokens, the s
 compression), then ``--steps`` jitted decode steps run with the caches donated; compressions fire inside the
 step every ``slack`` tokens, so their cost is included in the mean. One JSON line per (S, policy)::
 
-    python experiments/benchmarks/bench_kvcache.py --contexts 8192 524288 1048576 --out results/kvcache_h100.jsonl
+    python experiments/benchmarks/bench_kvcache.py --contexts 8192 524288 1048576 \
+        --out experiments/results/kvcache_h100/run.jsonl
     python experiments/benchmarks/bench_kvcache.py --tiny          # CPU smoke run
 
 Memory fields: ``cache_bytes`` (real bytes of all layer caches, quantized ones included), ``step_temp_bytes``

@@ -4,7 +4,8 @@ Peak memory comes from XLA's compiled memory analysis (arguments + outputs + tem
 or forward+backward), so nothing of size O(T^2) is ever allocated: the dense 64K case is compiled, not run.
 Writes JSON lines and a PNG; prints a table. CPU is fine:
 
-    python experiments/benchmarks/memory_scaling.py --out experiments/benchmarks/results/memory_scaling_cpu.jsonl
+    python experiments/benchmarks/memory_scaling.py \
+        --out experiments/results/memory_cpu/memory_scaling_cpu.jsonl
 """
 
 import argparse

@@ -1,8 +1,9 @@
 """CPU probe for issue #7 (c): can a tiny byte-level Llama learn passkey retrieval under a given data recipe?
 
-Scratch experiment driver behind the "CPU recipe" section of results/h100_eval_README.md (runs k4, k5, k7 ...):
-trains on .gpu_data/train.npy windows mixed with passkey prompts (the evaluation template), copy rows or
-corpus-filler prompts, then scores the passkey grid at the training length with teacher forcing. Example (k4):
+Scratch experiment driver behind the "CPU recipe" section of experiments/results/archive/h100_eval_README.md
+(runs k4, k5, k7 ...): trains on .gpu_data/train.npy windows mixed with passkey prompts (the evaluation
+template), copy rows or corpus-filler prompts, then scores the passkey grid at the training length with
+teacher forcing. Example (k4):
 
     python experiments/benchmarks/passkey_recipe_cpu.py --T 320 --B 8 --d 64 --L 2 --steps 2500 --loss weight:5 \
         --ratio 0.95 --lr 3e-3 --tag k4

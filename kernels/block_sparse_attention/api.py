@@ -20,7 +20,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {"xla": block_sparse_attention_reference}
 
 _DEFAULT_ORDER = {
     # Mosaic GPU declines anything but Hopper and the H100 spec's family (then Triton takes it): H100 64K
-    # forward 4.1 vs 6.5 ms (experiments/benchmarks/results/attention_h100_README.md, run6).
+    # forward 4.1 vs 6.5 ms (experiments/results/archive/attention_h100_README.md, run 6).
     "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
     "tpu": ("pallas_mosaic_tpu", "xla"),
     "cpu": ("xla",),

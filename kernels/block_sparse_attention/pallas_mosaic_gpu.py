@@ -24,7 +24,7 @@ Both warpgroups always walk the same number of steps (same plan row, same tokens
 matches without a drain loop. The causal mask is applied on the last step only (the local region).
 
 ``MosaicTiling.cluster`` (off by default: no gain measured) groups the CTAs of one plan row into a cluster that
-TMA-multicasts each K/V block. H100 figures: experiments/benchmarks/results/attention_h100_README.md (run 6).
+TMA-multicasts each K/V block. H100 figures: experiments/results/archive/attention_h100_README.md (run 6).
 
 Supported (else ``NotImplementedError``, so ``api`` dispatch falls through): Hopper GPU, bf16/f16, H in {64,
 128}, W in {64, 128}, one selection per kv head (P == K), merge 1, causal with the local block.

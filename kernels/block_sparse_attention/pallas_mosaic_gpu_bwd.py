@@ -99,7 +99,8 @@ def _dq_consumer(refs, st: "_fwd._Static"):
      q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched) = refs
     wg = lax.axis_index("wg")
     # Optional ping-pong as in the forward: one warpgroup's matmuls run while the other computes dS. Off by
-    # default: H100 64K dQ pass 6.62 ms with it, 5.71 ms without (attention_h100_run8).
+    # default: H100 64K dQ pass 6.62 ms with it, 5.71 ms without
+    # (experiments/results/archive/attention_h100_run8b.jsonl).
     pingpong = st.wgs == 2 and st.tiling.pingpong_dq
     if st.wgs == 2:
         plgpu.set_max_registers(st.tiling.compute_registers, action="increase")

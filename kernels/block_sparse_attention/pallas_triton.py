@@ -52,7 +52,8 @@ class TritonTiling:
     stages_fwd: int = 3
     # Backward: dQ owns many query rows and streams key chunks; dK/dV owns many keys and streams query chunks
     # (its two f32 accumulators are [keys, H]). Defaults are the fastest of the H100 sweeps in
-    # experiments/benchmarks/results/attention_h100_run5*.jsonl (block_k_dq=128 exceeds shared memory).
+    # experiments/results/attention_h100/run5a.jsonl and archive/attention_h100_run5b.jsonl
+    # (block_k_dq=128 exceeds shared memory).
     rows_dq: int = 128
     block_k_dq: int = 64
     rows_dkv: int = 64

@@ -17,7 +17,7 @@ small model learns that absolute position (evaluated one token shorter, it lost 
 With ``copy_ratio > 0`` other rows become copy rows: a random string of corpus tokens (period drawn from
 ``copy_period``) repeated to the window's length, loss on every repeat. Only an induction head predicts them,
 and it forms on these within a few hundred steps, where passkey prompts alone (5 random answer tokens per
-window) left small models at chance (see experiments/benchmarks/results/h100_eval_README.md).
+window) left small models at chance (see experiments/results/archive/h100_eval_README.md).
 
     docs = split_documents(stdlib_documents(), 0.1)          # pure Python: no tfds needed
     tokens = tokenize_documents([d["text"] for d in docs["train"]], tokenizer)

@@ -151,7 +151,8 @@ def _greedy(graphdef, state, caches, first, start, *, steps: int, cache_fn):
 
     A compressing ``cache_fn`` checks for room once per ``room_every`` steps, outside the per-token body: a
     ``lax.cond`` inside it made XLA copy every layer's whole cache per token (a cond's pass-through operand is
-    copied into its result), 1.2 ms of a 2.0 ms step at 512K on the H100 (results/kvcache_README.md).
+    copied into its result), 1.2 ms of a 2.0 ms step at 512K on the H100
+    (experiments/results/archive/kvcache_README.md).
     """
     model = nnx.merge(graphdef, state)
 

@@ -165,10 +165,11 @@ def make_room(cache: KVCache, config: KVCompressionConfig, budget: int, incoming
         return cache
     config.check_capacity(budget, cache.capacity, incoming)
     full = cache.length + incoming > cache.capacity
-    # A cond, not a 0/1-trip while loop: measured on the H100 (results/kvcache_h100_v3.jsonl), the while loop
-    # cost 0.5-0.7 ms per decode step of a 4-layer model (a device->host sync per loop), the cond nothing
-    # measurable (v2). In the optimised CPU HLO the pass-through branch aliases the donated cache (no copy);
-    # only the compress branch copies its gathered slots into the result buffers.
+    # A cond, not a 0/1-trip while loop: measured on the H100
+    # (experiments/results/archive/kvcache_h100_v3.jsonl), the while loop cost 0.5-0.7 ms per decode step of a
+    # 4-layer model (a device->host sync per loop), the cond nothing measurable (v2). In the optimised CPU HLO
+    # the pass-through branch aliases the donated cache (no copy); only the compress branch copies its gathered
+    # slots into the result buffers.
     return jax.lax.cond(full, lambda c: compress(c, config, budget), lambda c: c, cache)
 
 
