@@ -11,6 +11,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.attention.selection import select_regions
 from selmerge_jax.evaluation import config_schema, fidelity, loss_curves, passkey, perplexity
@@ -74,7 +75,7 @@ def test_attended_keys_match_the_selection_plan(top_k, merge, sink):
     g = i // (w * merge)
     local = i - g * merge * w + 1
     want = valid[..., g] * w + local  # keys per query token, per (B, P)
-    got = loss_curves._attended_keys(cfg, t)
+    got = attended_keys(cfg, t)
     np.testing.assert_array_equal(np.broadcast_to(got, want.shape), want)
 
 

@@ -1,0 +1,142 @@
+"""The scanned decoder stack equals a layer-by-layer loop; the model and ``MSAttention`` share one dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
+from selmerge_jax.models import Llama, preset
+from selmerge_jax.training.train_step import HiddenStates, chunked_cross_entropy, token_cross_entropy
+
+MS = MSAttentionConfig(block_size=4, top_k=3, selection_source="previous", selection_heads="kv")
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 40)), jnp.int32)
+
+
+def _config(**kw):
+    return preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, num_layers=3, **kw)
+
+
+def _looped(model: Llama, tokens):
+    """The reference: every layer run on its own, in order (what the model did before layers were scanned)."""
+    x = model.embed_tokens(tokens)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    for i in range(model.config.num_layers):
+        x = model.layer(i)(x, positions)[0]
+    return model.output_logits(model.norm(x))
+
+
+@pytest.mark.parametrize("attention", ["dense", "ms"])
+def test_scanned_layers_equal_a_loop(attention):
+    model = Llama(_config(attention=attention, ms=MS), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(TOKENS), _looped(model, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_gradients_equal_looped_gradients():
+    model = Llama(_config(attention="ms", ms=MS, remat="full"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def loss(fn, state):
+        return jnp.mean(fn(nnx.merge(graphdef, state), TOKENS) ** 2)
+
+    g_scan = jax.grad(lambda s: loss(lambda m, t: m(t), s))(state)
+    g_loop = jax.grad(lambda s: loss(_looped, s))(state)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_scanned_logits_match_the_loop_to_bf16_tolerance():
+    model = Llama(_config(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(TOKENS), _looped(model, TOKENS), rtol=2e-2, atol=2e-2)
+
+
+def test_layers_are_stacked_and_initialised_independently():
+    model = Llama(_config(), rngs=nnx.Rngs(0))
+    kernel = model.layers.self_attn.q_proj.kernel[...]
+    assert kernel.shape == (3, 32, 32)
+    assert not np.allclose(kernel[0], kernel[1])
+
+
+@pytest.mark.parametrize("i", [-1, 3, 1.0, True])
+def test_layer_index_is_checked(i):
+    model = Llama(_config(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"layer index i="):
+        model.layer(i)
+
+
+@pytest.mark.parametrize("mode", ["before_selection", "selected_original", "selected_compact"])
+@pytest.mark.parametrize("kind", ["ms", "dense"])
+def test_model_attention_equals_ms_attention_layer(mode, kind):
+    """The model's attention and the stand-alone layer with the same weights give the same outputs: one
+    dispatch, every ``position_mode`` honoured by both (dense attention ignores it in both)."""
+    ms = MSAttentionConfig(block_size=4, top_k=3, selection_source="previous", selection_heads="kv",
+                           position_mode=mode)
+    cfg = _config(attention=kind, ms=ms, dense_kernel="xla")
+    attn = Llama(cfg, rngs=nnx.Rngs(0)).layer(0).self_attn
+    layer = MSAttention(AttentionLayerConfig(d_model=32, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                             ms=ms, rope=cfg.rope,
+                                             implementation="reference" if kind == "ms" else "dense"),
+                        rngs=nnx.Rngs(1))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(layer, name).kernel[...] = getattr(attn, name).kernel[...]
+    x = jax.random.normal(jax.random.key(2), (2, 24, 32))
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    np.testing.assert_allclose(attn(x, positions)[0], layer(x, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_position_modes_change_the_models_output():
+    """The model used to ignore ``position_mode``; now each mode computes something different."""
+    outs = {}
+    for mode in ("before_selection", "selected_original", "selected_compact"):
+        ms = MSAttentionConfig(block_size=4, top_k=3, selection_source="previous", selection_heads="kv",
+                               position_mode=mode)
+        outs[mode] = np.asarray(Llama(_config(attention="ms", ms=ms), rngs=nnx.Rngs(0))(TOKENS))
+    assert not np.allclose(outs["before_selection"], outs["selected_original"])
+    assert not np.allclose(outs["selected_original"], outs["selected_compact"])
+
+
+def test_segment_ids_with_ms_attention_raise_naming_the_option():
+    model = Llama(_config(attention="ms", ms=MS), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"segment_ids .* attention='dense' only, got attention='ms'"):
+        model(TOKENS, segment_ids=jnp.zeros_like(TOKENS))
+
+
+def test_sliding_window_with_ms_attention_raises():
+    with pytest.raises(ValueError, match=r"attention='ms' with sliding_window"):
+        _config(attention="ms", sliding_window=8)
+
+
+def test_ring_ms_refuses_positions_on_selected_tokens():
+    from selmerge_jax.layers import AttentionSpec
+
+    ms = MSAttentionConfig(block_size=4, top_k=3, position_mode="selected_compact")
+    with pytest.raises(ValueError, match=r"position_mode='selected_compact' is not supported by attention='ring_ms'"):
+        AttentionSpec(kind="ring_ms", ms=ms)
+
+
+def test_cudnn_dense_kernel_is_refused_on_cpu():
+    model = Llama(_config(dense_kernel="cudnn", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dense_kernel='cudnn' needs a GPU"):
+        model(TOKENS)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40, 4096])
+def test_chunked_cross_entropy_equals_the_full_loss(chunk):
+    model = Llama(_config(), rngs=nnx.Rngs(0))
+    targets = jnp.roll(TOKENS, -1, axis=1)
+    mask = jnp.asarray(np.random.default_rng(1).random(TOKENS.shape) > 0.3, jnp.float32)
+
+    def chunked(m):
+        return chunked_cross_entropy(HiddenStates(m.hidden_states(TOKENS)[0], m.output_logits), targets, mask,
+                                     chunk)[0]
+
+    def full(m):
+        return token_cross_entropy(m(TOKENS), targets, mask)[0]
+
+    np.testing.assert_allclose(chunked(model), full(model), rtol=1e-5)
+    g_c = nnx.grad(chunked)(model)
+    g_f = nnx.grad(full)(model)
+    for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_f), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
