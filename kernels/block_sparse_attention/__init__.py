@@ -19,3 +19,10 @@ __all__ = [
     "dense_causal_plan",
     "register_implementation",
 ]
+
+from selmerge_jax.kernels.block_sparse_attention import api as _api  # noqa: E402
+
+# The Pallas backends are imported here, not inside the first traced call: importing them mid-trace changed
+# JAX state that jit's cache key reads, so on a GPU the first call of a jitted MS forward missed its own cache
+# entry and compiled twice (tests/test_gpu_model.py).
+_api._load_backends()

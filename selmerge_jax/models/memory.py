@@ -6,15 +6,17 @@ first, from the config alone. The estimate is a sum of named parts (``TrainMemor
 * ``weights``: every parameter at ``param_dtype``;
 * ``trainable``: the trained tensors' float32 copies: gradients and AdamW's two moments (LoRA adapters only
   for a LoRA step; every parameter for full training, plus a compute-dtype copy of the weights);
-* ``saved``: what the scanned layers keep for the backward pass. Under ``remat="full"`` that is each layer's
-  input ``[B, T, D]`` (L of them); under ``"dots"`` also every matmul output of the layer;
+* ``saved``: what the scanned layers keep on the device for the backward pass. Under ``remat="full"`` that is
+  each layer's input ``[B, T, D]`` (L of them); ``"offload"`` keeps them in host memory instead (none on the
+  device); ``"dots"`` also keeps every matmul output of the layer;
 * ``transient``: the largest working set of one layer's recomputation and backward (q/k/v/o, the SwiGLU's
   gate/up/product and their gradients, attention's own buffers), which exists once, not per layer;
 * ``logits``: one cross-entropy chunk of float32 logits and their gradient (``loss_chunk`` tokens).
 
-The coefficients of ``transient`` were fitted to XLA's plans and measured peaks of the 7B step on an H200
-(``results/INDEX.md``, bench_model rows); the planner is meant to be right to ~10%, and to refuse only what
-clearly does not fit.
+The coefficients of ``transient`` were fitted to the measured peaks of the Llama-2-7B LoRA step on an H200 at
+16K-128K (``experiments/results/model_h200``): there the transient is ~170 KB a token, (4F + qkvo + 6D) bf16
+values. Against those runs the estimate is 0-15% high (Llama-3-8B +15%: its 128K vocabulary's logits), so it
+refuses only what clearly does not fit.
 """
 
 import dataclasses
@@ -26,7 +28,7 @@ __all__ = ["TrainMemory", "check_fits", "largest_fitting_seq_len", "train_memory
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Live [B, T, F]-sized and [B, T, D]-sized arrays at the peak of one layer's backward (fitted, see docstring).
 _TRANSIENT_F = 4.0
-_TRANSIENT_D = 10.0
+_TRANSIENT_D = 6.0
 _HEADROOM = 1.5 * 2**30  # allocator fragmentation, cuBLAS/cuDNN workspaces, the runtime itself
 
 
@@ -83,13 +85,15 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     d, f = config.d_model, config.ffn_dim
     qkvo = config.head_size * (2 * config.num_heads + 2 * config.num_kv_heads)
     per_layer_saved = tokens * d * abytes
-    if config.remat == "none":
+    if config.remat == "offload":
+        per_layer_saved = 0  # in pinned host memory
+    elif config.remat == "none":
         per_layer_saved = tokens * (4 * d + qkvo + 3 * f) * abytes
     elif config.remat in ("dots", "dots_no_batch"):
         per_layer_saved = tokens * (d + qkvo + 3 * f) * abytes
     saved = per_layer_saved * config.num_layers
     transient = int(tokens * (_TRANSIENT_F * f + _TRANSIENT_D * d + qkvo) * abytes)
-    logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 3  # f32 logits, softmax, gradient
+    logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 2  # f32 logits and their gradient
     return TrainMemory(weights=weights, trainable=trainable, saved=saved, transient=transient, logits=logits)
 
 
