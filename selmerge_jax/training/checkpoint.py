@@ -19,9 +19,10 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "nested_to_tree", "tree_to_nested"]
+__all__ = ["Checkpointer", "nested_to_tree", "stack_layer_entries", "tree_to_nested"]
 
 
 def _key_name(key) -> str:
@@ -62,6 +63,32 @@ def nested_to_tree(nested: dict, target):
             node = node[part]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def stack_layer_entries(nested):
+    """``{'layers': {'0': tree, '1': tree, ...}}`` anywhere in ``nested`` -> ``{'layers': tree of [L, ...]}``.
+
+    Returns ``nested`` itself (the same object) when it holds no per-layer subtrees.
+    """
+    if not isinstance(nested, dict):
+        return nested
+    out, changed = {}, False
+    for key, value in nested.items():
+        if key == "layers" and isinstance(value, dict) and value and all(k.isdigit() for k in value):
+            layers = [stack_layer_entries(value[str(i)]) for i in range(len(value))]
+            out[key] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+            changed = True
+        else:
+            out[key] = stack_layer_entries(value)
+            changed = changed or out[key] is not value
+    return out if changed else nested
+
+
+def _like(value, target):
+    """``value`` with ``target``'s dtype, and its sharding when it has one."""
+    value = np.asarray(value).astype(target.dtype)
+    sharding = getattr(target, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
 
 
 def _abstract(x):
@@ -136,10 +163,28 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
         abstract = tree_to_nested(jax.tree.map(_abstract, target))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        state = nested_to_tree(restored["state"], target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            state = nested_to_tree(restored["state"], target)
+        except (ValueError, KeyError, TypeError) as error:
+            restored, state = self._restore_per_layer(step, target, error)
         return state, _from_json_safe(restored["data"]) or None, _from_json_safe(restored["meta"]) or {}
+
+    def _restore_per_layer(self, step: int, target, error: Exception):
+        """A checkpoint of the model's earlier layout, one subtree per layer (``layers/0/...``), restored into
+        today's stacked layers (``layers/...`` with a leading ``[L]`` axis); anything else re-raises ``error``."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        stacked = stack_layer_entries(restored["state"])
+        if stacked is restored["state"]:
+            raise error
+        try:
+            state = nested_to_tree(stacked, target)
+        except KeyError:
+            raise error from None
+        state = jax.tree.map(_like, state, target)
+        return restored, state
 
     def read_meta(self, step: int | None = None) -> dict:
         """Only the JSON ``meta`` of a checkpoint (e.g. the config needed to rebuild the model before restore)."""
