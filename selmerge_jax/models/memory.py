@@ -70,8 +70,12 @@ def _lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> in
 
 def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: int | None = 16,
                  lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                 loss_chunk: int = 4096) -> TrainMemory:
-    """The estimate for one step of ``batch`` sequences of ``seq_len`` tokens; ``lora_rank=None``: full training."""
+                 loss_chunk: int = 4096, trainable_params: int | None = None) -> TrainMemory:
+    """The estimate for one step of ``batch`` sequences of ``seq_len`` tokens; ``lora_rank=None``: full training.
+
+    ``trainable_params``: the number of trained parameters when it is known (a built train state); it replaces
+    the count derived from ``lora_rank``/``lora_targets``.
+    """
     layer, outer = _matmul_params(config)
     params = layer * config.num_layers + outer
     pbytes, abytes = _BYTES[config.param_dtype], _BYTES[config.dtype]
@@ -80,7 +84,8 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
         # f32 grads + two f32 moments, and the compute-dtype copy of the weights the step casts to.
         trainable = params * (3 * 4 + (abytes if abytes != pbytes else 0))
     else:
-        trainable = _lora_params(config, lora_rank, lora_targets) * 4 * 4  # master, grad, two moments
+        count = trainable_params if trainable_params is not None else _lora_params(config, lora_rank, lora_targets)
+        trainable = count * 4 * 4  # master, grad, two moments
     tokens = batch * seq_len
     d, f = config.d_model, config.ffn_dim
     qkvo = config.head_size * (2 * config.num_heads + 2 * config.num_kv_heads)

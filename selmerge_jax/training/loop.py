@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selmerge_jax.layers.attention import describe
+from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.memory import check_fits
 from selmerge_jax.sharding.mesh import shard_batch, shard_params
 from selmerge_jax.training.checkpoint import Checkpointer
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
@@ -131,6 +134,25 @@ class _Interval:
         return out
 
 
+def _check_memory(model, train: TrainConfig, optimizer: OptimizerConfig, state, mesh) -> None:
+    """Refuses, before anything compiles, a step the memory planner says cannot fit the device; logs the
+    attention in use and its attended fraction once (``layers.attention.describe``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        return
+    print(describe(config.attention_spec, train.seq_len), flush=True)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return  # CPU: no device memory to plan against
+    devices = 1 if mesh is None else max(1, mesh.devices.size // mesh.shape.get("seq", 1))
+    batch = max(1, train.batch_size // optimizer.accumulation_steps // devices)
+    seq = train.seq_len if mesh is None else train.seq_len // mesh.shape.get("seq", 1)
+    lora = train.trainable == "lora"
+    check_fits(config.replace(dtype=train.compute_dtype), int(stats["bytes_limit"]), batch=batch, seq_len=seq,
+               lora_rank=16 if lora else None,
+               trainable_params=sum(int(x.size) for x in jax.tree.leaves(state.params)) if lora else None)
+
+
 def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: OptimizerConfig,
           checkpoint: CheckpointConfig, eval_batches: Callable[[], Iterable[dict]] | None = None, mesh=None,
           forward=default_forward, batch_transform: BatchTransform | None = None,
@@ -150,6 +172,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
       eval_forward: the forward of validation passes (default: ``forward``).
     """
     tx, schedule, graphdef, state = _init(model, train, optimizer, mesh, trainable)
+    _check_memory(model, train, optimizer, state, mesh)
     ckpt_dir = checkpoint.directory or os.path.join(train.output_dir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
     resumed = None
