@@ -176,3 +176,54 @@ def test_prefill_32k_prompt_runs_on_cpu():
     prompt = np.random.RandomState(0).randint(0, 259, (1, 32768))
     logits, caches = prefill(tiny, prompt, init_caches(tiny, 1, 32768), chunk_size=1024)
     assert np.isfinite(np.asarray(logits)).all() and int(caches[0].length) == 32768
+
+
+def _ms_model(top_k):
+    from selmerge_jax.attention import MSAttentionConfig
+    from selmerge_jax.models import Llama, preset
+
+    ms = MSAttentionConfig(block_size=8, top_k=top_k, selection_source="previous", selection_heads="kv")
+    return Llama(preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, attention="ms", ms=ms), rngs=nnx.Rngs(3))
+
+
+def test_one_pass_ms_prefill_equals_the_models_own_forward():
+    """``prefill_attention="model"``: the prompt's last-token logits are those of the model's MS forward, ragged
+    rows included, and decoding continues from a cache holding every prompt token."""
+    from selmerge_jax.models.generate import generate, init_caches, prefill
+
+    model = _ms_model(top_k=3)
+    prompts = np.random.default_rng(0).integers(0, 64, (2, 61)).astype(np.int32)
+    lengths = np.array([61, 40], np.int32)
+    logits, caches = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths, prefill_attention="model")
+    full = np.asarray(model(jnp.asarray(prompts)))
+    np.testing.assert_allclose(logits[0], full[0, 60], rtol=1e-5, atol=1e-5)
+    short = np.asarray(model(jnp.asarray(prompts[1:, :40])))
+    np.testing.assert_allclose(logits[1], short[0, 39], rtol=1e-5, atol=1e-5)
+    # Sparse selection really differs from exact attention over the cache at this length.
+    exact, _ = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths, chunk_size=16)
+    assert np.abs(np.asarray(exact) - np.asarray(logits)).max() > 1e-3
+    out = generate(model, prompts, lengths=lengths, max_new_tokens=3, prefill_attention="model")
+    assert out.tokens.shape == (2, 3)
+
+
+def test_one_pass_prefill_equals_the_chunked_exact_prefill_when_everything_is_selected():
+    from selmerge_jax.models.generate import generate
+
+    model = _ms_model(top_k=8)  # 8 regions of 8 tokens: every earlier token is selected at T <= 64
+    prompts = np.random.default_rng(1).integers(0, 64, (1, 48)).astype(np.int32)
+    a = generate(model, prompts, max_new_tokens=4, return_logits=True, prefill_attention="model")
+    b = generate(model, prompts, max_new_tokens=4, return_logits=True, chunk_size=16, capacity=52)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
+    from selmerge_jax.models.generate import init_caches, prefill
+
+    model = _ms_model(top_k=3)
+    prompts = np.zeros((1, 40), np.int32)
+    with pytest.raises(ValueError, match=r"T=40 does not fit the caches' capacity=32"):
+        prefill(model, prompts, init_caches(model, 1, 32), prefill_attention="model")
+    with pytest.raises(ValueError, match=r"prefill_attention='fast'; allowed"):
+        prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="fast")
+    with pytest.raises(ValueError, match=r"cache_fn .* applies only with prefill_attention='cache'"):
+        prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a, **k: None)

@@ -2,7 +2,10 @@
 
 * Prefill runs the prompt through the model in chunks of ``chunk_size`` tokens inside one ``lax.scan``: each
   chunk appends its k/v to the per-layer ``selmerge_jax.kvcache.KVCache`` and attends over the cache, so the
-  largest attention buffer is ``[chunk, capacity]``, linear in the prompt length (never ``T x T``).
+  largest attention buffer is ``[chunk, capacity]``, linear in the prompt length (never ``T x T``), but the work
+  is quadratic. ``prefill_attention="model"`` instead runs the whole prompt in one pass with the model's own
+  attention (``layers.attend``: select-and-merge, or dense flash attention), each layer writing its k/v into its
+  cache as it goes (``PromptAttention``): the prefill costs what the training forward costs.
 * Decode is a ``lax.while_loop`` over ``decode_step`` (one token per row per step, static shapes), which stops
   early when every row has produced an end-of-sequence id. The loop compiles once per (model, shapes, sampling).
 * Prompts of different lengths are right-padded; padding gets position -1, which the cache stores but never
@@ -21,10 +24,13 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax import kvcache
+from selmerge_jax.layers.attention import AttentionSpec, attend
 from selmerge_jax.models.llama import Llama
 
 __all__ = [
+    "PREFILL_ATTENTION",
     "Generation",
+    "PromptAttention",
     "SamplingConfig",
     "complete",
     "decode_step",
@@ -123,6 +129,26 @@ def _prefill(graphdef, state, caches, tokens, positions, last, cache_fn=None):
     return model.output_logits(h_last), caches
 
 
+PREFILL_ATTENTION = ("cache", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptAttention:
+    """A ``cache_fn`` for a one-pass prefill: the prompt attends to itself through ``layers.attend`` (``spec``:
+    select-and-merge or dense flash), then its k/v are written into the layer's cache for decoding.
+
+    q/k arrive rotated (the layer applied RoPE before its cache step), so ``attend`` gets no position hook;
+    right-padding (position -1) comes after every real token, so causal attention never shows it to a real
+    query, and the cache stores it without ever attending it. Hashable, so it can be a static argument.
+    """
+
+    spec: AttentionSpec
+
+    def __call__(self, cache, q, k, v, positions, *, window=None):
+        out = attend(q, k, v, positions, self.spec)
+        return out, kvcache.append(cache, k, v, positions)
+
+
 def _chunks(tokens: np.ndarray, lengths: np.ndarray, chunk_size: int):
     """Pads ``[B, T]`` to a multiple of chunk_size and returns ``[n, B, c]`` tokens and positions (-1: pad)."""
     b, t = tokens.shape
@@ -146,19 +172,38 @@ def _check_prompts(prompts, lengths):
     return prompts, lengths
 
 
-def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None):
-    """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches`` chunk by chunk.
+def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None,
+            prefill_attention: str = "cache"):
+    """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches``.
 
-    Returns ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated.
-    ``cache_fn`` replaces ``llama.append_and_attend`` (hashable: it is a static argument of the compiled scan).
+    ``prefill_attention="cache"``: chunk by chunk, each chunk attending exactly over the cache; ``"model"``: the
+    whole prompt in one pass with the model's own attention (``PromptAttention``; ``chunk_size`` and ``cache_fn``
+    are then not used). Returns ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches
+    are donated. ``cache_fn`` replaces ``llama.append_and_attend`` (hashable: it is a static argument of the
+    compiled scan).
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if prefill_attention not in PREFILL_ATTENTION:
+        raise ValueError(f"prefill_attention={prefill_attention!r}; allowed: {PREFILL_ATTENTION}")
     prompts, lengths = _check_prompts(prompts, lengths)
+    if prefill_attention == "model":
+        if cache_fn is not None:
+            raise ValueError("prefill_attention='model' writes the full cache; cache_fn (a compression policy) "
+                             "applies only with prefill_attention='cache'")
+        chunk_size, cache_fn = prompts.shape[1], PromptAttention(model.config.attention_spec)
+        _check_capacity(caches, prompts.shape[1])
     tok, pos = _chunks(prompts, lengths, chunk_size)
     graphdef, state = nnx.split(model)
     return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1),
                     cache_fn)
+
+
+def _check_capacity(caches, prompt_len: int) -> None:
+    capacity = getattr(caches[0], "capacity", None) if caches else None
+    if isinstance(capacity, int) and capacity < prompt_len:
+        raise ValueError(f"a one-pass prefill writes every prompt token: T={prompt_len} does not fit the caches' "
+                         f"capacity={capacity}")
 
 
 def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig, cache_fn=None):
@@ -207,7 +252,7 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
 def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              key=None, lengths=None, chunk_size: int = 256, capacity: int | None = None,
              eos_ids: tuple[int, ...] | None = None, pad_id: int = 0, return_logits: bool = False,
-             caches=None, cache_fn=None) -> Generation:
+             caches=None, cache_fn=None, prefill_attention: str = "cache") -> Generation:
     """Continues right-padded prompts ``int [B, T]`` by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -222,19 +267,25 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
       caches: prebuilt per-layer caches (e.g. a compressed cache of fixed budget) instead of
         ``init_caches(capacity)``; their capacity is then the caller's business.
       cache_fn: replaces ``llama.append_and_attend`` in prefill and decode (e.g. evict, then append).
+      prefill_attention: ``"cache"`` (chunked, exact over the cache) or ``"model"`` (one pass with the model's own
+        attention, e.g. select-and-merge; see ``prefill``).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     prompts, lengths = _check_prompts(prompts, lengths)
+    if prefill_attention == "model":
+        chunk_size = prompts.shape[1]  # one pass
     padded = -(-prompts.shape[1] // chunk_size) * chunk_size
     need = padded + max_new_tokens - 1  # the last sampled token is never fed back
     capacity = need if capacity is None else capacity
     if capacity < need and caches is None:
         raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
     caches = init_caches(model, prompts.shape[0], capacity) if caches is None else caches
-    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size, cache_fn=cache_fn)
+    prefill_fn = None if prefill_attention == "model" else cache_fn
+    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size, cache_fn=prefill_fn,
+                             prefill_attention=prefill_attention)
     # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
     eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)
     graphdef, state = nnx.split(model)
