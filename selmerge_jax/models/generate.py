@@ -33,6 +33,7 @@ __all__ = [
     "PromptAttention",
     "SamplingConfig",
     "complete",
+    "decode",
     "decode_step",
     "generate",
     "init_caches",
@@ -247,6 +248,22 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
     _, caches, out, all_logits, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
     # Returning the caches lets XLA run the loop in the donated buffers (no second copy of a long cache).
     return out, lengths, (all_logits if keep_logits else None), caches
+
+
+def decode(model: Llama, caches, logits, start, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+           key=None, eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+    """The decode loop alone, from a prefilled cache: ``logits [B, V]`` at each row's last prompt token and
+    ``start int [B]`` (each row's prompt length). Returns ``(Generation, caches)``; the caches are donated.
+    (``generate`` is prefill + this; benchmarks time the two apart.)"""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(0) if key is None else key
+    eos = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
+    tokens, lens, _, caches = _decode(graphdef, state, caches, logits, jnp.asarray(start, jnp.int32), key,
+                                      jnp.int32(pad_id), eos, sampling=sampling, max_new=max_new_tokens,
+                                      keep_logits=False)
+    return Generation(tokens=tokens, lengths=lens), caches
 
 
 def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
