@@ -6,15 +6,14 @@ restore it, generate, check passkeys, plot the loss curve and print the final lo
 
 import sys
 
-from selmerge_jax.training.cli import experiment_parser, load_from_args
-from selmerge_jax.training.demo import run_demo
-from selmerge_jax.training.experiment import PretrainConfig
+from selmerge_jax.main import demo
+from selmerge_jax.main.config import PretrainConfig, experiment_parser, load_from_args
 
 
 def main():
     cfg = load_from_args(PretrainConfig, experiment_parser(__doc__.splitlines()[0], "experiments/configs/demo.yaml")
                          .parse_args())
-    result = run_demo(cfg)
+    result = demo.main(cfg)
     # The demo's promise: context helps, i.e. on held-out text the model beats the best context-free predictor
     # (the unigram distribution of that same text) by a clear margin. Train loss swings with the document in
     # the shuffle buffer, so the fixed validation batches decide.

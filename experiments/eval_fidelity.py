@@ -5,13 +5,14 @@ exact-prefix length, ROUGE-L per prompt; summary table on stdout, JSON + PNG.
         --set init.kind=checkpoint --set init.path=runs/demo/checkpoints
 """
 
-from selmerge_jax.evaluation.fidelity import FidelityEvalConfig, run_fidelity
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+from selmerge_jax.evaluation.fidelity import FidelityEvalConfig
+from selmerge_jax.main import evaluate
+from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_fidelity.yaml").parse_args()
-    result = run_fidelity(load_from_args(FidelityEvalConfig, args))
+    result = evaluate.main(load_from_args(FidelityEvalConfig, args))
     print(result.pop("table"))
     print_summary(result)
 

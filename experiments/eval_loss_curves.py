@@ -5,13 +5,13 @@ vs attended fraction, FLOPs and memory (JSON + PNG + a markdown table on stdout)
     python experiments/eval_loss_curves.py --config ... --set base_config=experiments/configs/gpu_25m_ms.yaml
 """
 
-from selmerge_jax.evaluation.loss_curves import LossCurveSweepConfig, run_loss_curves
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+from selmerge_jax.main import loss_curve_sweep
+from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_loss_curves.yaml").parse_args()
-    result = run_loss_curves(load_from_args(LossCurveSweepConfig, args))
+    result = loss_curve_sweep.main(load_from_args(loss_curve_sweep.LossCurveSweepConfig, args))
     print(result.pop("table"))
     print_summary(result)
 

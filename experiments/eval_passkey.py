@@ -6,13 +6,14 @@
     python experiments/eval_passkey.py ... --set rope='{rope_type: ntk, factor: 16}'
 """
 
-from selmerge_jax.evaluation.passkey import PasskeyEvalConfig, run_passkey
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+from selmerge_jax.evaluation.passkey import PasskeyEvalConfig
+from selmerge_jax.main import evaluate
+from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_passkey.yaml").parse_args()
-    print_summary(run_passkey(load_from_args(PasskeyEvalConfig, args)))
+    print_summary(evaluate.main(load_from_args(PasskeyEvalConfig, args)))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
         --set init.kind=checkpoint --set init.path=runs/demo/checkpoints --set 'lengths=[1024, 4096, 16384]'
 """
 
-from selmerge_jax.evaluation.perplexity import PerplexityEvalConfig, run_perplexity
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+from selmerge_jax.evaluation.perplexity import PerplexityEvalConfig
+from selmerge_jax.main import evaluate
+from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_perplexity.yaml").parse_args()
-    print_summary(run_perplexity(load_from_args(PerplexityEvalConfig, args)))
+    print_summary(evaluate.main(load_from_args(PerplexityEvalConfig, args)))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ passkey grid on both, KV-compression fidelity; JSON/PNG/MD as each stage finishe
         --set output_dir=$OUT/study
 """
 
-from selmerge_jax.evaluation.reproduction import ReproductionConfig, run_reproduction
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
+from selmerge_jax.main import reproduce
+from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_reproduction_h100.yaml").parse_args()
-    status = run_reproduction(load_from_args(ReproductionConfig, args))
+    status = reproduce.main(load_from_args(reproduce.ReproductionConfig, args))
     print(status.get("fidelity_table", ""))
     print_summary({k: status[k] for k in ("acceptance", "passkey", "family", "elapsed_s") if k in status})
 

@@ -3,17 +3,13 @@
     python experiments/finetune.py --config experiments/configs/finetune.yaml --set init.path=runs/x/checkpoints
 """
 
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
-from selmerge_jax.training.experiment import FinetuneConfig
-from selmerge_jax.training.runner import plot_loss_curve, run_finetune, train_summary
+from selmerge_jax.main import finetune
+from selmerge_jax.main.config import FinetuneConfig, experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/finetune.yaml").parse_args()
-    cfg = load_from_args(FinetuneConfig, args)
-    result = run_finetune(cfg)
-    plot_loss_curve(f"{cfg.train.output_dir}/metrics.jsonl", f"{cfg.train.output_dir}/loss_curve.png")
-    print_summary(train_summary(cfg, result))
+    print_summary(finetune.main(load_from_args(FinetuneConfig, args)))
 
 
 if __name__ == "__main__":

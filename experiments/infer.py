@@ -3,14 +3,13 @@
     python experiments/infer.py --config experiments/configs/infer.yaml --set init.path=runs/x/checkpoints
 """
 
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
-from selmerge_jax.training.experiment import InferConfig
-from selmerge_jax.training.inference import run_infer
+from selmerge_jax.main import infer
+from selmerge_jax.main.config import InferConfig, experiment_parser, load_from_args, print_summary
 
 
 def main():
     args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/infer.yaml").parse_args()
-    print_summary(run_infer(load_from_args(InferConfig, args)))
+    print_summary(infer.main(load_from_args(InferConfig, args)))
 
 
 if __name__ == "__main__":

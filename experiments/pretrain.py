@@ -6,9 +6,8 @@
 Re-running with the same ``train.output_dir`` resumes from its newest checkpoint.
 """
 
-from selmerge_jax.training.cli import experiment_parser, load_from_args, print_summary
-from selmerge_jax.training.experiment import PretrainConfig
-from selmerge_jax.training.runner import export_npy, plot_loss_curve, run_pretrain, train_summary
+from selmerge_jax.main import pretrain
+from selmerge_jax.main.config import PretrainConfig, experiment_parser, load_from_args, print_summary
 
 
 def main():
@@ -17,11 +16,9 @@ def main():
     args = parser.parse_args()
     cfg = load_from_args(PretrainConfig, args)
     if args.export_npy:
-        print_summary(export_npy(cfg, args.export_npy))
+        print_summary(pretrain.export_npy(cfg, args.export_npy))
         return
-    result = run_pretrain(cfg)
-    plot_loss_curve(f"{cfg.train.output_dir}/metrics.jsonl", f"{cfg.train.output_dir}/loss_curve.png")
-    print_summary(train_summary(cfg, result))
+    print_summary(pretrain.main(cfg))
 
 
 if __name__ == "__main__":

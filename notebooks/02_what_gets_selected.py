@@ -40,7 +40,7 @@ import numpy as np
 
 from selmerge_jax.attention import MSAttentionConfig, dense_attention, ms_attention
 from selmerge_jax.data.synthetic import PASSKEY_QUESTION, passkey_example
-from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.data.tokenizer import ByteTokenizer
 
 SMOKE = os.environ.get("SELMERGE_NOTEBOOK_SMOKE") == "1"
 LENGTH = 1024 if SMOKE else 4096  # tokens (bytes) in the prompt

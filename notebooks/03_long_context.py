@@ -39,14 +39,14 @@ from flax import nnx
 
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.data.synthetic import passkey_example
+from selmerge_jax.data.tokenizer import ByteTokenizer
 from selmerge_jax.evaluation.common import ModelSource, load_model, with_rope
 from selmerge_jax.evaluation.fidelity import compare, compressed_generate
 from selmerge_jax.evaluation.passkey import passkey_accuracy
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models import Llama, count_params, preset
-from selmerge_jax.models.tokenizer import ByteTokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import InitConfig
+from selmerge_jax.training.checkpoint import InitConfig
 
 SMOKE = os.environ.get("SELMERGE_NOTEBOOK_SMOKE") == "1"
 CHECKPOINT = os.environ.get("SELMERGE_CHECKPOINT")  # an orbax run directory (".../checkpoints"), or None

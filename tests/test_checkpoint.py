@@ -157,7 +157,7 @@ def test_resume_through_the_grain_pipeline_is_exact(tmp_path):
     from flax import nnx
 
     from selmerge_jax.data import PipelineConfig, lm_iterator
-    from selmerge_jax.models.tokenizer import ByteTokenizer
+    from selmerge_jax.data.tokenizer import ByteTokenizer
     from selmerge_jax.training import CheckpointConfig, OptimizerConfig, TrainConfig, train
 
     class Bytes(nnx.Module):
@@ -239,7 +239,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 
 
 def test_config_changes_ignore_what_a_resume_may_change():
-    from selmerge_jax.training.experiment import config_changes
+    from selmerge_jax.training.checkpoint import config_changes
 
     stored = {"model": {"d": 8, "ms": {"top_k": 4}}, "train": {"steps": 10, "seed": 0}, "init": {"path": "/a"},
               "crd": None}

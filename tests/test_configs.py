@@ -6,14 +6,16 @@ from typing import Literal
 
 import pytest
 
-from selmerge_jax.training.config_loader import (
-    ConfigError,
+from selmerge_jax.config_io import ConfigError, from_dict, to_dict
+from selmerge_jax.main.config import (
+    FinetuneConfig,
+    InferConfig,
+    PretrainConfig,
     apply_overrides,
-    from_dict,
+    load_experiment,
     parse_override,
-    to_dict,
 )
-from selmerge_jax.training.experiment import FinetuneConfig, InferConfig, PretrainConfig, load_experiment
+from selmerge_jax.main.evaluate import config_schema
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml"))
 
@@ -21,8 +23,6 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs")
 def _schema(path: pathlib.Path):
     """Config files are typed by name: finetune*.yaml, infer*.yaml, eval_*.yaml, everything else pretrains."""
     if path.stem.startswith("eval_"):
-        from selmerge_jax.evaluation import config_schema
-
         return config_schema(path.stem)
     if path.stem.startswith("finetune"):
         return FinetuneConfig

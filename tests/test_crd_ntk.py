@@ -166,9 +166,9 @@ def test_bad_call_arguments_raise():
 def test_crd_forward_on_a_packed_batch_matches_each_document_alone():
     """With document masking, a document packed after another gets the logits it gets alone: the segment mask
     hides the first document and its positions restart at the row's cycle offset (same key -> same offset)."""
+    from selmerge_jax.main.finetune import crd_forward
     from selmerge_jax.models.config import preset
     from selmerge_jax.models.llama import Llama
-    from selmerge_jax.training.runner import crd_forward
     from selmerge_jax.training.train_step import StepContext
 
     model = Llama(preset("tiny", d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=64,
@@ -201,9 +201,9 @@ def test_crd_positions_rejects_base_positions_of_the_wrong_length():
 def test_crd_forward_runs_through_the_models_remat_policy():
     """CRDPositions go through ``Llama.__call__``, so ``model.remat`` applies: same logits and gradients with
     and without rematerialisation, and the rematerialised step's jaxpr holds the remat (checkpoint) op."""
+    from selmerge_jax.main.finetune import crd_forward
     from selmerge_jax.models.config import preset
     from selmerge_jax.models.llama import Llama
-    from selmerge_jax.training.runner import crd_forward
     from selmerge_jax.training.train_step import StepContext
 
     forward = crd_forward(CRDNTKConfig(cycle=64, original_max_position_embeddings=16, initial_scale=4.0))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, load_experiment
+from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
 
 ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "experiments" / "benchmarks" / "crd_passkey_sweep.py"
@@ -54,7 +54,7 @@ def test_shipped_seed_repeats_build_a_longer_warm_start_and_seeded_runs():
 
 
 def test_finished_runs_of_another_config_are_found(tmp_path):
-    from selmerge_jax.training.experiment import config_to_dict
+    from selmerge_jax.main.config import config_to_dict
 
     cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"),
                           [f"run_dir={tmp_path}"])
@@ -147,7 +147,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     second call finds everything done and only rewrites the summary."""
     import numpy as np
 
-    from selmerge_jax.models.tokenizer import ByteTokenizer
+    from selmerge_jax.data.tokenizer import ByteTokenizer
 
     tokens = ByteTokenizer().encode((ROOT / "selmerge_jax/training/loop.py").read_text() * 4, add_bos=True)
     np.save(tmp_path / "train.npy", tokens.astype(np.uint16))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from selmerge_jax.data.arrays import TokenWindows
+from selmerge_jax.data.config import DataConfig
 from selmerge_jax.data.synthetic import PASSKEY_QUESTION
-from selmerge_jax.models.tokenizer import ByteTokenizer
-from selmerge_jax.training.experiment import DataConfig, PretrainConfig, load_experiment
+from selmerge_jax.data.tokenizer import ByteTokenizer
+from selmerge_jax.main.config import PretrainConfig, load_experiment
 
 ROOT = pathlib.Path(__file__).parents[1]
 TOK = ByteTokenizer()
@@ -105,7 +106,7 @@ def test_data_config_copy_ratio_checks():
 
 
 def test_runner_npy_branch_passes_copy_rows(tmp_path, tokens):
-    from selmerge_jax.training.runner import make_data
+    from selmerge_jax.main.pretrain import make_data
 
     np.save(tmp_path / "t.npy", tokens)
     cfg = load_experiment(PretrainConfig, None, [

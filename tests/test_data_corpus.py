@@ -185,7 +185,7 @@ import sys
 for blocked in ("grain", "tensorflow_datasets", "tensorflow"):
     sys.modules[blocked] = None  # any import of them now raises
 import selmerge_jax.data as d
-from selmerge_jax.models.tokenizer import load_tokenizer
+from selmerge_jax.data.tokenizer import load_tokenizer
 tok = load_tokenizer(None)
 docs = d.split_documents(d.stdlib_documents(d.StdlibOptions(max_files=20)), 0.1)
 tokens = d.tokenize_documents([x["text"] for x in docs["train"]], tok)

@@ -11,7 +11,7 @@ from selmerge_jax.data import catalog
 from selmerge_jax.data.arrays import TokenWindows, tokenize_documents, unigram_entropy
 from selmerge_jax.data.documents import StdlibOptions
 from selmerge_jax.data.pipeline import PipelineConfig, lm_dataset, lm_iterator, state_from_json, state_to_json
-from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 RNG = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def test_tfds_corpus_through_the_pipeline(tmp_path):
 def test_hf_tokenizer_through_the_pipeline(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from selmerge_jax.models.tokenizer import HFTokenizer
+    from selmerge_jax.data.tokenizer import HFTokenizer
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

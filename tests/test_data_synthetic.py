@@ -17,7 +17,7 @@ from selmerge_jax.data.synthetic import (
     passkey_example,
     passkey_grid,
 )
-from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
@@ -102,7 +102,7 @@ def test_passkey_grid_covers_lengths_and_depths():
 def test_passkey_exact_length_with_a_bpe_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from selmerge_jax.models.tokenizer import HFTokenizer
+    from selmerge_jax.data.tokenizer import HFTokenizer
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

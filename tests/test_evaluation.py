@@ -14,13 +14,15 @@ from hypothesis import strategies as st
 from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.attention.selection import select_regions
-from selmerge_jax.evaluation import config_schema, fidelity, loss_curves, passkey, perplexity
+from selmerge_jax.data.tokenizer import ByteTokenizer
+from selmerge_jax.evaluation import fidelity, loss_curves, passkey, perplexity
 from selmerge_jax.evaluation.common import with_config, with_rope
 from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.main import loss_curve_sweep
+from selmerge_jax.main.evaluate import config_schema
 from selmerge_jax.models import Llama
 from selmerge_jax.models.config import preset
 from selmerge_jax.models.generate import generate
-from selmerge_jax.models.tokenizer import ByteTokenizer
 from selmerge_jax.positional import RopeConfig
 
 MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
@@ -170,13 +172,13 @@ def test_passkey_scoring_with_oracles(monkeypatch, shift, accuracy):
     (lambda: fidelity.FidelityEvalConfig(model=MICRO, prompt_tokens=100, chunk_size=64), "multiple of chunk"),
     (lambda: fidelity.FidelityEvalConfig(model=MICRO, compressions=(KVCompressionConfig(
         policy="h2o", ratio=0.5, quant="int8"),)), "quant='int8'"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={}), "at least one run"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"a/b": []}), "without '/'"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": ["no_equals"]}), "key.path=value"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, warm_start=("x",)), "warm_start must be"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"warm": []}, warm_start=("a.b=1",)), "may not be named 'warm'"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, seeds=(0, -1)), r"seeds must be .* >= 0"),
-    (lambda: loss_curves.LossCurveSweepConfig(variants={"a": []}, seeds=(1, 1)), "repeats a seed"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={}), "at least one run"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a/b": []}), "without '/'"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": ["no_equals"]}), "key.path=value"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, warm_start=("x",)), "warm_start must be"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"warm": []}, warm_start=("a.b=1",)), "may not be named 'warm'"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, seeds=(0, -1)), r"seeds must be .* >= 0"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, seeds=(1, 1)), "repeats a seed"),
 ])
 def test_bad_configs_name_the_field(make, message):
     with pytest.raises(ValueError, match=message):
@@ -185,7 +187,7 @@ def test_bad_configs_name_the_field(make, message):
 
 def test_config_schema_by_file_name():
     assert config_schema("eval_passkey") is passkey.PasskeyEvalConfig
-    assert config_schema("eval_loss_curves_gpu") is loss_curves.LossCurveSweepConfig
+    assert config_schema("eval_loss_curves_gpu") is loss_curve_sweep.LossCurveSweepConfig
     with pytest.raises(ValueError, match="no evaluation study"):
         config_schema("eval_nothing")
 
@@ -205,6 +207,6 @@ def test_loss_sweep_order_check():
 
 
 def test_loss_sweep_rejects_unequal_token_budgets(tmp_path):
-    sweep = loss_curves.LossCurveSweepConfig(variants={"a": [], "b": ["train.steps=7"]}, output_dir=str(tmp_path))
+    sweep = loss_curve_sweep.LossCurveSweepConfig(variants={"a": [], "b": ["train.steps=7"]}, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="same token budget"):
-        loss_curves.run_loss_curves(sweep)
+        loss_curve_sweep.run_loss_curves(sweep)

@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from selmerge_jax.evaluation import fidelity, loss_curves, memory_report, passkey, perplexity
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.data.tokenizer import ByteTokenizer
+from selmerge_jax.evaluation import fidelity, memory_report, passkey, perplexity
 from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.main import loss_curve_sweep
+from selmerge_jax.main.config import FinetuneConfig
 from selmerge_jax.models.config import preset
-from selmerge_jax.models.tokenizer import ByteTokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig, FinetuneConfig
 
 ROOT = pathlib.Path(__file__).parents[1]
 MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
@@ -82,9 +84,9 @@ def test_loss_curve_sweep(tmp_path, npy):
             f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2", "train.batch_size=8",
             "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.progress=false",
             "optimizer.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.async_save=false"]
-    sweep = loss_curves.LossCurveSweepConfig(base_overrides=tuple(base), output_dir=str(tmp_path),
+    sweep = loss_curve_sweep.LossCurveSweepConfig(base_overrides=tuple(base), output_dir=str(tmp_path),
                                              variants={"dense": ["model.attention=dense"], "ms_k2": ["model.ms.top_k=2"]})
-    result = loss_curves.run_loss_curves(sweep)
+    result = loss_curve_sweep.run_loss_curves(sweep)
     runs = _outputs(result)["runs"]
     assert set(runs) == {"dense", "ms_k2"}
     assert runs["dense"]["attended_fraction"] == 1.0 > runs["ms_k2"]["attended_fraction"]
@@ -101,11 +103,11 @@ def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
             "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.eval_every=2",
             "train.progress=false", "optimizer.warmup_steps=1", "checkpoint.every_steps=0",
             "checkpoint.async_save=false"]
-    sweep = loss_curves.LossCurveSweepConfig(
+    sweep = loss_curve_sweep.LossCurveSweepConfig(
         base_overrides=tuple(base), output_dir=str(tmp_path), seeds=(3, 5),
         warm_start=("model.attention=dense", "train.steps=3"),
         variants={"dense": ["model.attention=dense"], "ms_k2": ["model.ms.top_k=2"]})
-    result = loss_curves.run_loss_curves(sweep)
+    result = loss_curve_sweep.run_loss_curves(sweep)
     data = _outputs(result)
     assert data["warm"]["tokens"] == 3 * 8 * 32 and data["seeds"] == [3, 5]
     for name, row in data["runs"].items():
@@ -118,14 +120,14 @@ def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
         first = [per_seed[k]["curve"]["loss"][0] for k in ("3", "5")]
         assert row["curve"]["loss"][0] == pytest.approx(np.mean(first))
     # ...fine-tuned from warm's final checkpoint (restoring it is run_finetune's, tested with the reproduction)
-    cfg = loss_curves.variant_config(sweep, "ms_k2", 5)
+    cfg = loss_curve_sweep.variant_config(sweep, "ms_k2", 5)
     assert isinstance(cfg, FinetuneConfig) and cfg.train.seed == 5 and cfg.model.attention == "ms"
     assert cfg.init.kind == "checkpoint" and cfg.init.path == str(tmp_path / "warm" / "checkpoints")
     assert (tmp_path / "warm" / "checkpoints").is_dir()
     assert data["order"]["val"]["order"] == ["ms_k2", "dense"]
     assert " ± " in result["table"].splitlines()[2]
     # Re-running finds every run finished: nothing trains, and the figures are read back, not lost.
-    again = _outputs(loss_curves.run_loss_curves(sweep))
+    again = _outputs(loss_curve_sweep.run_loss_curves(sweep))
     for name, row in data["runs"].items():
         assert again["runs"][name]["final_val_loss"] == pytest.approx(row["final_val_loss"])
         assert again["runs"][name]["per_seed"] == row["per_seed"]
@@ -133,8 +135,8 @@ def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
 
 
 def test_validation_windows_do_not_depend_on_the_training_seed(npy):
-    from selmerge_jax.training.experiment import PretrainConfig, load_experiment
-    from selmerge_jax.training.runner import make_data
+    from selmerge_jax.main.config import PretrainConfig, load_experiment
+    from selmerge_jax.main.pretrain import make_data
 
     def windows(*extra):
         cfg = load_experiment(PretrainConfig, None, ["model={preset: tiny}", f"data.train_npy={npy[0]}",

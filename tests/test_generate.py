@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from selmerge_jax.data.tokenizer import ByteTokenizer
 from selmerge_jax.models import Llama, preset
 from selmerge_jax.models.generate import (
     SamplingConfig,
@@ -21,7 +22,6 @@ from selmerge_jax.models.generate import (
     sample_logits,
 )
 from selmerge_jax.models.llama import append_and_attend
-from selmerge_jax.models.tokenizer import ByteTokenizer
 
 SMALL = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48)
 _forward = nnx.jit(lambda model, tokens: model(tokens))

@@ -125,11 +125,12 @@ def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
 
 
 def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
-    # training/inference.py's HF path passed attention and ms but dropped ms_kernel (the model silently ran the
+    # main/infer.py's (then training/inference.py's) HF path passed attention and ms but dropped ms_kernel (the model silently ran the
     # reference kernel).
+    from selmerge_jax.main.config import InferConfig
+    from selmerge_jax.main.infer import load_for_inference
     from selmerge_jax.models import save_hf
-    from selmerge_jax.training.experiment import InferConfig, InitConfig
-    from selmerge_jax.training.inference import load_for_inference
+    from selmerge_jax.training.checkpoint import InitConfig
 
     save_hf(Llama(preset("tiny", num_layers=1), rngs=nnx.Rngs(0)), str(tmp_path))
     want = preset("tiny", num_layers=1, attention="ms", ms_kernel="pallas")

@@ -26,7 +26,7 @@ def _qkv(key, b=2, t=128, n=4, kh=2, h=8, dtype=jnp.float32):
 
 
 def _brute_force_plan(q, k, cfg: MSAttentionConfig, t_valid: int):
-    """The ARCHITECTURE.md selection rule, written as plain loops over groups and members (numpy)."""
+    """The docs/ARCHITECTURE.md selection rule, written as plain loops over groups and members (numpy)."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     b, t, n, h = q.shape
     kh, w, merge, m = k.shape[2], cfg.block_size, cfg.merge, cfg.num_selected

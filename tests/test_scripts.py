@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from selmerge_jax.models.tokenizer import ByteTokenizer
+from selmerge_jax.data.tokenizer import ByteTokenizer
 
 ROOT = pathlib.Path(__file__).parents[1]
 TINY = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "train.seq_len=64", "train.batch_size=2",

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selmerge_jax.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from selmerge_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 
 @settings(max_examples=50, deadline=None)

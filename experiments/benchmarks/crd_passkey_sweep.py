@@ -1,7 +1,7 @@
 """Issue #7 (c) on one GPU: several CRD NTK fine-tunes from one warm start, trained side by side, then the passkey
 grid on each under several inference rules, also side by side.
 
-The reproduction pipeline (``evaluation.reproduction``) trains one CRD run and its twin in sequence; a 25M
+The reproduction pipeline (``main.reproduce``) trains one CRD run and its twin in sequence; a 25M
 model leaves most of an H100 idle, so this sweep runs them as concurrent processes (each with its own slice of
 GPU memory, ``mem_fraction``) to compare CRD schedules (fixed scale, scale grown in stages, cycle lengths,
 seeds) within one device call. Every run is the reproduction config's CRD fine-tune (or its twin, when the
@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from selmerge_jax.training.experiment import load_experiment
+from selmerge_jax.main.config import load_experiment
 
 _SCORE_KEYS = {"run", "tag", "rope", "lengths", "per_cell"}
 
@@ -90,7 +90,7 @@ class CRDSweepConfig:
                              f"mem_fraction={self.mem_fraction}")
 
     def reproduction_config(self):
-        from selmerge_jax.evaluation.reproduction import ReproductionConfig
+        from selmerge_jax.main.reproduce import ReproductionConfig
 
         rep = load_experiment(ReproductionConfig, self.reproduction, [*self.reproduction_overrides,
                               f"run_dir={self.run_dir}", f"output_dir={self.run_dir}/results"])
@@ -131,8 +131,8 @@ def _stale_runs(run_dir: str, configs: dict, done) -> dict:
     """Finished runs in run_dir whose stored config is not the one this sweep would train (``configs``: name ->
     config, e.g. after a change of reproduction_overrides): name -> changed keys. They would be skipped, and
     scored, as if they were new."""
-    from selmerge_jax.training.checkpoint import stored_meta
-    from selmerge_jax.training.experiment import config_changes, config_to_dict
+    from selmerge_jax.main.config import config_to_dict
+    from selmerge_jax.training.checkpoint import config_changes, stored_meta
 
     stale = {}
     for name, config in configs.items():
@@ -145,9 +145,9 @@ def _stale_runs(run_dir: str, configs: dict, done) -> dict:
 
 
 def _child_train(cfg: CRDSweepConfig, name: str):
-    from selmerge_jax.evaluation import loss_curves
+    from selmerge_jax.main import loss_curve_sweep
 
-    row = loss_curves._run_variant(cfg.train_config(name))
+    row = loss_curve_sweep.run_variant(cfg.train_config(name))
     print(json.dumps({"run": name, "final_train_loss": row["final_train_loss"],
                       "final_val_loss": row["final_val_loss"], "tokens_per_s": row["tokens_per_s"]}))
 
@@ -155,7 +155,7 @@ def _child_train(cfg: CRDSweepConfig, name: str):
 def _child_score(cfg: CRDSweepConfig, tag: str, out: str):
     from selmerge_jax.evaluation.passkey import PasskeyEvalConfig, run_passkey
     from selmerge_jax.positional import RopeConfig
-    from selmerge_jax.training.experiment import InitConfig
+    from selmerge_jax.training.checkpoint import InitConfig
 
     entry = next(s for s in cfg.scores if s["tag"] == tag)
     rope = entry.get("rope")

@@ -22,10 +22,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from selmerge_jax.data.synthetic import passkey_example
+from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.evaluation.passkey import passkey_accuracy
 from selmerge_jax.models.config import MSAttentionConfig, preset
 from selmerge_jax.models.llama import Llama
-from selmerge_jax.models.tokenizer import load_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("--T", type=int, default=256); p.add_argument("--B", type=int, default=16)

@@ -13,7 +13,7 @@ POSITION_MODES = ("before_selection", "selected_original", "selected_compact")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MSAttentionConfig:
-    """Select-and-merge attention (arXiv 2410.04211), with the semantics of ARCHITECTURE.md "The algorithm".
+    """Select-and-merge attention (arXiv 2410.04211), with the semantics of docs/ARCHITECTURE.md "The algorithm".
 
     Attributes:
       block_size: W, tokens per region (the paper's ``seg``; 16 in its Llama runs).

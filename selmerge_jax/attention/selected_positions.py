@@ -1,7 +1,7 @@
 """Positions only on selected tokens (the paper's pre-training variant): select on un-rotated q/k, then rotate
 the gathered set.
 
-Two position schemes for the gathered set of a query group (ARCHITECTURE.md "Position handling"):
+Two position schemes for the gathered set of a query group (docs/ARCHITECTURE.md "Position handling"):
 
 * ``"original"``: every gathered token keeps its true index. Rotation then commutes with gathering, so this is
   ``ms_attention(rotated q, rotated k, v, selection_q=q, selection_k=k)``, which is what the layer runs (it

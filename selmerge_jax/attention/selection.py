@@ -3,7 +3,7 @@
 Scores are computed group by group (``lax.map`` with ``selection_batch`` groups per step), so selection memory is
 O(selection_batch * merge * R) per head and no R x R matrix is ever built: 1M tokens fit.
 
-Rule (ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
+Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
 ``gs`` (causal) or outside the group (non-causal). Each member region ranks the candidates by the raw dot
 product of summaries (ties go to the lower index, as ``lax.top_k`` guarantees) and keeps its top ``M =
 top_k - merge``; the group keeps the ``M`` regions of smallest priority ``min_i(rank_i * merge + i)``. With at

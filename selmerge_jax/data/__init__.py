@@ -1,11 +1,11 @@
 """Data: the embedded stdlib corpus and text folders as TFDS datasets, catalog access, the grain pipeline,
-synthetic long-context tasks (passkey, key-value recall).
+synthetic long-context tasks (passkey, key-value recall), tokenizers and ``DataConfig`` (a run's data section).
 
 Names resolve lazily: ``import selmerge_jax.data`` costs nothing, ``selmerge_jax.data.stdlib_documents``
 needs neither tfds nor grain, the builders need tfds (no TensorFlow), the pipeline needs grain.
 
     from selmerge_jax import data
-    from selmerge_jax.models.tokenizer import load_tokenizer
+    from selmerge_jax.data.tokenizer import load_tokenizer
 
     data.build_stdlib_corpus()                        # ~1 s, into $SELMERGE_DATA_DIR or ~/.cache/selmerge_jax
     docs = data.text_source("stdlib_corpus", "train")
@@ -31,6 +31,8 @@ _EXPORTS = {
     "synthetic": ("PasskeyConfig", "KVRecallConfig", "PasskeySource", "KVRecallSource", "passkey_example",
                   "kv_recall_example", "passkey_grid"),
     "arrays": ("TokenWindows", "tokenize_documents", "unigram_entropy"),
+    "tokenizer": ("Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"),
+    "config": ("DataConfig",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -12,7 +12,9 @@ import json
 import time
 
 from selmerge_jax.data import catalog
+from selmerge_jax.data.arrays import unigram_entropy
 from selmerge_jax.data.documents import TextFolderOptions
+from selmerge_jax.data.tokenizer import load_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,9 +53,6 @@ def main(argv=None) -> dict:
         out = _summary(catalog.build_text_folder(args.root, args.data_dir, options=opts,
                                                  overwrite=args.overwrite))
     else:
-        from selmerge_jax.data.arrays import unigram_entropy
-        from selmerge_jax.models.tokenizer import load_tokenizer
-
         docs = catalog.text_source(args.name, args.split, args.data_dir)
         tokenizer = load_tokenizer(args.tokenizer)
         texts = list(docs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 
 from selmerge_jax.data.documents import StdlibOptions, TextFolderOptions
@@ -55,6 +56,7 @@ def build_stdlib_corpus(data_dir: str | os.PathLike | None = None, *, options: S
     ``options=None`` gives the standard config of the running Python (``py311`` or ``py311_tests``); custom
     ``options`` need a ``name`` so differently-built corpora never share a directory.
     """
+    # optional dependency: the builder imports tensorflow_datasets (the .npy path needs none)
     from selmerge_jax.data.stdlib_corpus import StdlibCorpus, StdlibCorpusConfig, default_stdlib_config
 
     if options is None:
@@ -78,6 +80,7 @@ def build_text_folder(root: str | os.PathLike, data_dir: str | os.PathLike | Non
                       overwrite: bool = False):
     """Builds (or finds) a dataset of the text files under ``root``; pass ``overwrite=True`` after the folder
     changed (the dataset is keyed by path and options, not by content)."""
+    # optional dependency: the builder imports tensorflow_datasets (the .npy path needs none)
     from selmerge_jax.data.text_folder import TextFolder, text_folder_config
 
     config = text_folder_config(root, options, name)
@@ -125,7 +128,7 @@ def text_source(name: str, split: str = "train", data_dir: str | os.PathLike | N
     ``download=False`` (the default) only opens data already prepared under ``data_dir``, so nothing touches
     the network unless asked; ``split`` may be any TFDS split string (``"train[:90%]"``).
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # optional dependency: only catalog datasets need it
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a dataset name or a directory, got {name!r}")
@@ -135,8 +138,6 @@ def text_source(name: str, split: str = "train", data_dir: str | os.PathLike | N
         source, base = builder.as_data_source(split=split), builder.name
     else:
         if name == "stdlib_corpus":
-            import sys
-
             name = f"stdlib_corpus/py{sys.version_info.major}{sys.version_info.minor}"
         try:
             builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")

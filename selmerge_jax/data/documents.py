@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
+from pydoc_data import topics  # the language reference as text; shipped with every CPython
 
 __all__ = ["StdlibOptions", "TextFolderOptions", "stdlib_documents", "text_folder_documents",
            "split_documents", "file_header"]
@@ -188,8 +189,6 @@ def stdlib_documents(opts: StdlibOptions = StdlibOptions()) -> list[dict]:
     sizes = (opts.min_document_chars, opts.max_document_chars)
     docs = list(_pack(_grouped(_stdlib_files(opts)), "code", *sizes))
     if opts.include_docs:
-        from pydoc_data import topics  # the language reference as text; shipped with every CPython
-
         units = [(name, [(f"pydoc_data/topics/{name}", body)])
                  for name, body in sorted(topics.topics.items())]
         docs += _pack(units, "docs", *sizes)

@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
 from grain import experimental as gx
 
@@ -88,8 +89,6 @@ class PipelineConfig:
     def shard(self) -> tuple[int, int]:
         if self.shard_count is not None:
             return self.shard_index, self.shard_count
-        import jax  # only here: the pipeline itself never needs a device
-
         return jax.process_index(), jax.process_count()
 
 

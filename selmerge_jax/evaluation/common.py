@@ -16,10 +16,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.models import Llama
+from selmerge_jax import data as data_lib
+from selmerge_jax.config_io import from_dict
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.models import Llama, load_hf
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig, InitConfig
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.training.checkpoint import InitConfig, restore_model
 
 __all__ = [
     "ModelSource",
@@ -41,7 +45,7 @@ class ModelSource:
     """Weights and (optionally) a changed model config for evaluation.
 
     Attributes:
-      init: checkpoint / hf / scratch (see ``training.experiment.InitConfig``).
+      init: checkpoint / hf / scratch (see ``training.checkpoint.InitConfig``).
       model: required for ``hf``/``scratch``; with ``checkpoint`` it replaces the stored config while keeping
         the weights (e.g. ``attention: dense`` to evaluate an ms-trained model densely).
       rope: the position rule at inference (e.g. ``{rope_type: ntk, factor: 16}``, the CRD NTK fixed-base
@@ -82,9 +86,6 @@ def with_rope(model: Llama, rope: RopeConfig | None) -> Llama:
 def crd_inference_rope(stored_config: dict) -> RopeConfig | None:
     """The fixed-base NTK rule (``theta * A^(d/(d-2))``, positions unwrapped) of a run trained with CRD NTK,
     from its stored config; None for a run without a ``crd`` section."""
-    from selmerge_jax.positional.crd_ntk import CRDNTKConfig
-    from selmerge_jax.training.config_loader import from_dict
-
     raw = stored_config.get("crd") if isinstance(stored_config, dict) else None
     return None if not raw else from_dict(CRDNTKConfig, raw, "crd").inference_rope_config()
 
@@ -95,16 +96,12 @@ def load_model(source: ModelSource) -> Llama:
     forward drew its own cycled positions and bases; the stored model config's RoPE is not what it learned)."""
     init = source.init
     if init.kind == "checkpoint":
-        from selmerge_jax.training.runner import restore_model
-
         model, stored = restore_model(init.path, step=init.step)
         if source.model is not None:
             model = with_config(model, source.model)
         if source.rope is None:  # an explicit rule wins; otherwise a CRD NTK run infers with its own
             return with_rope(model, crd_inference_rope(stored))
     elif init.kind == "hf":
-        from selmerge_jax.models import load_hf
-
         m = source.model
         model = load_hf(init.path, attention=m.attention, ms=m.ms, ms_kernel=m.ms_kernel)
     else:
@@ -117,8 +114,6 @@ def validation_tokens(data: DataConfig, tokenizer, count: int) -> np.ndarray:
     if data.validation_npy is not None:
         tokens = np.load(os.path.expanduser(data.validation_npy), mmap_mode="r")[:count]
     else:
-        from selmerge_jax import data as data_lib
-
         if data.source == "stdlib_corpus":
             data_lib.build_stdlib_corpus(data.data_dir)
         parts, total = [], 0

@@ -23,6 +23,9 @@ import numpy as np
 from flax import nnx
 
 from selmerge_jax import kvcache
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.data.tokenizer import load_tokenizer
+from selmerge_jax.evaluation import plots
 from selmerge_jax.evaluation.common import (
     ModelSource,
     check_positive_ints,
@@ -34,9 +37,8 @@ from selmerge_jax.evaluation.common import (
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import SamplingConfig, decode_step, prefill
-from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig, InitConfig
+from selmerge_jax.training.checkpoint import InitConfig
 
 __all__ = [
     "CompressedStep",
@@ -302,13 +304,11 @@ def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
 
 
 def _plot(path: str, settings: list[dict], max_new: int) -> str:
-    from selmerge_jax.evaluation.plots import bars
-
     metrics = {"Jaccard": "jaccard", "ROUGE-L": "rouge_l", f"exact prefix / {max_new}": "exact_prefix",
                "kept ratio": "kept_ratio"}
     values = {label: [s["mean"][m] / (max_new if m == "exact_prefix" else 1) for s in settings]
               for label, m in metrics.items()}
-    return bars(path, [s["name"] for s in settings], values, ylabel="mean over prompts",
+    return plots.bars(path, [s["name"] for s in settings], values, ylabel="mean over prompts",
                 title="compression fidelity (compressed vs full cache, greedy)")
 
 

@@ -36,7 +36,7 @@ from selmerge_jax.evaluation.common import (
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import SamplingConfig, decode_step, init_caches, prefill, prefill_memory
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import InitConfig
+from selmerge_jax.training.checkpoint import InitConfig
 
 __all__ = ["MemoryReportConfig", "forward_plan_bytes", "measure_length", "run_memory_report"]
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from selmerge_jax import data
+from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.evaluation import plots
 from selmerge_jax.evaluation.common import (
     ModelSource,
@@ -34,9 +36,8 @@ from selmerge_jax.evaluation.common import (
 )
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import generate
-from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import InitConfig
+from selmerge_jax.training.checkpoint import InitConfig
 
 __all__ = ["SCORING_MODES", "PasskeyEvalConfig", "passkey_accuracy", "passkey_prompts", "run_passkey"]
 
@@ -76,10 +77,8 @@ class PasskeyEvalConfig:
 
 def passkey_prompts(tokenizer, length: int, depths, per_cell: int, seed: int) -> list[dict]:
     """``len(depths) * per_cell`` examples of ``length`` tokens: prompt, answer tokens, key and depth."""
-    from selmerge_jax.data import passkey_grid
-
     rows = []
-    for ex in passkey_grid(tokenizer, [length], list(depths), per_cell=per_cell, seed=seed):
+    for ex in data.passkey_grid(tokenizer, [length], list(depths), per_cell=per_cell, seed=seed):
         start, end = int(ex["answer_start"]), int(ex["answer_end"])
         rows.append({"prompt": ex["tokens"][:start], "answer": ex["tokens"][start:end],
                      "passkey": int(ex["passkey"]), "depth": float(ex["depth"])})

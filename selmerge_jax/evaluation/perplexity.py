@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.evaluation import plots
 from selmerge_jax.evaluation.common import (
     ModelSource,
@@ -40,9 +42,8 @@ from selmerge_jax.evaluation.common import (
 )
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import init_caches
-from selmerge_jax.models.tokenizer import load_tokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig, InitConfig
+from selmerge_jax.training.checkpoint import InitConfig
 
 __all__ = ["PerplexityEvalConfig", "perplexity_by_length", "run_perplexity", "token_nll"]
 

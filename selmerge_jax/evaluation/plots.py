@@ -16,10 +16,10 @@ __all__ = ["bars", "curves", "heatmap", "heatmaps", "lines"]
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional dependency: only figures need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency: only figures need it
 
     return plt
 

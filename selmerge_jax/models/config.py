@@ -178,7 +178,7 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _tiny() -> ModelConfig:
-    # Byte-level vocab (259 ids, see models/tokenizer.py); small enough for CPU tests, GQA on, long context.
+    # Byte-level vocab (259 ids, see data/tokenizer.py); small enough for CPU tests, GQA on, long context.
     return ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=176,
                        max_seq_len=32768, ms=MSAttentionConfig(block_size=16, top_k=4, selection_source="previous",
                                                                selection_heads="kv"))

@@ -9,20 +9,37 @@ The only module of the package that imports orbax. One ``Checkpointer`` wraps an
   ``latest_step`` lists finalized steps only, so a process killed mid-write leaves nothing that restores and the
   previous checkpoint is used;
 * the newest ``keep`` are kept; saving can be asynchronous (training continues while arrays are written).
+
+Beside it, what guards and reads a run's checkpoints: :func:`config_changes` (resume refuses a checkpoint written
+under another experiment config), :class:`InitConfig` (where a fine-tune or inference run takes its weights)
+and :func:`restore_model` (a run's trained model, params only, rebuilt from the config stored with it).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-__all__ = ["Checkpointer", "nested_to_tree", "stack_layer_entries", "tree_to_nested"]
+from selmerge_jax.config_io import from_dict
+from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.llama import Llama
+from selmerge_jax.models.lora import LoRAConfig, apply_lora
+from selmerge_jax.models.lora import trainable_filter as lora_filter
+from selmerge_jax.training.config import OptimizerConfig, TrainConfig
+from selmerge_jax.training.optimizer import build_optimizer
+from selmerge_jax.training.train_step import init_train_state
+
+__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree", "restore_model",
+           "stack_layer_entries", "stored_meta", "tree_to_nested"]
 
 
 def _key_name(key) -> str:
@@ -207,3 +224,99 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# What a resumed run may change: its length and bookkeeping, where files live, the device mesh. Anything else
+# (model, data mix, optimizer, seed, CRD schedule...) makes "resume" continue a different experiment.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
+                     "train.output_dir", "checkpoint.", "mesh.", "init.", "data.data_dir", "data.train_npy",
+                     "data.validation_npy")
+
+
+def config_changes(stored: Mapping, current: Mapping, allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose values differ between two ``config_to_dict`` trees, leaving out ``allowed`` keys and
+    prefixes (ending in '.'); tuples and lists compare equal.
+
+    A key on one side only is a field the other version of the code did not have (a checkpoint written before
+    a field with a default was added): not a change. A value on one side where the other has a section (``crd:
+    null`` against ``crd: {...}``) is.
+    """
+    flat_a, flat_b = _flatten(stored), _flatten(current)
+    changed = {k for k in set(flat_a) & set(flat_b) if flat_a[k] != flat_b[k]}
+    for key in set(flat_a) ^ set(flat_b):
+        other = flat_b if key in flat_a else flat_a
+        if any(o.startswith(key + ".") for o in other):
+            changed.add(key)
+    ok = lambda k: any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)
+    return sorted(k for k in changed if not ok(k))
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, Mapping) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: _plain(tree)}
+
+
+def _plain(value):
+    """JSON's view of a value (a checkpoint stores lists where the config holds tuples)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Where a fine-tune or inference run gets its weights.
+
+    Attributes:
+      kind: "checkpoint" (our orbax run directory; the model config is read from it), "hf" (a local Hugging
+        Face Llama/Mistral directory) or "scratch" (random init from ``model``).
+      path: the checkpoint directory (``.../checkpoints``) or HF directory.
+      step: checkpoint step (default: the newest).
+    """
+
+    kind: Literal["checkpoint", "hf", "scratch"] = "scratch"
+    path: str | None = None
+    step: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("checkpoint", "hf", "scratch"):
+            raise ValueError(f"InitConfig.kind={self.kind!r}; allowed: 'checkpoint', 'hf', 'scratch'")
+        if self.kind != "scratch" and not self.path:
+            raise ValueError(f"InitConfig.path is required with kind={self.kind!r}")
+
+
+def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, dict]:
+    """The trained model of a run (weights of ``step``, default newest) and the run's stored config dict.
+
+    The model is rebuilt from the stored config's ``model``, ``lora``, ``train`` and ``optimizer`` sections (a
+    pretraining or a fine-tuning run alike; its weights come from this checkpoint, not from where it started).
+    """
+    ckpt = Checkpointer(checkpoint_dir)
+    try:
+        meta = ckpt.read_meta(step)
+        stored = meta["config"]
+        model_cfg = from_dict(ModelConfig, stored["model"], "model")
+        lora = from_dict(LoRAConfig, stored["lora"], "lora") if stored.get("lora") else None
+        train = from_dict(TrainConfig, stored.get("train"), "train")
+        trainable = lora_filter(lora) if lora is not None else nnx.Param
+
+        def build() -> Llama:
+            model = Llama(model_cfg, rngs=nnx.Rngs(train.seed))
+            if lora is not None:
+                apply_lora(model, lora, rngs=nnx.Rngs(train.seed + 1))
+            return model
+
+        tx, _ = build_optimizer(from_dict(OptimizerConfig, stored.get("optimizer"), "optimizer"), train.steps)
+        # Shapes only: nothing is initialised before the stored arrays arrive.
+        target = jax.eval_shape(lambda: init_train_state(build(), tx, trainable=trainable)[1])
+        state, _, _ = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    graphdef, _, _ = nnx.split(nnx.eval_shape(build), trainable, ...)
+    return nnx.merge(graphdef, state.params, state.rest), stored

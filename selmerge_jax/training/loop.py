@@ -22,7 +22,7 @@ from selmerge_jax.layers.attention import describe
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.memory import check_fits
 from selmerge_jax.sharding.mesh import shard_batch, shard_params
-from selmerge_jax.training.checkpoint import Checkpointer
+from selmerge_jax.training.checkpoint import Checkpointer, config_changes
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.metrics import MetricsWriter, Progress
 from selmerge_jax.training.optimizer import build_optimizer
@@ -102,8 +102,6 @@ def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None) -
 def _check_same_run(ckpt: Checkpointer, step: int, meta: dict | None):
     """Refuses to resume a checkpoint written under another experiment config: it would silently continue (or,
     at its final step, silently report) a different run."""
-    from selmerge_jax.training.experiment import config_changes
-
     stored = ckpt.read_meta(step).get("config")
     current = (meta or {}).get("config")
     if stored is None or current is None:

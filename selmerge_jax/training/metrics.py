@@ -12,6 +12,7 @@ import math
 import os
 
 import jax
+from tqdm.auto import tqdm
 
 __all__ = ["MetricsWriter", "Progress", "read_jsonl"]
 
@@ -41,7 +42,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # optional dependency: the JSONL file is the record
             except ImportError:
                 _log.warning("tensorboardX is not installed: metrics go to %s only", self.path)
             else:
@@ -93,8 +94,6 @@ class Progress:
     def __init__(self, start: int, total: int, *, enabled: bool = True, desc: str = "train"):
         self._bar = None
         if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, postfix: dict):

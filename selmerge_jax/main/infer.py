@@ -1,4 +1,5 @@
-"""Inference runs: load a trained model, prefill a long prompt, generate, measure; a passkey retrieval check."""
+"""``experiments/infer.py``: load a trained model, prefill a long prompt, generate, measure; a passkey retrieval
+check. ``main(config)`` runs an :class:`InferConfig` and returns (and appends to ``output``) its measurements."""
 
 from __future__ import annotations
 
@@ -10,20 +11,21 @@ import jax
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.models import Llama
+from selmerge_jax import data
+from selmerge_jax.config_io import from_dict
+from selmerge_jax.data.tokenizer import load_tokenizer
+from selmerge_jax.main.config import InferConfig
+from selmerge_jax.main.pretrain import with_model_config
+from selmerge_jax.models import Llama, load_hf
 from selmerge_jax.models.generate import generate, prefill_memory
-from selmerge_jax.models.tokenizer import load_tokenizer
-from selmerge_jax.training.experiment import InferConfig
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.training.checkpoint import restore_model
 
-__all__ = ["corpus_prompt", "load_for_inference", "passkey_check", "run_infer"]
+__all__ = ["corpus_prompt", "load_for_inference", "main", "passkey_check", "run_infer"]
 
 
 def load_for_inference(cfg: InferConfig) -> Llama:
     if cfg.init.kind == "checkpoint":
-        from selmerge_jax.positional.crd_ntk import CRDNTKConfig
-        from selmerge_jax.training.config_loader import from_dict
-        from selmerge_jax.training.runner import restore_model, with_model_config
-
         model, stored = restore_model(cfg.init.path, step=cfg.init.step)
         if cfg.model is not None:  # e.g. the same weights with another attention implementation
             return with_model_config(model, cfg.model)
@@ -32,8 +34,6 @@ def load_for_inference(cfg: InferConfig) -> Llama:
             return with_model_config(model, model.config.replace(rope=crd.inference_rope_config()))
         return model
     if cfg.init.kind == "hf":
-        from selmerge_jax.models import load_hf
-
         return load_hf(cfg.init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
     return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
@@ -43,8 +43,6 @@ def corpus_prompt(cfg: InferConfig, tokenizer, length: int) -> np.ndarray:
     if cfg.data.validation_npy is not None:
         tokens = np.load(cfg.data.validation_npy, mmap_mode="r")
         return np.asarray(tokens[:length], np.int32)
-    from selmerge_jax import data
-
     if cfg.data.source == "stdlib_corpus":
         data.build_stdlib_corpus(cfg.data.data_dir)
     docs = data.text_source(cfg.data.source, cfg.data.validation_split, cfg.data.data_dir)
@@ -62,13 +60,11 @@ def corpus_prompt(cfg: InferConfig, tokenizer, length: int) -> np.ndarray:
 
 def passkey_check(model: Llama, tokenizer, lengths, depths, *, seed: int = 0, chunk_size: int = 256) -> list[dict]:
     """Greedy passkey retrieval per (length, depth): the digits generated after the question vs the key."""
-    from selmerge_jax.data import passkey_example
-
     rng = np.random.default_rng(seed)
     rows = []
     for length in lengths:
         for depth in depths:
-            ex = passkey_example(tokenizer, int(length), float(depth), int(rng.integers(10_000, 100_000)))
+            ex = data.passkey_example(tokenizer, int(length), float(depth), int(rng.integers(10_000, 100_000)))
             prompt, answer = ex["tokens"][:ex["answer_start"]], ex["tokens"][ex["answer_start"]:ex["answer_end"]]
             out = generate(model, prompt[None], max_new_tokens=len(answer), eos_ids=(), chunk_size=chunk_size)
             got = np.asarray(out.tokens[0, :len(answer)])
@@ -116,3 +112,8 @@ def run_infer(cfg: InferConfig) -> dict:
     with open(cfg.output, "a", encoding="utf-8") as f:
         f.write(json.dumps(result) + "\n")
     return result
+
+
+def main(config: InferConfig) -> dict:
+    """:func:`run_infer`: the measurements of one prefill + generate run."""
+    return run_infer(config)

@@ -1,9 +1,10 @@
-"""YAML -> frozen dataclass configs, with ``--set a.b=value`` overrides and errors that name the key path.
+"""Plain data (parsed YAML/JSON) <-> frozen dataclass configs, with errors that name the key path.
 
-Any tree of (frozen) dataclasses is a schema: ``from_dict(ExperimentConfig, data)`` walks the type hints, so
+Any tree of (frozen) dataclasses is a schema: ``from_dict(PretrainConfig, data)`` walks the type hints, so
 each section's own ``__post_init__`` does the range checks and this module only adds what YAML cannot express
-(types, unknown keys) plus the key path of the offending value. Values given with ``--set`` are parsed as YAML
-scalars (``--set train.steps=100`` is an int, ``--set model.attention=ms`` a string).
+(types, unknown keys) plus the key path of the offending value. Floor 0 (``docs/ARCHITECTURE.md``): every floor
+reads configs back with it (a checkpoint's stored config in ``training.checkpoint``, a CRD section in
+``evaluation.common``); reading YAML files and ``--set`` overrides is the application's (``main.config``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-import yaml
-
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "parse_override", "to_dict"]
+__all__ = ["ConfigError", "from_dict", "to_dict"]
 
 T = TypeVar("T")
 
@@ -136,54 +135,3 @@ def to_dict(config) -> dict:
             return {k: plain(v) for k, v in x.items()}
         return x
     return plain(config)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=1"`` -> ``(["a", "b"], 1)``; the value is parsed as a YAML scalar/flow value."""
-    if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty component in key path {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
-    return parts, value
-
-
-def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
-    """Returns a deep copy of ``data`` with each ``key.path=value`` set (missing sections are created)."""
-    result = _deep_copy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = result
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {'.'.join(parts)} below it")
-            node = child
-        node[parts[-1]] = value
-    return result
-
-
-def _deep_copy(data):
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Reads YAML at ``path`` (or starts empty), applies ``overrides`` and validates into ``cls``."""
-    data = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(data, overrides))

@@ -1,4 +1,4 @@
-"""What the H100 reproduction study adds: passkey mixing in the numpy loader (and the runner's npy branch), the
+"""What the H100 reproduction study (``main.reproduce``) adds: passkey mixing in the numpy loader (and the runner's npy branch), the
 CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey scoring, and the
 time-bounded study driver end to end on CPU at micro size (slow)."""
 
@@ -10,12 +10,16 @@ import pytest
 
 from selmerge_jax.data.arrays import TokenWindows
 from selmerge_jax.data.synthetic import PASSKEY_QUESTION
-from selmerge_jax.evaluation import passkey, reproduction
+from selmerge_jax.data.tokenizer import ByteTokenizer
+from selmerge_jax.evaluation import passkey
 from selmerge_jax.evaluation.common import ModelSource, crd_inference_rope, load_model
+from selmerge_jax.main import reproduce
+from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
+from selmerge_jax.main.finetune import run_finetune
+from selmerge_jax.main.pretrain import make_data
 from selmerge_jax.models.config import preset
-from selmerge_jax.models.tokenizer import ByteTokenizer
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import FinetuneConfig, InitConfig, PretrainConfig, load_experiment
+from selmerge_jax.training.checkpoint import InitConfig
 
 ROOT = pathlib.Path(__file__).parents[1]
 TOK = ByteTokenizer()
@@ -83,8 +87,6 @@ def test_passkey_mixing_bad_arguments(tokens, kw, message):
 
 
 def test_runner_npy_branch_mixes_training_windows_only(npy):
-    from selmerge_jax.training.runner import make_data
-
     cfg = load_experiment(PretrainConfig, None, ["model={preset: tiny}", f"data.train_npy={npy[0]}",
                                                  f"data.validation_npy={npy[1]}", "data.passkey_ratio=0.5",
                                                  "train.seq_len=320", "train.batch_size=8"])
@@ -104,8 +106,6 @@ def test_crd_inference_rope_from_stored_config():
 
 @pytest.fixture(scope="module")
 def crd_checkpoint(tmp_path_factory, npy):
-    from selmerge_jax.training.runner import run_finetune
-
     out = tmp_path_factory.mktemp("crd")
     cfg = load_experiment(FinetuneConfig, None, [
         "model={preset: tiny, d_model: 32, ffn_dim: 64, num_layers: 1}", CRD, f"data.train_npy={npy[0]}",
@@ -146,12 +146,12 @@ def test_forward_scoring_matches_greedy_decoding_on_its_first_token():
 
 def test_reproduction_config_checks_names():
     with pytest.raises(ValueError, match="crd_pair='nope' must name one of the variants"):
-        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="nope", fidelity_variant="a",
+        reproduce.ReproductionConfig(variants={"a": []}, crd_pair="nope", fidelity_variant="a",
                                         crd_overrides=(CRD,))
     with pytest.raises(ValueError, match="crd_overrides must set the crd section"):
-        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a")
+        reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a")
     with pytest.raises(ValueError, match="passkey_scoring"):
-        reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+        reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
                                         crd_overrides=(CRD,), passkey_scoring="x")
 
 
@@ -159,27 +159,25 @@ def test_acceptance_checks():
     runs = {"dense": {"attention": "dense", "attended_fraction": 1.0, "final_val_loss": 2.00},
             "k4": {"attention": "ms", "attended_fraction": 0.1, "final_val_loss": 2.05},
             "k8": {"attention": "ms", "attended_fraction": 0.2, "final_val_loss": 2.02}}
-    out = reproduction.acceptance(runs, {"2048": 1.0, "4096": 0.9}, 256)
+    out = reproduce.acceptance(runs, {"2048": 1.0, "4096": 0.9}, 256)
     assert out["a"]["pass"] and out["a"]["relative_gap_to_dense"]["k4"] == pytest.approx(0.025)
     assert out["b"]["pass"] and out["b"]["order"] == ["k4", "k8", "dense"]
     assert out["c"] == {"pass": False, "length": 4096, "accuracy": 0.9}
     runs["k8"]["final_val_loss"] = 2.06
-    assert not reproduction.acceptance(runs, None, None)["b"]["pass"]
+    assert not reproduce.acceptance(runs, None, None)["b"]["pass"]
 
 
 def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
-    from selmerge_jax.models import tokenizer as tokenizer_lib
-    from selmerge_jax.training.experiment import DataConfig
-
-    cfg = reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+    cfg = reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
                                           crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=0,
                                           fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     for name in ("crd", "a"):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
     asked = []
-    monkeypatch.setattr(reproduction, "_passkey_models", lambda c: {})
-    monkeypatch.setattr(tokenizer_lib, "load_tokenizer", lambda path=None: asked.append(path) or TOK)
-    reproduction._passkey_stage(cfg, reproduction._Clock(60.0), {}, DataConfig(tokenizer="/tok/tokenizer.json"))
+    monkeypatch.setattr(reproduce, "_passkey_models", lambda c: {})
+    monkeypatch.setattr(reproduce, "load_tokenizer", lambda path=None: asked.append(path) or TOK)
+    data = reproduce.DataConfig(tokenizer="/tok/tokenizer.json")
+    reproduce._passkey_stage(cfg, reproduce._Clock(60.0), {}, data)
     assert asked == ["/tok/tokenizer.json"]
 
 
@@ -189,16 +187,16 @@ def test_passkey_stage_keeps_time_for_fidelity_only_when_it_will_run(tmp_path, m
     """A large fidelity_min_s reserves time after every passkey length; an empty ``compressions`` (the way to skip
     fidelity) reserves none, so the grid runs (pk8 lost its grid to the reservation)."""
     kw = {} if compressions is None else {"compressions": compressions}
-    cfg = reproduction.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
+    cfg = reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
                                           crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=1,
                                           fidelity_min_s=200, run_dir=str(tmp_path),
                                           output_dir=str(tmp_path / "out"), **kw)
     for name in ("crd", "a"):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
-    monkeypatch.setattr(reproduction, "_passkey_models", lambda c: {})
-    clock = reproduction._Clock(60.0)
-    reproduction._passkey_stage(cfg, clock, {}, reproduction.DataConfig())
-    reproduction._fidelity_stage(cfg, clock, {})
+    monkeypatch.setattr(reproduce, "_passkey_models", lambda c: {})
+    clock = reproduce._Clock(60.0)
+    reproduce._passkey_stage(cfg, clock, {}, reproduce.DataConfig())
+    reproduce._fidelity_stage(cfg, clock, {})
     passkey_log, fidelity_log = clock.log[0], clock.log[-1]
     assert passkey_log["stage"] == "passkey 320" and passkey_log.get("skipped", False) != passkey_runs
     assert fidelity_log["stage"] == "fidelity" and fidelity_log["skipped"]
@@ -209,14 +207,14 @@ def test_passkey_stage_keeps_time_for_fidelity_only_when_it_will_run(tmp_path, m
 def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
     from selmerge_jax.evaluation import fidelity
 
-    cfg = reproduction.ReproductionConfig(
+    cfg = reproduce.ReproductionConfig(
         base_config=str(ROOT / "experiments" / "configs" / "demo.yaml"), variants={"a": [], "f": [
             "data.train_npy=/data/f_train.npy", "data.validation_npy=/data/f_val.npy"]}, crd_pair="a", fidelity_variant="f", crd_overrides=(CRD,),
         fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     (tmp_path / "f" / "checkpoints").mkdir(parents=True)
     seen = []
     monkeypatch.setattr(fidelity, "run_fidelity", lambda fcfg, stop: seen.append(fcfg.data) or {"table": ""})
-    reproduction._fidelity_stage(cfg, reproduction._Clock(60.0), {})
+    reproduce._fidelity_stage(cfg, reproduce._Clock(60.0), {})
     assert [d.validation_npy for d in seen] == ["/data/f_val.npy"]
 
 
@@ -227,15 +225,15 @@ def test_reproduction_study_end_to_end(tmp_path, npy):
             "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.eval_batches=1",
             "optimizer.warmup_steps=1", "model.ms.block_size=32", "data.passkey_ratio=0.5",
             f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "checkpoint.async_save=false"]
-    cfg = reproduction.ReproductionConfig(
+    cfg = reproduce.ReproductionConfig(
         base_config=str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml"), base_overrides=tuple(base),
         variants={"ms": ["model.ms.top_k=2"], "dense": ["model.attention=dense"]}, crd_pair="ms",
         crd_overrides=(CRD,), passkey_lengths=(320, 640), passkey_depths=(0.0, 1.0), passkey_per_cell=1,
         fidelity_variant="dense", fidelity_prompt_tokens=128, fidelity_num_prompts=1, fidelity_max_new_tokens=4,
-        compressions=(reproduction.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
+        compressions=(reproduce.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
         train_min_s=0, eval_reserve_s=0, passkey_min_s=0, fidelity_min_s=0,
         run_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"))
-    status = reproduction.run_reproduction(cfg)
+    status = reproduce.run_reproduction(cfg)
     out = tmp_path / "out"
     for name in ("study.json", "loss_curves.json", "loss_curves.png", "passkey_crd.png", "passkey_ms.json",
                  "fidelity.json", "metrics/crd.jsonl"):
@@ -254,12 +252,12 @@ def _warm_study(tmp_path, npy, **kw):
             f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "checkpoint.async_save=false"]
     kw = {"variants": {"plain": []}, "crd_pair": "plain", "fidelity_variant": "plain",
           "warm_start": ("train.seq_len=288", "train.steps=12", "optimizer.learning_rate=0.02"), **kw}
-    return reproduction.ReproductionConfig(
+    return reproduce.ReproductionConfig(
         base_config=str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml"), base_overrides=tuple(base),
         crd_overrides=(CRD,), passkey_lengths=(320,), passkey_depths=(0.0,),
         passkey_per_cell=1, passkey_scoring="generate", fidelity_prompt_tokens=128,
         fidelity_num_prompts=1, fidelity_max_new_tokens=2,
-        compressions=(reproduction.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
+        compressions=(reproduce.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
         train_min_s=0, eval_reserve_s=0, passkey_min_s=0, fidelity_min_s=0,
         run_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"), **kw)
 
@@ -281,7 +279,7 @@ def test_warm_start_configs_share_one_checkpoint(tmp_path, npy):
 
 
 def test_warm_start_study_end_to_end(tmp_path, npy):
-    status = reproduction.run_reproduction(_warm_study(tmp_path, npy))
+    status = reproduce.run_reproduction(_warm_study(tmp_path, npy))
     order = [s["stage"] for s in status["stages"]]
     assert order[:3] == ["train warm", "train plain", "train crd"], order
     assert not any(s.get("failed") or s.get("skipped") for s in status["stages"]), status["stages"]
@@ -307,12 +305,12 @@ def test_warm_started_twin_is_left_out_of_the_acceptance_checks(tmp_path, npy):
     runs = {"plain": row("dense", 1.0, 1.0), "ms": row("ms", 0.1, 2.0)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     status = {"seq_len": 320}
-    reproduction._write_status(cfg, reproduction._Clock(60), status, runs)
+    reproduce._write_status(cfg, reproduce._Clock(60), status, runs)
     assert set(status["family"]) == {"plain", "ms"}
     assert status["acceptance"]["a"] is None and status["acceptance"]["b"] is None, status["acceptance"]
     scratch = _warm_study(tmp_path, npy, variants={"plain": [], "ms": ["model.attention=ms"]}, warm_start=())
     status = {"seq_len": 320}
-    reproduction._write_status(scratch, reproduction._Clock(60), status, runs)
+    reproduce._write_status(scratch, reproduce._Clock(60), status, runs)
     assert status["acceptance"]["b"] is not None  # from scratch the twin is a family run like any other
 
 

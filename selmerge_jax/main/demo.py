@@ -1,6 +1,6 @@
-"""The ``make demo`` flow: build the embedded corpus, pretrain a tiny select-and-merge model on CPU, restore it
-from its checkpoint, generate a continuation, run a passkey check, plot the loss curve and compare the final
-loss with the corpus's unigram entropy (the loss of a model that ignores context)."""
+"""``experiments/demo.py`` (``make demo``): build the embedded corpus, pretrain a tiny select-and-merge model on
+CPU, restore it from its checkpoint, generate a continuation, run a passkey check, plot the loss curve and
+compare the final loss with the corpus's unigram entropy (the loss of a model that ignores context)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ import time
 import jax
 import numpy as np
 
+from selmerge_jax import data
+from selmerge_jax.data.tokenizer import load_tokenizer
+from selmerge_jax.main.config import PretrainConfig
+from selmerge_jax.main.infer import passkey_check
+from selmerge_jax.main.pretrain import plot_loss_curve, run_pretrain, train_summary
 from selmerge_jax.models.generate import SamplingConfig, generate
-from selmerge_jax.models.tokenizer import load_tokenizer
-from selmerge_jax.training.experiment import PretrainConfig
-from selmerge_jax.training.inference import passkey_check
-from selmerge_jax.training.runner import plot_loss_curve, restore_model, run_pretrain, train_summary
+from selmerge_jax.training.checkpoint import restore_model
 
-__all__ = ["run_demo"]
+__all__ = ["main", "run_demo"]
 
 
 def _corpus(cfg: PretrainConfig):
-    from selmerge_jax import data
-
     start = time.perf_counter()
     builder = data.build_stdlib_corpus(cfg.data.data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
@@ -41,8 +41,6 @@ def _continuation(model, tokenizer, text: str, seed: int) -> str:
 
 def run_demo(cfg: PretrainConfig, *, fresh: bool = True) -> dict:
     """Runs the whole demo and returns its key numbers; ``fresh`` deletes an earlier demo run first."""
-    from selmerge_jax import data
-
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_docs, val_docs = _corpus(cfg)
@@ -80,3 +78,8 @@ def run_demo(cfg: PretrainConfig, *, fresh: bool = True) -> dict:
           f"({val / val_entropy:.0%}); total {time.perf_counter() - t0:.0f} s")
     return {**summary, "train_loss": train_loss, "unigram_entropy": entropy, "val_unigram_entropy": val_entropy,
             "passkey": rows, "loss_curve": png}
+
+
+def main(config: PretrainConfig) -> dict:
+    """:func:`run_demo` from scratch (an earlier demo run in ``train.output_dir`` is deleted first)."""
+    return run_demo(config)

@@ -1,4 +1,4 @@
-"""The paper-claims reproduction in one time-bounded command: a loss-curve family, a CRD NTK run beside its
+"""``experiments/eval_reproduction.py``: the paper-claims reproduction in one time-bounded command: a loss-curve family, a CRD NTK run beside its
 plain twin, the passkey grid on both, and KV-compression fidelity on one trained model.
 
 Stages run in this order, each only if the wall-clock budget still has room for it, and every stage rewrites
@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.evaluation import fidelity, loss_curves, passkey, plots
 from selmerge_jax.evaluation.common import (
     ModelSource,
@@ -37,11 +39,13 @@ from selmerge_jax.evaluation.common import (
     write_json,
 )
 from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.main import loss_curve_sweep
+from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
 from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.training.experiment import DataConfig, FinetuneConfig, InitConfig, load_experiment
+from selmerge_jax.training.checkpoint import InitConfig
 
-__all__ = ["ReproductionConfig", "acceptance", "run_reproduction"]
+__all__ = ["ReproductionConfig", "acceptance", "main", "run_reproduction"]
 
 _log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class ReproductionConfig:
     """``experiments/eval_reproduction.py``.
 
     Attributes:
-      base_config, base_overrides, variants: the loss-curve family (``loss_curves.LossCurveSweepConfig``).
+      base_config, base_overrides, variants: the loss-curve family (``main.loss_curve_sweep.LossCurveSweepConfig``).
       crd_pair: the family variant the CRD run copies; crd_overrides: what it adds (``crd={...}``, ...).
       warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that the
         CRD run and its twin both fine-tune from, the paper's recipe: a model that already retrieves at a
@@ -99,7 +103,7 @@ class ReproductionConfig:
 
     def __post_init__(self):
         own = "ReproductionConfig"
-        loss_curves.LossCurveSweepConfig(variants=self.variants)  # validates names and override lists
+        loss_curve_sweep.LossCurveSweepConfig(variants=self.variants)  # validates names and override lists
         for name in ("crd_pair", "fidelity_variant"):
             if getattr(self, name) not in self.variants:
                 raise ValueError(f"{own}.{name}={getattr(self, name)!r} must name one of the variants "
@@ -131,8 +135,8 @@ class ReproductionConfig:
                 "compressions": self.compressions}
 
     @property
-    def sweep(self) -> loss_curves.LossCurveSweepConfig:
-        return loss_curves.LossCurveSweepConfig(base_config=self.base_config, base_overrides=self.base_overrides,
+    def sweep(self) -> loss_curve_sweep.LossCurveSweepConfig:
+        return loss_curve_sweep.LossCurveSweepConfig(base_config=self.base_config, base_overrides=self.base_overrides,
                                                 variants=self.variants, output_dir=self.run_dir)
 
     def _init(self) -> list[str]:
@@ -151,8 +155,6 @@ class ReproductionConfig:
         """The shared starting point of the CRD run and its twin (None without ``warm_start``)."""
         if not self.warm_start:
             return None
-        from selmerge_jax.training.experiment import PretrainConfig
-
         overrides = [*self.base_overrides, *self.warm_start, f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
         warm = load_experiment(PretrainConfig, self.base_config, overrides)
         # Both fine-tunes restore warm's weights: a shape they do not share fails here, not after warm has trained.
@@ -170,7 +172,7 @@ class ReproductionConfig:
             if extra:
                 raise ValueError(f"ReproductionConfig.variant_config: extra overrides {list(extra)} only apply to "
                                  f"the warm-started twin {self.crd_pair!r}, not to {name!r}")
-            return loss_curves.variant_config(self.sweep, name)
+            return loss_curve_sweep.variant_config(self.sweep, name)
         overrides = [*self.base_overrides, *self.variants[name], *self._init(), *extra,
                      f"train.output_dir={os.path.join(self.run_dir, name)}"]
         return load_experiment(FinetuneConfig, self.base_config, overrides)
@@ -220,7 +222,7 @@ def _train_family(cfg: ReproductionConfig, clock: _Clock, status: dict) -> dict:
             continue
         t0 = time.monotonic()
         try:
-            row = loss_curves._run_variant(configs[name])
+            row = loss_curve_sweep.run_variant(configs[name])
         except Exception as e:  # noqa: BLE001 (recorded in study.json)
             clock.failed(f"train {name}", t0, e)
             continue
@@ -270,9 +272,7 @@ def _passkey_models(cfg: ReproductionConfig) -> dict:
 
 
 def _empty_grid(cfg: ReproductionConfig, model) -> dict:
-    import dataclasses as dc
-
-    return {"study": "passkey", "attention": model.config.attention, "rope": dc.asdict(model.config.rope),
+    return {"study": "passkey", "attention": model.config.attention, "rope": dataclasses.asdict(model.config.rope),
             "depths": list(cfg.passkey_depths), "per_cell": cfg.passkey_per_cell, "scoring": cfg.passkey_scoring,
             "lengths": [], "columns": [],
             "examples": [], "seconds_per_length": [], **provenance()}
@@ -302,8 +302,6 @@ def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: D
             _checkpoints(cfg.run_dir, cfg.crd_pair)):
         clock.log.append({"stage": "passkey", "skipped": True, "why": "a passkey model did not train"})
         return
-    from selmerge_jax.models.tokenizer import load_tokenizer
-
     models = _passkey_models(cfg)
     tokenizer = load_tokenizer(data.tokenizer)  # the runs' own tokenizer: prompts in another one are noise to them
     grids = {name: _empty_grid(cfg, m) for name, m in models.items()}
@@ -341,7 +339,7 @@ def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
     if not clock.allows("fidelity", 2 * cfg.fidelity_min_s):  # the uncompressed reference plus one setting
         return
     t0 = time.monotonic()
-    data = loss_curves.variant_config(cfg.sweep, cfg.fidelity_variant).data  # the data that run trained on
+    data = loss_curve_sweep.variant_config(cfg.sweep, cfg.fidelity_variant).data  # the data that run trained on
     fcfg = fidelity.FidelityEvalConfig(init=InitConfig(kind="checkpoint", path=path), data=data,
                                        output_dir=cfg.output_dir, **cfg._fidelity_kw())
     try:
@@ -394,3 +392,8 @@ def run_reproduction(cfg: ReproductionConfig) -> dict:
     _fidelity_stage(cfg, clock, status)
     _write_status(cfg, clock, status, runs)
     return status
+
+
+def main(config: ReproductionConfig) -> dict:
+    """:func:`run_reproduction`: study.json's content."""
+    return run_reproduction(config)

@@ -1,7 +1,8 @@
-"""What the experiment scripts do, as library functions: build data and model from a config, pretrain,
-fine-tune (LoRA, CRD NTK), restore a trained model from its checkpoint directory, plot a loss curve.
+"""``experiments/pretrain.py``: build data and model from a :class:`PretrainConfig`, pretrain (resuming the
+run in ``train.output_dir`` if there is one), plot the loss curve, summarise; ``main(config)`` does all of it.
 
-Scripts stay a few lines: parse ``--config``/``--set``, call one function here, print the summary.
+The pieces every training entry point shares live here too (``main.finetune``, ``main.demo`` and the loss-curve
+sweep use them): the model and data a config describes, the training call, the summary and the loss curve.
 """
 
 from __future__ import annotations
@@ -14,29 +15,26 @@ import jax
 import numpy as np
 from flax import nnx
 
-from selmerge_jax.models import Llama, ModelConfig
+from selmerge_jax import data
+from selmerge_jax.data.tokenizer import load_tokenizer
+from selmerge_jax.main.config import PretrainConfig, config_to_dict
+from selmerge_jax.models import Llama, ModelConfig, count_params, load_hf
 from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.models.lora import apply_lora
 from selmerge_jax.models.lora import trainable_filter as lora_filter
-from selmerge_jax.models.tokenizer import load_tokenizer
-from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.sharding.mesh import initialize_distributed, make_mesh
-from selmerge_jax.training.checkpoint import Checkpointer
-from selmerge_jax.training.config_loader import from_dict
-from selmerge_jax.training.experiment import FinetuneConfig, PretrainConfig, config_to_dict
 from selmerge_jax.training.loop import TrainResult, train
-from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.training.train_step import HiddenStates, StepContext, default_forward, init_train_state
+from selmerge_jax.training.metrics import read_jsonl
+from selmerge_jax.training.train_step import default_forward
 
 __all__ = [
     "build_model",
-    "crd_forward",
     "export_npy",
+    "main",
     "make_data",
     "plot_loss_curve",
-    "restore_model",
-    "run_finetune",
     "run_pretrain",
+    "run_training",
     "train_summary",
     "with_model_config",
 ]
@@ -48,8 +46,6 @@ def build_model(cfg: PretrainConfig) -> Llama:
     """A freshly initialised (or HF-loaded) model, with LoRA adapters when the config has a ``lora`` section."""
     init = getattr(cfg, "init", None)
     if init is not None and init.kind == "hf":
-        from selmerge_jax.models import load_hf
-
         model = load_hf(init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
     else:
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
@@ -58,7 +54,8 @@ def build_model(cfg: PretrainConfig) -> Llama:
     return model
 
 
-def _trainable(cfg: PretrainConfig):
+def trainable(cfg: PretrainConfig):
+    """The NNX filter of what trains: the LoRA adapters with a ``lora`` section, else every parameter."""
     lora = getattr(cfg, "lora", None)
     return lora_filter(lora) if lora is not None else nnx.Param
 
@@ -69,8 +66,6 @@ def _npy(path: str) -> np.ndarray:
 
 def make_data(cfg: PretrainConfig, tokenizer):
     """``(train_iterator, eval_batches_fn)``; both yield the pipeline's ``inputs/targets/loss_mask/...`` dicts."""
-    from selmerge_jax import data
-
     per_process = cfg.train.batch_size // jax.process_count()
     t, seed = cfg.train.seq_len, cfg.train.seed
     d = cfg.data
@@ -106,7 +101,9 @@ def _mesh(cfg: PretrainConfig):
     return make_mesh(cfg.mesh) if jax.device_count() > 1 else None
 
 
-def _run(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> TrainResult:
+def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> TrainResult:
+    """Trains ``model`` on the data of ``cfg`` (``kind``: "pretrain" or "finetune", kept with the checkpoints);
+    validation always runs the model's own forward."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
@@ -119,48 +116,12 @@ def _run(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> Trai
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
                  eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=batch_transform, meta=meta,
-                 trainable=_trainable(cfg), forward=forward, eval_forward=default_forward)
+                 trainable=trainable(cfg), forward=forward, eval_forward=default_forward)
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrains ``cfg.model`` from scratch (resuming the run in ``cfg.train.output_dir`` if there is one)."""
-    return _run(cfg, build_model(cfg), "pretrain")
-
-
-def crd_forward(crd: CRDNTKConfig):
-    """The training forward of CRD NTK: every step draws cycled positions (modulo C, random start per row) and
-    the stage's NTK base inside the jitted step, from the step's own key, so resume replays them exactly.
-
-    The step's ``CRDPositions`` go through ``Llama.__call__`` like plain positions (every layer's RoPE reads
-    its traced frequencies), so the model's remat policy applies as in any other forward. A packed batch
-    (``data.document_masking``) keeps its segment mask, and each document's own positions are shifted by the
-    row's offset, so documents neither see each other nor start mid-cycle relative to one another.
-    """
-    from selmerge_jax.positional.crd_ntk import crd_step
-
-    def forward(model: Llama, inputs: dict, ctx: StepContext):
-        tokens = inputs["tokens"]
-        b, t = tokens.shape
-        positions = crd_step(crd, ctx.step, ctx.key, batch=b, seq_len=t, head_dim=model.config.head_size,
-                             base_positions=inputs.get("positions"))
-        h = model.hidden_states(tokens, positions, segment_ids=inputs.get("segment_ids"))[0]
-        return HiddenStates(h, model.output_logits)
-
-    return forward
-
-
-def run_finetune(cfg: FinetuneConfig) -> TrainResult:
-    """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if configured."""
-    if cfg.init.kind == "checkpoint":
-        model, _ = restore_model(cfg.init.path, step=cfg.init.step)
-        model = with_model_config(model, cfg.model)
-        if cfg.lora is not None:
-            apply_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.train.seed + 1))
-    else:
-        model = build_model(cfg)
-    forward = crd_forward(cfg.crd) if cfg.crd is not None else default_forward
-    # Validation stays on plain positions with the model's own RoPE: CRD NTK is a training augmentation.
-    return _run(cfg, model, "finetune", forward=forward)
+    return run_training(cfg, build_model(cfg), "pretrain")
 
 
 def with_model_config(model: Llama, model_cfg: ModelConfig) -> Llama:
@@ -175,36 +136,13 @@ def with_model_config(model: Llama, model_cfg: ModelConfig) -> Llama:
     return model
 
 
-def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, dict]:
-    """The trained model of a run (weights of ``step``, default newest) and the run's stored config dict."""
-    ckpt = Checkpointer(checkpoint_dir)
-    try:
-        meta = ckpt.read_meta(step)
-        kind = meta.get("kind", "pretrain")
-        cls = FinetuneConfig if kind == "finetune" else PretrainConfig
-        raw = dict(meta["config"])
-        if kind == "finetune":  # weights come from this checkpoint, not from where the fine-tune started
-            raw["init"] = {"kind": "scratch"}
-        cfg = from_dict(cls, raw)
-        tx, _ = build_optimizer(cfg.optimizer, cfg.train.steps)
-        # Shapes only: nothing is initialised before the stored arrays arrive.
-        target = jax.eval_shape(lambda: init_train_state(build_model(cfg), tx, trainable=_trainable(cfg))[1])
-        state, _, _ = ckpt.restore(target, step)
-    finally:
-        ckpt.close()
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), _trainable(cfg), ...)
-    return nnx.merge(graphdef, state.params, state.rest), meta["config"]
-
-
 def plot_loss_curve(metrics_path: str, png_path: str, *, reference: float | None = None,
                     reference_label: str = "unigram entropy") -> str:
     """Train (and validation) loss against step from a metrics JSONL, saved as a PNG."""
-    import matplotlib
+    import matplotlib  # optional: only the figure needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from selmerge_jax.training.metrics import read_jsonl
+    import matplotlib.pyplot as plt  # optional: only the figure needs it
 
     train_lines, val_lines = read_jsonl(metrics_path, key="loss"), read_jsonl(metrics_path, key="val_loss")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -225,8 +163,6 @@ def plot_loss_curve(metrics_path: str, png_path: str, *, reference: float | None
 def train_summary(cfg: PretrainConfig, result: TrainResult) -> dict:
     """Key figures of a run: steady-state tokens/s and step time (first log interval, which holds the
     compile, left out when there are others), peak device memory, final validation loss, parameter count."""
-    from selmerge_jax.models import count_params
-
     steady = result.history[1:] or result.history
     out = {
         "attention": cfg.model.attention, "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
@@ -245,8 +181,6 @@ def train_summary(cfg: PretrainConfig, result: TrainResult) -> dict:
 def export_npy(cfg: PretrainConfig, out_dir: str) -> dict[str, str]:
     """Tokenizes the train/validation splits of ``cfg.data`` into flat ``.npy`` files (``train.npy``,
     ``validation.npy``) for machines without TFDS/grain; point ``data.train_npy``/``validation_npy`` at them."""
-    from selmerge_jax import data
-
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     d = cfg.data
     if d.source == "stdlib_corpus":
@@ -258,3 +192,11 @@ def export_npy(cfg: PretrainConfig, out_dir: str) -> dict[str, str]:
         paths[name] = os.path.join(out_dir, f"{name}.npy")
         np.save(paths[name], data.tokenize_documents(list(docs), tokenizer))
     return paths
+
+
+def main(config: PretrainConfig) -> dict:
+    """Pretrains, writes ``loss_curve.png`` beside the run's metrics and returns the run's key figures."""
+    result = run_pretrain(config)
+    out = config.train.output_dir
+    plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))
+    return train_summary(config, result)

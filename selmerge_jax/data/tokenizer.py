@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from tokenizers import Tokenizer as _RustTokenizer
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
 
@@ -134,8 +135,6 @@ class HFTokenizer:
 
     def __init__(self, path: str | os.PathLike, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None):
-        from tokenizers import Tokenizer as _RustTokenizer  # deferred: only needed for this class
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")

@@ -1,0 +1,264 @@
+"""Experiment schemas (what ``experiments/configs/*.yaml`` hold), loading them with presets and ``--set``
+overrides, and the command line every experiment script shares.
+
+A YAML file is one of :class:`PretrainConfig`, :class:`FinetuneConfig`, :class:`InferConfig` (or an evaluation
+study's config), section by section; each section is the config class of the floor that uses it
+(``models.ModelConfig``, ``data.DataConfig``, ``training.TrainConfig``, ``training.checkpoint.InitConfig``...).
+``model:`` may name a preset and override any field of it, nested ones included::
+
+    model: {preset: tiny, attention: ms, ms: {block_size: 32}}
+
+Unknown keys and bad values fail with their key path (``model.ms.block_sze: unknown key ...``). Values given
+with ``--set`` are parsed as YAML scalars (``--set train.steps=100`` is an int, ``--set model.attention=ms`` a
+string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+from selmerge_jax.config_io import ConfigError, from_dict, to_dict
+from selmerge_jax.data.config import DataConfig
+from selmerge_jax.models.config import ModelConfig, preset
+from selmerge_jax.models.generate import SamplingConfig
+from selmerge_jax.models.lora import LoRAConfig
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.sharding.mesh import MeshConfig
+from selmerge_jax.training.checkpoint import InitConfig
+from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
+
+__all__ = [
+    "FinetuneConfig",
+    "InferConfig",
+    "PasskeyCheckConfig",
+    "PretrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "expand_model_section",
+    "experiment_parser",
+    "load_config",
+    "load_experiment",
+    "load_from_args",
+    "parse_override",
+    "print_summary",
+]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    model: ModelConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        per_device = self.train.batch_size % self.optimizer.accumulation_steps
+        if per_device:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+                             f"optimizer.accumulation_steps={self.optimizer.accumulation_steps}")
+        if self.data.document_masking and self.model.attention != "dense":
+            raise ValueError(f"data.document_masking needs model.attention='dense', got {self.model.attention!r}")
+        if self.data.passkey_min_length is not None and self.model.attention == "dense" and not (
+                self.data.document_masking):
+            # Not an error (select-and-merge cannot mask documents, so it packs unmasked by necessity), but on
+            # the H100 a dense 25M model never learned retrieval this way and did learn it with masking.
+            warnings.warn("data.passkey_min_length packs several passkey prompts per window, and without "
+                          "data.document_masking each prompt attends to the earlier prompts' keys; set "
+                          "data.document_masking=true for dense models", stacklevel=2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(PretrainConfig):
+    """Pretrain's sections plus where the weights start, LoRA and CRD NTK (both optional)."""
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    lora: LoRAConfig | None = None
+    crd: CRDNTKConfig | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.lora is None) != (self.train.trainable == "all"):
+            raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
+                             f"{'set' if self.lora else 'null'}: use 'lora' exactly when a lora section is given")
+        rope = self.model.rope
+        if self.crd is not None and (self.crd.theta != rope.theta or self.crd.layout != rope.layout):
+            raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must match the model's RoPE "
+                             f"(model.rope.theta={rope.theta}, layout={rope.layout!r}): CRD NTK rescales that base")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PasskeyCheckConfig:
+    """Passkey retrieval at given prompt lengths and depths (0 = start of the prompt, 1 = end)."""
+
+    lengths: tuple[int, ...] = (512,)
+    depths: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self):
+        if not self.lengths or any(n < 64 for n in self.lengths):
+            raise ValueError(f"PasskeyCheckConfig.lengths must be non-empty, each >= 64, got {self.lengths!r}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"PasskeyCheckConfig.depths must be non-empty, each in [0, 1], got {self.depths!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferConfig:
+    """Load weights, prefill a long prompt, generate; report tokens/s and memory.
+
+    Attributes:
+      init: the weights (checkpoint, hf or scratch).
+      model: the model config for ``hf``/``scratch`` (with ``checkpoint`` it is read from the run); null keeps
+        the stored one.
+      prompt: prompt text; null takes ``prompt_tokens`` tokens of the validation corpus (``data``).
+      prompt_tokens: prompt length when taken from the corpus.
+      max_new_tokens, sampling, chunk_size: generation (see ``selmerge_jax.models.generate``).
+      passkey: also run a passkey retrieval check (null skips it).
+      output: JSON lines with the measurements go here.
+      seed: sampling seed.
+    """
+
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    model: ModelConfig | None = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prompt: str | None = None
+    prompt_tokens: int = 2048
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    chunk_size: int = 256
+    passkey: PasskeyCheckConfig | None = None
+    output: str = "runs/infer/results.jsonl"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "max_new_tokens", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InferConfig.{name} must be a positive int, got {value!r}")
+        if self.init.kind != "checkpoint" and self.model is None:
+            raise ValueError(f"InferConfig.model is required with init.kind={self.init.kind!r}")
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def expand_model_section(section, path: str = "model"):
+    """``{preset: tiny, ...overrides}`` -> the preset's full field dict with the overrides merged in."""
+    if not isinstance(section, Mapping) or "preset" not in section:
+        return section
+    overrides = {k: v for k, v in section.items() if k != "preset"}
+    try:
+        base = to_dict(preset(section["preset"]))
+    except ValueError as e:
+        raise ConfigError(f"{path}.preset: {e}") from e
+    return _deep_merge(base, overrides)
+
+
+def load_experiment(cls, path: str | None = None, overrides: Sequence[str] = ()):
+    """Reads ``path`` (YAML), applies ``--set`` overrides, expands model presets and validates into ``cls``."""
+    data = apply_overrides(_read_yaml(path), overrides)
+    if data.get("model") is not None:
+        data["model"] = expand_model_section(data["model"])
+    return from_dict(cls, data)
+
+
+def config_to_dict(config) -> dict:
+    """The config as plain YAML/JSON data (stored in checkpoints so a run can be rebuilt from them)."""
+    return to_dict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=1"`` -> ``(["a", "b"], 1)``; the value is parsed as a YAML scalar/flow value."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty component in key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+    return parts, value
+
+
+def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
+    """Returns a deep copy of ``data`` with each ``key.path=value`` set (missing sections are created)."""
+    result = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {'.'.join(parts)} below it")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(data):
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _read_yaml(path: str | None) -> dict:
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Reads YAML at ``path`` (or starts empty), applies ``overrides`` and validates into ``cls`` (no presets:
+    :func:`load_experiment` is what the scripts use)."""
+    return from_dict(cls, apply_overrides(_read_yaml(path), overrides))
+
+
+def experiment_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    """The command line every experiment script shares: ``--config x.yaml --set a.b=value [--set ...]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value (YAML syntax), e.g. --set train.steps=100; repeatable")
+    return parser
+
+
+def load_from_args(cls, args: argparse.Namespace):
+    """The validated config, or exit code 2 with the offending key path (no traceback for a typo)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return load_experiment(cls, args.config, args.set)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def print_summary(summary: dict):
+    print("SUMMARY " + json.dumps(summary, sort_keys=True), flush=True)
