@@ -125,8 +125,8 @@ def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
 
 
 def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
-    # main/infer.py's (then training/inference.py's) HF path passed attention and ms but dropped ms_kernel (the model silently ran the
-    # reference kernel).
+    # load_for_inference's HF path (now main/infer.py) passed attention and ms but dropped ms_kernel (the model
+    # silently ran the reference kernel).
     from selmerge_jax.main.config import InferConfig
     from selmerge_jax.main.infer import load_for_inference
     from selmerge_jax.models import save_hf
