@@ -36,6 +36,7 @@ __all__ = [
     "run_pretrain",
     "run_training",
     "train_summary",
+    "trainable",
     "with_model_config",
 ]
 
