@@ -11,13 +11,13 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.attention.selection import select_regions
 from selmerge_jax.data.tokenizer import ByteTokenizer
 from selmerge_jax.evaluation import fidelity, loss_curves, passkey, perplexity
 from selmerge_jax.evaluation.common import with_config, with_rope
 from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.main import loss_curve_sweep
 from selmerge_jax.main.evaluate import config_schema
 from selmerge_jax.models import Llama
