@@ -24,7 +24,6 @@ from selmerge_jax.positional.crd_ntk import (
     crd_scale,
     crd_step,
 )
-from selmerge_jax.training.train_step import HiddenStates
 
 
 def test_stage_schedule_gives_expected_scales():
@@ -162,11 +161,6 @@ def test_bad_call_arguments_raise():
         crd_positions(CRDNTKConfig(cycle=16, wrap=False), jnp.zeros(1, jnp.int32), 32)
     assert isinstance(crd_step(CRDNTKConfig(), 0, jax.random.PRNGKey(0), batch=1, seq_len=4, head_dim=8),
                       CRDPositions)
-
-
-def _logits(out: HiddenStates) -> jax.Array:
-    """The logits of a training forward, which returns final hidden states and the output head."""
-    return out.head(out.h)
 
 
 def test_crd_forward_on_a_packed_batch_matches_each_document_alone():
