@@ -1,16 +1,16 @@
-# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test` (`make lint` for CI's lint).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all test-gpu lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,hf]"
+	$(BIN)/python -m pip install -q -e ".[test,hf,lint]"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
@@ -22,7 +22,18 @@ test: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 test-all: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not gpu and not tpu" tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 -m "not gpu and not tpu" tests
+
+# The GPU tests on CUDA (tests/conftest.py picks the platform from -m and stops when JAX finds no GPU);
+# one process, so that the tests have the GPU's memory to themselves.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[cuda]"
+	env -u JAX_PLATFORMS $(BIN)/python -m pytest -p no:xdist --durations=15 -m gpu tests
+
+# What CI enforces: ruff (rules and line length in pyproject.toml) and mypy on the public API ([tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -136,6 +136,7 @@ class KVCompressionConfig:
             return self.layer_budgets[layer]
         if self.budget is not None:
             return self.budget
+        assert self.ratio is not None  # __post_init__: exactly one of budget, ratio, layer_budgets
         return max(self.min_budget, math.ceil(self.ratio * context_len))
 
     def capacity_for(self, context_len: int, layer: int = 0) -> int:

@@ -17,7 +17,7 @@ llama3    Llama-3.1 frequency-band scaling (low band / factor, high band kept, s
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 __all__ = ["RopeConfig", "RopeType", "RopeLayout", "ROPE_TYPES"]
 
@@ -139,7 +139,7 @@ class RopeConfig:
             kw.setdefault("original_max_position_embeddings", max_pos)
         if rope_type == "yarn" and "factor" not in kw:  # HF: factor defaults to the context ratio
             kw["factor"] = max_pos / kw["original_max_position_embeddings"]
-        return cls(rope_type=rope_type, theta=float(theta), layout=layout, **kw)
+        return cls(rope_type=cast(RopeType, rope_type), theta=float(theta), layout=layout, **kw)
 
     def to_hf(self, head_dim: int | None = None) -> dict[str, Any]:
         """The HF config fields for this RoPE: ``rope_theta``, ``rope_scaling`` (None for default RoPE), and
