@@ -11,7 +11,8 @@ from selmerge_jax.main.config import PretrainConfig, experiment_parser, load_fro
 
 
 def main():
-    cfg = load_from_args(PretrainConfig, experiment_parser(__doc__.splitlines()[0], "experiments/configs/demo.yaml")
+    cfg = load_from_args(PretrainConfig,
+                         experiment_parser(__doc__.splitlines()[0], "experiments/configs/demo.yaml")
                          .parse_args())
     result = demo.main(cfg)
     # The demo's promise: context helps, i.e. on held-out text the model beats the best context-free predictor

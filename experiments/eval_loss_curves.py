@@ -10,7 +10,8 @@ from selmerge_jax.main.config import experiment_parser, load_from_args, print_su
 
 
 def main():
-    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_loss_curves.yaml").parse_args()
+    args = experiment_parser(__doc__.splitlines()[0],
+                             "experiments/configs/eval_loss_curves.yaml").parse_args()
     result = loss_curve_sweep.main(load_from_args(loss_curve_sweep.LossCurveSweepConfig, args))
     print(result.pop("table"))
     print_summary(result)

@@ -1,7 +1,8 @@
 """Memory/speed of a model config across prompt lengths: prefill time, decode tokens/s, compiled and measured
 peak memory; JSON + PNG.
 
-    python experiments/eval_memory.py --config experiments/configs/eval_memory.yaml --set 'lengths=[4096, 65536]'
+    python experiments/eval_memory.py --config experiments/configs/eval_memory.yaml \
+        --set 'lengths=[4096, 65536]'
 """
 
 from selmerge_jax.evaluation.memory_report import MemoryReportConfig

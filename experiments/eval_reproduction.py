@@ -10,7 +10,8 @@ from selmerge_jax.main.config import experiment_parser, load_from_args, print_su
 
 
 def main():
-    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_reproduction_h100.yaml").parse_args()
+    args = experiment_parser(__doc__.splitlines()[0],
+                             "experiments/configs/eval_reproduction_h100.yaml").parse_args()
     status = reproduce.main(load_from_args(reproduce.ReproductionConfig, args))
     print(status.get("fidelity_table", ""))
     print_summary({k: status[k] for k in ("acceptance", "passkey", "family", "elapsed_s") if k in status})

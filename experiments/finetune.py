@@ -1,6 +1,8 @@
-"""Fine-tune from our checkpoint, a local Hugging Face model or scratch: full or LoRA, optionally with CRD NTK.
+"""Fine-tune from our checkpoint, a local Hugging Face model or scratch: full or LoRA, optionally with CRD
+NTK.
 
-    python experiments/finetune.py --config experiments/configs/finetune.yaml --set init.path=runs/x/checkpoints
+    python experiments/finetune.py --config experiments/configs/finetune.yaml \
+        --set init.path=runs/x/checkpoints
 """
 
 from selmerge_jax.main import finetune

@@ -178,7 +178,8 @@ if SMOKE:  # the test only needs every knob to run once
     variants = {name: variants[name] for name in ("top_k=8", "merge=2, top_k=6", "source=previous")}
 
 rows = []
-fig, axes = plt.subplots(2, -(-len(variants) // 2), figsize=(3.2 * -(-len(variants) // 2), 6.4), squeeze=False)
+fig, axes = plt.subplots(2, -(-len(variants) // 2), figsize=(3.2 * -(-len(variants) // 2), 6.4),
+                         squeeze=False)
 for ax, (name, change) in zip(axes.flat, variants.items()):
     config = dataclasses.replace(base, **change)  # validated again in __post_init__
     out, plan, frac = run(config)

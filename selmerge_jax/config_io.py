@@ -2,8 +2,8 @@
 
 Any tree of (frozen) dataclasses is a schema: ``from_dict(PretrainConfig, data)`` walks the type hints, so
 each section's own ``__post_init__`` does the range checks and this module only adds what YAML cannot express
-(types, unknown keys) plus the key path of the offending value. Floor 0 (``docs/ARCHITECTURE.md``): every floor
-reads configs back with it (a checkpoint's stored config in ``training.checkpoint``, a CRD section in
+(types, unknown keys) plus the key path of the offending value. Floor 0 (``docs/ARCHITECTURE.md``): every
+floor reads configs back with it (a checkpoint's stored config in ``training.checkpoint``, a CRD section in
 ``evaluation.common``); reading YAML files and ``--set`` overrides is the application's (``main.config``).
 """
 
@@ -100,7 +100,8 @@ def _convert_scalar(tp, value, path: str):
 
 
 def from_dict(cls: type[T], data, path: str = "") -> T:
-    """Builds dataclass ``cls`` from a mapping; unknown keys, wrong types and failed checks name the key path."""
+    """Builds dataclass ``cls`` from a mapping; unknown keys, wrong types and failed checks name the key
+    path."""
     where = path or cls.__name__
     if isinstance(data, cls):
         return data

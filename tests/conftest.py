@@ -1,5 +1,5 @@
-"""Test setup: the JAX platform chosen from the ``-m`` marker expression before JAX starts, 8 CPU host devices,
-float32 matmuls at full precision, small seeds.
+"""Test setup: the JAX platform chosen from the ``-m`` marker expression before JAX starts, 8 CPU host
+devices, float32 matmuls at full precision, small seeds.
 
 * A run that selects the ``gpu`` tests and no unmarked ones (``make test-gpu``, ``pytest -m gpu``) runs with
   ``JAX_PLATFORMS=cuda`` and stops at once, with a usage error, when JAX finds no CUDA device; ``-m tpu``
@@ -37,13 +37,15 @@ def _keeps(markexpr: str, markers: tuple[str, ...]) -> bool:
 
 
 def _accelerator_run(config) -> str | None:
-    """The accelerator marker that this run targets: one whose tests it keeps while it keeps no unmarked test."""
+    """The accelerator marker that this run targets: one whose tests it keeps while it keeps no unmarked
+    test."""
     markexpr = config.option.markexpr or ""
     if _keeps(markexpr, ()):
         return None
     chosen = [m for m in _ACCELERATORS if _keeps(markexpr, (m,))]
     if len(chosen) > 1:
-        raise pytest.UsageError(f"-m {markexpr!r} selects both the gpu and the tpu tests; run them separately")
+        raise pytest.UsageError(f"-m {markexpr!r} selects both the gpu and the tpu tests; "
+                                "run them separately")
     return chosen[0] if chosen else None
 
 
@@ -76,12 +78,14 @@ def pytest_configure(config):
             raise pytest.UsageError(
                 f"-m {config.option.markexpr!r} selects the {marker} tests, which need a {marker.upper()} "
                 f"device, and JAX (JAX_PLATFORMS={os.environ['JAX_PLATFORMS']!r}) found none: "
-                f"{type(e).__name__}: {e or 'no backend for it in this jaxlib'}. Install jax for it (pip install -e '.[cuda]' or '.[tpu]') on such a "
+                f"{type(e).__name__}: {e or 'no backend for it in this jaxlib'}. Install jax for it (pip "
+                "install -e '.[cuda]' or '.[tpu]') on such a "
                 f"machine, or deselect them (-m 'not {marker}')."
             ) from e
         assert found, f"no {marker} device"
     elif jax.default_backend() == "cpu":
-        # Checked here and not only set: a run that silently has 1 device would skip the sharding tests' point.
+        # Checked here and not only set: a run that silently has 1 device would skip the sharding tests'
+        # point.
         assert jax.device_count() == 8, f"expected 8 CPU host devices, got {jax.device_count()}"
 
 
@@ -89,7 +93,8 @@ def pytest_report_header(config):
     import jax
 
     devices = jax.devices()
-    return f"jax {jax.__version__}: {jax.default_backend()} backend, {len(devices)} x {devices[0].device_kind}"
+    backend = jax.default_backend()
+    return f"jax {jax.__version__}: {backend} backend, {len(devices)} x {devices[0].device_kind}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -40,7 +40,8 @@ def test_dense_matches_naive_causal_bottom_right(t, s, key):
     q, k, v = _qkv(key, b=2, t=t, s=s)
     mask = np.broadcast_to(np.arange(s)[None] <= np.arange(t)[:, None] + s - t, (2, t, s))
     np.testing.assert_allclose(dense_attention(q, k, v), _naive(q, k, v, mask), atol=1e-5)
-    np.testing.assert_allclose(dense_attention(q, k, v, causal=False), _naive(q, k, v, np.ones((2, t, s), bool)),
+    np.testing.assert_allclose(dense_attention(q, k, v, causal=False),
+                               _naive(q, k, v, np.ones((2, t, s), bool)),
                                atol=1e-5)
 
 
@@ -67,7 +68,8 @@ def test_dense_fully_masked_rows_are_zero_not_nan(key):
 def test_dense_gqa_equals_repeated_kv(key):
     q, k, v = _qkv(key, n=8, kh=2)
     np.testing.assert_allclose(dense_attention(q, k, v),
-                               dense_attention(q, jnp.repeat(k, 4, axis=2), jnp.repeat(v, 4, axis=2)), atol=1e-6)
+                               dense_attention(q, jnp.repeat(k, 4, axis=2), jnp.repeat(v, 4, axis=2)),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", [1, 2])
@@ -83,7 +85,8 @@ def test_block_sparse_with_dense_plan_equals_dense(merge, heads, key):
 
 def test_block_sparse_ragged_plan_and_invalid_entries(key):
     q, k, v = _qkv(key, t=32, n=2, kh=1)
-    # groups of one 8-token region; group 3 selects regions {0, 2}; padding, a future and a local index ignored
+    # groups of one 8-token region; group 3 selects regions {0, 2}; padding, a future and a local index
+    # ignored
     regions = jnp.array([[[[-1, -1, -1], [0, -1, 3], [1, 2, -1], [2, 0, 3]]]], jnp.int32)
     plan = SelectionPlan(regions, block_size=8, merge=1)
     mask = np.zeros((1, 32, 32), bool)
@@ -139,7 +142,8 @@ def test_plan_and_input_validation(key):
     with pytest.raises(ValueError, match="plan.kv_regions"):
         block_sparse_attention(q, k, v, dense_causal_plan(1, 3, 32, block_size=8))
     with pytest.raises(TypeError, match="integer"):
-        block_sparse_attention(q, k, v, SelectionPlan(plan.kv_regions.astype(jnp.float32), block_size=8, merge=1))
+        block_sparse_attention(q, k, v,
+                               SelectionPlan(plan.kv_regions.astype(jnp.float32), block_size=8, merge=1))
     with pytest.raises(ValueError, match="implementation='cuda_magic' is unknown"):
         block_sparse_attention(q, k, v, plan, implementation="cuda_magic")
     with pytest.raises(ValueError, match="seq_len=30"):

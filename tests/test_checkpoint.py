@@ -89,7 +89,8 @@ def test_tree_to_nested_roundtrip():
 def test_keeps_last_k_and_restores_data_state(tmp_path):
     with Checkpointer(tmp_path, keep=2, async_save=True) as ckpt:
         for step in (1, 2, 3):
-            ckpt.save(step, {"w": jnp.full((4,), float(step))}, data_state={"next_batch": step, "raw": b"\x00\x01"},
+            ckpt.save(step, {"w": jnp.full((4,), float(step))},
+                      data_state={"next_batch": step, "raw": b"\x00\x01"},
                       meta={"config": {"lr": 0.1}})
         ckpt.wait()
         assert ckpt.all_steps() == [2, 3]
@@ -225,7 +226,8 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 16, 2000)
 
     def run(steps, config):
-        cfg = TrainConfig(steps=steps, batch_size=4, seq_len=8, log_every=1, output_dir=str(tmp_path), progress=False)
+        cfg = TrainConfig(steps=steps, batch_size=4, seq_len=8, log_every=1, output_dir=str(tmp_path),
+                          progress=False)
         return train(Tiny(), TokenWindows(tokens, batch_size=4, seq_len=8, bos_id=16, seed=3), train=cfg,
                      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
                      checkpoint=CheckpointConfig(every_steps=2, async_save=False), meta={"config": config})
@@ -241,12 +243,15 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 def test_config_changes_ignore_what_a_resume_may_change():
     from selmerge_jax.training.checkpoint import config_changes
 
-    stored = {"model": {"d": 8, "ms": {"top_k": 4}}, "train": {"steps": 10, "seed": 0}, "init": {"path": "/a"},
+    stored = {"model": {"d": 8, "ms": {"top_k": 4}}, "train": {"steps": 10, "seed": 0},
+              "init": {"path": "/a"},
               "crd": None}
     assert config_changes(stored, {**stored, "train": {"steps": 20, "seed": 0}, "init": {"path": "/b"}}) == []
     changed = {**stored, "model": {"d": 8, "ms": {"top_k": 8}}, "train": {"steps": 10, "seed": 1},
                "crd": {"cycle": 4}}
-    assert config_changes(stored, changed) == ["crd", "model.ms.top_k", "train.seed"]  # crd: None -> a section
-    # A checkpoint from before a field existed (its default applies) still resumes: data.validation_seed is newer.
+    # crd: None -> a section
+    assert config_changes(stored, changed) == ["crd", "model.ms.top_k", "train.seed"]
+    # A checkpoint from before a field existed (its default applies) still resumes: data.validation_seed is
+    # newer.
     assert config_changes(stored, {**stored, "data": {"validation_seed": 0}}) == []
     assert config_changes({"data": {"copy_period": [8, 64]}}, {"data": {"copy_period": (8, 64)}}) == []

@@ -1,7 +1,8 @@
 """A checkpoint of the model's earlier per-layer layout restores into today's stacked (scanned) layers.
 
-``tests/fixtures/looped_checkpoint`` was written by the looped model (commit a9e9a33): a 3-layer Llama with LoRA
-adapters on q/v and AdamW state after two steps, with the logits the trained model gave on ``tokens.npy``.
+``tests/fixtures/looped_checkpoint`` was written by the looped model (commit a9e9a33): a 3-layer Llama with
+LoRA adapters on q/v and AdamW state after two steps, with the logits the trained model gave on
+``tokens.npy``.
 """
 
 import pathlib

@@ -60,9 +60,11 @@ DEMO = str(CONFIGS[0].parent / "demo.yaml")
     ("trian.steps=3", "trian: unknown key for PretrainConfig"),
     ("train.steps=-1", "train: TrainConfig.steps must be an int >= 1, got -1"),
     ("train.steps=ten", "train.steps: expected an int, got 'ten'"),
-    ("optimizer.learning_rate=3e-3", "optimizer.learning_rate: expected a number, got '3e-3'"),  # YAML 1.1 str
+    # YAML 1.1 str
+    ("optimizer.learning_rate=3e-3", "optimizer.learning_rate: expected a number, got '3e-3'"),
     ("model.attention=flash", "model.attention: 'flash' is not allowed"),
-    ("train.compute_dtype=fp16", "train.compute_dtype: 'fp16' is not allowed; allowed: 'float32', 'bfloat16'"),
+    ("train.compute_dtype=fp16",
+     "train.compute_dtype: 'fp16' is not allowed; allowed: 'float32', 'bfloat16'"),
     ("checkpoint.async_save=1", "checkpoint.async_save: expected true/false, got 1"),
     ("model.preset=gpt5", "model.preset: unknown model preset 'gpt5'"),
     ("mesh.data=0", "mesh: MeshConfig.data must be a positive int or -1"),
@@ -82,7 +84,8 @@ def test_cross_section_checks():
     finetune = str(CONFIGS[0].parent / "finetune.yaml")
     with pytest.raises(ConfigError, match="use 'lora' exactly when a lora section is given"):
         load_experiment(FinetuneConfig, finetune, ["lora=null"])
-    # crd_forward keeps the segment mask and per-document positions (tests/test_crd_ntk.py), so packing is allowed
+    # crd_forward keeps the segment mask and per-document positions (tests/test_crd_ntk.py), so packing is
+    # allowed
     cfg = load_experiment(FinetuneConfig, finetune, ["model.attention=dense", "data.document_masking=true"])
     assert cfg.crd is not None and cfg.data.document_masking
 

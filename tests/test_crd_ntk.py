@@ -189,7 +189,8 @@ def test_crd_forward_on_a_packed_batch_matches_each_document_alone():
 
 
 def _logits(out):
-    """The CRD forward returns final hidden states and the head (the loss is chunked); logits for the checks."""
+    """The CRD forward returns final hidden states and the head (the loss is chunked); logits for the
+    checks."""
     return out.head(out.h)
 
 

@@ -43,20 +43,23 @@ def test_shipped_h100_sweep_builds_every_run():
 
 
 def test_shipped_seed_repeats_build_a_longer_warm_start_and_seeded_runs():
-    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"))
+    cfg = load_experiment(sweep.CRDSweepConfig,
+                          str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"))
     warm = cfg.train_config("warm")
     assert (warm.train.seq_len, warm.train.steps, warm.optimizer.learning_rate) == (1024, 3000, 0.001)
     runs = {name: cfg.train_config(name) for name in cfg.runs}
     twin = runs.pop("dense")
     assert twin.crd is None and twin.init.path == os.path.join(cfg.run_dir, "warm", "checkpoints")
     assert [r.train.seed for r in runs.values()] == [1, 2, 3]
-    assert {(r.crd.growth, r.crd.inference_scale, r.train.seq_len) for r in runs.values()} == {(4.0, 257.0, 2048)}
+    assert {(r.crd.growth, r.crd.inference_scale, r.train.seq_len)
+            for r in runs.values()} == {(4.0, 257.0, 2048)}
 
 
 def test_finished_runs_of_another_config_are_found(tmp_path):
     from selmerge_jax.main.config import config_to_dict
 
-    cfg = load_experiment(sweep.CRDSweepConfig, str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"),
+    cfg = load_experiment(sweep.CRDSweepConfig,
+                          str(ROOT / "experiments/benchmarks/crd_sweep_h100_seeds.yaml"),
                           [f"run_dir={tmp_path}"])
     configs = cfg.train_configs()
     steps = {name: c.train.steps for name, c in configs.items()}
@@ -120,7 +123,8 @@ def _fake_score(out, tag, lengths, accuracy):
 def test_report_merges_a_panels_scores_by_length_and_draws_them(tmp_path):
     """One panel's columns come from several scores (a later score wins a length both have)."""
     cfg = sweep.CRDSweepConfig(reproduction="-", runs={"a": [], "b": []}, depths=(0.0, 1.0),
-                               scores=({"run": "a", "tag": "a1"}, {"run": "a", "tag": "a2"}, {"run": "b", "tag": "b1"}),
+                               scores=({"run": "a", "tag": "a1"}, {"run": "a", "tag": "a2"},
+                                       {"run": "b", "tag": "b1"}),
                                figure={"with CRD": ["a1", "a2"], "twin": ["b1"]})
     _fake_score(tmp_path, "a1", [2048, 32768], [[1.0, 0.5], [1.0, 0.0]])
     _fake_score(tmp_path, "a2", [8192, 32768], [[1.0, 1.0], [0.5, 1.0]])
@@ -153,7 +157,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     np.save(tmp_path / "train.npy", tokens.astype(np.uint16))
     np.save(tmp_path / "validation.npy", tokens[:4000].astype(np.uint16))
     rep = (ROOT / "experiments/configs/eval_reproduction_cpu.yaml").read_text()
-    rep = rep.replace("model.ms.block_size=32,", f"model.ms.block_size=32, data.train_npy={tmp_path}/train.npy, "
+    rep = rep.replace("model.ms.block_size=32,",
+                      f"model.ms.block_size=32, data.train_npy={tmp_path}/train.npy, "
                       f"data.validation_npy={tmp_path}/validation.npy,")
     (tmp_path / "rep.yaml").write_text(rep + "warm_start: [train.steps=2]\n")
     crd = ("crd={theta: 10000.0, cycle: 768, original_max_position_embeddings: 384, initial_scale: 2.0, "
@@ -165,7 +170,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
                    {"run": "ms_k4", "tag": "twin"}],
         "lengths": [384], "depths": [0.5], "per_cell": 1, "chunk_size": 128, "jobs": 2,
         "figure": {"CRD": ["grow_a5"], "twin": ["twin"]}}))
-    cmd = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "sweep.yaml"), "--out",
+           str(tmp_path / "out")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     for _ in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
@@ -173,7 +179,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["scores"]) == {"grow_a5", "twin"}
     assert summary["scores"]["grow_a5"]["accuracy"].keys() == {"384"}
-    assert {n: r["finished"] for n, r in summary["runs"].items()} == {"warm": True, "ms_k4": True, "grow": True}
+    assert {n: r["finished"] for n, r in summary["runs"].items()} == {"warm": True, "ms_k4": True,
+                                                                      "grow": True}
     assert summary["jobs"] == []  # the second call found every run trained and every score written
     assert (tmp_path / "out" / "twin" / "passkey.png").stat().st_size > 0
     assert set(summary["figure"]) == {"CRD", "twin"} and (tmp_path / "out" / "side_by_side.png").exists()

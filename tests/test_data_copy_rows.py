@@ -63,7 +63,8 @@ def test_copy_rows_repeat_a_random_string_with_the_first_period_masked(tokens):
 
 def test_copy_ratio_zero_keeps_every_row(tokens):
     # copy rows draw from their own stream: the passkey/corpus rows of a run without them are bit-identical.
-    with_copy, without = _windows(tokens, passkey_ratio=0.3, copy_ratio=0.3), _windows(tokens, passkey_ratio=0.3)
+    with_copy, without = _windows(tokens, passkey_ratio=0.3, copy_ratio=0.3), _windows(tokens,
+                                                                                       passkey_ratio=0.3)
     for _ in range(3):
         a, b = next(with_copy), next(without)
         keep = a["loss_mask"].all(axis=1)
@@ -110,7 +111,8 @@ def test_runner_npy_branch_passes_copy_rows(tmp_path, tokens):
 
     np.save(tmp_path / "t.npy", tokens)
     cfg = load_experiment(PretrainConfig, None, [
-        "model={preset: tiny}", f"data.train_npy={tmp_path / 't.npy'}", f"data.validation_npy={tmp_path / 't.npy'}",
+        "model={preset: tiny}", f"data.train_npy={tmp_path / 't.npy'}",
+        f"data.validation_npy={tmp_path / 't.npy'}",
         "data.copy_ratio=0.5", "data.copy_period=[4, 6]", "train.seq_len=64", "train.batch_size=8"])
     train_it, eval_fn = make_data(cfg, TOK)
     train_periods = [_period(r) for _ in range(3) for r in _rows(next(train_it))]
@@ -171,7 +173,9 @@ def test_passkey_min_length_packs_prompts_of_random_lengths(tokens):
 
 
 def test_passkey_min_length_checks(tokens):
-    with pytest.raises(ValueError, match=r"passkey_min_length must be None or an int in \[64, \(seq_len \+ 1\) // 3 = 107\]"):
+    with pytest.raises(ValueError,
+                       match=r"passkey_min_length must be None or an int in \[64, "
+                             r"\(seq_len \+ 1\) // 3 = 107\]"):
         _windows(tokens, passkey_ratio=0.3, passkey_min_length=200)  # fits the window, but packs one prompt
     with pytest.raises(ValueError, match="too short"):
         _windows(tokens, passkey_ratio=0.3, passkey_min_length=100)

@@ -1,6 +1,7 @@
 """Evaluation building blocks: text-overlap metrics, attended fraction vs the real selection plans, chunked vs
 full-forward NLL, uncompressed decode vs generate, RoPE swap, passkey scoring with oracle decoders, config
-errors. (Compression ON, the RoPE rule's effect on outputs and the plots run in test_evaluation_studies.py.)"""
+errors. (Compression ON, the RoPE rule's effect on outputs and the plots run in
+test_evaluation_studies.py.)"""
 
 import itertools
 
@@ -103,8 +104,8 @@ def test_chunked_nll_equals_full_forward_for_dense(micro):
 
 
 def test_chunked_nll_with_sliding_window_is_exact(micro):
-    # Windows longer than the sliding window, chunks > 1: the cache masks each query by its own window (it used
-    # to hide keys by the chunk's earliest query only, and this case was refused).
+    # Windows longer than the sliding window, chunks > 1: the cache masks each query by its own window (it
+    # used to hide keys by the chunk's earliest query only, and this case was refused).
     import dataclasses
 
     model = with_config(micro, dataclasses.replace(MICRO, sliding_window=8))
@@ -117,7 +118,8 @@ def test_chunked_nll_with_sliding_window_is_exact(micro):
 
 def test_uncompressed_decode_is_generate(micro):
     prompts = np.random.default_rng(1).integers(0, 256, (2, 64)).astype(np.int32)
-    none, kept = fidelity.compressed_generate(micro, prompts, KVCompressionConfig(policy="none"), max_new_tokens=5,
+    none, kept = fidelity.compressed_generate(micro, prompts, KVCompressionConfig(policy="none"),
+                                              max_new_tokens=5,
                                               chunk_size=32)
     ref = np.asarray(generate(micro, prompts, max_new_tokens=5, eos_ids=(), chunk_size=32).tokens)
     np.testing.assert_array_equal(none, ref)
@@ -175,9 +177,12 @@ def test_passkey_scoring_with_oracles(monkeypatch, shift, accuracy):
     (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={}), "at least one run"),
     (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a/b": []}), "without '/'"),
     (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": ["no_equals"]}), "key.path=value"),
-    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, warm_start=("x",)), "warm_start must be"),
-    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"warm": []}, warm_start=("a.b=1",)), "may not be named 'warm'"),
-    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, seeds=(0, -1)), r"seeds must be .* >= 0"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, warm_start=("x",)),
+     "warm_start must be"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"warm": []}, warm_start=("a.b=1",)),
+     "may not be named 'warm'"),
+    (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, seeds=(0, -1)),
+     r"seeds must be .* >= 0"),
     (lambda: loss_curve_sweep.LossCurveSweepConfig(variants={"a": []}, seeds=(1, 1)), "repeats a seed"),
 ])
 def test_bad_configs_name_the_field(make, message):
@@ -207,6 +212,7 @@ def test_loss_sweep_order_check():
 
 
 def test_loss_sweep_rejects_unequal_token_budgets(tmp_path):
-    sweep = loss_curve_sweep.LossCurveSweepConfig(variants={"a": [], "b": ["train.steps=7"]}, output_dir=str(tmp_path))
+    sweep = loss_curve_sweep.LossCurveSweepConfig(variants={"a": [], "b": ["train.steps=7"]},
+                                                  output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="same token budget"):
         loss_curve_sweep.run_loss_curves(sweep)

@@ -48,8 +48,10 @@ def test_passkey_study_with_ntk_rule(tmp_path):
 
 
 def test_perplexity_study(tmp_path, npy):
-    cfg = perplexity.PerplexityEvalConfig(model=MICRO, data=DataConfig(train_npy=npy[0], validation_npy=npy[1]),
-                                          lengths=(32, 64), windows=2, chunk_size=32, output_dir=str(tmp_path))
+    cfg = perplexity.PerplexityEvalConfig(model=MICRO,
+                                          data=DataConfig(train_npy=npy[0], validation_npy=npy[1]),
+                                          lengths=(32, 64), windows=2, chunk_size=32,
+                                          output_dir=str(tmp_path))
     data = _outputs(perplexity.run_perplexity(cfg))
     assert [r["length"] for r in data["rows"]] == [32, 64]
     for r in data["rows"]:  # an untrained byte model is close to uniform over its 259 ids
@@ -81,11 +83,13 @@ def test_memory_study(tmp_path):
 
 def test_loss_curve_sweep(tmp_path, npy):
     base = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.ms.block_size=8",
-            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2", "train.batch_size=8",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2",
+            "train.batch_size=8",
             "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.progress=false",
             "optimizer.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.async_save=false"]
     sweep = loss_curve_sweep.LossCurveSweepConfig(base_overrides=tuple(base), output_dir=str(tmp_path),
-                                             variants={"dense": ["model.attention=dense"], "ms_k2": ["model.ms.top_k=2"]})
+                                             variants={"dense": ["model.attention=dense"],
+                                                       "ms_k2": ["model.ms.top_k=2"]})
     result = loss_curve_sweep.run_loss_curves(sweep)
     runs = _outputs(result)["runs"]
     assert set(runs) == {"dense", "ms_k2"}
@@ -99,7 +103,8 @@ def test_loss_curve_sweep(tmp_path, npy):
 
 def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
     base = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.ms.block_size=8",
-            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2", "train.batch_size=8",
+            f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "train.steps=2",
+            "train.batch_size=8",
             "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.eval_every=2",
             "train.progress=false", "optimizer.warmup_steps=1", "checkpoint.every_steps=0",
             "checkpoint.async_save=false"]
@@ -119,7 +124,8 @@ def test_loss_curve_sweep_from_a_warm_start_over_seeds(tmp_path, npy):
         assert vals[0] != vals[1]  # the seeds are different runs...
         first = [per_seed[k]["curve"]["loss"][0] for k in ("3", "5")]
         assert row["curve"]["loss"][0] == pytest.approx(np.mean(first))
-    # ...fine-tuned from warm's final checkpoint (restoring it is run_finetune's, tested with the reproduction)
+    # ...fine-tuned from warm's final checkpoint (restoring it is run_finetune's, tested with the
+    # reproduction)
     cfg = loss_curve_sweep.variant_config(sweep, "ms_k2", 5)
     assert isinstance(cfg, FinetuneConfig) and cfg.train.seed == 5 and cfg.model.attention == "ms"
     assert cfg.init.kind == "checkpoint" and cfg.init.path == str(tmp_path / "warm" / "checkpoints")

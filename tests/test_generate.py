@@ -50,7 +50,8 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert abs(np.mean(draws == 0) - 0.625) < 0.03
 
 
-@pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+@pytest.mark.parametrize("kwargs, message",
+                         [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
                                              ({"top_k": 0}, "top_k")])
 def test_bad_sampling_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -111,7 +112,8 @@ def test_sliding_window_decode_runs_past_the_window(model):
     long = np.random.RandomState(3).randint(0, 64, (1, 13))
     out_long = generate(windowed, long, max_new_tokens=4, chunk_size=4, eos_ids=(), return_logits=True)
     _assert_matches_recompute(windowed, long, [13], out_long, 4)
-    # The same window as a cache_fn on the unwindowed model (same weights): the hook runs in prefill and decode.
+    # The same window as a cache_fn on the unwindowed model (same weights): the hook runs in prefill and
+    # decode.
     hooked = generate(model, prompts, max_new_tokens=10, chunk_size=4, eos_ids=(), cache_fn=_window_six)
     np.testing.assert_array_equal(hooked.tokens, out.tokens)
 
@@ -183,18 +185,20 @@ def _ms_model(top_k):
     from selmerge_jax.models import Llama, preset
 
     ms = MSAttentionConfig(block_size=8, top_k=top_k, selection_source="previous", selection_heads="kv")
-    return Llama(preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, attention="ms", ms=ms), rngs=nnx.Rngs(3))
+    return Llama(preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, attention="ms", ms=ms),
+                 rngs=nnx.Rngs(3))
 
 
 def test_one_pass_ms_prefill_equals_the_models_own_forward():
-    """``prefill_attention="model"``: the prompt's last-token logits are those of the model's MS forward, ragged
-    rows included, and decoding continues from a cache holding every prompt token."""
+    """``prefill_attention="model"``: the prompt's last-token logits are those of the model's MS forward,
+    ragged rows included, and decoding continues from a cache holding every prompt token."""
     from selmerge_jax.models.generate import generate, init_caches, prefill
 
     model = _ms_model(top_k=3)
     prompts = np.random.default_rng(0).integers(0, 64, (2, 61)).astype(np.int32)
     lengths = np.array([61, 40], np.int32)
-    logits, caches = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths, prefill_attention="model")
+    logits, caches = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths,
+                             prefill_attention="model")
     full = np.asarray(model(jnp.asarray(prompts)))
     np.testing.assert_allclose(logits[0], full[0, 60], rtol=1e-5, atol=1e-5)
     short = np.asarray(model(jnp.asarray(prompts[1:, :40])))
@@ -226,4 +230,5 @@ def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
     with pytest.raises(ValueError, match=r"prefill_attention='fast'; allowed"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="fast")
     with pytest.raises(ValueError, match=r"cache_fn .* applies only with prefill_attention='cache'"):
-        prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a, **k: None)
+        prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a,
+                **k: None)

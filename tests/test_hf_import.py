@@ -1,4 +1,5 @@
-"""HF checkpoint import/export: parity with transformers (``hf`` marker), bitwise round trips, clear errors."""
+"""HF checkpoint import/export: parity with transformers (``hf`` marker), bitwise round trips, clear
+errors."""
 
 import json
 import os
@@ -19,7 +20,8 @@ _SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hid
 # name -> (architecture, extra HF config); GQA (4 query heads over 2 kv heads) except the "mha" variant.
 _VARIANTS = {
     "llama3_rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                               "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16},
                               "rope_theta": 500000.0}),
     "llama_yarn": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                               "original_max_position_embeddings": 16},
@@ -158,14 +160,16 @@ def test_missing_tensor_is_named(tmp_path, tiny_model):
 
 
 def test_unexpected_tensor_is_named(tmp_path, tiny_model):
-    path = _corrupt(tmp_path, tiny_model, lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, np.float32)}))
+    path = _corrupt(tmp_path, tiny_model,
+                    lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, np.float32)}))
     with pytest.raises(ValueError, match="unexpected tensors.*layers.9.extra"):
         load_hf(path)
 
 
 def test_legacy_rotary_buffers_are_ignored(tmp_path, tiny_model):
     path = _corrupt(tmp_path, tiny_model,
-                    lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
+                    lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4,
+                                                                                                np.float32)}))
     _assert_bitwise(_params(tiny_model), _params(load_hf(path)))
 
 

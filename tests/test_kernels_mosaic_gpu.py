@@ -1,9 +1,9 @@
 """Pallas Mosaic GPU (Hopper) block-sparse kernels (forward, dQ and dK/dV passes) vs the pure-jnp reference.
 
-Native runs are marked ``gpu`` (an H100/H200; run with ``JAX_PLATFORMS=cuda``). On CPU: what the kernel declines
-(so ``api`` dispatch falls through), and tiny problems in the Mosaic GPU interpreter, which runs the real
-TMA/barrier protocol, plan and transposed-plan indexing, item scheduling, masking and softmax (only the matmuls
-are plain dots there).
+Native runs are marked ``gpu`` (an H100/H200; run with ``JAX_PLATFORMS=cuda``). On CPU: what the kernel
+declines (so ``api`` dispatch falls through), and tiny problems in the Mosaic GPU interpreter, which runs the
+real TMA/barrier protocol, plan and transposed-plan indexing, item scheduling, masking and softmax (only the
+matmuls are plain dots there).
 """
 
 import jax
@@ -52,7 +52,8 @@ def _assert_close(got, want, rel=2e-2):
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert not np.isnan(a).any(), f"{name} has NaN"
-        assert np.max(np.abs(a - b)) <= rel * np.max(np.abs(b)), (name, np.max(np.abs(a - b)), np.max(np.abs(b)))
+        assert np.max(np.abs(a - b)) <= rel * np.max(np.abs(b)), (name, np.max(np.abs(a - b)),
+                                                                  np.max(np.abs(b)))
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
@@ -163,9 +164,9 @@ def test_declines_inside_shard_map():
 @pytest.mark.slow  # ~15-35 s each on one core: the interpreter simulates every warpgroup, barrier and copy
 @pytest.mark.parametrize("tiling", [MosaicTiling(stages=3, persistent=False), MosaicTiling()])
 def test_interpret_forward_matches_reference(tiling):
-    """Two compute warpgroups ping-ponging (G=2) over ragged rows and an all-padding row (local block only), in
-    the Mosaic GPU interpreter; one CTA per item with a 3-stage ring, or 3 persistent CTAs looping over items
-    (the K/V ring and the Q double buffer carried across items)."""
+    """Two compute warpgroups ping-ponging (G=2) over ragged rows and an all-padding row (local block only),
+    in the Mosaic GPU interpreter; one CTA per item with a 3-stage ring, or 3 persistent CTAs looping over
+    items (the K/V ring and the Q double buffer carried across items)."""
     q, k, v, plan, _ = _spec(g=2, t=256).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 3].set(-1), block_size=plan.block_size, merge=1)
     out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
@@ -175,8 +176,8 @@ def test_interpret_forward_matches_reference(tiling):
 
 
 def test_interpret_backward_matches_reference():
-    """The Mosaic dQ and dK/dV passes in the interpreter, with an LSE cotangent: G = 2 (two dQ warpgroups), W =
-    128 (two dK/dV warpgroups, the second skipping its hidden local chunks), a ragged plan and a row with no
+    """The Mosaic dQ and dK/dV passes in the interpreter, with an LSE cotangent: G = 2 (two dQ warpgroups), W
+    = 128 (two dK/dV warpgroups, the second skipping its hidden local chunks), a ragged plan and a row with no
     valid entry; 8 dK/dV items over 3 persistent CTAs, so the snake order ends in a partial round."""
     q, k, v, plan, do = _spec(g=2, w=128, t=512).make_inputs(jax.random.PRNGKey(7))
     plan = SelectionPlan(plan.kv_regions.at[:, 1, 2].set(-1), block_size=plan.block_size, merge=1)
@@ -186,8 +187,9 @@ def test_interpret_backward_matches_reference():
 
 
 def test_interpret_backward_odd_group_and_batch():
-    """G = 3 (one dQ warpgroup; the Triton backward's power-of-two packing must not be required) and B = 2 (batch
-    and kv head decoded from the sorted dK/dV item ids), W = 64, an LSE cotangent, one row with no valid entry."""
+    """G = 3 (one dQ warpgroup; the Triton backward's power-of-two packing must not be required) and B = 2
+    (batch and kv head decoded from the sorted dK/dV item ids), W = 64, an LSE cotangent, one row with no
+    valid entry."""
     q, k, v, plan, do = _spec(g=3, w=64, t=256, batch=2).make_inputs(jax.random.PRNGKey(9))
     plan = SelectionPlan(plan.kv_regions.at[1, 1, 2].set(-1), block_size=plan.block_size, merge=1)
     _, want = _outputs(_ref(plan), q, k, v, do)
@@ -197,7 +199,8 @@ def test_interpret_backward_odd_group_and_batch():
 
 @pytest.mark.parametrize(("field", "depth"), [("stages_dkv", 6), ("stages_dq", 4), ("stages", 4)])
 def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth):
-    """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would not)."""
+    """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would
+    not)."""
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu
 
     q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
@@ -220,8 +223,8 @@ def test_declines_a_plan_without_slots():
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
                                                       (8, 128, 64, "float16")])
 def test_native_matches_reference(g, w, h, dtype):
-    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/4/8, ragged plans, rows with
-    no valid entry; bitwise deterministic across runs."""
+    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/4/8, ragged plans, rows
+    with no valid entry; bitwise deterministic across runs."""
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))

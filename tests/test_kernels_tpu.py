@@ -20,7 +20,8 @@ from test_kernels_triton import (
 
 
 def _kernel(plan, interpret=True):
-    return lambda q, k, v: block_sparse_attention_mosaic_tpu(q, k, v, plan, return_lse=True, interpret=interpret)
+    return lambda q, k, v: block_sparse_attention_mosaic_tpu(q, k, v, plan, return_lse=True,
+                                                             interpret=interpret)
 
 
 @pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g8_merge2_per_head", "tiny_noncausal_g2"])
@@ -47,16 +48,20 @@ def test_step_list_visits_each_reader_once_in_region_order():
     per_kv = 4 // kv_heads
     assert region.shape[-1] == per_kv * (plan.num_regions + plan.num_groups * plan.max_selected)
     for kh in range(kv_heads):
-        assert np.all(np.diff(region[0, kh]) >= 0), "steps must be sorted by region (one output block at a time)"
+        assert np.all(np.diff(region[0,
+                                     kh]) >= 0), "steps must be sorted by region (one output block at a time)"
         real = kind[0, kh] != 2
         assert np.all(~real[np.argmin(real):]) or real.all(), "padding steps come last"
-        got = sorted((region[0, kh, e], sub[0, kh, e], group[0, kh, e]) for e in np.flatnonzero(kind[0, kh] == 0))
+        got = sorted((region[0, kh, e], sub[0, kh, e], group[0, kh, e])
+                     for e in np.flatnonzero(kind[0, kh] == 0))
         want = sorted((regions[0, kh * per_kv + s, g, m], s, g) for s in range(per_kv)
                       for g in range(plan.num_groups) for m in range(plan.max_selected)
                       if valid[0, kh * per_kv + s, g, m])
         assert got == want
-        local = sorted((region[0, kh, e], sub[0, kh, e], group[0, kh, e]) for e in np.flatnonzero(kind[0, kh] == 1))
-        assert local == sorted((j, s, j // plan.merge) for j in range(plan.num_regions) for s in range(per_kv))
+        local = sorted((region[0, kh, e], sub[0, kh, e], group[0, kh, e])
+                       for e in np.flatnonzero(kind[0, kh] == 1))
+        assert local == sorted((j, s, j // plan.merge) for j in range(plan.num_regions)
+                               for s in range(per_kv))
 
 
 def test_dispatch_declines_off_tpu():

@@ -27,7 +27,8 @@ _TINY = TritonTiling(rows_fwd=32, block_k_fwd=32, rows_dq=32, block_k_dq=16, row
 
 
 def outputs(attn, q, k, v, do):
-    """``(out, lse, dq, dk, dv)`` of ``attn``, with an LSE cotangent too (merging partials differentiates it)."""
+    """``(out, lse, dq, dk, dv)`` of ``attn``, with an LSE cotangent too (merging partials differentiates
+    it)."""
 
     @jax.jit
     def run(q, k, v):
@@ -64,7 +65,8 @@ def assert_close(got, want, rtol, atol):
 @pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g1_h128_w128", "tiny_g8_merge2_per_head",
                                   "tiny_noncausal_g2"])
 def test_matches_reference(name):
-    """Forward, LSE, all gradients: G=4/1/8/2, H=64/128/32, W=64/128/32, merge 2, P=K and N, ragged, non-causal."""
+    """Forward, LSE, all gradients: G=4/1/8/2, H=64/128/32, W=64/128/32, merge 2, P=K and N, ragged,
+    non-causal."""
     (q, k, v, plan, do), want = reference_case(name)
     run, got = outputs(_kernel(plan), q, k, v, do)
     assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -109,7 +111,8 @@ def test_gradients_alone_reuse_the_output_buffer():
 
 
 def test_empty_row_and_nan_in_unselected_regions():
-    """A group with no valid entry (include_local=False) outputs 0 / LSE -inf; NaN K/V nobody selected stays out."""
+    """A group with no valid entry (include_local=False) outputs 0 / LSE -inf; NaN K/V nobody selected stays
+    out."""
     (q, k, v, plan, do), want = empty_row_nan_case()
     _, got = outputs(_kernel(plan), q, k, v, do)
     check_empty_row_and_nan(got, want, plan)
@@ -176,7 +179,8 @@ def test_native_gpu_bf16_matches_reference(per_kv):
 
 
 def test_ms_attention_default_dispatch_picks_pallas_triton_on_gpu(monkeypatch):
-    """``ms_attention(..., implementation=None)`` (and the layer's "pallas") reaches the Triton kernel on GPU."""
+    """``ms_attention(..., implementation=None)`` (and the layer's "pallas") reaches the Triton kernel on
+    GPU."""
     from selmerge_jax.kernels.block_sparse_attention import api
 
     from selmerge_jax.attention import MSAttentionConfig, ms_attention

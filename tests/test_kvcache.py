@@ -1,4 +1,5 @@
-"""The cache pytree: append/attend against the dense oracle, GQA storage size, overflow, padding, compaction."""
+"""The cache pytree: append/attend against the dense oracle, GQA storage size, overflow, padding,
+compaction."""
 
 import functools
 
@@ -91,7 +92,8 @@ def test_query_that_sees_nothing_gives_zero_not_nan(key):
 
 def test_overflow_raises_eagerly_and_drops_under_jit(key):
     _, k, v = _qkv(key, 1, 3)
-    cache = kc.append(kc.init_cache(B, K, 2, H, jnp.float32), k[:, :2], v[:, :2], jnp.zeros((B, 2), jnp.int32))
+    cache = kc.append(kc.init_cache(B, K, 2, H, jnp.float32), k[:, :2], v[:, :2],
+                      jnp.zeros((B, 2), jnp.int32))
     with pytest.raises(ValueError, match="overflow"):
         kc.append(cache, k[:, 2:], v[:, 2:], jnp.zeros((B, 1), jnp.int32))
     jitted = jax.jit(kc.append)(cache, k[:, 2:], v[:, 2:], jnp.ones((B, 1), jnp.int32))
@@ -158,7 +160,8 @@ def test_partial_overflow_under_jit_keeps_the_tokens_that_fit(key):
 
 
 def test_bf16_cache_attends_in_bf16_with_float32_accumulation(key):
-    # The value product runs on the bf16 cache (no float32 copy of V); it stays within bf16 rounding of float32.
+    # The value product runs on the bf16 cache (no float32 copy of V); it stays within bf16 rounding of
+    # float32.
     s = 64
     q, k, v = _qkv(key, 1, s)
     pos = jnp.broadcast_to(jnp.arange(s), (B, s))
@@ -175,7 +178,8 @@ def test_bf16_cache_attends_in_bf16_with_float32_accumulation(key):
 def test_segments_reject_mismatched_v_pos_count(key, field, bad):
     _, k, v = _qkv(key, 1, 6)
     q = jnp.zeros((B, 1, N, H))
-    seg = [k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.zeros((B, K, 6), jnp.int32), jnp.ones((B, K, 6))]
+    seg = [k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.zeros((B, K, 6), jnp.int32),
+           jnp.ones((B, K, 6))]
     seg[field] = jnp.zeros(bad, seg[field].dtype)  # pos/count [B, K, 1] would broadcast over all 6 slots
     with pytest.raises(ValueError, match="segment 0: v must match k"):
         kc.attend_segments(q, jnp.zeros((B, 1), jnp.int32), [tuple(seg)])
@@ -183,7 +187,8 @@ def test_segments_reject_mismatched_v_pos_count(key, field, bad):
 
 def test_segments_equal_one_concatenated_store(key):
     q, k, v = _qkv(key, 3, 10)
-    pos = jnp.broadcast_to(jnp.arange(10), (B, K, 10)).at[:, :, 4].set(-1)  # an empty slot in the first segment
+    # an empty slot in the first segment
+    pos = jnp.broadcast_to(jnp.arange(10), (B, K, 10)).at[:, :, 4].set(-1)
     count = jnp.where(pos >= 0, 1.0, 0.0).at[:, :, 2].set(3.0)  # and a merged one
     kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     qpos = jnp.broadcast_to(jnp.arange(7, 10), (B, 3))

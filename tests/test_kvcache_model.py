@@ -1,5 +1,6 @@
-"""Acceptance on a tiny float32 Llama: a budget that keeps every token reproduces uncompressed generation exactly,
-even when compressions fire (they only drop padding slots), and a tight budget generates within its memory."""
+"""Acceptance on a tiny float32 Llama: a budget that keeps every token reproduces uncompressed generation
+exactly, even when compressions fire (they only drop padding slots), and a tight budget generates within its
+memory."""
 
 import dataclasses
 
@@ -19,7 +20,8 @@ PROMPT, REAL, CHUNK, NEW = 24, 16, 4, 8  # 8 right-padding slots per row: compre
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """The ``cache_fn`` hook generate calls per layer; frozen, so it hashes by value (a static jit argument)."""
+    """The ``cache_fn`` hook generate calls per layer; frozen, so it hashes by value (a static jit
+    argument)."""
 
     config: KVCompressionConfig
     budget: int
@@ -42,11 +44,13 @@ def _caches(model, config, budget, batch=2):
 
 
 @pytest.mark.parametrize("kw", [{"policy": "h2o", "merge": "nearest"},
-                                {"policy": "snapkv", "merge": "centroid", "merge_slots": 1}], ids=["h2o", "snapkv"])
+                                {"policy": "snapkv", "merge": "centroid", "merge_slots": 1}],
+                         ids=["h2o", "snapkv"])
 def test_budget_that_keeps_everything_reproduces_generation(tiny, kw):
     model, prompts = tiny
     lengths = jnp.array([REAL, REAL])
-    config = KVCompressionConfig(budget=REAL + NEW - 1 + kw.get("merge_slots", 0), slack=CHUNK, sink=1, window=2,
+    config = KVCompressionConfig(budget=REAL + NEW - 1 + kw.get("merge_slots", 0), slack=CHUNK, sink=1,
+                                 window=2,
                                  pool_kernel=3, **kw)
     ref = generate(model, prompts, max_new_tokens=NEW, lengths=lengths, chunk_size=CHUNK, eos_ids=(),
                    return_logits=True)
@@ -104,14 +108,17 @@ def test_window_attend_matches_a_dense_banded_mask():
 
 
 def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
-    # init_caches and compressed_generate used to jit a fresh lambda per call: every call retraced and recompiled.
+    # init_caches and compressed_generate used to jit a fresh lambda per call: every call retraced and
+    # recompiled.
     from selmerge_jax.evaluation import fidelity
     from selmerge_jax.models import generate as gen
 
     traces = []
-    for name in ("init_cache", "init_for"):  # called only while tracing: counts (re)traces of the cache builders
+    # called only while tracing: counts (re)traces of the cache builders
+    for name in ("init_cache", "init_for"):
         real = getattr(kvcache, name)
-        monkeypatch.setattr(kvcache, name, lambda *a, _real=real, _n=name, **k: traces.append(_n) or _real(*a, **k))
+        monkeypatch.setattr(kvcache, name, lambda *a, _real=real, _n=name, **k: traces.append(_n)
+                            or _real(*a, **k))
     model, prompts = tiny
     kv = KVCompressionConfig(policy="h2o", budget=12, slack=CHUNK, sink=1, window=2)
     jitted = (gen._empty_caches, gen._prefill, fidelity._empty_caches, fidelity._finish, fidelity._greedy)
@@ -125,8 +132,8 @@ def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
 
 
 def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
-    # load_for_inference's HF path (now main/infer.py) passed attention and ms but dropped ms_kernel (the model
-    # silently ran the reference kernel).
+    # load_for_inference's HF path (now main/infer.py) passed attention and ms but dropped ms_kernel (the
+    # model silently ran the reference kernel).
     from selmerge_jax.main.config import InferConfig
     from selmerge_jax.main.infer import load_for_inference
     from selmerge_jax.models import save_hf

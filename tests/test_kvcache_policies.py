@@ -1,4 +1,5 @@
-"""Eviction policies on hand-built attention patterns, merges, summaries, config errors, single compilation."""
+"""Eviction policies on hand-built attention patterns, merges, summaries, config errors, single
+compilation."""
 
 import dataclasses
 
@@ -113,7 +114,8 @@ def test_tova_keeps_what_the_latest_query_attends():
 
 @pytest.mark.parametrize("seed", range(2))
 def test_top_scores_survive_per_kv_head(seed):
-    """Whatever the scores, the kept token set is exactly the protected slots plus the top scorers, per kv head."""
+    """Whatever the scores, the kept token set is exactly the protected slots plus the top scorers, per kv
+    head."""
     config = KVCompressionConfig(policy="h2o", budget=7, sink=1, window=2)
     cache, _, _ = _filled(20, 20)
     score = jax.random.uniform(jax.random.PRNGKey(seed), cache.score.shape)
@@ -152,7 +154,8 @@ def test_value_merge_keeps_keys_positions_counts():
 
 
 def test_centroid_merge_of_equal_keys_is_exact_and_keeps_mass():
-    """Evicted tokens sharing one key attend exactly like their centroid (mean V, count n, log n on the logit)."""
+    """Evicted tokens sharing one key attend exactly like their centroid (mean V, count n, log n on the
+    logit)."""
     n = 10
     kk = jax.random.normal(jax.random.PRNGKey(5), (B, n, K, H)).at[:, 1:7].set(0.3)  # tokens 1..6: same key
     config = KVCompressionConfig(policy="h2o", budget=5, sink=1, window=3, merge="centroid", merge_slots=1)

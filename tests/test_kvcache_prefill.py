@@ -1,4 +1,5 @@
-"""Chunked prefill with eviction between chunks (bounded peak memory) and query-aware block selection at decode."""
+"""Chunked prefill with eviction between chunks (bounded peak memory) and query-aware block selection at
+decode."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from selmerge_jax.kvcache.config import KVCompressionConfig
 # Jitted wrappers: one compile per shape instead of one per eager primitive (keeps the CPU suite fast).
 dense_attention = jax.jit(_dense_eager, static_argnames=("causal", "return_lse"))
 _attend = jax.jit(kc.attend)
-_attend_selected = jax.jit(qs.attend_selected, static_argnames=("block", "top_m", "sink_blocks", "local_blocks",
+_attend_selected = jax.jit(qs.attend_selected,
+                           static_argnames=("block", "top_m", "sink_blocks", "local_blocks",
                                                                  "centroids", "scale"))
 _select_blocks = jax.jit(qs.select_blocks, static_argnames=("block", "top_m", "sink_blocks", "local_blocks"))
 
@@ -143,7 +145,8 @@ def test_refreshed_block_index_equals_rebuilt_index_during_decode():
         start = cache.length
         cache = kc.append(cache, k_t, v_t, p_t)
         index = qs.refresh_index(index, cache, start, k_t.shape[1])
-        return cache, index, qs.attend_selected(cache, q_t, p_t, block=block, top_m=3, index=index, centroids=True)
+        return cache, index, qs.attend_selected(cache, q_t, p_t, block=block, top_m=3, index=index,
+                                                centroids=True)
 
     q = jax.random.normal(jax.random.PRNGKey(7), (B, 1, N, H))
     for i, t in ((9, 1), (10, 3), (13, 5), (18, 6)):  # decode steps and chunks crossing region borders
@@ -153,4 +156,5 @@ def test_refreshed_block_index_equals_rebuilt_index_during_decode():
     for got, want in zip(qs._fields(index), qs._fields(ref), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out, _attend_selected(cache, jnp.repeat(q, 6, 1), jnp.arange(18, 24)[None],
-                                                     block=block, top_m=3, centroids=True), rtol=1e-5, atol=1e-5)
+                                                     block=block, top_m=3, centroids=True), rtol=1e-5,
+                               atol=1e-5)

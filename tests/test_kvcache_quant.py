@@ -64,8 +64,8 @@ def test_quantized_decode_tracks_dense_and_keeps_recent_exact(quant, tol):
 
 
 def test_a_chunk_after_a_few_decode_steps_loses_no_token():
-    # A flush when the window holds fewer than `flush` tokens used to set a negative cursor: the chunk was written
-    # at wrapped (negative) slots beyond the cursor and later overwritten, silently losing tokens.
+    # A flush when the window holds fewer than `flush` tokens used to set a negative cursor: the chunk was
+    # written at wrapped (negative) slots beyond the cursor and later overwritten, silently losing tokens.
     config = KVCompressionConfig(policy="none", quant="int8", quant_group=4, quant_window=2)
     qc = kq.init_quantized(config, B, K, 32, H, jnp.float32, chunk=4)
     q, k, v = _data(16)
@@ -87,7 +87,8 @@ def test_quantized_storage_reports_real_bytes():
         config = KVCompressionConfig(policy="none", quant=quant, quant_group=8, quant_window=8)
         qc = kq.init_quantized(config, 2, 4, 64, H, jnp.bfloat16)
         codes = 2 * 2 * 4 * 64 * code_bytes  # K and V codes: B x K x C x H x bits/8
-        scales = 2 * (2 * 4 * 8 * H * 4) + 2 * (2 * 4 * 64 * 4)  # key (per channel, per group) + value (per token)
+        # key (per channel, per group) + value (per token)
+        scales = 2 * (2 * 4 * 8 * H * 4) + 2 * (2 * 4 * 64 * 4)
         meta = 3 * 2 * 4 * 64 * 4 + 4  # pos, count, score, length
         window = kc.nbytes(qc.recent)
         assert kc.nbytes(qc) == codes + scales + meta + window
@@ -114,8 +115,8 @@ def test_init_quantized_rejects_bad_shapes():
 
 
 def test_a_full_store_counts_exactly_the_tokens_it_drops():
-    # policy "none", a store of 8 and a float window of 2 (+4 flush): 19 tokens arrive, 8 + 4 stay, 7 are lost.
-    # The last flush moves a window holding 3 tokens (4 slots): its empty slot is not a lost token.
+    # policy "none", a store of 8 and a float window of 2 (+4 flush): 19 tokens arrive, 8 + 4 stay, 7 are
+    # lost. The last flush moves a window holding 3 tokens (4 slots): its empty slot is not a lost token.
     config = KVCompressionConfig(policy="none", quant="int8", quant_group=4, quant_window=2)
     qc = kq.init_quantized(config, B, K, 8, H, jnp.float32, chunk=4)
     q, k, v = _data(19)

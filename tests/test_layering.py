@@ -1,6 +1,6 @@
-"""The floors of docs/ARCHITECTURE.md, checked on the source: a module imports only its own floor and the floors
-below it (same-floor imports between packages only without a cycle), and imports sit at module top, except
-the few honest optional dependencies of ALLOWED_LOCAL, each with a comment at its import site.
+"""The floors of docs/ARCHITECTURE.md, checked on the source: a module imports only its own floor and the
+floors below it (same-floor imports between packages only without a cycle), and imports sit at module top,
+except the few honest optional dependencies of ALLOWED_LOCAL, each with a comment at its import site.
 
 Reads every module of ``selmerge_jax/`` and ``kernels/`` (installed as ``selmerge_jax.kernels``) with ``ast``;
 imports nothing of the package, so it runs in a moment.
@@ -37,14 +37,17 @@ FLOORS = {
 # one-line comment (on its line or the line above) saying the same.
 ALLOWED_LOCAL = {
     ("selmerge_jax.data.catalog", "tensorflow_datasets"): "optional: only TFDS catalog datasets need it",
-    ("selmerge_jax.data.catalog", "selmerge_jax.data.stdlib_corpus"): "optional: a TFDS builder (imports tfds)",
+    ("selmerge_jax.data.catalog",
+     "selmerge_jax.data.stdlib_corpus"): "optional: a TFDS builder (imports tfds)",
     ("selmerge_jax.data.catalog", "selmerge_jax.data.text_folder"): "optional: a TFDS builder (imports tfds)",
     ("selmerge_jax.evaluation.plots", "matplotlib"): "optional: only figures need it",
     ("selmerge_jax.evaluation.plots", "matplotlib.pyplot"): "optional: only figures need it",
     ("selmerge_jax.main.pretrain", "matplotlib"): "optional: only the loss-curve figure needs it",
     ("selmerge_jax.main.pretrain", "matplotlib.pyplot"): "optional: only the loss-curve figure needs it",
-    ("selmerge_jax.training.metrics", "tensorboardX"): "optional: guarded by ImportError, JSONL is the record",
-    ("selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu", "jax._src.pallas.mosaic_gpu.interpret.params"):
+    ("selmerge_jax.training.metrics",
+     "tensorboardX"): "optional: guarded by ImportError, JSONL is the record",
+    ("selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu",
+     "jax._src.pallas.mosaic_gpu.interpret.params"):
         "private JAX API, present only in some versions; interpret-mode tests only",
     ("selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu",
      "selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu_bwd"):
@@ -59,7 +62,8 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-SOURCES = {_module_name(p): p for p in sorted([*(ROOT / "selmerge_jax").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+SOURCES = {_module_name(p): p
+           for p in sorted([*(ROOT / "selmerge_jax").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
            if "__pycache__" not in p.parts}
 
 
@@ -102,12 +106,15 @@ def _imports(module: str, source: str | None = None) -> list[tuple[ast.AST, str,
                     visit_top(block)
 
     visit_top(tree.body)
-    return [(node, target, id(node) in top) for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+    return [(node, target, id(node) in top) for node in ast.walk(tree) if isinstance(node,
+                                                                                     (ast.Import,
+                                                                                      ast.ImportFrom))
             for target in _targets(node, module, is_package)]
 
 
 def test_every_module_has_a_floor():
-    assert "selmerge_jax.main.config" in SOURCES and "selmerge_jax.kernels.block_sparse_attention.api" in SOURCES
+    assert "selmerge_jax.main.config" in SOURCES
+    assert "selmerge_jax.kernels.block_sparse_attention.api" in SOURCES
     assert [m for m in SOURCES if floor(m) is None] == []
 
 
@@ -129,7 +136,8 @@ def test_same_floor_packages_form_no_cycle():
         graph.setdefault(a, set()).add(b)
 
     def reaches(start, goal, seen=()):
-        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n)))
+                   for n in graph.get(start, ()))
 
     cycles = sorted(f"{a} <-> {b}" for a, b in edges if reaches(b, a))
     assert cycles == [], "packages on one floor import each other in a cycle:\n" + "\n".join(cycles)
@@ -149,7 +157,8 @@ def test_no_function_local_imports_outside_the_allow_list():
                 uncommented.append(where)
     assert local == [], ("function-local imports (move them to the module top; only honest optional "
                          "dependencies may stay, listed in ALLOWED_LOCAL):\n" + "\n".join(local))
-    assert uncommented == [], "allowed local imports need a one-line comment saying why:\n" + "\n".join(uncommented)
+    assert uncommented == [], ("allowed local imports need a one-line comment saying why:\n"
+                               + "\n".join(uncommented))
 
 
 def test_nothing_in_the_package_imports_scripts_or_tests():

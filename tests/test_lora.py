@@ -46,7 +46,8 @@ def adapted():
 def test_fresh_adapters_are_an_identity(adapted):
     model, reference = adapted
     np.testing.assert_array_equal(_forward(model, TOKENS), reference)
-    assert isinstance(model.layers.self_attn.q_proj, LoRALinear)  # stacked layers: one module, [L, ...] weights
+    # stacked layers: one module, [L, ...] weights
+    assert isinstance(model.layers.self_attn.q_proj, LoRALinear)
     assert not isinstance(model.layers.self_attn.k_proj, LoRALinear)
     assert model.layers.self_attn.q_proj.lora_a.shape == (SMALL.num_layers, 32, 4)
     assert model.layers.self_attn.q_proj.lora_a.dtype == jnp.float32
@@ -56,7 +57,8 @@ def test_trainable_filter_selects_adapters_embeddings_and_norms(adapted):
     model, _ = adapted
     paths = _paths(nnx.state(model, trainable_filter(CFG)))
     assert "layers.self_attn.q_proj.lora_a" in paths and "layers.mlp.down_proj.lora_b" in paths
-    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.weight", "layers.input_layernorm.weight"} <= paths
+    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.weight",
+            "layers.input_layernorm.weight"} <= paths
     assert not any(p.endswith("proj.kernel") for p in paths)  # frozen base projections
     only_lora = _paths(nnx.state(model, trainable_filter(LoRAConfig(rank=4, targets=CFG.targets))))
     assert only_lora and all(p.endswith(("lora_a", "lora_b")) for p in only_lora)
@@ -112,7 +114,8 @@ def test_lora_only_file_is_small(adapted, tmp_path):
 def test_load_rejects_mismatched_adapters(adapted, tmp_path):
     model, _ = adapted
     save_adapters(model, CFG, str(tmp_path))
-    other = apply_lora(Llama(SMALL, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, targets=("k_proj",)), rngs=nnx.Rngs(0))
+    other = apply_lora(Llama(SMALL, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, targets=("k_proj",)),
+                       rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="missing .*k_proj.lora_A"):
         load_adapters(other, str(tmp_path))
 
@@ -129,7 +132,8 @@ def test_export_requires_merge(adapted, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"rank": 0}, "rank"), ({"alpha": -1.0}, "alpha"),
-                                             ({"targets": ("qkv",)}, "targets"), ({"targets": "q_proj"}, "targets")])
+                                             ({"targets": ("qkv",)}, "targets"),
+                                             ({"targets": "q_proj"}, "targets")])
 def test_bad_lora_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRAConfig(**kwargs)

@@ -1,6 +1,6 @@
-"""What the H100 reproduction study (``main.reproduce``) adds: passkey mixing in the numpy loader (and the runner's npy branch), the
-CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey scoring, and the
-time-bounded study driver end to end on CPU at micro size (slow)."""
+"""What the H100 reproduction study (``main.reproduce``) adds: passkey mixing in the numpy loader (and the
+runner's npy branch), the CRD NTK inference rule when a study loads a CRD checkpoint, teacher-forced passkey
+scoring, and the time-bounded study driver end to end on CPU at micro size (slow)."""
 
 import os
 import pathlib
@@ -24,7 +24,8 @@ from selmerge_jax.training.checkpoint import InitConfig
 ROOT = pathlib.Path(__file__).parents[1]
 TOK = ByteTokenizer()
 MICRO = preset("tiny", d_model=32, ffn_dim=64, num_layers=1, attention="dense")
-CRD = "crd={cycle: 1024, original_max_position_embeddings: 320, initial_scale: 1.0, growth: 1.0, inference_scale: 4.0}"
+CRD = ("crd={cycle: 1024, original_max_position_embeddings: 320, initial_scale: 1.0, growth: 1.0, "
+       "inference_scale: 4.0}")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def _windows(tokens, **kw):
     return TokenWindows(tokens, seq_len=320, batch_size=8, bos_id=TOK.bos_id, seed=5, tokenizer=TOK, **kw)
 
 
-# ---- passkey mixing in TokenWindows -------------------------------------------------------------------------
+# ---- passkey mixing in TokenWindows
+# -------------------------------------------------------------------------
 
 def test_passkey_mixing_replaces_whole_rows_deterministically(tokens):
     it = _windows(tokens, passkey_ratio=0.5)
@@ -96,7 +98,8 @@ def test_runner_npy_branch_mixes_training_windows_only(npy):
     assert any(train_rows) and not any(val_rows)
 
 
-# ---- the CRD NTK inference rule in load_model ----------------------------------------------------------------
+# ---- the CRD NTK inference rule in load_model
+# ----------------------------------------------------------------
 
 def test_crd_inference_rope_from_stored_config():
     assert crd_inference_rope({"model": {}}) is None and crd_inference_rope({"crd": None}) is None
@@ -124,7 +127,8 @@ def test_load_model_applies_the_crd_rule_unless_overridden(crd_checkpoint):
     assert load_model(ModelSource(init=init, rope=other)).config.rope == other
 
 
-# ---- teacher-forced passkey scoring ---------------------------------------------------------------------------
+# ---- teacher-forced passkey scoring
+# ---------------------------------------------------------------------------
 
 def test_forward_scoring_matches_greedy_decoding_on_its_first_token():
     from flax import nnx
@@ -142,7 +146,8 @@ def test_forward_scoring_matches_greedy_decoding_on_its_first_token():
         passkey.passkey_accuracy(model, TOK, [288], [0.0], scoring="beam")
 
 
-# ---- the study driver -----------------------------------------------------------------------------------------
+# ---- the study driver
+# -----------------------------------------------------------------------------------------
 
 def test_reproduction_config_checks_names():
     with pytest.raises(ValueError, match="crd_pair='nope' must name one of the variants"):
@@ -170,7 +175,8 @@ def test_acceptance_checks():
 def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
     cfg = reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
                                           crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=0,
-                                          fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+                                          fidelity_min_s=0, run_dir=str(tmp_path),
+                                       output_dir=str(tmp_path / "out"))
     for name in ("crd", "a"):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
     asked = []
@@ -184,8 +190,8 @@ def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
 @pytest.mark.parametrize("compressions, passkey_runs", [((), True), (None, False)])
 def test_passkey_stage_keeps_time_for_fidelity_only_when_it_will_run(tmp_path, monkeypatch, compressions,
                                                                       passkey_runs):
-    """A large fidelity_min_s reserves time after every passkey length; an empty ``compressions`` (the way to skip
-    fidelity) reserves none, so the grid runs (pk8 lost its grid to the reservation)."""
+    """A large fidelity_min_s reserves time after every passkey length; an empty ``compressions`` (the way to
+    skip fidelity) reserves none, so the grid runs (pk8 lost its grid to the reservation)."""
     kw = {} if compressions is None else {"compressions": compressions}
     cfg = reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
                                           crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=1,
@@ -209,7 +215,8 @@ def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
 
     cfg = reproduce.ReproductionConfig(
         base_config=str(ROOT / "experiments" / "configs" / "demo.yaml"), variants={"a": [], "f": [
-            "data.train_npy=/data/f_train.npy", "data.validation_npy=/data/f_val.npy"]}, crd_pair="a", fidelity_variant="f", crd_overrides=(CRD,),
+            "data.train_npy=/data/f_train.npy", "data.validation_npy=/data/f_val.npy"]}, crd_pair="a",
+        fidelity_variant="f", crd_overrides=(CRD,),
         fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     (tmp_path / "f" / "checkpoints").mkdir(parents=True)
     seen = []
@@ -221,7 +228,8 @@ def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_reproduction_study_end_to_end(tmp_path, npy):
     base = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-            "model.ffn_dim=64", "model.ms_kernel=reference", "train.compute_dtype=float32", "train.seq_len=320",
+            "model.ffn_dim=64", "model.ms_kernel=reference", "train.compute_dtype=float32",
+            "train.seq_len=320",
             "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.eval_batches=1",
             "optimizer.warmup_steps=1", "model.ms.block_size=32", "data.passkey_ratio=0.5",
             f"data.train_npy={npy[0]}", f"data.validation_npy={npy[1]}", "checkpoint.async_save=false"]
@@ -229,7 +237,8 @@ def test_reproduction_study_end_to_end(tmp_path, npy):
         base_config=str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml"), base_overrides=tuple(base),
         variants={"ms": ["model.ms.top_k=2"], "dense": ["model.attention=dense"]}, crd_pair="ms",
         crd_overrides=(CRD,), passkey_lengths=(320, 640), passkey_depths=(0.0, 1.0), passkey_per_cell=1,
-        fidelity_variant="dense", fidelity_prompt_tokens=128, fidelity_num_prompts=1, fidelity_max_new_tokens=4,
+        fidelity_variant="dense", fidelity_prompt_tokens=128, fidelity_num_prompts=1,
+        fidelity_max_new_tokens=4,
         compressions=(reproduce.KVCompressionConfig(policy="h2o", ratio=0.5, slack=64, window=8),),
         train_min_s=0, eval_reserve_s=0, passkey_min_s=0, fidelity_min_s=0,
         run_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"))
@@ -297,10 +306,12 @@ def test_warm_start_study_end_to_end(tmp_path, npy):
 
 
 def test_warm_started_twin_is_left_out_of_the_acceptance_checks(tmp_path, npy):
-    """With warm_start the twin fine-tunes from a pretrained model while the other variants train from scratch,
-    so its validation loss is no like-for-like point for (a)/(b); it stays in the family rows, not in the checks."""
+    """With warm_start the twin fine-tunes from a pretrained model while the other variants train from
+    scratch, so its validation loss is no like-for-like point for (a)/(b); it stays in the family rows, not in
+    the checks."""
     cfg = _warm_study(tmp_path, npy, variants={"plain": [], "ms": ["model.attention=ms"]})
-    row = lambda attention, frac, val: {"attention": attention, "attended_fraction": frac, "final_val_loss": val,
+    row = lambda attention, frac, val: {"attention": attention, "attended_fraction": frac,
+                                        "final_val_loss": val,
                                         "tokens": 1, "tokens_per_s": 1.0, "params": 1}
     runs = {"plain": row("dense", 1.0, 1.0), "ms": row("ms", 0.1, 2.0)}
     os.makedirs(cfg.output_dir, exist_ok=True)

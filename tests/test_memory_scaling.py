@@ -1,4 +1,5 @@
-"""Selection and attention memory of ms_attention grow linearly in T (compiled memory analysis, nothing run)."""
+"""Selection and attention memory of ms_attention grow linearly in T (compiled memory analysis, nothing
+run)."""
 
 import importlib.util
 import pathlib

@@ -1,4 +1,5 @@
-"""The scanned decoder stack equals a layer-by-layer loop; the model and ``MSAttention`` share one dispatch."""
+"""The scanned decoder stack equals a layer-by-layer loop; the model and ``MSAttention`` share one
+dispatch."""
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,8 @@ def test_model_attention_equals_ms_attention_layer(mode, kind):
                            position_mode=mode)
     cfg = _config(attention=kind, ms=ms, dense_kernel="xla")
     attn = Llama(cfg, rngs=nnx.Rngs(0)).layer(0).self_attn
-    layer = MSAttention(AttentionLayerConfig(d_model=32, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+    layer = MSAttention(AttentionLayerConfig(d_model=32, num_heads=cfg.num_heads,
+                                             num_kv_heads=cfg.num_kv_heads,
                                              ms=ms, rope=cfg.rope,
                                              implementation="reference" if kind == "ms" else "dense"),
                         rngs=nnx.Rngs(1))
@@ -117,7 +119,8 @@ def test_ring_ms_refuses_positions_on_selected_tokens():
     from selmerge_jax.layers import AttentionSpec
 
     ms = MSAttentionConfig(block_size=4, top_k=3, position_mode="selected_compact")
-    with pytest.raises(ValueError, match=r"position_mode='selected_compact' is not supported by attention='ring_ms'"):
+    with pytest.raises(ValueError,
+                       match=r"position_mode='selected_compact' is not supported by attention='ring_ms'"):
         AttentionSpec(kind="ring_ms", ms=ms)
 
 
@@ -153,7 +156,8 @@ def test_memory_planner_refuses_what_cannot_fit_naming_the_estimate_and_the_larg
     cfg = preset("llama2-7b", dtype="bfloat16", param_dtype="bfloat16", remat="full")
     small = train_memory(cfg, batch=1, seq_len=32768)
     assert 25 * 2**30 < small.total < 32 * 2**30  # measured on an H200: 26.5 GB (experiments/results, R22)
-    with pytest.raises(ValueError, match=r"seq_len=262144 .* needs an estimated 1[0-9][0-9]\.\d GiB .* the largest "
+    with pytest.raises(ValueError,
+                       match=r"seq_len=262144 .* needs an estimated 1[0-9][0-9]\.\d GiB .* the largest "
                                          r"seq_len that fits is \d+"):
         check_fits(cfg, 80 * 2**30, batch=1, seq_len=262144)
     offload = cfg.replace(remat="offload")
@@ -173,7 +177,8 @@ def test_training_refuses_a_step_that_cannot_fit_before_compiling(monkeypatch, c
     _, state = init_train_state(model, tx)
     loop._check_memory(model, TrainConfig(batch_size=1, seq_len=1024), OptimizerConfig(), state, None)
     assert "attended fraction" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"seq_len=4194304 .* needs an estimated .* the largest seq_len that fits"):
+    with pytest.raises(ValueError,
+                       match=r"seq_len=4194304 .* needs an estimated .* the largest seq_len that fits"):
         loop._check_memory(model, TrainConfig(batch_size=1, seq_len=4194304), OptimizerConfig(), state, None)
 
 

@@ -1,4 +1,5 @@
-"""Select-and-merge attention against the dense oracle, a brute-force selection rule and a masked dense twin."""
+"""Select-and-merge attention against the dense oracle, a brute-force selection rule and a masked dense
+twin."""
 
 import itertools
 
@@ -71,11 +72,13 @@ CONFIGS = [
     MSAttentionConfig(block_size=8, top_k=6, merge=2, selection_source="previous"),
     MSAttentionConfig(block_size=4, top_k=6, merge=3, selection_heads="kv", sink=1),
     MSAttentionConfig(block_size=8, top_k=4, merge=2, causal=False),
-    MSAttentionConfig(block_size=8, top_k=6, merge=2, selection_heads="kv", selection_source="previous", sink=2),
+    MSAttentionConfig(block_size=8, top_k=6, merge=2, selection_heads="kv", selection_source="previous",
+                      sink=2),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"W{c.block_size}k{c.top_k}m{c.merge}{c.selection_source[0]}"
+@pytest.mark.parametrize("cfg", CONFIGS,
+                         ids=lambda c: f"W{c.block_size}k{c.top_k}m{c.merge}{c.selection_source[0]}"
                          f"{c.selection_heads[0]}s{c.sink}{'c' if c.causal else 'nc'}")
 def test_plan_matches_brute_force_rule(cfg, key):
     t = 96 if cfg.causal else 96 - 96 % cfg.group_tokens
@@ -112,7 +115,8 @@ def test_ties_go_to_lower_region_index(key):
 def test_equals_dense_when_budget_covers_sequence(n, kh, source, heads, t, key):
     q, k, v = _qkv(key, t=t, n=n, kh=kh)
     for centroids in (False, True):
-        cfg = MSAttentionConfig(block_size=16, top_k=8, merge=2, selection_source=source, selection_heads=heads,
+        cfg = MSAttentionConfig(block_size=16, top_k=8, merge=2, selection_source=source,
+                                selection_heads=heads,
                                 centroids=centroids)
         np.testing.assert_allclose(ms_attention(q, k, v, cfg), dense_attention(q, k, v), atol=1e-5)
 
@@ -209,7 +213,8 @@ def _perturb_from(x, t, key):
 @pytest.mark.parametrize("seed", range(4))
 def test_previous_source_is_strictly_causal(seed):
     key = jax.random.PRNGKey(seed)
-    cfg = MSAttentionConfig(block_size=4, top_k=4, merge=2, selection_source="previous", centroids=seed % 2 == 1)
+    cfg = MSAttentionConfig(block_size=4, top_k=4, merge=2, selection_source="previous",
+                            centroids=seed % 2 == 1)
     q, k, v = _qkv(key, t=96)
     t = int(jax.random.randint(jax.random.fold_in(key, 1), (), 1, 95))
     base = ms_attention(q, k, v, cfg)

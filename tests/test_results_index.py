@@ -1,16 +1,17 @@
 """experiments/results/INDEX.md backs every figure of the README, and lists every result file.
 
 The index has one section per claim, headed ``### R<n> · <title>`` with the fields ``- files:`` (paths under
-experiments/results/, globs allowed), ``- command:``, ``- commit:``, ``- device:`` and ``- figures:`` (the README
-figures the row backs, each in backticks, verbatim). The README's results section cites rows as ``[R<n>]``.
+experiments/results/, globs allowed), ``- command:``, ``- commit:``, ``- device:`` and ``- figures:`` (the
+README figures the row backs, each in backticks, verbatim). The README's results section cites rows as
+``[R<n>]``.
 
 Checked both ways, without JAX:
 - every file under experiments/results/ outside archive/ (INDEX.md aside) is matched by some row's files, and
   every path or glob a row names matches at least one file;
-- every figure in the README's results sections (every ``## `` section but the few in NOT_RESULTS; a figure is a
-  number with a unit such as ms, s, TF/s, x, %, GB, GiB, MiB, K tokens/s, or a decimal with two or more places,
-  such as a loss) sits in a paragraph or table that cites rows, and is listed among those rows' figures; every
-  cited row exists and every row is cited.
+- every figure in the README's results sections (every ``## `` section but the few in NOT_RESULTS; a figure is
+  a number with a unit such as ms, s, TF/s, x, %, GB, GiB, MiB, K tokens/s, or a decimal with two or more
+  places, such as a loss) sits in a paragraph or table that cites rows, and is listed among those rows'
+  figures; every cited row exists and every row is cited.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ INDEX = RESULTS / "INDEX.md"
 README = ROOT / "README.md"
 # README sections that state no measured result (install and run times, the API, the layout); every other
 # section, and any section added later, is checked for figures
-NOT_RESULTS = ("Two commands", "Quickstart", "The algorithm (what the tests check)", "Library tour", "Notebooks",
+NOT_RESULTS = ("Two commands", "Quickstart", "The algorithm (what the tests check)", "Library tour",
+               "Notebooks",
                "Layout", "Tests", "Citation")
 FIELDS = ("files", "command", "commit", "device", "figures")
 
 _NUM = r"\d+(?:[.,]\d+)*"
 _SEP = r"\s?(?:-|/|→|–)\s?"
-_UNIT = r"(?:[KM] tokens/s|tokens/s|tok/s|TFLOP/s|TF/s|TB/s|GB/s|ms|µs|us|min|s|x|×|%|TB|GB|GiB|MB|MiB|KiB|bytes)"
+_UNIT = (r"(?:[KM] tokens/s|tokens/s|tok/s|TFLOP/s|TF/s|TB/s|GB/s|ms|µs|us|min|s|x|×|%|TB|GB|GiB|MB|MiB|KiB"
+         r"|bytes)")
 # a number (or a range / list of numbers like 1.05-1.21 or 100/15/0) with a unit, or a decimal of >= 2 places
 FIGURE = re.compile(
     rf"(?<![\w.])(?:>= )?{_NUM}(?:{_SEP}{_NUM})*\s?{_UNIT}(?![\w])"
@@ -53,7 +56,8 @@ def parse_index(text: str) -> dict[str, dict[str, str]]:
     for section in re.split(r"^(?=### R\d+\b)", text, flags=re.MULTILINE)[1:]:
         rid = re.match(r"### (R\d+)\b", section).group(1)
         assert rid not in rows, f"INDEX.md: {rid} appears twice"
-        starts = {m.group(1): m for m in re.finditer(rf"^- ({'|'.join(FIELDS)}):", section, flags=re.MULTILINE)}
+        starts = {m.group(1): m
+                  for m in re.finditer(rf"^- ({'|'.join(FIELDS)}):", section, flags=re.MULTILINE)}
         missing = [name for name in FIELDS if name not in starts]
         assert not missing, f"INDEX.md {rid}: no '- {missing[0]}:' line"
         ends = sorted(m.start() for m in starts.values()) + [len(section)]
@@ -67,8 +71,8 @@ def backticked(field: str) -> list[str]:
 
 
 def results_sections(text: str) -> dict[str, str]:
-    """Title -> body of every ``## `` section of the README outside NOT_RESULTS (the title block above the first
-    section is the project's summary and is not checked)."""
+    """Title -> body of every ``## `` section of the README outside NOT_RESULTS (the title block above the
+    first section is the project's summary and is not checked)."""
     sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
     titled = {s.split("\n", 1)[0].strip(): s.split("\n", 1)[1] if "\n" in s else "" for s in sections}
     return {title: body for title, body in titled.items() if title not in NOT_RESULTS}
@@ -120,7 +124,8 @@ def test_every_result_file_is_indexed_and_every_indexed_path_exists(rows):
         for pattern in backticked(fields["files"]):
             matched = [p for p in RESULTS.glob(pattern) if p.is_file()]
             assert matched, f"INDEX.md {rid}: `{pattern}` matches no file under experiments/results/"
-            assert not any("archive" in p.relative_to(RESULTS).parts for p in matched), f"{rid}: cites archive/"
+            assert not any("archive" in p.relative_to(RESULTS).parts
+                           for p in matched), f"{rid}: cites archive/"
             listed.update(matched)
     on_disk = {p for p in RESULTS.rglob("*") if p.is_file() and p != INDEX
                and p.relative_to(RESULTS).parts[0] != "archive"}
@@ -140,7 +145,8 @@ def test_every_readme_figure_has_an_index_row(rows):
         assert refs, f"README figures {figures} cite no INDEX.md row, in:\n{block}"
         backed = {" ".join(f.split()) for r in refs for f in backticked(rows[r]["figures"])}
         unbacked = [f for f in figures if f not in backed]
-        assert not unbacked, f"README figures {unbacked} are in none of the rows {refs} it cites, in:\n{block}"
+        assert not unbacked, (f"README figures {unbacked} are in none of the rows {refs} it cites, "
+                              f"in:\n{block}")
     uncited = sorted(set(rows) - cited, key=lambda r: int(r[1:]))
     assert not uncited, f"INDEX.md rows the README never cites: {uncited}"
 
@@ -150,14 +156,16 @@ def test_the_readme_has_a_results_section_and_the_exempt_sections_exist():
     titles = re.findall(r"^## (.*)$", text, flags=re.MULTILINE)
     absent = set(NOT_RESULTS) - set(titles)
     assert not absent, f"NOT_RESULTS names sections the README lacks: {sorted(absent)}"
-    assert any(readme_figures(body) for body in results_sections(text).values()), "no figures found in the README"
+    assert any(readme_figures(body)
+               for body in results_sections(text).values()), "no figures found in the README"
 
 
 def test_every_readme_citation_has_a_link_to_its_row():
     text = README.read_text()
     cited = set(REF.findall(LINK_DEFINITION.sub("", text)))
     defined = dict(LINK_DEFINITION.findall(text))
-    assert cited <= set(defined), f"README citations without a link definition: {sorted(cited - set(defined))}"
+    missing = sorted(cited - set(defined))
+    assert cited <= set(defined), f"README citations without a link definition: {missing}"
     for rid, target in defined.items():
         assert target == f"experiments/results/INDEX.md#{rid.lower()}", f"[{rid}] links to {target}"
         assert f'<a id="{rid.lower()}"></a>' in INDEX.read_text(), f"INDEX.md has no anchor for {rid}"

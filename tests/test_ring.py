@@ -1,4 +1,5 @@
-"""Ring attention on the 8-device CPU mesh: equality with the unsharded oracle, collectives, memory, layouts."""
+"""Ring attention on the 8-device CPU mesh: equality with the unsharded oracle, collectives, memory,
+layouts."""
 
 import jax
 import jax.numpy as jnp

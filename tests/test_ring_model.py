@@ -51,13 +51,15 @@ def test_ring_attention_outside_a_mesh_says_how_to_fix_it():
 
 @pytest.mark.slow
 def test_train_loop_runs_a_ring_model_on_a_mesh_with_a_sequence_axis(tmp_path):
-    """``training.train`` with a (data=2, seq=4) mesh: the loop sets the ambient mesh that ring attention needs."""
+    """``training.train`` with a (data=2, seq=4) mesh: the loop sets the ambient mesh that ring attention
+    needs."""
     from selmerge_jax.data import TokenWindows
     from selmerge_jax.training import CheckpointConfig, TrainConfig, train
 
     config = preset("tiny", vocab_size=V, d_model=32, ffn_dim=48, num_layers=1, attention="ring")
     tokens = np.tile(np.arange(V - 1), 50)
-    result = train(Llama(config, rngs=nnx.Rngs(0)), TokenWindows(tokens, batch_size=2, seq_len=T, bos_id=V - 1),
+    result = train(Llama(config, rngs=nnx.Rngs(0)),
+                   TokenWindows(tokens, batch_size=2, seq_len=T, bos_id=V - 1),
                    train=TrainConfig(steps=4, batch_size=2, seq_len=T, log_every=2, output_dir=str(tmp_path),
                                      progress=False),
                    optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0),

@@ -27,7 +27,8 @@ def test_shard_plan_rows_equal_select_regions(name, layout):
     q, k, _ = qkv()
     spec = P("data", "seq")
     rows = jax.jit(jax.shard_map(lambda a, b: shard_plan_rows(a, b, config, axis_name="seq", layout=layout),
-                                 mesh=make_mesh(2, n), in_specs=(spec, spec), out_specs=P("data", None, "seq")))
+                                 mesh=make_mesh(2, n), in_specs=(spec, spec),
+                                 out_specs=P("data", None, "seq")))
     got = from_layout(rows(to_layout(q, layout, n), to_layout(k, layout, n)), layout, n, axis=2)
     np.testing.assert_array_equal(got, select_regions(q, k, config).kv_regions)
 
@@ -80,7 +81,8 @@ def test_causal_contiguous_ring_skips_later_shards():
         return jnp.stack(flags)[None]
 
     spec = P(None, "seq")
-    got = jax.jit(jax.shard_map(needed, mesh=make_mesh(1, n), in_specs=(spec, spec), out_specs=P("seq")))(q, k)
+    got = jax.jit(jax.shard_map(needed, mesh=make_mesh(1, n), in_specs=(spec, spec), out_specs=P("seq")))(q,
+                                                                                                          k)
     np.testing.assert_array_equal(got, np.tril(np.ones((n, n), bool)))  # origin <= device
 
 

@@ -259,7 +259,8 @@ def test_logn_scales_queries_past_the_training_length_only():
     np.testing.assert_allclose(ql, q0 * want[None, :, None, None], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(kl, k0)
     q1, _ = make_position_fn(RopeConfig(logn_length=16), 8)(q, k, jnp.arange(40) * 7)  # [T] positions
-    np.testing.assert_allclose(q1, make_position_fn(RopeConfig(), 8)(q, k, pos)[0] * want[None, :, None, None],
+    np.testing.assert_allclose(q1,
+                               make_position_fn(RopeConfig(), 8)(q, k, pos)[0] * want[None, :, None, None],
                                rtol=1e-5, atol=1e-6)
 
 

@@ -13,12 +13,14 @@ import pytest
 from selmerge_jax.data.tokenizer import ByteTokenizer
 
 ROOT = pathlib.Path(__file__).parents[1]
-TINY = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "train.seq_len=64", "train.batch_size=2",
+TINY = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "train.seq_len=64",
+        "train.batch_size=2",
         "train.log_every=1", "train.eval_batches=1", "train.progress=false", "checkpoint.async_save=false"]
 
 
 def _run(script: str, config: str, overrides: list[str], cwd) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(ROOT / "experiments" / script), "--config", str(ROOT / "experiments/configs" / config)]
+    args = [sys.executable, str(ROOT / "experiments" / script), "--config",
+            str(ROOT / "experiments/configs" / config)]
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user's laptop
@@ -57,7 +59,8 @@ def test_pretrain_script(tmp_path, npy_data):
 @pytest.mark.slow
 def test_pretrain_finetune_infer_chain(tmp_path, npy_data):
     pre, ckpt = _pretrain(tmp_path, npy_data)
-    model = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.num_heads=4",
+    model = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1",
+             "model.num_heads=4",
              "model.num_kv_heads=2", "model.ms.block_size=16", "model.ms.top_k=4"]  # the checkpoint's shapes
     fine = _summary(_run("finetune.py", "finetune.yaml", TINY + npy_data + model + [
         f"init.path={ckpt}", "train.steps=2", "train.seq_len=128", f"train.output_dir={tmp_path / 'fine'}",

@@ -186,7 +186,8 @@ def test_layer_builds_crd_hook_from_config_and_dense_ignores_mode():
 
 
 def test_compact_positions_refuse_logn_queries():
-    """Log-n scales q in the hook's (q, k) call, which the compact scheme never makes: refused, not skipped."""
+    """Log-n scales q in the hook's (q, k) call, which the compact scheme never makes: refused, not
+    skipped."""
     lyr = _layer("selected_compact", rope=RopeConfig(theta=100.0, logn_length=8))
     with pytest.raises(ValueError, match="logn_length=8"):
         lyr(jax.random.normal(jax.random.PRNGKey(7), (1, 16, 16)))

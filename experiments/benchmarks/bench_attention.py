@@ -108,7 +108,8 @@ def measure(record, fn, args, flops, reps, warmup, out):
 
 
 def mosaic_fn(plan, tiling, mosaic_tiling, return_lse=False):
-    """Mosaic GPU kernels (``mosaic_tiling``; its ``backward="triton"`` runs the Triton backward with ``tiling``)."""
+    """Mosaic GPU kernels (``mosaic_tiling``; its ``backward="triton"`` runs the Triton backward with
+    ``tiling``)."""
     return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=return_lse,
                                                              tiling=mosaic_tiling, backward_tiling=tiling,
                                                              interpret=INTERPRET)
@@ -148,7 +149,8 @@ def bench_spec(name, args, tiling, out, mosaic_tiling=None):
                 measure(record, fn, fargs,
                         flops * (1 if mode == "fwd" else BWD_FACTOR), args.reps, args.warmup, out)
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
-                emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}, out)
+                emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"},
+                     out)
 
 
 def bench_mosaic_parts(name, args, out, mosaic_tiling):
@@ -191,7 +193,8 @@ def sweep_groups(args) -> list:
         groups = [["fwd", json.loads(args.sweep_fwd)], ["fwdbwd", json.loads(args.sweep_bwd)]]
     for mode, cands in groups:
         if mode not in ("fwd", "fwdbwd") or not isinstance(cands, list):
-            raise ValueError(f"--sweep-groups entries must be [\"fwd\"|\"fwdbwd\", [overrides...]], got {mode!r}")
+            raise ValueError("--sweep-groups entries must be [\"fwd\"|\"fwdbwd\", "
+                             f"[overrides...]], got {mode!r}")
     return groups
 
 
@@ -211,7 +214,8 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
             try:
                 ms = statistics.median(time_fn(fn, fargs, args.sweep_reps, 1))
             except Exception as e:  # noqa: BLE001 (e.g. shared memory exceeded: skip the candidate)
-                emit({"kind": "sweep", "spec": name, "mode": mode, "tiling": t.__dict__, "error": str(e)[:200]}, out)
+                emit({"kind": "sweep", "spec": name, "mode": mode, "tiling": t.__dict__,
+                      "error": str(e)[:200]}, out)
                 continue
             emit({"kind": "sweep", **environment(), "spec": name, "mode": mode, "tiling": t.__dict__,
                   "ms": round(ms, 4)}, out)
@@ -222,7 +226,8 @@ def sweep_tiling(name, args, tiling, out) -> TritonTiling:
 
 
 def sweep_mosaic(name, args, tiling, out):
-    """Times candidate ``MosaicTiling`` overrides on one spec (``--mosaic-sweep-mode``); returns the fastest."""
+    """Times candidate ``MosaicTiling`` overrides on one spec (``--mosaic-sweep-mode``); returns the
+    fastest."""
     spec = get_spec(name)
     q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
     base = json.loads(args.mosaic_tiling)
@@ -238,7 +243,8 @@ def sweep_mosaic(name, args, tiling, out):
             emit({"kind": "mosaic_sweep", "spec": name, "mosaic_tiling": mt.__dict__,
                   "error": f"{type(e).__name__}: {str(e)[:300]}"}, out)
             continue
-        emit({"kind": "mosaic_sweep", **environment(), "spec": name, "mode": mode, "mosaic_tiling": mt.__dict__,
+        emit({"kind": "mosaic_sweep", **environment(), "spec": name, "mode": mode,
+              "mosaic_tiling": mt.__dict__,
               "ms": round(ms, 4)}, out)
         scores.append((ms, mt))
     return min(scores, key=lambda s: s[0])[1] if scores else MosaicTiling(**base)
@@ -287,7 +293,8 @@ def bench_ms_layer(name, args, tiling, out):
     from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
 
     spec = get_spec(name)
-    cfg = MSAttentionConfig(block_size=spec.block_size, top_k=spec.selected + 1, merge=1, selection_heads="kv",
+    cfg = MSAttentionConfig(block_size=spec.block_size, top_k=spec.selected + 1, merge=1,
+                            selection_heads="kv",
                             selection_source="previous", selection_batch=args.selection_batch)
     q, k, v, _, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(2))
     base = {"kind": "ms_layer", **environment(), "spec": name, "shape": spec.__dict__, "config": cfg.__dict__,
@@ -304,8 +311,8 @@ def bench_ms_layer(name, args, tiling, out):
         impl, label = None, "ms_attention+default"
     attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation=impl)
     fwd, fb = fwd_and_fwdbwd(attn)
-    # What a training step keeps: the gradients only. ``fwdbwd`` also returns the layer output, which must then
-    # outlive the backward (8 GiB at 1M), so its peak is not the layer's.
+    # What a training step keeps: the gradients only. ``fwdbwd`` also returns the layer output, which must
+    # then outlive the backward (8 GiB at 1M), so its peak is not the layer's.
     grads = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
     select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
     for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
@@ -328,8 +335,10 @@ def bench_dense(seq_lens, args, out):
                                                             implementation="cudnn")
         fwd, fb = fwd_and_fwdbwd(attn)
         flops = 4.0 * t * t * spec.q_heads * spec.head_dim * 0.5
-        for mode, fn, fargs, f in (("fwd", fwd, (q, k, v), flops), ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR)):
-            row = measure({"kind": "dense", **environment(), "impl": "cudnn_dense", "mode": mode, "seq_len": t,
+        for mode, fn, fargs, f in (("fwd", fwd, (q, k, v), flops),
+                                   ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR)):
+            row = measure({"kind": "dense", **environment(), "impl": "cudnn_dense", "mode": mode,
+                           "seq_len": t,
                            "heads": [spec.q_heads, spec.kv_heads, spec.head_dim]}, fn, fargs, f, 3, 1, out)
             emit({"kind": "dense_extrapolation", "impl": "cudnn_dense", "mode": mode, "from_seq_len": t,
                   "seq_len": 1048576, "ms": round(row["ms"] * (1048576 / t) ** 2, 1)}, out)
@@ -345,14 +354,18 @@ def main(argv=None):
     ap.add_argument("--max-xla-len", type=int, default=16384, help="skip the XLA reference above this length")
     ap.add_argument("--check", nargs="*", default=[], help="specs to check kernel vs reference on")
     ap.add_argument("--check-impls", nargs="+", default=["pallas_triton"], help="kernels --check checks")
-    ap.add_argument("--mosaic-tiling", default="{}", help='JSON overrides of MosaicTiling, e.g. \'{"stages": 3}\'')
+    ap.add_argument("--mosaic-tiling", default="{}",
+                    help='JSON overrides of MosaicTiling, e.g. \'{"stages": 3}\'')
     ap.add_argument("--mosaic-sweep", default=None,
-                    help="JSON list of MosaicTiling overrides timed on the forward of the first --specs entry; "
+                    help="JSON list of MosaicTiling overrides timed on the forward of "
+                         "the first --specs entry; "
                          "the fastest is used for the benchmarks")
     ap.add_argument("--mosaic-sweep-mode", default="fwd", choices=["fwd", "fwdbwd"],
-                    help="what --mosaic-sweep times (forward, or forward + backward for the backward's options)")
+                    help="what --mosaic-sweep times (forward, or forward + backward for "
+                         "the backward's options)")
     ap.add_argument("--mosaic-parts", nargs="*", default=[],
-                    help="specs to time the Mosaic forward, backward preparation, dQ and dK/dV passes on, apart")
+                    help="specs to time the Mosaic forward, backward preparation, dQ "
+                         "and dK/dV passes on, apart")
     ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
@@ -360,12 +373,15 @@ def main(argv=None):
                     choices=["selection", "fwd", "fwdbwd", "grads"])
     ap.add_argument("--selection-batch", type=int, default=64)
     ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
-    ap.add_argument("--tiling", default="{}", help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
+    ap.add_argument("--tiling", default="{}",
+                    help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
     ap.add_argument("--sweep-spec", default=None, help="spec to tune the tiling on before benchmarking")
     ap.add_argument("--sweep-fwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd")
-    ap.add_argument("--sweep-bwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd+bwd")
+    ap.add_argument("--sweep-bwd", default="[{}]",
+                    help="JSON list of TritonTiling overrides timed on fwd+bwd")
     ap.add_argument("--sweep-groups", default=None,
-                    help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", [{}, {"rows_fwd": 256}]]]\'')
+                    help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", '
+                         '[{}, {"rows_fwd": 256}]]]\'')
     ap.add_argument("--sweep-reps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
     ap.add_argument("--out", default="-")

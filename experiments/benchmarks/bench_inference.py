@@ -2,11 +2,11 @@
 
 Random weights at real shapes (speed and memory). Per cell (preset, prompt T, batch, prefill attention), one
 JSON line: the one-pass prefill that writes every layer's K/V into the cache (``generate.prefill`` with
-``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with cuDNN
-flash attention), timed alone after a compile (its seconds are time to first token, TTFT), then ``--new``
-greedy decode steps over the full cache (ms/token), the device's peak and the logits' KL divergence of MS
-prefill from dense prefill at the last prompt token. A prompt the planner says cannot fit is refused with its
-estimate instead of run.
+``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with
+cuDNN flash attention), timed alone after a compile (its seconds are time to first token, TTFT), then
+``--new`` greedy decode steps over the full cache (ms/token), the device's peak and the logits' KL divergence
+of MS prefill from dense prefill at the last prompt token. A prompt the planner says cannot fit is refused
+with its estimate instead of run.
 
   python experiments/benchmarks/bench_inference.py --preset llama3-8b --lengths 32768,131072 --out rows.jsonl
 """
@@ -58,7 +58,8 @@ def parse_args(argv=None):
                             ("--batch", args.batch, args.batch > 0), ("--new", args.new, args.new > 1),
                             ("--layers", args.layers, args.layers is None or args.layers > 0)):
         if not ok:
-            p.error(f"{name}={value!r} is not allowed (lengths, batch and layers positive, new >= 2, prefill in "
+            p.error(f"{name}={value!r} is not allowed (lengths, batch and layers "
+                    "positive, new >= 2, prefill in "
                     "ms,dense)")
     return args
 
@@ -75,12 +76,13 @@ def model_config(args, attention: str, seq_len: int):
 
 def estimate_bytes(cfg, batch: int, capacity: int) -> int:
     """Weights + a bf16 cache of ``capacity`` slots per layer + one layer's prefill working set (q/k/v/o, the
-    SwiGLU's three [T, F] arrays, the residual) + the last token's logits; the same closed form as the training
-    planner (``models.memory``), without the backward."""
+    SwiGLU's three [T, F] arrays, the residual) + the last token's logits; the same closed form as the
+    training planner (``models.memory``), without the backward."""
     d, f, h = cfg.d_model, cfg.ffn_dim, cfg.head_size
     params = cfg.num_layers * (d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f)
     params += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    cache = cfg.num_layers * 2 * batch * cfg.num_kv_heads * capacity * h * 2 + cfg.num_layers * batch * capacity * 8
+    cache = (cfg.num_layers * 2 * batch * cfg.num_kv_heads * capacity * h * 2
+             + cfg.num_layers * batch * capacity * 8)
     working = batch * capacity * (3 * f + 4 * d + h * (cfg.num_heads + 2 * cfg.num_kv_heads)) * 2
     return params * 2 + cache + working + batch * cfg.vocab_size * 4 + int(1.5 * 2**30)
 
@@ -108,8 +110,10 @@ def run_cell(args, state_cache: dict, attention: str, seq_len: int) -> tuple[dic
                                                       f"{_capacity(args) / 2**30:.1f} GiB"}, None
     if "state" not in state_cache:  # one set of random weights for every cell
         state_cache["state"] = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1])()
-    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0], state_cache["state"])
-    prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size, (args.batch, seq_len)).astype(np.int32)
+    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0],
+                      state_cache["state"])
+    prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size,
+                                                      (args.batch, seq_len)).astype(np.int32)
     caches = init_caches(model, args.batch, capacity)
     t0 = time.perf_counter()
     logits, caches = prefill(model, prompts, caches, prefill_attention="model")
@@ -128,7 +132,8 @@ def run_cell(args, state_cache: dict, attention: str, seq_len: int) -> tuple[dic
         jax.block_until_ready(out.tokens)
         times.append(time.perf_counter() - t0)
     row.update(status="ok", decode_ms_per_token=round(1e3 * times[-1] / (args.new - 1), 3),
-               prefill_tokens_per_s=round(args.batch * seq_len / row["prefill_s"], 1), peak_gb_process=_peak_gb())
+               prefill_tokens_per_s=round(args.batch * seq_len / row["prefill_s"], 1),
+               peak_gb_process=_peak_gb())
     return row, np.asarray(logits, np.float32)
 
 
@@ -149,7 +154,8 @@ def emit(row: dict, out: str | None) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version()}
+    env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "python": platform.python_version()}
     rows, cache = [], {}
     for t in sorted(args.lengths):
         logits = {}

@@ -1,11 +1,11 @@
 """Decode-step latency and memory vs context length: uncompressed cache vs each compression policy.
 
 The model is an attention-only layer stack with random bf16 weights and a Llama-3-8B attention shape (D=4096,
-N=32 query heads, K=8 kv heads, H=128; ``--layers`` layers, residual adds, no MLP: the MLP cost does not depend
-on the context, the cache does). For each context length S the per-layer caches are filled with random K/V as
-after a prefill (uncompressed: S tokens; compressed: ``ratio * S`` tokens, the state right after a prefill
-compression), then ``--steps`` jitted decode steps run with the caches donated; compressions fire inside the
-step every ``slack`` tokens, so their cost is included in the mean. One JSON line per (S, policy)::
+N=32 query heads, K=8 kv heads, H=128; ``--layers`` layers, residual adds, no MLP: the MLP cost does not
+depend on the context, the cache does). For each context length S the per-layer caches are filled with random
+K/V as after a prefill (uncompressed: S tokens; compressed: ``ratio * S`` tokens, the state right after a
+prefill compression), then ``--steps`` jitted decode steps run with the caches donated; compressions fire
+inside the step every ``slack`` tokens, so their cost is included in the mean. One JSON line per (S, policy)::
 
     python experiments/benchmarks/bench_kvcache.py --contexts 8192 524288 1048576 \
         --out experiments/results/kvcache_h100/run.jsonl
@@ -47,13 +47,16 @@ class Shape:
     layers: int = 4
 
 
-def config_for(variant: str, ratio: float | None, slack: int, budget: int | None = None) -> KVCompressionConfig:
-    """The compression of a variant: a ``ratio`` of the context, or an absolute ``budget`` (slots per layer)."""
+def config_for(variant: str, ratio: float | None, slack: int,
+               budget: int | None = None) -> KVCompressionConfig:
+    """The compression of a variant: a ``ratio`` of the context, or an absolute ``budget`` (slots per
+    layer)."""
     if variant in ("none", "select"):
         return KVCompressionConfig(policy="none")
     policy, _, quant = variant.partition("+")
     size = {"ratio": ratio} if budget is None else {"budget": budget}
-    return KVCompressionConfig(policy=policy, slack=slack, quant=quant or "none", quant_group=32, quant_window=32,
+    return KVCompressionConfig(policy=policy, slack=slack, quant=quant or "none", quant_group=32,
+                               quant_window=32,
                                **size)
 
 
@@ -118,9 +121,9 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     config = config_for(variant, args.ratio, args.slack, args.budget)
     steps = args.steps
     # Capacities are rounded up to --align slots: XLA:GPU splits the long contraction of the value product
-    # (split-K) and pads the whole V cache to a multiple of the split when C is not one, a full copy of V per step
-    # (seen in the optimised H100 HLO of v3). A compressed cache keeps its slack (compression every `slack`
-    # steps), so the rounding goes to the budget, which each row records next to the requested one.
+    # (split-K) and pads the whole V cache to a multiple of the split when C is not one, a full copy of V per
+    # step (seen in the optimised H100 HLO of v3). A compressed cache keeps its slack (compression every
+    # `slack` steps), so the rounding goes to the budget, which each row records next to the requested one.
     requested = config.budget_for(context)
     if config.policy == "none":
         budget, tokens, capacity = context, context, _round_up(context + steps + 1, args.align)
@@ -129,11 +132,13 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
         capacity = _round_up(capacity, config.quant_group) if config.quant != "none" else capacity
         budget = tokens = capacity - args.slack
     keys = jax.random.split(jax.random.PRNGKey(context), s.layers)
-    caches = [filled_cache(keys[i], s, capacity, tokens, context, dtype, config, variant) for i in range(s.layers)]
+    caches = [filled_cache(keys[i], s, capacity, tokens, context, dtype, config,
+                           variant) for i in range(s.layers)]
     if variant == "select":
         caches = [(c, qs.build_index(c, 512)) for c in caches]
     cache_bytes = sum(kc.nbytes(c) for c in caches)
-    # --scheduled: no cond in the step; the host compresses every `slack` steps (a separate jitted call, timed).
+    # --scheduled: no cond in the step; the host compresses every `slack` steps (a separate jitted call,
+    # timed).
     scheduled = args.scheduled and config.policy != "none" and config.quant == "none"
     step = make_step(s, config, budget, variant, args.select_m, scheduled)
     squeeze = jax.jit(lambda cs: [kp.compress(c, config, budget) for c in cs], donate_argnums=(0,))
@@ -163,7 +168,8 @@ def run_one(s: Shape, context: int, variant: str, args, weights, out) -> None:
     stats = jax.devices()[0].memory_stats() or {}
     live = stats.get("bytes_in_use")
     row = dict(bench="kvcache_decode", **environment(), layers=s.layers, d=s.d, n_heads=s.n, kv_heads=s.k,
-               head_dim=s.h, context=context, variant=variant, ratio=None if config.policy == "none" else config.ratio,
+               head_dim=s.h, context=context, variant=variant,
+               ratio=None if config.policy == "none" else config.ratio,
                budget=budget, requested_budget=requested, capacity=capacity, slack=args.slack,
                room="scheduled" if scheduled else "cond", steps=steps - 1, ms_per_step=round(ms, 4),
                cache_bytes=cache_bytes, step_temp_bytes=temp, live_bytes=live,
@@ -202,13 +208,15 @@ def main(argv=None) -> None:
     p.add_argument("--slack", type=int, default=32, help="decode steps between compressions")
     p.add_argument("--steps", type=int, default=65)
     p.add_argument("--scheduled", action="store_true",
-                   help="compressed float caches: no cond in the step, the host compresses every `slack` steps")
+                   help="compressed float caches: no cond in the step, the host "
+                        "compresses every `slack` steps")
     p.add_argument("--align", type=int, default=1024, help="round cache capacities up to a multiple of this")
     p.add_argument("--select-m", type=int, default=16, help="regions of 512 slots attended by 'select'")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--time-limit", type=float, default=1e9, help="seconds; stop starting new rows after this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with toy shapes")
-    p.add_argument("--dump-hlo", default=None, help="folder: write the optimised decode step at the largest context")
+    p.add_argument("--dump-hlo", default=None,
+                   help="folder: write the optimised decode step at the largest context")
     p.add_argument("--dump-hlo-variants", nargs="+", default=["none", "h2o"], choices=VARIANTS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

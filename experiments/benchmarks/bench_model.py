@@ -14,8 +14,8 @@ FLOPs (stated in every row as ``flop_formula``):
   full:  6 * P * T + attention
   attention = 3.5 * 4 * L * N * H * sum_i keys_i  (QK^T and PV at 2 FLOPs per multiply-add; backward 2.5x the
          forward), keys_i = keys query i attends: i + 1 for dense causal, the selected and local tokens for MS
-  P counts matmul parameters (embedding lookup excluded, the output head included). MFU is against --peak-tflops
-  (989, the H100/H200 dense bf16 figure).
+  P counts matmul parameters (embedding lookup excluded, the output head included). MFU is against
+  --peak-tflops (989, the H100/H200 dense bf16 figure).
 
   python experiments/benchmarks/bench_model.py --presets llama2-7b --lengths 32768,131072 --out rows.jsonl
   python experiments/benchmarks/bench_model.py --presets llama2-7b --lengths 32768 --peer-hf  # + HF/PEFT
@@ -114,12 +114,14 @@ def parse_args(argv=None):
 def environment() -> dict:
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-            "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__, "python": platform.python_version()}
+            "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+            "python": platform.python_version()}
 
 
 def model_config(args, cell: Cell):
     overrides = dict(attention=cell.attention, max_seq_len=max(cell.seq_len, 4096), remat=args.remat,
-                     ms=MSAttentionConfig(block_size=args.block_size, top_k=args.top_k, selection_source="previous",
+                     ms=MSAttentionConfig(block_size=args.block_size, top_k=args.top_k,
+                                          selection_source="previous",
                                           selection_heads="kv"),
                      ms_kernel=args.ms_kernel, dense_kernel=args.dense_kernel, dtype="bfloat16",
                      param_dtype="bfloat16" if cell.mode == "lora" else "float32")
@@ -188,7 +190,8 @@ def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
         row.update(dense_kernel=cfg.dense_kernel, attended_fraction=1.0)
     try:
         estimate = check_fits(cfg, _capacity(args), batch=1, seq_len=cell.seq_len,
-                              lora_rank=LORA.rank if cell.mode == "lora" else None, loss_chunk=args.loss_chunk)
+                              lora_rank=LORA.rank if cell.mode == "lora" else None,
+                              loss_chunk=args.loss_chunk)
         row["estimate_gb"] = round(estimate.total / 2**30, 2)
     except ValueError as e:
         return {**row, "status": "refused", "reason": str(e)}
@@ -202,8 +205,10 @@ def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
         state_cache[key] = build_state(cfg, cell.mode, tx)
         row["init_s"] = round(time.perf_counter() - t0, 2)
     state = state_cache.pop(key)  # the step donates it; put back only once the cell ran
-    step = make_train_step(graphdef_of(cfg, cell.mode), tx, compute_dtype=jnp.bfloat16, loss_chunk=args.loss_chunk)
-    tokens = jax.random.randint(jax.random.key(cell.seq_len), (1, cell.seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+    step = make_train_step(graphdef_of(cfg, cell.mode), tx, compute_dtype=jnp.bfloat16,
+                           loss_chunk=args.loss_chunk)
+    tokens = jax.random.randint(jax.random.key(cell.seq_len), (1, cell.seq_len + 1), 0, cfg.vocab_size,
+                                jnp.int32)
     batch = {"tokens": tokens}
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -214,7 +219,8 @@ def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
     row["first_step_s"] = round(time.perf_counter() - t1, 3)
     row["time_to_first_step_s"] = round(time.perf_counter() - (_START if first else t0), 2)
     row["time_to_first_step_from"] = "process start" if first else "cell start (compile + first step)"
-    reps = args.reps if cell.attention == "ms" or cell.seq_len < 65536 else min(args.reps, args.dense_reps_long)
+    reps = args.reps if cell.attention == "ms" or cell.seq_len < 65536 else min(args.reps,
+                                                                                args.dense_reps_long)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -251,7 +257,8 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
             out.append({"bench": "model_speedup", "preset": p, "seq_len": t, "mode": m,
                         "ms_step_s": ms["step_s"], "dense_step_s": dense["step_s"],
                         "speedup": round(dense["step_s"] / ms["step_s"], 3),
-                        "ms_peak_gb": ms.get("peak_gb_process"), "dense_peak_gb": dense.get("peak_gb_process")})
+                        "ms_peak_gb": ms.get("peak_gb_process"),
+                        "dense_peak_gb": dense.get("peak_gb_process")})
     return out
 
 
@@ -285,7 +292,8 @@ def main(argv=None) -> list[dict]:
     env = environment()
     if args.peer_hf:
         run_peer(args, env)
-    cells = [Cell(p, t, a, args.mode) for p in args.presets for t in sorted(args.lengths) for a in args.attention]
+    cells = [Cell(p, t, a,
+                  args.mode) for p in args.presets for t in sorted(args.lengths) for a in args.attention]
     rows, cache = [], {}
     for i, cell in enumerate(cells):
         try:

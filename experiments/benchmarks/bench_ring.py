@@ -5,9 +5,11 @@ ring size, global and local length, strategy, layout, median ms over ``--reps`` 
 per-device bytes from the compiled memory analysis (temp + arguments + outputs). Examples::
 
     # CPU: 8 host devices, memory and time vs ring size at fixed T
-    python experiments/benchmarks/bench_ring.py --cpu-devices 8 --devices 1 2 4 8 --lengths 4096 --modes dense ms
+    python experiments/benchmarks/bench_ring.py --cpu-devices 8 --devices 1 2 4 8 --lengths 4096 \
+        --modes dense ms
     # one GPU: the ring code path at ring size 1 against the plain kernels
-    python experiments/benchmarks/bench_ring.py --devices 1 --lengths 32768 --modes dense plain_dense ms plain_ms --grad
+    python experiments/benchmarks/bench_ring.py --devices 1 --lengths 32768 \
+        --modes dense plain_dense ms plain_ms --grad
 """
 
 import argparse
@@ -21,10 +23,12 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cpu-devices", type=int, default=0, help="force this many CPU host devices (before jax starts)")
+    p.add_argument("--cpu-devices", type=int, default=0,
+                   help="force this many CPU host devices (before jax starts)")
     p.add_argument("--devices", type=int, nargs="+", default=[1], help="ring sizes to measure")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="global sequence lengths T")
-    p.add_argument("--modes", nargs="+", default=["dense", "ms"], choices=["dense", "ms", "plain_dense", "plain_ms"],
+    p.add_argument("--modes", nargs="+", default=["dense", "ms"],
+                   choices=["dense", "ms", "plain_dense", "plain_ms"],
                    help="plain_*: the single-device op the ring replaces (dense-plan kernel / ms_attention)")
     p.add_argument("--strategy", default="ring", choices=["ring", "allgather"])
     p.add_argument("--layout", default=None, choices=["contiguous", "zigzag"],
@@ -57,7 +61,8 @@ def build(args, mode: str, n: int, t: int):
 
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    shapes = [(args.batch, t, args.heads, args.head_dim)] + [(args.batch, t, args.kv_heads, args.head_dim)] * 2
+    shapes = [(args.batch, t, args.heads, args.head_dim)] + [(args.batch, t, args.kv_heads,
+                                                              args.head_dim)] * 2
     q, k, v = (jax.random.normal(kk, s, dtype) for kk, s in zip(keys, shapes))
     config = MSAttentionConfig(block_size=args.block_size, top_k=args.top_k, selection_heads="kv",
                                selection_source="previous")
@@ -92,7 +97,8 @@ def measure(args, mode: str, n: int, t: int) -> dict:
     compiled = fn.lower(*inputs).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    per_device = None if mem is None else mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    per_device = (None if mem is None
+                  else mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
     for _ in range(args.warmup):
         jax.block_until_ready(compiled(*inputs))
     times = []
@@ -117,13 +123,15 @@ def main(argv=None):
     for t in args.lengths:
         for mode in args.modes:
             for n in ([1] if mode.startswith("plain") else args.devices):
-                row = {**env, "mode": mode, "ring_size": n, "T": t, "T_local": t // n, "strategy": args.strategy,
+                row = {**env, "mode": mode, "ring_size": n, "T": t, "T_local": t // n,
+                       "strategy": args.strategy,
                        "layout": args.layout, "grad": args.grad, "dtype": args.dtype, "B": args.batch,
                        "N": args.heads, "K": args.kv_heads, "H": args.head_dim, "W": args.block_size,
                        "top_k": args.top_k}
                 try:
                     row.update(measure(args, mode, n, t))
-                except Exception as e:  # noqa: BLE001  one failed shape (OOM, lowering) must not lose the rest
+                # one failed shape (OOM, lowering) must not lose the rest
+                except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(json.dumps(row), flush=True)
                 if args.out:

@@ -1,5 +1,5 @@
-"""Issue #7 (c) on one GPU: several CRD NTK fine-tunes from one warm start, trained side by side, then the passkey
-grid on each under several inference rules, also side by side.
+"""Issue #7 (c) on one GPU: several CRD NTK fine-tunes from one warm start, trained side by side, then the
+passkey grid on each under several inference rules, also side by side.
 
 The reproduction pipeline (``main.reproduce``) trains one CRD run and its twin in sequence; a 25M
 model leaves most of an H100 idle, so this sweep runs them as concurrent processes (each with its own slice of
@@ -75,18 +75,21 @@ class CRDSweepConfig:
                                  f"{sorted(self.runs)}")
         bad = [n for n in self.runs if n == "warm" or not n or "/" in n]
         if bad:
-            raise ValueError(f"CRDSweepConfig.runs: names {bad} are not allowed (each names a directory under "
+            raise ValueError(f"CRDSweepConfig.runs: names {bad} are not allowed (each "
+                             "names a directory under "
                              "run_dir beside the shared warm start, 'warm')")
         tags = [s["tag"] for s in self.scores]
         if len(set(tags)) != len(tags):
-            raise ValueError(f"CRDSweepConfig.scores: tags must be unique (they name directories), got {tags}")
+            raise ValueError(f"CRDSweepConfig.scores: tags must be unique (they name directories), "
+                             f"got {tags}")
         for title, panel in self.figure.items():
             unknown = set(panel) - set(tags)
             if not panel or unknown:
                 raise ValueError(f"CRDSweepConfig.figure[{title!r}] must list score tags, got {panel!r} "
                                  f"(unknown: {sorted(unknown)})")
         if not 0 < self.mem_fraction <= 1 or self.jobs < 1:
-            raise ValueError(f"CRDSweepConfig: jobs must be >= 1 and mem_fraction in (0, 1], got jobs={self.jobs}, "
+            raise ValueError("CRDSweepConfig: jobs must be >= 1 and mem_fraction in (0, "
+                             f"1], got jobs={self.jobs}, "
                              f"mem_fraction={self.mem_fraction}")
 
     def reproduction_config(self):
@@ -95,7 +98,8 @@ class CRDSweepConfig:
         rep = load_experiment(ReproductionConfig, self.reproduction, [*self.reproduction_overrides,
                               f"run_dir={self.run_dir}", f"output_dir={self.run_dir}/results"])
         if not rep.warm_start:
-            raise ValueError(f"CRDSweepConfig.reproduction={self.reproduction!r} has no warm_start: every run of "
+            raise ValueError(f"CRDSweepConfig.reproduction={self.reproduction!r} has no "
+                             "warm_start: every run of "
                              "the sweep fine-tunes from the same warm checkpoint")
         return rep
 
@@ -110,8 +114,8 @@ class CRDSweepConfig:
         return rep.crd_config(extra, name)
 
     def train_configs(self) -> dict:
-        """name -> training config of warm and every run, from one reproduction config (building them validates
-        them)."""
+        """name -> training config of warm and every run, from one reproduction config (building them
+        validates them)."""
         rep = self.reproduction_config()
         return {name: self.train_config(name, rep) for name in ("warm", *self.runs)}
 
@@ -121,16 +125,16 @@ class CRDSweepConfig:
 
 
 def _finished(run_dir: str, name: str, steps: int) -> bool:
-    """A run is done when its checkpoint directory holds its *final* step, committed (orbax renames a step into
-    place); an intermediate step left by a run stopped at the deadline does not count."""
+    """A run is done when its checkpoint directory holds its *final* step, committed (orbax renames a step
+    into place); an intermediate step left by a run stopped at the deadline does not count."""
     path = os.path.join(run_dir, name, "checkpoints")
     return os.path.isdir(path) and str(steps) in os.listdir(path)
 
 
 def _stale_runs(run_dir: str, configs: dict, done) -> dict:
-    """Finished runs in run_dir whose stored config is not the one this sweep would train (``configs``: name ->
-    config, e.g. after a change of reproduction_overrides): name -> changed keys. They would be skipped, and
-    scored, as if they were new."""
+    """Finished runs in run_dir whose stored config is not the one this sweep would train (``configs``: name
+    -> config, e.g. after a change of reproduction_overrides): name -> changed keys. They would be skipped,
+    and scored, as if they were new."""
     from selmerge_jax.main.config import config_to_dict
     from selmerge_jax.training.checkpoint import config_changes, stored_meta
 
@@ -159,10 +163,12 @@ def _child_score(cfg: CRDSweepConfig, tag: str, out: str):
 
     entry = next(s for s in cfg.scores if s["tag"] == tag)
     rope = entry.get("rope")
-    pk = PasskeyEvalConfig(init=InitConfig(kind="checkpoint", path=os.path.join(cfg.run_dir, entry["run"], "checkpoints")),
+    pk = PasskeyEvalConfig(init=InitConfig(kind="checkpoint",
+                                           path=os.path.join(cfg.run_dir, entry["run"], "checkpoints")),
                            model=None, rope=RopeConfig(**rope) if rope else None,
                            lengths=tuple(entry.get("lengths") or cfg.lengths),
-                           depths=cfg.depths, per_cell=entry.get("per_cell") or cfg.per_cell, chunk_size=cfg.chunk_size,
+                           depths=cfg.depths, per_cell=entry.get("per_cell") or cfg.per_cell,
+                           chunk_size=cfg.chunk_size,
                            scoring="generate", output_dir=os.path.join(out, tag))
     print(json.dumps(run_passkey(pk)))
 
@@ -193,8 +199,10 @@ class _Pool:
             while pending and len(running) < width and time.monotonic() < self.deadline:
                 job = pending.pop(0)
                 env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{mem_fraction:.3f}"}
-                logf = open(os.path.join(self.out, "logs", job.replace(":", "_") + ".log"), "w")  # noqa: SIM115
-                proc = subprocess.Popen([*self.argv, "--child", job], env=env, stdout=logf, stderr=subprocess.STDOUT)
+                log_path = os.path.join(self.out, "logs", job.replace(":", "_") + ".log")
+                logf = open(log_path, "w")  # noqa: SIM115
+                proc = subprocess.Popen([*self.argv, "--child", job], env=env, stdout=logf,
+                                        stderr=subprocess.STDOUT)
                 running[job] = (proc, logf, time.monotonic())
                 print(f"[sweep] start {job}", flush=True)
             if not running:
@@ -225,8 +233,8 @@ def _accuracy_per_length(columns: dict) -> dict:
 
 
 def _figure(cfg: CRDSweepConfig, out: str) -> dict:
-    """Each panel's tags merged into one grid (a later tag wins a length both have); draws side_by_side.png and
-    returns each panel's accuracy per length."""
+    """Each panel's tags merged into one grid (a later tag wins a length both have); draws side_by_side.png
+    and returns each panel's accuracy per length."""
     from selmerge_jax.evaluation import plots
 
     merged = {}
@@ -258,7 +266,8 @@ def _summary(cfg: CRDSweepConfig, out: str, log: list, steps: dict) -> dict:
             with open(metrics) as f:
                 rows = [json.loads(line) for line in f]
             train = [r for r in rows if "loss" in r]
-            runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"] if train
+            runs[name] = {"steps": train[-1]["step"] if train else 0, "final_train_loss": train[-1]["loss"]
+                          if train
                           else None, "finished": _finished(cfg.run_dir, name, steps[name])}
     summary = {"config": dataclasses.asdict(cfg), "runs": runs, "scores": scores, "figure": _figure(cfg, out),
                "jobs": log}
@@ -289,7 +298,8 @@ def main():
     done = lambda name: _finished(cfg.run_dir, name, steps[name])
     stale = _stale_runs(cfg.run_dir, configs, done)
     if stale:
-        raise SystemExit(f"{cfg.run_dir} holds finished runs trained under another config (changed keys: {stale}); "
+        raise SystemExit(f"{cfg.run_dir} holds finished runs trained under another config "
+                         f"(changed keys: {stale}); "
                          "delete them or set run_dir elsewhere")
     if a.stage == "report" and not os.path.isdir(a.out):
         raise SystemExit(f"--stage report: {a.out} holds no scores")

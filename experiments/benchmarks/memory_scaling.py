@@ -36,7 +36,8 @@ def measure(seq_len: int, cfg: MSAttentionConfig, heads: int, head_dim: int, bac
         seq_len=seq_len, heads=heads, head_dim=head_dim, backward=backward, block_size=cfg.block_size,
         top_k=cfg.top_k, merge=cfg.merge, attended_tokens=cfg.attended_tokens,
         attended_fraction=min(1.0, cfg.attended_tokens / seq_len),
-        ms_bytes=compiled_peak_bytes(ms, spec, spec, spec), dense_bytes=compiled_peak_bytes(dense, spec, spec, spec),
+        ms_bytes=compiled_peak_bytes(ms, spec, spec, spec),
+        dense_bytes=compiled_peak_bytes(dense, spec, spec, spec),
         device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
     )
 
@@ -50,7 +51,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     t = [r["seq_len"] for r in rows]
     ax.loglog(t, [r["dense_bytes"] / 2**20 for r in rows], "o-", label="dense_attention")
-    ax.loglog(t, [r["ms_bytes"] / 2**20 for r in rows], "s-", label=f"ms_attention (top_k*W={rows[0]['attended_tokens']})")
+    ax.loglog(t, [r["ms_bytes"] / 2**20 for r in rows], "s-",
+              label=f"ms_attention (top_k*W={rows[0]['attended_tokens']})")
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("compiled peak memory (MiB)")
     ax.set_title("forward+backward" if rows[0]["backward"] else "forward")
@@ -62,7 +64,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384,32768,65536")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=16)

@@ -1,9 +1,10 @@
-"""Probe for issue #7 (c), GPU-sized: which data recipe makes a byte-level Llama learn *content* passkey retrieval?
+"""Probe for issue #7 (c), GPU-sized: which data recipe makes a byte-level Llama learn *content* passkey
+retrieval?
 
-The CPU probe (``passkey_recipe_cpu.py``) found that a model trained on one prompt length memorises the answer's
-absolute position. Here every passkey prompt has a random length in ``[min_len, max_len]`` and is packed with
-segment ids and restarting positions (as ``TokenWindows`` packs), so only a content-based retrieval circuit can
-score; the grid is scored at several lengths *off* the training rows' lengths. Options:
+The CPU probe (``passkey_recipe_cpu.py``) found that a model trained on one prompt length memorises the
+answer's absolute position. Here every passkey prompt has a random length in ``[min_len, max_len]`` and is
+packed with segment ids and restarting positions (as ``TokenWindows`` packs), so only a content-based
+retrieval circuit can score; the grid is scored at several lengths *off* the training rows' lengths. Options:
 
 * ``--curriculum F:L``: for the first fraction ``F`` of the time budget the prompts are at most ``L`` tokens
   (short key-to-question distances, where uniform attention at init still puts mass on the key's digits);
@@ -58,8 +59,10 @@ cfg = preset("tiny", d_model=a.d, num_layers=a.L, num_heads=a.heads, num_kv_head
              max_seq_len=max(4096, a.T), attention="dense", dtype=a.dtype)
 model = Llama(cfg, rngs=nnx.Rngs(a.seed))
 n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-cur_frac, cur_len = (float(a.curriculum.split(":")[0]), int(a.curriculum.split(":")[1])) if a.curriculum else (0, W)
-eval_lengths = [int(x) for x in a.eval_lengths.split(",")] if a.eval_lengths else [300, a.T // 2 + 37, a.T - 29]
+cur_frac, cur_len = (float(a.curriculum.split(":")[0]),
+                     int(a.curriculum.split(":")[1])) if a.curriculum else (0, W)
+eval_lengths = [int(x) for x in a.eval_lengths.split(",")] if a.eval_lengths else [300, a.T // 2 + 37,
+                                                                                   a.T - 29]
 
 
 def pk_row(rng, max_len):
@@ -117,7 +120,8 @@ def producer():
 
 threading.Thread(target=producer, daemon=True).start()
 
-sched = optax.join_schedules([optax.linear_schedule(0.0, a.lr, a.warmup), optax.constant_schedule(a.lr)], [a.warmup])
+sched = optax.join_schedules([optax.linear_schedule(0.0, a.lr, a.warmup), optax.constant_schedule(a.lr)],
+                             [a.warmup])
 tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.95, weight_decay=0.1))
 graphdef, params = nnx.split(model, nnx.Param)
 opt = tx.init(params)
@@ -160,4 +164,5 @@ while True:
     params, opt, loss, ans = step(params, opt, x, y, m, seg, pos)
     s += 1
     if s % 100 == 0:
-        print(f"{a.tag} step {s} loss {float(loss):.3f} answer {float(ans):.3f} t {time.time() - t0:.0f}s", flush=True)
+        print(f"{a.tag} step {s} loss {float(loss):.3f} answer {float(ans):.3f} t {time.time() - t0:.0f}s",
+              flush=True)

@@ -44,7 +44,8 @@ def main() -> None:
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
+    model = get_peft_model(model,
+                           LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                   "o_proj"]))
     model.enable_input_require_grads()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
@@ -66,7 +67,8 @@ def main() -> None:
     print(json.dumps({"bench": "peer_hf_step", "preset": args.preset, "seq_len": args.seq_len,
                       "layers": shape["num_hidden_layers"], "status": "ok", "attention": "sdpa",
                       "first_step_s": round(first, 3), "reps": args.reps, "step_s": round(med, 4),
-                      "step_times": [round(x, 4) for x in times], "tokens_per_s": round(args.seq_len / med, 1),
+                      "step_times": [round(x, 4) for x in times],
+                      "tokens_per_s": round(args.seq_len / med, 1),
                       "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "peft": __import__("peft").__version__, "python": platform.python_version(),

@@ -13,7 +13,8 @@ POSITION_MODES = ("before_selection", "selected_original", "selected_compact")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MSAttentionConfig:
-    """Select-and-merge attention (arXiv 2410.04211), with the semantics of docs/ARCHITECTURE.md "The algorithm".
+    """Select-and-merge attention (arXiv 2410.04211), with the semantics of docs/ARCHITECTURE.md "The
+    algorithm".
 
     Attributes:
       block_size: W, tokens per region (the paper's ``seg``; 16 in its Llama runs).
@@ -59,7 +60,8 @@ class MSAttentionConfig:
             raise ValueError(f"MSAttentionConfig.selection_source={self.selection_source!r}; "
                              "allowed: 'group', 'previous'")
         if self.selection_heads not in ("query", "kv"):
-            raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', 'kv'")
+            raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', "
+                             "'kv'")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"MSAttentionConfig.position_mode={self.position_mode!r}; "
                              f"allowed: {POSITION_MODES}")

@@ -17,7 +17,8 @@ __all__ = ["centroid_attention", "merge_partials"]
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Merges two softmax partials over disjoint key sets: outs ``[B, T, N, H]``, lses ``float32 [B, T, N]``."""
+    """Merges two softmax partials over disjoint key sets: outs ``[B, T, N, H]``, lses
+    ``float32 [B, T, N]``."""
     lse = jnp.logaddexp(lse_a, lse_b)
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     wa = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)[..., None]

@@ -62,7 +62,8 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
     sq = q if selection_q is None else selection_q
     sk = k if selection_k is None else selection_k
     if sq.shape != q.shape or sk.shape != k.shape:
-        raise ValueError(f"selection_q/selection_k shapes {sq.shape}/{sk.shape} must equal q/k {q.shape}/{k.shape}")
+        raise ValueError(f"selection_q/selection_k shapes {sq.shape}/{sk.shape} must equal "
+                         f"q/k {q.shape}/{k.shape}")
     mult = config.group_tokens
     qp, kp, vp = (pad_to_multiple(x, mult) for x in (q, k, v))
     plan = select_regions(pad_to_multiple(sq, mult), pad_to_multiple(sk, mult), config, num_valid_tokens=t)
@@ -73,6 +74,7 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
 def _attend(q, k, v, plan: SelectionPlan, config: MSAttentionConfig, scale, implementation):
     if not config.centroids:
         return block_sparse_attention(q, k, v, plan, scale=scale, implementation=implementation)
-    out, lse = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True, implementation=implementation)
+    out, lse = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True,
+                                      implementation=implementation)
     out_c, lse_c = centroid_attention(q, k, v, plan, scale=scale)
     return merge_partials(out, lse, out_c, lse_c)[0]

@@ -1,7 +1,7 @@
 """Selection: region summaries, correlation scores and the per-group top-k that builds a SelectionPlan.
 
-Scores are computed group by group (``lax.map`` with ``selection_batch`` groups per step), so selection memory is
-O(selection_batch * merge * R) per head and no R x R matrix is ever built: 1M tokens fit.
+Scores are computed group by group (``lax.map`` with ``selection_batch`` groups per step), so selection memory
+is O(selection_batch * merge * R) per head and no R x R matrix is ever built: 1M tokens fit.
 
 Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
 ``gs`` (causal) or outside the group (non-causal). Each member region ranks the candidates by the raw dot
@@ -61,7 +61,8 @@ def _candidates(group, num_regions: int, config: MSAttentionConfig):
 def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions: int):
     """Selected regions of one group: ``int32 [B, P, M]`` sorted ascending, -1 padded."""
     r, merge = kbar.shape[1], config.merge
-    m = min(config.num_selected, r)  # a short sequence has fewer regions than the budget: every group is dense
+    # a short sequence has fewer regions than the budget: every group is dense
+    m = min(config.num_selected, r)
     start = group * merge
     if config.selection_source == "previous":
         src = jax.lax.dynamic_slice_in_dim(qbar, jnp.maximum(start - 1, 0), 1, axis=1)  # [B, 1, P, H]
@@ -112,7 +113,8 @@ def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | N
 
 
 def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_regions: int | None = None):
-    """Selected regions ``int32 [B, P, len(groups), M]`` of the query ``groups`` from summaries ``[B, R, P, H]``.
+    """Selected regions ``int32 [B, P, len(groups), M]`` of the query ``groups`` from summaries
+    ``[B, R, P, H]``.
 
     ``select_regions`` calls it with every group; ring attention calls it with its shard's groups only, on
     all-gathered summaries, and gets the same rows.

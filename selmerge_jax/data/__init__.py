@@ -1,5 +1,6 @@
 """Data: the embedded stdlib corpus and text folders as TFDS datasets, catalog access, the grain pipeline,
-synthetic long-context tasks (passkey, key-value recall), tokenizers and ``DataConfig`` (a run's data section).
+synthetic long-context tasks (passkey, key-value recall), tokenizers and ``DataConfig`` (a run's data
+section).
 
 Names resolve lazily: ``import selmerge_jax.data`` costs nothing, ``selmerge_jax.data.stdlib_documents``
 needs neither tfds nor grain, the builders need tfds (no TensorFlow), the pipeline needs grain.

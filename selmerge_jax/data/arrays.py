@@ -88,9 +88,11 @@ class TokenWindows:
             raise ValueError(f"tokens has {len(tokens)} tokens: not one batch of {batch_size} windows of "
                              f"{seq_len + 1} per each of {shard_count} shards")
         self.passkey_ratio, self.tokenizer = _check_passkey(passkey_ratio, tokenizer, seq_len), tokenizer
-        if isinstance(passkey_answer_weight, bool) or not isinstance(passkey_answer_weight, (int, float)) or not (
+        if isinstance(passkey_answer_weight, bool) or not isinstance(passkey_answer_weight,
+                                                                     (int, float)) or not (
                 1.0 <= passkey_answer_weight <= 1000.0):
-            raise ValueError(f"passkey_answer_weight must be a number in [1, 1000], got {passkey_answer_weight!r}")
+            raise ValueError("passkey_answer_weight must be a number in [1, 1000], got "
+                             f"{passkey_answer_weight!r}")
         self.passkey_answer_weight = float(passkey_answer_weight)
         self.passkey_min_length = _check_min_length(passkey_min_length, tokenizer, seq_len)
         self.copy_ratio, self.copy_period = _check_copy(copy_ratio, copy_period, self.passkey_ratio, seq_len)
@@ -139,13 +141,15 @@ class TokenWindows:
                 self._put_prompt(windows, loss_mask, row, 0, ex)
             else:
                 self._pack_prompts(windows, loss_mask, row, pack_rng)
-        copy_rows = np.flatnonzero((draw >= self.passkey_ratio) & (draw < self.passkey_ratio + self.copy_ratio))
+        copy_rows = np.flatnonzero((draw >= self.passkey_ratio)
+                                   & (draw < self.passkey_ratio + self.copy_ratio))
         if len(copy_rows):
             copy_rng = np.random.default_rng([self.seed, step, self.shard_index, _COPY_STREAM])
             for row in copy_rows:
                 period = int(copy_rng.integers(self.copy_period[0], self.copy_period[1] + 1))
                 windows[row] = np.resize(copy_rng.choice(self._copy_vocab, period), self.seq_len + 1)
-                loss_mask[row, :period - 1] = 0.0  # the first period is noise: only its repeats are predictable
+                # the first period is noise: only its repeats are predictable
+                loss_mask[row, :period - 1] = 0.0
         return windows
 
     def _put_prompt(self, windows, loss_mask, row: int, at: int, ex: dict):
@@ -182,8 +186,10 @@ def _check_passkey(ratio, tokenizer, seq_len: int) -> float:
         raise ValueError(f"passkey_ratio must be a number in [0, 1), got {ratio!r}")
     if ratio > 0:
         if tokenizer is None:
-            raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the passkey prompts), got None")
-        passkey_example(tokenizer, seq_len + 1, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
+            raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the "
+                             "passkey prompts), got None")
+        # fails now, naming the length, if too short
+        passkey_example(tokenizer, seq_len + 1, 0.5, _MAX_PASSKEY - 1)
     return float(ratio)
 
 
@@ -191,14 +197,16 @@ def _check_min_length(length, tokenizer, seq_len: int) -> int | None:
     if length is None:
         return None
     # Above a third of the window the packing is a no-op: a first prompt of [min, seq_len + 1] tokens almost
-    # never leaves room for a second, so every answer sits at the window's end (H100 pk6: the model learned that
-    # absolute position and failed one token off it). At a third, half of the windows hold several prompts.
+    # never leaves room for a second, so every answer sits at the window's end (H100 pk6: the model learned
+    # that absolute position and failed one token off it). At a third, half of the windows hold several
+    # prompts.
     most = (seq_len + 1) // 3
     if isinstance(length, bool) or not isinstance(length, int) or not 64 <= length <= most:
         raise ValueError(f"passkey_min_length must be None or an int in [64, (seq_len + 1) // 3 = {most}] "
                          f"(longer minimums leave no room to pack a second prompt), got {length!r}")
     if tokenizer is None:
-        raise ValueError(f"passkey_min_length={length} needs the tokenizer (to write the passkey prompts), got None")
+        raise ValueError(f"passkey_min_length={length} needs the tokenizer (to write the "
+                         "passkey prompts), got None")
     passkey_example(tokenizer, length, 0.5, _MAX_PASSKEY - 1)  # fails now, naming the length, if too short
     return length
 
@@ -207,13 +215,15 @@ def _check_copy(ratio, period, passkey_ratio: float, seq_len: int) -> tuple[floa
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"copy_ratio must be a number in [0, 1), got {ratio!r}")
     if ratio + passkey_ratio >= 1.0:
-        raise ValueError(f"copy_ratio={ratio} + passkey_ratio={passkey_ratio} must be < 1 (some rows stay corpus)")
+        raise ValueError(f"copy_ratio={ratio} + passkey_ratio={passkey_ratio} must be < 1 "
+                         "(some rows stay corpus)")
     if ratio == 0:
         return 0.0, tuple(period)  # unused: a short seq_len without copy rows must not trip the period check
     ok = (isinstance(period, (tuple, list)) and len(period) == 2
           and all(isinstance(p, int) and not isinstance(p, bool) for p in period))
     if not ok or not 2 <= period[0] <= period[1] or 2 * period[1] > seq_len + 1:
-        raise ValueError(f"copy_period must be (low, high) ints with 2 <= low <= high and 2 * high <= seq_len + 1 "
+        raise ValueError("copy_period must be (low, high) ints with 2 <= low <= high and "
+                         "2 * high <= seq_len + 1 "
                          f"= {seq_len + 1} (each row repeats its string at least twice), got {period!r}")
     return float(ratio), (int(period[0]), int(period[1]))
 

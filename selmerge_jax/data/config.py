@@ -23,7 +23,8 @@ class DataConfig:
       passkey_ratio: fraction of training windows replaced by passkey-retrieval examples.
       passkey_answer_weight: loss weight of a passkey window's answer tokens (1: like every other token); the
         answer is the only part that needs retrieval (``arrays.TokenWindows``; needs ``train_npy``).
-      passkey_min_length: null: one passkey prompt of exactly seq_len + 1 tokens per passkey window (the answer
+      passkey_min_length: null: one passkey prompt of exactly seq_len + 1 tokens per passkey window (the
+      answer
         always at the window's end); an int: each passkey window packs prompts of random lengths in
         [passkey_min_length, seq_len + 1], so answers land at every position (``arrays.TokenWindows``); at
         most (seq_len + 1) // 3, else a window has no room for a second prompt. Train dense models with
@@ -34,7 +35,8 @@ class DataConfig:
         from scratch (``arrays.TokenWindows``; needs ``train_npy``).
       document_masking: keep packed-document ``segment_ids``/positions (dense attention only); false lets
         tokens attend across document boundaries at absolute positions, which select-and-merge needs.
-      validation_seed: which validation windows are scored (their shuffle). Separate from ``train.seed`` so runs
+      validation_seed: which validation windows are scored (their shuffle). Separate from ``train.seed`` so
+      runs
         that differ only in their training seed are compared on the same text.
     """
 
@@ -63,7 +65,8 @@ class DataConfig:
         if (self.train_npy is None) != (self.validation_npy is None):
             raise ValueError(f"DataConfig.train_npy={self.train_npy!r} and validation_npy="
                              f"{self.validation_npy!r}: give both or neither")
-        if isinstance(self.shuffle_window, bool) or not isinstance(self.shuffle_window, int) or self.shuffle_window < 1:
+        if isinstance(self.shuffle_window, bool) or not isinstance(self.shuffle_window,
+                                                                   int) or self.shuffle_window < 1:
             raise ValueError(f"DataConfig.shuffle_window must be a positive int, got {self.shuffle_window!r}")
         if not 0.0 <= self.passkey_ratio < 1.0:
             raise ValueError(f"DataConfig.passkey_ratio must be in [0, 1), got {self.passkey_ratio!r}")
@@ -72,10 +75,12 @@ class DataConfig:
                              f"{1.0 - self.passkey_ratio:g})")
         if self.passkey_answer_weight != 1.0 and self.train_npy is None:
             raise ValueError(f"DataConfig.passkey_answer_weight={self.passkey_answer_weight} needs train_npy/"
-                             "validation_npy (arrays.TokenWindows); the grain pipeline has passkey_loss='answer'")
+                             "validation_npy (arrays.TokenWindows); the grain pipeline "
+                             "has passkey_loss='answer'")
         if self.passkey_min_length is not None and self.train_npy is None:
             raise ValueError(f"DataConfig.passkey_min_length={self.passkey_min_length} needs train_npy/"
                              "validation_npy (arrays.TokenWindows packs the prompts)")
         if self.copy_ratio > 0 and self.train_npy is None:
-            raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs train_npy/validation_npy: copy rows "
+            raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs "
+                             "train_npy/validation_npy: copy rows "
                              "are mixed by arrays.TokenWindows, the grain pipeline has none")

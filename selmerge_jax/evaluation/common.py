@@ -69,13 +69,14 @@ def with_config(model: Llama, config: ModelConfig) -> Llama:
     fresh_graphdef, fresh_state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
     if shapes(fresh_state) != shapes(state):
-        raise ValueError("the new model config changes parameter shapes; only attention/RoPE/numerics may change")
+        raise ValueError("the new model config changes parameter shapes; only "
+                         "attention/RoPE/numerics may change")
     return nnx.merge(fresh_graphdef, state)
 
 
 def with_rope(model: Llama, rope: RopeConfig | None) -> Llama:
-    """``model`` with its RoPE rule replaced (None: unchanged). Frequencies are trace-time constants, so this is
-    a config swap, not a weight change."""
+    """``model`` with its RoPE rule replaced (None: unchanged). Frequencies are trace-time constants, so this
+    is a config swap, not a weight change."""
     if rope is None:
         return model
     if not isinstance(rope, RopeConfig):
@@ -93,7 +94,8 @@ def crd_inference_rope(stored_config: dict) -> RopeConfig | None:
 def load_model(source: ModelSource) -> Llama:
     """The model a study evaluates, with ``source.model`` and ``source.rope`` applied. A checkpoint of a CRD
     NTK run gets that run's fixed-base inference rule unless ``source.rope`` names another one (the training
-    forward drew its own cycled positions and bases; the stored model config's RoPE is not what it learned)."""
+    forward drew its own cycled positions and bases; the stored model config's RoPE is not what it
+    learned)."""
     init = source.init
     if init.kind == "checkpoint":
         model, stored = restore_model(init.path, step=init.step)
@@ -168,6 +170,7 @@ def check_positive_ints(owner: str, name: str, values, minimum: int = 1) -> None
 
 def check_fractions(owner: str, name: str, values) -> None:
     ok = isinstance(values, (tuple, list)) and len(values) > 0
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values)
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+                    for v in values)
     if not ok:
         raise ValueError(f"{owner}.{name} must be a non-empty list of numbers in [0, 1], got {values!r}")

@@ -107,9 +107,9 @@ def setting_name(config: KVCompressionConfig) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CompressedStep:
-    """The model's ``cache_fn`` hook under a compression policy: make room (evict/merge down to ``budget`` when
-    the incoming tokens would not fit), append, attend, update the policy's statistics. A frozen dataclass, so
-    it hashes by value and equal settings share one compiled prefill/decode."""
+    """The model's ``cache_fn`` hook under a compression policy: make room (evict/merge down to ``budget``
+    when the incoming tokens would not fit), append, attend, update the policy's statistics. A frozen
+    dataclass, so it hashes by value and equal settings share one compiled prefill/decode."""
 
     kv: KVCompressionConfig
     budget: int
@@ -124,7 +124,8 @@ class CompressedStep:
             raise TypeError(f"CompressedStep.room must be a bool, got {self.room!r}")
 
     def __call__(self, cache, q, k, v, positions, *, window=None):
-        return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget, window=window, room=self.room)
+        return kvcache.step(cache, self.kv, q, k, v, positions, budget=self.budget, window=window,
+                            room=self.room)
 
     @property
     def room_every(self) -> int:
@@ -149,7 +150,8 @@ def _finish(caches, *, kv: KVCompressionConfig, budget: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_fn"))
 def _greedy(graphdef, state, caches, first, start, *, steps: int, cache_fn):
-    """``first [B]`` then ``steps`` greedy tokens fed back through ``decode_step`` -> ``int32 [B, steps + 1]``.
+    """``first [B]`` then ``steps`` greedy tokens fed back through ``decode_step`` ->
+    ``int32 [B, steps + 1]``.
 
     A compressing ``cache_fn`` checks for room once per ``room_every`` steps, outside the per-token body: a
     ``lax.cond`` inside it made XLA copy every layer's whole cache per token (a cond's pass-through operand is
@@ -196,7 +198,8 @@ def _sizes(kv: KVCompressionConfig, prompt_len: int, max_new: int, chunk: int) -
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))
-def _empty_caches(kv: KVCompressionConfig, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+def _empty_caches(kv: KVCompressionConfig, layers: int, batch: int, kv_heads: int, capacity: int,
+                  head_dim: int,
                   dtype):
     """One empty compressed cache per layer; module-level jit, so repeated generations reuse the program."""
     return tuple(kvcache.init_for(kv, batch, kv_heads, capacity, head_dim, dtype) for _ in range(layers))
@@ -219,7 +222,8 @@ def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_toke
     step = CompressedStep(kv, budget)
     logits, caches = prefill(model, prompts, caches, chunk_size=chunk_size, cache_fn=step)
     caches = _finish(caches, kv=kv, budget=budget)
-    kept = np.stack([np.asarray(kvcache.num_valid(c)) for c in caches]).mean(axis=(0, 2)) / t  # [L, B, K] -> [B]
+    # [L, B, K] -> [B]
+    kept = np.stack([np.asarray(kvcache.num_valid(c)) for c in caches]).mean(axis=(0, 2)) / t
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     graphdef, state = nnx.split(model)
     tokens = _greedy(graphdef, state, caches, first, t, steps=max_new_tokens - 1, cache_fn=step)
@@ -227,7 +231,8 @@ def compressed_generate(model, prompts, kv: KVCompressionConfig, *, max_new_toke
 
 
 def _lcs(a, b) -> int:
-    """Length of the longest common subsequence (one DP row at a time: O(len(a) * len(b)) time, O(len(b)) space)."""
+    """Length of the longest common subsequence (one DP row at a time: O(len(a) * len(b)) time, O(len(b))
+    space)."""
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]
@@ -264,15 +269,17 @@ def exact_prefix(a, b) -> int:
 
 
 def compare(reference, candidate) -> dict:
-    return {"jaccard": token_jaccard(reference, candidate), "exact_prefix": exact_prefix(reference, candidate),
+    return {"jaccard": token_jaccard(reference, candidate),
+            "exact_prefix": exact_prefix(reference, candidate),
             "rouge_l": rouge_l(reference, candidate)}
 
 
 def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
-    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json``, ``fidelity.png``, ``fidelity.md``.
+    """Decodes every prompt OFF and ON per setting; writes ``fidelity.json``, ``fidelity.png``,
+    ``fidelity.md``.
 
-    ``stop() -> bool`` (optional) is asked before each setting: a time-bounded run ends early with the settings
-    done so far, and the JSON is rewritten after every setting so a killed run still leaves them."""
+    ``stop() -> bool`` (optional) is asked before each setting: a time-bounded run ends early with the
+    settings done so far, and the JSON is rewritten after every setting so a killed run still leaves them."""
     model = load_model(cfg.source)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokens = validation_tokens(cfg.data, tokenizer, cfg.num_prompts * cfg.prompt_tokens)
@@ -282,7 +289,8 @@ def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
     reference, _ = gen(KVCompressionConfig(policy="none"))
     settings, skipped = [], []
     result = {"study": "fidelity", "attention": model.config.attention, "prompt_tokens": cfg.prompt_tokens,
-              "max_new_tokens": cfg.max_new_tokens, "reference_texts": [tokenizer.decode(r) for r in reference],
+              "max_new_tokens": cfg.max_new_tokens,
+              "reference_texts": [tokenizer.decode(r) for r in reference],
               "settings": settings, "skipped": skipped, **provenance()}
     json_path = os.path.join(cfg.output_dir, "fidelity.json")
     for kv in cfg.compressions:
@@ -292,8 +300,10 @@ def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
         out, kept = gen(kv)
         rows = [dict(compare(r, o), kept_ratio=float(k), text=tokenizer.decode(o))
                 for r, o, k in zip(reference, out, kept, strict=True)]
-        means = {m: float(np.mean([r[m] for r in rows])) for m in ("kept_ratio", "jaccard", "exact_prefix", "rouge_l")}
-        settings.append({"name": setting_name(kv), "config": dataclasses.asdict(kv), "mean": means, "prompts": rows})
+        means = {m: float(np.mean([r[m] for r in rows]))
+                 for m in ("kept_ratio", "jaccard", "exact_prefix", "rouge_l")}
+        settings.append({"name": setting_name(kv), "config": dataclasses.asdict(kv), "mean": means,
+                         "prompts": rows})
         write_json(json_path, result)
     write_json(json_path, result)
     png_path = _plot(os.path.join(cfg.output_dir, "fidelity.png"), settings, cfg.max_new_tokens)

@@ -105,7 +105,8 @@ def variant_row(model: ModelConfig, *, seq_len: int, batch_size: int, output_dir
         "train_flops_per_token": flops, "train_flops_total": flops * summary["tokens"],
         "compiled_step_bytes": train_step_bytes(m, batch_size, t),
         "measured_peak_bytes": summary["peak_bytes"], "tokens_per_s": summary["tokens_per_s"],
-        "params": summary["params"], "curve": {"step": steps, "loss": losses, "val_step": vsteps, "val_loss": vlosses},
+        "params": summary["params"],
+        "curve": {"step": steps, "loss": losses, "val_step": vsteps, "val_loss": vlosses},
     }
 
 
@@ -120,10 +121,11 @@ def _mean_curve(rows: list[dict]) -> dict:
 
 
 def over_seeds(rows: dict[int, dict]) -> dict:
-    """One variant's row from its seeds' rows: losses and curves averaged, spread (sample std) and every seed's
-    figures kept. Costs (fraction, FLOPs, bytes) do not depend on the seed."""
+    """One variant's row from its seeds' rows: losses and curves averaged, spread (sample std) and every
+    seed's figures kept. Costs (fraction, FLOPs, bytes) do not depend on the seed."""
     first = next(iter(rows.values()))
-    speeds = [r["tokens_per_s"] for r in rows.values() if r["tokens_per_s"] is not None]  # None: found finished
+    # None: found finished
+    speeds = [r["tokens_per_s"] for r in rows.values() if r["tokens_per_s"] is not None]
     out = {**first, "seeds": list(rows), "curve": _mean_curve(list(rows.values())),
            "tokens_per_s": float(np.median(speeds)) if speeds else None}
     for key in _LOSS_KEYS:
@@ -132,8 +134,10 @@ def over_seeds(rows: dict[int, dict]) -> dict:
             out[key], out[f"{key}_std"] = None, None
         else:
             out[key] = float(np.mean(values))
-            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
-    out["per_seed"] = {str(k): {"final_train_loss": r["final_train_loss"], "final_val_loss": r["final_val_loss"],
+            # one seed: no spread
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    out["per_seed"] = {str(k): {"final_train_loss": r["final_train_loss"],
+                                "final_val_loss": r["final_val_loss"],
                                 "curve": r["curve"]} for k, r in rows.items()}
     return out
 
@@ -159,7 +163,8 @@ def figure(result: dict, path: str) -> str:
     runs = result["runs"]
     label = lambda n: f"{n} (attended {runs[n]['attended_fraction']:.2f})"
     train = {label(n): (r["curve"]["step"], r["curve"]["loss"]) for n, r in runs.items()}
-    val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items() if r["curve"]["val_step"]}
+    val = {label(n): (r["curve"]["val_step"], r["curve"]["val_loss"]) for n, r in runs.items()
+           if r["curve"]["val_step"]}
     title = f"loss curves, {runs[next(iter(runs))]['tokens']:,} tokens per run"
     if result.get("warm"):
         title += f" after a shared warm start of {result['warm']['tokens']:,}"
@@ -175,7 +180,8 @@ def summary_table(runs: dict) -> str:
             "step MiB (compiled) |\n|---|---|---|---|---|---|---|")
     rows = []
     for name, r in sorted(runs.items(), key=lambda kv: -kv[1]["attended_fraction"]):
-        rows.append(f"| {name} | {r['attention']} | {r['attended_fraction']:.3f} | {_loss(r, 'final_val_loss')} | "
+        rows.append(f"| {name} | {r['attention']} | {r['attended_fraction']:.3f} | "
+                    f"{_loss(r, 'final_val_loss')} | "
                     f"{_loss(r, 'final_train_loss')} | {r['train_flops_total'] / 1e12:.3f} | "
                     f"{r['compiled_step_bytes'] / 2**20:.1f} |")
     return "\n".join([head, *rows])

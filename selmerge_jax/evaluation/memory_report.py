@@ -89,7 +89,8 @@ def forward_plan_bytes(model, batch: int, length: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
 def _decode_loop(graphdef, state, caches, first, start, *, steps: int):
-    """``steps`` greedy decode steps from token ``first [B]`` at position ``start``; returns the last tokens."""
+    """``steps`` greedy decode steps from token ``first [B]`` at position ``start``; returns the last
+    tokens."""
     model = nnx.merge(graphdef, state)
 
     def body(carry, i):
@@ -103,8 +104,10 @@ def _decode_loop(graphdef, state, caches, first, start, *, steps: int):
 
 def measure_length(model, length: int, *, batch: int = 1, new_tokens: int = 32, chunk_size: int = 256,
                    repeats: int = 3, seed: int = 0) -> dict:
-    """One row of the report for prompts of ``length`` random tokens (speed does not depend on their values)."""
-    prompts = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, length)).astype(np.int32)
+    """One row of the report for prompts of ``length`` random tokens (speed does not depend on their
+    values)."""
+    prompts = np.random.default_rng(seed).integers(0, model.config.vocab_size,
+                                                   (batch, length)).astype(np.int32)
     capacity = -(-length // chunk_size) * chunk_size + new_tokens
     graphdef, state = nnx.split(model)
 
@@ -119,7 +122,8 @@ def measure_length(model, length: int, *, batch: int = 1, new_tokens: int = 32, 
     decode_s = _median_seconds(run_decode, repeats)
     stats = jax.local_devices()[0].memory_stats() or {}
     return {"length": int(length), "batch": batch, "new_tokens": new_tokens, "prefill_s": prefill_s,
-            "prefill_tokens_per_s": batch * length / prefill_s, "decode_tokens_per_s": batch * new_tokens / decode_s,
+            "prefill_tokens_per_s": batch * length / prefill_s,
+            "decode_tokens_per_s": batch * new_tokens / decode_s,
             "prefill_plan_bytes": prefill_memory(model, batch=batch, prompt_len=length, chunk_size=chunk_size,
                                                  capacity=capacity)["peak"],
             "peak_bytes": stats.get("peak_bytes_in_use")}
@@ -130,13 +134,15 @@ def run_memory_report(cfg: MemoryReportConfig) -> dict:
     model = load_model(cfg.source)
     rows = []
     for length in cfg.lengths:
-        row = measure_length(model, length, batch=cfg.batch, new_tokens=cfg.new_tokens, chunk_size=cfg.chunk_size,
+        row = measure_length(model, length, batch=cfg.batch, new_tokens=cfg.new_tokens,
+                             chunk_size=cfg.chunk_size,
                              repeats=cfg.repeats, seed=cfg.seed)
         if cfg.forward_memory:
             row["forward_plan_bytes"] = forward_plan_bytes(model, cfg.batch, length)
         rows.append(row)
     m = model.config
-    result = {"study": "memory", "attention": m.attention, "ms": dataclasses.asdict(m.ms) if m.attention == "ms"
+    result = {"study": "memory", "attention": m.attention, "ms": dataclasses.asdict(m.ms)
+              if m.attention == "ms"
               else None, "chunk_size": cfg.chunk_size, "rows": rows, **provenance()}
     json_path = write_json(os.path.join(cfg.output_dir, "memory.json"), result)
     x = [r["length"] for r in rows]

@@ -46,8 +46,8 @@ SCORING_MODES = ("generate", "forward")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PasskeyEvalConfig:
-    """``experiments/eval_passkey.py``: model (init/model/rope/seed as in ``common.ModelSource``), the grid and
-    generation settings. ``lengths`` count prompt + answer tokens; ``depths`` in [0, 1] (0 = start)."""
+    """``experiments/eval_passkey.py``: model (init/model/rope/seed as in ``common.ModelSource``), the grid
+    and generation settings. ``lengths`` count prompt + answer tokens; ``depths`` in [0, 1] (0 = start)."""
 
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     model: ModelConfig | None = None
@@ -86,7 +86,8 @@ def passkey_prompts(tokenizer, length: int, depths, per_cell: int, seed: int) ->
 
 
 def _decode_batch(model, rows: list[dict], max_new: int, chunk_size: int) -> np.ndarray:
-    """Greedy continuations ``[len(rows), max_new]`` of right-padded prompts (one compile per prompt width)."""
+    """Greedy continuations ``[len(rows), max_new]`` of right-padded prompts (one compile per prompt
+    width)."""
     lengths = np.array([len(r["prompt"]) for r in rows], np.int32)
     prompts = np.zeros((len(rows), lengths.max()), np.int32)
     for i, r in enumerate(rows):
@@ -97,7 +98,8 @@ def _decode_batch(model, rows: list[dict], max_new: int, chunk_size: int) -> np.
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _argmax_at(graphdef, state, tokens, idx):
-    """Greedy token ids ``[B, n]`` of a full causal forward of ``tokens [B, T]``, at positions ``idx [B, n]``."""
+    """Greedy token ids ``[B, n]`` of a full causal forward of ``tokens [B, T]``, at positions
+    ``idx [B, n]``."""
     logits = nnx.merge(graphdef, state)(tokens)
     return jnp.take_along_axis(jnp.argmax(logits, axis=-1), idx, axis=1)
 

@@ -1,12 +1,12 @@
 """Perplexity against context length on the held-out split, with chunked prefill so long contexts fit.
 
-For each length L, ``windows`` disjoint windows of L+1 validation tokens are scored (inputs = first L, targets =
-the next token at each place). Two ways to run the model:
+For each length L, ``windows`` disjoint windows of L+1 validation tokens are scored (inputs = first L, targets
+= the next token at each place). Two ways to run the model:
 
 * ``"chunked"``: the inference path. The window goes through the KV cache ``chunk_size`` tokens at a time
   (``Llama.hidden_states(..., caches=...)`` inside one ``lax.scan``), so the largest attention buffer is
-  ``[chunk, L]``: linear in L. The cache attends exactly (dense over the cache) whatever the training attention
-  was, which measures what the weights learned, not the attention approximation.
+  ``[chunk, L]``: linear in L. The cache attends exactly (dense over the cache) whatever the training
+  attention was, which measures what the weights learned, not the attention approximation.
 * ``"forward"``: one full forward with the model's own attention (select-and-merge for ``attention: ms``),
   what the training loss saw; memory grows with L (quadratic for dense on XLA).
 
@@ -71,10 +71,12 @@ class PerplexityEvalConfig:
         check_positive_ints("PerplexityEvalConfig", "chunk_size", [self.chunk_size])
         bad = [n for n in self.lengths if n % min(n, self.chunk_size)]
         if bad:
-            raise ValueError(f"PerplexityEvalConfig.lengths {bad} are not multiples of chunk_size={self.chunk_size}"
+            raise ValueError(f"PerplexityEvalConfig.lengths {bad} are not multiples of "
+                             f"chunk_size={self.chunk_size}"
                              " (lengths below chunk_size are scored in one chunk)")
         if not self.modes or any(m not in ("chunked", "forward") for m in self.modes):
-            raise ValueError(f"PerplexityEvalConfig.modes must be a non-empty subset of ('chunked', 'forward'), "
+            raise ValueError("PerplexityEvalConfig.modes must be a non-empty subset of "
+                             "('chunked', 'forward'), "
                              f"got {self.modes!r}")
         ModelSource(init=self.init, model=self.model, rope=self.rope, seed=self.seed)
 
@@ -103,7 +105,8 @@ def _forward_nll(graphdef, state, inputs, targets):
 
 
 def token_nll(model, windows: np.ndarray, *, mode: Mode = "chunked", chunk_size: int = 256) -> np.ndarray:
-    """Per-token negative log-likelihood ``float32 [B, L]`` of ``windows int [B, L+1]`` (next-token targets)."""
+    """Per-token negative log-likelihood ``float32 [B, L]`` of ``windows int [B, L+1]`` (next-token
+    targets)."""
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be int [B, L+1] with L >= 1, got shape {windows.shape}")
@@ -138,17 +141,20 @@ def perplexity_by_length(model, tokens: np.ndarray, lengths, *, windows: int, mo
         seconds = time.perf_counter() - start
         tail = nll[:, -min(chunk_size, length):]
         rows.append({"length": int(length), "mode": mode, "mean_nll": float(nll.mean()),
-                     "perplexity": math.exp(float(nll.mean())), "last_chunk_perplexity": math.exp(float(tail.mean())),
+                     "perplexity": math.exp(float(nll.mean())),
+                     "last_chunk_perplexity": math.exp(float(tail.mean())),
                      "tokens": int(nll.size), "seconds": seconds})
     return rows
 
 
 def run_perplexity(cfg: PerplexityEvalConfig) -> dict:
-    """Scores every (mode, length); writes ``perplexity.json`` and ``perplexity.png`` into ``cfg.output_dir``."""
+    """Scores every (mode, length); writes ``perplexity.json`` and ``perplexity.png`` into
+    ``cfg.output_dir``."""
     model = load_model(cfg.source)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokens = validation_tokens(cfg.data, tokenizer, cfg.windows * (max(cfg.lengths) + 1))
-    rows = [r for mode in cfg.modes for r in perplexity_by_length(model, tokens, cfg.lengths, windows=cfg.windows,
+    rows = [r for mode in cfg.modes for r in perplexity_by_length(model, tokens, cfg.lengths,
+                                                                  windows=cfg.windows,
                                                                  mode=mode, chunk_size=cfg.chunk_size)]
     rope = model.config.rope
     result = {"study": "perplexity", "attention": model.config.attention, "rope": dataclasses.asdict(rope),
@@ -159,7 +165,8 @@ def run_perplexity(cfg: PerplexityEvalConfig) -> dict:
     for mode in cfg.modes:
         mine = [r for r in rows if r["mode"] == mode]
         series[f"{mode}: whole window"] = ([r["length"] for r in mine], [r["perplexity"] for r in mine])
-        series[f"{mode}: last chunk"] = ([r["length"] for r in mine], [r["last_chunk_perplexity"] for r in mine])
+        series[f"{mode}: last chunk"] = ([r["length"] for r in mine],
+                                         [r["last_chunk_perplexity"] for r in mine])
     png_path = plots.lines(os.path.join(cfg.output_dir, "perplexity.png"), series, xlabel="context tokens",
                            ylabel="perplexity (per token)", logx=True,
                            title=f"perplexity vs context ({model.config.attention}, RoPE {rope.rope_type})")

@@ -39,10 +39,12 @@ def _save(fig, path: str) -> str:
 
 def heatmap(path: str, values, *, rows: Sequence, cols: Sequence, row_label: str, col_label: str, title: str,
             vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.0%}") -> str:
-    """``values [len(rows), len(cols)]`` as a coloured grid with each cell's value printed (passkey accuracy)."""
+    """``values [len(rows), len(cols)]`` as a coloured grid with each cell's value printed (passkey
+    accuracy)."""
     values = np.asarray(values, np.float64)
     if values.shape != (len(rows), len(cols)):
-        raise ValueError(f"values has shape {values.shape}, expected (len(rows)={len(rows)}, len(cols)={len(cols)})")
+        raise ValueError(f"values has shape {values.shape}, expected "
+                         f"(len(rows)={len(rows)}, len(cols)={len(cols)})")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.0 + 0.5 * len(rows)))
     im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
@@ -108,7 +110,8 @@ def lines(path: str, series: Mapping[str, tuple[Sequence, Sequence]], *, xlabel:
     return _save(fig, path)
 
 
-def curves(path: str, train: Mapping[str, tuple[Sequence, Sequence]], val: Mapping[str, tuple[Sequence, Sequence]],
+def curves(path: str, train: Mapping[str, tuple[Sequence, Sequence]],
+           val: Mapping[str, tuple[Sequence, Sequence]],
            *, title: str) -> str:
     """Overlaid training curves (thin) with validation points (markers) in the same colour per run."""
     plt = _pyplot()

@@ -5,12 +5,13 @@ Layout (shape letters from ``selmerge_jax.typing``; C = capacity in slots):
 - ``k``, ``v``: ``[B, K, C, H]``. Stored per *kv* head, never expanded to N query heads: a GQA model with K kv
   heads holds exactly ``B * K * C * H`` elements per tensor (the trap SnapKV/KVCache-Factory fell into).
 - ``pos``: ``int32 [B, K, C]``, the token position each slot holds, ``-1`` when empty. Per kv head, because
-  eviction policies keep different tokens in different heads. Causality is decided by stored position, never by
-  slot index, so slots may be reordered or compacted freely.
-- ``count``: ``float32 [B, K, C]``, how many tokens a slot stands for: 0 empty, 1 a plain token, n > 1 a merged
-  slot (mean K/V of n tokens). Attention adds ``log(count)`` to the logit, so a merged slot receives the
-  softmax mass its n members would have received if their keys were equal (ToMe's proportional attention).
-- ``score``: ``float32 [B, K, C]``, the policy statistic carried between steps (e.g. H2O's accumulated attention).
+  eviction policies keep different tokens in different heads. Causality is decided by stored position, never
+  by slot index, so slots may be reordered or compacted freely.
+- ``count``: ``float32 [B, K, C]``, how many tokens a slot stands for: 0 empty, 1 a plain token, n > 1 a
+  merged slot (mean K/V of n tokens). Attention adds ``log(count)`` to the logit, so a merged slot receives
+  the softmax mass its n members would have received if their keys were equal (ToMe's proportional attention).
+- ``score``: ``float32 [B, K, C]``, the policy statistic carried between steps (e.g. H2O's accumulated
+  attention).
 - ``length``: ``int32 []``, the write cursor: slots ``[0, length)`` have been written (valid or padding).
 - ``dropped``: ``int32 []``, tokens that did not fit (overflow under ``jit``; see :func:`append`).
 
@@ -85,7 +86,8 @@ def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=jn
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     # k and v must be distinct buffers: a decode step donates the cache, and XLA refuses to donate one twice.
-    return KVCache(k=jnp.zeros((b, kh, c, h), dtype), v=jnp.zeros((b, kh, c, h), dtype), pos=jnp.full((b, kh, c), -1, jnp.int32),
+    return KVCache(k=jnp.zeros((b, kh, c, h), dtype), v=jnp.zeros((b, kh, c, h), dtype),
+                   pos=jnp.full((b, kh, c), -1, jnp.int32),
                    count=jnp.zeros((b, kh, c), jnp.float32), score=jnp.zeros((b, kh, c), jnp.float32),
                    length=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32))
 
@@ -116,7 +118,8 @@ def _check_new(cache: KVCache, k_new, v_new, positions) -> int:
 
 
 def _concrete_or_none(x) -> int | None:
-    """The int value of a concrete scalar, or None under tracing (version-proof: no jax.core.Tracer import)."""
+    """The int value of a concrete scalar, or None under tracing (version-proof: no jax.core.Tracer
+    import)."""
     try:
         return int(x)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
@@ -124,14 +127,16 @@ def _concrete_or_none(x) -> int | None:
 
 
 def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
-    """Writes ``k_new``/``v_new`` ``[B, T, K, H]`` at positions ``int [B, T]`` into slots ``[length, length+T)``.
+    """Writes ``k_new``/``v_new`` ``[B, T, K, H]`` at positions ``int [B, T]`` into slots
+    ``[length, length+T)``.
 
     A negative position marks a padding token: it takes a slot but is never attended (count 0).
 
     Overflow: when ``length + T > C`` and the cursor is concrete (eager call), a ``ValueError`` is raised.
     Under ``jit`` the cursor is a tracer, so the tokens that do not fit are dropped (the
     window write is clamped to the end), ``dropped`` counts them, and callers can check it afterwards
-    (``int(cache.dropped) == 0``). Policies avoid overflow by compressing before appending (``policies.make_room``).
+    (``int(cache.dropped) == 0``). Policies avoid overflow by compressing before appending
+    (``policies.make_room``).
     """
     t = _check_new(cache, k_new, v_new, positions)
     length = _concrete_or_none(cache.length)
@@ -141,11 +146,12 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
     positions = jnp.asarray(positions, jnp.int32)
     pos_new = jnp.broadcast_to(positions[:, None, :], (cache.batch, cache.kv_heads, t))  # [B, K, T]
     # A plain dynamic_update_slice of a T-slot window, so XLA updates the (donated) cache in place. A scatter
-    # with mode="drop" lowers to select(in_bounds, update, old) over the *whole* cache: a full read and write of
-    # K and V per decode step. The window starts at min(length, C - T); on overflow its first slots are old ones
-    # (written back unchanged) and the tokens past the end are dropped.
+    # with mode="drop" lowers to select(in_bounds, update, old) over the *whole* cache: a full read and write
+    # of K and V per decode step. The window starts at min(length, C - T); on overflow its first slots are old
+    # ones (written back unchanged) and the tokens past the end are dropped.
     start = jnp.minimum(cache.length, cache.capacity - t)
-    src = start + jnp.arange(t, dtype=jnp.int32) - cache.length  # [T]: token written to window row j, < 0: old
+    # [T]: token written to window row j, < 0: old
+    src = start + jnp.arange(t, dtype=jnp.int32) - cache.length
     fresh = src >= 0
     take = jnp.clip(src, 0, t - 1)
 
@@ -170,15 +176,16 @@ def append(cache: KVCache, k_new, v_new, positions) -> KVCache:
 
 def attend_slots(q, q_positions, k, v, pos, count, *, scale: float | None = None, return_probs: bool = False,
                  window: int | None = None):
-    """Attention of q ``[B, T, N, H]`` over slots k/v ``[B, K, C, H]`` with per-slot ``pos``/``count`` ``[B, K, C]``.
+    """Attention of q ``[B, T, N, H]`` over slots k/v ``[B, K, C, H]`` with per-slot ``pos``/``count``
+    ``[B, K, C]``.
 
     Query t sees slot c iff ``0 <= pos[c] <= q_positions[t]`` (causal by stored position) and ``count > 0``;
     with a sliding ``window`` W also ``pos[c] > q_positions[t] - W`` (Mistral's convention: W tokens including
     the query itself), decided per query, so a chunk of a prompt longer than the window is exact.
     Scores are computed per kv head on ``[B, K, G, T, C]`` without repeating K/V; softmax in float32 with
     ``log(count)`` added to each logit. The value product runs in the cache dtype when q has it (probabilities
-    rounded to that dtype, as flash attention does): a float32 copy of a bf16 V would be written and read again
-    every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
+    rounded to that dtype, as flash attention does): a float32 copy of a bf16 V would be written and read
+    again every decode step. Returns ``out [B, T, N, H]`` (q's dtype; rows that see nothing give 0),
     and with ``return_probs`` also ``probs float32 [B, K, G, T, C]`` and ``lse float32 [B, T, N]``.
     """
     return attend_segments(q, q_positions, [(k, v, pos, count)], scale=scale, return_probs=return_probs,
@@ -202,14 +209,17 @@ def attend_segments(q, q_positions, segments, *, scale: float | None = None, ret
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
     for i, (k, v, pos, count) in enumerate(segments):
         if k.ndim != 4 or k.shape[1] != kh or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-            raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on batch, kv heads or head dim")
+            raise ValueError(f"q {q.shape} does not match cache slots {k.shape} on "
+                             "batch, kv heads or head dim")
         if jnp.shape(v) != k.shape or jnp.shape(pos) != k.shape[:3] or jnp.shape(count) != k.shape[:3]:
             # pos/count of [B, K, 1] would broadcast over every slot instead of failing
-            raise ValueError(f"segment {i}: v must match k {k.shape} and pos, count must be {k.shape[:3]}; got v "
+            raise ValueError(f"segment {i}: v must match k {k.shape} and pos, count must "
+                             f"be {k.shape[:3]}; got v "
                              f"{jnp.shape(v)}, pos {jnp.shape(pos)}, count {jnp.shape(count)}")
     if jnp.shape(q_positions) != (b, t):
         raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                               or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     g = n // kh
     scale = 1.0 / math.sqrt(h) if scale is None else scale
@@ -299,7 +309,8 @@ def gather_slots(cache: KVCache, idx, length=None) -> KVCache:
 
 
 def with_capacity(cache: KVCache, capacity: int) -> KVCache:
-    """The same cache with ``capacity`` slots: grows with empty slots or truncates (keeping slots ``[0, C')``).
+    """The same cache with ``capacity`` slots: grows with empty slots or truncates (keeping slots
+    ``[0, C')``).
 
     Truncation is only safe after a compaction has moved the kept slots to the front (``policies.compress``).
     """

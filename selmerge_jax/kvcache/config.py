@@ -82,14 +82,17 @@ class KVCompressionConfig:
         for name in ("slack", "obs_window", "pool_kernel", "quant_group", "quant_window"):
             _int_in(name, getattr(self, name), 1)
         if self.pool_kernel % 2 == 0:
-            raise ValueError(f"KVCompressionConfig.pool_kernel must be odd (centred pooling), got {self.pool_kernel}")
+            raise ValueError("KVCompressionConfig.pool_kernel must be odd (centred "
+                             f"pooling), got {self.pool_kernel}")
         if not 0.0 < self.summary_decay < 1.0:
-            raise ValueError(f"KVCompressionConfig.summary_decay must be in (0, 1), got {self.summary_decay!r}")
+            raise ValueError("KVCompressionConfig.summary_decay must be in (0, 1), "
+                             f"got {self.summary_decay!r}")
         if (self.merge == "centroid") != (self.merge_slots > 0):
             raise ValueError(f"KVCompressionConfig.merge_slots={self.merge_slots} must be > 0 exactly when "
                              f"merge='centroid' (merge={self.merge!r})")
         if self.summary_slots and self.merge != "none":
-            raise ValueError(f"KVCompressionConfig.summary_slots={self.summary_slots} with merge={self.merge!r}: "
+            raise ValueError(f"KVCompressionConfig.summary_slots={self.summary_slots} "
+                             f"with merge={self.merge!r}: "
                              "an evicted token would be counted twice (merged and summarised); pick one")
         self._check_budget_fields()
 
@@ -100,7 +103,8 @@ class KVCompressionConfig:
                 raise ValueError(f"KVCompressionConfig.policy='none' keeps everything; do not set {given}")
             return
         if len(given) != 1:
-            raise ValueError(f"KVCompressionConfig needs exactly one of budget, ratio, layer_budgets for policy="
+            raise ValueError("KVCompressionConfig needs exactly one of budget, ratio, "
+                             "layer_budgets for policy="
                              f"{self.policy!r}, got {given or 'none'}")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
             raise ValueError(f"KVCompressionConfig.ratio must be in (0, 1], got {self.ratio!r}")
@@ -146,11 +150,13 @@ class KVCompressionConfig:
         return self.budget_for(context_len, layer) + self.slack
 
     def check_capacity(self, budget: int, capacity: int, incoming: int = 0) -> None:
-        """Raises if a compression to ``budget`` cannot leave room for ``incoming`` tokens in ``capacity`` slots."""
+        """Raises if a compression to ``budget`` cannot leave room for ``incoming`` tokens in ``capacity``
+        slots."""
         if budget > capacity:
             raise ValueError(f"budget={budget} is larger than the cache capacity C={capacity}")
         if budget + incoming > capacity:
             raise ValueError(f"budget={budget} + incoming T={incoming} tokens exceeds the cache capacity "
-                             f"C={capacity}; allocate capacity >= budget + T (raise KVCompressionConfig.slack)")
+                             f"C={capacity}; allocate capacity >= budget + T (raise "
+                             "KVCompressionConfig.slack)")
         if budget < self.min_budget:
             raise ValueError(f"budget={budget} is below sink + window + reserved = {self.min_budget}")

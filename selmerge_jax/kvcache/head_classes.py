@@ -52,7 +52,8 @@ class HeadClasses:
             raise ValueError(f"HeadClasses: {len(heads)} head classes but {len(budgets)} budgets")
         flat = sorted(h for cls in heads for h in cls)
         if flat != list(range(len(flat))):
-            raise ValueError(f"HeadClasses.heads must partition range(K) (each kv head exactly once), got {heads}")
+            raise ValueError("HeadClasses.heads must partition range(K) (each kv head "
+                             f"exactly once), got {heads}")
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "budgets", budgets)
 
@@ -66,7 +67,8 @@ class HeadClasses:
 
 
 def retrieval_scores(probs, pos, q_positions, window: int):
-    """``float32 [K]``: mean attention mass each kv head puts on slots older than its last ``window`` positions.
+    """``float32 [K]``: mean attention mass each kv head puts on slots older than its last ``window``
+    positions.
 
     ``probs float32 [B, K, G, T, C]`` from ``attend(..., return_probs=True)`` on a calibration prompt, ``pos
     [B, K, C]`` the cache's slot positions, ``q_positions [B, T]``. Local heads score near 0, heads that
@@ -79,7 +81,8 @@ def retrieval_scores(probs, pos, q_positions, window: int):
                          f"{jnp.shape(probs)}, pos {jnp.shape(pos)}")
     b, _, _, t, _ = jnp.shape(probs)
     if jnp.shape(q_positions) != (b, t):
-        raise ValueError(f"q_positions must be [B={b}, T={t}] (the queries of probs), got {jnp.shape(q_positions)}")
+        raise ValueError(f"q_positions must be [B={b}, T={t}] (the queries of probs), got "
+                         f"{jnp.shape(q_positions)}")
     qp = jnp.asarray(q_positions, jnp.int32)[:, None, :, None]  # [B, 1, T, 1]
     old = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= qp - window)  # [B, K, T, C]
     far = jnp.sum(probs * old[:, :, None], axis=-1)  # [B, K, G, T]
@@ -110,7 +113,8 @@ def init_grouped(config: KVCompressionConfig, classes: HeadClasses, batch: int, 
 
 def grouped_step(caches: tuple[KVCache, ...], classes: HeadClasses, config: KVCompressionConfig, q, k, v,
                  positions, *, scale: float | None = None, window: int | None = None):
-    """``policies.step`` per class: q ``[B, T, N, H]``, k/v ``[B, T, K, H]`` -> ``(out [B, T, N, H], caches)``.
+    """``policies.step`` per class: q ``[B, T, N, H]``, k/v ``[B, T, K, H]`` ->
+    ``(out [B, T, N, H], caches)``.
 
     Each class sees the query heads of its kv heads (GQA groups stay whole) and compresses to its own budget.
     """

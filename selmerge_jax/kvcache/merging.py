@@ -1,10 +1,11 @@
 """What evicted tokens become: merged into kept slots, into region centroids, or into summary memory slots.
 
-All functions are pure and work on slot arrays ``[B, K, C, ...]`` with boolean masks instead of ragged sets, so
-the shapes never depend on how many tokens are evicted. A merged slot stores the count-weighted mean of its
-members' K/V and the sum of their counts; ``attend`` adds ``log(count)`` to its logit so the softmax mass stays
-proportional to the number of tokens it stands for. Its position is the largest member position, so a merged
-slot is only visible to queries that could see all of its members (causality is never broken by a merge).
+All functions are pure and work on slot arrays ``[B, K, C, ...]`` with boolean masks instead of ragged sets,
+so the shapes never depend on how many tokens are evicted. A merged slot stores the count-weighted mean of its
+members' K/V and the sum of their counts; ``attend`` adds ``log(count)`` to its logit so the softmax mass
+stays proportional to the number of tokens it stands for. Its position is the largest member position, so a
+merged slot is only visible to queries that could see all of its members (causality is never broken by a
+merge).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def merge_into_kept(k, v, count, kept_idx, evicted, *, value_only: bool):
     onehot = jax.nn.one_hot(target, kept_idx.shape[-1], dtype=jnp.float32) * w[..., None]  # [B, K, C, J]
     add_w = onehot.sum(2)  # [B, K, J]
     denom = jnp.maximum(ck + add_w, 1e-30)
-    v_new = (ck[..., None] * vk + jnp.einsum("bkcj,bkch->bkjh", onehot, v.astype(jnp.float32))) / denom[..., None]
+    v_new = (ck[..., None] * vk + jnp.einsum("bkcj,bkch->bkjh", onehot, v.astype(jnp.float32))) / denom[...,
+                                                                                                        None]
     if value_only:
         return kk.astype(k.dtype), v_new.astype(v.dtype), ck
-    k_new = (ck[..., None] * kk + jnp.einsum("bkcj,bkch->bkjh", onehot, k.astype(jnp.float32))) / denom[..., None]
+    k_new = (ck[..., None] * kk + jnp.einsum("bkcj,bkch->bkjh", onehot, k.astype(jnp.float32))) / denom[...,
+                                                                                                        None]
     return k_new.astype(k.dtype), v_new.astype(v.dtype), ck + add_w
 
 
@@ -94,8 +97,9 @@ def update_summary(summary, new, *, mode: str, decay: float):
     """Folds per-bucket means of newly evicted tokens into summary slots.
 
     Args:
-      summary, new: ``(k [B, K, n, H], v, count [B, K, n], pos [B, K, n])``; ``new`` from :func:`bucket_means`.
-      mode: ``"cumulative"`` keeps the exact running mean of everything ever folded in; ``"ema"`` moves the
+      summary, new: ``(k [B, K, n, H], v, count [B, K, n], pos [B, K, n])``; ``new`` from
+      :func:`bucket_means`. mode: ``"cumulative"`` keeps the exact running mean of everything ever folded in;
+      ``"ema"`` moves the
         slot towards the new mean by ``1 - decay`` (recent evictions weigh more). Counts add up in both modes,
         because the slot still stands for all the tokens folded into it.
     """

@@ -1,4 +1,5 @@
-"""Eviction policies behind one contract: ``observe`` updates a per-slot score, ``compress`` keeps the top slots.
+"""Eviction policies behind one contract: ``observe`` updates a per-slot score, ``compress`` keeps the top
+slots.
 
 Contract (every policy, every kv head independently, GQA-native: scores are summed over the G query heads of a
 kv head, never stored per query head):
@@ -32,14 +33,17 @@ _PROTECT = 3e38  # above any real score, below +inf so protected slots still ran
 
 
 def needs_probs(config: KVCompressionConfig) -> bool:
-    """Whether ``observe`` needs attention probabilities (the caller must ``attend(..., return_probs=True)``)."""
+    """Whether ``observe`` needs attention probabilities (the caller must
+    ``attend(..., return_probs=True)``)."""
     return config.policy in ("h2o", "snapkv", "tova")
 
 
 def init_for(config: KVCompressionConfig, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
-    """An empty cache whose first ``config.reserved`` slots are held for centroids/summaries (cursor after them)."""
+    """An empty cache whose first ``config.reserved`` slots are held for centroids/summaries (cursor after
+    them)."""
     if config.reserved >= capacity:
-        raise ValueError(f"capacity={capacity} must exceed the reserved merge/summary slots ({config.reserved})")
+        raise ValueError(f"capacity={capacity} must exceed the reserved merge/summary "
+                         f"slots ({config.reserved})")
     cache = init_cache(batch, kv_heads, capacity, head_dim, dtype)
     return dataclasses.replace(cache, length=jnp.asarray(config.reserved, jnp.int32))
 
@@ -63,7 +67,8 @@ def observe(cache: KVCache, probs, config: KVCompressionConfig) -> KVCache:
     if config.policy == "h2o":
         score = cache.score + received.sum(2)
     elif config.policy == "tova":
-        # The latest *real* query: a right-padded chunk may end in padding rows, whose probabilities are all 0.
+        # The latest *real* query: a right-padded chunk may end in padding rows, whose probabilities are all
+        # 0.
         real = received.sum(-1) > 0  # [B, K, T]
         last = received.shape[2] - 1 - jnp.argmax(real[..., ::-1], axis=-1)
         score = jnp.take_along_axis(received, last[..., None, None], axis=2)[:, :, 0]
@@ -115,10 +120,10 @@ def _keep_best(scores, keep: int):
     """Sorted indices ``int32 [B, K, keep]`` of the best slots and their mask ``bool [B, K, C]``.
 
     ``lax.top_k`` costs grow with k (a sort when k is large), and a decode-time compression keeps almost every
-    slot (keep = budget, C - keep = slack). So when fewer slots are dropped than kept, top_k finds the *dropped*
-    ones and the kept indices come from a cumulative sum (O(C), already in slot order); ties evict lower
-    slots first in that branch. Slot order == position order of appended tokens, which SnapKV pooling and
-    block selection rely on.
+    slot (keep = budget, C - keep = slack). So when fewer slots are dropped than kept, top_k finds the
+    *dropped* ones and the kept indices come from a cumulative sum (O(C), already in slot order); ties evict
+    lower slots first in that branch. Slot order == position order of appended tokens, which SnapKV pooling
+    and block selection rely on.
     """
     b, k, c = scores.shape
     if keep >= c - keep:
@@ -166,8 +171,8 @@ def make_room(cache: KVCache, config: KVCompressionConfig, budget: int, incoming
     # A cond, not a 0/1-trip while loop: measured on the H100
     # (experiments/results/archive/kvcache_h100_v3.jsonl), the while loop cost 0.5-0.7 ms per decode step of a
     # 4-layer model (a device->host sync per loop), the cond nothing measurable (v2). In the optimised CPU HLO
-    # the pass-through branch aliases the donated cache (no copy); only the compress branch copies its gathered
-    # slots into the result buffers.
+    # the pass-through branch aliases the donated cache (no copy); only the compress branch copies its
+    # gathered slots into the result buffers.
     return jax.lax.cond(full, lambda c: compress(c, config, budget), lambda c: c, cache)
 
 

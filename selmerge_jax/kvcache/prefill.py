@@ -1,10 +1,11 @@
-"""Chunked prefill with eviction between chunks: peak memory is set by the budget and the chunk, not the prompt.
+"""Chunked prefill with eviction between chunks: peak memory is set by the budget and the chunk, not the
+prompt.
 
 A prompt of S tokens is consumed in chunks of T tokens by ``lax.scan``; before each chunk is appended the
 policy compresses the cache back to its budget (``policies.make_room``), so the cache never holds more than
-``budget + T`` slots and the attention scores of a chunk are ``[T, budget + T]``, never ``[S, S]``. For a whole
-model, run the same scan over the model's per-chunk forward (every layer calling ``policies.step`` on its own
-cache): :func:`scan_chunks` is that driver.
+``budget + T`` slots and the attention scores of a chunk are ``[T, budget + T]``, never ``[S, S]``. For a
+whole model, run the same scan over the model's per-chunk forward (every layer calling ``policies.step`` on
+its own cache): :func:`scan_chunks` is that driver.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ __all__ = ["chunked_prefill", "left_pad", "scan_chunks"]
 
 
 def left_pad(x, positions, chunk: int):
-    """Left-pads ``x [B, S, ...]`` and ``positions [B, S]`` to a multiple of ``chunk`` (padding position -1)."""
+    """Left-pads ``x [B, S, ...]`` and ``positions [B, S]`` to a multiple of ``chunk`` (padding position
+    -1)."""
     s = x.shape[1]
     pad = -s % chunk
     if pad == 0:
@@ -34,8 +36,8 @@ def left_pad(x, positions, chunk: int):
 def scan_chunks(step_fn: Callable, state, xs, positions, chunk: int):
     """Runs ``state, out = step_fn(state, x_chunk, pos_chunk)`` over consecutive chunks of axis 1.
 
-    ``xs`` is an array or pytree of arrays ``[B, S, ...]`` with S a multiple of ``chunk`` (see :func:`left_pad`);
-    returns ``(state, outs)`` with the chunk outputs concatenated back along axis 1.
+    ``xs`` is an array or pytree of arrays ``[B, S, ...]`` with S a multiple of ``chunk`` (see
+    :func:`left_pad`); returns ``(state, outs)`` with the chunk outputs concatenated back along axis 1.
     """
     s = positions.shape[1]
     if chunk <= 0 or s % chunk:
@@ -54,10 +56,11 @@ def scan_chunks(step_fn: Callable, state, xs, positions, chunk: int):
 
 def chunked_prefill(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, chunk: int,
                     budget: int, finish: bool = True, scale: float | None = None):
-    """One attention layer's prefill of q ``[B, S, N, H]``, k/v ``[B, S, K, H]`` in chunks of ``chunk`` tokens.
+    """One attention layer's prefill of q ``[B, S, N, H]``, k/v ``[B, S, K, H]`` in chunks of ``chunk``
+    tokens.
 
-    Requires ``cache.capacity >= budget + chunk``. With ``finish`` the cache is compressed to ``budget`` at the
-    end (SnapKV's one-shot compression after the prompt: its observation window is the last chunk's tail).
+    Requires ``cache.capacity >= budget + chunk``. With ``finish`` the cache is compressed to ``budget`` at
+    the end (SnapKV's one-shot compression after the prompt: its observation window is the last chunk's tail).
     Returns ``(out [B, S, N, H], cache)``.
     """
     if config.policy != "none":
@@ -70,6 +73,7 @@ def chunked_prefill(cache: KVCache, config: KVCompressionConfig, q, k, v, positi
 
     cache, out = scan_chunks(step, cache, (q, k, v), positions, chunk)
     if finish and config.policy != "none":
-        cache = jax.lax.cond(cache.length > budget, lambda c: policies.compress(c, config, budget), lambda c: c,
+        cache = jax.lax.cond(cache.length > budget, lambda c: policies.compress(c, config, budget),
+                             lambda c: c,
                              cache)
     return out, cache

@@ -4,8 +4,8 @@
   consecutive slots (key outliers live in a few channels, so a per-token scale would waste the range).
 - Values are quantized per token: one (scale, zero) per slot (values have no channel outliers; per-token keeps
   each token's error independent of its neighbours).
-- The latest tokens stay in full precision in a small ``recent`` :class:`KVCache`; they are quantized a group at
-  a time when the window overflows, so a group's key scales see all of its tokens at once.
+- The latest tokens stay in full precision in a small ``recent`` :class:`KVCache`; they are quantized a group
+  at a time when the window overflows, so a group's key scales see all of its tokens at once.
 - Eviction runs on the dequantized store and re-quantizes (kvpress does the same): ``compress`` is the same
   function as for a float cache, so any policy/merge composes with quantization.
 
@@ -63,7 +63,8 @@ def _unpack(packed, bits: int):
 
 
 def quantize(x, bits: int, axis: int):
-    """Asymmetric min/max quantization of float ``x`` reducing over ``axis``: ``(codes uint8, scale, zero)``."""
+    """Asymmetric min/max quantization of float ``x`` reducing over ``axis``:
+    ``(codes uint8, scale, zero)``."""
     x = x.astype(jnp.float32)
     lo, hi = x.min(axis, keepdims=True), x.max(axis, keepdims=True)
     scale = jnp.maximum(hi - lo, 1e-8) / (2**bits - 1)
@@ -152,11 +153,11 @@ def _flush(qc: QuantizedKVCache, config: KVCompressionConfig, budget: int) -> Qu
     c = qc.recent.capacity
     shift = jnp.arange(c, dtype=jnp.int32) + f
     shift = jnp.broadcast_to(jnp.where(shift < c, shift, -1), (*qc.pos.shape[:2], c))
-    # A window holding fewer than f tokens (decode steps, then a chunk) flushes empty slots too; the cursor must
-    # not go negative, or the next append writes at wrapped slots past it that later appends overwrite.
+    # A window holding fewer than f tokens (decode steps, then a chunk) flushes empty slots too; the cursor
+    # must not go negative, or the next append writes at wrapped slots past it that later appends overwrite.
     recent = gather_slots(qc.recent, shift, length=jnp.maximum(qc.recent.length - f, 0))
-    # Tokens lost: flushed slots past the store's end that held a written token (the window may hold fewer than
-    # f tokens; its empty slots were never appended and are not lost).
+    # Tokens lost: flushed slots past the store's end that held a written token (the window may hold fewer
+    # than f tokens; its empty slots were never appended and are not lost).
     lost = jnp.sum((slots >= fc.capacity) & (jnp.arange(f) < qc.recent.length), dtype=jnp.int32)
     recent = dataclasses.replace(recent, dropped=recent.dropped + lost)
     return dataclasses.replace(_from_float(qc, fc), recent=recent)
@@ -171,7 +172,8 @@ def quantized_step(qc: QuantizedKVCache, config: KVCompressionConfig, q, k, v, p
     t = q.shape[1]
     f = _flush_size(qc, config)
     if t > f:
-        raise ValueError(f"T={t} tokens exceed the flush size {f}; build the cache with init_quantized(chunk>={t})")
+        raise ValueError(f"T={t} tokens exceed the flush size {f}; build the cache with "
+                         f"init_quantized(chunk>={t})")
     if config.policy != "none" and (budget % qc.group or budget + f > qc.pos.shape[2]):
         raise ValueError(f"budget={budget} must be a multiple of quant_group={qc.group} and leave room for "
                          f"{f} flushed slots in the quantized capacity {qc.pos.shape[2]}")
@@ -181,8 +183,10 @@ def quantized_step(qc: QuantizedKVCache, config: KVCompressionConfig, q, k, v, p
     qc = jax.lax.cond(full, lambda c: _flush(c, config, budget), lambda c: c, qc)
     recent = append(qc.recent, k, v, positions)
     km, vm = _dequant_main(qc, q.dtype)
-    # Two segments, one softmax: concatenating the dequantized store with the window would copy all of K and V.
-    res = attend_segments(q, positions, [(km, vm, qc.pos, qc.count), (recent.k, recent.v, recent.pos, recent.count)],
+    # Two segments, one softmax: concatenating the dequantized store with the window would copy all of K and
+    # V.
+    res = attend_segments(q, positions,
+                          [(km, vm, qc.pos, qc.count), (recent.k, recent.v, recent.pos, recent.count)],
                           scale=scale, return_probs=policies.needs_probs(config))
     if not policies.needs_probs(config):
         return res, dataclasses.replace(qc, recent=recent)

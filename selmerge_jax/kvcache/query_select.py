@@ -20,11 +20,13 @@ import jax.numpy as jnp
 
 from selmerge_jax.kvcache.cache import KVCache, attend_slots
 
-__all__ = ["BlockIndex", "attend_selected", "build_index", "refresh_index", "region_summaries", "select_blocks"]
+__all__ = ["BlockIndex", "attend_selected", "build_index", "refresh_index", "region_summaries",
+           "select_blocks"]
 
 
 def region_summaries(cache: KVCache, block: int):
-    """Per region: mean key/value ``float32 [B, K, R, H]``, token count ``[B, K, R]``, newest position ``[B, K, R]``."""
+    """Per region: mean key/value ``float32 [B, K, R, H]``, token count ``[B, K, R]``, newest position
+    ``[B, K, R]``."""
     b, kh, c, h = cache.k.shape
     if block <= 0 or c % block:
         raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={c}")
@@ -32,7 +34,8 @@ def region_summaries(cache: KVCache, block: int):
     w = jnp.where(cache.pos >= 0, cache.count, 0.0).reshape(b, kh, r, block)
     n = w.sum(-1)
     denom = jnp.maximum(n, 1e-30)[..., None]
-    mean = lambda x: jnp.einsum("bkrw,bkrwh->bkrh", w, x.astype(jnp.float32).reshape(b, kh, r, block, h)) / denom
+    mean = lambda x: jnp.einsum("bkrw,bkrwh->bkrh", w,
+                                x.astype(jnp.float32).reshape(b, kh, r, block, h)) / denom
     return mean(cache.k), mean(cache.v), n, cache.pos.reshape(b, kh, r, block).max(-1)
 
 
@@ -69,7 +72,8 @@ def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockInde
     nr = min(r, -(-(t - 1) // block) + 1)
     r0 = jnp.asarray(start, jnp.int32) // block
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, r0 * block, nr * block, axis=2)
-    part = KVCache(k=sl(cache.k), v=sl(cache.v), pos=sl(cache.pos), count=sl(cache.count), score=sl(cache.score),
+    part = KVCache(k=sl(cache.k), v=sl(cache.v), pos=sl(cache.pos), count=sl(cache.count),
+                   score=sl(cache.score),
                    length=cache.length, dropped=cache.dropped)
     fresh = region_summaries(part, block)
     put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), r0, axis=2)
@@ -102,8 +106,8 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
                     local_blocks: int = 1, centroids: bool = False, scale: float | None = None,
                     index: BlockIndex | None = None):
-    """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``, one
-    merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
+    """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``,
+    one merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
     ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary."""
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks, index=index)

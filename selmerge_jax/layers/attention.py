@@ -29,7 +29,8 @@ from selmerge_jax.attention.selected_positions import ms_attention_selected_posi
 from selmerge_jax.positional import RotaryPositions
 from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
 
-__all__ = ["ATTENTION_KINDS", "DENSE_KERNELS", "AttentionSpec", "attend", "attended_fraction", "attended_keys",
+__all__ = ["ATTENTION_KINDS", "DENSE_KERNELS", "AttentionSpec", "attend", "attended_fraction",
+           "attended_keys",
            "dense_self_attention", "describe", "resolve_dense_kernel"]
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class AttentionSpec:
       ms_kernel: ``"reference"`` (pure-JAX block-sparse op) or ``"pallas"`` (best Pallas kernel).
       dense_kernel: ``"auto"``, ``"xla"`` or ``"cudnn"`` (see the module docstring).
       causal: causal masking; only dense attention may be non-causal (MS follows ``ms.causal``).
-      window: Mistral's sliding window (a query sees itself and the ``window - 1`` keys before it); dense only.
-      sequence_axis: the mesh axis that ring kinds shard the sequence over.
+      window: Mistral's sliding window (a query sees itself and the ``window - 1`` keys before it); dense
+      only. sequence_axis: the mesh axis that ring kinds shard the sequence over.
     """
 
     kind: AttentionKind = "dense"
@@ -117,7 +118,8 @@ def attend(q, k, v, positions, spec: AttentionSpec, *, position_fn: Callable | N
     Args:
       positions: ``int [B, T]`` or ``RotaryPositions``; read only by ``position_fn``.
       position_fn: ``fn(q, k, positions) -> (q, k)`` (RoPE and its rules, ``selmerge_jax.positional``);
-        ``position_mode="selected_compact"`` also needs its ``rotate(x, positions)`` method. None: no positions.
+        ``position_mode="selected_compact"`` also needs its ``rotate(x, positions)`` method. None: no
+        positions.
       segment_ids: ``int [B, T]`` packed-document ids; dense attention only.
 
     Returns ``[B, T, N, H]``.
@@ -149,7 +151,8 @@ def _selected_compact(q, k, v, positions, spec: AttentionSpec, fn):
                         "method (selmerge_jax.positional.RopeFn / CRDNTKFn)")
     logn = getattr(getattr(fn, "config", None), "logn_length", None)
     if logn is not None:
-        raise ValueError(f"RopeConfig.logn_length={logn} scales the queries in the position hook's (q, k) call, "
+        raise ValueError(f"RopeConfig.logn_length={logn} scales the queries in the "
+                         "position hook's (q, k) call, "
                          "which position_mode='selected_compact' does not make; use before_selection or "
                          "selected_original")
     rotate = fn.rotate

@@ -3,8 +3,9 @@ overrides, and the command line every experiment script shares.
 
 A YAML file is one of :class:`PretrainConfig`, :class:`FinetuneConfig`, :class:`InferConfig` (or an evaluation
 study's config), section by section; each section is the config class of the floor that uses it
-(``models.ModelConfig``, ``data.DataConfig``, ``training.TrainConfig``, ``training.checkpoint.InitConfig``...).
-``model:`` may name a preset and override any field of it, nested ones included::
+(``models.ModelConfig``, ``data.DataConfig``, ``training.TrainConfig``,
+``training.checkpoint.InitConfig``...). ``model:`` may name a preset and override any field of it, nested ones
+included::
 
     model: {preset: tiny, attention: ms, ms: {block_size: 32}}
 
@@ -70,7 +71,8 @@ class PretrainConfig:
             raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
                              f"optimizer.accumulation_steps={self.optimizer.accumulation_steps}")
         if self.data.document_masking and self.model.attention != "dense":
-            raise ValueError(f"data.document_masking needs model.attention='dense', got {self.model.attention!r}")
+            raise ValueError("data.document_masking needs model.attention='dense', got "
+                             f"{self.model.attention!r}")
         if self.data.passkey_min_length is not None and self.model.attention == "dense" and not (
                 self.data.document_masking):
             # Not an error (select-and-merge cannot mask documents, so it packs unmasked by necessity), but on
@@ -92,11 +94,14 @@ class FinetuneConfig(PretrainConfig):
         super().__post_init__()
         if (self.lora is None) != (self.train.trainable == "all"):
             raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
-                             f"{'set' if self.lora else 'null'}: use 'lora' exactly when a lora section is given")
+                             f"{'set' if self.lora else 'null'}: use 'lora' exactly when "
+                             "a lora section is given")
         rope = self.model.rope
         if self.crd is not None and (self.crd.theta != rope.theta or self.crd.layout != rope.layout):
-            raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must match the model's RoPE "
-                             f"(model.rope.theta={rope.theta}, layout={rope.layout!r}): CRD NTK rescales that base")
+            raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must "
+                             "match the model's RoPE "
+                             f"(model.rope.theta={rope.theta}, layout={rope.layout!r}): "
+                             "CRD NTK rescales that base")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,9 +113,11 @@ class PasskeyCheckConfig:
 
     def __post_init__(self):
         if not self.lengths or any(n < 64 for n in self.lengths):
-            raise ValueError(f"PasskeyCheckConfig.lengths must be non-empty, each >= 64, got {self.lengths!r}")
+            raise ValueError(f"PasskeyCheckConfig.lengths must be non-empty, each >= 64, "
+                             f"got {self.lengths!r}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"PasskeyCheckConfig.depths must be non-empty, each in [0, 1], got {self.depths!r}")
+            raise ValueError("PasskeyCheckConfig.depths must be non-empty, each in [0, "
+                             f"1], got {self.depths!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,7 +180,8 @@ def expand_model_section(section, path: str = "model"):
 
 
 def load_experiment(cls, path: str | None = None, overrides: Sequence[str] = ()):
-    """Reads ``path`` (YAML), applies ``--set`` overrides, expands model presets and validates into ``cls``."""
+    """Reads ``path`` (YAML), applies ``--set`` overrides, expands model presets and validates into
+    ``cls``."""
     data = apply_overrides(_read_yaml(path), overrides)
     if data.get("model") is not None:
         data["model"] = expand_model_section(data["model"])
@@ -211,7 +219,8 @@ def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {'.'.join(parts)} below it")
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set "
+                                  f"{'.'.join(parts)} below it")
             node = child
         node[parts[-1]] = value
     return result
@@ -246,7 +255,8 @@ def experiment_parser(description: str, default_config: str) -> argparse.Argumen
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one config value (YAML syntax), e.g. --set train.steps=100; repeatable")
+                        help="override one config value (YAML syntax), e.g. --set train.steps=100; "
+                             "repeatable")
     return parser
 
 

@@ -1,5 +1,5 @@
-"""``experiments/demo.py`` (``make demo``): build the embedded corpus, pretrain a tiny select-and-merge model on
-CPU, restore it from its checkpoint, generate a continuation, run a passkey check, plot the loss curve and
+"""``experiments/demo.py`` (``make demo``): build the embedded corpus, pretrain a tiny select-and-merge model
+on CPU, restore it from its checkpoint, generate a continuation, run a passkey check, plot the loss curve and
 compare the final loss with the corpus's unigram entropy (the loss of a model that ignores context)."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def _corpus(cfg: PretrainConfig):
     start = time.perf_counter()
     builder = data.build_stdlib_corpus(cfg.data.data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(f"[1/6] embedded corpus {builder.info.full_name}: {splits} documents ({time.perf_counter() - start:.1f} s)")
+    print(f"[1/6] embedded corpus {builder.info.full_name}: {splits} documents "
+          f"({time.perf_counter() - start:.1f} s)")
     train_docs = data.text_source(cfg.data.source, cfg.data.train_split, cfg.data.data_dir)
     val_docs = data.text_source(cfg.data.source, cfg.data.validation_split, cfg.data.data_dir)
     return train_docs, val_docs
@@ -34,8 +35,10 @@ def _corpus(cfg: PretrainConfig):
 
 def _continuation(model, tokenizer, text: str, seed: int) -> str:
     prompt = tokenizer.encode(text, add_bos=True)
-    out = generate(model, prompt[None], max_new_tokens=160, sampling=SamplingConfig(temperature=0.7, top_p=0.95),
-                   key=jax.random.key(seed), eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, chunk_size=64)
+    out = generate(model, prompt[None], max_new_tokens=160,
+                   sampling=SamplingConfig(temperature=0.7, top_p=0.95),
+                   key=jax.random.key(seed), eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+                   chunk_size=64)
     return tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
 
 
@@ -60,15 +63,16 @@ def run_demo(cfg: PretrainConfig, *, fresh: bool = True) -> dict:
     prompt = val_docs[0][:300]
     print("[5/6] continuation of a validation document:\n----- prompt -----\n" + prompt +
           "\n----- model -----\n" + _continuation(model, tokenizer, prompt, cfg.train.seed) + "\n-----")
-    rows = passkey_check(model, tokenizer, [cfg.train.seq_len], [0.25, 0.75], seed=cfg.train.seed, chunk_size=64)
+    rows = passkey_check(model, tokenizer, [cfg.train.seq_len], [0.25, 0.75], seed=cfg.train.seed,
+                         chunk_size=64)
     for r in rows:
         print(f"      passkey len={r['length']} depth={r['depth']}: key {r['passkey']} -> {r['generated']!r} "
               f"(digits right: {r['token_accuracy']:.0%})")
     png = plot_loss_curve(os.path.join(cfg.train.output_dir, "metrics.jsonl"),
                           os.path.join(cfg.train.output_dir, "loss_curve.png"), reference=entropy)
-    # Training windows are drawn once each (far less than an epoch), so the train loss is an unbiased estimate on
-    # the training distribution; the validation split holds other packages (e.g. codec tables), so it gets its
-    # own entropy as the bar.
+    # Training windows are drawn once each (far less than an epoch), so the train loss is an unbiased estimate
+    # on the training distribution; the validation split holds other packages (e.g. codec tables), so it gets
+    # its own entropy as the bar.
     train_loss = float(np.mean([h["loss"] for h in history[-5:]]))
     val = summary["final_val_loss"]
     print(f"[6/6] loss curve: {png}\n"
@@ -76,7 +80,8 @@ def run_demo(cfg: PretrainConfig, *, fresh: bool = True) -> dict:
           f"({train_loss / entropy:.0%})\n"
           f"      validation loss            {val:.3f} vs unigram entropy {val_entropy:.3f} nats/token "
           f"({val / val_entropy:.0%}); total {time.perf_counter() - t0:.0f} s")
-    return {**summary, "train_loss": train_loss, "unigram_entropy": entropy, "val_unigram_entropy": val_entropy,
+    return {**summary, "train_loss": train_loss, "unigram_entropy": entropy,
+            "val_unigram_entropy": val_entropy,
             "passkey": rows, "loss_curve": png}
 
 

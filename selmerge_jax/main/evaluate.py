@@ -1,5 +1,6 @@
 """``experiments/eval_*.py``: the config class of each evaluation YAML, and ``main(config)`` running the study
-that config describes (a measurement of ``selmerge_jax.evaluation``, or a sweep of this floor that trains first).
+that config describes (a measurement of ``selmerge_jax.evaluation``, or a sweep of this floor that trains
+first).
 """
 
 from __future__ import annotations

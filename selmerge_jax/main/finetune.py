@@ -1,5 +1,6 @@
 """``experiments/finetune.py``: fine-tune from our checkpoint, a local Hugging Face model or scratch, full or
-LoRA, optionally with CRD NTK (its training forward is here); ``main(config)`` trains, plots and summarises."""
+LoRA, optionally with CRD NTK (its training forward is here); ``main(config)`` trains, plots and
+summarises."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def crd_forward(crd: CRDNTKConfig):
 
 
 def run_finetune(cfg: FinetuneConfig) -> TrainResult:
-    """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if configured."""
+    """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if
+    configured."""
     if cfg.init.kind == "checkpoint":
         model, _ = restore_model(cfg.init.path, step=cfg.init.step)
         model = with_model_config(model, cfg.model)

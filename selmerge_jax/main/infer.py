@@ -1,5 +1,6 @@
-"""``experiments/infer.py``: load a trained model, prefill a long prompt, generate, measure; a passkey retrieval
-check. ``main(config)`` runs an :class:`InferConfig` and returns (and appends to ``output``) its measurements."""
+"""``experiments/infer.py``: load a trained model, prefill a long prompt, generate, measure; a passkey
+retrieval check. ``main(config)`` runs an :class:`InferConfig` and returns (and appends to ``output``) its
+measurements."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def load_for_inference(cfg: InferConfig) -> Llama:
             return with_model_config(model, model.config.replace(rope=crd.inference_rope_config()))
         return model
     if cfg.init.kind == "hf":
-        return load_hf(cfg.init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
+        return load_hf(cfg.init.path, attention=cfg.model.attention, ms=cfg.model.ms,
+                       ms_kernel=cfg.model.ms_kernel)
     return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
 
@@ -58,14 +60,17 @@ def corpus_prompt(cfg: InferConfig, tokenizer, length: int) -> np.ndarray:
     return tokens
 
 
-def passkey_check(model: Llama, tokenizer, lengths, depths, *, seed: int = 0, chunk_size: int = 256) -> list[dict]:
+def passkey_check(model: Llama, tokenizer, lengths, depths, *, seed: int = 0,
+                  chunk_size: int = 256) -> list[dict]:
     """Greedy passkey retrieval per (length, depth): the digits generated after the question vs the key."""
     rng = np.random.default_rng(seed)
     rows = []
     for length in lengths:
         for depth in depths:
-            ex = data.passkey_example(tokenizer, int(length), float(depth), int(rng.integers(10_000, 100_000)))
-            prompt, answer = ex["tokens"][:ex["answer_start"]], ex["tokens"][ex["answer_start"]:ex["answer_end"]]
+            ex = data.passkey_example(tokenizer, int(length), float(depth),
+                                      int(rng.integers(10_000, 100_000)))
+            start, end = ex["answer_start"], ex["answer_end"]
+            prompt, answer = ex["tokens"][:start], ex["tokens"][start:end]
             out = generate(model, prompt[None], max_new_tokens=len(answer), eos_ids=(), chunk_size=chunk_size)
             got = np.asarray(out.tokens[0, :len(answer)])
             rows.append({"length": int(length), "depth": float(depth), "passkey": int(ex["passkey"]),

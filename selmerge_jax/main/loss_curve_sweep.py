@@ -1,5 +1,6 @@
 """Controllable loss curves: one command trains a family of attention configurations on the same token budget
-and overlays their curves (``experiments/eval_loss_curves.py``), with a table of final validation loss against attended fraction, FLOPs and memory.
+and overlays their curves (``experiments/eval_loss_curves.py``), with a table of final validation loss against
+attended fraction, FLOPs and memory.
 
 Every variant is the same pretraining experiment (a YAML of ``experiments/configs``, through the training
 runner) plus a few ``--set``-style overrides, e.g. ``model.ms.top_k=2`` or ``model.attention=dense``; steps,
@@ -44,7 +45,8 @@ class LossCurveSweepConfig:
       base_overrides: ``key.path=value`` applied to the base first (e.g. a short CPU budget).
       variants: name -> list of overrides for that run (an empty list is the base itself).
       warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that every
-        variant fine-tunes from (its weights; a fresh optimizer and schedule); empty: variants start from scratch.
+        variant fine-tunes from (its weights; a fresh optimizer and schedule); empty: variants start from
+        scratch.
       seeds: training seeds to repeat every variant with (``train.seed``); empty: one run at the base's seed.
       output_dir: runs go to ``<output_dir>/<name>`` (``<name>/seed<k>`` with seeds); ``loss_curves.json``/
         ``.png``/``.md`` here.
@@ -69,9 +71,11 @@ class LossCurveSweepConfig:
                 raise ValueError(f"{own}.variants.{name} must be a list of 'key.path=value' "
                                  f"strings, got {overrides!r}")
         if not _override_list(self.warm_start):
-            raise ValueError(f"{own}.warm_start must be a list of 'key.path=value' strings, got {self.warm_start!r}")
+            raise ValueError(f"{own}.warm_start must be a list of 'key.path=value' strings, "
+                             f"got {self.warm_start!r}")
         if self.warm_start and "warm" in self.variants:
-            raise ValueError(f"{own}.variants may not be named 'warm' with warm_start: the warm run trains into "
+            raise ValueError(f"{own}.variants may not be named 'warm' with warm_start: "
+                             "the warm run trains into "
                              f"{os.path.join(self.output_dir, 'warm')}")
         if not isinstance(self.seeds, (list, tuple)) or not all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.seeds):
@@ -91,7 +95,8 @@ def _run_dir(sweep: LossCurveSweepConfig, name: str, seed: int | None) -> str:
 def variant_config(sweep: LossCurveSweepConfig, name: str, seed: int | None = None) -> PretrainConfig:
     """The validated config of one variant at ``seed`` (None: the base's seed), its output directory under the
     sweep's: a ``PretrainConfig``, or with ``warm_start`` a ``FinetuneConfig`` starting from the warm run."""
-    overrides = [*sweep.base_overrides, *sweep.variants[name], *([] if seed is None else [f"train.seed={seed}"])]
+    overrides = [*sweep.base_overrides, *sweep.variants[name],
+                 *([] if seed is None else [f"train.seed={seed}"])]
     out = f"train.output_dir={_run_dir(sweep, name, seed)}"
     if not sweep.warm_start:
         return load_experiment(PretrainConfig, sweep.base_config, [*overrides, out])
@@ -122,7 +127,8 @@ def _configs(sweep: LossCurveSweepConfig) -> tuple[PretrainConfig | None, dict]:
     here, before anything trains)."""
     configs = {(name, seed): variant_config(sweep, name, seed)
                for name in sweep.variants for seed in (sweep.seeds or (None,))}
-    tokens = {f"{n}" + ("" if k is None else f"/seed{k}"): c.train.steps * c.train.batch_size * c.train.seq_len
+    tokens = {f"{n}" + ("" if k is None
+                        else f"/seed{k}"): c.train.steps * c.train.batch_size * c.train.seq_len
               for (n, k), c in configs.items()}
     if len(set(tokens.values())) > 1:
         raise ValueError(f"variants must train on the same token budget; got tokens per run {tokens}")
@@ -130,7 +136,8 @@ def _configs(sweep: LossCurveSweepConfig) -> tuple[PretrainConfig | None, dict]:
     for (name, seed), cfg in configs.items():
         changed = warm is not None and parameter_shape_changes(warm.model, cfg.model)
         if changed:  # a fine-tune restores warm's weights: fail now, not after warm has trained
-            raise ValueError(f"LossCurveSweepConfig.warm_start: the warm model and variant {name!r} differ in "
+            raise ValueError("LossCurveSweepConfig.warm_start: the warm model and "
+                             f"variant {name!r} differ in "
                              f"parameter shapes (warm, {name}): {changed}")
     return warm, configs
 
@@ -145,10 +152,13 @@ def run_loss_curves(sweep: LossCurveSweepConfig) -> dict:
         runs = {n: loss_curves.over_seeds({k: rows[(n, k)] for k in sweep.seeds}) for n in sweep.variants}
     else:
         runs = {n: rows[(n, None)] for n in sweep.variants}
-    result = {"study": "loss_curves", "base_config": sweep.base_config, "base_overrides": list(sweep.base_overrides),
-              "variants": {k: list(v) for k, v in sweep.variants.items()}, "warm_start": list(sweep.warm_start),
+    result = {"study": "loss_curves", "base_config": sweep.base_config,
+              "base_overrides": list(sweep.base_overrides),
+              "variants": {k: list(v) for k, v in sweep.variants.items()},
+              "warm_start": list(sweep.warm_start),
               "seeds": list(sweep.seeds), "warm": warm_row, "runs": runs,
-              "order": {"val": loss_curves.ordered(runs, "final_val_loss"), "train": loss_curves.ordered(runs, "final_train_loss")},
+              "order": {"val": loss_curves.ordered(runs, "final_val_loss"),
+                        "train": loss_curves.ordered(runs, "final_train_loss")},
               **provenance()}
     json_path = write_json(os.path.join(sweep.output_dir, "loss_curves.json"), result)
     png_path = loss_curves.figure(result, os.path.join(sweep.output_dir, "loss_curves.png"))

@@ -1,8 +1,9 @@
 """``experiments/pretrain.py``: build data and model from a :class:`PretrainConfig`, pretrain (resuming the
 run in ``train.output_dir`` if there is one), plot the loss curve, summarise; ``main(config)`` does all of it.
 
-The pieces every training entry point shares live here too (``main.finetune``, ``main.demo`` and the loss-curve
-sweep use them): the model and data a config describes, the training call, the summary and the loss curve.
+The pieces every training entry point shares live here too (``main.finetune``, ``main.demo`` and the
+loss-curve sweep use them): the model and data a config describes, the training call, the summary and the loss
+curve.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ _log = logging.getLogger(__name__)
 
 
 def build_model(cfg: PretrainConfig) -> Llama:
-    """A freshly initialised (or HF-loaded) model, with LoRA adapters when the config has a ``lora`` section."""
+    """A freshly initialised (or HF-loaded) model, with LoRA adapters when the config has a ``lora``
+    section."""
     init = getattr(cfg, "init", None)
     if init is not None and init.kind == "hf":
-        model = load_hf(init.path, attention=cfg.model.attention, ms=cfg.model.ms, ms_kernel=cfg.model.ms_kernel)
+        model = load_hf(init.path, attention=cfg.model.attention, ms=cfg.model.ms,
+                        ms_kernel=cfg.model.ms_kernel)
     else:
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     if getattr(cfg, "lora", None) is not None:
@@ -66,14 +69,17 @@ def _npy(path: str) -> np.ndarray:
 
 
 def make_data(cfg: PretrainConfig, tokenizer):
-    """``(train_iterator, eval_batches_fn)``; both yield the pipeline's ``inputs/targets/loss_mask/...`` dicts."""
+    """``(train_iterator, eval_batches_fn)``; both yield the pipeline's ``inputs/targets/loss_mask/...``
+    dicts."""
     per_process = cfg.train.batch_size // jax.process_count()
     t, seed = cfg.train.seq_len, cfg.train.seed
     d = cfg.data
     if d.train_npy is not None:
         shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-        # Passkey prompts replace whole training windows, as in the grain pipeline; validation stays corpus only.
-        train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process, bos_id=tokenizer.bos_id,
+        # Passkey prompts replace whole training windows, as in the grain pipeline; validation stays corpus
+        # only.
+        train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process,
+                                     bos_id=tokenizer.bos_id,
                                      seed=seed, passkey_ratio=d.passkey_ratio, tokenizer=tokenizer,
                                      copy_ratio=d.copy_ratio, copy_period=d.copy_period,
                                      passkey_answer_weight=d.passkey_answer_weight,
@@ -87,9 +93,11 @@ def make_data(cfg: PretrainConfig, tokenizer):
     val_docs = data.text_source(d.source, d.validation_split, d.data_dir)
     pipe = data.PipelineConfig(seq_len=t, batch_size=per_process, seed=seed, shuffle_window=d.shuffle_window,
                                passkey_ratio=d.passkey_ratio)
-    # Shuffled with a fixed seed: every pass sees the same batches, spread over the split rather than its start.
+    # Shuffled with a fixed seed: every pass sees the same batches, spread over the split rather than its
+    # start.
     val_pipe = dataclasses.replace(pipe, num_epochs=1, passkey_ratio=0.0, seed=d.validation_seed)
-    return data.lm_iterator(train_docs, tokenizer, pipe), lambda: data.lm_iterator(val_docs, tokenizer, val_pipe)
+    return data.lm_iterator(train_docs, tokenizer, pipe), lambda: data.lm_iterator(val_docs, tokenizer,
+                                                                                   val_pipe)
 
 
 def _strip_packing(batch: dict, step: int) -> dict:
@@ -103,11 +111,12 @@ def _mesh(cfg: PretrainConfig):
 
 
 def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> TrainResult:
-    """Trains ``model`` on the data of ``cfg`` (``kind``: "pretrain" or "finetune", kept with the checkpoints);
-    validation always runs the model's own forward."""
+    """Trains ``model`` on the data of ``cfg`` (``kind``: "pretrain" or "finetune", kept with the
+    checkpoints); validation always runs the model's own forward."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
+                         f"{tokenizer.vocab_size} ids")
     train_it, eval_fn = make_data(cfg, tokenizer)
     batch_transform = None
     if not cfg.data.document_masking:
@@ -126,8 +135,9 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
 
 
 def with_model_config(model: Llama, model_cfg: ModelConfig) -> Llama:
-    """``model`` (in place) under another ``ModelConfig`` of the same shapes: attention kind, ms settings, RoPE
-    rule. Modules read their config at call time, so swapping it on every module is enough (LoRA included)."""
+    """``model`` (in place) under another ``ModelConfig`` of the same shapes: attention kind, ms settings,
+    RoPE rule. Modules read their config at call time, so swapping it on every module is enough (LoRA
+    included)."""
     changed = parameter_shape_changes(model.config, model_cfg)
     if changed:
         raise ValueError(f"the model config changes parameter shapes ({', '.join(changed)}): {changed}")
@@ -152,7 +162,8 @@ def plot_loss_curve(metrics_path: str, png_path: str, *, reference: float | None
         ax.plot(list(val_lines), [r["val_loss"] for r in val_lines.values()], "o-", label="validation loss")
     if reference is not None:
         ax.axhline(reference, color="gray", ls="--", label=f"{reference_label} ({reference:.2f})")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=os.path.basename(os.path.dirname(png_path)))
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)",
+           title=os.path.basename(os.path.dirname(png_path)))
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
@@ -167,7 +178,8 @@ def train_summary(cfg: PretrainConfig, result: TrainResult) -> dict:
     steady = result.history[1:] or result.history
     out = {
         "attention": cfg.model.attention, "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-        "steps": int(result.state.step), "tokens": int(result.state.step) * cfg.train.batch_size * cfg.train.seq_len,
+        "steps": int(result.state.step),
+        "tokens": int(result.state.step) * cfg.train.batch_size * cfg.train.seq_len,
         "params": count_params(result.state.params) + count_params(result.state.rest),
         "tokens_per_s": float(np.median([h["tokens_per_s"] for h in steady])) if steady else None,
         "step_time_s": float(np.median([h["step_time_s"] for h in steady])) if steady else None,
@@ -181,7 +193,8 @@ def train_summary(cfg: PretrainConfig, result: TrainResult) -> dict:
 
 def export_npy(cfg: PretrainConfig, out_dir: str) -> dict[str, str]:
     """Tokenizes the train/validation splits of ``cfg.data`` into flat ``.npy`` files (``train.npy``,
-    ``validation.npy``) for machines without TFDS/grain; point ``data.train_npy``/``validation_npy`` at them."""
+    ``validation.npy``) for machines without TFDS/grain; point ``data.train_npy``/``validation_npy`` at
+    them."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     d = cfg.data
     if d.source == "stdlib_corpus":

@@ -1,5 +1,6 @@
-"""``experiments/eval_reproduction.py``: the paper-claims reproduction in one time-bounded command: a loss-curve family, a CRD NTK run beside its
-plain twin, the passkey grid on both, and KV-compression fidelity on one trained model.
+"""``experiments/eval_reproduction.py``: the paper-claims reproduction in one time-bounded command: a
+loss-curve family, a CRD NTK run beside its plain twin, the passkey grid on both, and KV-compression fidelity
+on one trained model.
 
 Stages run in this order, each only if the wall-clock budget still has room for it, and every stage rewrites
 its JSON as soon as it has something, so a run cut off by its time limit still leaves what it finished:
@@ -55,9 +56,10 @@ class ReproductionConfig:
     """``experiments/eval_reproduction.py``.
 
     Attributes:
-      base_config, base_overrides, variants: the loss-curve family (``main.loss_curve_sweep.LossCurveSweepConfig``).
-      crd_pair: the family variant the CRD run copies; crd_overrides: what it adds (``crd={...}``, ...).
-      warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that the
+      base_config, base_overrides, variants: the loss-curve family
+      (``main.loss_curve_sweep.LossCurveSweepConfig``). crd_pair: the family variant the CRD run copies;
+      crd_overrides: what it adds (``crd={...}``, ...). warm_start: overrides (on top of base_config +
+      base_overrides) of a pretraining run ``warm`` that the
         CRD run and its twin both fine-tune from, the paper's recipe: a model that already retrieves at a
         shorter context is fine-tuned at the training length with and without CRD NTK (a 25M byte model does
         not learn retrieval from scratch at 2K within a device call; at 1K it does). Empty: both start from
@@ -110,7 +112,8 @@ class ReproductionConfig:
                                  f"{sorted(self.variants)}")
         taken = {"crd", "warm"} & set(self.variants)
         if taken:
-            raise ValueError(f"{own}.variants may not be named {sorted(taken)}: the CRD run and the warm start "
+            raise ValueError(f"{own}.variants may not be named {sorted(taken)}: the CRD "
+                             "run and the warm start "
                              "train into those run directories")
         if not any(o.startswith(("crd=", "crd.")) for o in self.crd_overrides):
             raise ValueError(f"{own}.crd_overrides must set the crd section (e.g. 'crd={{cycle: 32768}}'), "
@@ -118,7 +121,8 @@ class ReproductionConfig:
         check_positive_ints(own, "passkey_lengths", self.passkey_lengths, minimum=64)
         check_fractions(own, "passkey_depths", self.passkey_depths)
         if self.passkey_scoring not in passkey.SCORING_MODES:
-            raise ValueError(f"{own}.passkey_scoring={self.passkey_scoring!r}; allowed: {passkey.SCORING_MODES}")
+            raise ValueError(f"{own}.passkey_scoring={self.passkey_scoring!r}; allowed: "
+                             f"{passkey.SCORING_MODES}")
         for name in ("passkey_per_cell", "passkey_chunk_size"):
             check_positive_ints(own, name, [getattr(self, name)])
         if self.compressions:
@@ -136,7 +140,8 @@ class ReproductionConfig:
 
     @property
     def sweep(self) -> loss_curve_sweep.LossCurveSweepConfig:
-        return loss_curve_sweep.LossCurveSweepConfig(base_config=self.base_config, base_overrides=self.base_overrides,
+        return loss_curve_sweep.LossCurveSweepConfig(base_config=self.base_config,
+                                                     base_overrides=self.base_overrides,
                                                 variants=self.variants, output_dir=self.run_dir)
 
     def _init(self) -> list[str]:
@@ -146,7 +151,8 @@ class ReproductionConfig:
 
     def crd_config(self, extra: tuple[str, ...] = (), name: str = "crd") -> FinetuneConfig:
         """The CRD run's config; ``extra`` overrides go last and the run trains into ``<run_dir>/<name>`` (a
-        sweep over CRD schedules from the same warm start, ``experiments/benchmarks/crd_passkey_sweep.py``)."""
+        sweep over CRD schedules from the same warm start,
+        ``experiments/benchmarks/crd_passkey_sweep.py``)."""
         overrides = [*self.base_overrides, *self.variants[self.crd_pair], *self.crd_overrides, *self._init(),
                      *extra, f"train.output_dir={os.path.join(self.run_dir, name)}"]
         return load_experiment(FinetuneConfig, self.base_config, overrides)
@@ -155,13 +161,16 @@ class ReproductionConfig:
         """The shared starting point of the CRD run and its twin (None without ``warm_start``)."""
         if not self.warm_start:
             return None
-        overrides = [*self.base_overrides, *self.warm_start, f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
+        overrides = [*self.base_overrides, *self.warm_start,
+                     f"train.output_dir={os.path.join(self.run_dir, 'warm')}"]
         warm = load_experiment(PretrainConfig, self.base_config, overrides)
-        # Both fine-tunes restore warm's weights: a shape they do not share fails here, not after warm has trained.
+        # Both fine-tunes restore warm's weights: a shape they do not share fails here, not after warm has
+        # trained.
         for name, run in ((self.crd_pair, self.variant_config(self.crd_pair)), ("crd", self.crd_config())):
             changed = parameter_shape_changes(warm.model, run.model)
             if changed:
-                raise ValueError(f"ReproductionConfig.warm_start: the warm model and the {name!r} run that fine-tunes "
+                raise ValueError("ReproductionConfig.warm_start: the warm model and the "
+                                 f"{name!r} run that fine-tunes "
                                  f"from it differ in parameter shapes (warm, {name}): {changed}")
         return warm
 
@@ -170,7 +179,8 @@ class ReproductionConfig:
         run does, minus CRD NTK (``extra`` overrides go last, as in ``crd_config``; only for that twin)."""
         if name != self.crd_pair or not self.warm_start:
             if extra:
-                raise ValueError(f"ReproductionConfig.variant_config: extra overrides {list(extra)} only apply to "
+                raise ValueError("ReproductionConfig.variant_config: extra overrides "
+                                 f"{list(extra)} only apply to "
                                  f"the warm-started twin {self.crd_pair!r}, not to {name!r}")
             return loss_curve_sweep.variant_config(self.sweep, name)
         overrides = [*self.base_overrides, *self.variants[name], *self._init(), *extra,
@@ -190,7 +200,8 @@ class _Clock:
     def allows(self, stage: str, need_s: float) -> bool:
         ok = self.left() > need_s
         if not ok:
-            self.log.append({"stage": stage, "skipped": True, "left_s": round(self.left(), 1), "needed_s": need_s})
+            self.log.append({"stage": stage, "skipped": True, "left_s": round(self.left(), 1),
+                             "needed_s": need_s})
         return ok
 
     def done(self, stage: str, t0: float, **extra):
@@ -226,7 +237,8 @@ def _train_family(cfg: ReproductionConfig, clock: _Clock, status: dict) -> dict:
         except Exception as e:  # noqa: BLE001 (recorded in study.json)
             clock.failed(f"train {name}", t0, e)
             continue
-        clock.done(f"train {name}", t0, final_val_loss=row["final_val_loss"], tokens_per_s=row["tokens_per_s"])
+        clock.done(f"train {name}", t0, final_val_loss=row["final_val_loss"],
+                   tokens_per_s=row["tokens_per_s"])
         _copy_metrics(cfg, name)
         if name in ("crd", "warm"):
             status[f"{name}_run"] = row
@@ -245,7 +257,8 @@ def _copy_metrics(cfg: ReproductionConfig, name: str):
 
 
 def _write_family(cfg: ReproductionConfig, runs: dict):
-    result = {"study": "loss_curves", "base_config": cfg.base_config, "base_overrides": list(cfg.base_overrides),
+    result = {"study": "loss_curves", "base_config": cfg.base_config,
+              "base_overrides": list(cfg.base_overrides),
               "variants": {k: list(v) for k, v in cfg.variants.items()}, "runs": runs,
               "warm_started": [cfg.crd_pair] if cfg.warm_start else [], **provenance()}
     write_json(os.path.join(cfg.output_dir, "loss_curves.json"), result)
@@ -262,7 +275,8 @@ def _write_family(cfg: ReproductionConfig, runs: dict):
 
 
 def _passkey_models(cfg: ReproductionConfig) -> dict:
-    """name -> model: the CRD run (its own inference rule) and its twin (``passkey_rope`` or the same rule)."""
+    """name -> model: the CRD run (its own inference rule) and its twin (``passkey_rope`` or the same
+    rule)."""
     crd_src = ModelSource(init=InitConfig(kind="checkpoint", path=_checkpoints(cfg.run_dir, "crd")))
     crd_model = load_model(crd_src)
     rope = cfg.passkey_rope or crd_model.config.rope
@@ -272,8 +286,10 @@ def _passkey_models(cfg: ReproductionConfig) -> dict:
 
 
 def _empty_grid(cfg: ReproductionConfig, model) -> dict:
-    return {"study": "passkey", "attention": model.config.attention, "rope": dataclasses.asdict(model.config.rope),
-            "depths": list(cfg.passkey_depths), "per_cell": cfg.passkey_per_cell, "scoring": cfg.passkey_scoring,
+    return {"study": "passkey", "attention": model.config.attention,
+            "rope": dataclasses.asdict(model.config.rope),
+            "depths": list(cfg.passkey_depths), "per_cell": cfg.passkey_per_cell,
+            "scoring": cfg.passkey_scoring,
             "lengths": [], "columns": [],
             "examples": [], "seconds_per_length": [], **provenance()}
 
@@ -303,7 +319,8 @@ def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: D
         clock.log.append({"stage": "passkey", "skipped": True, "why": "a passkey model did not train"})
         return
     models = _passkey_models(cfg)
-    tokenizer = load_tokenizer(data.tokenizer)  # the runs' own tokenizer: prompts in another one are noise to them
+    # the runs' own tokenizer: prompts in another one are noise to them
+    tokenizer = load_tokenizer(data.tokenizer)
     grids = {name: _empty_grid(cfg, m) for name, m in models.items()}
     status["passkey_rope"] = {name: g["rope"] for name, g in grids.items()}
     for j, length in enumerate(cfg.passkey_lengths):
@@ -317,13 +334,15 @@ def _passkey_stage(cfg: ReproductionConfig, clock: _Clock, status: dict, data: D
             for name, model in models.items():
                 part = passkey.passkey_accuracy(model, tokenizer, [length], cfg.passkey_depths,
                                                 per_cell=cfg.passkey_per_cell, seed=j,
-                                                chunk_size=cfg.passkey_chunk_size, scoring=cfg.passkey_scoring)
+                                                chunk_size=cfg.passkey_chunk_size,
+                                                scoring=cfg.passkey_scoring)
                 _add_column(grids[name], part)
                 _write_grid(cfg, name, grids[name])
         except Exception as e:  # noqa: BLE001 (recorded in study.json)
             clock.failed(f"passkey {length}", t0, e)
             break  # longer prompts would fail the same way (memory), and the grids must stay aligned
-        clock.done(f"passkey {length}", t0, **{n: g["accuracy_per_length"][str(length)] for n, g in grids.items()})
+        clock.done(f"passkey {length}", t0,
+                   **{n: g["accuracy_per_length"][str(length)] for n, g in grids.items()})
         status["passkey"] = {n: g["accuracy_per_length"] for n, g in grids.items()}
         _write_status(cfg, clock, status, None)
 
@@ -334,12 +353,14 @@ def _fidelity_stage(cfg: ReproductionConfig, clock: _Clock, status: dict):
         return
     path = _checkpoints(cfg.run_dir, cfg.fidelity_variant)
     if not os.path.isdir(path):
-        clock.log.append({"stage": "fidelity", "skipped": True, "why": f"{cfg.fidelity_variant} did not train"})
+        clock.log.append({"stage": "fidelity", "skipped": True,
+                          "why": f"{cfg.fidelity_variant} did not train"})
         return
     if not clock.allows("fidelity", 2 * cfg.fidelity_min_s):  # the uncompressed reference plus one setting
         return
     t0 = time.monotonic()
-    data = loss_curve_sweep.variant_config(cfg.sweep, cfg.fidelity_variant).data  # the data that run trained on
+    # the data that run trained on
+    data = loss_curve_sweep.variant_config(cfg.sweep, cfg.fidelity_variant).data
     fcfg = fidelity.FidelityEvalConfig(init=InitConfig(kind="checkpoint", path=path), data=data,
                                        output_dir=cfg.output_dir, **cfg._fidelity_kw())
     try:
@@ -356,7 +377,8 @@ def acceptance(runs: dict, crd_passkey: dict | None, seq_len: int | None) -> dic
     out = {"a": None, "b": None, "c": None}
     val = {n: r["final_val_loss"] for n, r in runs.items() if r.get("final_val_loss") is not None}
     dense = [val[n] for n in val if runs[n]["attention"] == "dense"]
-    sparse = {n: val[n] for n in val if runs[n]["attention"] != "dense" and runs[n]["attended_fraction"] <= 1 / 8}
+    sparse = {n: val[n] for n in val if runs[n]["attention"] != "dense"
+              and runs[n]["attended_fraction"] <= 1 / 8}
     if dense and sparse:
         gap = {n: v / dense[0] - 1 for n, v in sparse.items()}
         out["a"] = {"pass": min(gap.values()) <= 0.03, "relative_gap_to_dense": gap}
@@ -364,17 +386,20 @@ def acceptance(runs: dict, crd_passkey: dict | None, seq_len: int | None) -> dic
     if crd_passkey and seq_len:
         key = str(16 * seq_len)
         if key in crd_passkey:
-            out["c"] = {"pass": crd_passkey[key] >= 0.95, "length": 16 * seq_len, "accuracy": crd_passkey[key]}
+            out["c"] = {"pass": crd_passkey[key] >= 0.95, "length": 16 * seq_len,
+                        "accuracy": crd_passkey[key]}
     return out
 
 
 def _write_status(cfg: ReproductionConfig, clock: _Clock, status: dict, runs: dict | None):
     if runs is not None:
-        status["family"] = {n: {k: r[k] for k in ("attention", "attended_fraction", "final_val_loss", "tokens",
+        status["family"] = {n: {k: r[k]
+                                for k in ("attention", "attended_fraction", "final_val_loss", "tokens",
                                                     "tokens_per_s", "params")} for n, r in runs.items()}
     status["stages"], status["elapsed_s"] = clock.log, round(clock.budget - clock.left(), 1)
-    # A warm-started twin had a pretraining run before its fine-tune, the other variants start from scratch: its
-    # validation loss is no like-for-like point for (a)/(b), so it stays in the family rows but not in the checks.
+    # A warm-started twin had a pretraining run before its fine-tune, the other variants start from scratch:
+    # its validation loss is no like-for-like point for (a)/(b), so it stays in the family rows but not in the
+    # checks.
     family = {n: dict(r) for n, r in status.get("family", {}).items()
               if not (cfg.warm_start and n == cfg.crd_pair)}
     status["acceptance"] = acceptance(family, (status.get("passkey") or {}).get("crd"), status.get("seq_len"))
@@ -385,7 +410,8 @@ def run_reproduction(cfg: ReproductionConfig) -> dict:
     """Runs the three stages inside ``cfg.budget_s``; returns study.json's content."""
     clock = _Clock(cfg.budget_s)
     pair = cfg.variant_config(cfg.crd_pair)
-    status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s, **provenance()}
+    status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s,
+              **provenance()}
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = _train_family(cfg, clock, status)
     _passkey_stage(cfg, clock, status, pair.data)

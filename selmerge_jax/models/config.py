@@ -1,8 +1,8 @@
 """``ModelConfig``: the frozen description of a Llama/Mistral-family decoder, with named presets.
 
-One dataclass covers Llama 2, Llama 3 and Mistral shapes: they differ only in GQA head counts, vocabulary, RoPE
-rule and Mistral's sliding window. Dtypes are stored as names (``"float32"``, ``"bfloat16"``) so configs stay
-hashable (they are static arguments of jitted functions) and print/serialise cleanly.
+One dataclass covers Llama 2, Llama 3 and Mistral shapes: they differ only in GQA head counts, vocabulary,
+RoPE rule and Mistral's sliding window. Dtypes are stored as names (``"float32"``, ``"bfloat16"``) so configs
+stay hashable (they are static arguments of jitted functions) and print/serialise cleanly.
 """
 
 import dataclasses
@@ -64,7 +64,8 @@ class ModelConfig:
         mesh is the ambient one (``with jax.set_mesh(mesh):``), the batch goes over its other axes.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
-      remat: per-layer rematerialisation: ``none``, ``full`` (save only each layer's input), ``offload`` (as full,
+      remat: per-layer rematerialisation: ``none``, ``full`` (save only each layer's input), ``offload`` (as
+      full,
         with the layer inputs in pinned host memory; GPU/TPU), ``dots`` or ``dots_no_batch``.
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
@@ -96,7 +97,8 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim",
+                     "max_seq_len"):
             _check_positive_int(name, getattr(self, name))
         for name in ("head_dim", "sliding_window"):
             if getattr(self, name) is not None:
@@ -105,7 +107,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; "
                              "set head_dim explicitly")
         if self.head_size % 2:
             raise ValueError(f"ModelConfig head dim {self.head_size} must be even for RoPE")
@@ -118,10 +121,12 @@ class ModelConfig:
         if self.attention not in _ATTENTION:
             raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: {_ATTENTION}")
         if self.attention != "dense" and self.sliding_window is not None:
-            raise ValueError(f"ModelConfig: attention={self.attention!r} with sliding_window set is not supported; "
+            raise ValueError(f"ModelConfig: attention={self.attention!r} with "
+                             "sliding_window set is not supported; "
                              "set sliding_window=None (only dense attention has a window)")
         if not isinstance(self.sequence_axis, str) or not self.sequence_axis:
-            raise ValueError(f"ModelConfig.sequence_axis must be a mesh axis name, got {self.sequence_axis!r}")
+            raise ValueError(f"ModelConfig.sequence_axis must be a mesh axis name, "
+                             f"got {self.sequence_axis!r}")
         if self.ms_kernel not in ("reference", "pallas"):
             raise ValueError(f"ModelConfig.ms_kernel={self.ms_kernel!r}; allowed: 'reference', 'pallas'")
         if self.dense_kernel not in DENSE_KERNELS:
@@ -180,7 +185,8 @@ def _check_positive_int(name: str, value) -> None:
 def _tiny() -> ModelConfig:
     # Byte-level vocab (259 ids, see data/tokenizer.py); small enough for CPU tests, GQA on, long context.
     return ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=176,
-                       max_seq_len=32768, ms=MSAttentionConfig(block_size=16, top_k=4, selection_source="previous",
+                       max_seq_len=32768,
+                       ms=MSAttentionConfig(block_size=16, top_k=4, selection_source="previous",
                                                                selection_heads="kv"))
 
 
@@ -202,8 +208,10 @@ def _llama3_8b() -> ModelConfig:
 
 
 def _llama32_1b() -> ModelConfig:
-    # Llama-3.2-1B shapes (tied embeddings); its RoPE scaling rule is left at plain RoPE (random-weight benchmarks).
-    return ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+    # Llama-3.2-1B shapes (tied embeddings); its RoPE scaling rule is left at plain RoPE (random-weight
+    # benchmarks).
+    return ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                       head_dim=64,
                        ffn_dim=8192, norm_eps=1e-5, max_seq_len=131072, rope=RopeConfig(theta=500000.0),
                        tie_embeddings=True, bos_token_id=128000, eos_token_id=128001)
 
@@ -226,4 +234,5 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
 
 def parameter_shape_changes(old: ModelConfig, new: ModelConfig) -> dict:
     """``{field: (old, new)}`` for the fields that change parameter shapes; empty when weights carry over."""
-    return {f: (getattr(old, f), getattr(new, f)) for f in _SHAPE_FIELDS if getattr(old, f) != getattr(new, f)}
+    return {f: (getattr(old, f), getattr(new, f)) for f in _SHAPE_FIELDS
+            if getattr(old, f) != getattr(new, f)}

@@ -2,12 +2,13 @@
 
 * Prefill runs the prompt through the model in chunks of ``chunk_size`` tokens inside one ``lax.scan``: each
   chunk appends its k/v to the per-layer ``selmerge_jax.kvcache.KVCache`` and attends over the cache, so the
-  largest attention buffer is ``[chunk, capacity]``, linear in the prompt length (never ``T x T``), but the work
-  is quadratic. ``prefill_attention="model"`` instead runs the whole prompt in one pass with the model's own
-  attention (``layers.attend``: select-and-merge, or dense flash attention), each layer writing its k/v into its
-  cache as it goes (``PromptAttention``): the prefill costs what the training forward costs.
+  largest attention buffer is ``[chunk, capacity]``, linear in the prompt length (never ``T x T``), but the
+  work is quadratic. ``prefill_attention="model"`` instead runs the whole prompt in one pass with the model's
+  own attention (``layers.attend``: select-and-merge, or dense flash attention), each layer writing its k/v
+  into its cache as it goes (``PromptAttention``): the prefill costs what the training forward costs.
 * Decode is a ``lax.while_loop`` over ``decode_step`` (one token per row per step, static shapes), which stops
-  early when every row has produced an end-of-sequence id. The loop compiles once per (model, shapes, sampling).
+  early when every row has produced an end-of-sequence id. The loop compiles once per (model, shapes,
+  sampling).
 * Prompts of different lengths are right-padded; padding gets position -1, which the cache stores but never
   attends, so each row behaves as if it were alone.
 
@@ -93,7 +94,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> 
         # tokens ranked above it have not yet reached top_p.
         before = jnp.cumsum(probs, axis=-1) - probs
         sorted_logits = jnp.where(before < config.top_p, sorted_logits, -jnp.inf)
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None],
+                                                    order].set(sorted_logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -135,8 +137,8 @@ PREFILL_ATTENTION = ("cache", "model")
 
 @dataclasses.dataclass(frozen=True)
 class PromptAttention:
-    """A ``cache_fn`` for a one-pass prefill: the prompt attends to itself through ``layers.attend`` (``spec``:
-    select-and-merge or dense flash), then its k/v are written into the layer's cache for decoding.
+    """A ``cache_fn`` for a one-pass prefill: the prompt attends to itself through ``layers.attend``
+    (``spec``: select-and-merge or dense flash), then its k/v are written into the layer's cache for decoding.
 
     q/k arrive rotated (the layer applied RoPE before its cache step), so ``attend`` gets no position hook;
     right-padding (position -1) comes after every real token, so causal attention never shows it to a real
@@ -151,7 +153,8 @@ class PromptAttention:
 
 
 def _chunks(tokens: np.ndarray, lengths: np.ndarray, chunk_size: int):
-    """Pads ``[B, T]`` to a multiple of chunk_size and returns ``[n, B, c]`` tokens and positions (-1: pad)."""
+    """Pads ``[B, T]`` to a multiple of chunk_size and returns ``[n, B, c]`` tokens and positions (-1:
+    pad)."""
     b, t = tokens.shape
     padded = -(-t // chunk_size) * chunk_size
     tok = np.zeros((b, padded), np.int32)
@@ -177,11 +180,11 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
             prefill_attention: str = "cache"):
     """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches``.
 
-    ``prefill_attention="cache"``: chunk by chunk, each chunk attending exactly over the cache; ``"model"``: the
-    whole prompt in one pass with the model's own attention (``PromptAttention``; ``chunk_size`` and ``cache_fn``
-    are then not used). Returns ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches
-    are donated. ``cache_fn`` replaces ``llama.append_and_attend`` (hashable: it is a static argument of the
-    compiled scan).
+    ``prefill_attention="cache"``: chunk by chunk, each chunk attending exactly over the cache; ``"model"``:
+    the whole prompt in one pass with the model's own attention (``PromptAttention``; ``chunk_size`` and
+    ``cache_fn`` are then not used). Returns
+    ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated. ``cache_fn``
+    replaces ``llama.append_and_attend`` (hashable: it is a static argument of the compiled scan).
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -190,7 +193,8 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
     prompts, lengths = _check_prompts(prompts, lengths)
     if prefill_attention == "model":
         if cache_fn is not None:
-            raise ValueError("prefill_attention='model' writes the full cache; cache_fn (a compression policy) "
+            raise ValueError("prefill_attention='model' writes the full cache; cache_fn "
+                             "(a compression policy) "
                              "applies only with prefill_attention='cache'")
         chunk_size, cache_fn = prompts.shape[1], PromptAttention(model.config.attention_spec)
         _check_capacity(caches, prompts.shape[1])
@@ -203,7 +207,8 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
 def _check_capacity(caches, prompt_len: int) -> None:
     capacity = getattr(caches[0], "capacity", None) if caches else None
     if isinstance(capacity, int) and capacity < prompt_len:
-        raise ValueError(f"a one-pass prefill writes every prompt token: T={prompt_len} does not fit the caches' "
+        raise ValueError(f"a one-pass prefill writes every prompt token: T={prompt_len} "
+                         "does not fit the caches' "
                          f"capacity={capacity}")
 
 
@@ -237,7 +242,8 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
         i, caches, out, all_logits, done, lengths, key = carry
         key, sub = jax.random.split(key)
         positions = jnp.where(done, -1, start + i - 1)
-        tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling, cache_fn)
+        tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling,
+                                               cache_fn)
         tok = jnp.where(done, pad_id, tok)
         if keep_logits:
             all_logits = all_logits.at[:, i].set(step_logits)
@@ -250,7 +256,8 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
     return out, lengths, (all_logits if keep_logits else None), caches
 
 
-def decode(model: Llama, caches, logits, start, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+def decode(model: Llama, caches, logits, start, *, max_new_tokens: int,
+           sampling: SamplingConfig = SamplingConfig(),
            key=None, eos_ids: tuple[int, ...] = (), pad_id: int = 0):
     """The decode loop alone, from a prefilled cache: ``logits [B, V]`` at each row's last prompt token and
     ``start int [B]`` (each row's prompt length). Returns ``(Generation, caches)``; the caches are donated.
@@ -284,7 +291,8 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
       caches: prebuilt per-layer caches (e.g. a compressed cache of fixed budget) instead of
         ``init_caches(capacity)``; their capacity is then the caller's business.
       cache_fn: replaces ``llama.append_and_attend`` in prefill and decode (e.g. evict, then append).
-      prefill_attention: ``"cache"`` (chunked, exact over the cache) or ``"model"`` (one pass with the model's own
+      prefill_attention: ``"cache"`` (chunked, exact over the cache) or ``"model"`` (one pass with the model's
+      own
         attention, e.g. select-and-merge; see ``prefill``).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -301,7 +309,8 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
         raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
     caches = init_caches(model, prompts.shape[0], capacity) if caches is None else caches
     prefill_fn = None if prefill_attention == "model" else cache_fn
-    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size, cache_fn=prefill_fn,
+    logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size,
+                             cache_fn=prefill_fn,
                              prefill_attention=prefill_attention)
     # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
     eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)

@@ -1,11 +1,13 @@
-"""Hugging Face checkpoints <-> ``Llama``: local ``config.json`` + ``*.safetensors`` (single or sharded) directories.
+"""Hugging Face checkpoints <-> ``Llama``: local ``config.json`` + ``*.safetensors`` (single or sharded)
+directories.
 
 Only local directories are read or written (no hub access). The NNX parameter tree mirrors HF's module names
 (see ``llama.py``), so a tensor's HF name is its NNX path with a fixed leaf rename; matrices are transposed
-(torch ``[out, in]`` vs NNX ``[in, out]``). The model stores its decoder layers stacked (``('layers', ...)`` paths
-with a leading ``[L]`` axis); HF files hold one tensor per layer (``model.layers.{i}...``), so layer variables are
-split on export and stacked on import (``layer_entries``). Tensors are cast to the config's ``param_dtype`` on import and to a
-chosen dtype on export; exporting in the dtype it was imported in gives back the same bytes.
+(torch ``[out, in]`` vs NNX ``[in, out]``). The model stores its decoder layers stacked (``('layers', ...)``
+paths with a leading ``[L]`` axis); HF files hold one tensor per layer (``model.layers.{i}...``), so layer
+variables are split on export and stacked on import (``layer_entries``). Tensors are cast to the config's
+``param_dtype`` on import and to a chosen dtype on export; exporting in the dtype it was imported in gives
+back the same bytes.
 """
 
 import json
@@ -23,7 +25,8 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.positional import RopeConfig
 
-__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "layer_entries", "load_hf", "params_to_hf",
+__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "layer_entries", "load_hf",
+           "params_to_hf",
            "save_hf"]
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
@@ -185,7 +188,8 @@ def _to_param(array: np.ndarray, name: str, target: np.ndarray, transpose: bool)
     if transpose:
         array = array.T
     if array.shape != target.shape:
-        raise ValueError(f"tensor {name!r} has shape {array.shape} (after transpose), expected {target.shape}")
+        raise ValueError(f"tensor {name!r} has shape {array.shape} (after transpose), "
+                         f"expected {target.shape}")
     return array.astype(target.dtype)
 
 
@@ -207,7 +211,8 @@ def _check_no_unmerged_lora(model: nnx.Module) -> None:
     for path, node in nnx.iter_graph(model):
         if getattr(node, "merged", True) is False:
             raise ValueError(f"module at {'.'.join(map(str, path))} has unmerged LoRA adapters: call "
-                             "lora.merge_lora(model) before exporting, or lora.save_adapters for the adapters")
+                             "lora.merge_lora(model) before exporting, or lora.save_adapters for the "
+                             "adapters")
 
 
 def save_hf(model: Llama, path: str, *, dtype: str | None = None, max_shard_bytes: int | None = None) -> None:

@@ -1,8 +1,9 @@
-"""A Llama/Mistral-family decoder in Flax NNX: RMSNorm, SwiGLU, GQA, RoPE, dense or select-and-merge attention.
+"""A Llama/Mistral-family decoder in Flax NNX: RMSNorm, SwiGLU, GQA, RoPE, dense or select-and-merge
+attention.
 
 Attribute names mirror Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``, ``layers[i].self_attn.q_proj``,
-``mlp.gate_proj``, ``input_layernorm``, ...), so checkpoint import/export (``hf_import.py``) is a rename plus a
-transpose of each matrix: NNX kernels are ``[in, out]``, torch weights ``[out, in]``.
+``mlp.gate_proj``, ``input_layernorm``, ...), so checkpoint import/export (``hf_import.py``) is a rename plus
+a transpose of each matrix: NNX kernels are ``[in, out]``, torch weights ``[out, in]``.
 
 Decoder layers are stored stacked (every variable of ``model.layers`` has a leading ``[L]`` axis) and scanned,
 so compile time is independent of depth; ``hf_import`` and ``lora`` name tensors per layer (``layers.{i}``)
@@ -13,10 +14,10 @@ Two ways to run it:
 * ``model(tokens, positions, segment_ids=...)`` -> logits: the training/scoring path, self-attention over the
   whole sequence through ``layers.attention.attend`` (dense flash / XLA with causal + sliding-window +
   segment masks, select-and-merge, or their ring versions).
-* ``model.hidden_states(tokens, positions, caches=...)``: the inference path. Each layer appends its new k/v to
-  its ``selmerge_jax.kvcache.KVCache`` and attends over the cache (causal by stored position), so prefill can be
-  chunked and decode is one token per step with static shapes. This path is exact attention over the cache
-  whatever ``config.attention`` says; decode-time selection or eviction plugs in through ``cache_fn``
+* ``model.hidden_states(tokens, positions, caches=...)``: the inference path. Each layer appends its new k/v
+  to its ``selmerge_jax.kvcache.KVCache`` and attends over the cache (causal by stored position), so prefill
+  can be chunked and decode is one token per step with static shapes. This path is exact attention over the
+  cache whatever ``config.attention`` says; decode-time selection or eviction plugs in through ``cache_fn``
   (see ``append_and_attend``), which is where the KV-compression policies live.
 """
 
@@ -90,14 +91,16 @@ class MLP(nnx.Module):
 def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
     """Attention of q ``[B, T, N, H]`` at ``positions`` over a cache that already holds these tokens.
 
-    With a sliding window each query sees only the slots of the last ``window`` positions up to its own, decided
-    per query (``kvcache.attend(window=...)``), so chunked prefill of a prompt longer than the window is exact.
+    With a sliding window each query sees only the slots of the last ``window`` positions up to its own,
+    decided per query (``kvcache.attend(window=...)``), so chunked prefill of a prompt longer than the window
+    is exact.
     """
     return kvcache.attend(cache, q, positions, window=window)
 
 
 def append_and_attend(cache, q, k, v, positions, *, window: int | None = None):
-    """The default cache step: write the new k/v ``[B, T, K, H]``, then attend q ``[B, T, N, H]`` over the cache.
+    """The default cache step: write the new k/v ``[B, T, K, H]``, then attend q ``[B, T, N, H]`` over the
+    cache.
 
     Returns ``(out [B, T, N, H], cache)``. Anything with this signature can replace it (``cache_fn`` of
     ``Llama.hidden_states`` and ``generate``): e.g. a KV-compression policy that evicts before appending, or a
@@ -131,7 +134,8 @@ class Attention(nnx.Module):
             q, k = position_fn(q, k, positions)
             out, cache = (cache_fn or append_and_attend)(cache, q, k, v, positions, window=cfg.sliding_window)
         else:
-            out = attend(q, k, v, positions, cfg.attention_spec, position_fn=position_fn, segment_ids=segment_ids)
+            out = attend(q, k, v, positions, cfg.attention_spec, position_fn=position_fn,
+                         segment_ids=segment_ids)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -169,10 +173,11 @@ def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
 class Llama(nnx.Module):
     """Decoder-only transformer: ``tokens [B, T] -> logits [B, T, V]`` (float32).
 
-    The decoder layers are stored stacked (``self.layers``: one ``DecoderLayer`` whose variables are ``[L, ...]``)
-    and run by ``jax.lax.scan`` on the training/scoring path, so compile time does not grow with depth. The
-    inference path (``caches=...``) runs them in a Python loop over per-layer slices, because each layer owns
-    its own cache (and, for compression policies, its own budget and head classes). ``layer(i)`` is layer i.
+    The decoder layers are stored stacked (``self.layers``: one ``DecoderLayer`` whose variables are
+    ``[L, ...]``) and run by ``jax.lax.scan`` on the training/scoring path, so compile time does not grow with
+    depth. The inference path (``caches=...``) runs them in a Python loop over per-layer slices, because each
+    layer owns its own cache (and, for compression policies, its own budget and head classes). ``layer(i)`` is
+    layer i.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -182,7 +187,8 @@ class Llama(nnx.Module):
                                       embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
         self.layers = _stacked_layers(config, rngs)
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.jnp_param_dtype)
-        self.lm_head = None if config.tie_embeddings else _linear(config, config.d_model, config.vocab_size, rngs)
+        self.lm_head = None if config.tie_embeddings else _linear(config, config.d_model, config.vocab_size,
+                                                                  rngs)
 
     def __call__(self, tokens, positions=None, *, segment_ids=None) -> jax.Array:
         """Logits ``float32 [B, T, V]`` of a full causal forward (training and scoring)."""
@@ -219,7 +225,8 @@ class Llama(nnx.Module):
         if caches is None:
             return self.norm(self._scan_layers(x, positions, segment_ids)), None
         if len(caches) != self.config.num_layers:
-            raise ValueError(f"caches must hold one KVCache per layer ({self.config.num_layers}), got {len(caches)}")
+            raise ValueError("caches must hold one KVCache per layer "
+                             f"({self.config.num_layers}), got {len(caches)}")
         graphdef, state = nnx.split(self.layers)
         new_caches = []
         for i, cache in enumerate(caches):

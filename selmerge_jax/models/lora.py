@@ -6,7 +6,8 @@ kernel variable, so parameter paths (and therefore HF export names) do not chang
 RMSNorm weights (LongLoRA's recipe for long-context fine-tuning, which the select-and-merge paper follows).
 
 Adapter files use PEFT-style tensor names (``base_model.model.<hf module>.lora_A.weight`` ``[r, in]`` and
-``lora_B.weight`` ``[out, r]``) plus full tensors for trained embeddings/norms, and an ``adapter_config.json``.
+``lora_B.weight`` ``[out, r]``) plus full tensors for trained embeddings/norms, and an
+``adapter_config.json``.
 """
 
 import dataclasses
@@ -62,7 +63,8 @@ class LoRAConfig:
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
         if isinstance(self.targets, str) or not self.targets or set(self.targets) - set(TARGETS):
-            raise ValueError(f"LoRAConfig.targets={self.targets!r} must be a non-empty tuple drawn from {TARGETS}")
+            raise ValueError(f"LoRAConfig.targets={self.targets!r} must be a non-empty "
+                             f"tuple drawn from {TARGETS}")
 
     @property
     def scale(self) -> float:
@@ -72,10 +74,11 @@ class LoRAConfig:
 class LoRALinear(nnx.Module):
     """``y = x @ W (+ b) + (x @ A) @ B * alpha / r``; ``W`` is the wrapped layer's own kernel variable.
 
-    ``B`` starts at zero, so a freshly adapted model computes exactly what the base model did. The adapters are
-    float32 whatever the base's storage dtype (a bf16 7B base keeps f32 adapters and so f32 optimizer moments);
-    they are cast to the compute dtype in the matmul. A stacked base kernel ``[L, in, out]`` (the model's scanned
-    layers) gets stacked adapters ``[L, in, r]`` / ``[L, r, out]``, one independent adapter per layer.
+    ``B`` starts at zero, so a freshly adapted model computes exactly what the base model did. The adapters
+    are float32 whatever the base's storage dtype (a bf16 7B base keeps f32 adapters and so f32 optimizer
+    moments); they are cast to the compute dtype in the matmul. A stacked base kernel ``[L, in, out]`` (the
+    model's scanned layers) gets stacked adapters ``[L, in, r]`` / ``[L, r, out]``, one independent adapter
+    per layer.
     """
 
     def __init__(self, base: nnx.Linear, config: LoRAConfig, *, rngs: nnx.Rngs):
@@ -157,10 +160,12 @@ def _lora_base(name: str, config: LoRAConfig):
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Folds every adapter into its base kernel (``W += A @ B * scale``); the adapters are kept but skipped."""
+    """Folds every adapter into its base kernel (``W += A @ B * scale``); the adapters are kept but
+    skipped."""
     for _, module in _lora_modules(model):
         if not module.merged:
-            module.kernel[...] = (module.kernel[...].astype(jnp.float32) + module.delta()).astype(module.kernel.dtype)
+            merged = module.kernel[...].astype(jnp.float32) + module.delta()
+            module.kernel[...] = merged.astype(module.kernel.dtype)
             module.merged = True
     return model
 
@@ -169,13 +174,15 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
     """Inverse of ``merge_lora`` (exact up to float rounding of the add/subtract)."""
     for _, module in _lora_modules(model):
         if module.merged:
-            module.kernel[...] = (module.kernel[...].astype(jnp.float32) - module.delta()).astype(module.kernel.dtype)
+            unmerged = module.kernel[...].astype(jnp.float32) - module.delta()
+            module.kernel[...] = unmerged.astype(module.kernel.dtype)
             module.merged = False
     return model
 
 
 def _adapter_tensors(model: nnx.Module, config: LoRAConfig) -> dict[str, tuple[tuple, int | None, bool]]:
-    """``{file tensor name: (state path, layer index or None, transpose?)}`` of everything an adapter file holds.
+    """``{file tensor name: (state path, layer index or None, transpose?)}`` of everything an adapter file
+    holds.
 
     Files name one tensor per layer (PEFT's ``model.layers.{i}...``) while the model stores layers stacked.
     """
@@ -202,7 +209,8 @@ def _transposed(array, transpose: bool):
 def save_adapters(model: nnx.Module, config: LoRAConfig, path: str) -> None:
     """Writes only the trained tensors (adapters, and embeddings/norms if trained) plus the adapter config."""
     if any(m.merged for _, m in _lora_modules(model)):
-        raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before saving them")
+        raise ValueError("adapters are merged into the base weights; call "
+                         "unmerge_lora(model) before saving them")
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
     tensors = {}
     for name, (p, index, transpose) in _adapter_tensors(model, config).items():
@@ -232,7 +240,8 @@ def load_adapters(model: nnx.Module, path: str) -> LoRAConfig:
     tensors = load_file(os.path.join(path, _WEIGHTS))
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter file does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(f"adapter file does not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
     state = nnx.state(model)
     stored = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     flat = {p: np.array(jax.device_get(stored[p])) for p in {p for p, _, _ in expected.values()}}

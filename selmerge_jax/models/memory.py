@@ -71,7 +71,8 @@ def _lora_params(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> in
 def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: int | None = 16,
                  lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                  loss_chunk: int = 4096, trainable_params: int | None = None) -> TrainMemory:
-    """The estimate for one step of ``batch`` sequences of ``seq_len`` tokens; ``lora_rank=None``: full training.
+    """The estimate for one step of ``batch`` sequences of ``seq_len`` tokens; ``lora_rank=None``: full
+    training.
 
     ``trainable_params``: the number of trained parameters when it is known (a built train state); it replaces
     the count derived from ``lora_rank``/``lora_targets``.
@@ -84,7 +85,8 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
         # f32 grads + two f32 moments, and the compute-dtype copy of the weights the step casts to.
         trainable = params * (3 * 4 + (abytes if abytes != pbytes else 0))
     else:
-        count = trainable_params if trainable_params is not None else _lora_params(config, lora_rank, lora_targets)
+        count = trainable_params if trainable_params is not None else _lora_params(config, lora_rank,
+                                                                                   lora_targets)
         trainable = count * 4 * 4  # master, grad, two moments
     tokens = batch * seq_len
     d, f = config.d_model, config.ffn_dim
@@ -104,7 +106,8 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
 
 def largest_fitting_seq_len(config: ModelConfig, capacity_bytes: int, *, batch: int = 1, multiple: int = 1024,
                             **kwargs) -> int:
-    """The longest ``seq_len`` (a multiple of ``multiple``) whose estimate fits ``capacity_bytes``; 0 if none."""
+    """The longest ``seq_len`` (a multiple of ``multiple``) whose estimate fits ``capacity_bytes``; 0 if
+    none."""
     lo, hi = 0, multiple
     while train_memory(config, batch=batch, seq_len=hi, **kwargs).total <= capacity_bytes:
         lo, hi = hi, hi * 2
@@ -119,12 +122,15 @@ def largest_fitting_seq_len(config: ModelConfig, capacity_bytes: int, *, batch: 
     return lo
 
 
-def check_fits(config: ModelConfig, capacity_bytes: int, *, batch: int, seq_len: int, **kwargs) -> TrainMemory:
-    """The estimate, or a ``ValueError`` naming it and the largest ``seq_len`` that fits ``capacity_bytes``."""
+def check_fits(config: ModelConfig, capacity_bytes: int, *, batch: int, seq_len: int,
+               **kwargs) -> TrainMemory:
+    """The estimate, or a ``ValueError`` naming it and the largest ``seq_len`` that fits
+    ``capacity_bytes``."""
     estimate = train_memory(config, batch=batch, seq_len=seq_len, **kwargs)
     if estimate.total > capacity_bytes:
         fits = largest_fitting_seq_len(config, capacity_bytes, batch=batch, **kwargs)
-        raise ValueError(f"seq_len={seq_len} (batch {batch}, {config.num_layers} layers, remat={config.remat!r}) "
+        raise ValueError(f"seq_len={seq_len} (batch {batch}, {config.num_layers} layers, "
+                         f"remat={config.remat!r}) "
                          f"needs an estimated {estimate.describe()}, more than the device's "
                          f"{capacity_bytes / 2**30:.1f} GiB; the largest seq_len that fits is {fits}")
     return estimate

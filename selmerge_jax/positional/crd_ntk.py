@@ -141,14 +141,15 @@ def crd_offsets(config: CRDNTKConfig, key, batch: int, seq_len: int):
 
 
 def crd_positions(config: CRDNTKConfig, offsets, seq_len: int, base_positions=None):
-    """``int32 [B, T]``: ``base_positions + offset`` (default ``arange(T)``), modulo C when wrapping; always in
-    ``[0, C)``. Packed documents pass their own restarting positions (each in ``[0, T)``), so every document of
-    a row starts at the row's offset, exactly as a single document would."""
+    """``int32 [B, T]``: ``base_positions + offset`` (default ``arange(T)``), modulo C when wrapping; always
+    in ``[0, C)``. Packed documents pass their own restarting positions (each in ``[0, T)``), so every
+    document of a row starts at the row's offset, exactly as a single document would."""
     config.check_seq_len(seq_len)
     if base_positions is None:
         base_positions = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
     elif jnp.shape(base_positions)[-1] != seq_len:
-        raise ValueError(f"base_positions must be int [B, T={seq_len}], got shape {jnp.shape(base_positions)}")
+        raise ValueError(f"base_positions must be int [B, T={seq_len}], "
+                         f"got shape {jnp.shape(base_positions)}")
     pos = jnp.asarray(base_positions, jnp.int32) + jnp.asarray(offsets, jnp.int32)[:, None]
     return pos % config.cycle if config.wrap else pos
 

@@ -297,7 +297,8 @@ class RopeFn:
 
 
 def logn_scale(positions, length: int):
-    """``float32``, the shape of ``positions``: ``max(1, log(p + 1) / log(length))``, the log-n query scale."""
+    """``float32``, the shape of ``positions``: ``max(1, log(p + 1) / log(length))``, the log-n query
+    scale."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2 (the training length), got {length!r}")
     p = jnp.asarray(positions, jnp.float32)

@@ -104,7 +104,8 @@ class RopeConfig:
                              f"low_freq_factor={self.low_freq_factor}")
         n = self.logn_length
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-            raise ValueError(f"RopeConfig.logn_length must be None or an int >= 2 (the training length), got {n!r}")
+            raise ValueError("RopeConfig.logn_length must be None or an int >= 2 (the "
+                             f"training length), got {n!r}")
         if not isinstance(self.truncate, bool):
             raise TypeError(f"RopeConfig.truncate must be a bool, got {self.truncate!r}")
 
@@ -146,7 +147,8 @@ class RopeConfig:
         ``max_position_embeddings`` for dynamic NTK (HF reads L0 from there). ``ntk`` becomes a default RoPE
         with the scaled theta (which depends on ``head_dim``), giving HF the same frequencies."""
         if self.logn_length is not None:
-            raise ValueError(f"RopeConfig.logn_length={self.logn_length} has no Hugging Face equivalent; export "
+            raise ValueError(f"RopeConfig.logn_length={self.logn_length} has no Hugging "
+                             "Face equivalent; export "
                              "the model with logn_length=None (it is an inference rule, not a weight)")
         if self.rope_type == "default":
             return {"rope_theta": self.theta, "rope_scaling": None}

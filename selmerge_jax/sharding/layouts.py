@@ -44,7 +44,8 @@ def check_layout(layout: str) -> int:
 
 
 def chunk_order(layout: str, num_shards: int) -> np.ndarray:
-    """Global chunk index of each chunk slot in layout order (shard-major), e.g. zigzag n=2: ``[0, 3, 1, 2]``."""
+    """Global chunk index of each chunk slot in layout order (shard-major), e.g. zigzag n=2:
+    ``[0, 3, 1, 2]``."""
     if not isinstance(num_shards, int) or num_shards <= 0:
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
     if check_layout(layout) == 1:
@@ -77,7 +78,8 @@ def from_layout(x, layout: str, num_shards: int, axis: int = 1):
 
 
 def layout_order(layout: str, num_shards: int, units_per_shard: int) -> np.ndarray:
-    """Global index of every unit (token, region, group) in layout order: ``x_global = x_layout[argsort(order)]``."""
+    """Global index of every unit (token, region, group) in layout order:
+    ``x_global = x_layout[argsort(order)]``."""
     per_chunk = units_per_shard // check_layout(layout)
     chunks = chunk_order(layout, num_shards)
     slot = np.arange(num_shards * units_per_shard)
@@ -107,7 +109,8 @@ def shard_and_local_index(index, units_per_shard: int, layout: str, num_shards: 
 
 
 def local_positions(local_len: int, *, axis_name: str, layout: str = "zigzag"):
-    """``int32 [local_len]``: global positions of this shard's tokens. Call inside ``shard_map`` (e.g. RoPE)."""
+    """``int32 [local_len]``: global positions of this shard's tokens. Call inside ``shard_map`` (e.g.
+    RoPE)."""
     n = lax.axis_size(axis_name)
     check_layout(layout)
     if local_len % check_layout(layout):

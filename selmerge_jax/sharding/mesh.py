@@ -2,8 +2,8 @@
 
 * ``data``: pure data parallelism (params replicated);
 * ``fsdp``: batch sharded *and* every large parameter (and its optimizer moments) sharded along one dimension;
-* ``seq``: the sequence axis, reserved for ring attention over KV (``selmerge_jax.sharding.ring``); batches are
-  sharded along T on it.
+* ``seq``: the sequence axis, reserved for ring attention over KV (``selmerge_jax.sharding.ring``); batches
+  are sharded along T on it.
 
 Batches are sharded over ``("data", "fsdp")`` on B, so the global batch must divide by ``data * fsdp``.
 """
@@ -45,8 +45,9 @@ class MeshConfig:
 
     Attributes:
       data, fsdp, seq: axis sizes; their product must equal the device count.
-      fsdp_min_size: parameters with fewer elements stay replicated (sharding tiny vectors costs more than it saves).
-      distributed: "auto" calls ``jax.distributed.initialize()`` only when the environment says this is one
+      fsdp_min_size: parameters with fewer elements stay replicated (sharding tiny vectors costs more than it
+      saves). distributed: "auto" calls ``jax.distributed.initialize()`` only when the environment says this
+      is one
         process of several; "on" always; "off" never.
     """
 
@@ -63,7 +64,8 @@ class MeshConfig:
                 raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {value!r}")
         if sum(v == -1 for v in sizes.values()) > 1:
             raise ValueError(f"MeshConfig: at most one axis may be -1, got {sizes}")
-        if isinstance(self.fsdp_min_size, bool) or not isinstance(self.fsdp_min_size, int) or self.fsdp_min_size < 0:
+        if isinstance(self.fsdp_min_size, bool) or not isinstance(self.fsdp_min_size,
+                                                                  int) or self.fsdp_min_size < 0:
             raise ValueError(f"MeshConfig.fsdp_min_size must be an int >= 0, got {self.fsdp_min_size!r}")
         if self.distributed not in ("auto", "on", "off"):
             raise ValueError(f"MeshConfig.distributed={self.distributed!r}; allowed: 'auto', 'on', 'off'")
@@ -86,7 +88,8 @@ def _looks_multihost() -> bool:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1:
         return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE",
+                                                                              "1")) > 1
 
 
 def initialize_distributed(config: MeshConfig) -> bool:
@@ -113,13 +116,15 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh, seq_len: int | None = None) -> NamedSharding:
-    """B over ``("data", "fsdp")``, T over ``"seq"`` (unless ``seq_len`` does not divide, e.g. ``T+1`` tokens)."""
+    """B over ``("data", "fsdp")``, T over ``"seq"`` (unless ``seq_len`` does not divide, e.g. ``T+1``
+    tokens)."""
     shard_t = seq_len is None or seq_len % mesh.shape["seq"] == 0
     return NamedSharding(mesh, P(("data", "fsdp"), "seq" if shard_t else None))
 
 
 def param_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**18) -> NamedSharding:
-    """Shards the largest dimension divisible by the fsdp size over ``"fsdp"``; small or odd arrays replicate."""
+    """Shards the largest dimension divisible by the fsdp size over ``"fsdp"``; small or odd arrays
+    replicate."""
     n = mesh.shape["fsdp"]
     if n == 1 or math.prod(shape) < min_size:
         return NamedSharding(mesh, P())

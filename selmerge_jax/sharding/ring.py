@@ -133,7 +133,8 @@ def _ring_bwd(step_fn, axis_name, strategy, res, cts):
         origin = (me - step) % n
         kv = _fetch(kv, gathered, origin, axis_name)
         if gathered is None:
-            dkv = lax.ppermute(dkv, axis_name, _shift(n))  # the accumulator travels with the K/V it belongs to
+            # the accumulator travels with the K/V it belongs to
+            dkv = lax.ppermute(dkv, axis_name, _shift(n))
         dq_s, dkv_s = grads(False, origin, q, kv, aux)
         dkv = dkv + dkv_s if gathered is None else dkv.at[origin].add(dkv_s)
         return (kv, dq + dq_s, dkv), None
@@ -247,7 +248,8 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str 
     """
     check_qkv(q, k, v)
     if k.shape[1] != q.shape[1]:
-        raise ValueError(f"ring_attention needs equal local q and kv lengths, got {q.shape[1]} and {k.shape[1]}")
+        raise ValueError("ring_attention needs equal local q and kv lengths, got "
+                         f"{q.shape[1]} and {k.shape[1]}")
     if q.shape[1] % check_layout(layout):
         raise ValueError(f"layout='zigzag' needs an even local length, got T_local={q.shape[1]}")
     if not isinstance(block_size, int) or block_size <= 0:

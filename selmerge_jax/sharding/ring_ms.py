@@ -18,11 +18,12 @@ so select-and-merge work is already balanced and the zig-zag split buys little):
   XLA's scheduling of the scan), so it wins when only T/n of KV fits, or when selection touches few shards
   (a skipped step costs a hop and no compute). With the pure-JAX block-sparse op every non-skipped step
   pays for ``min(M, R_local)`` blocks per group whether or not they are valid; the Pallas kernels walk only
-  valid blocks, so there the total work equals single-device ``ms_attention``. ``strategy="allgather"`` gathers K/V once (n x KV memory: 2*T*K*H elements) and has no
-  chain of dependent hops; it wins when KV is small (GQA, short T, few devices) or hops are latency-bound
-  (many devices, small shards). Gathering only the selected blocks instead of all of K/V does not pay: the
-  union of blocks selected by all heads and groups of a shard covers most of every earlier shard once
-  ``P * Q_local * M`` exceeds R_local, which it does at any useful size.
+  valid blocks, so there the total work equals single-device ``ms_attention``. ``strategy="allgather"``
+  gathers K/V once (n x KV memory: 2*T*K*H elements) and has no chain of dependent hops; it wins when KV is
+  small (GQA, short T, few devices) or hops are latency-bound (many devices, small shards). Gathering only the
+  selected blocks instead of all of K/V does not pay: the union of blocks selected by all heads and groups of
+  a shard covers most of every earlier shard once ``P * Q_local * M`` exceeds R_local, which it does at any
+  useful size.
 
 Centroids (merged KV) use all-gathered mean-K/mean-V per region (again T/W vectors) and are merged after the
 ring. Sequences must be exact multiples of the shard's chunks of ``block_size * merge`` (no internal padding).
@@ -75,12 +76,14 @@ def shard_plan_rows(q, k, config: MSAttentionConfig, *, axis_name: str, layout: 
 
 
 def _step_plan(rows, origin, first: bool, *, config: MSAttentionConfig, layout: str, n: int, regions: int):
-    """The rows' entries in ``origin``'s shard, as that shard's local regions, compacted to min(M, R_local)."""
+    """The rows' entries in ``origin``'s shard, as that shard's local regions, compacted to min(M,
+    R_local)."""
     shard, local = shard_and_local_index(rows, regions, layout, n)
     keep = (rows >= 0) & (shard == origin)
     slots = min(rows.shape[-1], regions)
     local = jnp.sort(jnp.where(keep, local, regions), axis=-1)[..., :slots]  # kept entries first
-    plan = SelectionPlan(jnp.where(local == regions, -1, local).astype(jnp.int32), block_size=config.block_size,
+    plan = SelectionPlan(jnp.where(local == regions, -1, local).astype(jnp.int32),
+                         block_size=config.block_size,
                          merge=config.merge, causal=config.causal and first, include_local=first)
     return plan, jnp.any(keep)
 
@@ -89,11 +92,13 @@ def _ms_step(first, origin, q, k, v, rows, *, config, layout, axis_name, scale, 
     n = lax.axis_size(axis_name)
     plan, needed = _step_plan(rows, origin, first, config=config, layout=layout, n=n,
                               regions=k.shape[1] // config.block_size)
-    attend = partial(block_sparse_attention, plan=plan, scale=scale, return_lse=True, implementation=implementation)
+    attend = partial(block_sparse_attention, plan=plan, scale=scale, return_lse=True,
+                     implementation=implementation)
     if first:  # the local block is always there
         return attend(q, k, v)
 
-    return lax.cond(needed, lambda q_, k_, v_: attend(q_, k_, v_), lambda q_, k_, v_: empty_partial(q_), q, k, v)
+    return lax.cond(needed, lambda q_, k_, v_: attend(q_, k_, v_), lambda q_, k_, v_: empty_partial(q_), q, k,
+                    v)
 
 
 def _centroid_partial(q, k, v, rows, config: MSAttentionConfig, *, axis_name, layout, scale):
@@ -106,7 +111,8 @@ def _centroid_partial(q, k, v, rows, config: MSAttentionConfig, *, axis_name, la
     j = jnp.arange(r)
     cand = j < start if config.causal else (j < start) | (j >= start + merge)  # [Q_local, R]
     hit = jnp.zeros(rows.shape[:3] + (r + 1,), bool)
-    bi, pi, qi = (np.arange(d).reshape([-1 if a == i else 1 for a in range(4)]) for i, d in enumerate(rows.shape[:3]))
+    bi, pi, qi = (np.arange(d).reshape([-1 if a == i else 1 for a in range(4)]) for i,
+                  d in enumerate(rows.shape[:3]))
     hit = hit.at[bi, pi, qi, jnp.where(rows >= 0, rows, r)].set(True)  # -1 -> the spare slot r
     use = jnp.repeat(lax.stop_gradient(cand & ~hit[..., :r]), n // p, axis=1)  # [B, N, Q_local, R]
     qg = q.reshape(b, -1, config.group_tokens, kv_heads, n // kv_heads, h).astype(_F32)
@@ -117,7 +123,8 @@ def _centroid_partial(q, k, v, rows, config: MSAttentionConfig, *, axis_name, la
     pr = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     den = pr.sum(-1, keepdims=True)
     out = jnp.einsum("bkgqlr,brkh->bqlkgh", pr / jnp.where(den == 0, 1.0, den), vc).reshape(b, t, n, h)
-    lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(den[..., 0] > 0, den[..., 0], 1.0)), -jnp.inf)
+    lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(den[..., 0] > 0, den[..., 0], 1.0)),
+                    -jnp.inf)
     return out, jnp.moveaxis(lse.reshape(b, kv_heads * (n // kv_heads), t), 1, 2)
 
 
@@ -130,7 +137,8 @@ def _check(q, k, v, config: MSAttentionConfig, layout: str, selection_q, selecti
         raise ValueError(f"ring_ms_attention is self-attention: local q length {t} != k length {k.shape[1]}")
     unit = check_layout(layout) * config.group_tokens
     if t % unit:
-        raise ValueError(f"local length T_local={t} must be a multiple of {unit} (layout {layout!r} chunks of "
+        raise ValueError(f"local length T_local={t} must be a multiple of {unit} "
+                         f"(layout {layout!r} chunks of "
                          f"block_size*merge={config.group_tokens}); pad the sequence before sharding")
     for name, x, ref in (("selection_q", selection_q, q), ("selection_k", selection_k, k)):
         if x is not None and x.shape != ref.shape:
@@ -138,7 +146,8 @@ def _check(q, k, v, config: MSAttentionConfig, layout: str, selection_q, selecti
 
 
 def ring_ms_attention(q, k, v, config: MSAttentionConfig, *, axis_name: str, layout: str = "contiguous",
-                      strategy: Strategy = "ring", selection_q=None, selection_k=None, scale: float | None = None,
+                      strategy: Strategy = "ring", selection_q=None, selection_k=None,
+                      scale: float | None = None,
                       implementation=None, return_rows: bool = False):
     """Select-and-merge attention of the local shard over the whole sequence; call inside ``jax.shard_map``.
 
@@ -163,7 +172,8 @@ def ring_ms_attention(q, k, v, config: MSAttentionConfig, *, axis_name: str, lay
                       implementation=implementation)
     out, lse = ring_partials(step_fn, q, k, v, rows, axis_name=axis_name, strategy=strategy)
     if config.centroids:
-        out_c, lse_c = _centroid_partial(q, k, v, rows, config, axis_name=axis_name, layout=layout, scale=scale)
+        out_c, lse_c = _centroid_partial(q, k, v, rows, config, axis_name=axis_name, layout=layout,
+                                         scale=scale)
         out = merge_partials(out.astype(_F32), lse, out_c, lse_c)[0].astype(q.dtype)
     return (out, rows) if return_rows else out
 

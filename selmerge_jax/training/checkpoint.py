@@ -1,18 +1,20 @@
-"""Orbax checkpoints of a whole training run: ``TrainState`` (model, optimizer, step, RNG) + data iterator state.
+"""Orbax checkpoints of a whole training run: ``TrainState`` (model, optimizer, step, RNG) + data iterator
+state.
 
 The only module of the package that imports orbax. One ``Checkpointer`` wraps an ``ocp.CheckpointManager``:
 
-* items per step: ``state`` (arrays, as a nested dict keyed by the pytree path so checkpoints stay readable and
-  independent of pytree node classes), ``data`` (the iterator's ``get_state()``, JSON) and ``meta`` (JSON: the
-  config and anything else the caller wants kept with the weights);
+* items per step: ``state`` (arrays, as a nested dict keyed by the pytree path so checkpoints stay readable
+  and independent of pytree node classes), ``data`` (the iterator's ``get_state()``, JSON) and ``meta`` (JSON:
+  the config and anything else the caller wants kept with the weights);
 * atomic: orbax writes a step into a temporary folder and renames it only once every item is on disk, and
-  ``latest_step`` lists finalized steps only, so a process killed mid-write leaves nothing that restores and the
-  previous checkpoint is used;
+  ``latest_step`` lists finalized steps only, so a process killed mid-write leaves nothing that restores and
+  the previous checkpoint is used;
 * the newest ``keep`` are kept; saving can be asynchronous (training continues while arrays are written).
 
-Beside it, what guards and reads a run's checkpoints: :func:`config_changes` (resume refuses a checkpoint written
-under another experiment config), :class:`InitConfig` (where a fine-tune or inference run takes its weights)
-and :func:`restore_model` (a run's trained model, params only, rebuilt from the config stored with it).
+Beside it, what guards and reads a run's checkpoints: :func:`config_changes` (resume refuses a checkpoint
+written under another experiment config), :class:`InitConfig` (where a fine-tune or inference run takes its
+weights) and :func:`restore_model` (a run's trained model, params only, rebuilt from the config stored with
+it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from selmerge_jax.training.config import OptimizerConfig, TrainConfig
 from selmerge_jax.training.optimizer import build_optimizer
 from selmerge_jax.training.train_step import init_train_state
 
-__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree", "restore_model",
+__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree",
+           "restore_model",
            "stack_layer_entries", "stored_meta", "tree_to_nested"]
 
 
@@ -171,7 +174,8 @@ class Checkpointer:
         return self._manager.save(step, args=args, force=True)
 
     def restore(self, target, step: int | None = None):
-        """Returns ``(state, data_state, meta)`` of ``step`` (default newest), shaped and sharded like ``target``.
+        """Returns ``(state, data_state, meta)`` of ``step`` (default newest), shaped and sharded like
+        ``target``.
 
         ``target`` is a state of the same structure (concrete arrays or ``jax.ShapeDtypeStruct`` leaves); its
         shardings decide where restored arrays live.
@@ -182,7 +186,8 @@ class Checkpointer:
         abstract = tree_to_nested(jax.tree.map(_abstract, target))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
             state = nested_to_tree(restored["state"], target)
         except (ValueError, KeyError, TypeError) as error:
             restored, state = self._restore_per_layer(step, target, error)
@@ -190,7 +195,8 @@ class Checkpointer:
 
     def _restore_per_layer(self, step: int, target, error: Exception):
         """A checkpoint of the model's earlier layout, one subtree per layer (``layers/0/...``), restored into
-        today's stacked layers (``layers/...`` with a leading ``[L]`` axis); anything else re-raises ``error``."""
+        today's stacked layers (``layers/...`` with a leading ``[L]`` axis); anything else re-raises
+        ``error``."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         stacked = stack_layer_entries(restored["state"])
@@ -204,7 +210,8 @@ class Checkpointer:
         return restored, state
 
     def read_meta(self, step: int | None = None) -> dict:
-        """Only the JSON ``meta`` of a checkpoint (e.g. the config needed to rebuild the model before restore)."""
+        """Only the JSON ``meta`` of a checkpoint (e.g. the config needed to rebuild the model before
+        restore)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
@@ -228,12 +235,14 @@ class Checkpointer:
 
 # What a resumed run may change: its length and bookkeeping, where files live, the device mesh. Anything else
 # (model, data mix, optimizer, seed, CRD schedule...) makes "resume" continue a different experiment.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.progress",
                      "train.output_dir", "checkpoint.", "mesh.", "init.", "data.data_dir", "data.train_npy",
                      "data.validation_npy")
 
 
-def config_changes(stored: Mapping, current: Mapping, allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
+def config_changes(stored: Mapping, current: Mapping,
+                   allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
     """Dotted keys whose values differ between two ``config_to_dict`` trees, leaving out ``allowed`` keys and
     prefixes (ending in '.'); tuples and lists compare equal.
 

@@ -9,7 +9,8 @@ __all__ = ["CheckpointConfig", "OptimizerConfig", "TrainConfig"]
 
 
 def _check_int(owner: str, name: str, value, low: int, high: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None
+                                                                                and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{owner}.{name} must be an int {bound}, got {value!r}")
 
@@ -73,7 +74,8 @@ class TrainConfig:
       batch_size: sequences per optimizer step, all devices and micro-batches together.
       seq_len: tokens per sequence the model sees (inputs; targets are the same tokens shifted by one).
       seed: model init, data order and dropout all derive from it.
-      compute_dtype: "float32" or "bfloat16" (params and optimizer state stay float32; the forward and backward
+      compute_dtype: "float32" or "bfloat16" (params and optimizer state stay float32; the forward and
+      backward
         run in this dtype; the loss is computed in float32).
       trainable: "all" parameters, or only the "lora" adapters (the base stays frozen and is not in the
         optimizer state).

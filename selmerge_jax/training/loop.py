@@ -1,8 +1,9 @@
 """The training loop: resume, step, log, evaluate, checkpoint; everything else is in the pure step functions.
 
 ``train`` owns the side effects and nothing else: it builds the optimizer and the ``(graphdef, TrainState)``,
-restores the newest checkpoint (state *and* data-iterator position) when there is one, then runs optimizer steps
-until ``train.steps``. Metrics sync with the device only every ``log_every`` steps, so the host keeps queueing work.
+restores the newest checkpoint (state *and* data-iterator position) when there is one, then runs optimizer
+steps until ``train.steps``. Metrics sync with the device only every ``log_every`` steps, so the host keeps
+queueing work.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh, trainab
     return tx, schedule, graphdef, state
 
 
-def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None) -> tuple[TrainState, int | None]:
+def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None) -> tuple[TrainState,
+                                                                                        int | None]:
     step = ckpt.latest_step()
     if step is None:
         return state, None
@@ -124,7 +126,8 @@ class _Interval:
         now = time.perf_counter()
         elapsed, steps = now - self.start, len(values)
         tokens = sum(float(m["tokens"]) for m in values)
-        out = {"loss": float(np.mean([m["loss"] for m in values])), "grad_norm": float(values[-1]["grad_norm"]),
+        out = {"loss": float(np.mean([m["loss"] for m in values])),
+               "grad_norm": float(values[-1]["grad_norm"]),
                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps}
         if "learning_rate" in values[-1]:
             out["learning_rate"] = float(values[-1]["learning_rate"])
@@ -163,7 +166,8 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
       eval_batches: returns a fresh iterable of validation batches each time it is called.
       mesh: a ``("data", "fsdp", "seq")`` mesh (``selmerge_jax.sharding.mesh``); None = default device.
       forward: ``forward(model, {"tokens", ["positions"], ["segment_ids"]}, StepContext) -> logits``.
-      batch_transform: ``(host_batch, step) -> host_batch`` before the step (e.g. CRD NTK positions); it must be
+      batch_transform: ``(host_batch, step) -> host_batch`` before the step (e.g. CRD NTK positions); it must
+      be
         a deterministic function of its arguments for resume to be exact.
       meta: JSON kept with every checkpoint (e.g. the experiment config).
       trainable: an NNX filter of the trained variables (default from ``train.trainable``).
@@ -176,7 +180,8 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
     resumed = None
     if checkpoint.resume:
         state, resumed = _resume(ckpt, state, batches, meta)
-    step_fn = make_train_step(graphdef, tx, schedule=schedule, accumulation_steps=optimizer.accumulation_steps,
+    step_fn = make_train_step(graphdef, tx, schedule=schedule,
+                              accumulation_steps=optimizer.accumulation_steps,
                               compute_dtype=train.compute_dtype, forward=forward)
     eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=eval_forward or forward)
     writer = MetricsWriter(train.output_dir)
@@ -184,7 +189,8 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
     progress = Progress(step, train.steps, enabled=train.progress)
     history, evals = [], []
     context = contextlib.ExitStack()
-    if mesh is not None:  # attention="ring"/"ring_ms" find the mesh through jax.set_mesh (models take no mesh)
+    # attention="ring"/"ring_ms" find the mesh through jax.set_mesh (models take no mesh)
+    if mesh is not None:
         context.enter_context(jax.set_mesh(mesh))
     try:
         interval = _Interval()

@@ -25,13 +25,15 @@ def _scalar(value):
 
 
 class MetricsWriter:
-    """Appends ``{"step": s, **scalars}`` lines to ``<directory>/metrics.jsonl`` and mirrors them to TensorBoard.
+    """Appends ``{"step": s, **scalars}`` lines to ``<directory>/metrics.jsonl`` and mirrors them to
+    TensorBoard.
 
-    Appending (not truncating) keeps the lines of a run that was killed and resumed in one file; readers take the
-    last line of each step (see :func:`read_jsonl`).
+    Appending (not truncating) keeps the lines of a run that was killed and resumed in one file; readers take
+    the last line of each step (see :func:`read_jsonl`).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True,
+                 filename: str = "metrics.jsonl"):
         self.directory = os.fspath(directory)
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(self.directory, filename)
@@ -74,7 +76,8 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | os.PathLike, key: str | None = None) -> dict[int, dict]:
-    """``{step: record}`` from a metrics file; a step written twice (run resumed before it) keeps its last line.
+    """``{step: record}`` from a metrics file; a step written twice (run resumed before it) keeps its last
+    line.
 
     With ``key``, only records holding that key are returned.
     """
@@ -89,7 +92,8 @@ def read_jsonl(path: str | os.PathLike, key: str | None = None) -> dict[int, dic
 
 
 class Progress:
-    """tqdm bar over optimizer steps ``[start, total)``; ``update`` shows loss and tokens/s, tqdm gives ETA."""
+    """tqdm bar over optimizer steps ``[start, total)``; ``update`` shows loss and tokens/s, tqdm gives
+    ETA."""
 
     def __init__(self, start: int, total: int, *, enabled: bool = True, desc: str = "train"):
         self._bar = None

@@ -1,14 +1,15 @@
 """A jitted train step on ``nnx.split`` state: next-token loss, grad accumulation, bf16 compute, optax update.
 
-The model lives as ``(graphdef, TrainState)``: ``params`` are the trainable variables (all ``nnx.Param`` or only
-the LoRA adapters), ``rest`` everything else (a frozen base, RNG counters). Every step is a pure function of
-``(state, batch)``, so the step, the optimizer and the RNG all live in one pytree that a checkpoint saves and
-restores bit-for-bit.
+The model lives as ``(graphdef, TrainState)``: ``params`` are the trainable variables (all ``nnx.Param`` or
+only the LoRA adapters), ``rest`` everything else (a frozen base, RNG counters). Every step is a pure function
+of ``(state, batch)``, so the step, the optimizer and the RNG all live in one pytree that a checkpoint saves
+and restores bit-for-bit.
 
 Batches are dicts of host or device arrays: either ``tokens int[B, T+1]`` (inputs are ``tokens[:, :-1]``,
 targets ``tokens[:, 1:]``) or ``inputs``/``targets int[B, T]`` (the grain pipeline's format); optional
-``loss_mask`` (or ``mask``) ``[B, T]`` (1 = count the target in the loss; other values weight it), and ``positions``/``segment_ids``
-``int[B, T]``, which are handed to the model (e.g. CRD NTK's cycled positions, packed-document masking).
+``loss_mask`` (or ``mask``) ``[B, T]`` (1 = count the target in the loss; other values weight it), and
+``positions``/``segment_ids`` ``int[B, T]``, which are handed to the model (e.g. CRD NTK's cycled positions,
+packed-document masking).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ __all__ = [
 
 
 class StepContext(NamedTuple):
-    """What a forward may need besides the batch: the optimizer step (traced) and a key unique to this step and
-    micro-batch (e.g. CRD NTK's stage and random offsets), both replayed exactly on resume."""
+    """What a forward may need besides the batch: the optimizer step (traced) and a key unique to this step
+    and micro-batch (e.g. CRD NTK's stage and random offsets), both replayed exactly on resume."""
 
     step: jax.Array
     key: jax.Array
@@ -98,8 +99,8 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, tra
 
 
 def split_batch(batch) -> tuple[dict, jax.Array, jax.Array]:
-    """``(model_inputs, targets [B,T], mask float32 [B,T])``; model_inputs holds ``tokens`` and, when the batch
-    has them, ``positions`` and ``segment_ids``."""
+    """``(model_inputs, targets [B,T], mask float32 [B,T])``; model_inputs holds ``tokens`` and, when the
+    batch has them, ``positions`` and ``segment_ids``."""
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
     if "tokens" in batch:
@@ -110,7 +111,8 @@ def split_batch(batch) -> tuple[dict, jax.Array, jax.Array]:
     elif "inputs" in batch and "targets" in batch:
         inputs, targets = batch["inputs"], batch["targets"]
         if inputs.shape != targets.shape or inputs.ndim != 2:
-            raise ValueError(f"batch inputs/targets must both be [B, T], got {inputs.shape} / {targets.shape}")
+            raise ValueError(f"batch inputs/targets must both be [B, T], "
+                             f"got {inputs.shape} / {targets.shape}")
     else:
         raise ValueError(f"batch needs 'tokens' or 'inputs' + 'targets', got keys {sorted(batch)}")
     mask = batch.get("loss_mask", batch.get("mask"))
@@ -159,7 +161,8 @@ def chunked_cross_entropy(hidden: HiddenStates, targets, mask, chunk: int) -> tu
     def body(total, xs):
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (to_chunks(h), to_chunks(targets), to_chunks(mask)))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (to_chunks(h), to_chunks(targets), to_chunks(mask)))
     return total, jnp.sum(mask)
 
 
@@ -197,13 +200,15 @@ def _microbatches(parts, accumulation_steps: int):
     """``[A*b, ...]`` -> ``[A, b, ...]`` for a scan over micro-batches."""
     def split(x):
         if x.shape[0] % accumulation_steps:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulation_steps={accumulation_steps}")
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by "
+                             f"accumulation_steps={accumulation_steps}")
         return x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:])
     return jax.tree.map(split, parts)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
-                    accumulation_steps: int = 1, compute_dtype=jnp.float32, forward: Forward = default_forward,
+                    accumulation_steps: int = 1, compute_dtype=jnp.float32,
+                    forward: Forward = default_forward,
                     loss_chunk: int = DEFAULT_LOSS_CHUNK, donate: bool = True):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; metrics are float32 scalars.
 
@@ -224,7 +229,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
             grads, loss_sum = carry
             index, mb = xs
             ctx = StepContext(state.step, jax.random.fold_in(step_key, index))
-            g, ls = grad_fn(state.params, state.rest, graphdef, mb, ctx, total, compute_dtype, forward, loss_chunk)
+            g, ls = grad_fn(state.params, state.rest, graphdef, mb, ctx, total, compute_dtype, forward,
+                            loss_chunk)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + ls), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -232,7 +238,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, schedule: opt
         (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # Tokens counted, not summed weights: a weighted loss_mask (passkey answers) must not inflate tokens/s.
+        # Tokens counted, not summed weights: a weighted loss_mask (passkey answers) must not inflate
+        # tokens/s.
         metrics = {"loss": loss_sum / total, "grad_norm": _global_norm(grads), "tokens": jnp.sum(mask > 0)}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -260,4 +267,5 @@ def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = de
 
 def _check_loss_chunk(loss_chunk) -> None:
     if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk <= 0:
-        raise ValueError(f"loss_chunk={loss_chunk!r}: must be a positive int (tokens per cross-entropy chunk)")
+        raise ValueError(f"loss_chunk={loss_chunk!r}: must be a positive int "
+                         "(tokens per cross-entropy chunk)")
