@@ -23,7 +23,7 @@ def _qkv(key, b=1, t=32, s=None, n=4, kh=2, h=8):
 def _naive(q, k, v, mask):
     """Per-head loops in numpy float64: nothing shared with the code under test."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, t, n, h = q.shape
+    b, _, n, h = q.shape
     g = n // k.shape[2]
     out = np.zeros_like(q)
     for bi in range(b):
@@ -139,7 +139,7 @@ def test_plan_and_input_validation(key):
     plan = dense_causal_plan(1, 2, 32, block_size=8)
     with pytest.raises(ValueError, match="q length 16"):
         block_sparse_attention(q[:, :16], k[:, :16], v[:, :16], plan)
-    with pytest.raises(ValueError, match="plan.kv_regions"):
+    with pytest.raises(ValueError, match=r"plan\.kv_regions"):
         block_sparse_attention(q, k, v, dense_causal_plan(1, 3, 32, block_size=8))
     with pytest.raises(TypeError, match="integer"):
         block_sparse_attention(q, k, v,

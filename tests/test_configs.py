@@ -77,9 +77,9 @@ def test_bad_keys_and_values_name_their_path(override, message):
 
 
 def test_cross_section_checks():
-    with pytest.raises(ConfigError, match="document_masking needs model.attention='dense'"):
+    with pytest.raises(ConfigError, match=r"document_masking needs model\.attention='dense'"):
         load_experiment(PretrainConfig, DEMO, ["data.document_masking=true"])
-    with pytest.raises(ConfigError, match="must be a multiple of optimizer.accumulation_steps=3"):
+    with pytest.raises(ConfigError, match=r"must be a multiple of optimizer\.accumulation_steps=3"):
         load_experiment(PretrainConfig, DEMO, ["optimizer.accumulation_steps=3"])
     finetune = str(CONFIGS[0].parent / "finetune.yaml")
     with pytest.raises(ConfigError, match="use 'lora' exactly when a lora section is given"):
@@ -98,7 +98,7 @@ def test_overrides_merge_into_presets_and_parse_yaml_values():
     assert cfg.train.steps == 7 and cfg.optimizer.clip_norm is None
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x", "d.e=2"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
-    with pytest.raises(ConfigError, match="must look like key.path=value"):
+    with pytest.raises(ConfigError, match=r"must look like key\.path=value"):
         parse_override("train.steps")
 
 
@@ -121,11 +121,11 @@ def test_loader_types():
     assert cfg.inner.sizes == (1, 2, 3) and cfg.inner.pair == (4, "b") and cfg.inner.maybe == 2.0
     with pytest.raises(ConfigError, match=r"inner.sizes\[1\]: expected an int, got 'x'"):
         from_dict(_Outer, {"inner": {"sizes": [1, "x"]}})
-    with pytest.raises(ConfigError, match="inner.pair: expected 2 items, got 1"):
+    with pytest.raises(ConfigError, match=r"inner\.pair: expected 2 items, got 1"):
         from_dict(_Outer, {"inner": {"pair": [1]}})
     with pytest.raises(ConfigError, match="inner: expected a mapping for _Inner, got 3"):
         from_dict(_Outer, {"inner": 3})
-    with pytest.raises(ConfigError, match="inner.kind: 'z' is not allowed"):
+    with pytest.raises(ConfigError, match=r"inner\.kind: 'z' is not allowed"):
         from_dict(_Outer, {"inner": {"kind": "z"}})
 
 

@@ -144,7 +144,7 @@ def test_passkey_answer_weight_bad_values(tokens, weight):
 
 
 def test_data_config_answer_weight_needs_npy():
-    with pytest.raises(ValueError, match="passkey_answer_weight=5.0 needs train_npy"):
+    with pytest.raises(ValueError, match=r"passkey_answer_weight=5\.0 needs train_npy"):
         DataConfig(passkey_ratio=0.3, passkey_answer_weight=5.0)
 
 

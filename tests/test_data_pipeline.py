@@ -159,7 +159,7 @@ def test_hf_tokenizer_through_the_pipeline(tmp_path):
 def test_token_windows_resume_shapes_and_epochs():
     tokens = tokenize_documents(DOCS, TOK)
     assert tokens.dtype == np.uint16 and len(tokens) == sum(len(d.encode()) + 2 for d in DOCS)
-    make = lambda: TokenWindows(tokens, seq_len=64, batch_size=4, bos_id=TOK.bos_id, seed=1)  # noqa: E731
+    make = lambda: TokenWindows(tokens, seq_len=64, batch_size=4, bos_id=TOK.bos_id, seed=1)
     it = make()
     _take(it, 7)
     state = json.loads(json.dumps(it.get_state()))

@@ -51,11 +51,11 @@ def test_passkey_errors():
         passkey_example(TOK, 100, 0.5, 1)
     with pytest.raises(ValueError, match="depth"):
         passkey_example(TOK, 1000, 1.5, 1)
-    with pytest.raises(ValueError, match="PasskeyConfig.length"):
+    with pytest.raises(ValueError, match=r"PasskeyConfig\.length"):
         PasskeyConfig(length=0)
-    with pytest.raises(ValueError, match="PasskeyConfig.depth"):
+    with pytest.raises(ValueError, match=r"PasskeyConfig\.depth"):
         PasskeyConfig(length=500, depth=-0.1)
-    with pytest.raises(ValueError, match="KVRecallConfig.key_chars"):
+    with pytest.raises(ValueError, match=r"KVRecallConfig\.key_chars"):
         KVRecallConfig(length=500, key_chars=2)
 
 

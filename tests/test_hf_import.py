@@ -162,7 +162,7 @@ def test_missing_tensor_is_named(tmp_path, tiny_model):
 def test_unexpected_tensor_is_named(tmp_path, tiny_model):
     path = _corrupt(tmp_path, tiny_model,
                     lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(ValueError, match="unexpected tensors.*layers.9.extra"):
+    with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.9\.extra"):
         load_hf(path)
 
 
@@ -175,7 +175,7 @@ def test_legacy_rotary_buffers_are_ignored(tmp_path, tiny_model):
 
 def test_wrong_shape_is_named(tmp_path, tiny_model):
     path = _corrupt(tmp_path, tiny_model, lambda t: t.update({"model.norm.weight": np.ones(31, np.float32)}))
-    with pytest.raises(ValueError, match="'model.norm.weight' has shape"):
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape"):
         load_hf(path)
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from selmerge_jax.kernels.block_sparse_attention import (
     SelectionPlan,
     block_sparse_attention,

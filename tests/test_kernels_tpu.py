@@ -4,10 +4,6 @@ transposed-plan step list. Shares inputs and cached reference results with ``tes
 import jax
 import numpy as np
 import pytest
-from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention
-from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_tpu import block_sparse_attention_mosaic_tpu
-from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec
-from selmerge_jax.kernels.block_sparse_attention.transpose import transpose_plan_steps
 from test_kernels_triton import (
     assert_close,
     check_empty_row_and_nan,
@@ -17,6 +13,11 @@ from test_kernels_triton import (
     reference_case,
     reference_fn,
 )
+
+from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention
+from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_tpu import block_sparse_attention_mosaic_tpu
+from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec
+from selmerge_jax.kernels.block_sparse_attention.transpose import transpose_plan_steps
 
 
 def _kernel(plan, interpret=True):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from selmerge_jax.kernels.block_sparse_attention import (
     SelectionPlan,
     block_sparse_attention,
@@ -181,9 +182,8 @@ def test_native_gpu_bf16_matches_reference(per_kv):
 def test_ms_attention_default_dispatch_picks_pallas_triton_on_gpu(monkeypatch):
     """``ms_attention(..., implementation=None)`` (and the layer's "pallas") reaches the Triton kernel on
     GPU."""
-    from selmerge_jax.kernels.block_sparse_attention import api
-
     from selmerge_jax.attention import MSAttentionConfig, ms_attention
+    from selmerge_jax.kernels.block_sparse_attention import api
 
     calls = []
 

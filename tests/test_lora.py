@@ -116,7 +116,7 @@ def test_load_rejects_mismatched_adapters(adapted, tmp_path):
     save_adapters(model, CFG, str(tmp_path))
     other = apply_lora(Llama(SMALL, rngs=nnx.Rngs(0)), LoRAConfig(rank=4, targets=("k_proj",)),
                        rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="missing .*k_proj.lora_A"):
+    with pytest.raises(ValueError, match=r"missing .*k_proj\.lora_A"):
         load_adapters(other, str(tmp_path))
 
 

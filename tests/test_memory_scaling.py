@@ -2,6 +2,7 @@
 run)."""
 
 import importlib.util
+import itertools
 import pathlib
 
 import pytest
@@ -17,7 +18,7 @@ def test_ms_memory_linear_dense_quadratic(backward, tmp_path):
     args = ["--lengths", "2048,4096,8192", "--block-size", "32", "--top-k", "8", "--heads", "2",
             "--head-dim", "32", "--out", str(tmp_path / "m.jsonl")] + (["--backward"] if backward else [])
     rows = memory_scaling.main(args)
-    for small, big in zip(rows, rows[1:]):
+    for small, big in itertools.pairwise(rows):
         assert big["ms_bytes"] / small["ms_bytes"] < 2.3  # linear (+ constant overhead)
         assert big["dense_bytes"] / small["dense_bytes"] > 3.5  # quadratic
     assert rows[-1]["dense_bytes"] > 10 * rows[-1]["ms_bytes"]

@@ -11,10 +11,10 @@ from jax.test_util import check_grads
 
 from selmerge_jax.attention import MSAttentionConfig, dense_attention, select_regions
 from selmerge_jax.attention import ms_attention as _ms_attention
+from selmerge_jax.attention.ms import pad_to_multiple
 
 # Jitted once per (config, shape): eager op-by-op dispatch of the group loops dominates CPU test time.
 ms_attention = jax.jit(_ms_attention, static_argnums=3, static_argnames=("return_plan",))
-from selmerge_jax.attention.ms import pad_to_multiple
 
 
 def _qkv(key, b=2, t=128, n=4, kh=2, h=8, dtype=jnp.float32):
@@ -161,8 +161,8 @@ def test_matches_masked_dense_twin_forward_and_gradients(cfg, key):
     q, k, v = _qkv(key, t=t)
     plan = select_regions(q, k, cfg)
     mask = jnp.asarray(_plan_mask(plan, t, q.shape[2]))
-    loss_ms = lambda q, k, v: jnp.sum(jnp.sin(ms_attention(q, k, v, cfg)))  # noqa: E731
-    loss_ref = lambda q, k, v: jnp.sum(jnp.sin(_masked_dense(q, k, v, mask)))  # noqa: E731
+    loss_ms = lambda q, k, v: jnp.sum(jnp.sin(ms_attention(q, k, v, cfg)))
+    loss_ref = lambda q, k, v: jnp.sum(jnp.sin(_masked_dense(q, k, v, mask)))
     np.testing.assert_allclose(ms_attention(q, k, v, cfg), _masked_dense(q, k, v, mask), atol=1e-5)
     for g_ms, g_ref in zip(jax.grad(loss_ms, (0, 1, 2))(q, k, v), jax.grad(loss_ref, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(g_ms, g_ref, atol=1e-4)
@@ -251,7 +251,7 @@ def test_group_source_is_causal_across_groups_but_not_within(key):
 def test_check_grads(cfg, key):
     q, k, v = _qkv(key, b=1, t=32, n=2, kh=1, h=4, dtype=jnp.float64) if jax.config.jax_enable_x64 else \
         _qkv(key, b=1, t=32, n=2, kh=1, h=4)
-    f = lambda q, k, v: ms_attention(q, k, v, cfg)  # noqa: E731
+    f = lambda q, k, v: ms_attention(q, k, v, cfg)
     check_grads(f, (q, k, v), order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2, eps=1e-3)
 
 

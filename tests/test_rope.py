@@ -78,7 +78,7 @@ def test_llama3_bands_by_hand():
     cfg = RopeConfig(rope_type="llama3", theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
     inv, _ = rope_frequencies(cfg, D)
-    base = lambda i: _default(i, 5e5)  # noqa: E731
+    base = lambda i: _default(i, 5e5)
     # wavelength 2pi/inv: < 8192/4 = 2048 for i <= 28 (kept), > 8192 for i >= 36 (divided by 8)
     np.testing.assert_allclose(inv[[0, 28]], [base(0), base(28)], rtol=1e-6)
     np.testing.assert_allclose(inv[[36, 63]], [base(36) / 8, base(63) / 8], rtol=1e-6)

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from selmerge_jax.kernels.block_sparse_attention.plan import dense_causal_plan
 
 from selmerge_jax.attention import MSAttentionConfig, ms_attention
-from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 from selmerge_jax.attention import selected_positions as sp
 from selmerge_jax.attention.selected_positions import gathered_positions
 from selmerge_jax.attention.selection import select_regions
+from selmerge_jax.kernels.block_sparse_attention.plan import dense_causal_plan
+from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 from selmerge_jax.positional import CRDNTKConfig, RopeConfig, make_position_fn, rope_frequencies
 
 H = 8
@@ -41,7 +41,7 @@ def _brute_force(q, k, v, plan, scheme):
     """One (batch, query head, group) at a time: gather, position, rotate, dense softmax."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     regions, valid = np.asarray(plan.kv_regions), np.asarray(plan.valid_mask())
-    b, t, n, _ = q.shape
+    b, _, n, _ = q.shape
     kh, p, w, lg = k.shape[2], regions.shape[1], plan.block_size, plan.group_tokens
     out = np.zeros_like(q)
     for bi in range(b):
@@ -123,7 +123,7 @@ def test_padding_and_gradients():
     assert out.shape == q.shape and bool(jnp.isfinite(out).all())
     longer = ms_attention_selected_positions(*(_pad_random(x) for x in (q, k, v)), cfg, ROPE.rotate)
     np.testing.assert_allclose(out, longer[:, :45], rtol=1e-5, atol=1e-5)  # later tokens never leak back
-    loss = lambda a, b, c: sp.ms_attention_selected_positions(a, b, c, cfg, ROPE.rotate).sum()  # noqa: E731
+    loss = lambda a, b, c: sp.ms_attention_selected_positions(a, b, c, cfg, ROPE.rotate).sum()
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert all(bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0 for g in grads)
 
@@ -201,6 +201,6 @@ def test_layer_compact_positions_use_the_steps_traced_frequencies():
     pos = crd_step(crd, 0, jax.random.PRNGKey(9), batch=1, seq_len=16, head_dim=H)
     q, k, v = (proj(x).reshape(1, 16, 2, H) for proj in (lyr.q_proj, lyr.k_proj, lyr.v_proj))
     fn = CRDNTKFn(crd, H)
-    rotate = lambda a, p: fn.rotate(a, RotaryPositions(p, pos.inv_freq))  # noqa: E731
+    rotate = lambda a, p: fn.rotate(a, RotaryPositions(p, pos.inv_freq))
     want = lyr.o_proj(sp.ms_attention_selected_positions(q, k, v, lyr.config.ms, rotate).reshape(1, 16, 16))
     np.testing.assert_allclose(lyr(x, pos), want, rtol=1e-5, atol=1e-5)

@@ -81,7 +81,7 @@ def test_hf_specials_from_config_and_arguments(hf_dir, tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         load_tokenizer(tmp_path)
     with pytest.raises(TypeError, match="path"):
         load_tokenizer(3)

@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import jaxlib
+
 from selmerge_jax.kernels.block_sparse_attention import (
     block_sparse_attention_reference,
     register_implementation,

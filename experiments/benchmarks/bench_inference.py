@@ -20,14 +20,14 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # a 1M-token cache needs most of the GPU
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from selmerge_jax.attention import MSAttentionConfig  # noqa: E402
-from selmerge_jax.models import Llama, preset  # noqa: E402
-from selmerge_jax.models.generate import decode, init_caches, prefill  # noqa: E402
+from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.models import Llama, preset
+from selmerge_jax.models.generate import decode, init_caches, prefill
 
 PRESETS = ("llama3-8b", "llama2-7b", "tiny")
 

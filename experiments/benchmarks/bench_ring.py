@@ -53,9 +53,9 @@ def build(args, mode: str, n: int, t: int):
     import jax.numpy as jnp
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
-    from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention, dense_causal_plan
 
     from selmerge_jax.attention import MSAttentionConfig, ms_attention
+    from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention, dense_causal_plan
     from selmerge_jax.sharding.ring import ring_attention
     from selmerge_jax.sharding.ring_ms import ring_ms_attention
 

@@ -27,8 +27,8 @@ def compiled_peak_bytes(fn, *args) -> int:
 
 def measure(seq_len: int, cfg: MSAttentionConfig, heads: int, head_dim: int, backward: bool) -> dict:
     spec = jax.ShapeDtypeStruct((1, seq_len, heads, head_dim), jnp.float32)
-    ms = lambda q, k, v: ms_attention(q, k, v, cfg)  # noqa: E731
-    dense = lambda q, k, v: dense_attention(q, k, v)  # noqa: E731
+    ms = lambda q, k, v: ms_attention(q, k, v, cfg)
+    dense = lambda q, k, v: dense_attention(q, k, v)
     if backward:
         ms = jax.grad(lambda q, k, v, f=ms: f(q, k, v).sum(), argnums=(0, 1, 2))
         dense = jax.grad(lambda q, k, v, f=dense: f(q, k, v).sum(), argnums=(0, 1, 2))

@@ -6,7 +6,11 @@ from selmerge_jax.kernels.block_sparse_attention.api import (
     block_sparse_attention,
     register_implementation,
 )
-from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs, dense_causal_plan
+from selmerge_jax.kernels.block_sparse_attention.plan import (
+    SelectionPlan,
+    check_plan_inputs,
+    dense_causal_plan,
+)
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
 __all__ = [
@@ -20,7 +24,7 @@ __all__ = [
     "register_implementation",
 ]
 
-from selmerge_jax.kernels.block_sparse_attention import api as _api  # noqa: E402
+from selmerge_jax.kernels.block_sparse_attention import api as _api
 
 # The Pallas backends are imported here, not inside the first traced call: importing them mid-trace changed
 # JAX state that jit's cache key reads, so on a GPU the first call of a jitted MS forward missed its own cache

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
+
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 

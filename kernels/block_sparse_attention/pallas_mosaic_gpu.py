@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from selmerge_jax.kernels.block_sparse_attention import pallas_triton as _triton
 from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs

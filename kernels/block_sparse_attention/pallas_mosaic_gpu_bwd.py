@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as _fwd
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan

@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan

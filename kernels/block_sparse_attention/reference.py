@@ -25,7 +25,7 @@ def _gather_regions(x_t, head_idx, regions):
 
 def _group_step(q_g, k_t, v_t, regions, valid, g, *, plan, kv_heads, scale):
     """Attention for query group ``g``. q_g ``[B, L, N, H]`` with L = merge*W tokens."""
-    b, l, n, h = q_g.shape
+    b, l, n, h = q_g.shape  # noqa: E741 (L: the group's tokens, as in the docstring)
     w, m, p = plan.block_size, plan.max_selected, regions.shape[1]
     gq = n // kv_heads
     head_idx = jnp.arange(p) // (p // kv_heads)  # selection head -> kv head
@@ -78,7 +78,7 @@ def block_sparse_attention_reference(q, k, v, plan: SelectionPlan, *, scale: flo
     kv_heads, _ = check_plan_inputs(q, k, v, plan)
     b, t, n, h = q.shape
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    w, l = plan.block_size, plan.group_tokens
+    w, l = plan.block_size, plan.group_tokens  # noqa: E741
     k_t = k.reshape(b, plan.num_regions, w, kv_heads, h).transpose(0, 3, 1, 2, 4)  # [B, K, R, W, H]
     v_t = v.reshape(b, plan.num_regions, w, kv_heads, h).transpose(0, 3, 1, 2, 4)
     q_groups = jnp.moveaxis(q.reshape(b, plan.num_groups, l, n, h), 1, 0)  # [Q, B, L, N, H]

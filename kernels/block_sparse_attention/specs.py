@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
 __all__ = ["SPECS", "AttentionSpec", "get_spec", "random_plan", "useful_flops"]

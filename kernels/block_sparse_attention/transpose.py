@@ -8,6 +8,7 @@ All of it is integer work, hence deterministic.
 """
 
 import jax.numpy as jnp
+
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 
 __all__ = ["compact_plan", "stable_argsort", "transpose_plan", "transpose_plan_steps"]

@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 __all__ = ["dense_attention", "check_qkv"]

@@ -135,7 +135,7 @@ def selected_positions_attention(q, k, v, plan: SelectionPlan, rotate: Callable,
     w, lg, r = plan.block_size, plan.group_tokens, plan.num_regions
     k_t = k.reshape(b, r, w, kv_heads, h).transpose(0, 3, 1, 2, 4)  # [B, K, R, W, H]
     v_t = v.reshape(b, r, w, kv_heads, h).transpose(0, 3, 1, 2, 4)
-    split = lambda x: jnp.moveaxis(x.reshape(b, plan.num_groups, lg, *x.shape[2:]), 1, 0)  # noqa: E731
+    split = lambda x: jnp.moveaxis(x.reshape(b, plan.num_groups, lg, *x.shape[2:]), 1, 0)
 
     def step(args):
         q_g, k_g, v_g, r_g, ok_g, g = args

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -75,8 +76,8 @@ class StdlibCorpus(LocalDocumentBuilder):
     language reference text from ``pydoc_data``; deterministic train/validation split by document name."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [default_stdlib_config(False), default_stdlib_config(True)]
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list] = [default_stdlib_config(False), default_stdlib_config(True)]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import zlib
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 
@@ -46,9 +47,9 @@ class TextFolder(LocalDocumentBuilder):
     """UTF-8 files under a local folder, one document per file or per top-level directory."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
     # No static configs: every folder makes its own (see text_folder_config); TFDS accepts a config instance.
-    BUILDER_CONFIGS = []
+    BUILDER_CONFIGS: ClassVar[list] = []
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config

@@ -133,7 +133,7 @@ def _configs(sweep: LossCurveSweepConfig) -> tuple[PretrainConfig | None, dict]:
     if len(set(tokens.values())) > 1:
         raise ValueError(f"variants must train on the same token budget; got tokens per run {tokens}")
     warm = warm_config(sweep)
-    for (name, seed), cfg in configs.items():
+    for (name, _seed), cfg in configs.items():
         changed = warm is not None and parameter_shape_changes(warm.model, cfg.model)
         if changed:  # a fine-tune restores warm's weights: fail now, not after warm has trained
             raise ValueError("LossCurveSweepConfig.warm_start: the warm model and "

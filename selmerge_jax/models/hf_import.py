@@ -140,7 +140,7 @@ def _tensor_index(path: str) -> dict[str, str]:
         raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path!r} (found {sorted(os.listdir(path))}); "
                                 "only safetensors checkpoints are supported")
     with safe_open(single, "np") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return {name: single for name in f.keys()}
 
 
 def _check_names(expected: Iterable[str], present: Iterable[str], tied: bool) -> None:
@@ -172,7 +172,7 @@ def load_hf(path: str, **overrides) -> Llama:
     buffers = {p: np.empty(v.shape, v.dtype) for p, v in abstract.items()}
     for file in sorted(set(files.values())):
         with safe_open(file, "np") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            for name in f.keys():
                 if name in targets:
                     p, index, transpose = targets[name]
                     dest = buffers[p] if index is None else buffers[p][index]

@@ -142,7 +142,7 @@ def chunked_cross_entropy(hidden: HiddenStates, targets, mask, chunk: int) -> tu
     sequence (16 GiB at T = 128K with a 32K vocabulary).
     """
     h = hidden.h
-    b, t, d = h.shape
+    b, t, _ = h.shape
     c = min(chunk, t)
     pad = -t % c
     if pad:  # padded targets carry zero weight
