@@ -227,7 +227,7 @@ def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
     prompts = np.zeros((1, 40), np.int32)
     with pytest.raises(ValueError, match=r"T=40 does not fit the caches' capacity=32"):
         prefill(model, prompts, init_caches(model, 1, 32), prefill_attention="model")
-    with pytest.raises(ValueError, match=r"prefill_attention='fast'; allowed"):
+    with pytest.raises(ValueError, match=r"prefill_attention='fast': must be one of the allowed values; allowed"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="fast")
     with pytest.raises(ValueError, match=r"cache_fn .* applies only with prefill_attention='cache'"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a,

@@ -210,11 +210,11 @@ def test_gqa_memory_is_kv_heads_times_budget():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"policy": "lru", "budget": 8}, "policy='lru' is unknown"),
+    ({"policy": "lru", "budget": 8}, "policy='lru': must be one of the allowed values; allowed: 'none', "),
     ({"policy": "h2o", "budget": 8, "window": 16}, "window=16"),
     ({"policy": "h2o"}, "exactly one of"),
     ({"policy": "h2o", "budget": 8, "ratio": 0.5}, "exactly one of"),
-    ({"policy": "h2o", "ratio": 1.5}, "ratio"),
+    ({"policy": "h2o", "ratio": 1.5}, r"ratio=1\.5: must be a number in \(0, 1\]"),
     ({"policy": "h2o", "budget": 64, "merge": "centroid"}, "merge_slots"),
     ({"policy": "h2o", "budget": 64, "pool_kernel": 4}, "pool_kernel"),
     ({"policy": "none", "budget": 64}, "keeps everything"),

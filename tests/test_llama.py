@@ -45,7 +45,7 @@ def test_bad_configs_raise(changes, message):
 
 
 def test_unknown_preset_and_wrong_types():
-    with pytest.raises(ValueError, match="unknown model preset 'gpt2'"):
+    with pytest.raises(ValueError, match="preset='gpt2': must be one of the allowed values; allowed: 'tiny'"):
         preset("gpt2")
     with pytest.raises(TypeError, match="RopeConfig"):
         SMALL.replace(rope={"rope_type": "default"})

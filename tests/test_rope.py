@@ -267,7 +267,7 @@ def test_logn_scales_queries_past_the_training_length_only():
 def test_logn_scale_rejects_a_bad_length():
     from selmerge_jax.positional import logn_scale
 
-    with pytest.raises(ValueError, match="length must be an int >= 2"):
+    with pytest.raises(ValueError, match="length=1: must be an int >= 2"):
         logn_scale(jnp.arange(4), 1)
 
 

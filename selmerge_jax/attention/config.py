@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Literal
 
+from selmerge_jax.validation import check_choice, check_int, check_positive_int
+
 __all__ = ["MSAttentionConfig"]
 
 SelectionSource = Literal["group", "previous"]
@@ -48,30 +50,19 @@ class MSAttentionConfig:
 
     def __post_init__(self):
         for name in ("block_size", "top_k", "merge", "selection_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MSAttentionConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"MSAttentionConfig.{name}", getattr(self, name))
         if self.top_k < self.merge:
             raise ValueError(f"MSAttentionConfig.top_k={self.top_k} must be >= merge={self.merge} "
                              "(top_k counts the group's own merge regions)")
         if self.top_k % self.merge:
             raise ValueError(f"MSAttentionConfig.top_k={self.top_k} must be a multiple of merge={self.merge}")
-        if self.selection_source not in ("group", "previous"):
-            raise ValueError(f"MSAttentionConfig.selection_source={self.selection_source!r}; "
-                             "allowed: 'group', 'previous'")
-        if self.selection_heads not in ("query", "kv"):
-            raise ValueError(f"MSAttentionConfig.selection_heads={self.selection_heads!r}; allowed: 'query', "
-                             "'kv'")
-        if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"MSAttentionConfig.position_mode={self.position_mode!r}; "
-                             f"allowed: {POSITION_MODES}")
+        check_choice("MSAttentionConfig.selection_source", self.selection_source, ("group", "previous"))
+        check_choice("MSAttentionConfig.selection_heads", self.selection_heads, ("query", "kv"))
+        check_choice("MSAttentionConfig.position_mode", self.position_mode, POSITION_MODES)
         if self.position_mode == "selected_compact" and (self.centroids or not self.causal):
             raise ValueError("MSAttentionConfig.position_mode='selected_compact' needs causal=True and "
                              f"centroids=False, got causal={self.causal}, centroids={self.centroids}")
-        sink_ok = isinstance(self.sink, int) and not isinstance(self.sink, bool)
-        if not sink_ok or not 0 <= self.sink <= self.num_selected:
-            raise ValueError(f"MSAttentionConfig.sink={self.sink!r} must be an int in [0, top_k - merge = "
-                             f"{self.num_selected}]")
+        check_int("MSAttentionConfig.sink", self.sink, 0, self.num_selected)  # [0, top_k - merge]
 
     @property
     def num_selected(self) -> int:

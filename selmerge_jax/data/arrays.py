@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from selmerge_jax.data.synthetic import passkey_example
+from selmerge_jax.validation import check_fraction, check_int, check_number, check_positive_int, fail
 
 __all__ = ["TokenWindows", "tokenize_documents", "unigram_entropy"]
 
@@ -72,10 +73,8 @@ class TokenWindows:
                  copy_period: tuple[int, int] = (8, 64), passkey_answer_weight: float = 1.0,
                  passkey_min_length: int | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("shard_count", shard_count)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= shard_index < shard_count:
-            raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+            check_positive_int(name, value)
+        check_int("shard_index", shard_index, 0, shard_count - 1)
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
@@ -88,11 +87,7 @@ class TokenWindows:
             raise ValueError(f"tokens has {len(tokens)} tokens: not one batch of {batch_size} windows of "
                              f"{seq_len + 1} per each of {shard_count} shards")
         self.passkey_ratio, self.tokenizer = _check_passkey(passkey_ratio, tokenizer, seq_len), tokenizer
-        if isinstance(passkey_answer_weight, bool) or not isinstance(passkey_answer_weight,
-                                                                     (int, float)) or not (
-                1.0 <= passkey_answer_weight <= 1000.0):
-            raise ValueError("passkey_answer_weight must be a number in [1, 1000], got "
-                             f"{passkey_answer_weight!r}")
+        check_number("passkey_answer_weight", passkey_answer_weight, 1, 1000)
         self.passkey_answer_weight = float(passkey_answer_weight)
         self.passkey_min_length = _check_min_length(passkey_min_length, tokenizer, seq_len)
         self.copy_ratio, self.copy_period = _check_copy(copy_ratio, copy_period, self.passkey_ratio, seq_len)
@@ -182,8 +177,7 @@ class TokenWindows:
 
 
 def _check_passkey(ratio, tokenizer, seq_len: int) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"passkey_ratio must be a number in [0, 1), got {ratio!r}")
+    check_fraction("passkey_ratio", ratio)
     if ratio > 0:
         if tokenizer is None:
             raise ValueError(f"passkey_ratio={ratio} needs the tokenizer (to write the "
@@ -202,8 +196,8 @@ def _check_min_length(length, tokenizer, seq_len: int) -> int | None:
     # prompts.
     most = (seq_len + 1) // 3
     if isinstance(length, bool) or not isinstance(length, int) or not 64 <= length <= most:
-        raise ValueError(f"passkey_min_length must be None or an int in [64, (seq_len + 1) // 3 = {most}] "
-                         f"(longer minimums leave no room to pack a second prompt), got {length!r}")
+        fail("passkey_min_length", length, f"None or an int in [64, (seq_len + 1) // 3 = {most}] (longer "
+             "minimums leave no room to pack a second prompt)")
     if tokenizer is None:
         raise ValueError(f"passkey_min_length={length} needs the tokenizer (to write the "
                          "passkey prompts), got None")
@@ -212,8 +206,7 @@ def _check_min_length(length, tokenizer, seq_len: int) -> int | None:
 
 
 def _check_copy(ratio, period, passkey_ratio: float, seq_len: int) -> tuple[float, tuple[int, int]]:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"copy_ratio must be a number in [0, 1), got {ratio!r}")
+    check_fraction("copy_ratio", ratio)
     if ratio + passkey_ratio >= 1.0:
         raise ValueError(f"copy_ratio={ratio} + passkey_ratio={passkey_ratio} must be < 1 "
                          "(some rows stay corpus)")

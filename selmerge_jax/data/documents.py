@@ -15,25 +15,14 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pydoc_data import topics  # the language reference as text; shipped with every CPython
 
+from selmerge_jax.validation import check_fraction, check_positive_int
+
 __all__ = ["StdlibOptions", "TextFolderOptions", "stdlib_documents", "text_folder_documents",
            "split_documents", "file_header"]
 
 # Not the library as users read it: third-party code, bytecode caches, and (by default) the 30 MB test suite.
 # (``config-3.x-<platform>`` build directories are skipped by prefix in _walk_files.)
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload"})
-
-
-def _check_positive(owner: str, name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        kind = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{owner}.{name} must be {kind}, got {value!r}")
-
-
-def _check_fraction(owner: str, value):
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}.validation_fraction must be a float in [0, 1), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,13 +51,13 @@ class StdlibOptions:
 
     def __post_init__(self):
         for name in ("min_document_chars", "max_document_chars"):
-            _check_positive("StdlibOptions", name, getattr(self, name))
+            check_positive_int(f"StdlibOptions.{name}", getattr(self, name))
         for name in ("max_files", "max_bytes"):
-            _check_positive("StdlibOptions", name, getattr(self, name), allow_none=True)
+            check_positive_int(f"StdlibOptions.{name}", getattr(self, name), allow_none=True)
         if self.max_document_chars < self.min_document_chars:
             raise ValueError(f"StdlibOptions.max_document_chars={self.max_document_chars} must be >= "
                              f"min_document_chars={self.min_document_chars}")
-        _check_fraction("StdlibOptions", self.validation_fraction)
+        check_fraction("StdlibOptions.validation_fraction", self.validation_fraction)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,8 +82,8 @@ class TextFolderOptions:
             raise TypeError(f"TextFolderOptions.suffixes must be a tuple of str, got {self.suffixes!r}")
         if self.group_by not in ("file", "directory"):
             raise ValueError(f"TextFolderOptions.group_by={self.group_by!r}; allowed: 'file', 'directory'")
-        _check_fraction("TextFolderOptions", self.validation_fraction)
-        _check_positive("TextFolderOptions", "max_files", self.max_files, allow_none=True)
+        check_fraction("TextFolderOptions.validation_fraction", self.validation_fraction)
+        check_positive_int("TextFolderOptions.max_files", self.max_files, allow_none=True)
 
 
 def file_header(relpath: str) -> str:
@@ -239,7 +228,7 @@ def split_documents(docs: Sequence[dict], validation_fraction: float) -> dict[st
     one per kind that has two or more documents."""
     if not docs:
         raise ValueError("docs is empty: nothing to split")
-    _check_fraction("split_documents", validation_fraction)
+    check_fraction("validation_fraction", validation_fraction)
     by_kind: dict[str, list[int]] = {}
     for i, doc in enumerate(docs):
         by_kind.setdefault(doc["kind"], []).append(i)

@@ -24,6 +24,7 @@ import numpy as np
 from grain import experimental as gx
 
 from selmerge_jax.data.synthetic import PasskeyConfig, PasskeySource
+from selmerge_jax.validation import check_choice, check_fraction, check_int, check_positive_int
 
 __all__ = ["PipelineConfig", "lm_dataset", "lm_iterator", "lm_example", "passkey_windows", "state_to_json",
            "state_from_json"]
@@ -65,26 +66,18 @@ class PipelineConfig:
     prefetch_documents: int = 2
 
     def __post_init__(self):
-        if not isinstance(self.prefetch_documents, int) or self.prefetch_documents < 0:
-            raise ValueError("PipelineConfig.prefetch_documents must be an int >= 0, got "
-                             f"{self.prefetch_documents!r}")
+        check_int("PipelineConfig.prefetch_documents", self.prefetch_documents, 0)
         for name in ("seq_len", "batch_size", "shuffle_window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"PipelineConfig.{name} must be a positive int, got {value!r}")
-        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs <= 0):
-            raise ValueError(f"PipelineConfig.num_epochs must be a positive int or None, got "
-                             f"{self.num_epochs!r}")
+            check_positive_int(f"PipelineConfig.{name}", getattr(self, name))
+        check_positive_int("PipelineConfig.num_epochs", self.num_epochs, allow_none=True)
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError(f"PipelineConfig.shard_index={self.shard_index!r} and shard_count="
                              f"{self.shard_count!r}: give both or neither")
-        if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"PipelineConfig.shard_index={self.shard_index} must be in [0, shard_count="
-                             f"{self.shard_count})")
-        if not isinstance(self.passkey_ratio, (int, float)) or not 0.0 <= self.passkey_ratio < 1.0:
-            raise ValueError(f"PipelineConfig.passkey_ratio must be in [0, 1), got {self.passkey_ratio!r}")
-        if self.passkey_loss not in ("all", "answer"):
-            raise ValueError(f"PipelineConfig.passkey_loss={self.passkey_loss!r}; allowed: 'all', 'answer'")
+        if self.shard_count is not None:
+            check_positive_int("PipelineConfig.shard_count", self.shard_count)
+            check_int("PipelineConfig.shard_index", self.shard_index, 0, self.shard_count - 1)
+        check_fraction("PipelineConfig.passkey_ratio", self.passkey_ratio)
+        check_choice("PipelineConfig.passkey_loss", self.passkey_loss, ("all", "answer"))
 
     def shard(self) -> tuple[int, int]:
         if self.shard_count is not None:

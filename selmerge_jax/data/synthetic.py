@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from selmerge_jax.validation import check_int, check_positive_int, check_probability
+
 __all__ = ["PASSKEY_TASK", "PASSKEY_FILLER", "PASSKEY_QUESTION", "passkey_example", "kv_recall_example",
            "PasskeyConfig", "KVRecallConfig", "PasskeySource", "KVRecallSource", "passkey_grid"]
 
@@ -35,10 +37,9 @@ def _too_short(arg: str, length: int, need: int):
                      "tokens")
 
 
-def _check_depth(depth: float):
-    if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be a float in [0, 1] (0 = right after the instruction, 1 = right "
-                         f"before the question), got {depth!r}")
+def _check_depth(depth: float, name: str = "depth"):
+    # 0 = right after the instruction, 1 = right before the question
+    check_probability(name, depth)
 
 
 def _filler(tokenizer, count: int) -> tuple[np.ndarray, int]:
@@ -113,14 +114,9 @@ def kv_recall_example(tokenizer, length: int, depth: float, rng: np.random.Gener
 
 def _check_task_config(owner: str, cfg):
     for name in ("length", "num_examples"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+        check_positive_int(f"{owner}.{name}", getattr(cfg, name))
     if cfg.depth is not None:
-        try:
-            _check_depth(cfg.depth)
-        except ValueError as err:
-            raise ValueError(f"{owner}.{err}") from None
+        _check_depth(cfg.depth, f"{owner}.depth")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,8 +132,7 @@ class PasskeyConfig:
 
     def __post_init__(self):
         _check_task_config("PasskeyConfig", self)
-        if not isinstance(self.max_passkey, int) or self.max_passkey < 2:
-            raise ValueError(f"PasskeyConfig.max_passkey must be an int >= 2, got {self.max_passkey!r}")
+        check_int("PasskeyConfig.max_passkey", self.max_passkey, 2)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,8 +148,7 @@ class KVRecallConfig:
 
     def __post_init__(self):
         _check_task_config("KVRecallConfig", self)
-        if not isinstance(self.key_chars, int) or not 4 <= self.key_chars <= 64:
-            raise ValueError(f"KVRecallConfig.key_chars must be an int in [4, 64], got {self.key_chars!r}")
+        check_int("KVRecallConfig.key_chars", self.key_chars, 4, 64)
 
 
 class _TaskSource(Sequence):

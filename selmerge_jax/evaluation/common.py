@@ -24,6 +24,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.training.checkpoint import InitConfig, restore_model
+from selmerge_jax.validation import check_int_sequence, check_number_sequence
 
 __all__ = [
     "ModelSource",
@@ -161,16 +162,11 @@ def _plain(x):
 
 
 def check_positive_ints(owner: str, name: str, values, minimum: int = 1) -> None:
-    """Non-empty sequence of ints >= ``minimum``, else a ValueError naming ``owner.name``."""
-    ok = isinstance(values, (tuple, list)) and len(values) > 0
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
-    if not ok:
-        raise ValueError(f"{owner}.{name} must be a non-empty list of ints >= {minimum}, got {values!r}")
+    """Non-empty sequence of ints >= ``minimum``, else a ValueError naming ``owner.name``
+    (:func:`selmerge_jax.validation.check_int_sequence`)."""
+    check_int_sequence(f"{owner}.{name}", values, minimum)
 
 
 def check_fractions(owner: str, name: str, values) -> None:
-    ok = isinstance(values, (tuple, list)) and len(values) > 0
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
-                    for v in values)
-    if not ok:
-        raise ValueError(f"{owner}.{name} must be a non-empty list of numbers in [0, 1], got {values!r}")
+    """Non-empty sequence of numbers in [0, 1] (:func:`selmerge_jax.validation.check_number_sequence`)."""
+    check_number_sequence(f"{owner}.{name}", values, 0, 1)

@@ -39,6 +39,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import SamplingConfig, decode_step, prefill
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.checkpoint import InitConfig
+from selmerge_jax.validation import check_positive_int
 
 __all__ = [
     "CompressedStep",
@@ -118,8 +119,7 @@ class CompressedStep:
     def __post_init__(self):
         if not isinstance(self.kv, KVCompressionConfig):
             raise TypeError(f"CompressedStep.kv must be a KVCompressionConfig, got {type(self.kv).__name__}")
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
-            raise ValueError(f"CompressedStep.budget must be a positive int, got {self.budget!r}")
+        check_positive_int("CompressedStep.budget", self.budget)
         if not isinstance(self.room, bool):
             raise TypeError(f"CompressedStep.room must be a bool, got {self.room!r}")
 

@@ -25,7 +25,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from selmerge_jax.validation import check_positive_int
 
 __all__ = [
     "KVCache",
@@ -73,15 +74,9 @@ class KVCache:
         return self.k.shape[3]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=jnp.bfloat16) -> KVCache:
     """An empty cache with ``capacity`` slots per (batch row, kv head)."""
-    b, kh, c, h = (_positive_int(n, x) for n, x in
+    b, kh, c, h = (check_positive_int(n, x) for n, x in
                    (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -218,9 +213,7 @@ def attend_segments(q, q_positions, segments, *, scale: float | None = None, ret
                              f"{jnp.shape(v)}, pos {jnp.shape(pos)}, count {jnp.shape(count)}")
     if jnp.shape(q_positions) != (b, t):
         raise ValueError(f"q_positions must be [B={b}, T={t}], got {jnp.shape(q_positions)}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
-                               or window <= 0):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    check_positive_int("window", window, allow_none=True)
     g = n // kh
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     qg = q.reshape(b, t, kh, g, h)
@@ -314,7 +307,7 @@ def with_capacity(cache: KVCache, capacity: int) -> KVCache:
 
     Truncation is only safe after a compaction has moved the kept slots to the front (``policies.compress``).
     """
-    capacity = _positive_int("capacity", capacity)
+    capacity = check_positive_int("capacity", capacity)
     c = cache.capacity
     idx = jnp.arange(capacity, dtype=jnp.int32)
     idx = jnp.where(idx < c, idx, -1)

@@ -5,22 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from selmerge_jax.validation import check_choice, check_int, check_number, fail
+
 __all__ = ["MERGES", "POLICIES", "QUANTS", "KVCompressionConfig"]
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "tova")
 MERGES = ("none", "nearest", "value", "centroid")
 QUANTS = ("none", "int8", "int4")
 SUMMARY_MODES = ("cumulative", "ema")
-
-
-def _int_in(name: str, value, lo: int, hi: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"KVCompressionConfig.{name} must be an int in [{lo}, {hi}], got {value!r}")
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"KVCompressionConfig.{name}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,21 +64,17 @@ class KVCompressionConfig:
     quant_window: int = 32
 
     def __post_init__(self):
-        _choice("policy", self.policy, POLICIES)
-        _choice("merge", self.merge, MERGES)
-        _choice("quant", self.quant, QUANTS)
-        _choice("pool", self.pool, ("avg", "max"))
-        _choice("summary_mode", self.summary_mode, SUMMARY_MODES)
+        for name, allowed in (("policy", POLICIES), ("merge", MERGES), ("quant", QUANTS),
+                              ("pool", ("avg", "max")), ("summary_mode", SUMMARY_MODES)):
+            check_choice(f"KVCompressionConfig.{name}", getattr(self, name), allowed)
         for name in ("sink", "window", "merge_slots", "summary_slots"):
-            _int_in(name, getattr(self, name), 0)
+            check_int(f"KVCompressionConfig.{name}", getattr(self, name), 0)
         for name in ("slack", "obs_window", "pool_kernel", "quant_group", "quant_window"):
-            _int_in(name, getattr(self, name), 1)
+            check_int(f"KVCompressionConfig.{name}", getattr(self, name), 1)
         if self.pool_kernel % 2 == 0:
-            raise ValueError("KVCompressionConfig.pool_kernel must be odd (centred "
-                             f"pooling), got {self.pool_kernel}")
-        if not 0.0 < self.summary_decay < 1.0:
-            raise ValueError("KVCompressionConfig.summary_decay must be in (0, 1), "
-                             f"got {self.summary_decay!r}")
+            fail("KVCompressionConfig.pool_kernel", self.pool_kernel, "odd (centred pooling)")
+        check_number("KVCompressionConfig.summary_decay", self.summary_decay, 0, 1,
+                     low_open=True, high_open=True)
         if (self.merge == "centroid") != (self.merge_slots > 0):
             raise ValueError(f"KVCompressionConfig.merge_slots={self.merge_slots} must be > 0 exactly when "
                              f"merge='centroid' (merge={self.merge!r})")
@@ -106,14 +94,13 @@ class KVCompressionConfig:
             raise ValueError("KVCompressionConfig needs exactly one of budget, ratio, "
                              "layer_budgets for policy="
                              f"{self.policy!r}, got {given or 'none'}")
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
-            raise ValueError(f"KVCompressionConfig.ratio must be in (0, 1], got {self.ratio!r}")
+        check_number("KVCompressionConfig.ratio", self.ratio, 0, 1, low_open=True, allow_none=True)
         budgets = [self.budget] if self.budget is not None else list(self.layer_budgets or ())
         if self.layer_budgets is not None and not budgets:
             raise ValueError("KVCompressionConfig.layer_budgets must name at least one layer")
         for i, b in enumerate(budgets):
             name = "budget" if self.budget is not None else f"layer_budgets[{i}]"
-            _int_in(name, b, 1)
+            check_int(f"KVCompressionConfig.{name}", b, 1)
             if b < self.min_budget:
                 raise ValueError(f"KVCompressionConfig.{name}={b} is too small: sink={self.sink} + window="
                                  f"{self.window} + reserved={self.reserved} (merge/summary slots) = "
@@ -131,7 +118,7 @@ class KVCompressionConfig:
 
     def budget_for(self, context_len: int, layer: int = 0) -> int:
         """The static budget for a layer given the (static, Python int) context length it will hold."""
-        _int_in("context_len", context_len, 1)
+        check_int("context_len", context_len, 1)
         if self.policy == "none":
             return context_len
         if self.layer_budgets is not None:

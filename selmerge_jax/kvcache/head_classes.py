@@ -22,6 +22,7 @@ import numpy as np
 from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache
 from selmerge_jax.kvcache.config import KVCompressionConfig
+from selmerge_jax.validation import check_positive_int
 
 __all__ = ["HeadClasses", "assign_classes", "grouped_step", "init_grouped", "retrieval_scores"]
 
@@ -74,8 +75,7 @@ def retrieval_scores(probs, pos, q_positions, window: int):
     [B, K, C]`` the cache's slot positions, ``q_positions [B, T]``. Local heads score near 0, heads that
     retrieve from far back near 1.
     """
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
-        raise ValueError(f"window must be a positive int (the recent positions not counted), got {window!r}")
+    check_positive_int("window", window)  # the recent positions, not counted
     if jnp.ndim(probs) != 5 or jnp.shape(pos) != jnp.shape(probs)[:2] + jnp.shape(probs)[-1:]:
         raise ValueError(f"probs must be [B, K, G, T, C] and pos [B, K, C] of the same B, K, C; got probs "
                          f"{jnp.shape(probs)}, pos {jnp.shape(pos)}")

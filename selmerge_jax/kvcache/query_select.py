@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.kvcache.cache import KVCache, attend_slots
+from selmerge_jax.validation import fail, is_int
 
 __all__ = ["BlockIndex", "attend_selected", "build_index", "refresh_index", "region_summaries",
            "select_blocks"]
@@ -28,8 +29,8 @@ def region_summaries(cache: KVCache, block: int):
     """Per region: mean key/value ``float32 [B, K, R, H]``, token count ``[B, K, R]``, newest position
     ``[B, K, R]``."""
     b, kh, c, h = cache.k.shape
-    if block <= 0 or c % block:
-        raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={c}")
+    if not is_int(block) or block <= 0 or c % block:
+        fail("block", block, f"a positive divisor of the cache capacity C={c}")
     r = c // block
     w = jnp.where(cache.pos >= 0, cache.count, 0.0).reshape(b, kh, r, block)
     n = w.sum(-1)
@@ -83,11 +84,11 @@ def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockInde
 def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1,
                   index: BlockIndex | None = None):
     """``int32 [B, K, M]``: regions to attend, sorted; sinks (first regions) and the newest regions forced."""
-    if block <= 0 or cache.capacity % block:
-        raise ValueError(f"block={block} must be a positive divisor of the cache capacity C={cache.capacity}")
+    if not is_int(block) or block <= 0 or cache.capacity % block:
+        fail("block", block, f"a positive divisor of the cache capacity C={cache.capacity}")
     r = cache.capacity // block
-    if not 0 < top_m <= r:
-        raise ValueError(f"top_m={top_m} must be in [1, R={r}] (R = C / block)")
+    if not is_int(top_m) or not 0 < top_m <= r:
+        fail("top_m", top_m, f"an int in [1, R={r}] (R = C / block)")
     if sink_blocks + local_blocks > top_m:
         raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
     ks, _, n, _ = region_summaries(cache, block) if index is None else _fields(index)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.layers.attention import DENSE_KERNELS, AttentionSpec
 from selmerge_jax.positional import RopeConfig
+from selmerge_jax.validation import check_choice, check_positive_int, check_positive_number
 
 __all__ = ["PRESETS", "ModelConfig", "parameter_shape_changes", "preset"]
 
@@ -99,10 +100,9 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim",
                      "max_seq_len"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(f"ModelConfig.{name}", getattr(self, name))
         for name in ("head_dim", "sliding_window"):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+            check_positive_int(f"ModelConfig.{name}", getattr(self, name), allow_none=True)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -113,13 +113,11 @@ class ModelConfig:
         if self.head_size % 2:
             raise ValueError(f"ModelConfig head dim {self.head_size} must be even for RoPE")
         for name in ("norm_eps", "init_std"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+            check_positive_number(f"ModelConfig.{name}", getattr(self, name))
         self._check_choices()
 
     def _check_choices(self):
-        if self.attention not in _ATTENTION:
-            raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: {_ATTENTION}")
+        check_choice("ModelConfig.attention", self.attention, _ATTENTION)
         if self.attention != "dense" and self.sliding_window is not None:
             raise ValueError(f"ModelConfig: attention={self.attention!r} with "
                              "sliding_window set is not supported; "
@@ -127,15 +125,11 @@ class ModelConfig:
         if not isinstance(self.sequence_axis, str) or not self.sequence_axis:
             raise ValueError(f"ModelConfig.sequence_axis must be a mesh axis name, "
                              f"got {self.sequence_axis!r}")
-        if self.ms_kernel not in ("reference", "pallas"):
-            raise ValueError(f"ModelConfig.ms_kernel={self.ms_kernel!r}; allowed: 'reference', 'pallas'")
-        if self.dense_kernel not in DENSE_KERNELS:
-            raise ValueError(f"ModelConfig.dense_kernel={self.dense_kernel!r}; allowed: {DENSE_KERNELS}")
+        check_choice("ModelConfig.ms_kernel", self.ms_kernel, ("reference", "pallas"))
+        check_choice("ModelConfig.dense_kernel", self.dense_kernel, DENSE_KERNELS)
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {tuple(_DTYPES)}")
-        if self.remat not in _REMAT:
-            raise ValueError(f"ModelConfig.remat={self.remat!r}; allowed: {tuple(_REMAT)}")
+            check_choice(f"ModelConfig.{name}", getattr(self, name), _DTYPES)
+        check_choice("ModelConfig.remat", self.remat, _REMAT)
         if not isinstance(self.rope, RopeConfig) or not isinstance(self.ms, MSAttentionConfig):
             raise TypeError(f"ModelConfig.rope must be a RopeConfig and .ms an MSAttentionConfig, got "
                             f"{type(self.rope).__name__} and {type(self.ms).__name__}")
@@ -175,11 +169,6 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
 
 
 def _tiny() -> ModelConfig:
@@ -223,8 +212,7 @@ PRESETS = {"tiny": _tiny, "llama2-7b": _llama2_7b, "mistral-7b": _mistral_7b, "l
 def preset(name: str, **overrides) -> ModelConfig:
     """A named preset (``tiny``, ``llama2-7b``, ``mistral-7b``, ``llama3-8b``, ``llama3.2-1b``) with field
     overrides applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; allowed: {tuple(PRESETS)}")
+    check_choice("preset", name, PRESETS)
     return PRESETS[name]().replace(**overrides)
 
 

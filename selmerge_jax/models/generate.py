@@ -27,6 +27,7 @@ from flax import nnx
 from selmerge_jax import kvcache
 from selmerge_jax.layers.attention import AttentionSpec, attend
 from selmerge_jax.models.llama import Llama
+from selmerge_jax.validation import check_choice, check_number, check_positive_int
 
 __all__ = [
     "PREFILL_ATTENTION",
@@ -59,12 +60,9 @@ class SamplingConfig:
     top_k: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise ValueError(f"SamplingConfig.top_k must be a positive int or None, got {self.top_k!r}")
+        check_number("SamplingConfig.temperature", self.temperature, 0)
+        check_number("SamplingConfig.top_p", self.top_p, 0, 1, low_open=True)
+        check_positive_int("SamplingConfig.top_k", self.top_k, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +184,8 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
     ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated. ``cache_fn``
     replaces ``llama.append_and_attend`` (hashable: it is a static argument of the compiled scan).
     """
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if prefill_attention not in PREFILL_ATTENTION:
-        raise ValueError(f"prefill_attention={prefill_attention!r}; allowed: {PREFILL_ATTENTION}")
+    check_positive_int("chunk_size", chunk_size)
+    check_choice("prefill_attention", prefill_attention, PREFILL_ATTENTION)
     prompts, lengths = _check_prompts(prompts, lengths)
     if prefill_attention == "model":
         if cache_fn is not None:
@@ -295,10 +291,8 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
       own
         attention, e.g. select-and-merge; see ``prefill``).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("chunk_size", chunk_size)
     prompts, lengths = _check_prompts(prompts, lengths)
     if prefill_attention == "model":
         chunk_size = prompts.shape[1]  # one pass

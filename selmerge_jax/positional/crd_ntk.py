@@ -31,15 +31,10 @@ from selmerge_jax.positional.rope import (
     rope_frequencies,
 )
 from selmerge_jax.positional.rope_config import RopeConfig
+from selmerge_jax.validation import check_number, check_positive_int, check_positive_number
 
 __all__ = ["CRDNTKConfig", "CRDNTKFn", "CRDPositions", "crd_base", "crd_offsets", "crd_positions",
            "crd_scale", "crd_step"]
-
-
-def _check_positive(name, value, kind=(int, float)):
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        raise ValueError(f"CRDNTKConfig.{name} must be a positive {'int' if kind is int else 'number'}, "
-                         f"got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,15 +70,14 @@ class CRDNTKConfig:
 
     def __post_init__(self):
         for name in ("cycle", "original_max_position_embeddings", "stage_steps"):
-            _check_positive(name, getattr(self, name), int)
+            check_positive_int(f"CRDNTKConfig.{name}", getattr(self, name))
         for name in ("theta", "initial_scale", "inference_scale"):
-            _check_positive(name, getattr(self, name))
-        if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)) or self.growth < 1:
-            raise ValueError(f"CRDNTKConfig.growth must be a number >= 1, got {self.growth!r}")
+            check_positive_number(f"CRDNTKConfig.{name}", getattr(self, name))
+        check_number("CRDNTKConfig.growth", self.growth, 1)
         if self.max_scale is not None:
-            _check_positive("max_scale", self.max_scale)
+            check_positive_number("CRDNTKConfig.max_scale", self.max_scale)
         if self.max_offset is not None:
-            _check_positive("max_offset", self.max_offset, int)
+            check_positive_int("CRDNTKConfig.max_offset", self.max_offset)
             if not self.wrap:
                 raise ValueError("CRDNTKConfig.max_offset only applies with wrap=True (without wrapping the "
                                  "offset range is [0, cycle - T])")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
+from selmerge_jax.validation import check_int, fail, is_int
 
 __all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "logn_scale", "make_position_fn",
            "rope_angles", "rope_frequencies"]
@@ -28,8 +29,8 @@ _TWO_32 = 2.0**32
 
 
 def _check_head_dim(head_dim) -> None:
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 2 or head_dim % 2:
-        raise ValueError(f"head_dim must be an even int > 2 (RoPE rotates pairs), got {head_dim!r}")
+    if not is_int(head_dim) or head_dim <= 2 or head_dim % 2:
+        fail("head_dim", head_dim, "an even int > 2 (RoPE rotates pairs)")
 
 
 def _is_traced(*values) -> bool:
@@ -299,8 +300,7 @@ class RopeFn:
 def logn_scale(positions, length: int):
     """``float32``, the shape of ``positions``: ``max(1, log(p + 1) / log(length))``, the log-n query
     scale."""
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2 (the training length), got {length!r}")
+    check_int("length", length, 2)  # the training length
     p = jnp.asarray(positions, jnp.float32)
     return jnp.maximum(1.0, jnp.log1p(p) / math.log(length))
 

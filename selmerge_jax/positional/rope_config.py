@@ -19,6 +19,8 @@ import dataclasses
 import math
 from typing import Any, Literal, cast
 
+from selmerge_jax.validation import check_choice, check_number, check_positive_int
+
 __all__ = ["RopeConfig", "RopeType", "RopeLayout", "ROPE_TYPES"]
 
 RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3"]
@@ -37,11 +39,8 @@ _HF_KEYS = {
 
 
 def _positive(name: str, value, *, allow_none: bool = False):
-    if value is None and allow_none:
-        return
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"RopeConfig.{name} must be a positive finite number, got {value!r}")
+    check_number(f"RopeConfig.{name}", value, 0, math.inf, low_open=True, high_open=True,
+                 allow_none=allow_none)  # positive and finite
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,18 +81,14 @@ class RopeConfig:
     logn_length: int | None = None
 
     def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"RopeConfig.rope_type={self.rope_type!r} is unknown; allowed: {ROPE_TYPES}")
-        if self.layout not in ("half", "interleaved"):
-            raise ValueError(f"RopeConfig.layout={self.layout!r}; allowed: 'half', 'interleaved'")
+        check_choice("RopeConfig.rope_type", self.rope_type, ROPE_TYPES)
+        check_choice("RopeConfig.layout", self.layout, ("half", "interleaved"))
         for name in ("theta", "factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
             _positive(name, getattr(self, name))
         for name in ("attention_factor", "mscale", "mscale_all_dim"):
             _positive(name, getattr(self, name), allow_none=True)
         l0 = self.original_max_position_embeddings
-        if l0 is not None and (isinstance(l0, bool) or not isinstance(l0, int) or l0 <= 0):
-            raise ValueError(f"RopeConfig.original_max_position_embeddings must be a positive int, "
-                             f"got {l0!r}")
+        check_positive_int("RopeConfig.original_max_position_embeddings", l0, allow_none=True)
         if self.rope_type in _NEEDS_L0 and l0 is None:
             raise ValueError(f"RopeConfig(rope_type={self.rope_type!r}) needs "
                              "original_max_position_embeddings")

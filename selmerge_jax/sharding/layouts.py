@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from selmerge_jax.validation import check_choice, check_positive_int
+
 __all__ = [
     "LAYOUTS",
     "Layout",
@@ -38,16 +40,14 @@ LAYOUTS = ("contiguous", "zigzag")
 
 def check_layout(layout: str) -> int:
     """Validates ``layout``; returns the number of contiguous chunks each shard holds (1 or 2)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown; allowed: {', '.join(map(repr, LAYOUTS))}")
+    check_choice("layout", layout, LAYOUTS)
     return 1 if layout == "contiguous" else 2
 
 
 def chunk_order(layout: str, num_shards: int) -> np.ndarray:
     """Global chunk index of each chunk slot in layout order (shard-major), e.g. zigzag n=2:
     ``[0, 3, 1, 2]``."""
-    if not isinstance(num_shards, int) or num_shards <= 0:
-        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    check_positive_int("num_shards", num_shards)
     if check_layout(layout) == 1:
         return np.arange(num_shards)
     first = np.arange(num_shards)

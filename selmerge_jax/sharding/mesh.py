@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from selmerge_jax.validation import check_choice, check_non_negative_int, fail, is_int
+
 __all__ = [
     "MESH_AXES",
     "MeshConfig",
@@ -60,15 +62,12 @@ class MeshConfig:
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "seq": self.seq}
         for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-                raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {value!r}")
+            if not is_int(value) or (value < 1 and value != -1):
+                fail(f"MeshConfig.{name}", value, "a positive int or -1")
         if sum(v == -1 for v in sizes.values()) > 1:
             raise ValueError(f"MeshConfig: at most one axis may be -1, got {sizes}")
-        if isinstance(self.fsdp_min_size, bool) or not isinstance(self.fsdp_min_size,
-                                                                  int) or self.fsdp_min_size < 0:
-            raise ValueError(f"MeshConfig.fsdp_min_size must be an int >= 0, got {self.fsdp_min_size!r}")
-        if self.distributed not in ("auto", "on", "off"):
-            raise ValueError(f"MeshConfig.distributed={self.distributed!r}; allowed: 'auto', 'on', 'off'")
+        check_non_negative_int("MeshConfig.fsdp_min_size", self.fsdp_min_size)
+        check_choice("MeshConfig.distributed", self.distributed, ("auto", "on", "off"))
 
     def shape(self, device_count: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.seq]

@@ -36,6 +36,7 @@ from selmerge_jax.kernels.block_sparse_attention import (
     dense_causal_plan,
 )
 from selmerge_jax.sharding.layouts import check_layout
+from selmerge_jax.validation import check_choice, check_positive_int
 
 __all__ = ["Strategy", "empty_partial", "ring_attention", "ring_partials"]
 
@@ -52,8 +53,7 @@ def _shift(n: int):
 
 
 def _check_strategy(strategy: str) -> None:
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"strategy={strategy!r} is unknown; allowed: 'ring', 'allgather'")
+    check_choice("strategy", strategy, ("ring", "allgather"))
 
 
 def ring_partials(step_fn: StepFn, q, k, v, aux=None, *, axis_name: str, strategy: Strategy = "ring"):
@@ -252,8 +252,7 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str 
                          f"{q.shape[1]} and {k.shape[1]}")
     if q.shape[1] % check_layout(layout):
         raise ValueError(f"layout='zigzag' needs an even local length, got T_local={q.shape[1]}")
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_positive_int("block_size", block_size)
     _check_strategy(strategy)
     if implementation is None and jax.default_backend() == "cpu":
         implementation = "dense"

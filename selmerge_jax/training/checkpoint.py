@@ -39,6 +39,7 @@ from selmerge_jax.models.lora import trainable_filter as lora_filter
 from selmerge_jax.training.config import OptimizerConfig, TrainConfig
 from selmerge_jax.training.optimizer import build_optimizer
 from selmerge_jax.training.train_step import init_train_state
+from selmerge_jax.validation import check_positive_int
 
 __all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree",
            "restore_model",
@@ -149,8 +150,7 @@ class Checkpointer:
     """Saves and restores ``(TrainState, data_state, meta)`` by optimizer step."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        check_positive_int("keep", keep)
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)

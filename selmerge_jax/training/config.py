@@ -5,22 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from selmerge_jax.validation import check_choice, check_int, check_number
+
 __all__ = ["CheckpointConfig", "OptimizerConfig", "TrainConfig"]
-
-
-def _check_int(owner: str, name: str, value, low: int, high: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None
-                                                                                and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{owner}.{name} must be an int {bound}, got {value!r}")
-
-
-def _check_float(owner: str, name: str, value, low: float, high: float | None = None, open_low: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = ("(" if open_low else "[") + f"{low}, " + (f"{high}]" if high is not None else "inf)")
-        raise ValueError(f"{owner}.{name} must be a number in {bound}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,18 +38,17 @@ class OptimizerConfig:
 
     def __post_init__(self):
         own = "OptimizerConfig"
-        _check_float(own, "learning_rate", self.learning_rate, 0.0, 10.0, open_low=True)
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"{own}.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
-        _check_int(own, "warmup_steps", self.warmup_steps, 0)
-        _check_float(own, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_float(own, "weight_decay", self.weight_decay, 0.0, 10.0)
-        _check_float(own, "b1", self.b1, 0.0, 1.0)
-        _check_float(own, "b2", self.b2, 0.0, 1.0)
-        _check_float(own, "eps", self.eps, 0.0, 1.0, open_low=True)
+        check_number(f"{own}.learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        check_choice(f"{own}.schedule", self.schedule, ("cosine", "constant"))
+        check_int(f"{own}.warmup_steps", self.warmup_steps, 0)
+        check_number(f"{own}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number(f"{own}.weight_decay", self.weight_decay, 0.0, 10.0)
+        check_number(f"{own}.b1", self.b1, 0.0, 1.0)
+        check_number(f"{own}.b2", self.b2, 0.0, 1.0)
+        check_number(f"{own}.eps", self.eps, 0.0, 1.0, low_open=True)
         if self.clip_norm is not None:
-            _check_float(own, "clip_norm", self.clip_norm, 0.0, open_low=True)
-        _check_int(own, "accumulation_steps", self.accumulation_steps, 1, 4096)
+            check_number(f"{own}.clip_norm", self.clip_norm, 0.0, low_open=True)
+        check_int(f"{own}.accumulation_steps", self.accumulation_steps, 1, 4096)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,17 +86,15 @@ class TrainConfig:
 
     def __post_init__(self):
         own = "TrainConfig"
-        _check_int(own, "steps", self.steps, 1)
-        _check_int(own, "batch_size", self.batch_size, 1)
-        _check_int(own, "seq_len", self.seq_len, 2)
-        _check_int(own, "seed", self.seed, 0)
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"{own}.compute_dtype={self.compute_dtype!r}; allowed: 'float32', 'bfloat16'")
-        if self.trainable not in ("all", "lora"):
-            raise ValueError(f"{own}.trainable={self.trainable!r}; allowed: 'all', 'lora'")
-        _check_int(own, "log_every", self.log_every, 1)
-        _check_int(own, "eval_every", self.eval_every, 0)
-        _check_int(own, "eval_batches", self.eval_batches, 0)
+        check_int(f"{own}.steps", self.steps, 1)
+        check_int(f"{own}.batch_size", self.batch_size, 1)
+        check_int(f"{own}.seq_len", self.seq_len, 2)
+        check_int(f"{own}.seed", self.seed, 0)
+        check_choice(f"{own}.compute_dtype", self.compute_dtype, ("float32", "bfloat16"))
+        check_choice(f"{own}.trainable", self.trainable, ("all", "lora"))
+        check_int(f"{own}.log_every", self.log_every, 1)
+        check_int(f"{own}.eval_every", self.eval_every, 0)
+        check_int(f"{own}.eval_batches", self.eval_batches, 0)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"{own}.output_dir must be a non-empty path, got {self.output_dir!r}")
 
@@ -137,5 +121,5 @@ class CheckpointConfig:
         own = "CheckpointConfig"
         if self.directory is not None and (not isinstance(self.directory, str) or not self.directory):
             raise ValueError(f"{own}.directory must be null or a non-empty path, got {self.directory!r}")
-        _check_int(own, "every_steps", self.every_steps, 0)
-        _check_int(own, "keep", self.keep, 1)
+        check_int(f"{own}.every_steps", self.every_steps, 0)
+        check_int(f"{own}.keep", self.keep, 1)

@@ -6,14 +6,14 @@ import jax
 import optax
 
 from selmerge_jax.training.config import OptimizerConfig
+from selmerge_jax.validation import check_positive_int
 
 __all__ = ["build_optimizer", "decay_mask", "learning_rate_schedule"]
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to the peak, then cosine to ``min_lr_ratio * peak`` at ``total_steps`` (or constant)."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    check_positive_int("total_steps", total_steps)
     peak, warmup = config.learning_rate, min(config.warmup_steps, total_steps)
     if config.schedule == "constant":
         after = optax.constant_schedule(peak)
