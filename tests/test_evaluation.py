@@ -207,7 +207,7 @@ def test_loss_sweep_order_check():
     runs["k8"]["final_val_loss"] = 2.2  # a tie is not an order
     assert not loss_curves.ordered(runs)["pass"]
     assert loss_curves.ordered({"k4": runs["k4"]}) is None
-    with pytest.raises(ValueError, match="key='val_loss'; allowed"):
+    with pytest.raises(ValueError, match="key='val_loss': must be one of the allowed values; allowed: "):
         loss_curves.ordered(runs, "val_loss")
 
 

@@ -29,6 +29,7 @@ from selmerge_jax.attention.ms import check_self_attention, pad_to_multiple
 from selmerge_jax.attention.reference import check_qkv
 from selmerge_jax.attention.selection import select_regions
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
+from selmerge_jax.validation import check_choice
 
 __all__ = ["gathered_positions", "ms_attention_selected_positions", "selected_positions_attention"]
 
@@ -121,8 +122,7 @@ def selected_positions_attention(q, k, v, plan: SelectionPlan, rotate: Callable,
       ``out [B, T, N, H]`` in q's dtype (and float32 ``lse [B, T, N]`` when asked).
     """
     kv_heads, _ = check_qkv(q, k, v)
-    if scheme not in ("original", "compact"):
-        raise ValueError(f"scheme={scheme!r}; allowed: 'original', 'compact'")
+    check_choice("scheme", scheme, ("original", "compact"))
     if scheme == "compact" and not plan.causal:
         raise ValueError("compact positions need a causal plan (queries are placed after the gathered keys)")
     if not callable(rotate):

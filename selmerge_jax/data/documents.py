@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pydoc_data import topics  # the language reference as text; shipped with every CPython
 
-from selmerge_jax.validation import check_fraction, check_positive_int
+from selmerge_jax.validation import check_choice, check_fraction, check_positive_int
 
 __all__ = ["StdlibOptions", "TextFolderOptions", "stdlib_documents", "text_folder_documents",
            "split_documents", "file_header"]
@@ -80,8 +80,7 @@ class TextFolderOptions:
     def __post_init__(self):
         if isinstance(self.suffixes, str) or not all(isinstance(s, str) for s in self.suffixes):
             raise TypeError(f"TextFolderOptions.suffixes must be a tuple of str, got {self.suffixes!r}")
-        if self.group_by not in ("file", "directory"):
-            raise ValueError(f"TextFolderOptions.group_by={self.group_by!r}; allowed: 'file', 'directory'")
+        check_choice("TextFolderOptions.group_by", self.group_by, ("file", "directory"))
         check_fraction("TextFolderOptions.validation_fraction", self.validation_fraction)
         check_positive_int("TextFolderOptions.max_files", self.max_files, allow_none=True)
 

@@ -31,6 +31,7 @@ from selmerge_jax.layers.attention import attended_keys
 from selmerge_jax.models import Llama, count_params
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.training.metrics import read_jsonl
+from selmerge_jax.validation import check_choice
 
 __all__ = [
     "attended_fraction",
@@ -148,8 +149,7 @@ _LOSS_KEYS = ("final_val_loss", "final_train_loss")
 def ordered(runs: dict, key: str = "final_val_loss") -> dict | None:
     """Is ``key`` strictly lower the more a run attends? (the family's claim). None with fewer than two runs
     holding the figure."""
-    if key not in _LOSS_KEYS:
-        raise ValueError(f"ordered: key={key!r}; allowed: {_LOSS_KEYS}")
+    check_choice("key", key, _LOSS_KEYS)
     have = {n: r[key] for n, r in runs.items() if r.get(key) is not None}
     if len(have) < 2:
         return None

@@ -38,6 +38,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import generate
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.checkpoint import InitConfig
+from selmerge_jax.validation import check_choice
 
 __all__ = ["SCORING_MODES", "PasskeyEvalConfig", "passkey_accuracy", "passkey_prompts", "run_passkey"]
 
@@ -66,8 +67,7 @@ class PasskeyEvalConfig:
         check_fractions("PasskeyEvalConfig", "depths", self.depths)
         check_positive_ints("PasskeyEvalConfig", "per_cell", [self.per_cell])
         check_positive_ints("PasskeyEvalConfig", "chunk_size", [self.chunk_size])
-        if self.scoring not in SCORING_MODES:
-            raise ValueError(f"PasskeyEvalConfig.scoring={self.scoring!r}; allowed: {SCORING_MODES}")
+        check_choice("PasskeyEvalConfig.scoring", self.scoring, SCORING_MODES)
         ModelSource(init=self.init, model=self.model, rope=self.rope, seed=self.seed)  # validates the trio
 
     @property
@@ -130,8 +130,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, *, per_cell: int = 1, se
     ``scoring="generate"``: greedy decoding through the chunked-prefill cache (memory linear in the length;
     the cache attends densely). ``"forward"``: one teacher-forced forward with the model's own attention
     (what a select-and-merge model computes; see ``_forward_batch``)."""
-    if scoring not in SCORING_MODES:
-        raise ValueError(f"scoring={scoring!r}; allowed: {SCORING_MODES}")
+    check_choice("scoring", scoring, SCORING_MODES)
     acc = np.zeros((len(depths), len(lengths)))
     tok_acc = np.zeros_like(acc)
     examples, seconds = [], []

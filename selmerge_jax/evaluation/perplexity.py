@@ -44,6 +44,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.generate import init_caches
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.checkpoint import InitConfig
+from selmerge_jax.validation import check_choice
 
 __all__ = ["PerplexityEvalConfig", "perplexity_by_length", "run_perplexity", "token_nll"]
 
@@ -115,8 +116,7 @@ def token_nll(model, windows: np.ndarray, *, mode: Mode = "chunked", chunk_size:
     graphdef, state = nnx.split(model)
     if mode == "forward":
         return np.asarray(_forward_nll(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets)))
-    if mode != "chunked":
-        raise ValueError(f"mode={mode!r}; allowed: 'chunked', 'forward'")
+    check_choice("mode", mode, ("chunked", "forward"))
     c = min(chunk_size, length)
     if length % c:
         raise ValueError(f"window length L={length} must be a multiple of chunk_size={chunk_size}")

@@ -22,15 +22,15 @@ import numpy as np
 from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache
 from selmerge_jax.kvcache.config import KVCompressionConfig
-from selmerge_jax.validation import check_positive_int
+from selmerge_jax.validation import check_positive_int, fail, is_int
 
 __all__ = ["HeadClasses", "assign_classes", "grouped_step", "init_grouped", "retrieval_scores"]
 
 
 def _int_tuple(name: str, value, lo: int) -> tuple[int, ...]:
     items = tuple(value)
-    if not items or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo for x in items):
-        raise ValueError(f"HeadClasses.{name} must be a non-empty sequence of ints >= {lo}, got {value!r}")
+    if not items or any(not is_int(x) or x < lo for x in items):
+        fail(f"HeadClasses.{name}", value, f"a non-empty sequence of ints >= {lo}")
     return tuple(int(x) for x in items)
 
 

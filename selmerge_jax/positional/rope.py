@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selmerge_jax.positional.rope_config import RopeConfig
-from selmerge_jax.validation import check_int, fail, is_int
+from selmerge_jax.validation import check_choice, check_int, fail, is_int
 
 __all__ = ["RopeFn", "RotaryPositions", "apply_rope", "inv_freq_from_base", "logn_scale", "make_position_fn",
            "rope_angles", "rope_frequencies"]
@@ -207,8 +207,7 @@ def _check_apply_args(x, positions, inv_freq, layout):
         raise ValueError(f"inv_freq must be [H/2={h // 2}], got shape {jnp.shape(inv_freq)}")
     if jnp.shape(positions) not in ((t,), (b, t)):
         raise ValueError(f"positions must be [T={t}] or [B={b}, T={t}], got shape {jnp.shape(positions)}")
-    if layout not in ("half", "interleaved"):
-        raise ValueError(f"layout={layout!r}; allowed: 'half', 'interleaved'")
+    check_choice("layout", layout, ("half", "interleaved"))
 
 
 def apply_rope(x, positions, inv_freq, *, layout: str = "half", attention_scale=1.0, precise: bool = True):

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Any, Literal, cast
 
-from selmerge_jax.validation import check_choice, check_number, check_positive_int
+from selmerge_jax.validation import check_choice, check_int, check_number, check_positive_int
 
 __all__ = ["RopeConfig", "RopeType", "RopeLayout", "ROPE_TYPES"]
 
@@ -97,10 +97,7 @@ class RopeConfig:
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(f"RopeConfig.high_freq_factor={self.high_freq_factor} must be > "
                              f"low_freq_factor={self.low_freq_factor}")
-        n = self.logn_length
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-            raise ValueError("RopeConfig.logn_length must be None or an int >= 2 (the "
-                             f"training length), got {n!r}")
+        check_int("RopeConfig.logn_length", self.logn_length, 2, allow_none=True)  # the training length
         if not isinstance(self.truncate, bool):
             raise TypeError(f"RopeConfig.truncate must be a bool, got {self.truncate!r}")
 
