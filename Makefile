@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+CUDA_STAMP := $(VENV)/.cuda-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test test-all test-gpu lint venv clean
@@ -26,8 +27,11 @@ test-all: $(STAMP)
 
 # The GPU tests on CUDA (tests/conftest.py picks the platform from -m and stops when JAX finds no GPU);
 # one process, so that the tests have the GPU's memory to themselves.
-test-gpu: $(STAMP)
+$(CUDA_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[cuda]"
+	rm -f $(VENV)/.cuda-*; touch $(CUDA_STAMP)
+
+test-gpu: $(CUDA_STAMP)
 	env -u JAX_PLATFORMS $(BIN)/python -m pytest -p no:xdist --durations=15 -m gpu tests
 
 # What CI enforces: ruff (rules and line length in pyproject.toml) and mypy on the public API ([tool.mypy]).

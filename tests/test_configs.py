@@ -58,7 +58,7 @@ DEMO = str(CONFIGS[0].parent / "demo.yaml")
 @pytest.mark.parametrize("override, message", [
     ("model.ms.block_sze=32", "model.ms.block_sze: unknown key for MSAttentionConfig"),
     ("trian.steps=3", "trian: unknown key for PretrainConfig"),
-    ("train.steps=-1", "train: TrainConfig.steps must be an int >= 1, got -1"),
+    ("train.steps=-1", "train: TrainConfig.steps=-1: must be an int >= 1"),
     ("train.steps=ten", "train.steps: expected an int, got 'ten'"),
     # YAML 1.1 str
     ("optimizer.learning_rate=3e-3", "optimizer.learning_rate: expected a number, got '3e-3'"),
@@ -66,8 +66,8 @@ DEMO = str(CONFIGS[0].parent / "demo.yaml")
     ("train.compute_dtype=fp16",
      "train.compute_dtype: 'fp16' is not allowed; allowed: 'float32', 'bfloat16'"),
     ("checkpoint.async_save=1", "checkpoint.async_save: expected true/false, got 1"),
-    ("model.preset=gpt5", "model.preset: unknown model preset 'gpt5'"),
-    ("mesh.data=0", "mesh: MeshConfig.data must be a positive int or -1"),
+    ("model.preset=gpt5", "model.preset: preset='gpt5': must be one of the allowed values; allowed: 'tiny'"),
+    ("mesh.data=0", "mesh: MeshConfig.data=0: must be a positive int or -1"),
     ("train.seq_len.x=1", "train.seq_len: is a value, cannot set train.seq_len.x below it"),
 ])
 def test_bad_keys_and_values_name_their_path(override, message):
