@@ -166,8 +166,10 @@ def test_passkey_scoring_with_oracles(monkeypatch, shift, accuracy):
 # ---- configs ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: passkey.PasskeyEvalConfig(model=MICRO, lengths=(32,)), r"PasskeyEvalConfig.lengths .* >= 64"),
-    (lambda: passkey.PasskeyEvalConfig(model=MICRO, depths=(1.5,)), r"PasskeyEvalConfig.depths .* \[0, 1\]"),
+    (lambda: passkey.PasskeyEvalConfig(model=MICRO, lengths=(32,)),
+     r"PasskeyEvalConfig\.lengths=\(32,\): must be a non-empty list of ints >= 64"),
+    (lambda: passkey.PasskeyEvalConfig(model=MICRO, depths=(1.5,)),
+     r"PasskeyEvalConfig\.depths=\(1\.5,\): must be a non-empty list of numbers in \[0, 1\]"),
     (lambda: passkey.PasskeyEvalConfig(), r"ModelSource.model is required with init.kind='scratch'"),
     (lambda: perplexity.PerplexityEvalConfig(model=MICRO, lengths=(300,), chunk_size=256), "not multiples"),
     (lambda: perplexity.PerplexityEvalConfig(model=MICRO, modes=("fast",)), "modes must be"),

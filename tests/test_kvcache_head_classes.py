@@ -96,7 +96,7 @@ def test_assign_classes_needs_sizes_that_cover_every_head():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"window": 0}, "window must be a positive int"),
+    ({"window": 0}, "window=0: must be a positive int"),
     ({"pos": jnp.zeros((B, K, 1), jnp.int32)}, "pos"),  # would broadcast over every slot
     ({"q_positions": jnp.zeros((B, 1), jnp.int32)}, "q_positions must be"),
 ])

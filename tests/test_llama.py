@@ -36,7 +36,7 @@ def test_preset_sizes_from_eval_shape(name, expected):
     ({"remat": "sometimes"}, "ModelConfig.remat"),
     ({"attention": "ms", "sliding_window": 64}, "sliding_window"),
     ({"head_dim": 7}, "must be even"),
-    ({"vocab_size": 0}, "vocab_size must be a positive int, got 0"),
+    ({"vocab_size": 0}, "ModelConfig.vocab_size=0: must be a positive int"),
     ({"norm_eps": -1.0}, "norm_eps"),
 ])
 def test_bad_configs_raise(changes, message):

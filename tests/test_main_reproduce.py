@@ -77,8 +77,8 @@ def test_passkey_mixing_replaces_whole_rows_deterministically(tokens):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"passkey_ratio": 1.0}, r"passkey_ratio must be a number in \[0, 1\)"),
-    ({"passkey_ratio": True}, "passkey_ratio must be a number"),
+    ({"passkey_ratio": 1.0}, r"passkey_ratio=1\.0: must be a number in \[0, 1\)"),
+    ({"passkey_ratio": True}, "passkey_ratio=True: must be a number"),
     ({"passkey_ratio": 0.2, "tokenizer": None}, "needs the tokenizer"),
     ({"passkey_ratio": 0.2, "seq_len": 100}, "too short"),
 ])

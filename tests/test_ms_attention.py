@@ -284,7 +284,7 @@ def test_jit_compiles_once(key):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(top_k=2, merge=4), "top_k=2 must be >= merge=4"),
     (dict(top_k=6, merge=4), "multiple of merge"),
-    (dict(block_size=0), "block_size must be a positive int"),
+    (dict(block_size=0), "MSAttentionConfig.block_size=0: must be a positive int"),
     (dict(block_size=-8), "block_size"),
     (dict(merge=0), "merge"),
     (dict(top_k=4, merge=1, sink=4), "sink=4"),
