@@ -197,8 +197,8 @@ def test_one_pass_ms_prefill_equals_the_models_own_forward():
     model = _ms_model(top_k=3)
     prompts = np.random.default_rng(0).integers(0, 64, (2, 61)).astype(np.int32)
     lengths = np.array([61, 40], np.int32)
-    logits, caches = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths,
-                             prefill_attention="model")
+    logits, _ = prefill(model, prompts, init_caches(model, 2, 64), lengths=lengths,
+                        prefill_attention="model")
     full = np.asarray(model(jnp.asarray(prompts)))
     np.testing.assert_allclose(logits[0], full[0, 60], rtol=1e-5, atol=1e-5)
     short = np.asarray(model(jnp.asarray(prompts[1:, :40])))
@@ -227,7 +227,8 @@ def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
     prompts = np.zeros((1, 40), np.int32)
     with pytest.raises(ValueError, match=r"T=40 does not fit the caches' capacity=32"):
         prefill(model, prompts, init_caches(model, 1, 32), prefill_attention="model")
-    with pytest.raises(ValueError, match=r"prefill_attention='fast': must be one of the allowed values; allowed"):
+    with pytest.raises(ValueError,
+                       match=r"prefill_attention='fast': must be one of the allowed values; allowed"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="fast")
     with pytest.raises(ValueError, match=r"cache_fn .* applies only with prefill_attention='cache'"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a,
