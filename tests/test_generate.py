@@ -50,9 +50,8 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert abs(np.mean(draws == 0) - 0.625) < 0.03
 
 
-@pytest.mark.parametrize("kwargs, message",
-                         [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
-                                             ({"top_k": 0}, "top_k")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": 0}, "top_k")])
 def test_bad_sampling_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)

@@ -77,7 +77,7 @@ def test_ms_attention_equals_dense_when_everything_is_selected(model):
 def test_sparse_ms_attention_is_causal_with_previous_selection():
     cfg = SMALL.replace(attention="ms",
                         ms=MSAttentionConfig(block_size=8, top_k=3, selection_source="previous",
-                                                             selection_heads="kv"))
+                                             selection_heads="kv"))
     ms = Llama(cfg, rngs=nnx.Rngs(0))
     tokens = _tokens((1, 64), 2)
     a = _forward(ms, tokens)

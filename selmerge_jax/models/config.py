@@ -176,7 +176,7 @@ def _tiny() -> ModelConfig:
     return ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=176,
                        max_seq_len=32768,
                        ms=MSAttentionConfig(block_size=16, top_k=4, selection_source="previous",
-                                                               selection_heads="kv"))
+                                            selection_heads="kv"))
 
 
 def _llama2_7b() -> ModelConfig:
