@@ -75,12 +75,12 @@ def pytest_configure(config):
         try:
             found = jax.devices(_ACCELERATORS[marker][2])
         except Exception as e:  # no such device, or a jaxlib without the plugin (jax then asserts)
+            why = str(e) or "no backend for it in this jaxlib"
             raise pytest.UsageError(
                 f"-m {config.option.markexpr!r} selects the {marker} tests, which need a {marker.upper()} "
                 f"device, and JAX (JAX_PLATFORMS={os.environ['JAX_PLATFORMS']!r}) found none: "
-                f"{type(e).__name__}: {e or 'no backend for it in this jaxlib'}. Install jax for it (pip "
-                "install -e '.[cuda]' or '.[tpu]') on such a "
-                f"machine, or deselect them (-m 'not {marker}')."
+                f"{type(e).__name__}: {why}. Install jax for it (pip install -e '.[cuda]' or '.[tpu]') "
+                f"on such a machine, or deselect them (-m 'not {marker}')."
             ) from e
         assert found, f"no {marker} device"
     elif jax.default_backend() == "cpu":
