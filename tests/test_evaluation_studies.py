@@ -88,8 +88,8 @@ def test_loss_curve_sweep(tmp_path, npy):
             "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.progress=false",
             "optimizer.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.async_save=false"]
     sweep = loss_curve_sweep.LossCurveSweepConfig(base_overrides=tuple(base), output_dir=str(tmp_path),
-                                             variants={"dense": ["model.attention=dense"],
-                                                       "ms_k2": ["model.ms.top_k=2"]})
+                                                  variants={"dense": ["model.attention=dense"],
+                                                            "ms_k2": ["model.ms.top_k=2"]})
     result = loss_curve_sweep.run_loss_curves(sweep)
     runs = _outputs(result)["runs"]
     assert set(runs) == {"dense", "ms_k2"}

@@ -174,8 +174,8 @@ def test_acceptance_checks():
 
 def test_passkey_stage_uses_the_runs_tokenizer(tmp_path, monkeypatch):
     cfg = reproduce.ReproductionConfig(variants={"a": []}, crd_pair="a", fidelity_variant="a",
-                                          crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=0,
-                                          fidelity_min_s=0, run_dir=str(tmp_path),
+                                       crd_overrides=(CRD,), passkey_lengths=(320,), passkey_min_s=0,
+                                       fidelity_min_s=0, run_dir=str(tmp_path),
                                        output_dir=str(tmp_path / "out"))
     for name in ("crd", "a"):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
