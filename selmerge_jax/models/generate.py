@@ -258,8 +258,7 @@ def decode(model: Llama, caches, logits, start, *, max_new_tokens: int,
     """The decode loop alone, from a prefilled cache: ``logits [B, V]`` at each row's last prompt token and
     ``start int [B]`` (each row's prompt length). Returns ``(Generation, caches)``; the caches are donated.
     (``generate`` is prefill + this; benchmarks time the two apart.)"""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
     eos = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)

@@ -39,7 +39,7 @@ from selmerge_jax.models.lora import trainable_filter as lora_filter
 from selmerge_jax.training.config import OptimizerConfig, TrainConfig
 from selmerge_jax.training.optimizer import build_optimizer
 from selmerge_jax.training.train_step import init_train_state
-from selmerge_jax.validation import check_positive_int
+from selmerge_jax.validation import check_choice, check_positive_int
 
 __all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree",
            "restore_model",
@@ -294,8 +294,7 @@ class InitConfig:
     step: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("checkpoint", "hf", "scratch"):
-            raise ValueError(f"InitConfig.kind={self.kind!r}; allowed: 'checkpoint', 'hf', 'scratch'")
+        check_choice("InitConfig.kind", self.kind, ("checkpoint", "hf", "scratch"))
         if self.kind != "scratch" and not self.path:
             raise ValueError(f"InitConfig.path is required with kind={self.kind!r}")
 
