@@ -42,7 +42,8 @@ def _caches(model, config, budget, batch=2):
 
 
 @pytest.mark.parametrize("kw", [{"policy": "h2o", "merge": "nearest"},
-                                {"policy": "snapkv", "merge": "centroid", "merge_slots": 1}], ids=["h2o", "snapkv"])
+                                {"policy": "snapkv", "merge": "centroid", "merge_slots": 1, "obs_window": 2}],
+                         ids=["h2o", "snapkv"])
 def test_budget_that_keeps_everything_reproduces_generation(tiny, kw):
     model, prompts = tiny
     lengths = jnp.array([REAL, REAL])
@@ -158,7 +159,7 @@ def test_greedy_makes_room_once_per_slack_steps_with_the_same_tokens(tiny, polic
 
     model, prompts = tiny
     prompts = prompts[:, :16]
-    kv = KVCompressionConfig(policy=policy, ratio=0.5, slack=CHUNK, sink=1, window=2)
+    kv = KVCompressionConfig(policy=policy, ratio=0.5, slack=CHUNK, sink=1, window=2, obs_window=2)
     got, _ = fidelity.compressed_generate(model, prompts, kv, max_new_tokens=12, chunk_size=CHUNK)
     budget, capacity = fidelity._sizes(kv, 16, 12, CHUNK)
     assert capacity == budget + kv.slack
