@@ -50,12 +50,12 @@ ALL = [{"policy": "streaming"}, {"policy": "h2o", "merge": "nearest"}, {"policy"
 
 @pytest.mark.parametrize("kw", ALL, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_budget_that_keeps_everything_is_exact(kw):
-    config = KVCompressionConfig(budget=14, sink=1, window=2, pool_kernel=3, **kw)
+    config = KVCompressionConfig(budget=14, sink=1, window=2, obs_window=2, pool_kernel=3, **kw)
     cache, k, v = _filled(10, 16, config=config)
     q = jax.random.normal(jax.random.PRNGKey(2), (B, 10, N, H))
     pos = jnp.arange(10)[None]
     _, probs, _ = _attend(cache, q, pos, return_probs=True)
-    squeezed = _compress(_observe(cache, probs, config), config, 14)
+    squeezed = _compress(_observe(cache, probs, config, pos), config, 14)
     ref = dense_attention(q, k, v)
     np.testing.assert_allclose(_attend(squeezed, q, pos), ref, rtol=1e-6, atol=1e-6)
     assert int(squeezed.length) == 14 and squeezed.capacity == 16

@@ -5,16 +5,17 @@ Per layer and per call (prefill chunk or decode step), inside the jitted model::
     config = KVCompressionConfig(policy="snapkv", ratio=0.1, slack=256)    # slack >= prefill chunk
     budget = config.budget_for(prompt_len, layer)                           # static Python int
     cache = init_for(config, B, K, budget + config.slack, H, jnp.bfloat16)  # once, before prefill
-    out, cache = step(cache, config, q, k, v, positions, budget=budget)     # make_room, append, attend,
-                                                                            # observe
+    out, cache = step(cache, config, q, k, v, positions, budget=budget)     # room, append, attend, observe
 
 ``step`` compresses back to ``budget`` only when the incoming tokens would not fit (a ``lax.cond``), so a
 decode loop compiles once and compresses every ``slack`` steps. Optional one-shot compression after the prompt
 (SnapKV's protocol): ``lax.cond(cache.length > budget, lambda c: compress(c, config, budget), lambda c: c,
-cache)``. Quantized storage: ``init_quantized`` + ``quantized_step`` (same arguments). Uncompressed caches use
-``append`` + ``attend`` directly; ``attend_selected`` is the query-aware block-selection read of a cache.
-Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped into budget classes, one cache
-per class) + ``grouped_step``.
+cache)``; with a capacity that holds the prompt, SnapKV's kept set does not depend on the prefill chunk.
+``KVCompressionConfig.scoring`` picks GQA-native (default), published or kvpress scores for H2O/TOVA (the
+table is in ``policies``). Quantized storage: ``init_quantized`` + ``quantized_step`` (same arguments).
+Uncompressed caches use ``append`` + ``attend`` directly; ``attend_selected`` is the query-aware
+block-selection read of a cache. Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped
+into budget classes, one cache per class) + ``grouped_step``.
 """
 
 from selmerge_jax.kvcache.cache import (

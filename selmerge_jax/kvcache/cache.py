@@ -14,6 +14,10 @@ Layout (shape letters from ``selmerge_jax.typing``; C = capacity in slots):
   attention).
 - ``length``: ``int32 []``, the write cursor: slots ``[0, length)`` have been written (valid or padding).
 - ``dropped``: ``int32 []``, tokens that did not fit (overflow under ``jit``; see :func:`append`).
+- ``votes``: ``float32 [B, K, W, C]`` or ``None``: SnapKV's observation window, the attention rows (mean over
+  the G query heads of each kv head) of the last W real queries, row ``p % W`` holding the query at position
+  p; its columns move with the slots (:func:`gather_slots`). Only ``policies.init_for`` with
+  ``policy="snapkv"`` allocates it (W = ``obs_window``); everywhere else it is ``None`` (no leaves).
 
 Everything here is a pure function of arrays; shapes never depend on values, so a decode loop compiles once.
 """
@@ -56,6 +60,7 @@ class KVCache:
     score: jax.Array  # float32 [B, K, C]
     length: jax.Array  # int32 []
     dropped: jax.Array  # int32 []
+    votes: jax.Array | None = None  # float32 [B, K, W, C]: SnapKV window rows (policies.init_for), else None
 
     @property
     def batch(self) -> int:
@@ -296,9 +301,12 @@ def gather_slots(cache: KVCache, idx, length=None) -> KVCache:
     take3 = lambda x, fill: jnp.where(empty, fill, jnp.take_along_axis(x, safe, axis=2))
     take4 = lambda x: jnp.where(empty[..., None], 0, jnp.take_along_axis(x, safe[..., None], axis=2))
     new_len = idx.shape[2] if length is None else length
+    votes = cache.votes
+    if votes is not None:  # [B, K, W, C]: the columns follow their slots, empty slots get no vote
+        votes = jnp.where(empty[:, :, None], 0.0, jnp.take_along_axis(votes, safe[:, :, None], axis=3))
     return dataclasses.replace(cache, k=take4(cache.k), v=take4(cache.v), pos=take3(cache.pos, -1),
                                count=take3(cache.count, 0.0), score=take3(cache.score, 0.0),
-                               length=jnp.asarray(new_len, jnp.int32))
+                               length=jnp.asarray(new_len, jnp.int32), votes=votes)
 
 
 def with_capacity(cache: KVCache, capacity: int) -> KVCache:

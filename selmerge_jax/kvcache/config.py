@@ -7,9 +7,10 @@ import math
 
 from selmerge_jax.validation import check_choice, check_int, check_number, fail
 
-__all__ = ["MERGES", "POLICIES", "QUANTS", "KVCompressionConfig"]
+__all__ = ["MERGES", "POLICIES", "QUANTS", "SCORINGS", "KVCompressionConfig"]
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "tova")
+SCORINGS = ("gqa", "published", "kvpress")
 MERGES = ("none", "nearest", "value", "centroid")
 QUANTS = ("none", "int8", "int4")
 SUMMARY_MODES = ("cumulative", "ema")
@@ -23,6 +24,12 @@ class KVCompressionConfig:
       policy: scorer deciding which tokens survive: ``"none"`` (never compress), ``"streaming"`` (sinks + most
         recent), ``"h2o"`` (accumulated attention), ``"snapkv"`` (pooled attention from the observation window
         of the last prompt queries), ``"tova"`` (attention from the latest query).
+      scoring: which variant of the policy's score (``kvcache.policies`` docstring has the full table):
+        ``"gqa"`` (default, GQA-native: one score per kv head, summed over its G query heads; H2O the
+        accumulated sum, TOVA the latest query per kv head), ``"published"`` (the papers: TOVA averages the
+        latest query over every head of the layer, one kept set shared by all kv heads; H2O as ``"gqa"``),
+        ``"kvpress"`` (kvpress's presses: TOVAPress as ``"published"``; ObservedAttentionPress divides H2O's
+        sum by the number of queries that saw each key). SnapKV is the same in all three (kvpress's SnapKVPress).
       budget: absolute slots kept after each compression (tokens + merged/summary slots). Exactly one of
         ``budget``, ``ratio``, ``layer_budgets`` is set.
       ratio: fraction of the context kept, in (0, 1]; resolved per call with :meth:`budget_for`.
@@ -31,8 +38,11 @@ class KVCompressionConfig:
         cache capacity is ``budget + slack`` and compression runs once every ``slack`` decode steps.
       sink: the first ``sink`` positions are never evicted (StreamingLLM attention sinks).
       window: the most recent ``window`` positions are never evicted.
-      obs_window / pool_kernel / pool: SnapKV's observation window (last queries whose attention votes),
-        1-D pooling width (odd) and kind (``"avg"``/``"max"``) that keeps neighbours of important tokens.
+      obs_window / pool_kernel / pool: SnapKV's observation window (the last ``obs_window`` real queries vote;
+        their own positions are always kept, so for ``"snapkv"`` the protected recent span is
+        ``max(window, obs_window)``), the 1-D pooling width (odd; zero padding counted, as torch's
+        ``avg_pool1d``) and kind (``"avg"``, as SnapKV and kvpress, or ``"max"``) that keeps neighbours of
+        important tokens.
       merge: what happens to evicted tokens: ``"none"`` (dropped), ``"nearest"`` (K and V averaged into the
         kept slot with the most similar key, counts added), ``"value"`` (only V mixed into that slot; keys,
         positions and counts untouched), ``"centroid"`` (``merge_slots`` region centroids: mean K/V of
@@ -45,6 +55,7 @@ class KVCompressionConfig:
     """
 
     policy: str = "h2o"
+    scoring: str = "gqa"
     budget: int | None = None
     ratio: float | None = None
     layer_budgets: tuple[int, ...] | None = None
@@ -64,7 +75,8 @@ class KVCompressionConfig:
     quant_window: int = 32
 
     def __post_init__(self):
-        for name, allowed in (("policy", POLICIES), ("merge", MERGES), ("quant", QUANTS),
+        for name, allowed in (("policy", POLICIES), ("scoring", SCORINGS), ("merge", MERGES),
+                              ("quant", QUANTS),
                               ("pool", ("avg", "max")), ("summary_mode", SUMMARY_MODES)):
             check_choice(f"KVCompressionConfig.{name}", getattr(self, name), allowed)
         for name in ("sink", "window", "merge_slots", "summary_slots"):
@@ -102,9 +114,19 @@ class KVCompressionConfig:
             name = "budget" if self.budget is not None else f"layer_budgets[{i}]"
             check_int(f"KVCompressionConfig.{name}", b, 1)
             if b < self.min_budget:
-                raise ValueError(f"KVCompressionConfig.{name}={b} is too small: sink={self.sink} + window="
-                                 f"{self.window} + reserved={self.reserved} (merge/summary slots) = "
-                                 f"{self.min_budget} slots are protected (window larger than the budget?)")
+                recent = (f"max(window={self.window}, obs_window={self.obs_window})"
+                          if self.policy == "snapkv"
+                          else f"window={self.window}")
+                raise ValueError(f"KVCompressionConfig.{name}={b} is too small: "
+                                 f"sink={self.sink} + {recent} + "
+                                 f"reserved={self.reserved} (merge/summary slots) = "
+                                 f"{self.min_budget} slots are "
+                                 "protected (window larger than the budget?)")
+
+    @property
+    def recent(self) -> int:
+        """The most recent positions never evicted: ``window``, and for SnapKV also its observation window."""
+        return max(self.window, self.obs_window) if self.policy == "snapkv" else self.window
 
     @property
     def reserved(self) -> int:
@@ -113,8 +135,9 @@ class KVCompressionConfig:
 
     @property
     def min_budget(self) -> int:
-        """Smallest legal budget: the protected sinks and window plus the reserved slots (at least 1)."""
-        return max(1, self.sink + self.window + self.reserved)
+        """Smallest legal budget: the protected sinks and recent positions plus the reserved slots (at least
+        1)."""
+        return max(1, self.sink + self.recent + self.reserved)
 
     def budget_for(self, context_len: int, layer: int = 0) -> int:
         """The static budget for a layer given the (static, Python int) context length it will hold."""
@@ -146,4 +169,4 @@ class KVCompressionConfig:
                              f"C={capacity}; allocate capacity >= budget + T (raise "
                              "KVCompressionConfig.slack)")
         if budget < self.min_budget:
-            raise ValueError(f"budget={budget} is below sink + window + reserved = {self.min_budget}")
+            raise ValueError(f"budget={budget} is below sink + recent window + reserved = {self.min_budget}")

@@ -59,12 +59,27 @@ def chunked_prefill(cache: KVCache, config: KVCompressionConfig, q, k, v, positi
     """One attention layer's prefill of q ``[B, S, N, H]``, k/v ``[B, S, K, H]`` in chunks of ``chunk``
     tokens.
 
-    Requires ``cache.capacity >= budget + chunk``. With ``finish`` the cache is compressed to ``budget`` at
-    the end (SnapKV's one-shot compression after the prompt: its observation window is the last chunk's tail).
-    Returns ``(out [B, S, N, H], cache)``.
+    Requires ``cache.capacity >= budget + chunk``. A ``chunk`` that does not divide S (or exceeds it) is fine:
+    the prompt is left-padded (position -1) and the padding rows are cut from ``out``; padding never votes.
+    With ``finish`` the cache is compressed to ``budget`` at the end (SnapKV's one-shot compression after the
+    prompt: its observation window is the prompt's last ``obs_window`` real queries, whichever chunks they
+    came in). When the capacity holds the whole (padded) prompt no compression fires before that one, and the
+    kept set does not depend on ``chunk``. Returns ``(out [B, S, N, H], cache)``.
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    s = q.shape[1]
+    padded = s + (-s % chunk)
+    if config.policy == "none" and padded > cache.capacity - config.reserved:
+        raise ValueError(f"a prompt of S={s} tokens (padded to {padded}, a multiple of "
+                         f"chunk={chunk}) does not "
+                         f"fit a cache of capacity C={cache.capacity} with "
+                         "policy='none' (nothing is evicted); "
+                         "allocate a larger cache or pick a compression policy")
     if config.policy != "none":
         config.check_capacity(budget, cache.capacity, chunk)
+    if padded != s:
+        (q, _), (k, _), (v, positions) = (left_pad(x, positions, chunk) for x in (q, k, v))
 
     def step(c, x, p):
         qc, kc, vc = x
@@ -72,6 +87,7 @@ def chunked_prefill(cache: KVCache, config: KVCompressionConfig, q, k, v, positi
         return c, out
 
     cache, out = scan_chunks(step, cache, (q, k, v), positions, chunk)
+    out = out[:, out.shape[1] - s:]
     if finish and config.policy != "none":
         cache = jax.lax.cond(cache.length > budget, lambda c: policies.compress(c, config, budget),
                              lambda c: c,

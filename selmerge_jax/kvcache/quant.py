@@ -194,6 +194,8 @@ def quantized_step(qc: QuantizedKVCache, config: KVCompressionConfig, q, k, v, p
     cq = qc.pos.shape[2]
     main_view = KVCache(k=km, v=vm, pos=qc.pos, count=qc.count, score=qc.score, length=qc.length,
                         dropped=recent.dropped)
-    main = policies.observe(main_view, probs[..., :cq], config)
-    recent = policies.observe(recent, probs[..., cq:], config)
+    # Neither store carries SnapKV's window rows (KVCache.votes): SnapKV here votes per call (exact when the
+    # prompt is one call), and kvpress-H2O normalises by the newest position of the quantized store.
+    main = policies.observe(main_view, probs[..., :cq], config, positions)
+    recent = policies.observe(recent, probs[..., cq:], config, positions)
     return out, dataclasses.replace(qc, score=main.score, recent=recent)
