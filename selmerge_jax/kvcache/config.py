@@ -29,7 +29,8 @@ class KVCompressionConfig:
         accumulated sum, TOVA the latest query per kv head), ``"published"`` (the papers: TOVA averages the
         latest query over every head of the layer, one kept set shared by all kv heads; H2O as ``"gqa"``),
         ``"kvpress"`` (kvpress's presses: TOVAPress as ``"published"``; ObservedAttentionPress divides H2O's
-        sum by the number of queries that saw each key). SnapKV is the same in all three (kvpress's SnapKVPress).
+        sum by the number of queries that saw each key). SnapKV is the same in all three (kvpress's
+        SnapKVPress).
       budget: absolute slots kept after each compression (tokens + merged/summary slots). Exactly one of
         ``budget``, ``ratio``, ``layer_budgets`` is set.
       ratio: fraction of the context kept, in (0, 1]; resolved per call with :meth:`budget_for`.
