@@ -60,8 +60,8 @@ def test_jitted_layer_traces_once_across_steps():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(d_model=30, num_heads=4), "d_model=30 is not divisible by num_heads=4"),
     (dict(d_model=32, num_heads=4, num_kv_heads=3), "multiple of num_kv_heads=3"),
-    (dict(d_model=32, num_heads=0), "num_heads must be a positive int"),
-    (dict(d_model=32, num_heads=True), "num_heads must be a positive int"),
+    (dict(d_model=32, num_heads=0), "AttentionLayerConfig.num_heads=0: must be a positive int"),
+    (dict(d_model=32, num_heads=True), "AttentionLayerConfig.num_heads=True: must be a positive int"),
     (dict(d_model=32, num_heads=4, implementation="flash"), "implementation='flash'"),
 ])
 def test_bad_layer_config(kwargs, match):

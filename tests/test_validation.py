@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from selmerge_jax import validation as v
+from selmerge_jax.layers import AttentionSpec
+from selmerge_jax.models.lora import LoRAConfig
+from selmerge_jax.training.train_step import trainable_filter
 
 
 def _raises(message: str):
@@ -155,3 +158,14 @@ def test_configs_use_the_one_style():
         ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=0, num_kv_heads=1, ffn_dim=8)
     with pytest.raises(ValueError, match=r"^KVCompressionConfig\.quant='int3': must be one of the allowed "):
         KVCompressionConfig(policy="h2o", budget=64, quant="int3")
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: LoRAConfig(rank=0), r"LoRAConfig\.rank=0: must be a positive int"),
+    (lambda: LoRAConfig(alpha=-1.0), r"LoRAConfig\.alpha=-1\.0: must be"),
+    (lambda: AttentionSpec(kind="flash"), r"AttentionSpec\.kind='flash': must be .*allowed: .*'dense'"),
+    (lambda: trainable_filter("some"), r"trainable='some': must be .*allowed: .*'all'"),
+])
+def test_model_and_training_configs_use_the_one_message_style(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()

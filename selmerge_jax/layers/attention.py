@@ -28,6 +28,7 @@ from selmerge_jax.attention.ms import ms_attention
 from selmerge_jax.attention.selected_positions import ms_attention_selected_positions
 from selmerge_jax.positional import RotaryPositions
 from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
+from selmerge_jax.validation import check_choice
 
 __all__ = ["ATTENTION_KINDS", "DENSE_KERNELS", "AttentionSpec", "attend", "attended_fraction",
            "attended_keys",
@@ -65,12 +66,9 @@ class AttentionSpec:
     sequence_axis: str = "seq"
 
     def __post_init__(self):
-        if self.kind not in ATTENTION_KINDS:
-            raise ValueError(f"attention kind={self.kind!r}; allowed: {ATTENTION_KINDS}")
-        if self.ms_kernel not in _MS_BACKENDS:
-            raise ValueError(f"ms_kernel={self.ms_kernel!r}; allowed: {tuple(_MS_BACKENDS)}")
-        if self.dense_kernel not in DENSE_KERNELS:
-            raise ValueError(f"dense_kernel={self.dense_kernel!r}; allowed: {DENSE_KERNELS}")
+        check_choice("AttentionSpec.kind", self.kind, ATTENTION_KINDS)
+        check_choice("AttentionSpec.ms_kernel", self.ms_kernel, _MS_BACKENDS)
+        check_choice("AttentionSpec.dense_kernel", self.dense_kernel, DENSE_KERNELS)
         if self.window is not None and self.kind != "dense":
             raise ValueError(f"sliding_window={self.window} works with attention='dense' only, got "
                              f"attention={self.kind!r}; set sliding_window=None")

@@ -25,6 +25,7 @@ from flax import nnx
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.layers.attention import AttentionSpec, attend
 from selmerge_jax.positional import CRDNTKConfig, CRDNTKFn, RopeConfig, make_position_fn
+from selmerge_jax.validation import check_positive_int
 
 __all__ = ["AttentionLayerConfig", "MSAttention"]
 
@@ -58,9 +59,7 @@ class AttentionLayerConfig:
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"AttentionLayerConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"AttentionLayerConfig.{name}", getattr(self, name), allow_none=True)
         if self.num_heads % self.kv_heads:
             raise ValueError(f"AttentionLayerConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.kv_heads}")

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.positional import RopeConfig
+from selmerge_jax.validation import check_choice, check_positive_int
 
 __all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "hf_name", "layer_entries", "load_hf",
            "params_to_hf",
@@ -222,8 +223,8 @@ def save_hf(model: Llama, path: str, *, dtype: str | None = None, max_shard_byte
       dtype: tensor dtype on disk (``float32``/``bfloat16``/``float16``); default: the parameter dtype.
       max_shard_bytes: split into shards of at most this many bytes (a tensor is never split).
     """
-    if dtype is not None and dtype not in _NP_DTYPES:
-        raise ValueError(f"dtype={dtype!r}; allowed: {tuple(_NP_DTYPES)}")
+    if dtype is not None:
+        check_choice("dtype", dtype, _NP_DTYPES)
     os.makedirs(path, exist_ok=True)
     tensors = params_to_hf(model, dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -243,8 +244,7 @@ def save_hf(model: Llama, path: str, *, dtype: str | None = None, max_shard_byte
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_bytes!r}")
+    check_positive_int("max_shard_bytes", max_bytes, allow_none=True)
     shards, size = [{}], 0
     for name in sorted(tensors):
         nbytes = tensors[name].nbytes

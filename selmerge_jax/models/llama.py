@@ -33,6 +33,7 @@ from selmerge_jax import kvcache
 from selmerge_jax.layers.attention import attend
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RotaryPositions, make_position_fn
+from selmerge_jax.validation import check_int
 
 __all__ = [
     "MLP",
@@ -196,8 +197,7 @@ class Llama(nnx.Module):
 
     def layer(self, i: int) -> DecoderLayer:
         """Layer ``i`` as a module of its own (a view of slice i: changing it does not change the model)."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.config.num_layers:
-            raise ValueError(f"layer index i={i!r}; allowed: 0 .. {self.config.num_layers - 1}")
+        check_int("layer index i", i, 0, self.config.num_layers - 1)
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 

@@ -21,6 +21,7 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
 from selmerge_jax.models.hf_import import hf_name, layer_entries
+from selmerge_jax.validation import check_positive_int, check_positive_number
 
 __all__ = [
     "TARGETS",
@@ -58,10 +59,8 @@ class LoRAConfig:
     train_norms: bool = False
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRAConfig.rank must be a positive int, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        check_positive_int("LoRAConfig.rank", self.rank)
+        check_positive_number("LoRAConfig.alpha", self.alpha)
         if isinstance(self.targets, str) or not self.targets or set(self.targets) - set(TARGETS):
             raise ValueError(f"LoRAConfig.targets={self.targets!r} must be a non-empty "
                              f"tuple drawn from {TARGETS}")

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from selmerge_jax.validation import check_choice, check_positive_int
+
 # optax.global_norm is deprecated in newer optax; older releases only have it.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -82,9 +84,8 @@ def trainable_filter(trainable):
         return trainable
     if trainable == "all":
         return nnx.Param
-    if trainable == "lora":
-        return nnx.LoRAParam
-    raise ValueError(f"trainable={trainable!r}; allowed: 'all', 'lora'")
+    check_choice("trainable", trainable, ("all", "lora"))
+    return nnx.LoRAParam
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable="all",
@@ -266,6 +267,4 @@ def make_eval_step(graphdef, *, compute_dtype=jnp.float32, forward: Forward = de
 
 
 def _check_loss_chunk(loss_chunk) -> None:
-    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk <= 0:
-        raise ValueError(f"loss_chunk={loss_chunk!r}: must be a positive int "
-                         "(tokens per cross-entropy chunk)")
+    check_positive_int("loss_chunk", loss_chunk)
