@@ -5,6 +5,7 @@ import logging
 
 import jax
 import pytest
+from kernel_test_base import inputs
 from selmerge_jax.kernels.block_sparse_attention import (
     api,
     available_implementations,
@@ -12,7 +13,6 @@ from selmerge_jax.kernels.block_sparse_attention import (
     block_sparse_attention_reference,
     unavailable_implementations,
 )
-from selmerge_jax.kernels.block_sparse_attention.specs import get_spec
 
 from selmerge_jax.attention import MSAttentionConfig, ms_attention
 
@@ -20,7 +20,7 @@ _BROKEN = "selmerge_jax.kernels.block_sparse_attention._no_such_backend"
 
 
 def _inputs():
-    return get_spec("tiny_g4_h64_w64").make_inputs(jax.random.PRNGKey(3))[:4]
+    return inputs("tiny_g4_h64_w64")[0][:4]  # cached, shared with the backend cases
 
 
 @pytest.fixture
