@@ -5,7 +5,7 @@ Layout (the op anatomy of tokamax): ``api`` (dispatch, registry, which backends 
 ``pallas_mosaic_gpu`` with ``pallas_mosaic_gpu_bwd`` and ``pallas_mosaic_gpu_common``, ``pallas_mosaic_tpu``),
 ``_common`` (what every backend shares), ``plan`` / ``transpose`` (the plan and its device-side layouts) and
 ``specs`` (named problem shapes for tests and benchmarks). Backends import nothing of ``api``; ``api`` imports
-them on first use.
+them, once, when this package is imported (below).
 """
 
 from selmerge_jax.kernels.block_sparse_attention.api import (

@@ -4,7 +4,8 @@
 of names tried in order. A backend that cannot handle the inputs raises ``NotImplementedError`` and dispatch
 falls through to the next; the pure-JAX ``"xla"`` path supports everything, so a CPU notebook always works.
 
-The Pallas backends (``pallas_triton``, ``pallas_mosaic_gpu``, ``pallas_mosaic_tpu``) are imported on first use.
+The Pallas backends (``pallas_triton``, ``pallas_mosaic_gpu``, ``pallas_mosaic_tpu``) are imported once, when the
+package is imported (``__init__`` calls ``_load_backends``: importing them mid-trace changed jit's cache key).
 One whose import fails (an old jaxlib without that Pallas lowering) is *unavailable*: the failure is logged once
 (a warning naming the backend and the error) and kept, ``unavailable_implementations()`` returns it, the
 default order skips it (logged), and naming it explicitly raises ``ImportError`` with the reason: a broken
