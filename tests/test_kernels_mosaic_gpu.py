@@ -1,28 +1,50 @@
 """Pallas Mosaic GPU (Hopper) block-sparse kernels (forward, dQ and dK/dV passes) vs the pure-jnp reference.
 
-Native runs are marked ``gpu`` (an H100/H200; run with ``JAX_PLATFORMS=cuda``). On CPU: what the kernel
-declines (so ``api`` dispatch falls through), and tiny problems in the Mosaic GPU interpreter, which runs the
-real TMA/barrier protocol, plan and transposed-plan indexing, item scheduling, masking and softmax (only the
-matmuls are plain dots there).
+On CPU: the shared cases (``kernel_test_base``) in the Mosaic GPU interpreter, which runs the real TMA/barrier
+protocol, plan and transposed-plan indexing, item scheduling, masking and softmax (only the matmuls are plain
+dots there), and what the kernel declines (so ``api`` dispatch falls through). Native runs are marked ``gpu``
+(an H100/H200; run with ``JAX_PLATFORMS=cuda``).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from kernel_test_base import Backend, BackendCases, assert_close, cotangent_run, reference_attention
 
-from selmerge_jax.kernels.block_sparse_attention import (
-    SelectionPlan,
-    block_sparse_attention,
-    block_sparse_attention_reference,
-)
+from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
 from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu import (
     MosaicTiling,
     block_sparse_attention_mosaic_gpu,
+    make_static,
 )
 from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec
 
-_ON_GPU = jax.default_backend() == "gpu"
+# The interpreter's time grows with the CTAs it simulates (several seconds each): one CTA where the multi-CTA
+# schedule is not the point, two on the problem whose dK/dV snake order ends in a partial round.
+_ONE_CTA = MosaicTiling(interpret_ctas=1)
+_TILINGS = {"bf16_g2_w128_nan_tail": MosaicTiling(interpret_ctas=2)}
+
+
+def _shared_case(problem, plan):
+    tiling = _TILINGS.get(problem, _ONE_CTA)
+    return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=True, tiling=tiling,
+                                                             interpret=True)
+
+
+class TestMosaicGpuCases(BackendCases):
+    backend = Backend(
+        name="pallas_mosaic_gpu",
+        attention=_shared_case,
+        native=block_sparse_attention_mosaic_gpu,
+        # The first reason the kernel names: P == K is checked before the dtype.
+        declines={"tiny_g4_h64_w64": "dtype", "tiny_g1_h128_w128": "dtype",
+                  "tiny_g8_merge2_per_head": "per kv head", "tiny_noncausal_g2": "dtype",
+                  "tiny_no_local_nan": "dtype"},
+        on_platform=lambda: jax.default_backend() == "gpu",
+    )
 
 
 def _spec(g=2, w=64, h=64, t=256, **kw):
@@ -31,45 +53,16 @@ def _spec(g=2, w=64, h=64, t=256, **kw):
 
 
 def _outputs(attn, q, k, v, do):
-    """``(out, lse, dq, dk, dv)``, with an LSE cotangent too (the backward must take it)."""
-
-    @jax.jit
-    def run(q, k, v):
-        (out, lse), vjp = jax.vjp(attn, q, k, v)
-        return (out, lse, *vjp((do, jnp.where(jnp.isfinite(lse), 0.25, 0.0))))
-
+    """``(run, (out, lse, dq, dk, dv))``, with an LSE cotangent too (the backward must take it)."""
+    run = cotangent_run(attn, q, k, v, do)
     return run, run(q, k, v)
-
-
-def _ref(plan):
-    return lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True)
 
 
 def _mosaic(plan, **kw):
     return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=True, **kw)
 
 
-def _assert_close(got, want, rel=2e-2):
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert not np.isnan(a).any(), f"{name} has NaN"
-        assert np.max(np.abs(a - b)) <= rel * np.max(np.abs(b)), (name, np.max(np.abs(a - b)),
-                                                                  np.max(np.abs(b)))
-
-
 # ---------------------------------------------------------------------------------------------------- CPU
-
-
-@pytest.mark.skipif(_ON_GPU, reason="checks the decline on a non-GPU backend")
-def test_declines_off_gpu_and_dispatch_falls_back():
-    q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(0))
-    with pytest.raises(NotImplementedError, match="Hopper"):
-        block_sparse_attention_mosaic_gpu(q, k, v, plan)
-    with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
-        block_sparse_attention(q, k, v, plan, implementation="pallas_mosaic_gpu")
-    out = block_sparse_attention(q, k, v, plan, implementation=("pallas_mosaic_gpu", "xla"))
-    np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                  np.asarray(block_sparse_attention_reference(q, k, v, plan), np.float32))
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -117,32 +110,13 @@ def test_tiling_validation():
         MosaicTiling(stages_dq=True)
     with pytest.raises(TypeError, match="pingpong_dq"):
         MosaicTiling(pingpong_dq="yes")
-
-
-def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
-    """A non-Hopper device (here the CPU posing as "gpu") declines Mosaic and reaches Triton."""
-    from selmerge_jax.kernels.block_sparse_attention import api
-
-    calls = []
-
-    def spy(q, k, v, plan, *, scale=None, return_lse=False):
-        calls.append("triton")
-        return block_sparse_attention_reference(q, k, v, plan, scale=scale, return_lse=return_lse)
-
-    api._load_backends()
-    monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_triton", spy)
-    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
-    q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(2))
-    block_sparse_attention(q, k, v, plan)
-    assert calls == ["triton"]
-    assert api._DEFAULT_ORDER["gpu"] == ("pallas_mosaic_gpu", "pallas_triton", "xla")
+    for bad in (0, True, 1.0):
+        with pytest.raises(ValueError, match="interpret_ctas"):
+            MosaicTiling(interpret_ctas=bad)
 
 
 def test_declines_inside_shard_map():
     """Ring attention calls the op inside shard_map; Mosaic leaves that to Triton (falls through)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     q, k, v, plan, _ = _spec().make_inputs(jax.random.PRNGKey(6))
     mesh = jax.make_mesh((2,), ("r",))
     spec = P("r")  # batch-sharded: each shard is a whole problem
@@ -171,42 +145,18 @@ def test_interpret_forward_matches_reference(tiling):
     q, k, v, plan, _ = _spec(g=2, t=256).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 3].set(-1), block_size=plan.block_size, merge=1)
     out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
-    want_out, want_lse = _ref(plan)(q, k, v)
+    want_out, want_lse = reference_attention(plan)(q, k, v)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
-
-
-def test_interpret_backward_matches_reference():
-    """The Mosaic dQ and dK/dV passes in the interpreter, with an LSE cotangent: G = 2 (two dQ warpgroups), W
-    = 128 (two dK/dV warpgroups, the second skipping its hidden local chunks), a ragged plan and a row with no
-    valid entry; 8 dK/dV items over 3 persistent CTAs, so the snake order ends in a partial round."""
-    q, k, v, plan, do = _spec(g=2, w=128, t=512).make_inputs(jax.random.PRNGKey(7))
-    plan = SelectionPlan(plan.kv_regions.at[:, 1, 2].set(-1), block_size=plan.block_size, merge=1)
-    _, want = _outputs(_ref(plan), q, k, v, do)
-    _, got = _outputs(_mosaic(plan, interpret=True), q, k, v, do)
-    _assert_close(got, want)
-
-
-def test_interpret_backward_odd_group_and_batch():
-    """G = 3 (one dQ warpgroup; the Triton backward's power-of-two packing must not be required) and B = 2
-    (batch and kv head decoded from the sorted dK/dV item ids), W = 64, an LSE cotangent, one row with no
-    valid entry."""
-    q, k, v, plan, do = _spec(g=3, w=64, t=256, batch=2).make_inputs(jax.random.PRNGKey(9))
-    plan = SelectionPlan(plan.kv_regions.at[1, 1, 2].set(-1), block_size=plan.block_size, merge=1)
-    _, want = _outputs(_ref(plan), q, k, v, do)
-    _, got = _outputs(_mosaic(plan, interpret=True), q, k, v, do)
-    _assert_close(got, want)
 
 
 @pytest.mark.parametrize(("field", "depth"), [("stages_dkv", 6), ("stages_dq", 4), ("stages", 4)])
 def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth):
     """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would
     not)."""
-    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu
-
     q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
     with pytest.raises(ValueError, match=f"MosaicTiling.{field}={depth}"):
-        pallas_mosaic_gpu._make_static(q, k, plan, None, MosaicTiling(**{field: depth}), interpret=False)
+        make_static(q, k, plan, None, MosaicTiling(**{field: depth}), interpret=False)
 
 
 def test_declines_a_plan_without_slots():
@@ -230,9 +180,9 @@ def test_native_matches_reference(g, w, h, dtype):
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))
     plan = SelectionPlan(plan.kv_regions.at[:, :, 5].set(-1), block_size=w, merge=1)  # group 5: local only
-    _, want = _outputs(_ref(plan), q, k, v, do)
+    _, want = _outputs(reference_attention(plan), q, k, v, do)
     run, got = _outputs(_mosaic(plan), q, k, v, do)
-    _assert_close(got, want)
+    assert_close(got, want, rel=2e-2)
     for a, b in zip(got, run(q, k, v)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 

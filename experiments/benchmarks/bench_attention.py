@@ -162,7 +162,7 @@ def bench_mosaic_parts(name, args, out, mosaic_tiling):
 
     spec = get_spec(name)
     q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
-    st = mg._make_static(q, k, plan, None, mosaic_tiling or MosaicTiling(), INTERPRET)
+    st = mg.make_static(q, k, plan, None, mosaic_tiling or MosaicTiling(), INTERPRET)
     regions = plan.kv_regions.astype(jnp.int32)
     fwd_flops = useful_flops(plan, spec.q_heads, spec.head_dim)
     fwd = jax.jit(lambda q, k, v, regions: mg._attend(q, k, v, regions, st, None))

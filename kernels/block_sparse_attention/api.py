@@ -1,10 +1,20 @@
 """Public block-sparse attention op: one function, several implementations, always a pure-JAX fallback.
 
-``implementation`` is ``None`` (best for ``jax.default_backend()``, then the XLA path), one name, or a sequence
-of names tried in order. A backend that cannot handle the inputs raises ``NotImplementedError`` and dispatch
-falls through to the next; the pure-JAX ``"xla"`` path supports everything, so a CPU notebook always works.
+``implementation`` is ``None`` (best for ``jax.default_backend()``, then the XLA path), one name, or a
+sequence of names tried in order. A backend that cannot handle the inputs raises ``NotImplementedError`` and
+dispatch falls through to the next; the pure-JAX ``"xla"`` path supports everything, so a CPU notebook always
+works.
+
+The Pallas backends (``pallas_triton``, ``pallas_mosaic_gpu``, ``pallas_mosaic_tpu``) are imported once, when
+the package is imported (``__init__`` calls ``_load_backends``: importing them mid-trace changed jit's cache
+key). One whose import fails (an old jaxlib without that Pallas lowering) is *unavailable*: the failure is
+logged once (a warning naming the backend and the error) and kept, ``unavailable_implementations()`` returns
+it, the default order skips it (logged), and naming it explicitly raises ``ImportError`` with the reason: a
+broken backend never silently turns into the XLA path.
 """
 
+import importlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -13,11 +23,22 @@ import jax
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "block_sparse_attention", "register_implementation"]
+__all__ = ["IMPLEMENTATIONS", "Implementation", "available_implementations", "block_sparse_attention",
+           "register_implementation", "unavailable_implementations"]
+
+logger = logging.getLogger(__name__)
 
 Implementation = Literal["xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"]
 
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": block_sparse_attention_reference}
+
+# name -> module; each module's ``IMPLEMENTATION`` is ``fn(q, k, v, plan, *, scale, return_lse)``.
+_BACKEND_MODULES = {
+    "pallas_triton": "selmerge_jax.kernels.block_sparse_attention.pallas_triton",
+    "pallas_mosaic_gpu": "selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu",
+    "pallas_mosaic_tpu": "selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_tpu",
+}
+_KNOWN = frozenset({"xla", *_BACKEND_MODULES})
 
 _DEFAULT_ORDER = {
     # Mosaic GPU declines anything but Hopper and the H100 spec's family (then Triton takes it): H100 64K
@@ -27,20 +48,54 @@ _DEFAULT_ORDER = {
     "cpu": ("xla",),
 }
 
+_UNAVAILABLE: dict[str, Exception] = {}  # backend -> the error its import raised
+_loaded = False
+_logged_choices: set[tuple] = set()
+
 
 def register_implementation(name: str, fn: Callable) -> None:
-    """Adds a backend; ``fn(q, k, v, plan, *, scale, return_lse)`` must raise NotImplementedError to decline."""
+    """Adds a backend; ``fn(q, k, v, plan, *, scale, return_lse)`` must raise NotImplementedError to decline.
+
+    A name registered before the Pallas backends load keeps the caller's function.
+    """
     IMPLEMENTATIONS[name] = fn
+    _UNAVAILABLE.pop(name, None)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _load_backends() -> None:
-    # Backends register themselves on import; a missing Pallas lowering (old jaxlib, no GPU plugin) only
-    # removes that backend, it never breaks the XLA path.
-    for module in ("pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"):
+    """Imports the Pallas backends once; a failing one is recorded in ``_UNAVAILABLE`` and logged (a
+    warning)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name, module in _BACKEND_MODULES.items():
         try:
-            __import__(f"selmerge_jax.kernels.block_sparse_attention.{module}")
-        except (ImportError, AttributeError):  # AttributeError: Pallas API drift across jax versions
-            pass
+            # optional dependency: each backend needs its Pallas lowering, which an install may lack
+            implementation = importlib.import_module(module).IMPLEMENTATION
+        except (ImportError, AttributeError) as e:  # AttributeError: Pallas API drift across jax versions
+            _UNAVAILABLE[name] = e
+            logger.warning("block_sparse_attention: implementation %r is unavailable "
+                           "(import of %s failed: %s)",
+                           name, module, _reason(e))
+            continue
+        IMPLEMENTATIONS.setdefault(name, implementation)
+
+
+def available_implementations() -> tuple[str, ...]:
+    """Names that can be requested on this install (whether they accept given inputs is decided per call)."""
+    _load_backends()
+    return tuple(sorted(IMPLEMENTATIONS))
+
+
+def unavailable_implementations() -> dict[str, str]:
+    """``{name: reason}`` for each built-in backend whose import failed on this install."""
+    _load_backends()
+    return {name: _reason(error) for name, error in _UNAVAILABLE.items()}
 
 
 def _candidates(implementation) -> tuple[str, ...]:
@@ -49,7 +104,23 @@ def _candidates(implementation) -> tuple[str, ...]:
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     if not names:
         raise ValueError("implementation must be None, a name or a non-empty sequence of names")
+    for name in names:
+        if name in _UNAVAILABLE:
+            raise ImportError(f"implementation={name!r} was requested but is unavailable on this install: "
+                              f"{_reason(_UNAVAILABLE[name])}") from _UNAVAILABLE[name]
+        if name not in IMPLEMENTATIONS and name not in _KNOWN:
+            raise ValueError(f"implementation={name!r} is unknown; choose from "
+                             f"{sorted(_KNOWN | set(IMPLEMENTATIONS))}")
     return names
+
+
+def _log_default_choice(chosen: str, skipped: list[str]) -> None:
+    key = (jax.default_backend(), chosen, tuple(skipped))
+    if key not in _logged_choices:  # once per distinct outcome, not once per traced call
+        _logged_choices.add(key)
+        logger.info("block_sparse_attention: implementation=None on %r uses %r%s", jax.default_backend(),
+                    chosen,
+                    f" ({'; '.join(skipped)})" if skipped else "")
 
 
 def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
@@ -59,22 +130,26 @@ def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None 
 
     See ``plan.py`` for the semantics and ``reference.py`` for the oracle. Returns ``out`` (and the float32
     log-sum-exp ``[B, T, N]`` when ``return_lse``).
+
+    Raises:
+      ImportError: a requested implementation is unavailable on this install (its import failed).
+      NotImplementedError: every candidate declined the inputs.
     """
     check_plan_inputs(q, k, v, plan)
     _load_backends()
     names = _candidates(implementation)
     errors = []
     for name in names:
-        if name not in IMPLEMENTATIONS:
-            if implementation is not None and name not in _DEFAULT_ORDER_NAMES:
-                raise ValueError(f"implementation={name!r} is unknown; choose from {sorted(_DEFAULT_ORDER_NAMES)}")
-            errors.append(f"{name}: not available on this install")
+        if name not in IMPLEMENTATIONS:  # only in the default order: explicit names were checked above
+            errors.append(f"{name}: unavailable ({_reason(_UNAVAILABLE[name])})" if name in _UNAVAILABLE
+                          else f"{name}: not registered")
             continue
         try:
-            return IMPLEMENTATIONS[name](q, k, v, plan, scale=scale, return_lse=return_lse)
+            result = IMPLEMENTATIONS[name](q, k, v, plan, scale=scale, return_lse=return_lse)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
+            continue
+        if implementation is None:
+            _log_default_choice(name, errors)
+        return result
     raise NotImplementedError("no implementation supports these inputs: " + "; ".join(errors))
-
-
-_DEFAULT_ORDER_NAMES = frozenset({"xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"})

@@ -1,7 +1,8 @@
 """Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: a dQ pass and a dK/dV pass.
 
 Both passes are deterministic (every output tile has exactly one writer, no atomics) and read the residuals
-the forward (``pallas_mosaic_gpu``) saved: ``out`` only through ``delta = rowsum(dO * out)``, and the
+the forward (``pallas_mosaic_gpu``, which imports this module: the pieces both use are in
+``pallas_mosaic_gpu_common``) saved: ``out`` only through ``delta = rowsum(dO * out)``, and the
 natural-log LSE. Both per-query statistics travel as one ``stats`` array ``[B, N, 2, T]`` f32 (``lse * log2
 e``, ``delta``), so one TMA copy brings a 64-query slice of both.
 
@@ -37,18 +38,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as _fwd
+from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_common as _mgc
+from selmerge_jax.kernels.block_sparse_attention._common import F32, LOG2E, backward_row_terms, dot
+from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu_common import BQ, Static
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan
 
 __all__ = ["attend_bwd"]  # prepare / dq_pass / dkv_pass: the VJP's pieces, timed apart by the benchmark
 
-_F32 = jnp.float32
-_BQ = _fwd._BQ  # 64: query rows per dQ warpgroup, keys per dK/dV warpgroup, queries per dK/dV chunk
-
-
-def _smem(shape, dtype):
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+# BQ (64): query rows per dQ warpgroup, keys per dK/dV warpgroup, queries per dK/dV chunk
+_smem = _mgc.smem
 
 
 def _load_vec(ref, axis: int, st):
@@ -59,14 +58,14 @@ def _load_vec(ref, axis: int, st):
 
 
 def _zeros(shape, st):
-    return _fwd._as_layout(jnp.zeros(shape, _F32), plgpu.Layout.WGMMA, st)
+    return _mgc.as_layout(jnp.zeros(shape, F32), plgpu.Layout.WGMMA, st)
 
 
 def _two_wgmma(a1, b1, a2, b2, acc1, issued=None):
     """``(acc1 + a1 @ b1, a2 @ b2)``: both wgmma in flight, one wait. ``b`` refs are ``[K, N]`` views, ``a1``
     a shared-memory ref or registers, ``acc1`` a zero or running f32 accumulator. ``issued()`` runs after
     both are issued and before the wait (the ping-pong rendezvous)."""
-    zeros = plgpu.layout_cast(jnp.zeros((a2.shape[0], b2.shape[1]), _F32), plgpu.Layout.WGMMA)
+    zeros = plgpu.layout_cast(jnp.zeros((a2.shape[0], b2.shape[1]), F32), plgpu.Layout.WGMMA)
 
     def body(refs):
         plgpu.wgmma(refs[0], a1, b1)
@@ -89,13 +88,13 @@ def _scores_t(k_s, q_s, acc_ref):
 
 
 def _iota(shape, dim, st):
-    return _fwd._as_layout(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, st)
+    return _mgc.as_layout(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, st)
 
 
 # ----------------------------------------------------------------------------------------------- dQ pass
 
 
-def _dq_consumer(refs, st: "_fwd._Static"):
+def _dq_consumer(refs, st: Static):
     (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
      q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched) = refs
     wg = lax.axis_index("wg")
@@ -105,7 +104,7 @@ def _dq_consumer(refs, st: "_fwd._Static"):
     pingpong = st.wgs == 2 and st.tiling.pingpong_dq
     if st.wgs == 2:
         plgpu.set_max_registers(st.tiling.compute_registers, action="increase")
-    stages, c = st.tiling.stages, st.scale * _fwd._LOG2E
+    stages, c = st.tiling.stages, st.scale * LOG2E
     dtype = jnp.dtype(st.dtype)
     q_s, do_s, stat_s = q_smem.at[wg], do_smem.at[wg], st_smem.at[wg]
 
@@ -114,28 +113,28 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         k_s, v_s = k_smem.at[slot], v_smem.at[slot]
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
-        meet = functools.partial(_fwd._rendezvous, sched) if pingpong else None
+        meet = functools.partial(_mgc.rendezvous, sched) if pingpong else None
         if st.interpret:
-            s, dp = _fwd._dot(q_s[...], k_s[...], trans_b=True), _fwd._dot(do_s[...], v_s[...], trans_b=True)
+            s, dp = dot(q_s[...], k_s[...], trans_b=True), dot(do_s[...], v_s[...], trans_b=True)
             if meet:
                 meet()
         else:
-            s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((_BQ, st.w), st), issued=meet)
+            s, dp = _two_wgmma(q_s, _t(k_s), do_s, _t(v_s), _zeros((BQ, st.w), st), issued=meet)
         plgpu.barrier_arrive(v_free.at[slot])
-        p = jnp.exp2(s * c - _fwd._bcast_rows(lse2, s.shape))  # lse2 = +inf (no finite LSE) gives p = 0
+        p = jnp.exp2(s * c - _mgc.bcast_rows(lse2, s.shape))  # lse2 = +inf (no finite LSE) gives p = 0
         if masked:
-            p = jnp.where(_iota(s.shape, 0, st) + chunk * _BQ >= _iota(s.shape, 1, st), p, 0.0)
-        ds = (p * (dp - _fwd._bcast_rows(delta, dp.shape))).astype(dtype)
+            p = jnp.where(_iota(s.shape, 0, st) + chunk * BQ >= _iota(s.shape, 1, st), p, 0.0)
+        ds = (p * (dp - _mgc.bcast_rows(delta, dp.shape))).astype(dtype)
         if pingpong:  # dS done before signalling (else the compiler sinks it past the wait), then our turn
             ds = lax.optimization_barrier(ds)
-            _fwd._rendezvous(sched)
-        dq = _fwd._pv(dq, ds, k_s, st)  # dQ += dS K, dS from registers
+            _mgc.rendezvous(sched)
+        dq = _mgc.pv(dq, ds, k_s, st)  # dQ += dS K, dS from registers
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
     def item(j, base):
-        b, kh, g, chunk, hgrp = _fwd._item(j, st)
-        t_rows, head = pl.ds(g * st.w + chunk * _BQ, _BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
+        b, kh, g, chunk, hgrp = _mgc.work_item(j, st)
+        t_rows, head = pl.ds(g * st.w + chunk * BQ, BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ has left q_s
         plgpu.copy_gmem_to_smem(q_ref.at[b, t_rows, head], q_s, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[b, t_rows, head], do_s, do_bar.at[wg])
@@ -146,7 +145,7 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
         dq = lax.fori_loop(base, base + cnt, lambda i, a: step(i, a, lse2, delta, chunk),
-                           _zeros((_BQ, st.h), st))
+                           _zeros((BQ, st.h), st))
         dq = step(base + cnt, dq, lse2, delta, chunk, masked=True)  # the local region, causal
         q_s[...] = (dq * st.scale).astype(dtype)
         plgpu.commit_smem()
@@ -154,10 +153,10 @@ def _dq_consumer(refs, st: "_fwd._Static"):
         return base + cnt + 1
 
     if pingpong:
-        pl.when(wg == 1)(lambda: _fwd._rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
-    lax.fori_loop(0, _fwd._num_items(st), item, jnp.int32(0))
+        pl.when(wg == 1)(lambda: _mgc.rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
+    lax.fori_loop(0, _mgc.num_items(st), item, jnp.int32(0))
     if pingpong:
-        pl.when(wg == 0)(lambda: _fwd._rendezvous(sched))  # balances warpgroup 1's extra rendezvous
+        pl.when(wg == 0)(lambda: _mgc.rendezvous(sched))  # balances warpgroup 1's extra rendezvous
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -168,16 +167,17 @@ def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dq_ref, 
                 q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched)
     pl.when(wg < st.wgs)(lambda: _dq_consumer(consumer, st))
     producer = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
-    pl.when(wg == st.wgs)(lambda: _fwd._producer(producer, st))  # the forward's plan-row K/V streamer
+    pl.when(wg == st.wgs)(lambda: _mgc.kv_producer(producer, st))  # the forward's plan-row K/V streamer
 
 
-def _dq_call(q, k, v, do, stats, sel, cnt, st: "_fwd._Static"):
+def _dq_call(q, k, v, do, stats, sel, cnt, st: Static):
     h, dtype, stages = q.shape[3], q.dtype, st.tiling.stages
-    tile = lambda n: _smem((n, _BQ, h), dtype)
+    tile = lambda n: _smem((n, BQ, h), dtype)
     scratch = (
-        tile(st.wgs), tile(st.wgs), plgpu.SMEM((st.wgs, 2, _BQ), _F32),
+        tile(st.wgs), tile(st.wgs), plgpu.SMEM((st.wgs, 2, BQ), F32),
         _smem((stages, st.w, h), dtype), _smem((stages, st.w, h), dtype),
-        plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
+        plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
+        plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs),
@@ -191,7 +191,7 @@ def _dq_call(q, k, v, do, stats, sel, cnt, st: "_fwd._Static"):
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
-        interpret=_fwd._interpret_params() if st.interpret else None,
+        interpret=_mgc.interpret_params() if st.interpret else None,
     )(sel, cnt, q, k, v, do, stats)
 
 
@@ -218,12 +218,12 @@ class _KVStatic:
     @property
     def wgs(self) -> int:
         """Compute warpgroups: one per 64 keys of the region."""
-        return self.w // _BQ
+        return self.w // BQ
 
     @property
     def chunk_steps(self) -> int:
         """Ring steps per reading query group: its heads x 64-token chunks."""
-        return self.q_per_kv * (self.w // _BQ)
+        return self.q_per_kv * (self.w // BQ)
 
     @property
     def items(self) -> int:
@@ -231,9 +231,9 @@ class _KVStatic:
 
 
 def _snake(j, ctas: int):
-    """Position of this CTA in round ``j`` of dealing the sorted items: left to right, then right to left. Dealt
-    plainly round-robin, CTA 0 would take the largest item of every round (H100 64K spec: the busiest CTA gets
-    1.085x the mean work; snake order 1.024x)."""
+    """Position of this CTA in round ``j`` of dealing the sorted items: left to right, then right to left.
+    Dealt plainly round-robin, CTA 0 would take the largest item of every round (H100 64K spec: the busiest
+    CTA gets 1.085x the mean work; snake order 1.024x)."""
     cta = lax.axis_index("cta")
     return jnp.where(lax.rem(j, jnp.int32(2)) == 0, cta, jnp.int32(ctas - 1) - cta)
 
@@ -253,18 +253,18 @@ def _kv_num_items(st: _KVStatic):
 
 
 def _kv_chunk(s, readers, first, region, ent_ref, b, kh, st: _KVStatic):
-    """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads. A selecting group's
-    steps run chunk fastest; the region's own group runs head fastest, so the chunks a warpgroup cannot see
-    (queries before its keys) come first and it skips them in one stretch."""
+    """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads. A selecting
+    group's steps run chunk fastest; the region's own group runs head fastest, so the chunks a warpgroup
+    cannot see (queries before its keys) come first and it skips them in one stretch."""
     per = jnp.int32(st.chunk_steps)
     reader, rest = lax.div(s, per), lax.rem(s, per)
-    chunks, heads = jnp.int32(st.w // _BQ), jnp.int32(st.q_per_kv)
+    chunks, heads = jnp.int32(st.w // BQ), jnp.int32(st.q_per_kv)
     code = ent_ref[b, kh, jnp.minimum(first + reader, st.entries - 1)]  # P == K: the code is the group
     local = reader == readers
     group = jnp.where(local, region, code)
     chunk = jnp.where(local, lax.div(rest, heads), lax.rem(rest, chunks))
     head = jnp.where(local, lax.rem(rest, heads), lax.div(rest, chunks))
-    return pl.ds(group * st.w + chunk * _BQ, _BQ), kh * st.q_per_kv + head
+    return pl.ds(group * st.w + chunk * BQ, BQ), kh * st.q_per_kv + head
 
 
 def _dkv_producer(refs, st: _KVStatic):
@@ -300,9 +300,9 @@ def _dkv_consumer(refs, st: _KVStatic):
     wg = lax.axis_index("wg")
     if st.wgs == 2:
         plgpu.set_max_registers(st.registers, action="increase")
-    c, dtype = st.scale * _fwd._LOG2E, jnp.dtype(st.dtype)
+    c, dtype = st.scale * LOG2E, jnp.dtype(st.dtype)
     k_s, v_s = k_smem.at[wg], v_smem.at[wg]
-    tile = (_BQ, _BQ)
+    tile = (BQ, BQ)
 
     def step(i, carry, s, masked, readers):
         dk, dv = carry
@@ -313,34 +313,34 @@ def _dkv_consumer(refs, st: _KVStatic):
         lse2, delta = _load_vec(st_smem.at[slot, 0], 0, st), _load_vec(st_smem.at[slot, 1], 0, st)
         plgpu.barrier_wait(do_bar.at[slot])
         if st.interpret:
-            s_t = _fwd._dot(k_s[...], q_s[...], trans_b=True)
+            s_t = dot(k_s[...], q_s[...], trans_b=True)
         else:
-            s_t = pl.run_scoped(functools.partial(_scores_t, k_s, q_s), plgpu.ACC(tile, _F32))
+            s_t = pl.run_scoped(functools.partial(_scores_t, k_s, q_s), plgpu.ACC(tile, F32))
         p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse2, tile, [1]))  # lse2 = +inf gives p = 0
         if masked:  # key wg*64 + row sees query chunk*64 + col of its own group when key <= query
             chunk = lax.div(s - readers * st.chunk_steps, jnp.int32(st.q_per_kv))
-            keep = _iota(tile, 0, st) + wg * _BQ <= _iota(tile, 1, st) + chunk * _BQ
+            keep = _iota(tile, 0, st) + wg * BQ <= _iota(tile, 1, st) + chunk * BQ
             p_t = jnp.where(keep, p_t, 0.0)
         if st.interpret:
-            dv = dv + _fwd._dot(p_t.astype(dtype), do_s[...])
-            dp_t = _fwd._dot(v_s[...], do_s[...], trans_b=True)
+            dv = dv + dot(p_t.astype(dtype), do_s[...])
+            dp_t = dot(v_s[...], do_s[...], trans_b=True)
         else:
             dv, dp_t = _two_wgmma(p_t.astype(dtype), do_s, v_s, _t(do_s), dv)
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-        dk = _fwd._pv(dk, ds_t.astype(dtype), q_s, st)  # dK += dS^T Q
+        dk = _mgc.pv(dk, ds_t.astype(dtype), q_s, st)  # dK += dS^T Q
         plgpu.barrier_arrive(free.at[slot])
         return dk, dv
 
     def item(j, base):
         b, kh, region, _, readers = _kv_item(j, order_ref, off_ref, st)
-        keys = pl.ds(region * st.w + wg * _BQ, _BQ)
+        keys = pl.ds(region * st.w + wg * BQ, BQ)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dK/dV have left k_s/v_s
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_s, kv_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_s, kv_bar.at[st.wgs + wg])
         plgpu.barrier_wait(kv_bar.at[wg])
         plgpu.barrier_wait(kv_bar.at[st.wgs + wg])
         n_sel = readers * st.chunk_steps
-        zeros = _zeros((_BQ, st.h), st)
+        zeros = _zeros((BQ, st.h), st)
         carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, readers), (zeros, zeros))
         hidden = n_sel + wg * st.q_per_kv  # own group's chunks before this warpgroup's keys: all masked
 
@@ -351,7 +351,8 @@ def _dkv_consumer(refs, st: _KVStatic):
                 plgpu.barrier_wait(bar.at[slot])
             plgpu.barrier_arrive(free.at[slot])
 
-        dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps, lambda s, a: step(base + s, a, s, True, readers),
+        dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps, lambda s,
+                               a: step(base + s, a, s, True, readers),
                                carry)
         k_s[...] = (dk * st.scale).astype(dtype)
         v_s[...] = dv.astype(dtype)
@@ -378,8 +379,9 @@ def _dkv_kernel(order_ref, off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, stat_r
 def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
     h, dtype = q.shape[3], q.dtype
     scratch = (
-        _smem((st.stages, _BQ, h), dtype), _smem((st.stages, _BQ, h), dtype), plgpu.SMEM((st.stages, 2, _BQ), _F32),
-        _smem((st.wgs, _BQ, h), dtype), _smem((st.wgs, _BQ, h), dtype),
+        _smem((st.stages, BQ, h), dtype), _smem((st.stages, BQ, h), dtype),
+        plgpu.SMEM((st.stages, 2, BQ), F32),
+        _smem((st.wgs, BQ, h), dtype), _smem((st.wgs, BQ, h), dtype),
         plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=st.stages),
         plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=2 * st.wgs),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=st.stages),
@@ -394,22 +396,23 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.approx_math),
-        interpret=_fwd._interpret_params() if st.interpret else None,
+        interpret=_mgc.interpret_params() if st.interpret else None,
     )(order, offsets, entries, q, k, v, do, stats)
 
 
-def _dq_static(st: "_fwd._Static") -> "_fwd._Static":
+def _dq_static(st: Static) -> Static:
     """The forward's work items and K/V ring, with the backward's ring depth, no cluster, persistent CTAs."""
     tiling = dataclasses.replace(st.tiling, stages=st.tiling.stages_dq, cluster=1, persistent=True)
-    return dataclasses.replace(st, tiling=tiling, cluster=1, ctas=min(st.items, _fwd._num_sms(st.interpret)))
+    ctas = min(st.items, _mgc.num_sms(st.tiling, st.interpret))
+    return dataclasses.replace(st, tiling=tiling, cluster=1, ctas=ctas)
 
 
-def _kv_static(k, entries, st: "_fwd._Static") -> _KVStatic:
+def _kv_static(k, entries, st: Static) -> _KVStatic:
     regions = k.shape[1] // st.w
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
                     st.dtype, st.tiling.stages_dkv, st.tiling.compute_registers, st.tiling.approx_math,
                     st.interpret, 0)
-    return dataclasses.replace(kst, ctas=min(kst.items, _fwd._num_sms(st.interpret)))
+    return dataclasses.replace(kst, ctas=min(kst.items, _mgc.num_sms(st.tiling, st.interpret)))
 
 
 def _longest_first(offsets, groups: int):
@@ -422,18 +425,17 @@ def _longest_first(offsets, groups: int):
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def prepare(st: "_fwd._Static", res, cotangents):
+def prepare(st: Static, res, cotangents):
     """Everything the two passes read besides q/k/v/dO: ``(stats, sel, cnt, order, offsets, entries)``."""
     _, _, _, regions, out, lse = res
     do, dlse = cotangents
-    # d lse_i / d s_ij = p_ij, so an LSE cotangent only shifts the row term: ds = p * (dp - (delta - dlse)).
-    delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
+    delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)
     # The barrier keeps XLA from fusing the [B, T, N] -> [B, N, T] transpose below into this reduction over
     # 2 x T x N x H values: fused, the reduction ran at a fraction of bandwidth (H100 64K: 2.06 ms, run 8).
+    # lse2 is +inf where the LSE is not finite. Defensive: with the causal local block every query sees
+    # itself, so its LSE is finite; a non-finite one (say a foreign forward's) makes p = exp2(s - inf) = 0,
+    # not NaN.
     delta = lax.optimization_barrier(delta)
-    # Defensive: with the causal local block every query sees itself, so its LSE is finite; a non-finite one
-    # (say from an LSE cotangent path fed a foreign forward) makes p = exp2(s - inf) = 0 rather than NaN.
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _fwd._LOG2E, jnp.inf)
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1)  # [B, T, N, 2] -> [B, N, 2, T]
     plan = SelectionPlan(regions, block_size=st.w, merge=1)
     sel, cnt = compact_plan(plan)
@@ -441,15 +443,15 @@ def prepare(st: "_fwd._Static", res, cotangents):
     return stats, sel, cnt, _longest_first(offsets, st.groups), offsets, entries
 
 
-def dq_pass(st: "_fwd._Static", q, k, v, do, stats, sel, cnt):
+def dq_pass(st: Static, q, k, v, do, stats, sel, cnt):
     return _dq_call(q, k, v, do, stats, sel, cnt, _dq_static(st))
 
 
-def dkv_pass(st: "_fwd._Static", q, k, v, do, stats, order, offsets, entries):
+def dkv_pass(st: Static, q, k, v, do, stats, order, offsets, entries):
     return _dkv_call(q, k, v, do, stats, order, offsets, entries, _kv_static(k, entries, st))
 
 
-def attend_bwd(st: "_fwd._Static", res, cotangents):
+def attend_bwd(st: Static, res, cotangents):
     """The custom VJP's backward: ``(dq, dk, dv, None)`` from the forward's residuals."""
     q, k, v = res[:3]
     do = cotangents[0]

@@ -1,8 +1,9 @@
-"""Block-sparse flash attention for TPU (Pallas Mosaic TPU): plan indices scalar-prefetched into the index maps.
+"""Block-sparse flash attention for TPU (Pallas Mosaic TPU): plan indices scalar-prefetched into the index
+maps.
 
-Splash-attention style: the compacted plan lives in SMEM (scalar prefetch) and the K/V ``BlockSpec`` index maps
-read it, so the pipeline DMAs exactly the selected regions. Steps past a row's count repeat its last region
-(no new copy) and compute nothing.
+Splash-attention style: the compacted plan lives in SMEM (scalar prefetch) and the K/V ``BlockSpec`` index
+maps read it, so the pipeline DMAs exactly the selected regions. Steps past a row's count repeat its last
+region (no new copy) and compute nothing.
 
 * forward / dQ: grid ``(B, P, Q, M + merge)``; one query tile is a whole query group (``merge * W`` tokens x
   ``N // P`` heads, all sharing the plan row); the last axis walks the selected regions, then the group's own
@@ -22,14 +23,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
+from selmerge_jax.kernels.block_sparse_attention._common import (
+    F32,
+    NEG_BIG,
+    backward_row_terms,
+    decline_dtype,
+    decline_platform,
+)
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan_steps
 
 __all__ = ["block_sparse_attention_mosaic_tpu"]
-
-_F32 = jnp.float32
-_NEG_BIG = -1e30  # finite running-max floor: fully masked rows never compute inf - inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +65,8 @@ def _make_static(q, k, plan, scale, interpret) -> _Static:
     n, h = q.shape[2], q.shape[3]
     p = plan.kv_regions.shape[1]
     if not interpret and (plan.block_size % 8 or h % 128):
-        raise NotImplementedError(f"Mosaic TPU tiles need W % 8 == 0 and H % 128 == 0, got W={plan.block_size}, H={h}")
+        raise NotImplementedError("Mosaic TPU tiles need W % 8 == 0 and H % 128 == 0, got "
+                                  f"W={plan.block_size}, H={h}")
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     return _Static(plan.block_size, plan.merge, plan.num_groups, plan.max_selected, kv_heads, p, n // p, g,
                    plan.causal, plan.include_local, scale, interpret)
@@ -92,7 +97,7 @@ def _active(s, cnt_ref, b, p, g, st: _Static):
 
 def _logits(q, k, region, group, st: _Static, local):
     """Scaled scores ``[rows, W]`` of a ``[hp * L, H]`` head-major query tile; causal mask on local steps."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * st.scale
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32) * st.scale
     if not st.causal:
         return s, None
     rows = q.shape[0]
@@ -108,21 +113,22 @@ def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_
 
     @pl.when(s == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, _NEG_BIG, _F32)
-        l_scr[...] = jnp.zeros(l_scr.shape, _F32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
+        m_scr[...] = jnp.full(m_scr.shape, NEG_BIG, F32)
+        l_scr[...] = jnp.zeros(l_scr.shape, F32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, F32)
 
     @pl.when(_active(s, cnt_ref, b, p, g, st))
     def _update():
         q = q_ref[...].reshape(-1, q_ref.shape[-1])
-        logits, _ = _logits(q, k_ref[...], _kv_step(s, sel_ref, cnt_ref, b, p, g, st), g, st, s >= st.selected)
+        logits, _ = _logits(q, k_ref[...], _kv_step(s, sel_ref, cnt_ref, b, p, g, st), g, st,
+                            s >= st.selected)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
         prob = jnp.exp(logits - m_new)
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = alpha * l_scr[...] + prob.sum(axis=1, keepdims=True)
         acc_scr[...] = alpha * acc_scr[...] + jax.lax.dot_general(
-            prob.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+            prob.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=F32)
         m_scr[...] = m_new
 
     @pl.when(s == st.steps - 1)
@@ -153,11 +159,12 @@ def _forward(qh, kh, vh, sel, cnt, st: _Static):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, p, st.groups, st.steps),
         in_specs=[tile, kv, kv], out_specs=[tile, stat],
-        scratch_shapes=[pltpu.VMEM((rows, 1), _F32), pltpu.VMEM((rows, 1), _F32), pltpu.VMEM((rows, h), _F32)])
+        scratch_shapes=[pltpu.VMEM((rows, 1), F32), pltpu.VMEM((rows, 1), F32), pltpu.VMEM((rows, h), F32)])
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st), grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), jax.ShapeDtypeStruct((b, p, hp, t), _F32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), jax.ShapeDtypeStruct((b, p, hp, t), F32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel",
+                                                                  "arbitrary")),
         interpret=st.interpret, name="block_sparse_fwd_tpu",
     )(sel, cnt, qh, kh, vh)
 
@@ -169,7 +176,7 @@ def _grad_terms(q, k, v, do, lse, delta, region, group, st: _Static, local):
     """``(p, ds)`` of one (query tile, KV region) pair; masked entries are exactly 0 in both."""
     logits, keep = _logits(q, k, region, group, st, local)
     prob = jnp.exp(logits - lse)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=F32)
     ds = prob * (dp - delta)
     if keep is not None:
         prob, ds = jnp.where(keep, prob, 0.0), jnp.where(keep, ds, 0.0)
@@ -182,7 +189,7 @@ def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
 
     @pl.when(s == 0)
     def _init():
-        acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, F32)
 
     @pl.when(_active(s, cnt_ref, b, p, g, st))
     def _update():
@@ -193,7 +200,7 @@ def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         k = k_ref[...]
         _, ds = _grad_terms(q, k, v_ref[...], do, lse, delta, region, g, st, s >= st.selected)
         acc_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                            preferred_element_type=_F32)
+                                            preferred_element_type=F32)
 
     @pl.when(s == st.steps - 1)
     def _finish():
@@ -207,8 +214,8 @@ def _dkv_kernel(reg_ref, grp_ref, sub_ref, kind_ref, q_ref, k_ref, v_ref, do_ref
 
     @pl.when((e == 0) | (reg_ref[b, kh, jnp.maximum(e - 1, 0)] != region))
     def _init():
-        dk_scr[...] = jnp.zeros(dk_scr.shape, _F32)
-        dv_scr[...] = jnp.zeros(dv_scr.shape, _F32)
+        dk_scr[...] = jnp.zeros(dk_scr.shape, F32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, F32)
 
     @pl.when((kind == 0) | ((kind == 1) & st.include_local))
     def _update():
@@ -218,8 +225,9 @@ def _dkv_kernel(reg_ref, grp_ref, sub_ref, kind_ref, q_ref, k_ref, v_ref, do_ref
         prob, ds = _grad_terms(q, k_ref[...], v_ref[...], do, lse, delta, region, grp_ref[b, kh, e], st,
                                kind == 1)
         contract_rows = (((0,), (0,)), ((), ()))
-        dv_scr[...] += jax.lax.dot_general(prob.astype(do.dtype), do, contract_rows, preferred_element_type=_F32)
-        dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, contract_rows, preferred_element_type=_F32)
+        dv_scr[...] += jax.lax.dot_general(prob.astype(do.dtype), do, contract_rows,
+                                           preferred_element_type=F32)
+        dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, contract_rows, preferred_element_type=F32)
 
     @pl.when((e == num_steps - 1) | (reg_ref[b, kh, jnp.minimum(e + 1, num_steps - 1)] != region))
     def _finish():
@@ -233,11 +241,12 @@ def _dq_call(qh, kh, vh, doh, lse, delta, sel, cnt, st: _Static):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, p, st.groups, st.steps),
         in_specs=[tile, kv, kv, tile, stat, stat], out_specs=tile,
-        scratch_shapes=[pltpu.VMEM((hp * st.group_tokens, h), _F32)])
+        scratch_shapes=[pltpu.VMEM((hp * st.group_tokens, h), F32)])
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st), grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qh.shape, qh.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel",
+                                                                  "arbitrary")),
         interpret=st.interpret, name="block_sparse_dq_tpu",
     )(sel, cnt, qh, kh, vh, doh, lse, delta)
 
@@ -254,7 +263,7 @@ def _dkv_call(qh, kh, vh, doh, lse, delta, steps, st: _Static):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, st.kv_heads, num_steps),
         in_specs=[tile, kv, kv, tile, stat, stat], out_specs=[kv, kv],
-        scratch_shapes=[pltpu.VMEM((st.w, h), _F32), pltpu.VMEM((st.w, h), _F32)])
+        scratch_shapes=[pltpu.VMEM((st.w, h), F32), pltpu.VMEM((st.w, h), F32)])
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, num_steps=num_steps), grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype)],
@@ -267,7 +276,8 @@ def _dkv_call(qh, kh, vh, doh, lse, delta, steps, st: _Static):
 
 
 def _plan(regions, st: _Static) -> SelectionPlan:
-    return SelectionPlan(regions, block_size=st.w, merge=st.merge, causal=st.causal, include_local=st.include_local)
+    return SelectionPlan(regions, block_size=st.w, merge=st.merge, causal=st.causal,
+                         include_local=st.include_local)
 
 
 def _layouts(q, k, v, st: _Static):
@@ -292,8 +302,8 @@ def _attend_bwd(st, res, cotangents):
     q, k, v, regions, out, lse = res
     do, dlse = cotangents
     plan = _plan(regions, st)
-    delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse  # [B, T, N]
-    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # empty rows: exp(s - inf) = 0
+    # [B, T, N]; empty rows: exp(s - inf) = 0
+    delta, lse = backward_row_terms(do, out, lse, dlse, base2=False)
     stat = lambda x: _heads_major(x[..., None], st.heads_per_tile)[..., 0]
     qh, kh, vh = _layouts(q, k, v, st)
     doh = _heads_major(do, st.heads_per_tile)
@@ -311,21 +321,15 @@ def block_sparse_attention_mosaic_tpu(q, k, v, plan: SelectionPlan, *, scale: fl
                                       return_lse: bool = False, interpret: bool = False):
     """Block-sparse attention with the Mosaic TPU kernels (same contract as the reference).
 
-    Raises NotImplementedError off TPU unless ``interpret`` (Pallas interpreter, any backend), so the dispatcher
-    falls through to the next implementation.
+    Raises NotImplementedError off TPU unless ``interpret`` (Pallas interpreter, any backend), so the
+    dispatcher falls through to the next implementation.
     """
-    if not interpret and jax.default_backend() != "tpu":
-        raise NotImplementedError(f"needs a TPU backend, running on {jax.default_backend()!r}")
-    if q.dtype not in (jnp.bfloat16, jnp.float32):
-        raise NotImplementedError(f"dtype {q.dtype} (supported: bfloat16, float32)")
+    decline_platform("pallas_mosaic_tpu", "tpu", interpret)
+    decline_dtype("pallas_mosaic_tpu", q.dtype, (jnp.bfloat16, jnp.float32))
     check_plan_inputs(q, k, v, plan)
     st = _make_static(q, k, plan, scale, bool(interpret))
     out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st)
     return (out, lse) if return_lse else out
 
 
-def _dispatch(q, k, v, plan, *, scale=None, return_lse=False):
-    return block_sparse_attention_mosaic_tpu(q, k, v, plan, scale=scale, return_lse=return_lse)
-
-
-register_implementation("pallas_mosaic_tpu", _dispatch)
+IMPLEMENTATION = block_sparse_attention_mosaic_tpu  # what ``api`` registers as "pallas_mosaic_tpu"

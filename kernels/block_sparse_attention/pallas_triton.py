@@ -2,9 +2,9 @@
 
 Layout. q/k/v stay in their ``[B, T, heads, H]`` layout (no transposes in HBM). One program owns a query tile
 of ``block_q`` tokens times ``hp = N // P`` query heads: when selection is per kv head (``P == K``) the ``G``
-heads of a kv group share the plan row, so they are packed into the rows of one matmul tile (``rows = block_q *
-G``, token-major) and every K/V block is loaded once for all of them. With per-query-head selection (``P ==
-N``) each program holds one head.
+heads of a kv group share the plan row, so they are packed into the rows of one matmul tile
+(``rows = block_q * G``, token-major) and every K/V block is loaded once for all of them. With per-query-head
+selection (``P == N``) each program holds one head.
 
 Passes.
 * forward and dQ walk the *compacted* plan row of the tile's query group (valid regions only, dynamic trip
@@ -25,22 +25,28 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from selmerge_jax.kernels.block_sparse_attention.api import register_implementation
+from selmerge_jax.kernels.block_sparse_attention._common import (
+    F32,
+    LOG2E,
+    NEG_BIG,
+    backward_row_terms,
+    decline_dtype,
+    decline_platform,
+    dot,
+    out_struct,
+)
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
 
-try:  # the Triton compiler params moved between jax releases; only the GPU build needs them
+# optional dependency: the Triton compiler params moved between jax releases; only the GPU build needs them
+try:
     from jax.experimental.pallas import triton as _pltriton
 except ImportError:  # pragma: no cover
     _pltriton = None
 
-__all__ = ["TritonTiling", "block_sparse_attention_triton"]
-
-_LOG2E = 1.4426950408889634
-_F32 = jnp.float32
-# Finite stand-in for -inf as the running max: exp2(-inf - _NEG_BIG) = 0 and exp2(_NEG_BIG - _NEG_BIG) = 1, so a
-# row whose blocks are all masked never produces inf - inf = NaN.
-_NEG_BIG = -1e30
+# ``make_static`` and ``attend_bwd`` are the Triton backward's entry points for ``pallas_mosaic_gpu``
+# (``MosaicTiling(backward="triton")`` runs these kernels on the Mosaic forward's residuals).
+__all__ = ["TritonTiling", "attend_bwd", "block_sparse_attention_triton", "make_static"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +85,8 @@ class TritonTiling:
         for name in ("rows_fwd", "block_k_fwd", "rows_dq", "block_k_dq", "rows_dkv", "block_k_dkv"):
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
-                raise ValueError(f"TritonTiling.{name}={value} must be a power of two >= 16 (tensor-core tiles)")
+                raise ValueError(f"TritonTiling.{name}={value} must be a power of two "
+                                 ">= 16 (tensor-core tiles)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +125,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
-def _make_static(q, k, plan, scale, tiling, interpret) -> _Static:
+def make_static(q, k, plan, scale, tiling: TritonTiling, interpret: bool) -> _Static:
+    """The kernels' statics (hashable); raises NotImplementedError for shapes the kernels do not tile."""
     kv_heads, g = check_plan_inputs(q, k, k, plan)
     n, h = q.shape[2], q.shape[3]
     p = plan.kv_regions.shape[1]
@@ -146,30 +154,17 @@ def _params(warps, stages):
     return _pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _dot(a, b, trans_a=False, trans_b=False):
-    """2-D matmul with float32 accumulation (what ``pl.dot`` did before it was removed in jax 0.11)."""
-    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
-
-
-def _out_struct(shape, dtype, like):
-    """An out_shape that varies over the same manual mesh axes as ``like``: inside ``shard_map`` (check_vma)
-    a pallas_call result must say which axes it varies over, or tracing fails (ring attention calls us there)."""
-    mat = getattr(jax.typeof(like), "manual_axis_type", None)
-    if mat is None:
-        return jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-
-
 def _div(x, d: int):
-    """``x // d`` for non-negative traced ints: plain ``lax.div`` (jnp's floor-division lowers badly in Triton)."""
+    """``x // d`` for non-negative traced ints: plain ``lax.div`` (jnp's floor-division lowers badly in
+    Triton)."""
     if isinstance(d, int) and d == 1:
         return x
     return jax.lax.div(x, jnp.asarray(d, x.dtype))
 
 
 def _exp2(x, st: "_Static"):
-    """``2 ** x`` in float32; natively one ``ex2.approx.ftz`` (results below 2**-126 flush to 0, -inf -> 0)."""
+    """``2 ** x`` in float32; natively one ``ex2.approx.ftz`` (results below 2**-126 flush to 0, -inf ->
+    0)."""
     if st.interpret or not st.tiling.fast_softmax or _pltriton is None:
         return jnp.exp2(x)
     [y] = _pltriton.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
@@ -178,7 +173,8 @@ def _exp2(x, st: "_Static"):
 
 
 def _scores_minus(s, scale2, sub, axis: int):
-    """``s * scale2 - sub`` broadcast along ``axis`` (written so the multiply and subtract fuse into one FMA)."""
+    """``s * scale2 - sub`` broadcast along ``axis`` (written so the multiply and subtract fuse into one
+    FMA)."""
     sub = sub[:, None] if axis == 0 else sub[None, :]
     return s * scale2 - sub
 
@@ -206,15 +202,15 @@ def _fwd_chunk(carry, q, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
     m_i, l_i, acc = carry
     k = k_ref[pl.ds(start, st.block_k), :]
     v = v_ref[pl.ds(start, st.block_k), :]
-    scale2 = st.scale * _LOG2E
-    s = _dot(q, k, trans_b=True)  # raw scores: the scale is applied inside the exponent's FMA
+    scale2 = st.scale * LOG2E
+    s = dot(q, k, trans_b=True)  # raw scores: the scale is applied inside the exponent's FMA
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k,), 0)
         s = jnp.where(qpos[:, None] >= kpos[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m_i, s.max(axis=1) * scale2)  # max commutes with a positive scale
     p = _exp2(_scores_minus(s, scale2, m_new, 0), st)
     alpha = _exp2(m_i - m_new, st)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
     return m_new, l_i * alpha + p.sum(axis=1), acc
 
 
@@ -232,7 +228,7 @@ def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _S
     q = _flat(q_ref[...])
     rows = q.shape[0]
     qpos = _row_positions(t0, st.block_q, st.heads_per_tile)
-    carry = (jnp.full((rows,), _NEG_BIG, _F32), jnp.zeros((rows,), _F32), jnp.zeros(q.shape, _F32))
+    carry = (jnp.full((rows,), NEG_BIG, F32), jnp.zeros((rows,), F32), jnp.zeros(q.shape, F32))
     chunks = st.w // st.block_k
 
     def selected(it, c):
@@ -248,7 +244,7 @@ def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _S
     nonempty = l_i > 0
     out = acc / jnp.where(nonempty, l_i, 1.0)[:, None]
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
-    lse = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) / _LOG2E, -jnp.inf)
+    lse = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) / LOG2E, -jnp.inf)
     lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
@@ -263,7 +259,7 @@ def _forward(q, k, v, sel, cnt, st: _Static):
         grid=grid,
         in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec],
         out_specs=[tile, pl.BlockSpec((None, st.block_q, hp), lambda i, bi, p: (bi, i, p))],
-        out_shape=[_out_struct(q.shape, q.dtype, q), _out_struct((b, t, n), _F32, q)],
+        out_shape=[out_struct(q.shape, q.dtype, q), out_struct((b, t, n), F32, q)],
         compiler_params=_params(st.tiling.warps_fwd, st.tiling.stages_fwd),
         interpret=st.interpret,
         name="block_sparse_fwd",
@@ -281,12 +277,12 @@ def _whole(x):
 def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
     k = k_ref[pl.ds(start, st.block_k_dq), :]
     v = v_ref[pl.ds(start, st.block_k_dq), :]
-    p = _exp2(_scores_minus(_dot(q, k, trans_b=True), st.scale * _LOG2E, lse2, 0), st)
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    p = _exp2(_scores_minus(dot(q, k, trans_b=True), st.scale * LOG2E, lse2, 0), st)
+    ds = p * (dot(do, v, trans_b=True) - delta[:, None])
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dq,), 0)
         ds = jnp.where(qpos[:, None] >= kpos[None, :], ds, 0.0)
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + dot(ds.astype(k.dtype), k)
 
 
 def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
@@ -302,7 +298,7 @@ def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         start = sel_ref[b, p, group, _div(it, chunks)] * st.w + _rem(it, chunks) * st.block_k_dq
         return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False)
 
-    dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, _F32))
+    dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, F32))
     if st.include_local:
         lo, hi = _local_bounds(t0, st.block_q_dq, group, st, st.block_k_dq)
         dq = jax.lax.fori_loop(lo, hi, lambda j, a: _dq_chunk(
@@ -320,14 +316,14 @@ def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
     delta = delta_ref[rows, heads].reshape(q.shape[0])
     # Transposed scores [block_k, rows]: every matmul has the keys as its M dimension (wgmma-sized) and
     # dV += P^T dO, dK += dS^T Q need no register transpose (19% faster fwd+bwd at 64K than [rows, block_k]).
-    pt = _exp2(_scores_minus(_dot(k, q, trans_b=True), st.scale * _LOG2E, lse2, 1), st)
+    pt = _exp2(_scores_minus(dot(k, q, trans_b=True), st.scale * LOG2E, lse2, 1), st)
     if masked:
         qpos = _row_positions(row0, st.block_q_dkv, st.heads_per_tile)
         pt = jnp.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
-    dv = dv + _dot(pt.astype(do.dtype), do)
+    dv = dv + dot(pt.astype(do.dtype), do)
     # Masked entries already have pt = 0, so dS^T = pt * (dP^T - delta) is 0 there (dP^T is finite).
-    dst = pt * (_dot(v, do, trans_b=True) - delta[None, :])
-    return dk + _dot(dst.astype(q.dtype), q), dv
+    dst = pt * (dot(v, do, trans_b=True) - delta[None, :])
+    return dk + dot(dst.astype(q.dtype), q), dv
 
 
 def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
@@ -348,7 +344,7 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         head0 = (kh * per_kv + _div(code, st.groups)) * hp
         return _dkv_chunk(c, k, v, kpos, refs, row0, head0, st, False)
 
-    zeros = jnp.zeros(k.shape, _F32)
+    zeros = jnp.zeros(k.shape, F32)
     count = (off_ref[b, kh, region + 1] - first) * qchunks
     carry = jax.lax.fori_loop(0, count, selected, (zeros, zeros))
     if st.include_local:
@@ -376,7 +372,8 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))
     stat = pl.BlockSpec((None, st.block_q_dq, hp), lambda i, bi, p: (bi, i, p))
-    args, in_specs, kernel = [sel, cnt, q, k, v, do, lse2, delta], [_whole(sel), _whole(cnt), tile, kv_spec, kv_spec,
+    args, in_specs, kernel = [sel, cnt, q, k, v, do, lse2, delta], [_whole(sel), _whole(cnt), tile, kv_spec,
+                                                                    kv_spec,
                                                                      tile, stat, stat], _dq_kernel
     aliases = {}
     if reuse is not None and reuse.shape == q.shape and reuse.dtype == q.dtype:
@@ -387,7 +384,7 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
         grid=(t // st.block_q_dq, b, st.sel_heads),
         in_specs=in_specs,
         out_specs=tile,
-        out_shape=_out_struct(q.shape, q.dtype, q),
+        out_shape=out_struct(q.shape, q.dtype, q),
         input_output_aliases=aliases,
         compiler_params=_params(st.tiling.warps_dq, st.tiling.stages_dq),
         interpret=st.interpret,
@@ -405,7 +402,7 @@ def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
         grid=(t // st.block_k_dkv, b, st.kv_heads),
         in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
         out_specs=[kv_tile, kv_tile],
-        out_shape=[_out_struct(k.shape, k.dtype, q), _out_struct(v.shape, v.dtype, q)],
+        out_shape=[out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)],
         compiler_params=_params(st.tiling.warps_dkv, st.tiling.stages_dkv),
         interpret=st.interpret,
         name="block_sparse_dkv",
@@ -431,13 +428,13 @@ def _attend_fwd(q, k, v, regions, st):
     return (out, lse), (q, k, v, regions, out, lse)
 
 
-def _attend_bwd(st, res, cotangents):
+def attend_bwd(st: _Static, res, cotangents):
+    """The custom VJP's backward: ``(dq, dk, dv, None)`` from residuals ``(q, k, v, regions, out, lse)``
+    (natural-log LSE ``[B, T, N]``) and cotangents ``(dout, dlse)``; ``st`` from ``make_static``."""
     q, k, v, regions, out, lse = res
     do, dlse = cotangents
     plan = _plan(regions, st)
-    # d lse_i / d s_ij = p_ij, so an LSE cotangent only shifts the row term: ds = p * (dp - (delta - dlse)).
-    delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1) - dlse
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)  # empty rows: p = exp2(s - inf) = 0
+    delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)
     sel, cnt = compact_plan(plan)
     dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st, reuse=out)
     offsets, entries = transpose_plan(plan, st.kv_heads)
@@ -445,7 +442,7 @@ def _attend_bwd(st, res, cotangents):
     return dq, dk, dv, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, attend_bwd)
 
 
 def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
@@ -462,18 +459,12 @@ def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float 
       NotImplementedError: not on a GPU (and not interpreting), or shapes the kernels do not tile; the
         dispatcher then falls through to the next implementation.
     """
-    if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError(f"needs a GPU backend, running on {jax.default_backend()!r}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise NotImplementedError(f"dtype {q.dtype} (supported: bfloat16, float16, float32)")
+    decline_platform("pallas_triton", "gpu", interpret)
+    decline_dtype("pallas_triton", q.dtype, (jnp.bfloat16, jnp.float16, jnp.float32))
     check_plan_inputs(q, k, v, plan)
-    st = _make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret))
+    st = make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret))
     out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st)
     return (out, lse) if return_lse else out
 
 
-def _dispatch(q, k, v, plan, *, scale=None, return_lse=False):
-    return block_sparse_attention_triton(q, k, v, plan, scale=scale, return_lse=return_lse)
-
-
-register_implementation("pallas_triton", _dispatch)
+IMPLEMENTATION = block_sparse_attention_triton  # what ``api`` registers as "pallas_triton"

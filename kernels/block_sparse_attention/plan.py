@@ -16,12 +16,12 @@ For query group ``q`` (regions ``[q*merge, (q+1)*merge)``), the plan lists up to
 * to the group's own ``merge`` regions (the "local" block), causally when ``causal`` (bottom-right aligned:
   query token t of the group sees local tokens <= t), fully otherwise; skipped when ``include_local=False``.
 
-An entry is *valid* iff ``0 <= idx < R``, it is not inside the group's own local regions, and (when ``causal``)
-it lies strictly before the group: ``idx < q*merge``. Invalid entries (``-1`` is the canonical padding) are
-ignored; their K/V are never read. With ``include_local=False`` the keys are another sequence (a ring step
-visiting another shard), so entries inside the group's own index range are valid too. Rows may hold fewer
-valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is attended
-twice. Ordering inside a row does not change the result.
+An entry is *valid* iff ``0 <= idx < R``, it is not inside the group's own local regions, and (when
+``causal``) it lies strictly before the group: ``idx < q*merge``. Invalid entries (``-1`` is the canonical
+padding) are ignored; their K/V are never read. With ``include_local=False`` the keys are another sequence (a
+ring step visiting another shard), so entries inside the group's own index range are valid too. Rows may hold
+fewer valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is
+attended twice. Ordering inside a row does not change the result.
 
 The selection axis ``P`` equals ``N`` (one selection per query head) or ``K`` (one per kv head, shared by its
 ``G`` query heads: what GQA-native kernels and caches want); with ``N == K`` the two coincide.
@@ -112,11 +112,13 @@ def check_plan_inputs(q, k, v, plan: SelectionPlan) -> tuple[int, int]:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
     if t != plan.num_groups * plan.group_tokens:
         raise ValueError(
-            f"q length {t} != plan groups {plan.num_groups} x merge {plan.merge} x block_size {plan.block_size}"
+            f"q length {t} != plan groups {plan.num_groups} x merge {plan.merge} x "
+            f"block_size {plan.block_size}"
         )
     pb, p = plan.kv_regions.shape[:2]
     if pb != b or p not in (n, kh):
-        raise ValueError(f"plan.kv_regions {plan.kv_regions.shape} must be [B={b}, P in (N={n}, K={kh}), Q, M]")
+        raise ValueError(f"plan.kv_regions {plan.kv_regions.shape} must be [B={b}, P "
+                         f"in (N={n}, K={kh}), Q, M]")
     if not jnp.issubdtype(plan.kv_regions.dtype, jnp.integer):
         raise TypeError(f"plan.kv_regions must be integer, got {plan.kv_regions.dtype}")
     return kh, n // kh

@@ -38,12 +38,14 @@ class AttentionSpec:
     ragged: float = 0.0
 
     def __post_init__(self):
-        for name in ("seq_len", "q_heads", "kv_heads", "head_dim", "block_size", "selected", "merge", "batch"):
+        for name in ("seq_len", "q_heads", "kv_heads", "head_dim", "block_size", "selected", "merge",
+                     "batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AttentionSpec.{name} must be a positive int, got {value!r}")
         if self.q_heads % self.kv_heads:
-            raise ValueError(f"AttentionSpec.q_heads={self.q_heads} must be a multiple of kv_heads={self.kv_heads}")
+            raise ValueError(f"AttentionSpec.q_heads={self.q_heads} must be a multiple of "
+                             f"kv_heads={self.kv_heads}")
         if self.seq_len % (self.block_size * self.merge):
             raise ValueError(f"AttentionSpec.seq_len={self.seq_len} must be a multiple of block_size*merge="
                              f"{self.block_size * self.merge}")
@@ -80,7 +82,8 @@ def random_plan(key, spec: AttentionSpec) -> SelectionPlan:
     def one_group(args):
         g, gkey = args
         start = g * merge
-        cand = (jnp.arange(r) < start) if spec.causal else ~((jnp.arange(r) >= start) & (jnp.arange(r) < start + merge))
+        own = (jnp.arange(r) >= start) & (jnp.arange(r) < start + merge)
+        cand = (jnp.arange(r) < start) if spec.causal else ~own
         scores = jnp.where(cand, jax.random.uniform(gkey, (b, p, r)), -1.0)
         best, idx = jax.lax.top_k(scores, min(m, r))  # top_k needs k <= R; the row is padded back to M
         keep = best >= 0.0
@@ -123,7 +126,8 @@ SPECS: dict[str, AttentionSpec] = {s.name: s for s in (
                   selected=3, dtype="float32", ragged=0.3),
     AttentionSpec(name="tiny_g1_h128_w128", seq_len=512, q_heads=2, kv_heads=2, head_dim=128, block_size=128,
                   selected=2, dtype="float32"),
-    AttentionSpec(name="tiny_g8_merge2_per_head", seq_len=256, q_heads=8, kv_heads=1, head_dim=64, block_size=32,
+    AttentionSpec(name="tiny_g8_merge2_per_head", seq_len=256, q_heads=8, kv_heads=1, head_dim=64,
+                  block_size=32,
                   merge=2, selected=2, dtype="float32", per_kv_selection=False, ragged=0.3),
     AttentionSpec(name="tiny_no_local", seq_len=256, q_heads=4, kv_heads=2, head_dim=64, block_size=32,
                   selected=2, dtype="float32", include_local=False, ragged=0.5),

@@ -1,10 +1,10 @@
 """Device-side plan layouts shared by the Pallas kernels: compacted rows and the transposed (CSR) plan.
 
 Kernels never see invalid plan entries. The forward and dQ passes walk a *compacted* row (valid regions first,
-ascending, plus a count) so a loop with a dynamic trip count visits exactly the selected blocks. The dK/dV pass
-needs the opposite direction, "which query groups read KV region j": the *transposed* plan, built here with one
-stable sort and one integer scatter-add, entirely on device (so it works under ``jit`` on traced plans).
-All of it is integer work, hence deterministic.
+ascending, plus a count) so a loop with a dynamic trip count visits exactly the selected blocks. The dK/dV
+pass needs the opposite direction, "which query groups read KV region j": the *transposed* plan, built here
+with one stable sort and one integer scatter-add, entirely on device (so it works under ``jit`` on traced
+plans). All of it is integer work, hence deterministic.
 """
 
 import jax.numpy as jnp
@@ -31,7 +31,8 @@ def stable_argsort(keys, bound: int):
     then runs one radix sort instead of sorting (key, index) pairs, which is several times slower there.
     """
     if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
-        raise ValueError(f"stable_argsort: bound must be a positive int (keys lie in [0, bound)), got {bound!r}")
+        raise ValueError("stable_argsort: bound must be a positive int (keys lie in "
+                         f"[0, bound)), got {bound!r}")
     n = keys.shape[-1]
     if bound * n >= 2**31:
         return jnp.argsort(keys, axis=-1, stable=True)
@@ -45,7 +46,8 @@ def transpose_plan(plan: SelectionPlan, kv_heads: int):
     Returns:
       offsets: ``int32 [B, K, R + 1]``; the entries of KV region ``j`` are ``entries[b, k, offsets[b, k, j]:
         offsets[b, k, j + 1]]``.
-      entries: ``int32 [B, K, E]`` with ``E = (P // K) * Q * M``; each entry encodes ``sub * Q + group``, where
+      entries: ``int32 [B, K, E]`` with ``E = (P // K) * Q * M``; each entry encodes ``sub * Q + group``,
+      where
         ``sub`` is the selection head inside kv head ``k`` (always 0 when ``P == K``) and ``group`` the query
         group that selected region ``j``. Entries past ``offsets[R]`` are padding.
     """
@@ -68,9 +70,9 @@ def transpose_plan(plan: SelectionPlan, kv_heads: int):
 def transpose_plan_steps(plan: SelectionPlan, kv_heads: int):
     """The transposed plan as one flat step list per (batch, kv head), for grid-driven (TPU) dK/dV kernels.
 
-    A Mosaic TPU grid is static, so instead of CSR offsets every (KV region, reader) pair is a grid step, sorted
-    by region so that consecutive steps accumulate into the same dK/dV block. Each region also gets one *local*
-    step per selection head (its own group reading it causally): that step exists even when
+    A Mosaic TPU grid is static, so instead of CSR offsets every (KV region, reader) pair is a grid step,
+    sorted by region so that consecutive steps accumulate into the same dK/dV block. Each region also gets one
+    *local* step per selection head (its own group reading it causally): that step exists even when
     ``include_local=False`` (it then computes nothing), so every output block is initialised and written.
     Padding steps sort last and repeat the last region (no new DMA, no new output block).
 

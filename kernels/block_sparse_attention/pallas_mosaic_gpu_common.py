@@ -1,0 +1,295 @@
+"""What the Mosaic GPU forward (``pallas_mosaic_gpu``) and backward (``pallas_mosaic_gpu_bwd``) kernels share.
+
+Launch parameters and statics, the supported-input checks, the shared-memory budget of every pass, the
+work-item schedule of the persistent CTAs (a forward item and a dQ item are the same 64-query tile), the
+plan-row K/V producer warpgroup (the forward's and the dQ pass's), and the small register helpers both
+consumers use. Both kernel modules import this one and the backward never imports the forward, so the
+dependency runs one way: ``pallas_mosaic_gpu`` -> ``pallas_mosaic_gpu_bwd`` -> this module -> ``_common``.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from selmerge_jax.kernels.block_sparse_attention._common import dot
+from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+
+# optional dependency: the Mosaic GPU interpreter's params live in a private jax module (interpret mode only)
+try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover
+    InterpretGPUParams = None
+
+__all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
+           "check_supported", "cta", "interpret_params", "is_hopper", "kv_producer", "make_static",
+           "num_items",
+           "num_sms", "pv", "rendezvous", "smem", "work_item"]
+
+BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiling:
+    """Launch parameters. ``stages``: K/V shared-memory ring depth (W = H = 128 bf16: 64 KiB per stage)."""
+
+    stages: int = 2
+    pingpong: bool = True
+    approx_math: bool = True
+    # One CTA per SM looping over work items: the producer streams the next item's K/V (and the consumers
+    # prefetch its Q) while the current item finishes, instead of a fresh CTA refilling an empty pipeline.
+    # H100, 128K forward (run6b sweep): 8.13 ms persistent vs 8.54 ms one CTA per item.
+    persistent: bool = True
+    # CTAs per cluster sharing one plan row: each K/V block is fetched once per cluster and multicast into
+    # every member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the
+    # largest power of two dividing the items per plan row (64-token chunks x head pairs).
+    cluster: int = 1
+    compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
+    # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
+    # kernels).
+    backward: str = "mosaic"
+    # Ring depths of the backward passes. dQ: a K/V ring like the forward's next to Q and dO tiles, so two
+    # stages at W = H = 128 (three exceed shared memory); dK/dV: a ring of 64-query Q/dO chunks (32 KiB each).
+    stages_dq: int = 2
+    stages_dkv: int = 4
+    pingpong_dq: bool = False  # ping-pong in the dQ pass: slower on the H100 (6.62 vs 5.71 ms at 64K)
+    # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
+    # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
+    # where the multi-CTA schedule is not the point.
+    interpret_ctas: int = 3
+
+    def __post_init__(self):
+        for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= hi:
+                raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
+        if self.backward not in ("mosaic", "triton"):
+            raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
+        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
+        # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
+        if isinstance(self.cluster, bool) or not isinstance(self.cluster, int) or self.cluster not in (1, 2,
+                                                                                                       4):
+            raise ValueError(f"MosaicTiling.cluster must be 1, 2 or 4, got {self.cluster!r}")
+        if isinstance(self.interpret_ctas, bool) or not isinstance(self.interpret_ctas,
+                                                                   int) or self.interpret_ctas < 1:
+            raise ValueError("MosaicTiling.interpret_ctas must be a positive int, got "
+                             f"{self.interpret_ctas!r}")
+        if (isinstance(self.compute_registers, bool) or not isinstance(self.compute_registers, int)
+                or self.compute_registers not in range(24, 257, 8)):
+            raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 256], "
+                             f"got {self.compute_registers!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What the kernel specialises on (hashable: a nondiff argument of the custom VJP)."""
+
+    w: int
+    h: int
+    batch: int
+    groups: int
+    max_selected: int
+    kv_heads: int
+    q_per_kv: int
+    wgs: int
+    scale: float
+    dtype: str
+    tiling: MosaicTiling
+    interpret: bool
+    ctas: int = 0  # CTAs: one per item, or (persistent) about one per SM looping over items
+    cluster: int = 1
+
+    @property
+    def chunks(self) -> int:
+        return self.w // BQ
+
+    @property
+    def subs(self) -> int:
+        """Items per plan row: 64-token chunks x head groups of ``wgs`` heads."""
+        return self.chunks * (self.q_per_kv // self.wgs)
+
+    @property
+    def items(self) -> int:
+        return self.subs * self.groups * self.batch * self.kv_heads
+
+    @property
+    def qbufs(self) -> int:
+        """Q/O staging buffers per warpgroup: two when persistent (the next item's Q loads during this
+        one)."""
+        return 2 if self.tiling.persistent else 1
+
+
+def is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def check_supported(q, plan: SelectionPlan, scale) -> None:
+    h, w = q.shape[3], plan.block_size
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"pallas_mosaic_gpu: dtype {q.dtype} (supported: bfloat16, float16)")
+    if h not in (64, 128):
+        raise NotImplementedError(f"pallas_mosaic_gpu: head dim H={h} (supported: 64, 128)")
+    if w not in (64, 128):
+        raise NotImplementedError(f"pallas_mosaic_gpu: block_size W={w} (supported: 64, 128)")
+    if plan.merge != 1:
+        raise NotImplementedError(f"pallas_mosaic_gpu: merge={plan.merge} (supported: 1)")
+    if plan.max_selected < 1:  # the producers read plan slot min(i, M - 1)
+        raise NotImplementedError(f"pallas_mosaic_gpu: a plan with M={plan.max_selected} "
+                                  "slots (supported: M >= 1)")
+    if not (plan.causal and plan.include_local):
+        raise NotImplementedError(f"pallas_mosaic_gpu: causal={plan.causal}, "
+                                  f"include_local={plan.include_local} "
+                                  "(supported: causal with the local block)")
+    if scale is not None and not scale > 0:
+        raise NotImplementedError(f"pallas_mosaic_gpu: scale={scale} (the max trick needs scale > 0)")
+
+
+def make_static(q, k, plan, scale, tiling: MosaicTiling, interpret: bool) -> Static:
+    """The kernels' statics; raises NotImplementedError outside the supported set, ValueError for a ring depth
+    that cannot fit in shared memory."""
+    kv_heads, g = check_plan_inputs(q, k, k, plan)
+    if plan.kv_regions.shape[1] != kv_heads:
+        raise NotImplementedError(f"pallas_mosaic_gpu: one selection per kv head (P == K = {kv_heads}), "
+                                  f"got P={plan.kv_regions.shape[1]}")
+    check_supported(q, plan, scale)
+    h = q.shape[3]
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    st = Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
+                2 if g % 2 == 0 else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
+    check_shared_memory(st)
+    cluster = math.gcd(tiling.cluster, st.subs)
+    ctas = min(st.items, num_sms(tiling, interpret) // cluster * cluster) if tiling.persistent else st.items
+    return dataclasses.replace(st, ctas=ctas, cluster=cluster)
+
+
+SMEM_BYTES = 232448  # H100/H200 shared memory per block (227 KiB)
+
+
+def check_shared_memory(st: Static) -> None:
+    """Rejects ring depths whose buffers alone exceed shared memory, naming the setting (the compiler's own
+    error does not). Barriers and alignment add ~3 KiB on top, so a depth that passes here can still just
+    miss."""
+    t, itemsize = st.tiling, 2
+    tile = BQ * st.h * itemsize
+    kv_block = st.w * st.h * itemsize
+    need = {"stages": st.wgs * (2 if t.persistent else 1) * tile + 2 * t.stages * kv_block}
+    if t.backward == "mosaic":
+        need["stages_dq"] = 2 * st.wgs * tile + 2 * t.stages_dq * kv_block
+        need["stages_dkv"] = t.stages_dkv * (2 * tile + 2 * BQ * 4) + 2 * (st.w // BQ) * tile
+    for name, nbytes in need.items():
+        if not st.interpret and nbytes > SMEM_BYTES:
+            raise ValueError(f"MosaicTiling.{name}={getattr(t, name)} needs {nbytes} "
+                             "bytes of shared memory for "
+                             f"W={st.w}, H={st.h} (limit {SMEM_BYTES}); use a smaller {name}")
+
+
+def num_sms(tiling: MosaicTiling, interpret: bool) -> int:
+    """CTAs of a persistent pass: one per SM, or ``tiling.interpret_ctas`` in the interpreter."""
+    if interpret:
+        return tiling.interpret_ctas
+    return int(getattr(jax.devices()[0], "core_count", 132))
+
+
+def rendezvous(sched):
+    """Both compute warpgroups meet here (a barrier with one arrival per warpgroup)."""
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+
+def as_layout(x, layout, st: Static):
+    """Register layout hint (wgmma fragments); the interpreter has no layouts, so it gets the plain array."""
+    return x if st.interpret else plgpu.layout_cast(x, layout)
+
+
+def bcast_rows(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def pv(acc, p, v_smem, st: Static):
+    """``acc + P V``, P the wgmma A operand straight from registers, accumulating in place."""
+    if st.interpret:
+        return acc + dot(p, v_smem[...])
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+
+
+def work_item(j, st: Static):
+    """This CTA's ``j``-th work item -> ``(b, kh, g, chunk, hgrp)``. Items run sub-tile fastest, so the CTAs
+    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads."""
+    item = cta(st) + j * st.ctas
+    sub, rest = lax.rem(item, jnp.int32(st.subs)), lax.div(item, jnp.int32(st.subs))
+    g, bk = lax.rem(rest, jnp.int32(st.groups)), lax.div(rest, jnp.int32(st.groups))
+    b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
+    return b, kh, g, lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
+
+
+def cta(st: Static):
+    """Linear CTA index. A cluster's CTAs get consecutive items of one plan row (``ctas`` and the items per
+    row are multiples of the cluster size), so they walk the same K/V steps in lockstep and can share each
+    copy."""
+    if st.cluster == 1:
+        return lax.axis_index("cta")
+    return lax.axis_index("cta") * st.cluster + lax.axis_index("cluster")
+
+
+def num_items(st: Static):
+    """Items this CTA owns: ``cta, cta + ctas, ...`` (one each without ``persistent``)."""
+    first = cta(st)
+    return lax.div(jnp.int32(st.items) - first + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
+
+
+def kv_producer(refs, st: Static):
+    """The producer warpgroup of the forward and the dQ pass: walks each item's compacted plan row, then the
+    group's own region, streaming K/V blocks with TMA into the ``st.tiling.stages``-deep ring."""
+    sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
+    if st.wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
+    stages = st.tiling.stages
+
+    def item(j, base):
+        b, kh, g, _, _ = work_item(j, st)
+        cnt = cnt_ref[b, kh, g]
+
+        @pl.loop(0, cnt + 1)
+        def _(i):
+            slot, first_use = lax.rem(base + i, jnp.int32(stages)), base + i < stages
+            # Steps [0, cnt) read the compacted plan row; step cnt is the group's own (local) region.
+            region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
+            src_rows = (b, pl.ds(region * st.w, st.w), kh)
+            for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
+                # With a cluster the slot is free once every member's consumers released it (cluster barrier).
+                pl.when(~first_use)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+                plgpu.copy_gmem_to_smem(src.at[src_rows], dst.at[slot], full.at[slot],
+                                        collective_axes="cluster" if st.cluster > 1 else None)
+
+        return base + cnt + 1
+
+    total = lax.fori_loop(0, num_items(st), item, jnp.int32(0))
+
+    # Observe the last releases too: every barrier phase then has been waited for when shared memory goes
+    # away (the interpreter checks this; on the GPU it costs nothing, the consumers are about to finish).
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+
+def interpret_params():
+    """The Mosaic GPU interpreter's parameters (``interpret=True``: CPU tests)."""
+    if InterpretGPUParams is None:  # pragma: no cover
+        raise NotImplementedError("pallas_mosaic_gpu: this jax has no Mosaic GPU interpreter "
+                                  "(interpret=True)")
+    return InterpretGPUParams()
+
+
+def smem(shape, dtype):
+    """A shared-memory tile in the wgmma layout: (8, 64) tiles, 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
