@@ -4,18 +4,23 @@ evaluates)."""
 
 import pathlib
 
-import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+from selmerge_jax.config_io import from_dict
 from selmerge_jax.data.config import DataConfig
 from selmerge_jax.data.tokenizer import ByteTokenizer
 from selmerge_jax.evaluation import fidelity, passkey, perplexity
 from selmerge_jax.evaluation.common import ModelSource, load_model
 from selmerge_jax.main import finetune, pretrain
 from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
-from selmerge_jax.models.config import preset
-from selmerge_jax.training.checkpoint import InitConfig, restore_model
+from selmerge_jax.models.lora import LoRAConfig
+from selmerge_jax.models.lora import trainable_filter as lora_filter
+from selmerge_jax.training.checkpoint import Checkpointer, InitConfig, restore_model
+from selmerge_jax.training.train_step import TrainState
 
 ROOT = pathlib.Path(__file__).parents[1]
 SHAPES = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1",
@@ -56,7 +61,7 @@ def test_load_model_takes_every_training_checkpoint(checkpoints, kind):
     trained, stored = restore_model(checkpoints[kind])
     assert bool(stored.get("lora")) == kind.startswith("lora")
     init = InitConfig(kind="checkpoint", path=checkpoints[kind])
-    tokens = jax.numpy.arange(1, 17, dtype=jax.numpy.int32)[None]
+    tokens = jnp.arange(1, 17, dtype=jnp.int32)[None]
     plain = load_model(ModelSource(init=init, rope=trained.config.rope))  # the weights as trained
     np.testing.assert_allclose(_logits(plain, tokens), _logits(trained, tokens), rtol=1e-5, atol=1e-5)
     # A changed attention kind and the CRD run's own inference rule keep the weights (adapters included).
@@ -79,3 +84,26 @@ def test_eval_studies_run_on_finetune_checkpoints(checkpoints, kind, tmp_path):
     fidelity.run_fidelity(fidelity.FidelityEvalConfig(init=init, model=None, data=data, prompt_tokens=32,
                                                       num_prompts=1, max_new_tokens=2, chunk_size=32,
                                                       output_dir=str(tmp_path / "fid")))
+
+
+def test_restore_model_reads_weights_not_optimizer_state(checkpoints, tmp_path, monkeypatch):
+    """A step whose optimizer state is unreadable (here: an entry of a shape no optimizer makes) still
+    restores for inference, and the one read asks for ``params`` and ``rest`` only."""
+    source = checkpoints["lora"]
+    model, stored = restore_model(source)
+    with Checkpointer(source) as ck:
+        meta, step = ck.read_meta(), ck.latest_step()
+    _, params, rest = nnx.split(model, lora_filter(from_dict(LoRAConfig, stored["lora"], "lora")), ...)
+    junk = TrainState(step=jnp.int32(step + 1), params=params, rest=rest,
+                      opt_state={"junk": jnp.zeros((3, 5))}, rng=jnp.zeros((2,), jnp.uint32))
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        ck.save(step + 1, junk, meta=meta)
+    items = []
+    real = ocp.CheckpointManager.restore
+    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+                        lambda self, s, args=None: items.append(args) or real(self, s, args=args))
+    again, _ = restore_model(str(tmp_path))
+    tokens = jnp.arange(1, 17, dtype=jnp.int32)[None]
+    np.testing.assert_array_equal(_logits(again, tokens), _logits(model, tokens))
+    state_reads = [a["state"] for a in items if "state" in a]
+    assert state_reads and all(set(a.item) == {"params", "rest"} for a in state_reads)
