@@ -21,6 +21,7 @@ from selmerge_jax.config_io import from_dict
 from selmerge_jax.data.config import DataConfig
 from selmerge_jax.models import Llama, load_hf
 from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.lora import adapters_like
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.training.checkpoint import InitConfig, restore_model
@@ -65,9 +66,11 @@ class ModelSource:
 
 
 def with_config(model: Llama, config: ModelConfig) -> Llama:
-    """The same weights under another config of identical parameter shapes (attention kind, RoPE rule...)."""
+    """The same weights (LoRA adapters included) under another config of identical parameter shapes
+    (attention kind, RoPE rule...)."""
     _, state = nnx.split(model)
-    fresh_graphdef, fresh_state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    fresh = lambda: adapters_like(Llama(config, rngs=nnx.Rngs(0)), model)
+    fresh_graphdef, fresh_state = nnx.split(nnx.eval_shape(fresh))
     shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
     if shapes(fresh_state) != shapes(state):
         raise ValueError("the new model config changes parameter shapes; only "

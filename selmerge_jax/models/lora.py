@@ -27,6 +27,7 @@ __all__ = [
     "TARGETS",
     "LoRAConfig",
     "LoRALinear",
+    "adapters_like",
     "apply_lora",
     "load_adapters",
     "merge_lora",
@@ -128,6 +129,23 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
                 count += 1
     if not count:
         raise ValueError(f"no nnx.Linear named {config.targets} found in {type(model).__name__}")
+    return model
+
+
+def adapters_like(model: nnx.Module, source: nnx.Module) -> nnx.Module:
+    """``model`` (in place; returned) given adapters where ``source`` has them: same targets, rank and scale,
+    and the same merged flags, so ``source``'s state fits ``model``'s structure. A ``source`` without
+    adapters leaves ``model`` unchanged."""
+    found = _lora_modules(source)
+    if not found:
+        return model
+    first = found[0][1]
+    rank = int(first.lora_a.shape[-1])
+    targets = tuple(t for t in TARGETS if any(path[-1] == t for path, _ in found))
+    apply_lora(model, LoRAConfig(rank=rank, alpha=first.scale * rank, targets=targets), rngs=nnx.Rngs(0))
+    merged = {path: m.merged for path, m in found}
+    for path, module in _lora_modules(model):
+        module.merged = merged.get(path, False)
     return model
 
 

@@ -36,9 +36,7 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.models.lora import LoRAConfig, apply_lora
 from selmerge_jax.models.lora import trainable_filter as lora_filter
-from selmerge_jax.training.config import OptimizerConfig, TrainConfig
-from selmerge_jax.training.optimizer import build_optimizer
-from selmerge_jax.training.train_step import init_train_state
+from selmerge_jax.training.config import TrainConfig
 from selmerge_jax.validation import check_choice, check_positive_int
 
 __all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree",
@@ -115,6 +113,11 @@ def _like(value, target):
 def _abstract(x):
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _restore_args(x: jax.ShapeDtypeStruct):
+    sharding = x.sharding if x.sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype)
 
 
 def _json_safe(state):
@@ -209,6 +212,35 @@ class Checkpointer:
         state = jax.tree.map(_like, state, target)
         return restored, state
 
+    def restore_parts(self, target: Mapping, step: int | None = None) -> dict:
+        """Only the top-level entries of the ``state`` item named by ``target`` (e.g. ``{"params": ...,
+        "rest": ...}``), shaped and sharded like it; nothing else of the step is read (an inference run never
+        loads the optimizer moments, which for AdamW are twice the trainable parameters in float32).
+
+        A checkpoint of the earlier per-layer layout is read entry by entry and stacked."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+        abstract = tree_to_nested(jax.tree.map(_abstract, dict(target)))
+        try:
+            restored = self._partial(step, abstract, jax.tree.map(_restore_args, abstract))
+            return nested_to_tree(restored, dict(target))
+        except (ValueError, KeyError, TypeError) as error:
+            stored = self._manager.item_metadata(step)["state"]
+            wanted = {k: stored[k] for k in abstract if k in stored}
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            stacked = stack_layer_entries(self._partial(step, wanted, as_numpy))
+            try:
+                parts = nested_to_tree(stacked, dict(target))
+            except KeyError:
+                raise error from None
+            return jax.tree.map(_like, parts, dict(target))
+
+    def _partial(self, step: int, item, restore_args):
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))
+        return restored["state"]
+
     def read_meta(self, step: int | None = None) -> dict:
         """Only the JSON ``meta`` of a checkpoint (e.g. the config needed to rebuild the model before
         restore)."""
@@ -302,8 +334,9 @@ class InitConfig:
 def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, dict]:
     """The trained model of a run (weights of ``step``, default newest) and the run's stored config dict.
 
-    The model is rebuilt from the stored config's ``model``, ``lora``, ``train`` and ``optimizer`` sections (a
-    pretraining or a fine-tuning run alike; its weights come from this checkpoint, not from where it started).
+    The model is rebuilt from the stored config's ``model``, ``lora`` and ``train`` sections (a pretraining or
+    a fine-tuning run alike; its weights come from this checkpoint, not from where it started). Only the
+    ``params`` and ``rest`` entries of the train state are read, never the optimizer state.
     """
     ckpt = Checkpointer(checkpoint_dir)
     try:
@@ -320,11 +353,9 @@ def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, 
                 apply_lora(model, lora, rngs=nnx.Rngs(train.seed + 1))
             return model
 
-        tx, _ = build_optimizer(from_dict(OptimizerConfig, stored.get("optimizer"), "optimizer"), train.steps)
-        # Shapes only: nothing is initialised before the stored arrays arrive.
-        target = jax.eval_shape(lambda: init_train_state(build(), tx, trainable=trainable)[1])
-        state, _, _ = ckpt.restore(target, step)
+        # Shapes only: nothing is initialised before the stored arrays arrive, and only the weights are read.
+        graphdef, params, rest = nnx.split(nnx.eval_shape(build), trainable, ...)
+        parts = ckpt.restore_parts({"params": params, "rest": rest}, step)
     finally:
         ckpt.close()
-    graphdef, _, _ = nnx.split(nnx.eval_shape(build), trainable, ...)
-    return nnx.merge(graphdef, state.params, state.rest), stored
+    return nnx.merge(graphdef, parts["params"], parts["rest"]), stored
