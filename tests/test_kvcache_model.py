@@ -103,7 +103,7 @@ def test_window_attend_matches_a_dense_banded_mask():
     logits = jnp.einsum("btnh,bsnh->bnts", q, kk) / jnp.sqrt(8.0)
     ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(jnp.where(band, logits, -jnp.inf), -1), vv)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="window must be a positive int"):
+    with pytest.raises(ValueError, match="window=0: must be a positive int or None"):
         kvcache.attend(cache, q, qpos, window=0)
 
 
@@ -132,11 +132,12 @@ def test_a_second_generation_compiles_nothing(tiny, monkeypatch):
 
 
 def test_inference_from_hf_keeps_the_requested_ms_kernel(tmp_path):
-    # training/inference.py's HF path passed attention and ms but dropped ms_kernel (the model silently ran
-    # the reference kernel).
+    # load_for_inference's HF path (now main/infer.py) passed attention and ms but dropped ms_kernel (the
+    # model silently ran the reference kernel).
+    from selmerge_jax.main.config import InferConfig
+    from selmerge_jax.main.infer import load_for_inference
     from selmerge_jax.models import save_hf
-    from selmerge_jax.training.experiment import InferConfig, InitConfig
-    from selmerge_jax.training.inference import load_for_inference
+    from selmerge_jax.training.checkpoint import InitConfig
 
     save_hf(Llama(preset("tiny", num_layers=1), rngs=nnx.Rngs(0)), str(tmp_path))
     want = preset("tiny", num_layers=1, attention="ms", ms_kernel="pallas")
@@ -180,9 +181,10 @@ def test_greedy_makes_room_once_per_slack_steps_with_the_same_tokens(tiny, polic
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kw, error, match", [({"budget": 0}, ValueError, "budget must be a positive int"),
-                                              ({"budget": True}, ValueError, "budget must be a positive int"),
-                                              ({"room": 1}, TypeError, "room must be a bool")])
+@pytest.mark.parametrize("kw, error, match", [
+    ({"budget": 0}, ValueError, "CompressedStep.budget=0: must be a positive int"),
+    ({"budget": True}, ValueError, "CompressedStep.budget=True: must be a positive int"),
+    ({"room": 1}, TypeError, "room must be a bool")])
 def test_compressed_step_rejects_bad_fields(kw, error, match):
     from selmerge_jax.evaluation import fidelity
 

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.kvcache import merging
-from selmerge_jax.kvcache.cache import KVCache, append, attend, gather_slots
+from selmerge_jax.kvcache.cache import KVCache, append, attend, gather_slots, init_cache
 from selmerge_jax.kvcache.config import KVCompressionConfig
 
 __all__ = ["compress", "init_for", "make_room", "needs_probs", "observe", "slot_scores", "step"]
@@ -77,8 +77,6 @@ def needs_probs(config: KVCompressionConfig) -> bool:
 def init_for(config: KVCompressionConfig, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
     """An empty cache whose first ``config.reserved`` slots are held for centroids/summaries (cursor after
     them)."""
-    from selmerge_jax.kvcache.cache import init_cache  # local: keeps the import graph of this module flat
-
     if config.reserved >= capacity:
         raise ValueError(f"capacity={capacity} must exceed the reserved merge/summary "
                          f"slots ({config.reserved})")
