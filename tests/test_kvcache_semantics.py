@@ -154,7 +154,7 @@ def test_h2o_sum_or_kvpress_average(scoring):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"policy": "h2o", "budget": 8, "scoring": "paper"}, "scoring='paper': must be one of the allowed values"),
+    ({"policy": "h2o", "budget": 8, "scoring": "paper"}, "scoring='paper': must be one of"),
     ({"policy": "snapkv", "budget": 20, "window": 4, "obs_window": 32}, "obs_window=32"),
 ])
 def test_bad_configs_name_the_value(kw, match):
