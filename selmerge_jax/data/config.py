@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from selmerge_jax.validation import check_non_negative_int, check_number, check_positive_int
+
 __all__ = ["DataConfig"]
 
 
@@ -57,20 +59,15 @@ class DataConfig:
     validation_seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.validation_seed, bool) or not isinstance(self.validation_seed, int) or (
-                self.validation_seed < 0):
-            raise ValueError(f"DataConfig.validation_seed must be an int >= 0, got {self.validation_seed!r}")
+        check_non_negative_int("DataConfig.validation_seed", self.validation_seed)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"DataConfig.source must be a dataset name or directory, got {self.source!r}")
         if (self.train_npy is None) != (self.validation_npy is None):
             raise ValueError(f"DataConfig.train_npy={self.train_npy!r} and validation_npy="
                              f"{self.validation_npy!r}: give both or neither")
-        if isinstance(self.shuffle_window, bool) or not isinstance(self.shuffle_window,
-                                                                   int) or self.shuffle_window < 1:
-            raise ValueError(f"DataConfig.shuffle_window must be a positive int, got {self.shuffle_window!r}")
-        if not 0.0 <= self.passkey_ratio < 1.0:
-            raise ValueError(f"DataConfig.passkey_ratio must be in [0, 1), got {self.passkey_ratio!r}")
-        if not 0.0 <= self.copy_ratio < 1.0 - self.passkey_ratio:
+        check_positive_int("DataConfig.shuffle_window", self.shuffle_window)
+        check_number("DataConfig.passkey_ratio", self.passkey_ratio, 0.0, 1.0, high_open=True)
+        if not 0.0 <= self.copy_ratio < 1.0 - self.passkey_ratio:  # relates two fields: said in its own words
             raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio!r} must be in [0, 1 - passkey_ratio = "
                              f"{1.0 - self.passkey_ratio:g})")
         if self.passkey_answer_weight != 1.0 and self.train_npy is None:

@@ -36,6 +36,7 @@ from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.sharding.mesh import MeshConfig
 from selmerge_jax.training.checkpoint import InitConfig
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
+from selmerge_jax.validation import check_positive_int
 
 __all__ = [
     "FinetuneConfig",
@@ -150,9 +151,7 @@ class InferConfig:
 
     def __post_init__(self):
         for name in ("prompt_tokens", "max_new_tokens", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"InferConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"InferConfig.{name}", getattr(self, name))
         if self.init.kind != "checkpoint" and self.model is None:
             raise ValueError(f"InferConfig.model is required with init.kind={self.init.kind!r}")
 
