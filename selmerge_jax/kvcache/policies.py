@@ -149,6 +149,7 @@ def _record_votes(cache: KVCache, rows, positions, w: int) -> KVCache:
     use = _window_rows(rows, p, w)[:, 0]  # [B, T]: at most w rows, distinct positions mod w
     slot = jnp.where(use, p % w, w)  # w: dropped
     b, k, t, _ = rows.shape
+    assert cache.votes is not None, "callers check cache.votes first (observe)"
     idx = (jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None],
            jnp.broadcast_to(slot[:, None, :], (b, k, t)))
     return dataclasses.replace(cache, votes=cache.votes.at[idx].set(rows, mode="drop"))
