@@ -4,7 +4,11 @@ and corpus token statistics.
 Same batch format as the grain pipeline (``inputs``, ``targets``, ``loss_mask``, ``segment_ids``,
 ``positions``), same packing (documents concatenated with bos/eos, cut into windows of seq_len + 1), but
 windows are addressed directly in one flat token array: shuffling is a per-epoch permutation of window
-indices, sharding takes every ``shard_count``-th window, and the whole iterator state is the step number.
+indices, and the whole iterator state is the step number. Step s's global batch is windows
+``[s*G, (s+1)*G)`` of the epoch's permutation (``G = batch_size * shard_count``) and shard i reads its
+contiguous ``batch_size`` rows of it, so the global batch (rows in order) does not depend on how many shards
+read it: a run resumes under another process count (``reshardable``) unless passkey or copy rows are mixed
+in, whose draws are keyed by the shard.
 The order differs from the grain pipeline's (no document-then-window shuffle); both are exact on resume.
 With ``passkey_ratio > 0`` some rows of each batch are replaced by passkey-retrieval prompts of seq_len + 1
 tokens (random key and depth, loss on every token, as the grain pipeline's default); which rows and what they
@@ -105,8 +109,8 @@ class TokenWindows:
         order = np.arange(self.num_windows)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        mine = order[self.shard_index::self.shard_count]
-        return mine[batch * self.batch_size:(batch + 1) * self.batch_size]
+        start = (batch * self.shard_count + self.shard_index) * self.batch_size
+        return order[start:start + self.batch_size]
 
     def __next__(self) -> dict:
         epoch, batch = divmod(self.step, self.batches_per_epoch)
@@ -165,6 +169,13 @@ class TokenWindows:
             ex = passkey_example(self.tokenizer, n, float(rng.random()), int(rng.integers(1, _MAX_PASSKEY)))
             self._put_prompt(windows, loss_mask, row, at, ex)
             at += n
+
+    @property
+    def reshardable(self) -> bool:
+        """Whether a position saved under one shard count resumes exactly under another: true for corpus
+        windows (the state is the global step, the global batch does not depend on the sharding), false with
+        passkey or copy rows (their draws are keyed by ``(seed, step, shard_index)``)."""
+        return self.passkey_ratio == 0 and self.copy_ratio == 0
 
     def get_state(self) -> dict:
         return {"step": self.step}

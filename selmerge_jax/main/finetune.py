@@ -19,6 +19,7 @@ from selmerge_jax.main.pretrain import (
 from selmerge_jax.models import Llama
 from selmerge_jax.models.lora import apply_lora
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig, crd_step
+from selmerge_jax.sharding import distributed
 from selmerge_jax.training.checkpoint import restore_model
 from selmerge_jax.training.loop import TrainResult
 from selmerge_jax.training.train_step import HiddenStates, StepContext, default_forward
@@ -61,6 +62,7 @@ def run_finetune(cfg: FinetuneConfig) -> TrainResult:
     return run_training(cfg, model, "finetune", forward=forward)
 
 
+@distributed.entry_point
 def main(config: FinetuneConfig) -> dict:
     """Fine-tunes, writes ``loss_curve.png`` beside the run's metrics and returns the run's key figures."""
     result = run_finetune(config)

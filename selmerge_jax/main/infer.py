@@ -20,6 +20,7 @@ from selmerge_jax.main.pretrain import with_model_config
 from selmerge_jax.models import Llama, load_hf
 from selmerge_jax.models.generate import generate, prefill_memory
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.sharding import distributed
 from selmerge_jax.training.checkpoint import restore_model
 
 __all__ = ["corpus_prompt", "load_for_inference", "main", "passkey_check", "run_infer"]
@@ -119,6 +120,7 @@ def run_infer(cfg: InferConfig) -> dict:
     return result
 
 
+@distributed.entry_point
 def main(config: InferConfig) -> dict:
     """:func:`run_infer`: the measurements of one prefill + generate run."""
     return run_infer(config)

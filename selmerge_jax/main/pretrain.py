@@ -23,7 +23,8 @@ from selmerge_jax.models import Llama, ModelConfig, count_params, load_hf
 from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.models.lora import apply_lora
 from selmerge_jax.models.lora import trainable_filter as lora_filter
-from selmerge_jax.sharding.mesh import initialize_distributed, make_mesh
+from selmerge_jax.sharding import distributed
+from selmerge_jax.sharding.mesh import data_shard, make_mesh
 from selmerge_jax.training.loop import TrainResult, train
 from selmerge_jax.training.metrics import read_jsonl
 from selmerge_jax.training.train_step import default_forward
@@ -68,14 +69,15 @@ def _npy(path: str) -> np.ndarray:
     return np.load(os.path.expanduser(path), mmap_mode="r")
 
 
-def make_data(cfg: PretrainConfig, tokenizer):
+def make_data(cfg: PretrainConfig, tokenizer, mesh=None):
     """``(train_iterator, eval_batches_fn)``; both yield the pipeline's ``inputs/targets/loss_mask/...``
-    dicts."""
-    per_process = cfg.train.batch_size // jax.process_count()
+    dicts: this process's rows of each global batch (``sharding.mesh.data_shard`` of ``mesh``)."""
+    index, count = data_shard(mesh, cfg.train.batch_size)
+    per_process = cfg.train.batch_size // count
     t, seed = cfg.train.seq_len, cfg.train.seed
     d = cfg.data
+    shard = {"shard_index": index, "shard_count": count}
     if d.train_npy is not None:
-        shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
         # Passkey prompts replace whole training windows, as in the grain pipeline; validation stays corpus
         # only.
         train_it = data.TokenWindows(_npy(d.train_npy), seq_len=t, batch_size=per_process,
@@ -92,7 +94,7 @@ def make_data(cfg: PretrainConfig, tokenizer):
     train_docs = data.text_source(d.source, d.train_split, d.data_dir)
     val_docs = data.text_source(d.source, d.validation_split, d.data_dir)
     pipe = data.PipelineConfig(seq_len=t, batch_size=per_process, seed=seed, shuffle_window=d.shuffle_window,
-                               passkey_ratio=d.passkey_ratio)
+                               passkey_ratio=d.passkey_ratio, **shard)
     # Shuffled with a fixed seed: every pass sees the same batches, spread over the split rather than its
     # start.
     val_pipe = dataclasses.replace(pipe, num_epochs=1, passkey_ratio=0.0, seed=d.validation_seed)
@@ -106,7 +108,7 @@ def _strip_packing(batch: dict, step: int) -> dict:
 
 
 def _mesh(cfg: PretrainConfig):
-    initialize_distributed(cfg.mesh)
+    distributed.initialize(cfg.mesh)  # a no-op after entry_point; an error if JAX ran before it
     return make_mesh(cfg.mesh) if jax.device_count() > 1 else None
 
 
@@ -117,7 +119,8 @@ def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size} ids")
-    train_it, eval_fn = make_data(cfg, tokenizer)
+    mesh = _mesh(cfg)
+    train_it, eval_fn = make_data(cfg, tokenizer, mesh)
     batch_transform = None
     if not cfg.data.document_masking:
         batch_transform = _strip_packing
@@ -125,7 +128,7 @@ def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward)
         eval_fn = lambda: (_strip_packing(b, 0) for b in raw_eval())
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
-                 eval_batches=eval_fn, mesh=_mesh(cfg), batch_transform=batch_transform, meta=meta,
+                 eval_batches=eval_fn, mesh=mesh, batch_transform=batch_transform, meta=meta,
                  trainable=trainable(cfg), forward=forward, eval_forward=default_forward)
 
 
@@ -208,6 +211,7 @@ def export_npy(cfg: PretrainConfig, out_dir: str) -> dict[str, str]:
     return paths
 
 
+@distributed.entry_point
 def main(config: PretrainConfig) -> dict:
     """Pretrains, writes ``loss_curve.png`` beside the run's metrics and returns the run's key figures."""
     result = run_pretrain(config)

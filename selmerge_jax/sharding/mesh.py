@@ -1,4 +1,5 @@
-"""A device mesh from config: ``("data", "fsdp", "seq")`` axes, plus guarded multi-host initialization.
+"""A device mesh from config: ``("data", "fsdp", "seq")`` axes; the multi-process settings it carries are
+used by ``sharding.distributed`` (which calls ``jax.distributed.initialize()``).
 
 * ``data``: pure data parallelism (params replicated);
 * ``fsdp``: batch sharded *and* every large parameter (and its optimizer moments) sharded along one dimension;
@@ -11,9 +12,7 @@ Batches are sharded over ``("data", "fsdp")`` on B, so the global batch must div
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 from typing import Literal
 
 import jax
@@ -21,36 +20,42 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from selmerge_jax.validation import check_choice, check_non_negative_int, fail, is_int
+from selmerge_jax.validation import check_choice, check_int, check_non_negative_int, fail, is_int
 
 __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "batch_sharding",
-    "initialize_distributed",
+    "data_shard",
     "make_mesh",
     "param_sharding",
+    "process_rows",
     "shard_batch",
     "shard_params",
 ]
 
 MESH_AXES = ("data", "fsdp", "seq")
-_log = logging.getLogger(__name__)
-# Environment variables that mean "this process is one of several": a coordinator, SLURM/MPI launchers, or
-# a multi-host TPU slice (TPU VMs list every worker's hostname).
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Mesh shape; one axis may be -1 ("all remaining devices").
+    """Mesh shape (one axis may be -1: "all remaining devices") and how this process joins a job of several.
 
     Attributes:
-      data, fsdp, seq: axis sizes; their product must equal the device count.
+      data, fsdp, seq: axis sizes; their product must equal the device count (of all processes together).
       fsdp_min_size: parameters with fewer elements stay replicated (sharding tiny vectors costs more than it
-      saves). distributed: "auto" calls ``jax.distributed.initialize()`` only when the environment says this
-      is one
-        process of several; "on" always; "off" never.
+        saves).
+      distributed: "auto" calls ``jax.distributed.initialize()`` only when the flags or the environment say
+        this is one process of several (a coordinator address and a process count > 1, SLURM, Open MPI, a
+        multi-host TPU VM); "on" always (JAX's own cluster detection fills what is not given); "off" never.
+      coordinator_address, num_processes, process_id: the job's coordinator (``host:port`` of process 0),
+        its process count and this process's id; None reads ``JAX_COORDINATOR_ADDRESS``,
+        ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, then JAX's SLURM/Open MPI/TPU detection. Only
+        ``process_id`` may differ between the processes' configs.
+      initialization_timeout_s: how long a process waits for the coordinator (and process 0 for the others).
+      heartbeat_timeout_s: a process silent this long is dead, and the job's other processes stop (non-zero)
+        instead of waiting in a collective forever; JAX's default is 100 s.
+      shutdown_timeout_s: how long a finished process waits at exit for the others to finish too.
     """
 
     data: int = -1
@@ -58,6 +63,12 @@ class MeshConfig:
     seq: int = 1
     fsdp_min_size: int = 2**18
     distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout_s: int = 300
+    heartbeat_timeout_s: int = 20
+    shutdown_timeout_s: int = 120
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "seq": self.seq}
@@ -68,6 +79,16 @@ class MeshConfig:
             raise ValueError(f"MeshConfig: at most one axis may be -1, got {sizes}")
         check_non_negative_int("MeshConfig.fsdp_min_size", self.fsdp_min_size)
         check_choice("MeshConfig.distributed", self.distributed, ("auto", "on", "off"))
+        address = self.coordinator_address
+        if address is not None and (not isinstance(address, str) or ":" not in address):
+            fail("MeshConfig.coordinator_address", address, "None or 'host:port'")
+        if self.num_processes is not None:
+            check_int("MeshConfig.num_processes", self.num_processes, 1)
+        if self.process_id is not None:
+            high = None if self.num_processes is None else self.num_processes - 1
+            check_int("MeshConfig.process_id", self.process_id, 0, high)
+        for name in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+            check_int(f"MeshConfig.{name}", getattr(self, name), 1)
 
     def shape(self, device_count: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.seq]
@@ -79,27 +100,6 @@ class MeshConfig:
         if math.prod(sizes) != device_count:
             raise ValueError(f"MeshConfig data*fsdp*seq = {math.prod(sizes)} != device count {device_count}")
         return tuple(sizes)
-
-
-def _looks_multihost() -> bool:
-    if any(os.environ.get(name) for name in _MULTIHOST_ENV):
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1:
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE",
-                                                                              "1")) > 1
-
-
-def initialize_distributed(config: MeshConfig) -> bool:
-    """Calls ``jax.distributed.initialize()`` when configured/needed; must run before any other JAX call."""
-    if config.distributed == "off" or (config.distributed == "auto" and not _looks_multihost()):
-        return False
-    if jax.distributed.is_initialized():
-        return True
-    jax.distributed.initialize()
-    _log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
@@ -140,12 +140,56 @@ def shard_params(tree, mesh: Mesh, min_size: int = 2**18):
     return jax.tree.map(lambda x: jax.device_put(x, param_sharding(np.shape(x), mesh, min_size)), tree)
 
 
+def process_rows(mesh: Mesh, batch_size: int, name: str = "batch_size") -> slice:
+    """The rows of a global ``[batch_size, ...]`` batch that this process's devices hold (B goes over
+    ``("data", "fsdp")``): the process's data shard. Processes that differ only along ``"seq"`` hold the same
+    rows (each keeps its own slice of T), so they read the same shard."""
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    if not is_int(batch_size) or batch_size < 1 or batch_size % blocks:
+        fail(name, batch_size, f"a multiple of the mesh's data*fsdp = {blocks} batch shards (the "
+             "global batch, all processes together; nothing is floored)")
+    index = NamedSharding(mesh, P(("data", "fsdp"))).addressable_devices_indices_map((batch_size,))
+    spans = sorted({s[0].indices(batch_size)[:2] for s in index.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"this process's devices hold batch rows {spans}, not one contiguous block: order "
+                         "the mesh's devices so that each process's devices are adjacent along data/fsdp")
+    return slice(start, stop)
+
+
+def data_shard(mesh: Mesh | None, batch_size: int, name: str = "train.batch_size") -> tuple[int, int]:
+    """``(shard_index, shard_count)`` of this process's rows of a global batch: what its data pipeline reads.
+    ``(0, 1)`` without a mesh, or when every process holds every row (a sequence axis across processes)."""
+    if mesh is None:
+        return 0, 1
+    rows = process_rows(mesh, batch_size, name)
+    size = rows.stop - rows.start
+    return rows.start // size, batch_size // size
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host batch (this process's rows) -> global arrays: ``[B, T]`` leaves on :func:`batch_sharding`."""
+    """This process's rows of a batch (all T) -> global arrays: ``[B, T]`` leaves on :func:`batch_sharding`.
+
+    Each process passes the rows of :func:`process_rows` (every row when the batch is not split over
+    processes) and keeps only the T slices its devices hold, so a sequence axis may cross processes.
+    """
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    mine = process_rows(mesh, blocks)  # this process's batch shards, in units of one shard
+    shards_here = mine.stop - mine.start
+
     def put(x):
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"batch arrays must be [B, T], got shape {x.shape}")
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.shape[1]), x)
+        if x.shape[0] % shards_here:
+            fail("batch rows", x.shape[0], f"a multiple of this process's {shards_here} batch shards")
+        global_b = x.shape[0] // shards_here * blocks
+        offset = process_rows(mesh, global_b).start
+
+        def local(index):  # a device's global (rows, T) index -> the same block of this process's rows
+            rows = range(global_b)[index[0]]
+            return x[rows.start - offset:rows.stop - offset, index[1]]
+
+        return jax.make_array_from_callback((global_b, x.shape[1]), batch_sharding(mesh, x.shape[1]), local)
 
     return {k: put(v) for k, v in batch.items()}

@@ -116,7 +116,8 @@ def _abstract(x):
 
 
 def _restore_args(x: jax.ShapeDtypeStruct):
-    sharding = x.sharding if x.sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    local = jax.local_devices()[0]  # this process's: in a multi-process job jax.devices()[0] may be another's
+    sharding = x.sharding if x.sharding is not None else jax.sharding.SingleDeviceSharding(local)
     return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype)
 
 

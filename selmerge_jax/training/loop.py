@@ -22,7 +22,8 @@ import numpy as np
 from selmerge_jax.layers.attention import describe
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.memory import check_fits
-from selmerge_jax.sharding.mesh import shard_batch, shard_params
+from selmerge_jax.sharding.distributed import allgather_json
+from selmerge_jax.sharding.mesh import data_shard, shard_batch, shard_params
 from selmerge_jax.training.checkpoint import Checkpointer, config_changes
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.metrics import MetricsWriter, Progress
@@ -34,6 +35,7 @@ from selmerge_jax.training.train_step import (
     make_eval_step,
     make_train_step,
 )
+from selmerge_jax.validation import fail
 
 __all__ = ["TrainResult", "evaluate", "peak_memory_bytes", "train"]
 
@@ -84,21 +86,60 @@ def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh, trainab
     return tx, schedule, graphdef, state
 
 
-def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None) -> tuple[TrainState,
-                                                                                        int | None]:
+def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None,
+            shard: tuple[int, int]) -> tuple[TrainState, int | None]:
     step = ckpt.latest_step()
     if step is None:
         return state, None
     _check_same_run(ckpt, step, meta)
     state, data_state, _ = ckpt.restore(state, step)
     if data_state and hasattr(batches, "set_state"):
-        batches.set_state(data_state)
+        batches.set_state(_my_data_state(data_state, shard, batches))
     elif hasattr(batches, "set_state"):
         _log.warning("checkpoint %d has no data-iterator state; data order restarts from the beginning", step)
     else:
         _log.warning("the batch iterator has no set_state(): a resumed run does not see the same data order")
     _log.info("resumed from %s step %d", ckpt.directory, step)
     return state, step
+
+
+def _data_states(batches, shard: tuple[int, int]) -> dict | None:
+    """Every process's iterator position (each reads its own shard), gathered so that the checkpoint, which
+    process 0 writes, holds them all: ``{"shard_count", "shard_index": [per process], "process_states"}``."""
+    if not hasattr(batches, "get_state"):
+        return None
+    everyone = allgather_json({"shard_index": shard[0], "state": batches.get_state()})
+    return {"shard_count": shard[1], "shard_index": [e["shard_index"] for e in everyone],
+            "process_states": [e["state"] for e in everyone]}
+
+
+def _my_data_state(stored: dict, shard: tuple[int, int], batches):
+    """This process's position out of a checkpoint's data item. Under the same shard count, any process that
+    read the same shard saved it; under another, only a pipeline whose position is global (``reshardable``:
+    the corpus windows of ``data.TokenWindows``) carries over, and anything else is refused."""
+    if "process_states" not in stored:  # written by one process before positions were gathered
+        stored = {"shard_count": 1, "shard_index": [0], "process_states": [stored]}
+    index, count = shard
+    if stored["shard_count"] == count:
+        return stored["process_states"][stored["shard_index"].index(index)]
+    if getattr(batches, "reshardable", False):
+        return stored["process_states"][0]
+    raise ValueError(
+        f"the checkpoint's data position was saved by {stored['shard_count']} data shards and this run reads "
+        f"{count}: {type(batches).__name__} cannot carry a per-shard position over to another shard count "
+        "(the grain document pipeline shards documents per process; passkey/copy rows are drawn per shard). "
+        "Resume with the same processes x data/fsdp layout, or train from data.train_npy without "
+        "passkey/copy rows, whose position is global.")
+
+
+def _check_layout(train: TrainConfig, mesh) -> None:
+    """The global batch and sequence split evenly over the mesh (nothing is floored)."""
+    if mesh is None:
+        return
+    data_shard(mesh, train.batch_size)  # raises unless B divides over data*fsdp
+    ring = mesh.shape.get("seq", 1)
+    if train.seq_len % ring:
+        fail("train.seq_len", train.seq_len, f"a multiple of the mesh's seq axis = {ring} (ring shards)")
 
 
 def _check_same_run(ckpt: Checkpointer, step: int, meta: dict | None):
@@ -173,13 +214,15 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
       trainable: an NNX filter of the trained variables (default from ``train.trainable``).
       eval_forward: the forward of validation passes (default: ``forward``).
     """
+    _check_layout(train, mesh)
+    shard = data_shard(mesh, train.batch_size)
     tx, schedule, graphdef, state = _init(model, train, optimizer, mesh, trainable)
     _check_memory(model, train, optimizer, state, mesh)
     ckpt_dir = checkpoint.directory or os.path.join(train.output_dir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
     resumed = None
     if checkpoint.resume:
-        state, resumed = _resume(ckpt, state, batches, meta)
+        state, resumed = _resume(ckpt, state, batches, meta, shard)
     step_fn = make_train_step(graphdef, tx, schedule=schedule,
                               accumulation_steps=optimizer.accumulation_steps,
                               compute_dtype=train.compute_dtype, forward=forward)
@@ -215,8 +258,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
                 evals.append({"step": step, **line})
                 interval.start = time.perf_counter()  # evaluation time is not training throughput
             if step == train.steps or (checkpoint.every_steps and step % checkpoint.every_steps == 0):
-                data_state = batches.get_state() if hasattr(batches, "get_state") else None
-                ckpt.save(step, state, data_state=data_state, meta=meta)
+                ckpt.save(step, state, data_state=_data_states(batches, shard), meta=meta)
     finally:
         context.close()
         progress.close()
