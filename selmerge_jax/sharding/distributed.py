@@ -21,7 +21,9 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -96,23 +98,22 @@ def initialize(config: MeshConfig | None = None) -> bool:
     if count is not None and count > 1 and address is None and not _cluster_detected():
         raise ValueError(f"num_processes={count} but no coordinator: set mesh.coordinator_address or "
                          f"{ENV_ADDRESS} to process 0's 'host:port'")
+    timeout = config.initialization_timeout_s
+    # JAX's client ends the process from C++ (no Python exception) when the coordinator never answers, so a
+    # worker first waits for the coordinator's port itself and fails with a message naming the address.
+    print(f"jax.distributed: process {pid} of {count} joining the job at {address} (initialization_timeout_s="
+          f"{timeout})", file=sys.stderr, flush=True)
+    if address is not None and pid not in (None, 0):
+        _wait_for(address, timeout, pid, count)
     try:
-        jax.distributed.initialize(address, count, pid,
-                                   initialization_timeout=config.initialization_timeout_s,
+        jax.distributed.initialize(address, count, pid, initialization_timeout=timeout,
                                    heartbeat_timeout_seconds=config.heartbeat_timeout_s,
                                    shutdown_timeout_seconds=config.shutdown_timeout_s)
-    except Exception as error:
-        text = str(error)
-        if "before" in text and "initialize" in text:
+    except RuntimeError as error:
+        if "before" in str(error) and "initialize" in str(error):
             raise RuntimeError("jax.distributed.initialize() must run before any other JAX call, and this "
                                "process already used JAX: call selmerge_jax.sharding.distributed."
                                "initialize() first thing at the entry point") from error
-        if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "UNAVAILABLE" in text:
-            timeout = config.initialization_timeout_s
-            raise TimeoutError(f"process {pid} of {count} could not join the JAX job at the coordinator "
-                               f"{address} within initialization_timeout_s={timeout}: is process 0 running, "
-                               "reachable at that address, and are all processes started? "
-                               f"({text.splitlines()[0] if text else type(error).__name__})") from error
         raise
     _log.info("jax.distributed: process %d of %d (coordinator %s)", jax.process_index(), jax.process_count(),
               address)
@@ -127,6 +128,24 @@ def _encode(x):
 
 def _decode(d: dict):
     return base64.b64decode(d["__bytes_b64__"]) if set(d) == {"__bytes_b64__"} else d
+
+
+def _wait_for(address: str, timeout: float, pid: int | None, count: int | None) -> None:
+    """Returns once a TCP connection to ``address`` succeeds; ``TimeoutError`` naming it after ``timeout``
+    seconds of refused or unanswered attempts."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"process {pid} of {count} could not reach the JAX coordinator at "
+                                   f"{address} within initialization_timeout_s={timeout} ({error}): is "
+                                   "process 0 running and is that address reachable from here?") from None
+            time.sleep(0.5)
 
 
 def allgather_json(value: Any) -> list:
