@@ -15,8 +15,10 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
+from selmerge_jax.validation import fail
 
-__all__ = ["plan_rows", "region_summaries", "select_regions", "selection_summaries"]
+__all__ = ["decode_plan_rows", "key_summaries", "plan_rows", "query_summaries", "region_summaries",
+           "select_regions", "selection_summaries"]
 
 _NO_PRIORITY = jnp.iinfo(jnp.int32).max
 
@@ -37,16 +39,27 @@ def region_summaries(x, block_size: int, num_valid_tokens: int | None = None):
     return jnp.where(keep, xr, 0.0).sum(2) / count
 
 
-def selection_summaries(q, k, config: MSAttentionConfig, num_valid_tokens: int | None = None):
-    """Query and key summaries per selection head: ``[B, R, P, H]`` each, P = N ("query") or K ("kv")."""
+def query_summaries(q, config: MSAttentionConfig, kv_heads: int, num_valid_tokens: int | None = None):
+    """Query summaries per selection head: q ``[B, T, N, H]`` -> ``float32 [B, R, P, H]``."""
     qbar = region_summaries(q, config.block_size, num_valid_tokens)  # [B, R, N, H]
-    kbar = region_summaries(k, config.block_size, num_valid_tokens)  # [B, R, K, H]
-    kv_heads = k.shape[2]
-    g = q.shape[2] // kv_heads
     if config.selection_heads == "kv":
         # mean_g(q_g . k) == (mean_g q_g) . k: averaging scores over the G heads is averaging the summaries.
-        return qbar.reshape(*qbar.shape[:2], kv_heads, g, -1).mean(3), kbar
-    return qbar, jnp.repeat(kbar, g, axis=2)
+        return qbar.reshape(*qbar.shape[:2], kv_heads, qbar.shape[2] // kv_heads, -1).mean(3)
+    return qbar
+
+
+def key_summaries(k, config: MSAttentionConfig, q_heads: int, num_valid_tokens: int | None = None):
+    """Key summaries per selection head: k ``[B, T, K, H]`` -> ``float32 [B, R, P, H]``."""
+    kbar = region_summaries(k, config.block_size, num_valid_tokens)  # [B, R, K, H]
+    if config.selection_heads == "kv":
+        return kbar
+    return jnp.repeat(kbar, q_heads // k.shape[2], axis=2)
+
+
+def selection_summaries(q, k, config: MSAttentionConfig, num_valid_tokens: int | None = None):
+    """Query and key summaries per selection head: ``[B, R, P, H]`` each, P = N ("query") or K ("kv")."""
+    return (query_summaries(q, config, k.shape[2], num_valid_tokens),
+            key_summaries(k, config, q.shape[2], num_valid_tokens))
 
 
 def _candidates(group, num_regions: int, config: MSAttentionConfig):
@@ -129,3 +142,39 @@ def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_region
         batch_size=min(config.selection_batch, num_groups),
     )  # [Q, B, P, M]
     return jnp.moveaxis(regions, 0, 2)
+
+
+def decode_plan_rows(previous_summary, k, positions, config: MSAttentionConfig):
+    """The plan row of the query group holding each row's decode position: ``int32 [B, P, M]``.
+
+    The same row as ``select_regions`` on the whole sequence (``plan_rows`` builds both), so a decoded token
+    attends exactly what it attended in training. Only ``selection_source="previous"`` can be decoded: a
+    ``"group"`` row depends on queries of the group that come after the decoded token.
+
+    Args:
+      previous_summary: ``float32 [B, P, H]``: ``query_summaries`` of region ``gs - 1``'s queries (the region
+        before the group; any value for the first group, which has no candidate), kept by the decode loop.
+      k: ``[B, S, K, H]``: keys with slot = position (an uncompressed cache's ``k`` moved to this layout), S a
+        multiple of ``block_size``. Slots at or after the group's start are never read by the row (they are
+        not candidates), so they may hold anything, even NaN.
+      positions: ``int [B]``: the decoded token's position in each row (ragged rows welcome).
+    """
+    if config.selection_source != "previous":
+        fail("MSAttentionConfig.selection_source", config.selection_source,
+             "'previous' at decode (a 'group' row depends on queries after the decoded token)", "'previous'")
+    s = k.shape[1]
+    if s % config.block_size:
+        fail("k.shape[1]", s, f"a multiple of block_size={config.block_size}")
+    b, p = previous_summary.shape[:2]
+    r = s // config.block_size
+    kbar = key_summaries(jax.lax.stop_gradient(k), config, p if config.selection_heads == "query" else 0)
+    groups = jnp.asarray(positions, jnp.int32) // config.group_tokens  # [B]
+    # Only region gs - 1 of the query summaries is read (selection_source="previous").
+    at = jnp.maximum(groups * config.merge - 1, 0)
+    qbar = jnp.zeros((b, r, p, previous_summary.shape[-1]), jnp.float32)
+    qbar = qbar.at[jnp.arange(b), at].set(jax.lax.stop_gradient(previous_summary).astype(jnp.float32))
+
+    def one_row(qb, kb, g):
+        return plan_rows(qb[None], kb[None], g[None], config)[0, :, 0]  # [P, M]
+
+    return jax.vmap(one_row)(qbar, kbar, groups)
