@@ -50,6 +50,9 @@ class Problem:
         for padding entries, then masks it). Only meaningful without the local block.
       nan_tail: one query group of NaN q/k/v/dO appended after the sequence (padding; its plan row selects
         nothing). Causal, so the real part must equal the reference of the problem without the tail.
+      short_rows: batch rows whose last query group is padding (ragged lengths in one batch): NaN q/k/v/dO
+        there and an empty plan row. Their padded tokens' outputs are not compared (zeroed on both sides);
+        the reference runs with that padding zeroed.
       rel: tolerance relative to the largest reference magnitude (bf16 problems); else ``rtol = atol = tol``.
     """
 
@@ -59,6 +62,7 @@ class Problem:
     empty_rows: tuple[tuple[int, int, int], ...] = ()
     nan_unselected: bool = False
     nan_tail: bool = False
+    short_rows: tuple[int, ...] = ()
     tol: float = 2e-5
     rel: float | None = None
 
@@ -68,7 +72,7 @@ class Problem:
 
     @property
     def has_padding(self) -> bool:
-        return self.nan_unselected or self.nan_tail
+        return self.nan_unselected or self.nan_tail or bool(self.short_rows)
 
     @property
     def tolerance(self) -> dict:
@@ -91,6 +95,8 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in (
     # Without the local block: group 2 attends to nothing (output 0, LSE -inf), unselected regions hold NaN.
     Problem("tiny_no_local_nan", get_spec("tiny_no_local"), seed=1, empty_rows=((0, 0, 2), (0, 1, 2)),
             nan_unselected=True),
+    # H = 256 and G = 16 (one kv head, P = K), B = 2 with ragged lengths: row 1's last group is padding.
+    Problem("tiny_g16_h256_b2_ragged", get_spec("tiny_g16_h256_b2"), seed=3, short_rows=(1,)),
     # bfloat16 in the Mosaic GPU family. G = 2 (two Mosaic compute warpgroups), W = 128 (two dK/dV warpgroups,
     # the second skipping its hidden local chunks), a row with no valid entry, and a NaN padding group: 5
     # dK/dV items (one kv head, 4 + 1 regions) over 2 persistent Mosaic CTAs, so the snake order ends in a
@@ -103,11 +109,12 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in (
             rel=2e-2),
 )}
 
-# The GQA oracle costs one more reference compile per problem, so it runs on two groupings every backend
-# takes: G = 8 with one selection per query head (P = N, merge 2, float32) and G = 2 sharing a kv head's plan
-# row (P = K, bfloat16, the Mosaic GPU family).
-GQA = ("tiny_g8_merge2_per_head", "bf16_g2_w128_nan_tail")
-DETERMINISM = ("tiny_g4_h64_w64", "tiny_g8_merge2_per_head", "bf16_g3_b2")
+# The GQA oracle costs one more reference compile per problem, so it runs on three groupings: G = 8 with one
+# selection per query head (P = N, merge 2, float32), G = 2 sharing a kv head's plan row (P = K, bfloat16,
+# the Mosaic GPU family) and G = 16 sharing one (P = K, H = 256, float32).
+GQA = ("tiny_g8_merge2_per_head", "bf16_g2_w128_nan_tail", "tiny_g16_h256_b2_ragged")
+DETERMINISM = ("tiny_g4_h64_w64", "tiny_g8_merge2_per_head", "bf16_g3_b2",
+               "tiny_g16_h256_b2_ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,11 @@ def inputs(name: str):
         used[0] = True
         bad = jnp.repeat(jnp.asarray(~used), plan.block_size)[None, :, None, None]
         k, v = jnp.where(bad, jnp.nan, k), jnp.where(bad, jnp.nan, v)
+    for b in problem.short_rows:
+        lt = plan.group_tokens
+        q, k, v, do = (x.at[b, -lt:].set(jnp.nan) for x in (q, k, v, do))
+        regions = regions.at[b, :, -1, :].set(-1)
+        plan = dataclasses.replace(plan, kv_regions=regions)
     if problem.nan_tail:
         lt = plan.group_tokens
         q, k, v, do = (jnp.concatenate([x, jnp.full((x.shape[0], lt, *x.shape[2:]), jnp.nan, x.dtype)],
@@ -178,8 +190,12 @@ def reference_attention(plan):
     return lambda q, k, v: block_sparse_attention_reference(q, k, v, plan, return_lse=True)
 
 
-def _real_part(x, real):
-    return x[:, :real]
+def _real_part(x, real, short_rows=(), group_tokens=0):
+    """The tokens before the padding tail; the padded last group of each of ``short_rows`` zeroed."""
+    x = np.array(x[:, :real])
+    for b in short_rows:
+        x[b, real - group_tokens:real] = 0
+    return x
 
 
 @functools.cache
@@ -188,7 +204,8 @@ def reference(name: str, expand_gqa: bool = False):
     nothing real depends on it). ``expand_gqa``: each kv head repeated G times (plan rows too when P = K), and
     dK/dV summed back over each group, so the result is what GQA must equal."""
     (q, k, v, plan, do), real = inputs(name)
-    q, k, v, do = (_real_part(x, real) for x in (q, k, v, do))
+    q, k, v, do = (jnp.asarray(_real_part(x, real, PROBLEMS[name].short_rows, plan.group_tokens))
+                   for x in (q, k, v, do))
     regions = plan.kv_regions[:, :, :real // plan.group_tokens]
     g = q.shape[2] // k.shape[2]
     if expand_gqa:
@@ -200,7 +217,7 @@ def reference(name: str, expand_gqa: bool = False):
     if expand_gqa:
         b, t, n, h = got[3].shape
         got = (*got[:3], *(x.astype(np.float32).reshape(b, t, n // g, g, h).sum(3) for x in got[3:]))
-    return got
+    return tuple(_real_part(x, real, PROBLEMS[name].short_rows, plan.group_tokens) for x in got)
 
 
 _RUNS: dict[tuple[str, str], tuple] = {}
@@ -235,8 +252,8 @@ def assert_close(got, want, *, tol: float = 0.0, rel: float | None = None, names
 
 
 def real_outputs(outputs, name: str):
-    _, real = inputs(name)
-    return tuple(_real_part(x, real) for x in outputs)
+    (_, _, _, plan, _), real = inputs(name)
+    return tuple(_real_part(x, real, PROBLEMS[name].short_rows, plan.group_tokens) for x in outputs)
 
 
 # ------------------------------------------------------------------------------------------------- the base

@@ -104,10 +104,31 @@ def test_position_modes_change_the_models_output():
     assert not np.allclose(outs["selected_original"], outs["selected_compact"])
 
 
-def test_segment_ids_with_ms_attention_raise_naming_the_option():
+def test_packed_documents_with_ms_attention_equal_each_document_alone():
+    """Two documents (24 + 16 tokens, starts on group boundaries) packed in one row, positions restarting:
+    each document's logits are those of the model run on it alone; without segment_ids they are not."""
     model = Llama(_config(attention="ms", ms=MS), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"segment_ids .* attention='dense' only, got attention='ms'"):
-        model(TOKENS, segment_ids=jnp.zeros_like(TOKENS))
+    tokens = TOKENS[:1]
+    positions = jnp.asarray(np.r_[np.arange(24), np.arange(16)])[None]
+    segments = jnp.asarray(np.r_[np.zeros(24, int), np.ones(16, int)])[None]
+    packed = np.asarray(model(tokens, positions, segment_ids=segments))
+    np.testing.assert_allclose(packed[:, :24], model(tokens[:, :24]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 24:], model(tokens[:, 24:]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(model(tokens, positions))[:, 24:], packed[:, 24:], atol=1e-3)
+
+
+def test_segment_ids_with_ring_or_compact_positions_raise_naming_the_option():
+    from selmerge_jax.layers import AttentionSpec, attend
+
+    q = k = jnp.zeros((1, 8, 2, 4))
+    seg = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"segment_ids .*'dense' or 'ms', got attention='ring_ms'"):
+        attend(q, k, k, None, AttentionSpec(kind="ring_ms", ms=MS), segment_ids=seg)
+    compact = AttentionSpec(kind="ms", ms=MSAttentionConfig(block_size=4, top_k=2,
+                                                            position_mode="selected_compact"))
+    with pytest.raises(ValueError, match="position_mode='selected_compact'"):
+        attend(q, k, k, jnp.zeros((1, 8), jnp.int32), compact, position_fn=lambda q, k, p: (q, k),
+               segment_ids=seg)
 
 
 def test_sliding_window_with_ms_attention_raises():

@@ -19,6 +19,7 @@ from selmerge_jax.kernels.block_sparse_attention.api import (
 from selmerge_jax.kernels.block_sparse_attention.plan import (
     SelectionPlan,
     check_plan_inputs,
+    check_segment_ids,
     dense_causal_plan,
 )
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
@@ -31,6 +32,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "check_plan_inputs",
+    "check_segment_ids",
     "dense_causal_plan",
     "register_implementation",
     "unavailable_implementations",

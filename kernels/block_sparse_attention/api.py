@@ -14,13 +14,18 @@ broken backend never silently turns into the XLA path.
 """
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
 
-from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+from selmerge_jax.kernels.block_sparse_attention.plan import (
+    SelectionPlan,
+    check_plan_inputs,
+    check_segment_ids,
+)
 from selmerge_jax.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
 __all__ = ["IMPLEMENTATIONS", "Implementation", "available_implementations", "block_sparse_attention",
@@ -123,19 +128,31 @@ def _log_default_choice(chosen: str, skipped: list[str]) -> None:
                     f" ({'; '.join(skipped)})" if skipped else "")
 
 
+def _takes_segments(fn: Callable) -> bool:
+    """Whether a backend accepts ``segment_ids`` (a per-token document mask); those that do not decline."""
+    try:
+        return "segment_ids" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
+
+
 def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
                            return_lse: bool = False,
-                           implementation: Implementation | Sequence[Implementation] | None = None):
+                           implementation: Implementation | Sequence[Implementation] | None = None,
+                           segment_ids=None):
     """Block-sparse attention of q ``[B, T, N, H]`` over k/v ``[B, T, K, H]`` driven by ``plan``.
 
     See ``plan.py`` for the semantics and ``reference.py`` for the oracle. Returns ``out`` (and the float32
-    log-sum-exp ``[B, T, N]`` when ``return_lse``).
+    log-sum-exp ``[B, T, N]`` when ``return_lse``). ``segment_ids`` ``int [B, T]`` (packed documents): a query
+    sees only keys of its own segment; a backend whose function has no ``segment_ids`` parameter (today every
+    Pallas one) declines such a call, so the default order falls through to ``"xla"``.
 
     Raises:
       ImportError: a requested implementation is unavailable on this install (its import failed).
       NotImplementedError: every candidate declined the inputs.
     """
     check_plan_inputs(q, k, v, plan)
+    check_segment_ids(segment_ids, q)
     _load_backends()
     names = _candidates(implementation)
     errors = []
@@ -144,8 +161,15 @@ def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None 
             errors.append(f"{name}: unavailable ({_reason(_UNAVAILABLE[name])})" if name in _UNAVAILABLE
                           else f"{name}: not registered")
             continue
+        fn = IMPLEMENTATIONS[name]
+        extra = {}
+        if segment_ids is not None:
+            if not _takes_segments(fn):
+                errors.append(f"{name}: no segment_ids (per-token document mask) support")
+                continue
+            extra = {"segment_ids": segment_ids}
         try:
-            result = IMPLEMENTATIONS[name](q, k, v, plan, scale=scale, return_lse=return_lse)
+            result = fn(q, k, v, plan, scale=scale, return_lse=return_lse, **extra)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
             continue

@@ -23,6 +23,10 @@ ring step visiting another shard), so entries inside the group's own index range
 fewer valid entries than ``M`` (ragged plans). Valid entries must be distinct: a region listed twice is
 attended twice. Ordering inside a row does not change the result.
 
+Packed documents: with ``segment_ids`` ``int [B, T]`` (an optional argument of the op, not part of the plan)
+a query token additionally sees only keys of its own segment, in the selected regions and in the local block
+alike; a query whose every attended key is masked attends to nothing (output 0, LSE ``-inf``).
+
 The selection axis ``P`` equals ``N`` (one selection per query head) or ``K`` (one per kv head, shared by its
 ``G`` query heads: what GQA-native kernels and caches want); with ``N == K`` the two coincide.
 """
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 
 from selmerge_jax.typing import Array, Int
 
-__all__ = ["SelectionPlan", "check_plan_inputs", "dense_causal_plan"]
+__all__ = ["SelectionPlan", "check_plan_inputs", "check_segment_ids", "dense_causal_plan"]
 
 
 @jax.tree_util.register_dataclass
@@ -122,6 +126,16 @@ def check_plan_inputs(q, k, v, plan: SelectionPlan) -> tuple[int, int]:
     if not jnp.issubdtype(plan.kv_regions.dtype, jnp.integer):
         raise TypeError(f"plan.kv_regions must be integer, got {plan.kv_regions.dtype}")
     return kh, n // kh
+
+
+def check_segment_ids(segment_ids, q) -> None:
+    """``segment_ids`` must be None or an integer ``[B, T]`` array matching q ``[B, T, N, H]``."""
+    if segment_ids is None:
+        return
+    shape, dtype = jnp.shape(segment_ids), jnp.result_type(segment_ids)
+    if shape != q.shape[:2] or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"segment_ids={shape} {dtype}: must be an integer array of shape [B, T]="
+                         f"{tuple(q.shape[:2])}")
 
 
 def dense_causal_plan(batch: int, heads: int, seq_len: int, block_size: int, merge: int = 1) -> SelectionPlan:

@@ -10,7 +10,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+from selmerge_jax.kernels.block_sparse_attention.plan import (
+    SelectionPlan,
+    check_plan_inputs,
+    check_segment_ids,
+)
 
 __all__ = ["block_sparse_attention_reference"]
 
@@ -23,8 +27,9 @@ def _gather_regions(x_t, head_idx, regions):
     return x_t[b, head_idx[None, :, None], regions]
 
 
-def _group_step(q_g, k_t, v_t, regions, valid, g, *, plan, kv_heads, scale):
-    """Attention for query group ``g``. q_g ``[B, L, N, H]`` with L = merge*W tokens."""
+def _group_step(q_g, k_t, v_t, regions, valid, g, seg_t, *, plan, kv_heads, scale):
+    """Attention for query group ``g``. q_g ``[B, L, N, H]`` with L = merge*W tokens; seg_t ``[B, R, W]``
+    segment ids or None."""
     b, l, n, h = q_g.shape  # noqa: E741 (L: the group's tokens, as in the docstring)
     w, m, p = plan.block_size, plan.max_selected, regions.shape[1]
     gq = n // kv_heads
@@ -36,7 +41,13 @@ def _group_step(q_g, k_t, v_t, regions, valid, g, *, plan, kv_heads, scale):
     key_ok = jnp.repeat(valid, w, axis=-1).reshape(b, kv_heads, gp, 1, m * w)
     ks = ks.reshape(b, kv_heads, gp, m * w, h).astype(_F32)
     vs = jnp.where(key_ok[..., 0, :, None], vs.reshape(b, kv_heads, gp, m * w, h).astype(_F32), 0.0)
-    s_sel = jnp.where(key_ok, jnp.matmul(qh, jnp.swapaxes(ks, -1, -2)) * scale, -jnp.inf)  # [B, K, G, L, M*W]
+    sel_ok = key_ok
+    if seg_t is not None:  # packed documents: a query sees only keys of its own segment
+        seg_q = jax.lax.dynamic_slice_in_dim(seg_t.reshape(b, -1), g * l, l, axis=1)  # [B, L]
+        seg_sel = seg_t[jnp.arange(b)[:, None, None], jnp.clip(regions, 0, plan.num_regions - 1)]  # [B,P,M,W]
+        seg_sel = seg_sel.reshape(b, kv_heads, gp, 1, m * w)
+        sel_ok = key_ok & (seg_sel == seg_q[:, None, None, :, None])
+    s_sel = jnp.where(sel_ok, jnp.matmul(qh, jnp.swapaxes(ks, -1, -2)) * scale, -jnp.inf)  # [B, K, G, L, M*W]
     logits, values = [s_sel], [jnp.broadcast_to(vs, (b, kv_heads, gq, m * w, h))]
     if plan.include_local:
         start = g * l
@@ -46,6 +57,9 @@ def _group_step(q_g, k_t, v_t, regions, valid, g, *, plan, kv_heads, scale):
         if plan.causal:
             tri = jnp.tril(jnp.ones((l, l), bool))
             s_loc = jnp.where(tri, s_loc, -jnp.inf)
+        if seg_t is not None:
+            same = seg_q[:, :, None] == seg_q[:, None, :]  # [B, L, L]: the local block is the group itself
+            s_loc = jnp.where(same[:, None, None], s_loc, -jnp.inf)
         logits.append(s_loc)
         values.append(jnp.broadcast_to(vl[:, :, None], (b, kv_heads, gq, l, h)))
     s = jnp.concatenate(logits, -1)
@@ -61,7 +75,7 @@ def _group_step(q_g, k_t, v_t, regions, valid, g, *, plan, kv_heads, scale):
 
 
 def block_sparse_attention_reference(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
-                                     return_lse: bool = False):
+                                     return_lse: bool = False, segment_ids=None):
     """Block-sparse attention of q ``[B, T, N, H]`` over k/v ``[B, S=T, K, H]`` as the plan says.
 
     Args:
@@ -70,12 +84,14 @@ def block_sparse_attention_reference(q, k, v, plan: SelectionPlan, *, scale: flo
       scale: softmax scale, default ``1/sqrt(H)``.
       return_lse: also return the float32 log-sum-exp ``[B, T, N]`` of each query's logits (``-inf`` for a
         query that attends to nothing), so partial results can be merged (centroids, ring steps).
+      segment_ids: ``int [B, T]`` packed-document ids: a query sees only keys of its own segment.
 
     Returns:
       ``out [B, T, N, H]`` in q's dtype (and ``lse`` when asked). A query with nothing to attend outputs 0.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     kv_heads, _ = check_plan_inputs(q, k, v, plan)
+    check_segment_ids(segment_ids, q)
     b, t, n, h = q.shape
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     w, l = plan.block_size, plan.group_tokens  # noqa: E741
@@ -84,10 +100,11 @@ def block_sparse_attention_reference(q, k, v, plan: SelectionPlan, *, scale: flo
     q_groups = jnp.moveaxis(q.reshape(b, plan.num_groups, l, n, h), 1, 0)  # [Q, B, L, N, H]
     regions = jnp.moveaxis(plan.kv_regions.astype(jnp.int32), 2, 0)  # [Q, B, P, M]
     valid = jnp.moveaxis(plan.valid_mask(), 2, 0)
+    seg_t = None if segment_ids is None else jnp.asarray(segment_ids).reshape(b, plan.num_regions, w)
 
     def step(args):
         q_g, r_g, ok_g, g = args
-        return _group_step(q_g, k_t, v_t, r_g, ok_g, g, plan=plan, kv_heads=kv_heads, scale=scale)
+        return _group_step(q_g, k_t, v_t, r_g, ok_g, g, seg_t, plan=plan, kv_heads=kv_heads, scale=scale)
 
     out, lse = jax.lax.map(step, (q_groups, regions, valid, jnp.arange(plan.num_groups)))
     out = jnp.moveaxis(out, 0, 1).reshape(b, t, n, h).astype(q.dtype)

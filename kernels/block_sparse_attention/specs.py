@@ -133,6 +133,9 @@ SPECS: dict[str, AttentionSpec] = {s.name: s for s in (
                   selected=2, dtype="float32", include_local=False, ragged=0.5),
     AttentionSpec(name="tiny_noncausal_g2", seq_len=256, q_heads=4, kv_heads=2, head_dim=32, block_size=32,
                   selected=3, dtype="float32", causal=False, ragged=0.3),
+    # The widest head and largest GQA group users have (H = 256, G = 16), two batch rows.
+    AttentionSpec(name="tiny_g16_h256_b2", seq_len=128, q_heads=16, kv_heads=1, head_dim=256, block_size=32,
+                  selected=2, batch=2, dtype="float32", ragged=0.3),
     # GPU: correctness at a realistic tile count, then the benchmark shapes.
     _h100("gpu_check_8k", 8192, ragged=0.2),
     _h100("h100_16k", 16384),

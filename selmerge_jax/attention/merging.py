@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from selmerge_jax.attention.selection import region_summaries
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
 
 __all__ = ["centroid_attention", "merge_partials"]
@@ -41,25 +42,37 @@ def _unselected_candidates(plan: SelectionPlan):
     return cand[None, None] & ~hit[..., :r]
 
 
-def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None):
+def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None, segment_ids=None):
     """Attention of q ``[B, T, N, H]`` to the centroids of each group's unselected candidate regions.
+
+    With ``segment_ids`` ``int [B, T]`` (packed documents) a centroid never mixes documents: it is the mean of
+    the tokens of the region's last segment (``selection.region_summaries``' rule), seen only by queries of
+    that segment.
 
     Returns ``(out [B, T, N, H], lse float32 [B, T, N])``; ``lse = -inf`` where a group has no such region.
     """
     b, t, n, h = q.shape
     kv_heads, w = k.shape[2], plan.block_size
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    kc = k.reshape(b, plan.num_regions, w, kv_heads, h).astype(jnp.float32).mean(2)  # [B, R, K, H]
-    vc = v.reshape(b, plan.num_regions, w, kv_heads, h).astype(jnp.float32).mean(2)
+    kc = region_summaries(k, w, segment_ids=segment_ids)  # [B, R, K, H]
+    vc = region_summaries(v, w, segment_ids=segment_ids)
     use = jax.lax.stop_gradient(_unselected_candidates(plan))  # [B, P, Q, R]
     p_heads = use.shape[1]
     use = jnp.repeat(use, n // p_heads, axis=1)  # [B, N, Q, R]
     q_groups = q.reshape(b, plan.num_groups, plan.group_tokens, kv_heads, n // kv_heads, h)
+    if segment_ids is None:
+        seg_groups = jnp.zeros((plan.num_groups, b, plan.group_tokens), jnp.int32)
+        owner = jnp.zeros((b, plan.num_regions), jnp.int32)  # one segment: 0 owns every centroid
+    else:
+        seg = jnp.asarray(segment_ids, jnp.int32)
+        seg_groups = jnp.moveaxis(seg.reshape(b, plan.num_groups, plan.group_tokens), 1, 0)
+        owner = seg.reshape(b, plan.num_regions, w).max(-1)  # the segment each centroid belongs to
 
     def step(args):
-        q_g, use_g = args  # [B, L, K, G, H], [B, N, R]
+        q_g, use_g, seg_g = args  # [B, L, K, G, H], [B, N, R], [B, L]
         s = jnp.einsum("blkgh,brkh->bkglr", q_g.astype(jnp.float32), kc) * scale + math.log(w)
-        ok = use_g.reshape(b, kv_heads, -1, 1, plan.num_regions)
+        same = (seg_g[:, :, None] == owner[:, None, :])[:, None, None]  # [B, 1, 1, L, R]
+        ok = use_g.reshape(b, kv_heads, -1, 1, plan.num_regions) & same
         s = jnp.where(ok, s, -jnp.inf)
         m = jnp.max(s, -1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -69,5 +82,5 @@ def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = No
         lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(den[..., 0]), -jnp.inf)  # [B, K, G, L]
         return o.reshape(b, -1, n, h), lse.transpose(0, 3, 1, 2).reshape(b, -1, n)
 
-    out, lse = jax.lax.map(step, (jnp.moveaxis(q_groups, 1, 0), jnp.moveaxis(use, 2, 0)))
+    out, lse = jax.lax.map(step, (jnp.moveaxis(q_groups, 1, 0), jnp.moveaxis(use, 2, 0), seg_groups))
     return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h), jnp.moveaxis(lse, 0, 1).reshape(b, t, n)

@@ -14,19 +14,23 @@ from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.merging import centroid_attention, merge_partials
 from selmerge_jax.attention.reference import check_qkv
 from selmerge_jax.attention.selection import select_regions
-from selmerge_jax.kernels.block_sparse_attention import SelectionPlan, block_sparse_attention
+from selmerge_jax.kernels.block_sparse_attention import (
+    SelectionPlan,
+    block_sparse_attention,
+    check_segment_ids,
+)
 
 __all__ = ["check_self_attention", "ms_attention", "pad_to_multiple"]
 
 
-def pad_to_multiple(x, multiple: int, axis: int = 1):
-    """Zero-pads ``axis`` of x up to a multiple of ``multiple``."""
+def pad_to_multiple(x, multiple: int, axis: int = 1, mode: str = "constant"):
+    """Pads ``axis`` of x up to a multiple of ``multiple``: zeros, or (``mode="edge"``) the last value."""
     extra = -x.shape[axis] % multiple
     if not extra:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, mode=mode)
 
 
 def check_self_attention(q, k, v, config: MSAttentionConfig) -> int:
@@ -43,7 +47,7 @@ def check_self_attention(q, k, v, config: MSAttentionConfig) -> int:
 
 def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, selection_k=None,
                  scale: float | None = None, implementation: str | Sequence[str] | None = None,
-                 return_plan: bool = False):
+                 return_plan: bool = False, segment_ids=None):
     """Select-and-merge attention of q ``[B, T, N, H]`` over k/v ``[B, T, K, H]`` (self-attention).
 
     Args:
@@ -53,6 +57,10 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
       scale: softmax scale, default ``1/sqrt(H)``.
       implementation: block-sparse backend(s) for ``selmerge_jax.kernels.block_sparse_attention``.
       return_plan: also return the ``SelectionPlan`` (for inspection and plots; built on padded length).
+      segment_ids: ``int [B, T]`` packed-document ids: selection keeps to regions of the group's documents,
+        a query sees only tokens (and centroids of regions) of its own segment. A document that starts at a
+        multiple of ``block_size * merge``, with positions restarting there, gets exactly the output it gets
+        alone. Backends without a per-token segment mask decline (``"xla"`` takes it).
 
     Returns:
       ``[B, T, N, H]`` in q's dtype (and the plan when asked).
@@ -66,15 +74,21 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
                          f"q/k {q.shape}/{k.shape}")
     mult = config.group_tokens
     qp, kp, vp = (pad_to_multiple(x, mult) for x in (q, k, v))
-    plan = select_regions(pad_to_multiple(sq, mult), pad_to_multiple(sk, mult), config, num_valid_tokens=t)
-    out = _attend(qp, kp, vp, plan, config, scale, implementation)[:, :t]
+    seg = None
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q)
+        seg = pad_to_multiple(jnp.asarray(segment_ids, jnp.int32), mult, mode="edge")  # padding: last id
+    plan = select_regions(pad_to_multiple(sq, mult), pad_to_multiple(sk, mult), config, num_valid_tokens=t,
+                          segment_ids=seg)
+    out = _attend(qp, kp, vp, plan, config, scale, implementation, seg)[:, :t]
     return (out, plan) if return_plan else out
 
 
-def _attend(q, k, v, plan: SelectionPlan, config: MSAttentionConfig, scale, implementation):
+def _attend(q, k, v, plan: SelectionPlan, config: MSAttentionConfig, scale, implementation, segment_ids=None):
     if not config.centroids:
-        return block_sparse_attention(q, k, v, plan, scale=scale, implementation=implementation)
+        return block_sparse_attention(q, k, v, plan, scale=scale, implementation=implementation,
+                                      segment_ids=segment_ids)
     out, lse = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True,
-                                      implementation=implementation)
-    out_c, lse_c = centroid_attention(q, k, v, plan, scale=scale)
+                                      implementation=implementation, segment_ids=segment_ids)
+    out_c, lse_c = centroid_attention(q, k, v, plan, scale=scale, segment_ids=segment_ids)
     return merge_partials(out, lse, out_c, lse_c)[0]

@@ -8,6 +8,14 @@ Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates a
 product of summaries (ties go to the lower index, as ``lax.top_k`` guarantees) and keeps its top ``M =
 top_k - merge``; the group keeps the ``M`` regions of smallest priority ``min_i(rank_i * merge + i)``. With at
 most ``M`` candidates every candidate is kept (dense). Sinks get the best priority. No gradient flows here.
+
+Packed documents (``segment_ids``): a region is a candidate of a group only if their segment-id ranges
+``[min, max]`` overlap, and sinks count from the first region of the group's first document. With documents
+packed one after another (non-decreasing ids) that is exactly "regions holding a token of the group's
+documents", so a document whose start is a multiple of ``block_size * merge`` gets the plan it gets alone;
+with other orders the test is a superset (a region may be selected whose tokens the op then masks). A region
+shared by two documents is summarised over its last document's tokens only (``region_summaries``), so with
+``selection_source="previous"`` no document's plan depends on another document's tokens.
 """
 
 import jax
@@ -15,38 +23,68 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
+from selmerge_jax.validation import fail
 
-__all__ = ["plan_rows", "region_summaries", "select_regions", "selection_summaries"]
+__all__ = ["decode_plan_rows", "key_summaries", "plan_rows", "query_summaries", "region_summaries",
+           "segment_ranges", "select_regions", "selection_summaries"]
 
 _NO_PRIORITY = jnp.iinfo(jnp.int32).max
 
 
-def region_summaries(x, block_size: int, num_valid_tokens: int | None = None):
+def region_summaries(x, block_size: int, num_valid_tokens: int | None = None, segment_ids=None):
     """Mean of each region's vectors: x ``[B, T, heads, H]`` -> ``float32 [B, R, heads, H]``.
 
-    Tokens at positions >= ``num_valid_tokens`` (internal padding) are left out of the mean.
+    Tokens at positions >= ``num_valid_tokens`` (internal padding) are left out of the mean. With
+    ``segment_ids`` ``int [B, T]`` only the tokens of the region's last (largest-id) segment count: a region
+    where one packed document ends and the next begins is a candidate (causally) only for groups of the later
+    document, so its summary holds only that document's tokens.
     """
     b, t, nh, h = x.shape
     r = t // block_size
     xr = x.reshape(b, r, block_size, nh, h).astype(jnp.float32)
-    if num_valid_tokens is None or num_valid_tokens >= t:
+    if (num_valid_tokens is None or num_valid_tokens >= t) and segment_ids is None:
         return xr.mean(2)
-    pos = jnp.arange(t).reshape(r, block_size)
-    keep = (pos < num_valid_tokens)[None, :, :, None, None]
+    pos = jnp.arange(t).reshape(1, r, block_size)
+    keep = pos < (t if num_valid_tokens is None else num_valid_tokens)
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids).reshape(b, r, block_size)
+        keep = keep & (seg == seg.max(-1, keepdims=True))
+    keep = keep[..., None, None]
     count = jnp.maximum(keep.sum(2), 1)
     return jnp.where(keep, xr, 0.0).sum(2) / count
 
 
-def selection_summaries(q, k, config: MSAttentionConfig, num_valid_tokens: int | None = None):
-    """Query and key summaries per selection head: ``[B, R, P, H]`` each, P = N ("query") or K ("kv")."""
-    qbar = region_summaries(q, config.block_size, num_valid_tokens)  # [B, R, N, H]
-    kbar = region_summaries(k, config.block_size, num_valid_tokens)  # [B, R, K, H]
-    kv_heads = k.shape[2]
-    g = q.shape[2] // kv_heads
+def query_summaries(q, config: MSAttentionConfig, kv_heads: int, num_valid_tokens: int | None = None,
+                    segment_ids=None):
+    """Query summaries per selection head: q ``[B, T, N, H]`` -> ``float32 [B, R, P, H]``."""
+    qbar = region_summaries(q, config.block_size, num_valid_tokens, segment_ids)  # [B, R, N, H]
     if config.selection_heads == "kv":
         # mean_g(q_g . k) == (mean_g q_g) . k: averaging scores over the G heads is averaging the summaries.
-        return qbar.reshape(*qbar.shape[:2], kv_heads, g, -1).mean(3), kbar
-    return qbar, jnp.repeat(kbar, g, axis=2)
+        return qbar.reshape(*qbar.shape[:2], kv_heads, qbar.shape[2] // kv_heads, -1).mean(3)
+    return qbar
+
+
+def key_summaries(k, config: MSAttentionConfig, q_heads: int, num_valid_tokens: int | None = None,
+                  segment_ids=None):
+    """Key summaries per selection head: k ``[B, T, K, H]`` -> ``float32 [B, R, P, H]``."""
+    kbar = region_summaries(k, config.block_size, num_valid_tokens, segment_ids)  # [B, R, K, H]
+    if config.selection_heads == "kv":
+        return kbar
+    return jnp.repeat(kbar, q_heads // k.shape[2], axis=2)
+
+
+def selection_summaries(q, k, config: MSAttentionConfig, num_valid_tokens: int | None = None,
+                        segment_ids=None):
+    """Query and key summaries per selection head: ``[B, R, P, H]`` each, P = N ("query") or K ("kv")."""
+    return (query_summaries(q, config, k.shape[2], num_valid_tokens, segment_ids),
+            key_summaries(k, config, q.shape[2], num_valid_tokens, segment_ids))
+
+
+def segment_ranges(segment_ids, block_size: int):
+    """Per region, the smallest and largest segment id of its tokens: ``int32 [B, R]`` each."""
+    b, t = segment_ids.shape
+    seg = jnp.asarray(segment_ids, jnp.int32).reshape(b, t // block_size, block_size)
+    return seg.min(-1), seg.max(-1)
 
 
 def _candidates(group, num_regions: int, config: MSAttentionConfig):
@@ -58,7 +96,7 @@ def _candidates(group, num_regions: int, config: MSAttentionConfig):
     return (j < start) | (j >= start + config.merge)
 
 
-def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions: int):
+def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions: int, ranges=None):
     """Selected regions of one group: ``int32 [B, P, M]`` sorted ascending, -1 padded."""
     r, merge = kbar.shape[1], config.merge
     # a short sequence has fewer regions than the budget: every group is dense
@@ -70,62 +108,114 @@ def _group_plan(group, qbar, kbar, config: MSAttentionConfig, num_valid_regions:
     else:
         src = jax.lax.dynamic_slice_in_dim(qbar, start, merge, axis=1)  # [B, merge, P, H]
         member_ok = start + jnp.arange(merge) < num_valid_regions  # padded members do not vote
-    cand = _candidates(group, r, config)
-    forced = cand & (jnp.arange(r) < config.sink)
+    cand = _candidates(group, r, config)[None]  # [1 or B, R]
+    first = 0  # the region sinks count from
+    if ranges is not None:  # packed documents: only regions sharing a segment with the group
+        lo, hi = ranges
+        glo = jax.lax.dynamic_slice_in_dim(lo, start, merge, axis=1).min(1, keepdims=True)  # [B, 1]
+        ghi = jax.lax.dynamic_slice_in_dim(hi, start, merge, axis=1).max(1, keepdims=True)
+        cand = cand & (hi >= glo) & (lo <= ghi)
+        first = (hi < glo).sum(1, keepdims=True)  # regions of earlier documents
+    forced = cand & (jnp.arange(r) - first < config.sink)
+    free = (cand & ~forced)[:, None, None, :]  # [1 or B, 1, 1, R]
     scores = jnp.einsum("bmph,brph->bpmr", src, kbar)  # [B, P, members, R], raw dot product
-    scores = jnp.where(cand & ~forced, scores, -jnp.inf)
+    scores = jnp.where(free, scores, -jnp.inf)
     _, idx = jax.lax.top_k(scores, m)  # [B, P, members, M]; ties -> lower index
     rank = jnp.arange(m)[None, None, None, :]
     member = jnp.arange(src.shape[1])[None, None, :, None]
     prio = rank * merge + member
-    ok = (cand & ~forced)[idx] & member_ok[None, None, :, None]
+    ok = jnp.take_along_axis(jnp.broadcast_to(free, scores.shape), idx, -1) & member_ok[None, None, :, None]
     prio = jnp.where(ok, prio, _NO_PRIORITY)
     b, p = scores.shape[:2]
     best = jnp.full((b, p, r), _NO_PRIORITY, jnp.int32)
     bi = jnp.arange(b)[:, None, None, None]
     pi = jnp.arange(p)[None, :, None, None]
     best = best.at[bi, pi, idx].min(prio.astype(jnp.int32))
-    best = jnp.where(forced, -1, best)
+    best = jnp.where(forced[:, None], -1, best)
     neg, chosen = jax.lax.top_k(-best, m)  # the M smallest priorities
     chosen = jnp.where(neg == -_NO_PRIORITY, r, chosen)
     chosen = jnp.sort(chosen, axis=-1)  # ascending region order: better locality for the kernels
     return jnp.where(chosen == r, -1, chosen).astype(jnp.int32)
 
 
-def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | None = None) -> SelectionPlan:
+def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | None = None,
+                   segment_ids=None) -> SelectionPlan:
     """Builds the selection plan for q ``[B, T, N, H]`` and k ``[B, T, K, H]`` (T a multiple of W*merge).
 
     Args:
       q, k: the vectors selection looks at (rotated or not: the caller decides, see positional/).
       config: the attention configuration.
       num_valid_tokens: real length when the tail is internal padding; padding never votes.
+      segment_ids: ``int [B, T]`` packed-document ids (see the module docstring); padding should repeat the
+        last id.
     """
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     t = q.shape[1]
     if t % config.group_tokens:
         raise ValueError(f"sequence length {t} must be a multiple of block_size*merge={config.group_tokens}")
-    qbar, kbar = selection_summaries(q, k, config, num_valid_tokens)
+    qbar, kbar = selection_summaries(q, k, config, num_valid_tokens, segment_ids)
     num_groups = t // config.group_tokens
     valid_tokens = t if num_valid_tokens is None else num_valid_tokens
     num_valid_regions = -(-valid_tokens // config.block_size)
-    regions = plan_rows(qbar, kbar, jnp.arange(num_groups), config, num_valid_regions=num_valid_regions)
+    ranges = None if segment_ids is None else segment_ranges(segment_ids, config.block_size)
+    regions = plan_rows(qbar, kbar, jnp.arange(num_groups), config, num_valid_regions=num_valid_regions,
+                        segment_ranges=ranges)
     return SelectionPlan(regions, block_size=config.block_size, merge=config.merge, causal=config.causal)
 
 
-def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_regions: int | None = None):
+def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_regions: int | None = None,
+              segment_ranges=None):
     """Selected regions ``int32 [B, P, len(groups), M]`` of the query ``groups`` from summaries
     ``[B, R, P, H]``.
 
     ``select_regions`` calls it with every group; ring attention calls it with its shard's groups only, on
-    all-gathered summaries, and gets the same rows.
+    all-gathered summaries, and gets the same rows; decode calls it with the group being decoded.
+    ``segment_ranges``: ``(lo, hi)`` ``int32 [B, R]`` from :func:`segment_ranges` (packed documents).
     """
     b, r, p, _ = kbar.shape
     num_groups = groups.shape[0]
     if config.num_selected == 0:
         return jnp.full((b, p, num_groups, 1), -1, jnp.int32)
     regions = jax.lax.map(
-        lambda g: _group_plan(g, qbar, kbar, config, r if num_valid_regions is None else num_valid_regions),
+        lambda g: _group_plan(g, qbar, kbar, config, r if num_valid_regions is None else num_valid_regions,
+                              segment_ranges),
         groups,
         batch_size=min(config.selection_batch, num_groups),
     )  # [Q, B, P, M]
     return jnp.moveaxis(regions, 0, 2)
+
+
+def decode_plan_rows(previous_summary, k, positions, config: MSAttentionConfig):
+    """The plan row of the query group holding each row's decode position: ``int32 [B, P, M]``.
+
+    The same row as ``select_regions`` on the whole sequence (``plan_rows`` builds both), so a decoded token
+    attends exactly what it attended in training. Only ``selection_source="previous"`` can be decoded: a
+    ``"group"`` row depends on queries of the group that come after the decoded token.
+
+    Args:
+      previous_summary: ``float32 [B, P, H]``: ``query_summaries`` of region ``gs - 1``'s queries (the region
+        before the group; any value for the first group, which has no candidate), kept by the decode loop.
+      k: ``[B, S, K, H]``: keys with slot = position (an uncompressed cache's ``k`` moved to this layout), S a
+        multiple of ``block_size``. Slots at or after the group's start are never read by the row (they are
+        not candidates), so they may hold anything, even NaN.
+      positions: ``int [B]``: the decoded token's position in each row (ragged rows welcome).
+    """
+    if config.selection_source != "previous":
+        fail("MSAttentionConfig.selection_source", config.selection_source,
+             "'previous' at decode (a 'group' row depends on queries after the decoded token)", "'previous'")
+    s = k.shape[1]
+    if s % config.block_size:
+        fail("k.shape[1]", s, f"a multiple of block_size={config.block_size}")
+    b, p = previous_summary.shape[:2]
+    r = s // config.block_size
+    kbar = key_summaries(jax.lax.stop_gradient(k), config, p if config.selection_heads == "query" else 0)
+    groups = jnp.asarray(positions, jnp.int32) // config.group_tokens  # [B]
+    # Only region gs - 1 of the query summaries is read (selection_source="previous").
+    at = jnp.maximum(groups * config.merge - 1, 0)
+    qbar = jnp.zeros((b, r, p, previous_summary.shape[-1]), jnp.float32)
+    qbar = qbar.at[jnp.arange(b), at].set(jax.lax.stop_gradient(previous_summary).astype(jnp.float32))
+
+    def one_row(qb, kb, g):
+        return plan_rows(qb[None], kb[None], g[None], config)[0, :, 0]  # [P, M]
+
+    return jax.vmap(one_row)(qbar, kbar, groups)

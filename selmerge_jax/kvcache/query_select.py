@@ -9,6 +9,10 @@ attended through one centroid token (mean K, mean V, ``log(count)`` on its logit
 algorithm. With a :class:`BlockIndex` kept up to date by :func:`refresh_index` (O(T + W) per step; rebuild
 with :func:`build_index` after a compression), a decode step reads ``R`` summaries and ``M * W`` slots instead
 of all C slots.
+
+:func:`ms_plan_rows` and :func:`attend_plan_row` are the other decode rule: the training-time select-and-merge
+plan itself (``attention.selection.decode_plan_rows``, built by the same ``plan_rows`` as training and the
+ring), so a decoded token attends exactly the regions it attended in training.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from selmerge_jax.attention.config import MSAttentionConfig
+from selmerge_jax.attention.selection import decode_plan_rows
 from selmerge_jax.kvcache.cache import KVCache, attend_slots
 from selmerge_jax.validation import fail, is_int
 
-__all__ = ["BlockIndex", "attend_selected", "build_index", "refresh_index", "region_summaries",
-           "select_blocks"]
+__all__ = ["BlockIndex", "attend_plan_row", "attend_selected", "build_index", "ms_plan_rows", "refresh_index",
+           "region_summaries", "select_blocks"]
 
 
 def region_summaries(cache: KVCache, block: int):
@@ -130,3 +136,36 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
 def _bk(idx):
     b, k, _ = idx.shape
     return jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], idx
+
+
+def ms_plan_rows(cache: KVCache, previous_summary, positions, config: MSAttentionConfig):
+    """``int32 [B, P, M]``: the training plan's row for the group of each row's decode position ``int [B]``.
+
+    ``previous_summary`` ``[B, P, H]``: ``attention.selection.query_summaries`` of the queries of the region
+    before the group (the decode loop keeps it). Needs an uncompressed cache (slot = position) whose capacity
+    is a multiple of ``config.block_size``; see ``attention.selection.decode_plan_rows``.
+    """
+    if cache.capacity % config.block_size:
+        fail("cache.capacity", cache.capacity,
+             f"a multiple of MSAttentionConfig.block_size={config.block_size}")
+    return decode_plan_rows(previous_summary, jnp.swapaxes(cache.k, 1, 2), positions, config)
+
+
+def attend_plan_row(cache: KVCache, q, q_positions, rows, config: MSAttentionConfig, *,
+                    scale: float | None = None):
+    """Attention of q ``[B, T, N, H]`` at ``q_positions`` ``int [B, T]`` (all in one query group per row) over
+    the plan ``rows`` ``[B, P, M]`` (:func:`ms_plan_rows`) plus the group's own ``merge`` regions, causally by
+    stored position. With slot = position this equals ``ms_attention``'s output at those positions
+    (``centroids=False``). P = N (one selection per query head) attends each query head to its own slots."""
+    b, kh, _, _ = cache.k.shape
+    w, merge, p = config.block_size, config.merge, rows.shape[1]
+    start = (jnp.asarray(q_positions)[:, 0] // config.group_tokens) * merge  # [B]: the group's first region
+    local = jnp.broadcast_to((start[:, None] + jnp.arange(merge))[:, None], (b, p, merge))
+    regions = jnp.concatenate([rows, local.astype(rows.dtype)], -1)  # [B, P, M + merge]
+    ok = jnp.repeat(regions >= 0, w, -1)
+    slots = (jnp.maximum(regions, 0)[..., None] * w + jnp.arange(w)).reshape(b, p, -1)  # [B, P, (M+merge)*W]
+    heads = (jnp.arange(p) * kh // p)[None, :, None]  # selection head -> kv head
+    take = lambda x: x[jnp.arange(b)[:, None, None], heads, slots]
+    pos = jnp.where(ok, take(cache.pos), -1)
+    count = jnp.where(ok, take(cache.count), 0.0)
+    return attend_slots(q, q_positions, take(cache.k), take(cache.v), pos, count, scale=scale)

@@ -118,14 +118,22 @@ def attend(q, k, v, positions, spec: AttentionSpec, *, position_fn: Callable | N
       position_fn: ``fn(q, k, positions) -> (q, k)`` (RoPE and its rules, ``selmerge_jax.positional``);
         ``position_mode="selected_compact"`` also needs its ``rotate(x, positions)`` method. None: no
         positions.
-      segment_ids: ``int [B, T]`` packed-document ids; dense attention only.
+      segment_ids: ``int [B, T]`` packed-document ids: dense, or select-and-merge (``kind="ms"``) with
+        ``position_mode`` ``"before_selection"``/``"selected_original"`` (``ms_attention``'s semantics: a
+        document starting at a multiple of ``block_size * merge``, positions restarting there, gets the output
+        it gets alone). The Pallas kernels take no segment mask, so ``ms_kernel="pallas"`` runs the
+        ``"xla"`` block-sparse op for such a call (logged). Ring kinds refuse it.
 
     Returns ``[B, T, N, H]``.
     """
-    if segment_ids is not None and spec.kind != "dense":
-        raise ValueError(f"segment_ids (packed sequences) work with attention='dense' only, got "
-                         f"attention={spec.kind!r}; turn document masking off or use dense attention")
     mode = spec.ms.position_mode if spec.is_ms and position_fn is not None else "before_selection"
+    if segment_ids is not None and spec.kind in ("ring", "ring_ms"):
+        raise ValueError(f"segment_ids (packed sequences) work with attention='dense' or 'ms', got "
+                         f"attention={spec.kind!r}; turn document masking off or use one of those")
+    if segment_ids is not None and mode == "selected_compact":
+        raise ValueError("segment_ids (packed sequences) do not work with MSAttentionConfig.position_mode="
+                         "'selected_compact'; allowed with segment_ids: 'before_selection', "
+                         "'selected_original'")
     if mode == "selected_compact":
         return _selected_compact(q, k, v, positions, spec, position_fn)
     sel_q, sel_k = q, k
@@ -140,7 +148,8 @@ def attend(q, k, v, positions, spec: AttentionSpec, *, position_fn: Callable | N
         return sequence_parallel_attention(q, k, v, axis_name=spec.sequence_axis, ms_config=ms,
                                            implementation=impl)
     selection = dict(selection_q=sel_q, selection_k=sel_k) if mode == "selected_original" else {}
-    return ms_attention(q, k, v, spec.ms, implementation=_MS_BACKENDS[spec.ms_kernel], **selection)
+    return ms_attention(q, k, v, spec.ms, implementation=_MS_BACKENDS[spec.ms_kernel],
+                        segment_ids=segment_ids, **selection)
 
 
 def _selected_compact(q, k, v, positions, spec: AttentionSpec, fn):

@@ -211,7 +211,9 @@ class Llama(nnx.Module):
             (written to the cache but never attended). Or a ``RotaryPositions`` (positions plus traced
             frequencies, e.g. one CRD NTK training step), which every layer's RoPE accepts.
           caches: a sequence of ``L`` ``KVCache`` (see ``generate.init_caches``), or None for self-attention.
-          segment_ids: ``int [B, T]`` for packed sequences (dense attention only, no caches).
+          segment_ids: ``int [B, T]`` for packed sequences (no caches): dense or ``attention="ms"``; a
+            document starting at a multiple of ``block_size * merge`` with positions restarting there gets the
+            logits it gets alone (``layers.attend``).
           cache_fn: replaces ``append_and_attend`` (same signature) for every layer's cache step.
         """
         tokens = _check_tokens(tokens)
