@@ -69,12 +69,13 @@ def test_the_four_notebooks_exist():
 
 
 def test_readme_commands_are_installed_by_the_notebooks_extra():
-    """The README's `jupyter lab` comes from the `notebooks` extra (`jupyterlab` ships the command, `ipykernel`
-    the kernel), which both the README's pip line and `make notebooks` install."""
+    """The README's `jupyter lab` comes from the `notebooks` extra (`jupyterlab` ships the command,
+    `ipykernel` the kernel), which both the README's pip line and `make notebooks` install."""
     import tomllib
 
     root = NOTEBOOK_DIR.parent
-    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extra = extras["notebooks"]
     names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extra}
     assert {"jupyterlab", "ipykernel", "jupytext"} <= names, extra
     readme = (NOTEBOOK_DIR / "README.md").read_text()
