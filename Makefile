@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 CUDA_STAMP := $(VENV)/.cuda-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all test-gpu lint venv clean
+.PHONY: demo test test-all test-gpu lint venv clean notebooks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
+
+# notebooks/README.md: the Jupyter extra (not part of `make venv`: CI does not need a Lab server).
+notebooks: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[notebooks]"
+	$(BIN)/jupyter lab notebooks/
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python experiments/demo.py

@@ -12,9 +12,17 @@ JAX is imported only in ``pytest_configure``, after the environment is set.
 """
 
 import os
+import pathlib
 import re
+import sys
 
 import pytest
+
+# `python -m pytest` from the repo root puts the root on sys.path, where `kernels/` (installed as
+# `selmerge_jax.kernels`) shadows Hugging Face's `kernels` distribution, which `transformers` imports when it
+# is installed: every AutoModel load then fails. The package is installed (editable): the root is not needed.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _ROOT]
 
 # marker -> (JAX_PLATFORMS value, names jax.devices()/JAX_PLATFORMS use for it, jax.default_backend())
 _ACCELERATORS = {"gpu": ("cuda", {"cuda", "gpu"}, "gpu"), "tpu": ("tpu", {"tpu"}, "tpu")}

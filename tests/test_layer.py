@@ -12,7 +12,7 @@ from selmerge_jax.layers import AttentionLayerConfig, MSAttention
 
 
 def _layer(implementation="reference", top_k=4, **kw):
-    ms = MSAttentionConfig(block_size=8, top_k=top_k, merge=2)
+    ms = MSAttentionConfig(selection_source="group", block_size=8, top_k=top_k, merge=2)
     cfg = AttentionLayerConfig(d_model=32, num_heads=4, num_kv_heads=2, ms=ms, implementation=implementation,
                                **kw)
     return MSAttention(cfg, rngs=nnx.Rngs(0))

@@ -329,3 +329,39 @@ def test_warm_start_with_other_parameter_shapes_fails_before_training(tmp_path, 
     cfg = _warm_study(tmp_path, npy, warm_start=("train.steps=12", "model.d_model=64"))
     with pytest.raises(ValueError, match=r"warm_start: .* differ in parameter shapes .*d_model"):
         cfg.warm_config()
+
+
+# ---- the command's exit status (issue #21)
+# -------------------------------------------------------------------------
+
+def _run_script(monkeypatch, args):
+    """experiments/eval_reproduction.py's main() in this process: its SystemExit, or None."""
+    import runpy
+    monkeypatch.setattr("sys.argv", ["eval_reproduction.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "experiments" / "eval_reproduction.py"), run_name="__main__")
+        raise SystemExit(0)
+    return exit_info.value.code
+
+
+def test_missing_data_is_named_with_the_command_that_writes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no .gpu_data here: the CPU dry run reads gpu_25m_ms.yaml's .npy paths
+    code = _run_script(monkeypatch, [
+        "--config", str(ROOT / "experiments" / "configs" / "eval_reproduction_cpu.yaml"),
+        "--set", f"base_config={ROOT / 'experiments' / 'configs' / 'gpu_25m_ms.yaml'}",
+        "--set", f"output_dir={tmp_path / 'out'}", "--set", f"run_dir={tmp_path / 'runs'}"])
+    assert isinstance(code, str) and len(code.splitlines()) == 1, code  # SystemExit(str): exit status 1
+    assert ".gpu_data/train.npy" in code and "--export-npy .gpu_data" in code
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_a_failed_stage_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys):
+    status = {"stages": [{"stage": "train ms_k4", "failed": "ValueError: bad shape\nmore detail"},
+                         {"stage": "train crd", "seconds": 1.0},
+                         {"stage": "fidelity", "failed": "OSError: disk"}]}
+    assert reproduce.failure({"stages": [{"stage": "x", "seconds": 1}]}) is None
+    monkeypatch.setattr(reproduce, "run_reproduction", lambda cfg: status)
+    code = _run_script(monkeypatch, ["--config", str(ROOT / "experiments" / "configs" /
+                                                     "eval_reproduction_cpu.yaml")])
+    assert code == ("eval_reproduction: stage 'train ms_k4' failed: ValueError: bad shape (and 1 more: "
+                    "fidelity); details in study.json and the log above")

@@ -139,7 +139,7 @@ def test_sliding_window_with_ms_attention_raises():
 def test_ring_ms_refuses_positions_on_selected_tokens():
     from selmerge_jax.layers import AttentionSpec
 
-    ms = MSAttentionConfig(block_size=4, top_k=3, position_mode="selected_compact")
+    ms = MSAttentionConfig(selection_source="group", block_size=4, top_k=3, position_mode="selected_compact")
     with pytest.raises(ValueError,
                        match=r"position_mode='selected_compact' is not supported by attention='ring_ms'"):
         AttentionSpec(kind="ring_ms", ms=ms)

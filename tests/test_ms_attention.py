@@ -67,11 +67,11 @@ def _brute_force_plan(q, k, cfg: MSAttentionConfig, t_valid: int):
 
 
 CONFIGS = [
-    MSAttentionConfig(block_size=8, top_k=4, merge=1),
-    MSAttentionConfig(block_size=8, top_k=4, merge=2),
+    MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=1),
+    MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=2),
     MSAttentionConfig(block_size=8, top_k=6, merge=2, selection_source="previous"),
-    MSAttentionConfig(block_size=4, top_k=6, merge=3, selection_heads="kv", sink=1),
-    MSAttentionConfig(block_size=8, top_k=4, merge=2, causal=False),
+    MSAttentionConfig(selection_source="group", block_size=4, top_k=6, merge=3, selection_heads="kv", sink=1),
+    MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=2, causal=False),
     MSAttentionConfig(block_size=8, top_k=6, merge=2, selection_heads="kv", selection_source="previous",
                       sink=2),
 ]
@@ -88,7 +88,7 @@ def test_plan_matches_brute_force_rule(cfg, key):
 
 
 def test_plan_with_internal_padding_ignores_padded_members(key):
-    cfg = MSAttentionConfig(block_size=8, top_k=4, merge=4)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=4)
     q, k, _ = _qkv(key, t=100)
     qp, kp = pad_to_multiple(q, 32), pad_to_multiple(k, 32)
     plan = select_regions(qp, kp, cfg, num_valid_tokens=100)
@@ -96,7 +96,7 @@ def test_plan_with_internal_padding_ignores_padded_members(key):
 
 
 def test_ties_go_to_lower_region_index(key):
-    cfg = MSAttentionConfig(block_size=4, top_k=3, merge=1)
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=3, merge=1)
     q, _, _ = _qkv(key, b=1, t=64, n=2, kh=2)
     k = jnp.ones((1, 64, 2, 8))  # every region summary identical: every score ties
     plan = select_regions(q, k, cfg)
@@ -123,7 +123,7 @@ def test_equals_dense_when_budget_covers_sequence(n, kh, source, heads, t, key):
 
 def test_non_causal_equals_dense_when_budget_covers_sequence(key):
     q, k, v = _qkv(key, t=64)
-    cfg = MSAttentionConfig(block_size=8, top_k=8, merge=2, causal=False)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=8, merge=2, causal=False)
     np.testing.assert_allclose(ms_attention(q, k, v, cfg), dense_attention(q, k, v, causal=False), atol=1e-5)
 
 
@@ -169,7 +169,7 @@ def test_matches_masked_dense_twin_forward_and_gradients(cfg, key):
 
 
 def test_selected_groups_attend_exactly_budget_tokens(key):
-    cfg = MSAttentionConfig(block_size=8, top_k=5, merge=1)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=5, merge=1)
     q, k, _ = _qkv(key, t=160)
     plan = select_regions(q, k, cfg)
     tokens = np.asarray(plan.attended_tokens())  # [B, P, Q]
@@ -184,7 +184,7 @@ def test_selected_groups_attend_exactly_budget_tokens(key):
 
 
 def test_centroids_add_log_w_weighted_mean_tokens(key):
-    cfg = MSAttentionConfig(block_size=8, top_k=3, merge=1, centroids=True)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=3, merge=1, centroids=True)
     q, k, v = _qkv(key, b=1, t=64, n=2, kh=2)
     out, plan = ms_attention(q, k, v, cfg, return_plan=True)
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
@@ -225,7 +225,7 @@ def test_previous_source_is_strictly_causal(seed):
 
 
 def test_group_source_is_causal_across_groups_but_not_within(key):
-    cfg = MSAttentionConfig(block_size=4, top_k=4, merge=2)  # groups of 8 tokens
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=4, merge=2)  # groups of 8 tokens
     q, k, v = _qkv(key, t=96)
     base = ms_attention(q, k, v, cfg)
     for t in (40, 48, 80):  # group starts: earlier groups must not change
@@ -245,9 +245,10 @@ def test_group_source_is_causal_across_groups_but_not_within(key):
 # ------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("cfg", [MSAttentionConfig(block_size=4, top_k=3, merge=1),
-                                 MSAttentionConfig(block_size=4, top_k=4, merge=2, centroids=True,
-                                                   selection_heads="kv")], ids=["plain", "centroids"])
+@pytest.mark.parametrize("cfg", [MSAttentionConfig(selection_source="group", block_size=4, top_k=3, merge=1),
+                                 MSAttentionConfig(selection_source="group", block_size=4, top_k=4, merge=2,
+                                                   centroids=True, selection_heads="kv")],
+                         ids=["plain", "centroids"])
 def test_check_grads(cfg, key):
     q, k, v = _qkv(key, b=1, t=32, n=2, kh=1, h=4, dtype=jnp.float64) if jax.config.jax_enable_x64 else \
         _qkv(key, b=1, t=32, n=2, kh=1, h=4)
@@ -256,7 +257,7 @@ def test_check_grads(cfg, key):
 
 
 def test_no_gradient_through_selection(key):
-    cfg = MSAttentionConfig(block_size=4, top_k=3, merge=1)
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=3, merge=1)
     q, k, v = _qkv(key, b=1, t=32)
     # selection_q only drives the selection: its gradient is exactly zero
     g = jax.grad(lambda sq: ms_attention(q, k, v, cfg, selection_q=sq).sum())(q)
@@ -266,7 +267,7 @@ def test_no_gradient_through_selection(key):
 def test_jit_compiles_once(key):
     import chex
 
-    cfg = MSAttentionConfig(block_size=8, top_k=4, merge=2)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=2)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -298,7 +299,7 @@ def test_bad_config_raises(kwargs, match):
 
 
 def test_bad_inputs_raise(key):
-    cfg = MSAttentionConfig(block_size=8, top_k=4, merge=1)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=4, merge=1)
     q, k, v = _qkv(key, t=64, n=4, kh=2)
     with pytest.raises(ValueError, match="rank 4"):
         _ms_attention(q[0], k, v, cfg)
@@ -319,7 +320,7 @@ def test_bad_inputs_raise(key):
 def test_budget_larger_than_sequence_is_dense(key):
     # top_k - merge = 14 regions of budget, only 5 regions in the sequence: every group attends densely.
     q, k, v = _qkv(key, t=40)
-    cfg = MSAttentionConfig(block_size=8, top_k=16, merge=2)
+    cfg = MSAttentionConfig(selection_source="group", block_size=8, top_k=16, merge=2)
     out, plan = ms_attention(q, k, v, cfg, return_plan=True)
     assert plan.max_selected <= plan.num_regions
     np.testing.assert_allclose(out, dense_attention(q, k, v), atol=1e-5)

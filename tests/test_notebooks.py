@@ -68,6 +68,24 @@ def test_the_four_notebooks_exist():
     assert NAMES == ["01_quickstart", "02_what_gets_selected", "03_long_context", "04_sharding"]
 
 
+def test_readme_commands_are_installed_by_the_notebooks_extra():
+    """The README's `jupyter lab` comes from the `notebooks` extra (`jupyterlab` ships the command,
+    `ipykernel` the kernel), which both the README's pip line and `make notebooks` install."""
+    import tomllib
+
+    root = NOTEBOOK_DIR.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extra = extras["notebooks"]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extra}
+    assert {"jupyterlab", "ipykernel", "jupytext"} <= names, extra
+    readme = (NOTEBOOK_DIR / "README.md").read_text()
+    assert 'pip install -e ".[notebooks]"' in readme and "jupyter lab notebooks/" in readme
+    assert "make notebooks" in readme
+    makefile = (root / "Makefile").read_text()
+    target = makefile.split("\nnotebooks:", 1)[1].split("\n\n", 1)[0]
+    assert 'pip install -q -e ".[notebooks]"' in target and "jupyter lab notebooks/" in target
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ipynb_matches_its_py_source(name):
     source = jupytext.read(NOTEBOOK_DIR / f"{name}.py")

@@ -12,7 +12,7 @@ from selmerge_jax.sharding.mesh import MeshConfig, make_mesh, shard_batch
 from selmerge_jax.training import OptimizerConfig, build_optimizer, init_train_state, make_train_step
 
 V, T, STEPS = 64, 32, 3
-MS = MSAttentionConfig(block_size=4, top_k=3, selection_heads="kv")
+MS = MSAttentionConfig(selection_source="group", block_size=4, top_k=3, selection_heads="kv")
 
 
 def losses(attention: str, mesh=None) -> list[float]:

@@ -12,11 +12,11 @@ from selmerge_jax.sharding.layouts import from_layout, to_layout
 from selmerge_jax.sharding.ring_ms import _step_plan, ring_ms_attention, shard_plan_rows
 
 CONFIGS = {
-    "gqa_kv_merge2_centroids": MSAttentionConfig(block_size=4, top_k=4, merge=2, selection_heads="kv",
-                                                 centroids=True),
-    "query_heads": MSAttentionConfig(block_size=4, top_k=3),
+    "gqa_kv_merge2_centroids": MSAttentionConfig(selection_source="group", block_size=4, top_k=4, merge=2,
+                                                 selection_heads="kv", centroids=True),
+    "query_heads": MSAttentionConfig(selection_source="group", block_size=4, top_k=3),
     "previous_sink": MSAttentionConfig(block_size=4, top_k=4, merge=2, selection_source="previous", sink=1),
-    "noncausal": MSAttentionConfig(block_size=4, top_k=3, causal=False),
+    "noncausal": MSAttentionConfig(selection_source="group", block_size=4, top_k=3, causal=False),
 }
 
 
@@ -71,7 +71,8 @@ def test_ring_ms_more_configs_with_gradients(name, layout, strategy):
 
 def test_causal_contiguous_ring_skips_later_shards():
     """Device i never needs a KV shard from a later device; with enough selection it needs every other one."""
-    config, n = MSAttentionConfig(block_size=4, top_k=9), 4  # 8 selected regions: more than a shard's 4
+    # 8 selected regions: more than a shard's 4
+    config, n = MSAttentionConfig(selection_source="group", block_size=4, top_k=9), 4
     q, k, _ = qkv()
 
     def needed(a, b):

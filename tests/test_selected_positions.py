@@ -79,7 +79,8 @@ def test_compact_positions_by_hand():
 ])
 def test_matches_brute_force_per_group_loop(heads, merge, scheme):
     q, k, v = _qkv(0)
-    cfg = MSAttentionConfig(block_size=4, top_k=3 * merge, merge=merge, selection_heads=heads)
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=3 * merge, merge=merge,
+                            selection_heads=heads)
     plan = select_regions(q, k, cfg)
     assert int(plan.valid_mask().sum(-1).min()) < cfg.num_selected < int(plan.valid_mask().sum(-1).max()) + 1
     got = selected_positions_attention(q, k, v, plan, ROPE.rotate, scheme=scheme)
@@ -88,7 +89,7 @@ def test_matches_brute_force_per_group_loop(heads, merge, scheme):
 
 def test_original_scheme_equals_ms_attention_with_unrotated_selection():
     q, k, v = _qkv(1)
-    cfg = MSAttentionConfig(block_size=4, top_k=4, merge=2, selection_heads="kv")
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=4, merge=2, selection_heads="kv")
     plan = select_regions(q, k, cfg)
     pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
     qr, kr = ROPE(q, k, pos)
@@ -107,7 +108,7 @@ def test_dense_plans_give_true_positions_in_both_schemes():
 
 def test_compact_positions_stay_below_top_k_tokens_at_any_length():
     q, k, _ = _qkv(3, b=1, t=128)
-    cfg = MSAttentionConfig(block_size=4, top_k=4, merge=2)
+    cfg = MSAttentionConfig(selection_source="group", block_size=4, top_k=4, merge=2)
     plan = jax.jit(select_regions, static_argnums=(2,))(q, k, cfg)
     regions, valid = (jnp.moveaxis(x, 2, 0) for x in (plan.kv_regions, plan.valid_mask()))
     sel, loc = jax.vmap(lambda r, ok, g: gathered_positions(r, ok, g, block_size=4, group_tokens=8,
@@ -143,15 +144,15 @@ def test_bad_arguments_raise():
         sp.ms_attention_selected_positions(q, k, v, MSAttentionConfig(block_size=4, top_k=2, centroids=True),
                                         ROPE.rotate)
     with pytest.raises(ValueError, match="position_mode"):
-        MSAttentionConfig(position_mode="after")
+        MSAttentionConfig(selection_source="group", position_mode="after")
     with pytest.raises(ValueError, match="causal"):
-        MSAttentionConfig(position_mode="selected_compact", causal=False)
+        MSAttentionConfig(selection_source="group", position_mode="selected_compact", causal=False)
     with pytest.raises(TypeError, match="rope"):
         AttentionLayerConfig(d_model=16, num_heads=2, rope="yarn")
 
 
 def _layer(mode, rope=None, **kw):
-    ms = MSAttentionConfig(block_size=4, top_k=3, merge=1, position_mode=mode)
+    ms = MSAttentionConfig(selection_source="group", block_size=4, top_k=3, merge=1, position_mode=mode)
     cfg = AttentionLayerConfig(d_model=16, num_heads=2, rope=rope or RopeConfig(theta=100.0), ms=ms, **kw)
     return MSAttention(cfg, rngs=nnx.Rngs(0))
 

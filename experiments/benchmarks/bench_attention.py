@@ -34,7 +34,7 @@ from selmerge_jax.kernels.block_sparse_attention.pallas_triton import (
     TritonTiling,
     block_sparse_attention_triton,
 )
-from selmerge_jax.kernels.block_sparse_attention.specs import get_spec, useful_flops
+from selmerge_jax.kernels.block_sparse_attention.specs import SPECS, get_spec, useful_flops
 
 try:  # Hopper-only backend; its module imports on any jax with Pallas Mosaic GPU
     from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu import (
@@ -345,48 +345,105 @@ def bench_dense(seq_lens, args, out):
                   "seq_len": 1048576, "ms": round(row["ms"] * (1048576 / t) ** 2, 1)}, out)
 
 
-def main(argv=None):
+IMPLS = ("pallas_triton", "pallas_mosaic_gpu", "xla", "cudnn_dense")
+KERNELS = ("pallas_triton", "pallas_mosaic_gpu")
+# The options that give the script something to do; without any of them it would exit 0 having done nothing.
+WORK = ("specs", "check", "mosaic_parts", "ms_layer", "dense_lens", "sweep_spec")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message
+    return parse
+
+
+def _json(kind: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"must be a JSON {kind.__name__}, got {text!r}")
+        return text  # the callers parse the text again
+    parse.__name__ = f"JSON {kind.__name__}"
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every option with its allowed values (spec names from specs.py, implementations, counts >= 1), so a
+    typo or an impossible value stops here with the allowed set instead of yielding empty or NaN rows."""
+    spec_names = sorted(SPECS)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--specs", nargs="*", default=[], help="spec names to benchmark (see specs.py)")
-    ap.add_argument("--impls", nargs="+", default=["pallas_triton", "xla", "cudnn_dense"])
+    ap.add_argument("--specs", nargs="*", default=[], choices=spec_names, metavar="SPEC",
+                    help=f"spec names to benchmark; allowed: {', '.join(spec_names)}")
+    ap.add_argument("--impls", nargs="+", default=["pallas_triton", "xla", "cudnn_dense"], choices=IMPLS)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-xla-len", type=int, default=16384, help="skip the XLA reference above this length")
-    ap.add_argument("--check", nargs="*", default=[], help="specs to check kernel vs reference on")
-    ap.add_argument("--check-impls", nargs="+", default=["pallas_triton"], help="kernels --check checks")
-    ap.add_argument("--mosaic-tiling", default="{}",
+    ap.add_argument("--reps", type=_int_at_least(1), default=10, help="timed runs per row (>= 1)")
+    ap.add_argument("--warmup", type=_int_at_least(0), default=2)
+    ap.add_argument("--max-xla-len", type=_int_at_least(1), default=16384,
+                    help="skip the XLA reference above this length")
+    ap.add_argument("--check", nargs="*", default=[], choices=spec_names, metavar="SPEC",
+                    help="specs to check kernel vs reference on")
+    ap.add_argument("--check-impls", nargs="+", default=["pallas_triton"], choices=KERNELS,
+                    help="kernels --check checks")
+    ap.add_argument("--mosaic-tiling", default="{}", type=_json(dict),
                     help='JSON overrides of MosaicTiling, e.g. \'{"stages": 3}\'')
-    ap.add_argument("--mosaic-sweep", default=None,
+    ap.add_argument("--mosaic-sweep", default=None, type=_json(list),
                     help="JSON list of MosaicTiling overrides timed on the forward of "
                          "the first --specs entry; "
                          "the fastest is used for the benchmarks")
     ap.add_argument("--mosaic-sweep-mode", default="fwd", choices=["fwd", "fwdbwd"],
                     help="what --mosaic-sweep times (forward, or forward + backward for "
                          "the backward's options)")
-    ap.add_argument("--mosaic-parts", nargs="*", default=[],
+    ap.add_argument("--mosaic-parts", nargs="*", default=[], choices=spec_names, metavar="SPEC",
                     help="specs to time the Mosaic forward, backward preparation, dQ "
                          "and dK/dV passes on, apart")
-    ap.add_argument("--ms-layer", nargs="*", default=[], help="specs to run the full MS layer on")
+    ap.add_argument("--ms-layer", nargs="*", default=[], choices=spec_names, metavar="SPEC",
+                    help="specs to run the full MS layer on")
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
     ap.add_argument("--layer-modes", nargs="+", default=["selection", "fwd", "fwdbwd", "grads"],
                     choices=["selection", "fwd", "fwdbwd", "grads"])
-    ap.add_argument("--selection-batch", type=int, default=64)
-    ap.add_argument("--dense-lens", nargs="*", type=int, default=[])
-    ap.add_argument("--tiling", default="{}",
+    ap.add_argument("--selection-batch", type=_int_at_least(1), default=64)
+    ap.add_argument("--dense-lens", nargs="*", type=_int_at_least(1), default=[])
+    ap.add_argument("--tiling", default="{}", type=_json(dict),
                     help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
-    ap.add_argument("--sweep-spec", default=None, help="spec to tune the tiling on before benchmarking")
-    ap.add_argument("--sweep-fwd", default="[{}]", help="JSON list of TritonTiling overrides timed on fwd")
-    ap.add_argument("--sweep-bwd", default="[{}]",
+    ap.add_argument("--sweep-spec", default=None, choices=spec_names, metavar="SPEC",
+                    help="spec to tune the tiling on before benchmarking")
+    ap.add_argument("--sweep-fwd", default="[{}]", type=_json(list),
+                    help="JSON list of TritonTiling overrides timed on fwd")
+    ap.add_argument("--sweep-bwd", default="[{}]", type=_json(list),
                     help="JSON list of TritonTiling overrides timed on fwd+bwd")
-    ap.add_argument("--sweep-groups", default=None,
+    ap.add_argument("--sweep-groups", default=None, type=_json(list),
                     help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", '
                          '[{}, {"rows_fwd": 256}]]]\'')
-    ap.add_argument("--sweep-reps", type=int, default=5)
+    ap.add_argument("--sweep-reps", type=_int_at_least(1), default=5)
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
     ap.add_argument("--out", default="-")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
+    if not any(getattr(args, name) for name in WORK):
+        ap.error("nothing to benchmark: give at least one of "
+                 + ", ".join("--" + n.replace("_", "-") for n in WORK))
+    if args.mosaic_sweep and not args.specs:
+        ap.error("--mosaic-sweep times the first --specs entry: give --specs")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     global INTERPRET
     INTERPRET = args.interpret
     tiling = TritonTiling(**json.loads(args.tiling))

@@ -29,7 +29,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+# appended, not first: the repo root holds `kernels/`, which would shadow the installed `kernels` package
+# that transformers imports
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", ".."))
 from selmerge_jax.main.config import load_experiment
 
 _SCORE_KEYS = {"run", "tag", "rope", "lengths", "per_cell"}

@@ -75,7 +75,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--out", default="runs/memory_scaling.jsonl")
     args = parser.parse_args(argv)
-    cfg = MSAttentionConfig(block_size=args.block_size, top_k=args.top_k, merge=args.merge)
+    # Pinned: results/INDEX.md R6 was measured with the paper's within-group selection (then the default).
+    cfg = MSAttentionConfig(block_size=args.block_size, top_k=args.top_k, merge=args.merge,
+                            selection_source="group")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [measure(int(t), cfg, args.heads, args.head_dim, args.backward) for t in args.lengths.split(",")]

@@ -20,7 +20,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+# appended, not first: the repo root holds `kernels/`, which would shadow the installed `kernels` package
+# that transformers imports
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", ".."))
 from selmerge_jax.data.synthetic import passkey_example
 from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.evaluation.passkey import passkey_accuracy

@@ -1,11 +1,15 @@
 """Frozen configuration of select-and-merge attention, validated on construction."""
 
 import dataclasses
+import functools
+import logging
 from typing import Literal
 
 from selmerge_jax.validation import check_choice, check_int, check_positive_int
 
 __all__ = ["MSAttentionConfig"]
+
+_log = logging.getLogger(__name__)
 
 SelectionSource = Literal["group", "previous"]
 SelectionHeads = Literal["query", "kv"]
@@ -22,9 +26,10 @@ class MSAttentionConfig:
       block_size: W, tokens per region (the paper's ``seg``; 16 in its Llama runs).
       top_k: regions each query group attends, *including* its ``merge`` local regions (paper: 512).
       merge: consecutive query regions that share one KV selection (paper: 64).
-      selection_source: ``"group"`` (each member ranks with its own summary: the paper's choice, not strictly
-        causal inside a group) or ``"previous"`` (all members rank with region gs-1: strictly causal, the same
-        computation at decode time).
+      selection_source: ``"previous"`` (the default: all members rank with region gs-1; strictly causal, the
+        same computation at decode time: what a causal LM trains and decodes with) or ``"group"`` (opt-in, the
+        paper's within-group selection: each member ranks with its own summary, so a query's output depends on
+        later queries of its group: NOT causal; logged once when a causal config chooses it).
       selection_heads: ``"query"`` (one selection per query head, the paper) or ``"kv"`` (scores averaged over
         the G query heads of a kv head: one selection per kv head).
       sink: the first ``sink`` regions are always selected when they are candidates.
@@ -40,7 +45,7 @@ class MSAttentionConfig:
     block_size: int = 64
     top_k: int = 8
     merge: int = 1
-    selection_source: SelectionSource = "group"
+    selection_source: SelectionSource = "previous"
     selection_heads: SelectionHeads = "query"
     sink: int = 0
     centroids: bool = False
@@ -63,6 +68,8 @@ class MSAttentionConfig:
             raise ValueError("MSAttentionConfig.position_mode='selected_compact' needs causal=True and "
                              f"centroids=False, got causal={self.causal}, centroids={self.centroids}")
         check_int("MSAttentionConfig.sink", self.sink, 0, self.num_selected)  # [0, top_k - merge]
+        if self.selection_source == "group" and self.causal:
+            _log_within_group_selection(self.block_size, self.merge)
 
     @property
     def num_selected(self) -> int:
@@ -78,3 +85,11 @@ class MSAttentionConfig:
     def attended_tokens(self) -> int:
         """Keys a query in a fully selected group can see at most (selected + local)."""
         return self.top_k * self.block_size
+
+
+@functools.cache
+def _log_within_group_selection(block_size: int, merge: int) -> None:
+    """Says once per (block_size, merge) that a causal config opted into the paper's non-causal selection."""
+    _log.warning("MSAttentionConfig(selection_source='group'): the paper's within-group selection is not "
+                 "causal (a query's selection depends on the later queries of its %d-token group); "
+                 "selection_source='previous' is the causal choice", block_size * merge)

@@ -11,10 +11,13 @@ import dataclasses
 import json
 import os
 import platform
+import sys
+from collections.abc import Iterable
 
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from selmerge_jax import data as data_lib
 from selmerge_jax.config_io import from_dict
@@ -33,6 +36,7 @@ __all__ = [
     "check_positive_ints",
     "crd_inference_rope",
     "load_model",
+    "progress",
     "provenance",
     "rope_label",
     "validation_tokens",
@@ -139,6 +143,17 @@ def rope_label(rope) -> str:
     rope = rope if isinstance(rope, dict) else dataclasses.asdict(rope)
     label = rope["rope_type"] + (f" x{rope['factor']:g}" if rope["rope_type"] != "default" else "")
     return label + (f", log-n {rope['logn_length']}" if rope.get("logn_length") else "")
+
+
+def progress(items: Iterable, desc: str, *, unit: str = "step", total: int | None = None):
+    """``items`` with a tqdm bar on stderr named ``desc`` (every study loop that can run for minutes uses it).
+
+    Shown on a terminal, hidden otherwise (logs, CI); ``SELMERGE_PROGRESS=1`` / ``0`` forces it on / off.
+    """
+    forced = os.environ.get("SELMERGE_PROGRESS")
+    disable = None if forced is None else forced in ("0", "false", "")  # None: tqdm hides it off a TTY
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=disable, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
 
 
 def provenance() -> dict:

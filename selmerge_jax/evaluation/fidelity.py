@@ -30,6 +30,7 @@ from selmerge_jax.evaluation.common import (
     ModelSource,
     check_positive_ints,
     load_model,
+    progress,
     provenance,
     validation_tokens,
     write_json,
@@ -293,7 +294,7 @@ def run_fidelity(cfg: FidelityEvalConfig, *, stop=None) -> dict:
               "reference_texts": [tokenizer.decode(r) for r in reference],
               "settings": settings, "skipped": skipped, **provenance()}
     json_path = os.path.join(cfg.output_dir, "fidelity.json")
-    for kv in cfg.compressions:
+    for kv in progress(cfg.compressions, "fidelity: settings", unit="setting"):
         if stop is not None and stop():
             skipped.append(setting_name(kv))
             continue
@@ -318,8 +319,9 @@ def _plot(path: str, settings: list[dict], max_new: int) -> str:
                "kept ratio": "kept_ratio"}
     values = {label: [s["mean"][m] / (max_new if m == "exact_prefix" else 1) for s in settings]
               for label, m in metrics.items()}
-    return plots.bars(path, [s["name"] for s in settings], values, ylabel="mean over prompts",
-                title="compression fidelity (compressed vs full cache, greedy)")
+    return plots.bars(path, [s["name"] for s in settings], values, ylabel="mean over prompts (1 = identical)",
+                      xlabel="KV-cache compression setting",
+                      title="compression fidelity (compressed vs full cache, greedy)")
 
 
 def summary_table(settings: list[dict]) -> str:

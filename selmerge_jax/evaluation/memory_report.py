@@ -30,6 +30,7 @@ from selmerge_jax.evaluation.common import (
     ModelSource,
     check_positive_ints,
     load_model,
+    progress,
     provenance,
     write_json,
 )
@@ -133,7 +134,7 @@ def run_memory_report(cfg: MemoryReportConfig) -> dict:
     """Measures every length; writes ``memory.json`` and ``memory.png`` (time and memory vs length)."""
     model = load_model(cfg.source)
     rows = []
-    for length in cfg.lengths:
+    for length in progress(cfg.lengths, "memory: lengths", unit="length"):
         row = measure_length(model, length, batch=cfg.batch, new_tokens=cfg.new_tokens,
                              chunk_size=cfg.chunk_size,
                              repeats=cfg.repeats, seed=cfg.seed)

@@ -30,6 +30,7 @@ from selmerge_jax.evaluation.common import (
     check_fractions,
     check_positive_ints,
     load_model,
+    progress,
     provenance,
     rope_label,
     write_json,
@@ -134,7 +135,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, *, per_cell: int = 1, se
     acc = np.zeros((len(depths), len(lengths)))
     tok_acc = np.zeros_like(acc)
     examples, seconds = [], []
-    for j, length in enumerate(lengths):
+    for j, length in enumerate(progress(lengths, "passkey: lengths", unit="length")):
         rows = passkey_prompts(tokenizer, int(length), depths, per_cell, seed + j)
         max_new = max(len(r["answer"]) for r in rows)
         start = time.perf_counter()

@@ -36,6 +36,7 @@ from selmerge_jax.evaluation.common import (
     ModelSource,
     check_positive_ints,
     load_model,
+    progress,
     provenance,
     validation_tokens,
     write_json,
@@ -131,7 +132,7 @@ def perplexity_by_length(model, tokens: np.ndarray, lengths, *, windows: int, mo
                          chunk_size: int = 256) -> list[dict]:
     """One row per length: mean NLL, perplexity, last-chunk perplexity, tokens scored, seconds."""
     rows = []
-    for length in lengths:
+    for length in progress(lengths, f"perplexity ({mode})", unit="length"):
         need = windows * (length + 1)
         if len(tokens) < need:
             raise ValueError(f"{len(tokens)} validation tokens cannot fill {windows} windows of {length + 1}")

@@ -29,9 +29,24 @@ def _wrap(text: str, width: int) -> str:
     return textwrap.fill(text, width=width, break_long_words=False)
 
 
+def _figure(width: float, height: float):
+    """A figure with constrained layout: titles, labels and an outside legend get room, nothing is clipped."""
+    plt = _pyplot()
+    return plt.subplots(figsize=(width, height), layout="constrained")
+
+
+def _title(ax, title: str, width_in: float) -> None:
+    """A title wrapped to the axes' figure width (about 9 characters per inch at the default size)."""
+    ax.set_title(_wrap(title, max(24, int(9 * width_in))))
+
+
+def _legend_outside(fig, ax) -> None:
+    """The legend to the right of the plot, where it can cover no bar or curve."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path
@@ -45,11 +60,12 @@ def heatmap(path: str, values, *, rows: Sequence, cols: Sequence, row_label: str
     if values.shape != (len(rows), len(cols)):
         raise ValueError(f"values has shape {values.shape}, expected "
                          f"(len(rows)={len(rows)}, len(cols)={len(cols)})")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.0 + 0.5 * len(rows)))
+    width = max(4.5, 1.5 + 0.9 * len(cols))  # a one-length grid still has room for its title and labels
+    fig, ax = _figure(width, max(2.5, 1.2 + 0.5 * len(rows)))
     im = _grid(ax, values, rows, cols, vmin, vmax, fmt)
-    ax.set(xlabel=col_label, ylabel=row_label, title=title)
-    fig.colorbar(im, ax=ax)
+    ax.set(xlabel=col_label, ylabel=row_label)
+    _title(ax, title, width)
+    fig.colorbar(im, ax=ax, label="accuracy" if fmt == "{:.0%}" else None)
     return _save(fig, path)
 
 
@@ -96,17 +112,17 @@ def heatmaps(path: str, panels: Mapping[str, tuple[Sequence, Sequence]], *, rows
 def lines(path: str, series: Mapping[str, tuple[Sequence, Sequence]], *, xlabel: str, ylabel: str, title: str,
           logx: bool = False, logy: bool = False) -> str:
     """One line per named ``(x, y)`` series (perplexity vs context, prefill time vs length)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6.5, 4)
     for name, (x, y) in series.items():
         ax.plot(list(x), list(y), "o-", label=name)
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    _title(ax, title, 6.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(fig, ax)
     return _save(fig, path)
 
 
@@ -114,34 +130,35 @@ def curves(path: str, train: Mapping[str, tuple[Sequence, Sequence]],
            val: Mapping[str, tuple[Sequence, Sequence]],
            *, title: str) -> str:
     """Overlaid training curves (thin) with validation points (markers) in the same colour per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure(8, 4.5)
     for i, name in enumerate(sorted(set(train) | set(val))):
         color = f"C{i % 10}"
         if name in train:
             ax.plot(list(train[name][0]), list(train[name][1]), color=color, lw=1, alpha=0.8, label=name)
         if name in val:
             ax.plot(list(val[name][0]), list(val[name][1]), "o--", color=color, ms=4)
-    ax.set(xlabel="optimizer step (same tokens per step for every run)", ylabel="loss (nats/token)",
-           title=_wrap(title, 70))
+    ax.set(xlabel="optimizer step (same tokens per step for every run)",
+           ylabel="loss (nats/token; line: train, dots: validation)")
+    _title(ax, title, 6.5)  # the plot area: the legend takes the rest
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_outside(fig, ax)
     return _save(fig, path)
 
 
 def bars(path: str, groups: Sequence[str], values: Mapping[str, Sequence[float]], *, ylabel: str,
-         title: str) -> str:
+         title: str, xlabel: str = "") -> str:
     """Grouped bars: one group per entry of ``groups``, one bar per metric in ``values`` (fidelity)."""
     for name, v in values.items():
         if len(v) != len(groups):
             raise ValueError(f"values[{name!r}] has {len(v)} entries, expected one per group ({len(groups)})")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(groups), 4))
+    fig_width = max(5.0, 1.5 + 1.4 * len(groups))
+    fig, ax = _figure(fig_width + 1.8, 4.5)  # + the legend beside the bars
     width = 0.8 / max(len(values), 1)
     x = np.arange(len(groups))
     for i, (name, v) in enumerate(values.items()):
         ax.bar(x + (i - (len(values) - 1) / 2) * width, list(v), width, label=name)
     ax.set_xticks(x, list(groups), rotation=20, ha="right")
-    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.05))
+    _title(ax, title, fig_width)
+    _legend_outside(fig, ax)
     return _save(fig, path)

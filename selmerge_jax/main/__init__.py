@@ -10,6 +10,7 @@ module                 config                                        script
 ``evaluate``           an evaluation study's config                  ``experiments/eval_*.py``
 ``loss_curve_sweep``   ``loss_curve_sweep.LossCurveSweepConfig``     ``experiments/eval_loss_curves.py``
 ``reproduce``          ``reproduce.ReproductionConfig``              ``experiments/eval_reproduction.py``
+``export``             ``export.ExportConfig``                       ``selmerge-export`` (``main(argv)``)
 =====================  ============================================  =================================
 
 ``config`` holds the experiment schemas, YAML loading with presets and ``--set`` overrides, and the command

@@ -18,12 +18,13 @@ from selmerge_jax.data.tokenizer import load_tokenizer
 from selmerge_jax.main.config import InferConfig
 from selmerge_jax.main.pretrain import with_model_config
 from selmerge_jax.models import Llama, load_hf
-from selmerge_jax.models.generate import generate, prefill_memory
+from selmerge_jax.models.generate import decode, generate, init_caches, prefill, prefill_memory
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.sharding import distributed
 from selmerge_jax.training.checkpoint import restore_model
 
-__all__ = ["corpus_prompt", "load_for_inference", "main", "passkey_check", "run_infer"]
+__all__ = ["corpus_prompt", "load_for_inference", "main", "passkey_check", "run_infer", "speeds",
+           "timed_generation"]
 
 
 def load_for_inference(cfg: InferConfig) -> Llama:
@@ -80,32 +81,59 @@ def passkey_check(model: Llama, tokenizer, lengths, depths, *, seed: int = 0,
     return rows
 
 
-def _timed_generate(model, prompt, cfg: InferConfig, max_new: int) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    out = generate(model, prompt[None], max_new_tokens=max_new, sampling=cfg.sampling,
-                   key=jax.random.key(cfg.seed), chunk_size=cfg.chunk_size, eos_ids=())
-    tokens = np.asarray(jax.device_get(out.tokens))  # waits for the device
-    return tokens, time.perf_counter() - start
+def timed_generation(model, prompt: np.ndarray, cfg: InferConfig) -> tuple[np.ndarray, dict]:
+    """Generates ``cfg.max_new_tokens`` after ``prompt`` with prefill and decode timed apart, each ended by
+    ``block_until_ready`` (dispatch is asynchronous: without it a timer stops before the device has worked).
+
+    Runs twice and times the second run (the first compiles). Returns the tokens ``[1, new]`` and the timings:
+    ``prefill_s`` (the prompt into the cache, ending with the logits the first token is sampled from, so it is
+    also the time to first token), ``decode_s`` (the other ``new - 1`` tokens) and ``first_run_s`` (compile +
+    run).
+    """
+    padded = -(-len(prompt) // cfg.chunk_size) * cfg.chunk_size
+    capacity = padded + cfg.max_new_tokens - 1
+
+    def run() -> tuple[np.ndarray, float, float]:
+        caches = jax.block_until_ready(init_caches(model, 1, capacity))
+        t0 = time.perf_counter()
+        logits, caches = prefill(model, prompt[None], caches, chunk_size=cfg.chunk_size)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        out, _ = decode(model, caches, logits, np.array([len(prompt)]), max_new_tokens=cfg.max_new_tokens,
+                        sampling=cfg.sampling, key=jax.random.key(cfg.seed), eos_ids=())
+        tokens = np.asarray(jax.block_until_ready(out.tokens))
+        return tokens, t1 - t0, time.perf_counter() - t1
+
+    t = time.perf_counter()
+    run()
+    first_run_s = time.perf_counter() - t
+    tokens, prefill_s, decode_s = run()
+    return tokens, {"prefill_s": prefill_s, "decode_s": decode_s, "first_run_s": first_run_s}
+
+
+def speeds(prompt_tokens: int, new_tokens: int, timing: dict) -> dict:
+    """Tokens/s of prefill and decode and the time to first token from ``timed_generation``'s timings. The
+    first new token comes from the prefill's logits, so decode makes ``new - 1`` tokens (None when 0)."""
+    prefill_s, decode_s = timing["prefill_s"], timing["decode_s"]
+    return {**timing, "time_to_first_token_s": prefill_s, "total_s": prefill_s + decode_s,
+            "prefill_tokens_per_s": prompt_tokens / prefill_s,
+            "decode_tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 else None}
 
 
 def run_infer(cfg: InferConfig) -> dict:
-    """Prefill + generate on one prompt; times a 1-token run (≈ prefill) and the full run (prefill + decode),
-    both after a warm-up compile, and returns/writes the measurements as one JSON line."""
+    """Prefill + generate on one prompt, prefill and decode timed apart after a warm-up compile
+    (``timed_generation``); returns/writes the measurements as one JSON line."""
     model = load_for_inference(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.prompt is not None:
         prompt = tokenizer.encode(cfg.prompt, add_bos=True)
     else:
         prompt = corpus_prompt(cfg, tokenizer, cfg.prompt_tokens)
-    _timed_generate(model, prompt, cfg, 1), _timed_generate(model, prompt, cfg, cfg.max_new_tokens)  # compile
-    _, prefill_s = _timed_generate(model, prompt, cfg, 1)
-    tokens, total_s = _timed_generate(model, prompt, cfg, cfg.max_new_tokens)
-    decode_s = max(total_s - prefill_s, 1e-9)
+    tokens, timing = timed_generation(model, np.asarray(prompt, np.int32), cfg)
     stats = jax.local_devices()[0].memory_stats() or {}
     result = {
         "attention": model.config.attention, "prompt_tokens": len(prompt), "new_tokens": cfg.max_new_tokens,
-        "prefill_s": prefill_s, "prefill_tokens_per_s": len(prompt) / prefill_s,
-        "decode_tokens_per_s": (cfg.max_new_tokens - 1) / decode_s, "total_s": total_s,
+        **speeds(len(prompt), cfg.max_new_tokens, timing),
         "planned_prefill_bytes": prefill_memory(model, batch=1, prompt_len=len(prompt),
                                                 chunk_size=cfg.chunk_size)["peak"],
         "peak_bytes": stats.get("peak_bytes_in_use"), "device": jax.devices()[0].device_kind,

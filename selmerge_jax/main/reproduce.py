@@ -46,7 +46,7 @@ from selmerge_jax.models.config import parameter_shape_changes
 from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.checkpoint import InitConfig
 
-__all__ = ["ReproductionConfig", "acceptance", "main", "run_reproduction"]
+__all__ = ["ReproductionConfig", "acceptance", "check_data", "failure", "main", "run_reproduction"]
 
 _log = logging.getLogger(__name__)
 
@@ -406,8 +406,38 @@ def _write_status(cfg: ReproductionConfig, clock: _Clock, status: dict, runs: di
     write_json(os.path.join(cfg.output_dir, "study.json"), status)
 
 
+def check_data(cfg: ReproductionConfig) -> None:
+    """Raises FileNotFoundError (one line: the missing files and the command that writes them) when a run's
+    pre-tokenized ``.npy`` files are absent, before any stage starts."""
+    configs = [cfg.variant_config(name) for name in cfg.variants] + [cfg.crd_config()]
+    warm = cfg.warm_config()
+    runs = [*configs, *([warm] if warm else [])]
+    paths = {p for c in runs for p in (c.data.train_npy, c.data.validation_npy)}
+    missing = sorted(p for p in paths if p is not None and not os.path.exists(os.path.expanduser(p)))
+    if missing:
+        folder = os.path.dirname(missing[0]) or "."
+        raise FileNotFoundError(
+            f"the runs read pre-tokenized data that is missing: {', '.join(missing)}; write it with `python "
+            f"experiments/pretrain.py --config experiments/configs/demo.yaml --export-npy {folder}` (the "
+            f"embedded stdlib corpus, built locally) or point data.train_npy/validation_npy elsewhere")
+
+
+def failure(status: dict) -> str | None:
+    """One line naming the stages that failed (their first error line), or None when none did: the command
+    exits non-zero with it."""
+    failed = [s for s in status.get("stages", []) if "failed" in s]
+    if not failed:
+        return None
+    first = (failed[0]["failed"].strip().splitlines() or ["?"])[0]
+    others = ", ".join(s["stage"] for s in failed[1:])
+    more = f" (and {len(failed) - 1} more: {others})" if others else ""
+    return f"stage {failed[0]['stage']!r} failed: {first}{more}; details in study.json and the log above"
+
+
 def run_reproduction(cfg: ReproductionConfig) -> dict:
-    """Runs the three stages inside ``cfg.budget_s``; returns study.json's content."""
+    """Runs the three stages inside ``cfg.budget_s``; returns study.json's content. Missing data fails at once
+    (``check_data``); a failing stage is recorded and the next one still runs (``failure`` sums them up)."""
+    check_data(cfg)
     clock = _Clock(cfg.budget_s)
     pair = cfg.variant_config(cfg.crd_pair)
     status = {"study": "reproduction", "seq_len": pair.train.seq_len, "budget_s": cfg.budget_s,

@@ -83,7 +83,14 @@ def _eos(value):
 
 
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict:
-    """The HF ``config.json`` dict for ``config`` (Mistral when it has a sliding window, Llama otherwise)."""
+    """The HF ``config.json`` dict for ``config`` (Mistral when it has a sliding window, Llama otherwise).
+
+    Raises ValueError for what a Hugging Face Llama cannot express, rather than dropping it: log-n query
+    scaling (``rope.logn_length``), the interleaved RoPE layout, and select-and-merge RoPE on the selected
+    tokens only (``ms.position_mode``). Select-and-merge attention itself is not part of the file: the weights
+    are those of a Llama, which ``transformers`` runs with dense attention.
+    """
+    _check_hf_positions(config)
     arch = "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
     eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
     hf = {
@@ -100,6 +107,19 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict:
         hf["sliding_window"] = config.sliding_window
     hf.update(config.rope.to_hf(config.head_size))
     return hf
+
+
+def _check_hf_positions(config: ModelConfig) -> None:
+    """Position rules without a Hugging Face form (``config_to_hf``)."""
+    if config.rope.layout != "half":
+        raise ValueError(f"ModelConfig.rope.layout={config.rope.layout!r}: has no Hugging Face Llama form "
+                         "(transformers rotates half-split pairs); refusing to export rather than write "
+                         "weights whose positions transformers would read differently")
+    mode = config.ms.position_mode
+    if config.attention in ("ms", "ring_ms") and mode != "before_selection":
+        raise ValueError(f"ModelConfig.ms.position_mode={mode!r}: has no Hugging Face form (RoPE on the "
+                         "selected tokens only; transformers rotates every token at its true position); "
+                         "refusing to export. allowed: 'before_selection'")
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -219,16 +239,21 @@ def _check_no_unmerged_lora(model: nnx.Module) -> None:
 def save_hf(model: Llama, path: str, *, dtype: str | None = None, max_shard_bytes: int | None = None) -> None:
     """Writes ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
 
+    The RoPE rule written is ``model.config.rope``: give the model its inference rule first (a CRD NTK
+    fine-tune's fixed base, ``evaluation.common.load_model`` does it; ``selmerge-export`` exports that way).
+    What has no HF form is refused before anything is written (``config_to_hf``).
+
     Args:
       dtype: tensor dtype on disk (``float32``/``bfloat16``/``float16``); default: the parameter dtype.
       max_shard_bytes: split into shards of at most this many bytes (a tensor is never split).
     """
     if dtype is not None:
         check_choice("dtype", dtype, _NP_DTYPES)
-    os.makedirs(path, exist_ok=True)
+    hf_config = config_to_hf(model.config, dtype=dtype)  # refuses what HF cannot express before writing
     tensors = params_to_hf(model, dtype)
+    os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(model.config, dtype=dtype), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})

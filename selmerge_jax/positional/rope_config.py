@@ -139,9 +139,9 @@ class RopeConfig:
         ``max_position_embeddings`` for dynamic NTK (HF reads L0 from there). ``ntk`` becomes a default RoPE
         with the scaled theta (which depends on ``head_dim``), giving HF the same frequencies."""
         if self.logn_length is not None:
-            raise ValueError(f"RopeConfig.logn_length={self.logn_length} has no Hugging "
-                             "Face equivalent; export "
-                             "the model with logn_length=None (it is an inference rule, not a weight)")
+            raise ValueError(f"RopeConfig.logn_length={self.logn_length}: log-n query scaling has no Hugging "
+                             "Face form; refusing to export it silently dropped (to export the weights "
+                             "without it, set rope.logn_length=None explicitly: it is an inference rule)")
         if self.rope_type == "default":
             return {"rope_theta": self.theta, "rope_scaling": None}
         if self.rope_type == "ntk":
