@@ -138,9 +138,19 @@ _EPILOG = """\
 
 # ---- the one place that turns user mistakes into one line -------------------------------------------------
 
+def _quiet_aborted_reads(unraisable) -> None:
+    """Drops one known aftermath of an unreadable checkpoint: orbax's reads still in flight finish after its
+    event loop was closed and report ``RuntimeError: Event loop is closed`` as unraisable, a screenful of
+    tracebacks around the one-line error. Everything else goes to Python's default hook."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     """Runs ``body``; a :class:`UserError` becomes ``<prog>: error: <message>`` on stderr and exit code 1
     (``config error`` and 2 for a :class:`ConfigError`). Anything else propagates with its traceback."""
+    sys.unraisablehook = _quiet_aborted_reads
     try:
         return body() or 0
     except ConfigError as error:
@@ -259,6 +269,7 @@ def _training(prog: str, command: _Command, argv: Sequence[str] | None,
             return 0
         if before is not None and before(args, cfg):
             return 0
+        cfg.data.require_files()  # before a model is built
         claim_output_dir(cfg, args.overwrite)
         _write_config(cfg, cfg.train.output_dir, prog)
         command.report(command.run(cfg))

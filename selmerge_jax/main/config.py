@@ -329,7 +329,7 @@ def experiment_parser(description: str, default_config: str) -> argparse.Argumen
 def configure_logging(level: int = logging.INFO) -> None:
     """Makes the package's info lines print. JAX and orbax import absl, which puts a handler on the root
     logger at WARNING, so ``logging.basicConfig`` does nothing; the package's logger gets its own stderr
-    handler instead (other libraries stay at their quieter defaults)."""
+    handler instead (other libraries stay at their quieter defaults, orbax's absl lines are dropped)."""
     logger = logging.getLogger("selmerge_jax")
     logger.setLevel(level)
     if not any(getattr(h, "_selmerge_cli", False) for h in logger.handlers):
@@ -338,6 +338,10 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler._selmerge_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
+    # orbax logs through absl: warnings about items it was not asked to restore, and, when a checkpoint file is
+    # unreadable, each failed array read with its traceback from worker threads, around the one-line
+    # CheckpointError that already names the step and directory
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def load_from_args(cls, args: argparse.Namespace):
