@@ -19,8 +19,8 @@ from selmerge_jax.main.evaluate import config_schema
 
 ROOT = pathlib.Path(__file__).parents[1]
 # the entry points' defaults ship with the package; the studies' configs stay in the repository
-CONFIGS = sorted([*(ROOT / "selmerge_jax" / "main" / "configs").glob("*.yaml"),
-                  *(ROOT / "experiments" / "configs").glob("*.yaml")])
+STUDIES = ROOT / "experiments" / "configs"
+CONFIGS = sorted([*(ROOT / "selmerge_jax" / "main" / "configs").glob("*.yaml"), *STUDIES.glob("*.yaml")])
 
 
 def _schema(path: pathlib.Path):
@@ -47,8 +47,8 @@ def test_every_config_loads_and_round_trips(path):
 
 
 def test_gpu_pair_differs_only_in_attention_and_dense_memory_knob():
-    ms = to_dict(load_experiment(PretrainConfig, str(ROOT / "experiments" / "configs" / "gpu_25m_ms.yaml")))
-    dense = to_dict(load_experiment(PretrainConfig, str(ROOT / "experiments" / "configs" / "gpu_25m_dense.yaml")))
+    ms = to_dict(load_experiment(PretrainConfig, str(STUDIES / "gpu_25m_ms.yaml")))
+    dense = to_dict(load_experiment(PretrainConfig, str(STUDIES / "gpu_25m_dense.yaml")))
     assert ms["model"].pop("attention") == "ms" and dense["model"].pop("attention") == "dense"
     ms["train"].pop("output_dir"), dense["train"].pop("output_dir")
     ms["optimizer"].pop("accumulation_steps"), dense["optimizer"].pop("accumulation_steps")

@@ -338,8 +338,8 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler._selmerge_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
-    # orbax logs through absl: warnings about items it was not asked to restore, and, when a checkpoint file is
-    # unreadable, each failed array read with its traceback from worker threads, around the one-line
+    # orbax logs through absl: warnings about items it was not asked to restore, and, when a checkpoint file
+    # is unreadable, each failed array read with its traceback from worker threads, around the one-line
     # CheckpointError that already names the step and directory
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
