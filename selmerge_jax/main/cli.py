@@ -139,11 +139,17 @@ _EPILOG = """\
 # ---- the one place that turns user mistakes into one line -------------------------------------------------
 
 def _quiet_aborted_reads(unraisable) -> None:
-    """Drops one known aftermath of an unreadable checkpoint: orbax's reads still in flight finish after its
-    event loop was closed and report ``RuntimeError: Event loop is closed`` as unraisable, a screenful of
-    tracebacks around the one-line error. Everything else goes to Python's default hook."""
+    """Drops the aftermath of an unreadable checkpoint: orbax's reads still in flight finish after its event
+    loop was closed (``RuntimeError: Event loop is closed``) or are garbage-collected as coroutines holding
+    their read error, and Python reports each as unraisable, a screenful of tracebacks around the one-line
+    error that already names the step and directory. Everything else goes to Python's default hook."""
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
         return
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return
+        tb = tb.tb_next
     sys.__unraisablehook__(unraisable)
 
 
