@@ -141,8 +141,8 @@ class Progress:
         # redraw, one log interval late.
         self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()},
                               refresh=False)
-        self._bar.update(step - self._bar.n)
-        self._bar.refresh()
+        if not self._bar.update(step - self._bar.n):  # True when it redrew (tqdm skips redraws < 0.1 s apart)
+            self._bar.refresh()
 
     def close(self):
         if self._bar is not None:
