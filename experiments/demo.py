@@ -1,7 +1,7 @@
 """`make demo`: build the embedded corpus, pretrain a tiny select-and-merge model on CPU for a few minutes,
 restore it, generate, check passkeys, plot the loss curve and print the final loss vs the unigram entropy.
 
-    python experiments/demo.py [--config experiments/configs/demo.yaml] [--set train.steps=100]
+    python experiments/demo.py [--config demo] [--set train.steps=100]
 """
 
 import sys
@@ -12,7 +12,7 @@ from selmerge_jax.main.config import PretrainConfig, experiment_parser, load_fro
 
 def main():
     cfg = load_from_args(PretrainConfig,
-                         experiment_parser(__doc__.splitlines()[0], "experiments/configs/demo.yaml")
+                         experiment_parser(__doc__.split("\n\n")[0], "demo")
                          .parse_args())
     result = demo.main(cfg)
     # The demo's promise: context helps, i.e. on held-out text the model beats the best context-free predictor

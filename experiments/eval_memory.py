@@ -1,18 +1,15 @@
-"""Memory/speed of a model config across prompt lengths: prefill time, decode tokens/s, compiled and measured
-peak memory; JSON + PNG.
+"""Memory/speed of a model config across prompt lengths: `selmerge-eval memory` (see its --help).
 
-    python experiments/eval_memory.py --config experiments/configs/eval_memory.yaml \
-        --set 'lengths=[4096, 65536]'
+    python experiments/eval_memory.py --set 'lengths=[4096, 65536]'
 """
 
-from selmerge_jax.evaluation.memory_report import MemoryReportConfig
-from selmerge_jax.main import evaluate
-from selmerge_jax.main.config import experiment_parser, load_from_args, print_summary
+import sys
+
+from selmerge_jax.main import cli
 
 
 def main():
-    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/eval_memory.yaml").parse_args()
-    print_summary(evaluate.main(load_from_args(MemoryReportConfig, args)))
+    raise SystemExit(cli.evaluate(["memory", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

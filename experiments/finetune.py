@@ -1,17 +1,14 @@
-"""Fine-tune from our checkpoint, a local Hugging Face model or scratch: full or LoRA, optionally with CRD
-NTK.
+"""Fine-tune from our checkpoint, a local Hugging Face model or scratch, full or LoRA, optionally with CRD
+NTK: the same command as `selmerge-finetune` (see its --help).
 
-    python experiments/finetune.py --config experiments/configs/finetune.yaml \
-        --set init.path=runs/x/checkpoints
+    python experiments/finetune.py --config finetune --set init.path=runs/x/checkpoints
 """
 
-from selmerge_jax.main import finetune
-from selmerge_jax.main.config import FinetuneConfig, experiment_parser, load_from_args, print_summary
+from selmerge_jax.main import cli
 
 
 def main():
-    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/finetune.yaml").parse_args()
-    print_summary(finetune.main(load_from_args(FinetuneConfig, args)))
+    raise SystemExit(cli.finetune())
 
 
 if __name__ == "__main__":

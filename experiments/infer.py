@@ -1,15 +1,14 @@
-"""Load a model, prefill a long prompt, generate; report prefill/decode tokens/s, memory and a passkey check.
+"""Load a model, prefill a long prompt, generate; report prefill/decode tokens/s, memory and a passkey check:
+the same command as `selmerge-infer` (see its --help).
 
-    python experiments/infer.py --config experiments/configs/infer.yaml --set init.path=runs/x/checkpoints
+    python experiments/infer.py --config infer --set init.path=runs/x/checkpoints
 """
 
-from selmerge_jax.main import infer
-from selmerge_jax.main.config import InferConfig, experiment_parser, load_from_args, print_summary
+from selmerge_jax.main import cli
 
 
 def main():
-    args = experiment_parser(__doc__.splitlines()[0], "experiments/configs/infer.yaml").parse_args()
-    print_summary(infer.main(load_from_args(InferConfig, args)))
+    raise SystemExit(cli.infer())
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
+from selmerge_jax.validation import UserError
+
 __all__ = ["ConfigError", "from_dict", "to_dict"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value or key is wrong; the message starts with its dotted key path."""
 
 

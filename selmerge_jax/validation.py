@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
+    "UserError",
     "check_choice",
     "check_fraction",
     "check_int",
@@ -39,6 +40,16 @@ __all__ = [
     "is_int",
     "is_number",
 ]
+
+
+class UserError(ValueError):
+    """A mistake of the user's, not of the code: a bad path or value, missing data, a run the user must decide
+    about (an occupied output directory, a changed config on resume, a corrupted checkpoint, a diverged loss).
+
+    The command line (``selmerge_jax.main.cli``) prints it as one line and exits non-zero; every other
+    exception is a bug and keeps its traceback. A ``ValueError``, so callers that catch bad values still
+    catch it.
+    """
 
 
 def fail(name: str, value: Any, must: str, allowed: str | None = None) -> NoReturn:

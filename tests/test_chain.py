@@ -21,7 +21,7 @@ from selmerge_jax.positional import RopeConfig
 from selmerge_jax.training.checkpoint import InitConfig
 
 ROOT = pathlib.Path(__file__).parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
+CONFIGS = ROOT / "selmerge_jax" / "main" / "configs"
 # demo.yaml's tiny model, smaller still; dense so that the few steps compile quickly
 SHAPES = ["model.preset=tiny", "model.d_model=32", "model.ffn_dim=64", "model.num_layers=1",
           "model.num_heads=4", "model.num_kv_heads=2", "model.attention=dense"]

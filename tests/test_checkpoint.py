@@ -225,17 +225,19 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 
     tokens = np.random.default_rng(1).integers(0, 16, 2000)
 
-    def run(steps, config):
+    def run(steps, config, allow=()):
         cfg = TrainConfig(steps=steps, batch_size=4, seq_len=8, log_every=1, output_dir=str(tmp_path),
                           progress=False)
         return train(Tiny(), TokenWindows(tokens, batch_size=4, seq_len=8, bos_id=16, seed=3), train=cfg,
                      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
-                     checkpoint=CheckpointConfig(every_steps=2, async_save=False), meta={"config": config})
+                     checkpoint=CheckpointConfig(every_steps=2, async_save=False, allow_changes=allow),
+                     meta={"config": config})
 
     config = {"optimizer": {"learning_rate": 1e-2}, "train": {"steps": 2}, "data": {"copy_period": (8, 64)}}
     run(2, config)
-    longer = {**config, "train": {"steps": 4}}  # extending a run is a resume (tuples stored as lists match)
-    assert run(4, longer).resumed_from == 2
+    # extending a run is a resume once allowed (it changes the schedule); tuples stored as lists match
+    longer = {**config, "train": {"steps": 4}}
+    assert run(4, longer, allow=("train.steps",)).resumed_from == 2
     with pytest.raises(ValueError, match=r"another config \(changed: optimizer.learning_rate\)"):
         run(4, {**longer, "optimizer": {"learning_rate": 3e-2}})
 
@@ -246,7 +248,9 @@ def test_config_changes_ignore_what_a_resume_may_change():
     stored = {"model": {"d": 8, "ms": {"top_k": 4}}, "train": {"steps": 10, "seed": 0},
               "init": {"path": "/a"},
               "crd": None}
-    assert config_changes(stored, {**stored, "train": {"steps": 20, "seed": 0}, "init": {"path": "/b"}}) == []
+    assert config_changes(stored, {**stored, "init": {"path": "/b"}}) == []
+    # the length sets the learning-rate schedule: a change unless allowed
+    assert config_changes(stored, {**stored, "train": {"steps": 20, "seed": 0}}) == ["train.steps"]
     changed = {**stored, "model": {"d": 8, "ms": {"top_k": 8}}, "train": {"steps": 10, "seed": 1},
                "crd": {"cycle": 4}}
     # crd: None -> a section

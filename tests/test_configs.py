@@ -17,7 +17,10 @@ from selmerge_jax.main.config import (
 )
 from selmerge_jax.main.evaluate import config_schema
 
-CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml"))
+ROOT = pathlib.Path(__file__).parents[1]
+# the entry points' defaults ship with the package; the studies' configs stay in the repository
+STUDIES = ROOT / "experiments" / "configs"
+CONFIGS = sorted([*(ROOT / "selmerge_jax" / "main" / "configs").glob("*.yaml"), *STUDIES.glob("*.yaml")])
 
 
 def _schema(path: pathlib.Path):
@@ -44,15 +47,15 @@ def test_every_config_loads_and_round_trips(path):
 
 
 def test_gpu_pair_differs_only_in_attention_and_dense_memory_knob():
-    ms = to_dict(load_experiment(PretrainConfig, str(CONFIGS[0].parent / "gpu_25m_ms.yaml")))
-    dense = to_dict(load_experiment(PretrainConfig, str(CONFIGS[0].parent / "gpu_25m_dense.yaml")))
+    ms = to_dict(load_experiment(PretrainConfig, str(STUDIES / "gpu_25m_ms.yaml")))
+    dense = to_dict(load_experiment(PretrainConfig, str(STUDIES / "gpu_25m_dense.yaml")))
     assert ms["model"].pop("attention") == "ms" and dense["model"].pop("attention") == "dense"
     ms["train"].pop("output_dir"), dense["train"].pop("output_dir")
     ms["optimizer"].pop("accumulation_steps"), dense["optimizer"].pop("accumulation_steps")
     assert ms == dense  # same model, data, seed, batch and steps: the same tokens
 
 
-DEMO = str(CONFIGS[0].parent / "demo.yaml")
+DEMO = "demo"  # a packaged config, by name
 
 
 @pytest.mark.parametrize("override, message", [
@@ -81,12 +84,13 @@ def test_cross_section_checks():
         load_experiment(PretrainConfig, DEMO, ["data.document_masking=true"])
     with pytest.raises(ConfigError, match=r"must be a multiple of optimizer\.accumulation_steps=3"):
         load_experiment(PretrainConfig, DEMO, ["optimizer.accumulation_steps=3"])
-    finetune = str(CONFIGS[0].parent / "finetune.yaml")
+    finetune = "finetune"
     with pytest.raises(ConfigError, match="use 'lora' exactly when a lora section is given"):
         load_experiment(FinetuneConfig, finetune, ["lora=null"])
     # crd_forward keeps the segment mask and per-document positions (tests/test_crd_ntk.py), so packing is
     # allowed
-    cfg = load_experiment(FinetuneConfig, finetune, ["model.attention=dense", "data.document_masking=true"])
+    cfg = load_experiment(FinetuneConfig, finetune, ["model.preset=tiny", "model.attention=dense",
+                                                     "data.document_masking=true"])
     assert cfg.crd is not None and cfg.data.document_masking
 
 

@@ -46,6 +46,7 @@ ALLOWED_LOCAL = {
     ("selmerge_jax.main.pretrain", "matplotlib.pyplot"): "optional: only the loss-curve figure needs it",
     ("selmerge_jax.training.metrics",
      "tensorboardX"): "optional: guarded by ImportError, JSONL is the record",
+    ("selmerge_jax.training.metrics", "wandb"): "optional: only train.wandb needs it (`pip install wandb`)",
     ("selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu",
      "jax._src.pallas.mosaic_gpu.interpret.params"):
         "private JAX API, present only in some versions; interpret-mode tests only",

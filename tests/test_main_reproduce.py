@@ -214,7 +214,7 @@ def test_fidelity_stage_reads_the_fidelity_variants_data(tmp_path, monkeypatch):
     from selmerge_jax.evaluation import fidelity
 
     cfg = reproduce.ReproductionConfig(
-        base_config=str(ROOT / "experiments" / "configs" / "demo.yaml"), variants={"a": [], "f": [
+        base_config="demo", variants={"a": [], "f": [
             "data.train_npy=/data/f_train.npy", "data.validation_npy=/data/f_val.npy"]}, crd_pair="a",
         fidelity_variant="f", crd_overrides=(CRD,),
         fidelity_min_s=0, run_dir=str(tmp_path), output_dir=str(tmp_path / "out"))

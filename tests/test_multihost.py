@@ -46,7 +46,7 @@ def npy_data(tmp_path):
 def _job(tmp_path, name: str, processes: int, overrides: list[str], *, run_dir: str, env: dict | None = None,
          kill_others: bool = True) -> tuple[int, str]:
     """Runs the worker (experiments/pretrain.py plus probes) as one job; returns (status, its output)."""
-    command = [sys.executable, str(WORKER), "--config", str(ROOT / "experiments/configs/demo.yaml")]
+    command = [sys.executable, str(WORKER), "--config", str(ROOT / "selmerge_jax/main/configs/demo.yaml")]
     for item in [*TINY, *overrides, f"train.output_dir={tmp_path / run_dir}"]:
         command += ["--set", item]
     (tmp_path / name).mkdir()

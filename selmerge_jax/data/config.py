@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
-from selmerge_jax.validation import check_non_negative_int, check_number, check_positive_int
+from selmerge_jax.validation import UserError, check_non_negative_int, check_number, check_positive_int
 
 __all__ = ["DataConfig"]
 
@@ -81,3 +82,14 @@ class DataConfig:
             raise ValueError(f"DataConfig.copy_ratio={self.copy_ratio} needs "
                              "train_npy/validation_npy: copy rows "
                              "are mixed by arrays.TokenWindows, the grain pipeline has none")
+
+    def require_files(self, *, train: bool = True) -> None:
+        """Raises a one-line :class:`UserError` naming the field when a file this config points at is missing
+        (checked before anything compiles; ``train=False`` checks only what evaluation reads)."""
+        fields = ("train_npy", "validation_npy", "tokenizer") if train else ("validation_npy", "tokenizer")
+        for name in fields:
+            path = getattr(self, name)
+            if path is None or (name == "tokenizer" and path in ("", "byte", "bytes")):
+                continue
+            if not os.path.exists(os.path.expanduser(path)):
+                raise UserError(f"data.{name}={path!r}: no such file (relative to {os.getcwd()})")

@@ -1,5 +1,9 @@
-"""Experiment schemas (what ``experiments/configs/*.yaml`` hold), loading them with presets and ``--set``
-overrides, and the command line every experiment script shares.
+"""Experiment schemas (what ``selmerge_jax/main/configs/*.yaml`` and ``experiments/configs/*.yaml`` hold),
+loading them with presets and ``--set`` overrides, and the command line every experiment script shares.
+
+``--config`` takes a YAML path (relative to the working directory) or the name of a config shipped with the
+package (``demo``, ``pretrain``, ``finetune``, ``infer``, ``eval_passkey``...: :func:`packaged_configs`), so
+the console scripts work from any directory and without the repository.
 
 A YAML file is one of :class:`PretrainConfig`, :class:`FinetuneConfig`, :class:`InferConfig` (or an evaluation
 study's config), section by section; each section is the config class of the floor that uses it
@@ -20,6 +24,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pathlib
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,9 +40,9 @@ from selmerge_jax.models.generate import SamplingConfig
 from selmerge_jax.models.lora import LoRAConfig
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
 from selmerge_jax.sharding.mesh import MeshConfig
-from selmerge_jax.training.checkpoint import InitConfig
+from selmerge_jax.training.checkpoint import InitConfig, stored_config
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
-from selmerge_jax.validation import check_positive_int
+from selmerge_jax.validation import UserError, check_positive_int
 
 __all__ = [
     "FinetuneConfig",
@@ -45,16 +51,41 @@ __all__ = [
     "PretrainConfig",
     "apply_overrides",
     "config_to_dict",
+    "configure_logging",
     "expand_model_section",
     "experiment_parser",
     "load_config",
     "load_experiment",
     "load_from_args",
+    "packaged_configs",
     "parse_override",
     "print_summary",
+    "resolve_config_path",
+    "with_checkpoint_model",
 ]
 
 T = TypeVar("T")
+
+# The default configs of the entry points, shipped inside the package (package data).
+PACKAGED_CONFIGS = pathlib.Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package (``--config demo`` reads ``configs/demo.yaml``)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(name: str) -> str:
+    """A ``--config`` value as a file: an existing path (relative to the working directory), else a packaged
+    config's name (with or without ``.yaml``); anything else is a :class:`UserError` listing both."""
+    path = os.path.expanduser(name)
+    if os.path.isfile(path):
+        return path
+    stem = pathlib.Path(name).name.removesuffix(".yaml")
+    if os.sep not in name and "/" not in name and (PACKAGED_CONFIGS / f"{stem}.yaml").is_file():
+        return str(PACKAGED_CONFIGS / f"{stem}.yaml")
+    raise UserError(f"config {name!r}: no such file (relative to {os.getcwd()}) and no packaged config of "
+                    f"that name; packaged: {', '.join(packaged_configs())}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +102,8 @@ class PretrainConfig:
         if per_device:
             raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
                              f"optimizer.accumulation_steps={self.optimizer.accumulation_steps}")
+        if self.model is None:
+            return  # a fine-tune that takes the model from its checkpoint: checked once resolved
         if self.data.document_masking and self.model.attention != "dense":
             raise ValueError("data.document_masking needs model.attention='dense', got "
                              f"{self.model.attention!r}")
@@ -85,8 +118,14 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(PretrainConfig):
-    """Pretrain's sections plus where the weights start, LoRA and CRD NTK (both optional)."""
+    """Pretrain's sections plus where the weights start, LoRA and CRD NTK (both optional).
 
+    With ``init.kind: checkpoint`` the ``model`` section is optional: null takes the checkpoint's model config
+    (:func:`with_checkpoint_model`), and a section without ``preset`` is merged over it when the YAML is
+    loaded (``model: {attention: dense}`` changes only the attention).
+    """
+
+    model: ModelConfig | None = None  # type: ignore[assignment]
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     lora: LoRAConfig | None = None
     crd: CRDNTKConfig | None = None
@@ -97,6 +136,11 @@ class FinetuneConfig(PretrainConfig):
             raise ValueError(f"train.trainable={self.train.trainable!r} with lora="
                              f"{'set' if self.lora else 'null'}: use 'lora' exactly when "
                              "a lora section is given")
+        if self.model is None:
+            if self.init.kind != "checkpoint":
+                raise ValueError(f"model is required with init.kind={self.init.kind!r} (only a checkpoint "
+                                 "brings its own model config)")
+            return
         rope = self.model.rope
         if self.crd is not None and (self.crd.theta != rope.theta or self.crd.layout != rope.layout):
             raise ValueError(f"crd.theta={self.crd.theta}/layout={self.crd.layout!r} must "
@@ -179,12 +223,33 @@ def expand_model_section(section, path: str = "model"):
 
 
 def load_experiment(cls, path: str | None = None, overrides: Sequence[str] = ()):
-    """Reads ``path`` (YAML), applies ``--set`` overrides, expands model presets and validates into
-    ``cls``."""
-    data = apply_overrides(_read_yaml(path), overrides)
+    """Reads ``path`` (YAML file or packaged config name, :func:`resolve_config_path`), applies ``--set``
+    overrides, expands model presets and validates into ``cls``. A fine-tune from a checkpoint whose model
+    section has no preset gets it merged over the checkpoint's model config."""
+    data = apply_overrides(_read_yaml(None if path is None else resolve_config_path(path)), overrides)
+    model, init = data.get("model"), data.get("init")
+    if (isinstance(model, Mapping) and model and "preset" not in model and isinstance(init, Mapping)
+            and init.get("kind") == "checkpoint" and any(f.name == "init" for f in dataclasses.fields(cls))):
+        data["model"] = _deep_merge(_checkpoint_model(init), model)
     if data.get("model") is not None:
         data["model"] = expand_model_section(data["model"])
     return from_dict(cls, data)
+
+
+def _checkpoint_model(init: Mapping) -> dict:
+    """The model section stored with the checkpoint that ``init`` (a plain dict) names."""
+    stored = stored_config(init.get("path"), init.get("step"))
+    if not isinstance(stored.get("model"), Mapping):
+        raise UserError(f"init.path={init.get('path')!r}: the checkpoint stores no model config")
+    return dict(stored["model"])
+
+
+def with_checkpoint_model(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with ``model`` taken from the checkpoint it starts from when it has none (re-validated)."""
+    if cfg.model is not None:
+        return cfg
+    stored = stored_config(cfg.init.path, cfg.init.step)
+    return dataclasses.replace(cfg, model=from_dict(ModelConfig, stored.get("model"), "model"))
 
 
 def config_to_dict(config) -> dict:
@@ -251,20 +316,40 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
 
 def experiment_parser(description: str, default_config: str) -> argparse.ArgumentParser:
     """The command line every experiment script shares: ``--config x.yaml --set a.b=value [--set ...]``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML config file or packaged config name (default: {default_config})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (YAML syntax), e.g. --set train.steps=100; "
                              "repeatable")
     return parser
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Makes the package's info lines print. JAX and orbax import absl, which puts a handler on the root
+    logger at WARNING, so ``logging.basicConfig`` does nothing; the package's logger gets its own stderr
+    handler instead (other libraries stay at their quieter defaults, orbax's absl lines are dropped)."""
+    logger = logging.getLogger("selmerge_jax")
+    logger.setLevel(level)
+    if not any(getattr(h, "_selmerge_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._selmerge_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+    # orbax logs through absl: warnings about items it was not asked to restore, and, when a checkpoint file
+    # is unreadable, each failed array read with its traceback from worker threads, around the one-line
+    # CheckpointError that already names the step and directory
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def load_from_args(cls, args: argparse.Namespace):
     """The validated config, or exit code 2 with the offending key path (no traceback for a typo)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         return load_experiment(cls, args.config, args.set)
-    except (ConfigError, FileNotFoundError) as e:
+    except UserError as e:  # ConfigError included
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -8,7 +8,7 @@ import os
 
 from flax import nnx
 
-from selmerge_jax.main.config import FinetuneConfig
+from selmerge_jax.main.config import FinetuneConfig, with_checkpoint_model
 from selmerge_jax.main.pretrain import (
     build_model,
     plot_loss_curve,
@@ -18,13 +18,13 @@ from selmerge_jax.main.pretrain import (
 )
 from selmerge_jax.models import Llama
 from selmerge_jax.models.lora import apply_lora
-from selmerge_jax.positional.crd_ntk import CRDNTKConfig, crd_step
+from selmerge_jax.positional.crd_ntk import CRDNTKConfig, crd_scale, crd_step
 from selmerge_jax.sharding import distributed
 from selmerge_jax.training.checkpoint import restore_model
 from selmerge_jax.training.loop import TrainResult
 from selmerge_jax.training.train_step import HiddenStates, StepContext, default_forward
 
-__all__ = ["crd_forward", "main", "run_finetune"]
+__all__ = ["crd_forward", "crd_step_log", "main", "run_finetune"]
 
 
 def crd_forward(crd: CRDNTKConfig):
@@ -47,9 +47,16 @@ def crd_forward(crd: CRDNTKConfig):
     return forward
 
 
+def crd_step_log(crd: CRDNTKConfig):
+    """``step -> {"crd_scale": s}``: the NTK scale the step ended at ``step`` trained with (its forward saw
+    ``ctx.step = step - 1``), for every metrics line."""
+    return lambda step: {"crd_scale": float(crd_scale(crd, step - 1))}
+
+
 def run_finetune(cfg: FinetuneConfig) -> TrainResult:
     """Fine-tunes from ``cfg.init`` (our checkpoint, an HF directory or scratch), with LoRA/CRD if
-    configured."""
+    configured; without a ``model`` section the checkpoint's model config is used."""
+    cfg = with_checkpoint_model(cfg)
     if cfg.init.kind == "checkpoint":
         model, _ = restore_model(cfg.init.path, step=cfg.init.step)
         model = with_model_config(model, cfg.model)
@@ -58,13 +65,15 @@ def run_finetune(cfg: FinetuneConfig) -> TrainResult:
     else:
         model = build_model(cfg)
     forward = crd_forward(cfg.crd) if cfg.crd is not None else default_forward
+    step_log = crd_step_log(cfg.crd) if cfg.crd is not None else None
     # Validation stays on plain positions with the model's own RoPE: CRD NTK is a training augmentation.
-    return run_training(cfg, model, "finetune", forward=forward)
+    return run_training(cfg, model, "finetune", forward=forward, step_log=step_log)
 
 
 @distributed.entry_point
 def main(config: FinetuneConfig) -> dict:
     """Fine-tunes, writes ``loss_curve.png`` beside the run's metrics and returns the run's key figures."""
+    config = with_checkpoint_model(config)
     result = run_finetune(config)
     out = config.train.output_dir
     plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curve.png"))

@@ -41,7 +41,7 @@ class LossCurveSweepConfig:
     """``experiments/eval_loss_curves.py``.
 
     Attributes:
-      base_config: a pretraining YAML (``experiments/configs/*.yaml``) every variant starts from.
+      base_config: a pretraining YAML file or packaged config name (``demo``) every variant starts from.
       base_overrides: ``key.path=value`` applied to the base first (e.g. a short CPU budget).
       variants: name -> list of overrides for that run (an empty list is the base itself).
       warm_start: overrides (on top of base_config + base_overrides) of a pretraining run ``warm`` that every
@@ -52,7 +52,7 @@ class LossCurveSweepConfig:
         ``.png``/``.md`` here.
     """
 
-    base_config: str = "experiments/configs/demo.yaml"
+    base_config: str = "demo"
     base_overrides: tuple[str, ...] = ()
     variants: dict = dataclasses.field(default_factory=dict)
     warm_start: tuple[str, ...] = ()

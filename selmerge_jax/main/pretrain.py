@@ -112,9 +112,11 @@ def _mesh(cfg: PretrainConfig):
     return make_mesh(cfg.mesh) if jax.device_count() > 1 else None
 
 
-def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward) -> TrainResult:
+def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward,
+                 step_log=None) -> TrainResult:
     """Trains ``model`` on the data of ``cfg`` (``kind``: "pretrain" or "finetune", kept with the
-    checkpoints); validation always runs the model's own forward."""
+    checkpoints); validation always runs the model's own forward. ``step_log``: see ``training.train``."""
+    cfg.data.require_files()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
@@ -129,7 +131,7 @@ def run_training(cfg: PretrainConfig, model, kind: str, forward=default_forward)
     meta = {"kind": kind, "config": config_to_dict(cfg)}
     return train(model, train_it, train=cfg.train, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint,
                  eval_batches=eval_fn, mesh=mesh, batch_transform=batch_transform, meta=meta,
-                 trainable=trainable(cfg), forward=forward, eval_forward=default_forward)
+                 trainable=trainable(cfg), forward=forward, eval_forward=default_forward, step_log=step_log)
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:

@@ -77,7 +77,7 @@ class ReproductionConfig:
       run_dir: checkpoints and metrics of the runs (large: keep out of output_dir); output_dir: JSON/PNG/MD.
     """
 
-    base_config: str = "experiments/configs/demo.yaml"
+    base_config: str = "demo"
     base_overrides: tuple[str, ...] = ()
     variants: dict = dataclasses.field(default_factory=dict)
     crd_pair: str = ""

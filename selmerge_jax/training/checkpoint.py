@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,11 +38,16 @@ from selmerge_jax.models.llama import Llama
 from selmerge_jax.models.lora import LoRAConfig, apply_lora
 from selmerge_jax.models.lora import trainable_filter as lora_filter
 from selmerge_jax.training.config import TrainConfig
-from selmerge_jax.validation import check_choice, check_positive_int
+from selmerge_jax.validation import UserError, check_choice, check_positive_int
 
-__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "InitConfig", "config_changes", "nested_to_tree",
-           "restore_model",
-           "stack_layer_entries", "stored_meta", "tree_to_nested"]
+__all__ = ["RESUMABLE_CHANGES", "CheckpointError", "Checkpointer", "InitConfig", "allowed_change",
+           "config_changes", "config_differences", "finalized_steps", "nested_to_tree", "require_checkpoint",
+           "restore_model", "stack_layer_entries", "stored_config", "stored_meta", "tree_to_nested"]
+
+
+class CheckpointError(UserError):
+    """A checkpoint step that cannot be read: its files are truncated, corrupted or half-written (or belong to
+    a model of other shapes). The message names the step and the directory."""
 
 
 def _key_name(key) -> str:
@@ -150,6 +156,45 @@ def stored_meta(directory: str | os.PathLike, step: int) -> dict:
         return _from_json_safe(json.load(f)) or {}
 
 
+def finalized_steps(directory: str | os.PathLike) -> list[int]:
+    """The finalized steps of a checkpoint directory, read from the file system (orbax renames a step's
+    temporary folder to the bare step number only once it is complete); [] when there is no directory."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def require_checkpoint(directory: str | os.PathLike | None, what: str = "init.path") -> str:
+    """``directory`` as an absolute path if it holds a finalized checkpoint; otherwise a :class:`UserError`
+    naming ``what`` (nothing is created: a typo must not become an empty run directory)."""
+    if not directory:
+        raise UserError(f"{what}={directory!r}: must be a checkpoint directory (.../checkpoints)")
+    path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    if not os.path.isdir(path):
+        raise UserError(f"{what}={os.fspath(directory)!r}: no such directory")
+    if not finalized_steps(path):
+        raise UserError(f"{what}={os.fspath(directory)!r}: holds no finalized checkpoint step (expected "
+                        "numbered step folders, e.g. a run's <output_dir>/checkpoints)")
+    return path
+
+
+def stored_config(directory: str | os.PathLike, step: int | None = None, what: str = "init.path") -> dict:
+    """The experiment config stored with a checkpoint (``step``, default the newest), read as a file."""
+    path = require_checkpoint(directory, what)
+    step = finalized_steps(path)[-1] if step is None else step
+    try:
+        return stored_meta(path, step).get("config") or {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint step {step} in {path}: its meta cannot be read ({e})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 class Checkpointer:
     """Saves and restores ``(TrainState, data_state, meta)`` by optimizer step."""
 
@@ -160,6 +205,28 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data", "meta"))
+
+    def _read(self, step: int, args):
+        """``manager.restore`` with any failure of the stored files turned into a one-line
+        :class:`CheckpointError` naming the step and directory (orbax's own traceback runs to hundreds of
+        lines)."""
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as error:  # orbax and tensorstore raise many types for one bad file
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read (corrupted, "
+                                  f"half-written, or of another model): {_first_line(error)}") from error
+
+    def set_aside(self, step: int) -> str:
+        """Moves an unreadable ``step`` out of the directory (to ``<directory>.corrupt/<step>``), so that a
+        resumed run falls back to the previous step and can write this step again; returns where it went."""
+        target = os.path.join(self.directory + ".corrupt", str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(self.directory + ".corrupt", f"{step}.{suffix}"), suffix + 1
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def latest_step(self) -> int | None:
         """The newest *finalized* step (a half-written one is invisible), or None."""
@@ -189,7 +256,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
         abstract = tree_to_nested(jax.tree.map(_abstract, target))
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
+            restored = self._read(step, ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore()))
             state = nested_to_tree(restored["state"], target)
@@ -201,7 +268,7 @@ class Checkpointer:
         """A checkpoint of the model's earlier layout, one subtree per layer (``layers/0/...``), restored into
         today's stacked layers (``layers/...`` with a leading ``[L]`` axis); anything else re-raises
         ``error``."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
+        restored = self._read(step, ocp.args.Composite(
             state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         stacked = stack_layer_entries(restored["state"])
         if stacked is restored["state"]:
@@ -227,7 +294,10 @@ class Checkpointer:
             restored = self._partial(step, abstract, jax.tree.map(_restore_args, abstract))
             return nested_to_tree(restored, dict(target))
         except (ValueError, KeyError, TypeError) as error:
-            stored = self._manager.item_metadata(step)["state"]
+            try:
+                stored = self._manager.item_metadata(step)["state"]
+            except Exception:  # noqa: BLE001 (unreadable metadata: report the first failure)
+                raise error from None
             wanted = {k: stored[k] for k in abstract if k in stored}
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
             stacked = stack_layer_entries(self._partial(step, wanted, as_numpy))
@@ -238,7 +308,7 @@ class Checkpointer:
             return jax.tree.map(_like, parts, dict(target))
 
     def _partial(self, step: int, item, restore_args):
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        restored = self._read(step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))
         return restored["state"]
 
@@ -248,7 +318,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        restored = self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return _from_json_safe(restored["meta"]) or {}
 
     def wait(self):
@@ -266,31 +336,47 @@ class Checkpointer:
         self.close()
 
 
-# What a resumed run may change: its length and bookkeeping, where files live, the device mesh. Anything else
-# (model, data mix, optimizer, seed, CRD schedule...) makes "resume" continue a different experiment.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.progress",
-                     "train.output_dir", "checkpoint.", "mesh.", "init.", "data.data_dir", "data.train_npy",
-                     "data.validation_npy")
+# What a resumed run may change without being asked: its bookkeeping, where files live, the device mesh.
+# Anything else (model, data mix, optimizer, seed, CRD schedule, and the length: ``train.steps`` sets the
+# learning-rate schedule) makes "resume" continue a different experiment unless the user allows that field
+# (``checkpoint.allow_changes``, the CLI's ``--allow-change``).
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
+                     "train.wandb", "train.output_dir", "checkpoint.", "mesh.", "init.", "data.data_dir",
+                     "data.train_npy", "data.validation_npy")
 
 
-def config_changes(stored: Mapping, current: Mapping,
-                   allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
-    """Dotted keys whose values differ between two ``config_to_dict`` trees, leaving out ``allowed`` keys and
-    prefixes (ending in '.'); tuples and lists compare equal.
+def allowed_change(key: str, allowed: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is covered by ``allowed``: the key itself, its last components
+    (``learning_rate`` covers ``optimizer.learning_rate``) or a prefix ending in '.' (``crd.``)."""
+    return any(key == a or key.endswith("." + a) or (a.endswith(".") and key.startswith(a)) for a in allowed)
+
+
+def config_differences(stored: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (stored value, current value)}`` for every value that differs between two
+    ``config_to_dict`` trees; tuples and lists compare equal.
 
     A key on one side only is a field the other version of the code did not have (a checkpoint written before
     a field with a default was added): not a change. A value on one side where the other has a section (``crd:
     null`` against ``crd: {...}``) is.
     """
     flat_a, flat_b = _flatten(stored), _flatten(current)
-    changed = {k for k in set(flat_a) & set(flat_b) if flat_a[k] != flat_b[k]}
+    out = {k: (flat_a[k], flat_b[k]) for k in set(flat_a) & set(flat_b) if flat_a[k] != flat_b[k]}
     for key in set(flat_a) ^ set(flat_b):
         other = flat_b if key in flat_a else flat_a
         if any(o.startswith(key + ".") for o in other):
-            changed.add(key)
-    ok = lambda k: any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)
-    return sorted(k for k in changed if not ok(k))
+            out[key] = (_section(flat_a, key), _section(flat_b, key))
+    return dict(sorted(out.items()))
+
+
+def config_changes(stored: Mapping, current: Mapping,
+                   allowed: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
+    """The keys of :func:`config_differences` that ``allowed`` (see :func:`allowed_change`) does not cover."""
+    return [k for k in config_differences(stored, current) if not allowed_change(k, allowed)]
+
+
+def _section(flat: dict, key: str):
+    """The value at ``key`` of a flattened tree, or the section below it as a flat dict."""
+    return flat.get(key, {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")})
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -339,7 +425,7 @@ def restore_model(checkpoint_dir: str, step: int | None = None) -> tuple[Llama, 
     a fine-tuning run alike; its weights come from this checkpoint, not from where it started). Only the
     ``params`` and ``rest`` entries of the train state are read, never the optimizer state.
     """
-    ckpt = Checkpointer(checkpoint_dir)
+    ckpt = Checkpointer(require_checkpoint(checkpoint_dir))
     try:
         meta = ckpt.read_meta(step)
         stored = meta["config"]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from selmerge_jax.validation import check_choice, check_int, check_number
 
-__all__ = ["CheckpointConfig", "OptimizerConfig", "TrainConfig"]
+__all__ = ["CheckpointConfig", "OptimizerConfig", "TrainConfig", "WandbConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +52,31 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (needs ``pip install wandb``; off unless this section is
+    given).
+
+    Attributes:
+      project: the W&B project.
+      name: the run's name (default: W&B picks one).
+      entity: the team or user (default: the logged-in user's).
+      mode: "online", "offline" (write locally, ``wandb sync`` later) or "disabled".
+      tags: labels of the run.
+    """
+
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.project, str) or not self.project:
+            raise ValueError(f"WandbConfig.project={self.project!r}: must be a non-empty string")
+        check_choice("WandbConfig.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """How long and on what shapes to train, and what to log.
 
@@ -70,6 +95,7 @@ class TrainConfig:
       eval_batches: validation batches per pass.
       output_dir: metrics, plots and (by default) checkpoints go here.
       progress: show a progress bar (loss, tokens/s, ETA).
+      wandb: also log the metrics to Weights & Biases (null: off).
     """
 
     steps: int = 1000
@@ -83,6 +109,7 @@ class TrainConfig:
     eval_batches: int = 4
     output_dir: str = "runs/default"
     progress: bool = True
+    wandb: WandbConfig | None = None
 
     def __post_init__(self):
         own = "TrainConfig"
@@ -109,6 +136,9 @@ class CheckpointConfig:
       keep: how many of the newest checkpoints to keep.
       async_save: write in a background thread while training continues.
       resume: restore the newest checkpoint in ``directory`` if there is one.
+      allow_changes: config fields a resumed run may change (``training.checkpoint.allowed_change``: a dotted
+        key, its last components such as ``steps`` or ``learning_rate``, or a prefix ending in '.'); every
+        accepted difference is logged. Other differences from the stored config refuse to resume.
     """
 
     directory: str | None = None
@@ -116,9 +146,14 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     resume: bool = True
+    allow_changes: tuple[str, ...] = ()
 
     def __post_init__(self):
         own = "CheckpointConfig"
+        for name in self.allow_changes:
+            if not isinstance(name, str) or not name.strip(".") or " " in name:
+                raise ValueError(f"{own}.allow_changes: {name!r} must be a config field such as "
+                                 "train.steps, steps or learning_rate")
         if self.directory is not None and (not isinstance(self.directory, str) or not self.directory):
             raise ValueError(f"{own}.directory must be null or a non-empty path, got {self.directory!r}")
         check_int(f"{own}.every_steps", self.every_steps, 0)

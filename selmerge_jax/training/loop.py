@@ -2,14 +2,21 @@
 
 ``train`` owns the side effects and nothing else: it builds the optimizer and the ``(graphdef, TrainState)``,
 restores the newest checkpoint (state *and* data-iterator position) when there is one, then runs optimizer
-steps until ``train.steps``. Metrics sync with the device only every ``log_every`` steps, so the host keeps
-queueing work.
+steps until ``train.steps``. Metrics sync with the device only every ``log_every`` steps (and before each
+checkpoint), so the host keeps queueing work.
+
+What it refuses or reports, as a one-line :class:`~selmerge_jax.validation.UserError`: a fresh run
+(``checkpoint.resume=false``) into a directory that holds another run's checkpoints; a resume whose config
+differs in a field nobody allowed (``checkpoint.allow_changes``; accepted differences are logged); a loss or
+gradient that is not finite (:class:`DivergenceError`: the run stops before anything of that step is saved).
+An unreadable newest checkpoint is set aside and the run resumes from the previous good one, saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import time
@@ -24,7 +31,13 @@ from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.memory import check_fits
 from selmerge_jax.sharding.distributed import allgather_json
 from selmerge_jax.sharding.mesh import data_shard, shard_batch, shard_params
-from selmerge_jax.training.checkpoint import Checkpointer, config_changes
+from selmerge_jax.training.checkpoint import (
+    RESUMABLE_CHANGES,
+    Checkpointer,
+    CheckpointError,
+    allowed_change,
+    config_differences,
+)
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
 from selmerge_jax.training.metrics import MetricsWriter, Progress
 from selmerge_jax.training.optimizer import build_optimizer
@@ -35,12 +48,17 @@ from selmerge_jax.training.train_step import (
     make_eval_step,
     make_train_step,
 )
-from selmerge_jax.validation import fail
+from selmerge_jax.validation import UserError, fail
 
-__all__ = ["TrainResult", "evaluate", "peak_memory_bytes", "train"]
+__all__ = ["DivergenceError", "TrainResult", "evaluate", "peak_memory_bytes", "train"]
 
 _log = logging.getLogger(__name__)
 BatchTransform = Callable[[dict, int], dict]
+
+
+class DivergenceError(UserError):
+    """The loss or the gradient norm of a step is NaN or infinite; the message names the step and the last
+    good checkpoint (nothing of the diverged step is saved)."""
 
 
 @dataclasses.dataclass
@@ -87,20 +105,39 @@ def _init(model, train_cfg: TrainConfig, opt_cfg: OptimizerConfig, mesh, trainab
 
 
 def _resume(ckpt: Checkpointer, state: TrainState, batches, meta: dict | None,
-            shard: tuple[int, int]) -> tuple[TrainState, int | None]:
-    step = ckpt.latest_step()
-    if step is None:
-        return state, None
-    _check_same_run(ckpt, step, meta)
-    state, data_state, _ = ckpt.restore(state, step)
+            shard: tuple[int, int], allow: tuple[str, ...] = ()) -> tuple[TrainState, int | None]:
+    """Restores the newest readable checkpoint; unreadable newer steps (a truncated or corrupted file) are set
+    aside with a warning, so the run continues from the previous good step."""
+    steps, bad = ckpt.all_steps(), []
+    for step in reversed(steps):
+        try:
+            accepted = _check_same_run(ckpt, step, meta, allow)
+            restored, data_state, _ = ckpt.restore(state, step)
+        except CheckpointError as error:
+            bad.append((step, error))
+            continue
+        for key, (old, new) in accepted.items():
+            if key != "checkpoint.allow_changes":  # the permission itself is no change of the run
+                _log.warning("resume from step %d: accepting the change of %s: %r -> %r", step, key, old, new)
+        for bad_step, error in bad:
+            where = ckpt.set_aside(bad_step)
+            _log.warning("%s; moved it to %s and resuming from the previous good step %d", error, where, step)
+        _restore_data(batches, data_state, step, shard)
+        _log.info("resumed from %s step %d", ckpt.directory, step)
+        return restored, step
+    if bad:
+        raise CheckpointError(f"no readable checkpoint in {ckpt.directory} (steps "
+                              f"{', '.join(str(s) for s, _ in bad)}); the newest: {bad[0][1]}")
+    return state, None
+
+
+def _restore_data(batches, data_state, step: int, shard: tuple[int, int]) -> None:
     if data_state and hasattr(batches, "set_state"):
         batches.set_state(_my_data_state(data_state, shard, batches))
     elif hasattr(batches, "set_state"):
         _log.warning("checkpoint %d has no data-iterator state; data order restarts from the beginning", step)
     else:
         _log.warning("the batch iterator has no set_state(): a resumed run does not see the same data order")
-    _log.info("resumed from %s step %d", ckpt.directory, step)
-    return state, step
 
 
 def _data_states(batches, shard: tuple[int, int]) -> dict | None:
@@ -142,18 +179,36 @@ def _check_layout(train: TrainConfig, mesh) -> None:
         fail("train.seq_len", train.seq_len, f"a multiple of the mesh's seq axis = {ring} (ring shards)")
 
 
-def _check_same_run(ckpt: Checkpointer, step: int, meta: dict | None):
+def _check_same_run(ckpt: Checkpointer, step: int, meta: dict | None,
+                    allow: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Refuses to resume a checkpoint written under another experiment config: it would silently continue (or,
-    at its final step, silently report) a different run."""
+    at its final step, silently report) a different run. Differences in bookkeeping fields
+    (``RESUMABLE_CHANGES``) and in fields the user allowed are accepted and returned (the caller logs
+    them)."""
     stored = ckpt.read_meta(step).get("config")
     current = (meta or {}).get("config")
     if stored is None or current is None:
-        return
-    changed = config_changes(stored, current)
-    if changed:
-        raise ValueError(f"{ckpt.directory} holds step {step} of a run with another config (changed: "
-                         f"{', '.join(changed)}); resuming would continue a different experiment. Point "
-                         "train.output_dir elsewhere or delete that run's directory.")
+        return {}
+    diffs = config_differences(stored, current)
+    refused = [k for k in diffs if not allowed_change(k, RESUMABLE_CHANGES) and not allowed_change(k, allow)]
+    if refused:
+        listed = "; ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in refused)
+        raise UserError(f"{ckpt.directory} holds step {step} of a run with another config (changed: "
+                        f"{', '.join(refused)}) [{listed}]; resuming would continue a different experiment. "
+                        f"Allow the change explicitly (--allow-change {','.join(refused)}, i.e. "
+                        "checkpoint.allow_changes), point train.output_dir elsewhere, or start over "
+                        "(--overwrite).")
+    return diffs
+
+
+def _refuse_stale_checkpoints(ckpt: Checkpointer) -> None:
+    """A fresh run (``resume=false``) must not write its steps between another run's (orbax would keep the
+    old step of the same number, and metrics and plots would mix)."""
+    steps = ckpt.all_steps()
+    if steps:
+        raise UserError(f"checkpoint.resume=false but {ckpt.directory} already holds checkpoints (steps "
+                        f"{', '.join(map(str, steps))}) of an earlier run: write to a new train.output_dir, "
+                        "or delete that run first (the CLI's --overwrite)")
 
 
 class _Interval:
@@ -162,8 +217,26 @@ class _Interval:
     def __init__(self):
         self.metrics, self.start = [], time.perf_counter()
 
-    def flush(self) -> dict:
+    def check_finite(self, last_step: int, ckpt: Checkpointer, values=None) -> None:
+        """Raises :class:`DivergenceError` at the first step of the interval (ending at ``last_step``) whose
+        loss or gradient norm is not finite."""
+        if values is None:
+            values = jax.device_get([(m["loss"], m["grad_norm"]) for m in self.metrics])
+        else:
+            values = [(m["loss"], m["grad_norm"]) for m in values]
+        first = last_step - len(values) + 1
+        for i, (loss, grad_norm) in enumerate(values):
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                good = [s for s in ckpt.all_steps() if s < first + i]
+                kept = (f"the last good checkpoint is step {good[-1]} in {ckpt.directory}" if good
+                        else f"no checkpoint was written yet ({ckpt.directory})")
+                raise DivergenceError(f"training diverged at step {first + i}: loss={float(loss)}, "
+                                      f"grad_norm={float(grad_norm)}; stopped, {kept} (lower "
+                                      "optimizer.learning_rate, keep optimizer.clip_norm, or check the data)")
+
+    def flush(self, last_step: int, ckpt: Checkpointer) -> dict:
         values = jax.device_get(self.metrics)
+        self.check_finite(last_step, ckpt, values)
         now = time.perf_counter()
         elapsed, steps = now - self.start, len(values)
         tokens = sum(float(m["tokens"]) for m in values)
@@ -195,10 +268,34 @@ def _check_memory(model, train: TrainConfig, optimizer: OptimizerConfig, state, 
                trainable_params=sum(int(x.size) for x in jax.tree.leaves(state.params)) if lora else None)
 
 
+class _Eta:
+    """After the first log intervals, one line with the run's size and a finish time: the first interval holds
+    the compile, so the estimate uses the second one (or the first, when that is all there is)."""
+
+    def __init__(self, start: int, train: TrainConfig):
+        self.start, self.train, self.flushes = start, train, 0
+        tokens = (train.steps - start) * train.batch_size * train.seq_len
+        _log.info("training steps %d -> %d: %d x %d tokens a step, %s tokens in all", start, train.steps,
+                  train.batch_size, train.seq_len, f"{tokens:,}")
+
+    def update(self, step: int, line: dict) -> None:
+        self.flushes += 1
+        if self.flushes == 1:
+            _log.info("step %d: the first %d steps took %.1f s (compile included)", step, step - self.start,
+                      line["step_time_s"] * (step - self.start))
+        if self.flushes == 2 or (self.flushes == 1 and step == self.train.steps):
+            left = self.train.steps - step
+            eta = datetime.timedelta(seconds=round(left * line["step_time_s"]))
+            _log.info("step %d/%d: %.3g s/step, %s tokens/s; %d steps (%s tokens) left, ETA %s", step,
+                      self.train.steps, line["step_time_s"], f"{line['tokens_per_s']:,.0f}", left,
+                      f"{left * self.train.batch_size * self.train.seq_len:,}", eta)
+
+
 def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: OptimizerConfig,
           checkpoint: CheckpointConfig, eval_batches: Callable[[], Iterable[dict]] | None = None, mesh=None,
           forward=default_forward, batch_transform: BatchTransform | None = None,
-          meta: dict | None = None, trainable=None, eval_forward=None) -> TrainResult:
+          meta: dict | None = None, trainable=None, eval_forward=None,
+          step_log: Callable[[int], dict] | None = None) -> TrainResult:
     """Trains ``model`` (an ``nnx.Module``) on ``batches`` to ``train.steps`` optimizer steps.
 
     Args:
@@ -213,6 +310,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
       meta: JSON kept with every checkpoint (e.g. the experiment config).
       trainable: an NNX filter of the trained variables (default from ``train.trainable``).
       eval_forward: the forward of validation passes (default: ``forward``).
+      step_log: ``step -> {name: value}`` added to every metrics line (e.g. the CRD NTK scale of that step).
     """
     _check_layout(train, mesh)
     shard = data_shard(mesh, train.batch_size)
@@ -222,13 +320,16 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
     ckpt = Checkpointer(ckpt_dir, keep=checkpoint.keep, async_save=checkpoint.async_save)
     resumed = None
     if checkpoint.resume:
-        state, resumed = _resume(ckpt, state, batches, meta, shard)
+        state, resumed = _resume(ckpt, state, batches, meta, shard, checkpoint.allow_changes)
+    else:
+        _refuse_stale_checkpoints(ckpt)
     step_fn = make_train_step(graphdef, tx, schedule=schedule,
                               accumulation_steps=optimizer.accumulation_steps,
                               compute_dtype=train.compute_dtype, forward=forward)
     eval_step = make_eval_step(graphdef, compute_dtype=train.compute_dtype, forward=eval_forward or forward)
-    writer = MetricsWriter(train.output_dir)
+    writer = MetricsWriter(train.output_dir, wandb=train.wandb, run_config=(meta or {}).get("config"))
     step = int(state.step)
+    eta = _Eta(step, train)
     progress = Progress(step, train.steps, enabled=train.progress)
     history, evals = [], []
     context = contextlib.ExitStack()
@@ -245,12 +346,16 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
             step += 1
             interval.metrics.append(metrics)
             if step % train.log_every == 0 or step == train.steps:
-                line = interval.flush()
+                line = interval.flush(step, ckpt)
+                if step_log is not None:
+                    line.update(step_log(step))
                 if (peak := peak_memory_bytes()) is not None:
                     line["peak_bytes"] = peak
                 writer.write(step, line)
                 history.append({"step": step, **line})
-                progress.update(step, {"loss": line["loss"], "tok/s": f"{line['tokens_per_s']:.0f}"})
+                eta.update(step, line)
+                progress.update(step, {"loss": line["loss"], "tok/s": f"{line['tokens_per_s']:.0f}",
+                                       **{k: v for k, v in line.items() if k == "crd_scale"}})
             if eval_batches is not None and train.eval_batches and (
                     step == train.steps or (train.eval_every and step % train.eval_every == 0)):
                 line = evaluate(eval_step, state, eval_batches(), train.eval_batches, mesh)
@@ -258,6 +363,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
                 evals.append({"step": step, **line})
                 interval.start = time.perf_counter()  # evaluation time is not training throughput
             if step == train.steps or (checkpoint.every_steps and step % checkpoint.every_steps == 0):
+                interval.check_finite(step, ckpt)  # never save a diverged state
                 ckpt.save(step, state, data_state=_data_states(batches, shard), meta=meta)
     finally:
         context.close()
