@@ -46,8 +46,10 @@ def test_load_hf_as_ms_is_causal(tmp_path):
     assert model.config.ms.selection_source == "previous" and model.config.ms.causal
 
 
-@pytest.mark.parametrize("path", ["experiments/configs/gpu_25m_ms.yaml", "selmerge_jax/main/configs/demo.yaml",
-                                  "selmerge_jax/main/configs/pretrain.yaml", "selmerge_jax/main/configs/finetune.yaml"])
+@pytest.mark.parametrize("path", ["experiments/configs/gpu_25m_ms.yaml",
+                                  "selmerge_jax/main/configs/demo.yaml",
+                                  "selmerge_jax/main/configs/pretrain.yaml",
+                                  "selmerge_jax/main/configs/finetune.yaml"])
 def test_result_configs_pin_the_selection_source(path):
     """The configs behind README figures and results/INDEX.md rows say which selection they used, so the
     default can never change what they mean."""
