@@ -167,7 +167,7 @@ def test_selective_decode_reads_only_its_blocks():
     assert int(blocks[0, 0, -1]) == 4  # the block holding the new token
 
 
-# ---- bad input, named before anything compiles --------------------------------------------------------------
+# ---- bad input, named before anything compiles -------------------------------------------------------------
 
 def test_bad_long_inference_input_is_named(model):
     prompts = _prompts(b=1, t=40)
@@ -179,31 +179,34 @@ def test_bad_long_inference_input_is_named(model):
                     compression=SNAP)
     with pytest.raises(ValueError, match=r"DecodeSelection.block=7: must be a divisor of the cache capacity "
                                          r"C=48; allowed: .*6, 8, 12, 16, 24, 48"):
-        gen.generate(model, prompts, max_new_tokens=2, capacity=48,
+        gen.generate(model, prompts, max_new_tokens=2, capacity=48, prefill_attention="model",
                      selection=kvcache.DecodeSelection(block=7, top_m=2))
     with pytest.raises(ValueError, match=r"prompt T=40 does not fit the caches' capacity=16"):
         gen.prefill(model, prompts, gen.init_caches(model, 1, 16))
     with pytest.raises(ValueError, match=r"KVCompressionConfig.policy='snap': must be one of"):
         KVCompressionConfig(policy="snap", budget=8)
     with pytest.raises(ValueError, match=r"KVCompressionConfig.quant='int8': must be 'none'"):
-        gen.prefill(model, prompts, long.compressed_caches(model.config, 1, SNAP, 40), prefill_attention="model",
+        gen.prefill(model, prompts, long.compressed_caches(model.config, 1, SNAP, 40),
+                    prefill_attention="model",
                     compression=KVCompressionConfig(policy="h2o", budget=16, slack=8, sink=1, window=2,
                                                     quant="int8"))
 
 
 def test_a_prompt_that_does_not_fit_is_refused_with_the_estimate_and_the_largest_that_fits():
     """Llama-3-8B shape, 1M-token prompt, full bf16 cache, on a 141 GB device: refused before compiling (the
-    model and caches are abstract: nothing is allocated), naming the estimate and the largest prompt that fits;
-    a 1/8 budget shrinks the cache part eightfold."""
+    model and caches are abstract: nothing is allocated), naming the estimate and the largest prompt that
+    fits; a 1/8 budget shrinks the cache part eightfold."""
     from selmerge_jax.models import memory
 
     cfg = preset("llama3-8b", dtype="bfloat16", param_dtype="bfloat16", attention="ms")
     t, limit = 2**20, 141 * 2**30
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     caches = jax.eval_shape(lambda: gen.init_caches(abstract, 1, t + 64))
-    with pytest.raises(ValueError, match=r"prompt_len=1048576 .* needs an estimated \d+\.\d GiB \(weights 15\.0, "
-                                         r"cache 131\.0, .*the largest prompt that fits is \d+ tokens"):
-        gen.prefill(abstract, np.zeros((1, t), np.int32), caches, prefill_attention="model", memory_limit=limit)
+    with pytest.raises(ValueError, match=r"prompt_len=1048576 .* needs an estimated \d+\.\d GiB "
+                                         r"\(weights 15\.0, cache 131\.0, .*the largest prompt that fits is "
+                                         r"\d+ tokens"):
+        gen.prefill(abstract, np.zeros((1, t), np.int32), caches, prefill_attention="model",
+                    memory_limit=limit)
     full = memory.inference_memory(cfg, batch=1, prompt_len=t, new_tokens=64)
     eighth = memory.inference_memory(cfg, batch=1, prompt_len=t, new_tokens=64,
                                      compression=KVCompressionConfig(policy="h2o", ratio=1 / 8, slack=256))
