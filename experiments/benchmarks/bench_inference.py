@@ -1,14 +1,24 @@
 """Long-prompt inference of an 8B model on one device: one-pass prefill (MS vs dense flash), then decode.
 
-Random weights at real shapes (speed and memory). Per cell (preset, prompt T, batch, prefill attention), one
-JSON line: the one-pass prefill that writes every layer's K/V into the cache (``generate.prefill`` with
-``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with
-cuDNN flash attention), timed alone after a compile (its seconds are time to first token, TTFT), then
-``--new`` greedy decode steps over the full cache (ms/token), the device's peak and the logits' KL divergence
-of MS prefill from dense prefill at the last prompt token. A prompt the planner says cannot fit is refused
-with its estimate instead of run.
+Random weights at real shapes (speed and memory). Cells: (prompt T, batch) from ``--grid issue23``
+(Llama-3-8B shape, T in {8K, 32K, 128K, 512K, 1M} at batch 1 and {32K, 128K} at batch 4; 8K is the decode
+reference) or ``--lengths``/``--batches``. Per cell and prefill variant, one JSON line:
 
-  python experiments/benchmarks/bench_inference.py --preset llama3-8b --lengths 32768,131072 --out rows.jsonl
+* ``ms`` / ``dense``: the one-pass prefill writing every layer's K/V into a full cache (``generate.prefill``,
+  ``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with
+  cuDNN flash attention), timed alone after a compile (time to first token, TTFT); then ``--new`` greedy
+  decode steps over the full cache, dense (``decode_ms_per_token``) and, for ``ms``, selective
+  (``select_decode_ms_per_token``: top blocks + centroids, ``kvcache.DecodeSelection``);
+* ``ms+budget``: the MS prefill compressing into ``--budget`` slots as it goes (``--policy``), then decode
+  over the budget cache (dense, and selective).
+
+Every cell is planned first (``models.memory.inference_memory``); one the planner says cannot fit the device
+is written as a ``refused`` row with its estimate and the largest prompt that fits, never run. ``--dry-run``
+plans every cell and writes the rows without compiling anything. A ``inference_speedup`` line per cell gives
+the MS/dense prefill ratio and the KL of MS from dense logits at the last prompt token.
+
+  python experiments/benchmarks/bench_inference.py --grid issue23 --out experiments/results/<dir>/rows.jsonl
+  JAX_PLATFORMS=cpu python experiments/benchmarks/bench_inference.py --preset tiny --lengths 256 --new 4
 """
 
 import argparse
@@ -25,11 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from selmerge_jax import kvcache
 from selmerge_jax.attention import MSAttentionConfig
-from selmerge_jax.models import Llama, preset
+from selmerge_jax.kvcache import KVCompressionConfig
+from selmerge_jax.models import Llama, memory, preset
+from selmerge_jax.models import generate_long as long
 from selmerge_jax.models.generate import decode, init_caches, prefill
 
 PRESETS = ("llama3-8b", "llama2-7b", "tiny")
+VARIANTS = ("ms", "dense", "ms+budget")
+GRIDS = {"issue23": [(8192, 1), (32768, 1), (131072, 1), (524288, 1), (1048576, 1), (32768, 4),
+                     (131072, 4)]}
 
 
 def parse_args(argv=None):
@@ -37,31 +53,58 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="llama3-8b")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (iteration only)")
+    p.add_argument("--grid", choices=tuple(GRIDS), default=None, help="the cells of an issue (overrides "
+                   "--lengths/--batches)")
     p.add_argument("--lengths", default="32768,131072", help="comma-separated prompt lengths")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prefill", default="ms,dense", help="comma-separated: ms, dense")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes (every length at each)")
+    p.add_argument("--prefill", default="ms,dense,ms+budget", help=f"comma-separated: {','.join(VARIANTS)}")
     p.add_argument("--new", type=int, default=32, help="decode steps timed after the prefill")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--top-k", type=int, default=17)
     p.add_argument("--ms-kernel", default="pallas", choices=("pallas", "reference"))
     p.add_argument("--dense-kernel", default="auto", choices=("auto", "cudnn", "xla"))
+    p.add_argument("--policy", default="snapkv", help="compression policy of ms+budget")
+    p.add_argument("--budget", type=int, default=4096, help="KV slots per layer of ms+budget")
+    p.add_argument("--select-top-m", type=int, default=32, help="blocks a selective decode step attends")
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory limit")
+    p.add_argument("--dry-run", action="store_true", help="plan every cell, compile and run nothing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     try:
         args.lengths = tuple(int(x) for x in args.lengths.split(","))
+        args.batches = tuple(int(x) for x in args.batches.split(","))
     except ValueError:
-        p.error(f"--lengths={args.lengths!r}: expected comma-separated positive ints")
+        p.error(f"--lengths={args.lengths!r} / --batches={args.batches!r}: expected comma-separated ints")
     args.prefill = tuple(args.prefill.split(","))
+    args.cells = GRIDS[args.grid] if args.grid else [(t, b) for b in args.batches for t in args.lengths]
     for name, value, ok in (("--lengths", args.lengths, min(args.lengths) > 0),
-                            ("--prefill", args.prefill, set(args.prefill) <= {"ms", "dense"}),
-                            ("--batch", args.batch, args.batch > 0), ("--new", args.new, args.new > 1),
+                            ("--batches", args.batches, min(args.batches) > 0),
+                            ("--prefill", args.prefill, set(args.prefill) <= set(VARIANTS)),
+                            ("--new", args.new, args.new > 1),
+                            ("--budget", args.budget, args.budget > 0),
                             ("--layers", args.layers, args.layers is None or args.layers > 0)):
         if not ok:
-            p.error(f"{name}={value!r} is not allowed (lengths, batch and layers "
-                    "positive, new >= 2, prefill in "
-                    "ms,dense)")
+            p.error(f"{name}={value!r} is not allowed (lengths, batches, budget and layers positive, "
+                    f"new >= 2, prefill in {','.join(VARIANTS)})")
+    try:
+        compression(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def compression(args) -> KVCompressionConfig:
+    """The ms+budget cells' policy: ``--budget`` slots, a prompt chunk (slack) of up to 256 tokens, SnapKV's
+    window of up to 32 queries and a recent window of up to 64 (both at most a quarter of the budget)."""
+    quarter = max(args.budget // 4, 1)
+    return KVCompressionConfig(policy=args.policy, budget=args.budget, slack=min(256, args.budget), sink=4,
+                               window=min(64, quarter), obs_window=min(32, quarter), pool_kernel=7)
+
+
+def selection(args, capacity: int) -> kvcache.DecodeSelection:
+    blocks = capacity // args.block_size
+    return kvcache.DecodeSelection(block=args.block_size, top_m=min(args.select_top_m, blocks),
+                                   sink_blocks=1, local_blocks=1)
 
 
 def model_config(args, attention: str, seq_len: int):
@@ -74,23 +117,10 @@ def model_config(args, attention: str, seq_len: int):
     return preset(args.preset, **kw)
 
 
-def estimate_bytes(cfg, batch: int, capacity: int) -> int:
-    """Weights + a bf16 cache of ``capacity`` slots per layer + one layer's prefill working set (q/k/v/o, the
-    SwiGLU's three [T, F] arrays, the residual) + the last token's logits; the same closed form as the
-    training planner (``models.memory``), without the backward."""
-    d, f, h = cfg.d_model, cfg.ffn_dim, cfg.head_size
-    params = cfg.num_layers * (d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f)
-    params += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    cache = (cfg.num_layers * 2 * batch * cfg.num_kv_heads * capacity * h * 2
-             + cfg.num_layers * batch * capacity * 8)
-    working = batch * capacity * (3 * f + 4 * d + h * (cfg.num_heads + 2 * cfg.num_kv_heads)) * 2
-    return params * 2 + cache + working + batch * cfg.vocab_size * 4 + int(1.5 * 2**30)
-
-
 def _capacity(args) -> int:
     if args.capacity_gb is not None:
         return int(args.capacity_gb * 2**30)
-    return int((jax.devices()[0].memory_stats() or {}).get("bytes_limit", 80 * 2**30))
+    return long.device_memory_limit() or 80 * 2**30
 
 
 def _peak_gb():
@@ -98,43 +128,78 @@ def _peak_gb():
     return None if "peak_bytes_in_use" not in stats else round(stats["peak_bytes_in_use"] / 2**30, 2)
 
 
-def run_cell(args, state_cache: dict, attention: str, seq_len: int) -> tuple[dict, np.ndarray | None]:
-    cfg = model_config(args, attention, seq_len)
-    capacity = seq_len + args.new
-    row = {"bench": "inference", "preset": args.preset, "layers": cfg.num_layers, "batch": args.batch,
-           "seq_len": seq_len, "prefill": attention, "new_tokens": args.new}
-    need = estimate_bytes(cfg, args.batch, capacity)
-    row["estimate_gb"] = round(need / 2**30, 2)
-    if need > _capacity(args):
-        return {**row, "status": "refused", "reason": f"estimated {need / 2**30:.1f} GiB > the device's "
-                                                      f"{_capacity(args) / 2**30:.1f} GiB"}, None
-    if "state" not in state_cache:  # one set of random weights for every cell
-        state_cache["state"] = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1])()
-    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0],
-                      state_cache["state"])
-    prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size,
-                                                      (args.batch, seq_len)).astype(np.int32)
-    caches = init_caches(model, args.batch, capacity)
+def _slots(seq_len: int, new: int, block: int) -> int:
+    """Full-cache slots: the prompt and the new tokens, rounded up to whole blocks (selective decode)."""
+    return -(-(seq_len + new) // block) * block
+
+
+def plan(args, variant: str, seq_len: int, batch: int) -> dict:
+    """The cell's row before anything runs: the planner's estimate, and ``refused`` when it does not fit."""
+    cfg = model_config(args, "dense" if variant == "dense" else "ms", seq_len)
+    comp = compression(args) if variant == "ms+budget" else None
+    slots = _slots(seq_len, args.new, args.block_size)
+    row = {"bench": "inference", "preset": args.preset, "layers": cfg.num_layers, "batch": batch,
+           "seq_len": seq_len, "prefill": variant, "new_tokens": args.new,
+           "budget": None if comp is None else comp.budget, "policy": None if comp is None else comp.policy}
+    if comp is not None and comp.budget >= seq_len:
+        return {**row, "status": "refused", "reason": f"budget={comp.budget} is not smaller than the prompt"}
+    kw = dict(new_tokens=slots - seq_len, compression=comp, prefill="model")
+    est = memory.inference_memory(cfg, batch=batch, prompt_len=seq_len, **kw)
+    row.update(estimate_gb=round(est.total / 2**30, 2), estimate=est.describe(),
+               device_gb=round(_capacity(args) / 2**30, 1))
+    if est.total > _capacity(args):
+        fits = memory.largest_fitting_prompt(cfg, _capacity(args), batch=batch, **kw)
+        return {**row, "status": "refused", "largest_prompt_that_fits": fits,
+                "reason": f"estimated {est.total / 2**30:.1f} GiB > the device's "
+                          f"{_capacity(args) / 2**30:.1f}"}
+    return {**row, "status": "planned"}
+
+
+def _timed(fn):
     t0 = time.perf_counter()
-    logits, caches = prefill(model, prompts, caches, prefill_attention="model")
-    jax.block_until_ready(logits)
-    row["first_prefill_s"] = round(time.perf_counter() - t0, 3)  # compile included
-    caches = init_caches(model, args.batch, capacity)
-    t0 = time.perf_counter()
-    logits, caches = prefill(model, prompts, caches, prefill_attention="model")
-    jax.block_until_ready(logits)
-    row["prefill_s"] = row["ttft_s"] = round(time.perf_counter() - t0, 3)
-    start = jnp.full((args.batch,), seq_len, jnp.int32)
-    times = []
-    for _ in range(2):  # the first call compiles; both decode the same positions (the cache is overwritten)
-        t0 = time.perf_counter()
-        out, caches = decode(model, caches, logits, start, max_new_tokens=args.new)
-        jax.block_until_ready(out.tokens)
-        times.append(time.perf_counter() - t0)
-    row.update(status="ok", decode_ms_per_token=round(1e3 * times[-1] / (args.new - 1), 3),
-               prefill_tokens_per_s=round(args.batch * seq_len / row["prefill_s"], 1),
-               peak_gb_process=_peak_gb())
-    return row, np.asarray(logits, np.float32)
+    out = fn()
+    jax.block_until_ready(jax.tree_util.tree_leaves(out)[0])
+    return out, time.perf_counter() - t0
+
+
+def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
+    variant, seq_len, batch = row["prefill"], row["seq_len"], row["batch"]
+    cfg = model_config(args, "dense" if variant == "dense" else "ms", seq_len)
+    comp = compression(args) if variant == "ms+budget" else None
+    if "state" not in weights:  # one set of random weights for every cell
+        weights["state"] = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1])()
+    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0], weights["state"])
+    prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
+    slots = _slots(seq_len, args.new, args.block_size)
+
+    def fresh():
+        return (long.compressed_caches(cfg, batch, comp, seq_len) if comp is not None
+                else init_caches(model, batch, slots))
+
+    limit = _capacity(args)
+    run = lambda: prefill(model, prompts, fresh(), prefill_attention="model", compression=comp,
+                          memory_limit=limit)
+    (logits, caches), first = _timed(run)
+    (logits, caches), ttft = _timed(run)
+    row = {**row, "first_prefill_s": round(first, 3), "prefill_s": round(ttft, 3), "ttft_s": round(ttft, 3),
+           "prefill_tokens_per_s": round(batch * seq_len / ttft, 1),
+           "cache_gb": round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3)}
+    start = jnp.full((batch,), seq_len, jnp.int32)
+    sel = selection(args, caches[0].capacity)
+    modes = [("decode_ms_per_token", None)] + ([("select_decode_ms_per_token", sel)] if variant != "dense"
+                                                 else [])
+    kept = np.asarray(logits, np.float32)
+    for name, s in modes:
+        times = []
+        for _ in range(2):  # the first call compiles; both decode the same positions from the same prefill
+            _, caches = run()
+            _, dt = _timed(lambda caches=caches, s=s: decode(model, caches, logits, start,
+                                                                   max_new_tokens=args.new, compression=comp,
+                                                                   selection=s))
+            times.append(dt)
+        row[name] = round(1e3 * times[-1] / (args.new - 1), 3)
+    row.update(status="ok", select_top_m=sel.top_m, select_block=sel.block, peak_gb_process=_peak_gb())
+    return row, kept
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -148,6 +213,7 @@ def emit(row: dict, out: str | None) -> None:
     line = json.dumps(row)
     print(line, flush=True)
     if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "a") as f:
             f.write(line + "\n")
 
@@ -156,22 +222,23 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "python": platform.python_version()}
-    rows, cache = [], {}
-    for t in sorted(args.lengths):
-        logits = {}
-        for attention in args.prefill:
-            try:
-                row, logits[attention] = run_cell(args, cache, attention if attention == "ms" else "dense", t)
-            except Exception as e:  # noqa: BLE001 -- an OOM in one cell must not lose the others
-                row = {"bench": "inference", "preset": args.preset, "seq_len": t, "prefill": attention,
-                       "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:1500]}"}
-                cache.clear()
+    rows, weights = [], {}
+    for t, b in args.cells:
+        logits, done = {}, {}
+        for variant in args.prefill:
+            row = plan(args, variant, t, b)
+            if row["status"] == "planned" and not args.dry_run:
+                try:
+                    row, logits[variant] = run_cell(args, weights, row)
+                except Exception as e:  # noqa: BLE001 -- an OOM in one cell must not lose the others
+                    row = {**row, "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:1500]}"}
+                    weights.clear()
             rows.append({**row, **env})
+            done[variant] = rows[-1]
             emit(rows[-1], args.out)
-        if logits.get("ms") is not None and logits.get("dense") is not None:
-            ms_row, dense_row = (next(r for r in rows[::-1] if r.get("prefill") == a and r["seq_len"] == t)
-                                 for a in ("ms", "dense"))
-            emit({"bench": "inference_speedup", "preset": args.preset, "seq_len": t, "batch": args.batch,
+        if "ms" in logits and "dense" in logits:
+            ms_row, dense_row = done["ms"], done["dense"]
+            emit({"bench": "inference_speedup", "preset": args.preset, "seq_len": t, "batch": b,
                   "prefill_speedup": round(dense_row["prefill_s"] / ms_row["prefill_s"], 3),
                   "kl_ms_vs_dense_last_token": kl(logits["dense"], logits["ms"]),
                   "median_decode_ms": statistics.median([ms_row["decode_ms_per_token"],

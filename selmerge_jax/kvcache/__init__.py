@@ -14,8 +14,10 @@ cache)``; with a capacity that holds the prompt, SnapKV's kept set does not depe
 ``KVCompressionConfig.scoring`` picks GQA-native (default), published or kvpress scores for H2O/TOVA (the
 table is in ``policies``). Quantized storage: ``init_quantized`` + ``quantized_step`` (same arguments).
 Uncompressed caches use ``append`` + ``attend`` directly; ``attend_selected`` is the query-aware
-block-selection read of a cache. Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped
-into budget classes, one cache per class) + ``grouped_step``.
+block-selection read of a cache; ``SelectiveCache`` + ``selective_step`` decode over the top blocks with an
+index carried between steps. ``compress_prompt`` streams a prompt's k/v into a budget-sized cache (the
+one-pass prefill). Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped into budget
+classes, one cache per class) + ``grouped_step``.
 """
 
 from selmerge_jax.kvcache.cache import (
@@ -49,11 +51,14 @@ from selmerge_jax.kvcache.policies import (
     slot_scores,
     step,
 )
-from selmerge_jax.kvcache.prefill import chunked_prefill, left_pad, scan_chunks
+from selmerge_jax.kvcache.prefill import chunked_prefill, compress_prompt, left_pad, scan_chunks, scored_rows
 from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
 from selmerge_jax.kvcache.query_select import attend_selected, region_summaries, select_blocks
+from selmerge_jax.kvcache.selective import DecodeSelection, SelectiveCache, init_selective, selective_step
 
 __all__ = [
+    "DecodeSelection",
+    "SelectiveCache",
     "HeadClasses",
     "KVCache",
     "KVCompressionConfig",
@@ -66,12 +71,14 @@ __all__ = [
     "attend_slots",
     "chunked_prefill",
     "compress",
+    "compress_prompt",
     "gather_slots",
     "grouped_step",
     "init_cache",
     "init_for",
     "init_grouped",
     "init_quantized",
+    "init_selective",
     "kv_nbytes",
     "left_pad",
     "make_room",
@@ -83,7 +90,9 @@ __all__ = [
     "region_summaries",
     "retrieval_scores",
     "scan_chunks",
+    "scored_rows",
     "select_blocks",
+    "selective_step",
     "slot_scores",
     "step",
     "valid_mask",

@@ -6,6 +6,12 @@ policy compresses the cache back to its budget (``policies.make_room``), so the 
 ``budget + T`` slots and the attention scores of a chunk are ``[T, budget + T]``, never ``[S, S]``. For a
 whole model, run the same scan over the model's per-chunk forward (every layer calling ``policies.step`` on
 its own cache): :func:`scan_chunks` is that driver.
+
+:func:`compress_prompt` is the same eviction schedule for a prefill whose attention output comes from
+elsewhere (a one-pass select-and-merge forward over the whole prompt, ``models.generate``): the layer's prompt
+k/v stream into a cache of ``budget + chunk`` slots chunk by chunk, and only the queries a policy reads are
+scored against the cache (SnapKV its observation window, TOVA the latest query, H2O every query,
+StreamingLLM none). The kept set is the one :func:`chunked_prefill` keeps from the same q/k/v.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.kvcache import policies
-from selmerge_jax.kvcache.cache import KVCache
+from selmerge_jax.kvcache.cache import KVCache, append, attend
 from selmerge_jax.kvcache.config import KVCompressionConfig
+from selmerge_jax.validation import check_positive_int, fail
 
-__all__ = ["chunked_prefill", "left_pad", "scan_chunks"]
+__all__ = ["chunked_prefill", "compress_prompt", "left_pad", "scan_chunks", "scored_rows"]
 
 
 def left_pad(x, positions, chunk: int):
@@ -93,3 +100,67 @@ def chunked_prefill(cache: KVCache, config: KVCompressionConfig, q, k, v, positi
                              lambda c: c,
                              cache)
     return out, cache
+
+
+def scored_rows(config: KVCompressionConfig, chunk: int) -> int:
+    """How many of a chunk's queries the policy reads: the last ``obs_window`` (SnapKV), the latest (TOVA),
+    all (H2O), none (StreamingLLM and ``"none"``)."""
+    if not policies.needs_probs(config):
+        return 0
+    return {"snapkv": min(config.obs_window, chunk), "tova": 1}.get(config.policy, chunk)
+
+
+def _last_rows(x, positions, n: int):
+    """The last ``n`` rows of each batch row's real (position >= 0) run: ``x [B, T, ...]`` gathered to
+    ``[B, n, ...]`` and their positions ``[B, n]`` (-1 where the run is shorter than ``n``).
+
+    Real tokens of a chunk are one contiguous run (prompts are padded at one end only), so these are the rows
+    ``policies.observe`` would pick out of the whole chunk.
+    """
+    t = positions.shape[1]
+    real = positions >= 0
+    last = t - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]; a chunk of padding only: its last row (padding)
+    idx = last[:, None] - (n - 1) + jnp.arange(n)  # [B, n]
+    ok = idx >= 0
+    idx = jnp.clip(idx, 0, t - 1)
+    pos = jnp.where(ok, jnp.take_along_axis(positions, idx, axis=1), -1)
+    gather = jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    return gather, pos
+
+
+def compress_prompt(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, chunk: int,
+                    budget: int, finish: bool = True, scale: float | None = None, window: int | None = None):
+    """Streams one layer's prompt k/v ``[B, S, K, H]`` into a compressed cache, ``chunk`` tokens at a time.
+
+    For each chunk: compress to ``budget`` if the chunk would not fit (``policies.make_room``), append it, and
+    fold into the policy's score the attention over the cache of the chunk's queries the policy reads
+    (:func:`scored_rows`; q ``[B, S, N, H]``). The attention *output* is not computed: the caller has it from
+    its own forward. The cache therefore never holds more than ``budget + chunk`` slots whatever S is, and the
+    kept set equals :func:`chunked_prefill`'s on the same q/k/v (same chunks, same left padding, same final
+    compression with ``finish``). Returns the cache.
+    """
+    check_positive_int("chunk", chunk)
+    if config.policy == "none":
+        fail("KVCompressionConfig.policy", config.policy,
+             "a compression policy for compress_prompt (a full cache needs no streaming: kvcache.append)")
+    config.check_capacity(budget, cache.capacity, chunk)
+    s = k.shape[1]
+    if s % chunk:
+        (q, _), (k, _), (v, positions) = (left_pad(x, positions, chunk) for x in (q, k, v))
+    rows = scored_rows(config, chunk)
+
+    def step(c, x, p):
+        qc, kc, vc = x
+        c = policies.make_room(c, config, budget, chunk)
+        c = append(c, kc, vc, p)
+        if rows:
+            qs, ps = (qc, p) if rows == chunk else _last_rows(qc, p, rows)
+            _, probs, _ = attend(c, qs, ps, scale=scale, return_probs=True, window=window)
+            c = policies.observe(c, probs, config, ps)
+        return c, None
+
+    cache, _ = scan_chunks(step, cache, (q, k, v), positions, chunk)
+    if finish:
+        cache = jax.lax.cond(cache.length > budget, lambda c: policies.compress(c, config, budget),
+                             lambda c: c, cache)
+    return cache

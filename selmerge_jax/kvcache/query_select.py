@@ -112,10 +112,16 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
 
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
                     local_blocks: int = 1, centroids: bool = False, scale: float | None = None,
-                    index: BlockIndex | None = None):
+                    index: BlockIndex | None = None, return_probs: bool = False):
     """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``,
     one merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
-    ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary."""
+    ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary.
+
+    This is the pure-jnp reference of a selective decode kernel: ``select_blocks`` (R summaries) gives the
+    block list, then exact attention reads ``top_m * block`` slots (+ R centroids); a GPU kernel takes the
+    same block list and reads the same slots. ``return_probs`` also returns the probabilities of the cache's
+    own slots ``float32 [B, K, G, T, C]`` (0 for unselected slots; centroid mass not included), what the
+    scoring policies fold in (``policies.observe``)."""
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks, index=index)
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
@@ -130,7 +136,15 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
         v = jnp.concatenate([v, vs.astype(v.dtype)], 2)
         pos = jnp.concatenate([pos, jnp.where(n > 0, newest, -1)], 2)
         count = jnp.concatenate([count, n], 2)
-    return attend_slots(q, q_positions, k, v, pos, count, scale=scale)
+    if not return_probs:
+        return attend_slots(q, q_positions, k, v, pos, count, scale=scale)
+    out, probs, _ = attend_slots(q, q_positions, k, v, pos, count, scale=scale, return_probs=True)
+    b, kh, g, t, _ = probs.shape
+    tokens = probs[..., :slots.shape[-1]]  # [B, K, G, T, M*W]: the selected slots, centroids dropped
+    full = jnp.zeros((b, kh, g, t, cache.capacity), jnp.float32)
+    bi, ki = jnp.arange(b)[:, None, None, None, None], jnp.arange(kh)[None, :, None, None, None]
+    gi, ti = jnp.arange(g)[None, None, :, None, None], jnp.arange(t)[None, None, None, :, None]
+    return out, full.at[bi, ki, gi, ti, slots[:, :, None, None, :]].set(tokens)
 
 
 def _bk(idx):

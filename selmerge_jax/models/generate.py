@@ -26,6 +26,7 @@ from flax import nnx
 
 from selmerge_jax import kvcache
 from selmerge_jax.layers.attention import AttentionSpec, attend
+from selmerge_jax.models import generate_long as long
 from selmerge_jax.models.llama import Llama
 from selmerge_jax.validation import check_choice, check_number, check_positive_int
 
@@ -175,7 +176,8 @@ def _check_prompts(prompts, lengths):
 
 
 def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None,
-            prefill_attention: str = "cache"):
+            prefill_attention: str = "cache", compression: kvcache.KVCompressionConfig | None = None,
+            memory_limit: int | None = None):
     """Runs right-padded prompts ``int [B, T]`` (real lengths ``lengths [B]``) into ``caches``.
 
     ``prefill_attention="cache"``: chunk by chunk, each chunk attending exactly over the cache; ``"model"``:
@@ -183,17 +185,43 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
     ``cache_fn`` are then not used). Returns
     ``(logits float32 [B, V] at each row's last prompt token, caches)``. The caches are donated. ``cache_fn``
     replaces ``llama.append_and_attend`` (hashable: it is a static argument of the compiled scan).
+
+    ``compression`` (a ``KVCompressionConfig`` with a policy): the caches are budget-sized
+    (``generate_long.compressed_caches``: each layer's budget is its capacity minus ``slack``) and the prompt
+    is compressed *while* it goes through: with ``"model"`` each layer's k/v stream into its cache ``slack``
+    tokens at a time after the one-pass attention (``kvcache.compress_prompt``), with ``"cache"`` every chunk
+    evicts before it is appended (``kvcache.step``). Either way no cache ever holds more than budget + slack
+    slots. ``memory_limit``: bytes the prefill may plan (``models.memory.inference_memory``); default the
+    device's limit where it reports one (not on CPU), 0: no check. A prompt that does not fit is refused
+    before compiling, naming the estimate and the largest prompt that fits.
     """
     check_positive_int("chunk_size", chunk_size)
     check_choice("prefill_attention", prefill_attention, PREFILL_ATTENTION)
     prompts, lengths = _check_prompts(prompts, lengths)
+    if compression is not None and compression.policy == "none":
+        compression = None
+    if compression is not None:
+        if cache_fn is not None:
+            raise ValueError("give compression or cache_fn, not both: compression builds the cache_fn")
+        long.check_compression(compression, caches, int(lengths.max()), chunk=chunk_size,
+                               prefill_attention=prefill_attention)
+    elif cache_fn is None:
+        _check_capacity(caches, int(lengths.max()) if prefill_attention == "cache" else prompts.shape[1])
+    limit = long.device_memory_limit() if memory_limit is None else (memory_limit or None)
+    capacity = getattr(caches[0], "capacity", prompts.shape[1]) if caches else prompts.shape[1]
+    long.check_memory(model.config, limit, batch=prompts.shape[0], prompt_len=prompts.shape[1],
+                      new_tokens=max(capacity - prompts.shape[1], 0), compression=compression,
+                      prefill=prefill_attention, chunk=chunk_size)
     if prefill_attention == "model":
         if cache_fn is not None:
             raise ValueError("prefill_attention='model' writes the full cache; cache_fn "
-                             "(a compression policy) "
-                             "applies only with prefill_attention='cache'")
-        chunk_size, cache_fn = prompts.shape[1], PromptAttention(model.config.attention_spec)
-        _check_capacity(caches, prompts.shape[1])
+                             "(a compression policy) applies only with prefill_attention='cache'; "
+                             "give compression= instead")
+        chunk_size = prompts.shape[1]
+        cache_fn = (PromptAttention(model.config.attention_spec) if compression is None
+                    else long.CompressedPromptAttention(model.config.attention_spec, compression))
+    elif compression is not None:
+        cache_fn = long.CompressedStep(compression)
     tok, pos = _chunks(prompts, lengths, chunk_size)
     graphdef, state = nnx.split(model)
     return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1),
@@ -201,11 +229,11 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
 
 
 def _check_capacity(caches, prompt_len: int) -> None:
+    """A prompt longer than a full cache would be cut silently under jit (``append`` drops the overflow)."""
     capacity = getattr(caches[0], "capacity", None) if caches else None
     if isinstance(capacity, int) and capacity < prompt_len:
-        raise ValueError(f"a one-pass prefill writes every prompt token: T={prompt_len} "
-                         "does not fit the caches' "
-                         f"capacity={capacity}")
+        raise ValueError(f"prompt T={prompt_len} does not fit the caches' capacity={capacity}: a full cache "
+                         "holds every prompt token; allocate a larger cache or give compression=")
 
 
 def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig, cache_fn=None):
@@ -254,24 +282,35 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
 
 def decode(model: Llama, caches, logits, start, *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(),
-           key=None, eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+           key=None, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
+           compression: kvcache.KVCompressionConfig | None = None,
+           selection: kvcache.DecodeSelection | None = None):
     """The decode loop alone, from a prefilled cache: ``logits [B, V]`` at each row's last prompt token and
     ``start int [B]`` (each row's prompt length). Returns ``(Generation, caches)``; the caches are donated.
-    (``generate`` is prefill + this; benchmarks time the two apart.)"""
+    ``compression``: the caches are compressed ones (keep them within budget + slack as decode goes);
+    ``selection``: each step attends to its top blocks (``kvcache.DecodeSelection``; the caches come back as
+    ``kvcache.SelectiveCache``). (``generate`` is prefill + this; benchmarks time the two apart.)"""
     check_positive_int("max_new_tokens", max_new_tokens)
+    if compression is not None and compression.policy == "none":
+        compression = None
+    if selection is not None and caches and isinstance(caches[0], kvcache.KVCache):
+        caches = long.with_selection(caches, selection)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
     eos = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
     tokens, lens, _, caches = _decode(graphdef, state, caches, logits, jnp.asarray(start, jnp.int32), key,
                                       jnp.int32(pad_id), eos, sampling=sampling, max_new=max_new_tokens,
-                                      keep_logits=False)
+                                      keep_logits=False,
+                                      cache_fn=long.decode_cache_fn(compression, selection))
     return Generation(tokens=tokens, lengths=lens), caches
 
 
 def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              key=None, lengths=None, chunk_size: int = 256, capacity: int | None = None,
              eos_ids: tuple[int, ...] | None = None, pad_id: int = 0, return_logits: bool = False,
-             caches=None, cache_fn=None, prefill_attention: str = "cache") -> Generation:
+             caches=None, cache_fn=None, prefill_attention: str = "cache",
+             compression: kvcache.KVCompressionConfig | None = None,
+             selection: kvcache.DecodeSelection | None = None, memory_limit: int | None = None) -> Generation:
     """Continues right-padded prompts ``int [B, T]`` by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -279,7 +318,8 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
       key: PRNG key for sampling (default ``jax.random.key(0)``).
       lengths: real prompt lengths ``[B]`` (default: all T).
       chunk_size: prefill chunk; the prompt is padded up to a multiple of it.
-      capacity: cache slots (default: padded prompt + max_new_tokens, the least that fits).
+      capacity: cache slots (default: padded prompt + max_new_tokens, the least that fits; rounded up to a
+        multiple of ``selection.block`` for selective decode).
       eos_ids: ids that end a row (default: the config's ``eos_token_id``; ``()`` never stops early).
       pad_id: written after a row has ended.
       return_logits: also return every step's logits ``[B, max_new_tokens, V]`` (tests, scoring).
@@ -287,24 +327,49 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
         ``init_caches(capacity)``; their capacity is then the caller's business.
       cache_fn: replaces ``llama.append_and_attend`` in prefill and decode (e.g. evict, then append).
       prefill_attention: ``"cache"`` (chunked, exact over the cache) or ``"model"`` (one pass with the model's
-      own
-        attention, e.g. select-and-merge; see ``prefill``).
+        own attention, e.g. select-and-merge; see ``prefill``).
+      compression: a ``KVCompressionConfig``: budget-sized caches (``generate_long.compressed_caches``,
+        budgets from the prompt length T), compressed during the prefill and kept within budget + slack while
+        decoding (see ``prefill``).
+      selection: a ``kvcache.DecodeSelection``: every decode step attends to its top blocks of the (full or
+        compressed) cache plus merged centroids of the rest.
+      memory_limit: see ``prefill``.
     """
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("chunk_size", chunk_size)
+    check_choice("prefill_attention", prefill_attention, PREFILL_ATTENTION)
     prompts, lengths = _check_prompts(prompts, lengths)
+    if compression is not None and compression.policy == "none":
+        compression = None
+    if cache_fn is not None and (compression is not None or selection is not None):
+        raise ValueError("give compression/selection or cache_fn, not both: they build the cache_fn")
     if prefill_attention == "model":
         chunk_size = prompts.shape[1]  # one pass
     padded = -(-prompts.shape[1] // chunk_size) * chunk_size
     need = padded + max_new_tokens - 1  # the last sampled token is never fed back
-    capacity = need if capacity is None else capacity
-    if capacity < need and caches is None:
-        raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
-    caches = init_caches(model, prompts.shape[0], capacity) if caches is None else caches
+    if compression is not None:
+        caches = (long.compressed_caches(model.config, prompts.shape[0], compression, prompts.shape[1])
+                  if caches is None else caches)
+    else:
+        if selection is not None and capacity is None:
+            need = -(-need // selection.block) * selection.block
+        capacity = need if capacity is None else capacity
+        if capacity < need and caches is None:
+            raise ValueError(f"capacity={capacity} < padded prompt ({padded}) + max_new_tokens - 1 = {need}")
+        caches = init_caches(model, prompts.shape[0], capacity) if caches is None else caches
+    if selection is not None:
+        if model.config.sliding_window is not None:
+            raise ValueError(f"ModelConfig.sliding_window={model.config.sliding_window}: selective decode "
+                             "attends whole blocks; use selection=None for a sliding-window model")
+        for cache in caches:
+            selection.check_capacity(cache.capacity)
     prefill_fn = None if prefill_attention == "model" else cache_fn
     logits, caches = prefill(model, prompts, caches, lengths=lengths, chunk_size=chunk_size,
-                             cache_fn=prefill_fn,
-                             prefill_attention=prefill_attention)
+                             cache_fn=prefill_fn, prefill_attention=prefill_attention,
+                             compression=compression, memory_limit=memory_limit)
+    if selection is not None:
+        caches = long.with_selection(caches, selection)
+    cache_fn = cache_fn if cache_fn is not None else long.decode_cache_fn(compression, selection)
     # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
     eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -325,20 +390,33 @@ def complete(model: Llama, tokenizer, text: str, *, max_new_tokens: int = 64, **
 
 
 def prefill_memory(model: Llama, *, batch: int, prompt_len: int, chunk_size: int = 256,
-                   capacity: int | None = None) -> dict[str, int]:
+                   capacity: int | None = None, prefill_attention: str = "cache",
+                   compression: kvcache.KVCompressionConfig | None = None) -> dict[str, int]:
     """Bytes XLA plans for a compiled prefill of ``prompt_len`` tokens (compiled, never run).
 
-    Returns ``temp`` (scratch, e.g. the ``[chunk, capacity]`` attention buffer), ``argument`` (params + caches
-    + tokens), ``output`` and ``peak = argument + output + temp - alias`` (donated caches are aliased).
+    Returns ``temp`` (scratch, e.g. the ``[chunk, capacity]`` attention buffer, or a one-pass prefill's
+    layer activations), ``argument`` (params + caches + tokens), ``output``, ``cache`` (the caches' bytes) and
+    ``peak = argument + output + temp - alias`` (donated caches are aliased). ``compression``: budget-sized
+    caches compressed during the prefill, as ``prefill(compression=...)`` runs it.
     """
-    capacity = capacity or -(-prompt_len // chunk_size) * chunk_size
+    check_choice("prefill_attention", prefill_attention, PREFILL_ATTENTION)
+    if prefill_attention == "model":
+        chunk_size = prompt_len
     n = -(-prompt_len // chunk_size)
     graphdef, state = nnx.split(model)
-    caches = jax.eval_shape(lambda: init_caches(model, batch, capacity))
+    if compression is not None and compression.policy != "none":
+        caches = jax.eval_shape(lambda: long.compressed_caches(model.config, batch, compression, prompt_len))
+        cache_fn = (long.CompressedPromptAttention(model.config.attention_spec, compression)
+                    if prefill_attention == "model" else long.CompressedStep(compression))
+    else:
+        capacity = capacity or n * chunk_size
+        caches = jax.eval_shape(lambda: init_caches(model, batch, capacity))
+        cache_fn = PromptAttention(model.config.attention_spec) if prefill_attention == "model" else None
     chunk = jax.ShapeDtypeStruct((n, batch, chunk_size), jnp.int32)
     last = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    stats = _prefill.lower(graphdef, state, caches, chunk, chunk, last).compile().memory_analysis()
+    stats = _prefill.lower(graphdef, state, caches, chunk, chunk, last, cache_fn).compile().memory_analysis()
     out = {"temp": stats.temp_size_in_bytes, "argument": stats.argument_size_in_bytes,
-           "output": stats.output_size_in_bytes, "alias": stats.alias_size_in_bytes}
+           "output": stats.output_size_in_bytes, "alias": stats.alias_size_in_bytes,
+           "cache": sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(caches))}
     out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out

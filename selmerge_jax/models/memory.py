@@ -17,13 +17,26 @@ The coefficients of ``transient`` were fitted to the measured peaks of the Llama
 16K-128K (``experiments/results/model_h200``): there the transient is ~170 KB a token, (4F + qkvo + 6D) bf16
 values. Against those runs the estimate is 0-15% high (Llama-3-8B +15%: its 128K vocabulary's logits), so it
 refuses only what clearly does not fit.
+
+The inference plan (``inference_memory``, used by ``generate.prefill`` before it compiles and by
+``bench_inference.py`` to refuse cells) has four parts: ``weights``; ``cache``: every layer's KV cache, full
+(prompt + new tokens) or compressed (``budget + slack`` slots), at bf16/fp16 or int8/int4 (with their scales),
+plus the per-slot metadata (position, count, score: 12 bytes) and SnapKV's window rows; ``activations``: one
+layer's prefill working set (the prompt's residual, q/k/v/o, the SwiGLU's three ``[T, F]`` arrays, the
+select-and-merge region scores, a chunked or compressing prefill's ``[chunk, slots]`` probabilities);
+``logits``: the last token's. Its coefficients come from the same shapes as the training plan, not yet from a
+measured inference peak (a GPU run of ``bench_inference.py`` prints both).
 """
 
 import dataclasses
 
+from selmerge_jax.kvcache.config import KVCompressionConfig
+from selmerge_jax.kvcache.prefill import scored_rows
 from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.validation import check_choice, check_int
 
-__all__ = ["TrainMemory", "check_fits", "largest_fitting_seq_len", "train_memory"]
+__all__ = ["InferenceMemory", "TrainMemory", "check_fits", "check_inference_fits", "inference_memory",
+           "largest_fitting_prompt", "largest_fitting_seq_len", "train_memory"]
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Live [B, T, F]-sized and [B, T, D]-sized arrays at the peak of one layer's backward (fitted, see docstring).
@@ -133,4 +146,114 @@ def check_fits(config: ModelConfig, capacity_bytes: int, *, batch: int, seq_len:
                          f"remat={config.remat!r}) "
                          f"needs an estimated {estimate.describe()}, more than the device's "
                          f"{capacity_bytes / 2**30:.1f} GiB; the largest seq_len that fits is {fits}")
+    return estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceMemory:
+    """Estimated bytes of a prefill (and the decode after it), by part (see the module docstring)."""
+
+    weights: int
+    cache: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.activations + self.logits + int(_HEADROOM)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in dataclasses.asdict(self).items())
+        return f"{self.total / 2**30:.1f} GiB ({parts}, headroom {_HEADROOM / 2**30:.1f})"
+
+
+_KV_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
+PREFILLS = ("model", "cache")
+
+
+def _cache_bytes(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                 compression: KVCompressionConfig | None) -> int:
+    h, kv = config.head_size, config.num_kv_heads
+    total = 0
+    for layer in range(config.num_layers):
+        if compression is None:
+            slots = prompt_len + new_tokens
+            per_value = float(_BYTES[config.dtype])
+        else:
+            slots = compression.capacity_for(prompt_len, layer)
+            per_value = _KV_BYTES[compression.quant] or float(_BYTES[config.dtype])
+            if compression.quant != "none":  # scales and zeros: keys per group of tokens, values per token
+                per_value += 2 * 4 / compression.quant_group / 2 + 2 * 4 / h / 2
+        meta = 12 + (4 * compression.obs_window if compression is not None and compression.policy == "snapkv"
+                     else 0)
+        total += int(batch * kv * slots * (2 * h * per_value + meta))
+    return total
+
+
+def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int = 1,
+                     compression: KVCompressionConfig | None = None, prefill: str = "model",
+                     chunk: int = 256) -> InferenceMemory:
+    """The estimate for prefilling ``batch`` prompts of ``prompt_len`` tokens, then ``new_tokens`` decode
+    steps. ``compression`` (a policy other than ``"none"``): budget-sized caches, the prompt streamed into
+    them ``slack`` tokens at a time; ``prefill="model"``: one pass with the model's attention (MS or dense
+    flash), ``"cache"``: ``chunk`` tokens at a time attending over the cache."""
+    check_int("batch", batch, 1)
+    check_int("prompt_len", prompt_len, 1)
+    check_int("new_tokens", new_tokens, 0)
+    check_choice("prefill", prefill, PREFILLS)
+    if compression is not None and compression.policy == "none":
+        compression = None
+    layer, outer = _matmul_params(config)
+    weights = (layer * config.num_layers + outer) * _BYTES[config.param_dtype]
+    cache = _cache_bytes(config, batch, prompt_len, new_tokens, compression)
+    abytes = _BYTES[config.dtype]
+    d, f, h = config.d_model, config.ffn_dim, config.head_size
+    n, kv = config.num_heads, config.num_kv_heads
+    slots = (prompt_len + new_tokens if compression is None
+             else max(compression.capacity_for(prompt_len, i) for i in range(config.num_layers)))
+    if prefill == "model":
+        tokens = batch * prompt_len
+        working = tokens * (2 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
+        if config.attention == "ms":  # region-summary scores [B, P, R, R] float32
+            regions = -(-prompt_len // config.ms.block_size)
+            heads = kv if config.ms.selection_heads == "kv" else n
+            working += batch * heads * regions * regions * 4
+        if compression is not None:  # the scored queries' probabilities over budget + chunk slots
+            rows = scored_rows(compression, compression.slack)
+            working += 3 * batch * n * rows * slots * 4
+    else:
+        c = min(chunk, prompt_len)
+        working = batch * c * (2 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
+        working += 3 * batch * n * c * slots * 4  # logits, probabilities, their product's operand
+    logits = 2 * batch * config.vocab_size * 4
+    return InferenceMemory(weights=weights, cache=cache, activations=int(working), logits=logits)
+
+
+def largest_fitting_prompt(config: ModelConfig, capacity_bytes: int, *, batch: int = 1, multiple: int = 1024,
+                           **kwargs) -> int:
+    """The longest prompt (a multiple of ``multiple``) whose :func:`inference_memory` fits; 0 if none."""
+    fits = lambda t: inference_memory(config, batch=batch, prompt_len=t, **kwargs).total <= capacity_bytes
+    lo, hi = 0, multiple
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**27:
+            return lo
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def check_inference_fits(config: ModelConfig, capacity_bytes: int, *, batch: int, prompt_len: int,
+                         **kwargs) -> InferenceMemory:
+    """The estimate, or a ``ValueError`` naming it and the largest prompt that fits ``capacity_bytes``."""
+    estimate = inference_memory(config, batch=batch, prompt_len=prompt_len, **kwargs)
+    if estimate.total > capacity_bytes:
+        fits = largest_fitting_prompt(config, capacity_bytes, batch=batch, **kwargs)
+        compression = kwargs.get("compression")
+        kind = ("a full cache" if compression is None or compression.policy == "none"
+                else f"a {compression.policy} cache of budget {compression.budget_for(prompt_len)}")
+        raise ValueError(f"prompt_len={prompt_len} (batch {batch}, {config.num_layers} layers, {kind}) needs "
+                         f"an estimated {estimate.describe()}, more than the device's "
+                         f"{capacity_bytes / 2**30:.1f} GiB; the largest prompt that fits is {fits} tokens")
     return estimate
