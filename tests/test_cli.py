@@ -26,7 +26,8 @@ from selmerge_jax.validation import UserError
 ROOT = pathlib.Path(__file__).parents[1]
 BIN = pathlib.Path(sys.executable).parent
 DATA = ["data.train_npy=train.npy", "data.validation_npy=validation.npy"]  # relative to the working directory
-TRAIN = ["train.seq_len=64", "train.batch_size=2", "train.log_every=1", "train.eval_batches=1",
+# batch 8: divides over the 8 host devices conftest forces in process (the batch is never floored)
+TRAIN = ["train.seq_len=64", "train.batch_size=8", "train.log_every=1", "train.eval_batches=1",
          "train.progress=false", "checkpoint.async_save=false", *DATA]
 TINY = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", *TRAIN]
 
@@ -111,7 +112,7 @@ def test_pretrain_runs_from_any_directory_and_records_its_config(pretrained):
     cfg = from_dict(PretrainConfig, stored)
     assert (cfg.train.steps, cfg.model.d_model, cfg.data.train_npy) == (2, 32, "train.npy")
     # info lines print (absl leaves the root logger at WARNING), with the run's size and an ETA
-    assert "INFO selmerge_jax.training.loop: training steps 0 -> 2: 2 x 64 tokens a step, 256 tokens" in (
+    assert "INFO selmerge_jax.training.loop: training steps 0 -> 2: 8 x 64 tokens a step, 1,024 tokens" in (
         proc.stderr)
     assert "ETA" in proc.stderr
 
