@@ -32,9 +32,14 @@ def _job(code: str, processes: int = 2, **kw) -> tuple[int, str, float]:
     return status, out.getvalue(), time.monotonic() - start
 
 
-def test_launcher_prefixes_output_and_kills_the_rest_when_one_fails():
+def test_launcher_prefixes_output_and_kills_the_rest_when_one_fails(tmp_path):
+    # p0 fails once p1 has said hello (under load, p1 could otherwise be killed before it starts talking)
     code = ("import os, time; i = int(os.environ['JAX_PROCESS_ID']); "
-            "print('hello', i, os.environ['XLA_FLAGS'], flush=True); time.sleep(60 * i); raise SystemExit(3)")
+            "print('hello', i, os.environ['XLA_FLAGS'], flush=True); "
+            f"flag = {str(tmp_path / 'p1_spoke')!r}\n"
+            "if i: open(flag, 'w').close(); time.sleep(60)\n"
+            "while not os.path.exists(flag): time.sleep(0.05)\n"
+            "raise SystemExit(3)")
     status, out, seconds = _job(code, devices_per_process=3)
     assert status == 3 and seconds < 30, out
     assert "[p0] hello 0 --xla_force_host_platform_device_count=3" in out and "[p1] hello 1" in out
@@ -132,3 +137,20 @@ def test_pipelines_whose_position_is_per_shard_refuse_another_shard_count():
     with pytest.raises(ValueError, match="saved by 2 data shards and this run reads 4: Grain"):
         _my_data_state(gathered, (1, 4), Grain())
     assert _my_data_state(gathered, (1, 2), Grain()) == {"step": 3}  # same shard count: its own position
+
+
+def test_the_summary_and_info_logs_are_written_once_per_job():
+    code = ("import logging; from selmerge_jax.sharding import distributed\n"
+            "from selmerge_jax.main.config import configure_logging, print_summary\n"
+            "configure_logging()\n"
+            "def main(config):\n"
+            "    logging.getLogger('selmerge_jax.test').info('INFO' + 'LINE')\n"
+            "    logging.getLogger('selmerge_jax.test').warning('WARN' + 'LINE')\n"
+            "    print_summary({'primary': distributed.is_primary()})\n"
+            "distributed.entry_point(main)({'mesh': {}})")
+    status, out, _ = _job(code)
+    assert status == 0, out
+    assert out.count('SUMMARY {"primary": true}') == 1 and "primary\": false" not in out, out
+    assert out.count("INFOLINE") == 1 and "[p0]" in out.split("INFOLINE")[0].splitlines()[-1], out
+    assert out.count("WARNLINE") == 2, out  # what goes wrong is said by every process
+    assert distributed.is_primary()  # a single-process run is its own primary

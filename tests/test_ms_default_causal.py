@@ -49,7 +49,7 @@ def test_load_hf_as_ms_is_causal(tmp_path):
 @pytest.mark.parametrize("path", ["experiments/configs/gpu_25m_ms.yaml",
                                   "selmerge_jax/main/configs/demo.yaml",
                                   "selmerge_jax/main/configs/pretrain.yaml"])
-# finetune.yaml has no model section: it takes the model (its selection included) from the pretrain checkpoint.
+# finetune.yaml has no model section: it takes the model, its selection included, from the checkpoint.
 def test_result_configs_pin_the_selection_source(path):
     """The configs behind README figures and results/INDEX.md rows say which selection they used, so the
     default can never change what they mean."""

@@ -39,6 +39,7 @@ from selmerge_jax.models.config import ModelConfig, preset
 from selmerge_jax.models.generate import SamplingConfig
 from selmerge_jax.models.lora import LoRAConfig
 from selmerge_jax.positional.crd_ntk import CRDNTKConfig
+from selmerge_jax.sharding import distributed
 from selmerge_jax.sharding.mesh import MeshConfig
 from selmerge_jax.training.checkpoint import InitConfig, stored_config
 from selmerge_jax.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
@@ -355,4 +356,7 @@ def load_from_args(cls, args: argparse.Namespace):
 
 
 def print_summary(summary: dict):
+    """``SUMMARY {json}`` on stdout, once per job (process 0 of a multi-process one)."""
+    if not distributed.is_primary():
+        return
     print("SUMMARY " + json.dumps(summary, sort_keys=True), flush=True)

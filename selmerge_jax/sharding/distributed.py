@@ -37,7 +37,7 @@ from selmerge_jax.sharding.mesh import MeshConfig
 from selmerge_jax.validation import fail
 
 __all__ = ["ENV_ADDRESS", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "allgather_json", "check_same_config",
-           "entry_point", "initialize", "resolve"]
+           "entry_point", "initialize", "is_primary", "resolve"]
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"  # JAX reads this one itself too
 ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -120,6 +120,12 @@ def initialize(config: MeshConfig | None = None) -> bool:
     return True
 
 
+def is_primary() -> bool:
+    """True on process 0 of a multi-process job and in a single-process run: the one that writes the logs,
+    metrics and summary (asked without starting a backend when no job was joined)."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 def _encode(x):
     if isinstance(x, bytes):  # grain iterator states may hold bytes
         return {"__bytes_b64__": base64.b64encode(x).decode("ascii")}
@@ -197,6 +203,8 @@ def entry_point(main: F) -> F:
     @functools.wraps(main)
     def wrapped(config, *args, **kwargs):
         initialize(getattr(config, "mesh", None))
+        if not is_primary():  # logging is written once: the other processes report only what goes wrong
+            logging.getLogger("selmerge_jax").setLevel(logging.WARNING)
         try:
             check_same_config(config)
             return main(config, *args, **kwargs)

@@ -29,6 +29,7 @@ import numpy as np
 from selmerge_jax.layers.attention import describe
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.memory import check_fits
+from selmerge_jax.sharding import distributed
 from selmerge_jax.sharding.distributed import allgather_json
 from selmerge_jax.sharding.mesh import data_shard, shard_batch, shard_params
 from selmerge_jax.training.checkpoint import (
@@ -255,7 +256,8 @@ def _check_memory(model, train: TrainConfig, optimizer: OptimizerConfig, state, 
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         return
-    print(describe(config.attention_spec, train.seq_len), flush=True)
+    if distributed.is_primary():
+        print(describe(config.attention_spec, train.seq_len), flush=True)
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return  # CPU: no device memory to plan against
