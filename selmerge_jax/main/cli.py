@@ -145,18 +145,42 @@ def _quiet_aborted_reads(unraisable) -> None:
     error that already names the step and directory. Everything else goes to Python's default hook."""
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
         return
-    tb = unraisable.exc_traceback
+    if not _from_orbax(unraisable.exc_traceback):
+        sys.__unraisablehook__(unraisable)
+
+
+def _from_orbax(tb) -> bool:
     while tb is not None:
         if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-            return
+            return True
         tb = tb.tb_next
-    sys.__unraisablehook__(unraisable)
+    return False
+
+
+_NEVER_RETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+class _AbortedReadLogs(logging.Filter):
+    """The same aftermath through asyncio's logger: a read future that held its error when the restore gave up
+    is garbage-collected ("Future exception was never retrieved"), possibly after the one-line error. Only
+    checkpoint reads (an orbax frame, or tensorstore's OCDBT error) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(_NEVER_RETRIEVED):
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        return not ("OCDBT" in message or _from_orbax(tb))
+
+
+_ABORTED_READ_LOGS = _AbortedReadLogs()
 
 
 def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     """Runs ``body``; a :class:`UserError` becomes ``<prog>: error: <message>`` on stderr and exit code 1
     (``config error`` and 2 for a :class:`ConfigError`). Anything else propagates with its traceback."""
     sys.unraisablehook = _quiet_aborted_reads
+    logging.getLogger("asyncio").addFilter(_ABORTED_READ_LOGS)
     try:
         return body() or 0
     except ConfigError as error:
