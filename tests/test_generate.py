@@ -232,3 +232,31 @@ def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
     with pytest.raises(ValueError, match=r"cache_fn .* applies only with prefill_attention='cache'"):
         prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model", cache_fn=lambda *a,
                 **k: None)
+
+
+def test_sequence_chunked_equals_the_whole_call_for_any_length():
+    from selmerge_jax.models.llama import sequence_chunked
+
+    x = jax.random.normal(jax.random.key(0), (2, 37, 8))
+    fn = lambda y: jnp.tanh(y) * 2.0 + y.sum(-1, keepdims=True)
+    for chunk in (5, 8, 37, 64):  # padded tail, exact multiple, one slice, shorter than the chunk
+        np.testing.assert_allclose(sequence_chunked(fn, x, chunk), fn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_one_pass_prefill_with_a_sliced_mlp_equals_the_models_own_forward(monkeypatch):
+    """The inference path runs the MLP ``MLP_CHUNK`` tokens at a time (a 1M-token prompt's intermediates
+    would not fit): with slices of 16 tokens over a 61-token prompt the logits are still the model's."""
+    from selmerge_jax.models import llama
+    from selmerge_jax.models.generate import init_caches, prefill
+
+    monkeypatch.setattr(llama, "MLP_CHUNK", 16)
+    sliced, whole = [], llama.sequence_chunked
+    spy = lambda fn, x, c: sliced.append((x.shape[1], c)) or whole(fn, x, c)
+    monkeypatch.setattr(llama, "sequence_chunked", spy)
+    jax.clear_caches()  # nothing compiled with the default slice may answer this call
+    model = _ms_model(top_k=3)
+    prompts = np.random.default_rng(4).integers(0, 64, (1, 61)).astype(np.int32)
+    logits, _ = prefill(model, prompts, init_caches(model, 1, 64), prefill_attention="model")
+    full = np.asarray(model(jnp.asarray(prompts)))
+    np.testing.assert_allclose(logits[0], full[0, 60], rtol=1e-5, atol=1e-5)
+    assert sliced == [(61, 16)] * model.config.num_layers

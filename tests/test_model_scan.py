@@ -213,3 +213,34 @@ def test_an_ms_config_covering_every_region_says_it_is_dense():
 
     line = describe(AttentionSpec(kind="ms", ms=MSAttentionConfig(block_size=16, top_k=8)), 128)
     assert "top_k covers every region" in line and "attended fraction 1.000" in line
+
+
+def _count(jaxpr, primitive: str) -> int:
+    """Equations of ``primitive`` in a jaxpr and in every jaxpr nested in it (scan bodies, remat, rules)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == primitive
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count(inner, primitive)
+    return n
+
+
+@pytest.mark.parametrize("attention", ["dense", "ms"])
+def test_remat_save_recomputes_no_matmul_and_keeps_the_gradients(attention):
+    """``remat="save"`` keeps what the backward reads (q/k/v, the plan, the mid-layer residual, gate/up):
+    the same gradients as ``"full"``, with every projection and selection matmul run once, not twice."""
+    grads, dots = {}, {}
+    for remat in ("full", "save"):
+        model = Llama(_config(attention=attention, ms=MS, remat=remat), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        fn = jax.grad(lambda s, gd=graphdef: jnp.mean(nnx.merge(gd, s)(TOKENS) ** 2))
+        grads[remat] = jax.jit(fn)(state)
+        dots[remat] = _count(jax.make_jaxpr(fn)(state).jaxpr, "dot_general")
+    for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["save"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # q, k, v, o, gate, up, down run forward once; "full" runs q, k, v, o, gate, up again in the backward
+    # (down's output is not needed there); MS also re-scores its regions (the plan is saved under "save").
+    assert dots["full"] - dots["save"] >= 6, dots

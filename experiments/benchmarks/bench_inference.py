@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="snapkv", help="compression policy of ms+budget")
     p.add_argument("--budget", type=int, default=4096, help="KV slots per layer of ms+budget")
     p.add_argument("--select-top-m", type=int, default=32, help="blocks a selective decode step attends")
+    p.add_argument("--dense-max-len", type=int, default=131072,
+                   help="longest prompt of the dense baseline (longer: a lower bound from the longest run)")
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory limit")
     p.add_argument("--dry-run", action="store_true", help="plan every cell, compile and run nothing")
     p.add_argument("--out", default=None)
@@ -101,8 +103,11 @@ def compression(args) -> KVCompressionConfig:
                                window=min(64, quarter), obs_window=min(32, quarter), pool_kernel=7)
 
 
-def selection(args, capacity: int) -> kvcache.DecodeSelection:
+def selection(args, capacity: int) -> kvcache.DecodeSelection | None:
+    """The selective decode of a cache of ``capacity`` slots; None when it holds too few blocks to select."""
     blocks = capacity // args.block_size
+    if blocks < 3:  # a sink block and a local block leave nothing to choose
+        return None
     return kvcache.DecodeSelection(block=args.block_size, top_m=min(args.select_top_m, blocks),
                                    sink_blocks=1, local_blocks=1)
 
@@ -180,25 +185,39 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
     run = lambda: prefill(model, prompts, fresh(), prefill_attention="model", compression=comp,
                           memory_limit=limit)
     (logits, caches), first = _timed(run)
+    del caches  # the timed prefill below starts from fresh caches too; two full 512K caches would not fit
     (logits, caches), ttft = _timed(run)
     row = {**row, "first_prefill_s": round(first, 3), "prefill_s": round(ttft, 3), "ttft_s": round(ttft, 3),
            "prefill_tokens_per_s": round(batch * seq_len / ttft, 1),
            "cache_gb": round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3)}
     start = jnp.full((batch,), seq_len, jnp.int32)
     sel = selection(args, caches[0].capacity)
-    modes = [("decode_ms_per_token", None)] + ([("select_decode_ms_per_token", sel)] if variant != "dense"
+    modes = [("decode_ms_per_token", None)] + ([("select_decode_ms_per_token", sel)]
+                                               if variant != "dense" and sel is not None
                                                  else [])
     kept = np.asarray(logits, np.float32)
-    for name, s in modes:
+    # Decode donates its caches. Each decode starts from a device copy of the timed prefill's caches when
+    # three fit in half the memory, else from a fresh prefill (one 512K cache is half an H200).
+    copies = 3 * sum(kvcache.nbytes(c) for c in caches) < limit // 2
+    pool = [caches]
+    del caches
+
+    def take(last: bool):
+        if copies and not last:
+            return jax.tree.map(jnp.copy, pool[0])
+        return pool.pop() if pool else run()[1]
+
+    for i, (name, s) in enumerate(modes):
         times = []
-        for _ in range(2):  # the first call compiles; both decode the same positions from the same prefill
-            _, caches = run()
-            _, dt = _timed(lambda caches=caches, s=s: decode(model, caches, logits, start,
-                                                                   max_new_tokens=args.new, compression=comp,
-                                                                   selection=s))
+        for j in range(2):  # the first call compiles; both decode the same positions from the same prefill
+            c = take(last=i == len(modes) - 1 and j == 1)
+            _, dt = _timed(lambda c=c, s=s: decode(model, c, logits, start, max_new_tokens=args.new,
+                                                   compression=comp, selection=s))
+            del c
             times.append(dt)
         row[name] = round(1e3 * times[-1] / (args.new - 1), 3)
-    row.update(status="ok", select_top_m=sel.top_m, select_block=sel.block, peak_gb_process=_peak_gb())
+    row.update(status="ok", select_top_m=sel and sel.top_m, select_block=sel and sel.block,
+               peak_gb_process=_peak_gb())
     return row, kept
 
 
@@ -222,11 +241,14 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "python": platform.python_version()}
-    rows, weights = [], {}
+    rows, weights, dense_at = [], {}, {}
     for t, b in args.cells:
         logits, done = {}, {}
         for variant in args.prefill:
             row = plan(args, variant, t, b)
+            if variant == "dense" and t > args.dense_max_len and row["status"] == "planned":
+                row = {**row, "status": "not run",
+                       "reason": f"dense above --dense-max-len={args.dense_max_len}"}
             if row["status"] == "planned" and not args.dry_run:
                 try:
                     row, logits[variant] = run_cell(args, weights, row)
@@ -236,6 +258,16 @@ def main(argv=None) -> list[dict]:
             rows.append({**row, **env})
             done[variant] = rows[-1]
             emit(rows[-1], args.out)
+        if done.get("dense", {}).get("status") == "ok":
+            dense_at[b] = (t, done["dense"]["prefill_s"])
+        elif done.get("ms", {}).get("status") == "ok" and b in dense_at:
+            # Every part of a prefill grows at least linearly with the prompt, so the dense prefill at T takes
+            # at least T/T0 times its time at the longest T0 it ran at: a lower bound on the speed-up.
+            t0, dense_s = dense_at[b]
+            emit({"bench": "inference_speedup", "preset": args.preset, "seq_len": t, "batch": b,
+                  "prefill_speedup_lower_bound": round(dense_s * t / t0 / done["ms"]["prefill_s"], 3),
+                  "dense_prefill_s_lower_bound": round(dense_s * t / t0, 3), "bound_from_seq_len": t0,
+                  **env}, args.out)
         if "ms" in logits and "dense" in logits:
             ms_row, dense_row = done["ms"], done["dense"]
             emit({"bench": "inference_speedup", "preset": args.preset, "seq_len": t, "batch": b,

@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", type=_choices(ATTENTIONS), default=ATTENTIONS)
     p.add_argument("--mode", choices=MODES, default="lora")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (iteration only)")
-    p.add_argument("--remat", default="full", choices=("full", "offload", "dots", "none"))
+    p.add_argument("--remat", default="full", choices=("full", "save", "offload", "dots", "none"))
     p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (>= 1)")
     p.add_argument("--dense-reps-long", type=int, default=2, help="timed dense steps at T >= 65536")
     p.add_argument("--dense-max-len", type=int, default=131072,
@@ -103,6 +103,10 @@ def parse_args(argv=None):
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory")
     p.add_argument("--peer-hf", action="store_true", help="also time HF transformers + PEFT (PyTorch, CUDA)")
     p.add_argument("--out", default=None, help="JSON lines file (appended); stdout always")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one more step of each cell into DIR and write a model_profile row: the "
+                        "device's kernel time by kind (matmul, attention, Pallas, elementwise) and the top "
+                        "kernels (trace_summary.py)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error(f"--reps={args.reps}: must be >= 1")
@@ -227,6 +231,9 @@ def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
+    if args.profile:
+        state, row["profile"] = _profile(compiled, state, batch, os.path.join(
+            args.profile, f"{cell.preset}_{cell.seq_len}_{cell.attention}_{cfg.remat}"))
     state_cache[key] = state
     step_s = statistics.median(times)
     flops, attn_flops = step_flops(cfg, cell.seq_len, cell.mode)
@@ -245,6 +252,16 @@ def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
                flop_formula=("4*P*T + attention" if cell.mode == "lora" else "6*P*T + attention")
                + "; attention = 3.5*4*L*N*H*sum(keys)")
     return row
+
+
+def _profile(compiled, state, batch, trace_dir: str):
+    """One more step under the profiler; (state, where its device time went)."""
+    from trace_summary import summarize  # beside this script
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+    return state, summarize(trace_dir)
 
 
 def speedup_rows(rows: list[dict]) -> list[dict]:

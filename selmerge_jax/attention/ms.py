@@ -8,7 +8,9 @@ attention would let real queries see the padding, so it requires an exact multip
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.merging import centroid_attention, merge_partials
@@ -80,6 +82,7 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
         seg = pad_to_multiple(jnp.asarray(segment_ids, jnp.int32), mult, mode="edge")  # padding: last id
     plan = select_regions(pad_to_multiple(sq, mult), pad_to_multiple(sk, mult), config, num_valid_tokens=t,
                           segment_ids=seg)
+    plan = jax.tree.map(lambda a: checkpoint_name(a, "ms_plan"), plan)  # remat="save" keeps it
     out = _attend(qp, kp, vp, plan, config, scale, implementation, seg)[:, :t]
     return (out, plan) if return_plan else out
 

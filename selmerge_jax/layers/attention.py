@@ -22,6 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.ms import ms_attention
@@ -139,6 +140,8 @@ def attend(q, k, v, positions, spec: AttentionSpec, *, position_fn: Callable | N
     sel_q, sel_k = q, k
     if position_fn is not None:
         q, k = position_fn(q, k, positions)
+    # what remat="save" keeps for the backward (with the kernels' outputs), so no projection is recomputed
+    q, k, v = (checkpoint_name(x, name) for x, name in ((q, "attn_q"), (k, "attn_k"), (v, "attn_v")))
     if spec.kind == "dense":
         return dense_self_attention(q, k, v, causal=spec.causal, window=spec.window, segment_ids=segment_ids,
                                     kernel=spec.dense_kernel)

@@ -19,10 +19,29 @@ from selmerge_jax.validation import check_choice, check_positive_int, check_posi
 __all__ = ["PRESETS", "ModelConfig", "parameter_shape_changes", "preset"]
 
 AttentionKind = Literal["dense", "ms", "ring", "ring_ms"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload"]
+RematPolicy = Literal["none", "full", "save", "dots", "dots_no_batch", "offload"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ATTENTION = ("dense", "ms", "ring", "ring_ms")
+
+# What a layer's backward reads, named in the model (llama.py, layers/attention.py, attention/ms.py): the
+# attention inputs after RoPE, the selection plan, the residual stream between attention and MLP, the MLP's
+# gate and up projections. With these and the attention kernels' own outputs saved, the backward recomputes
+# only norms, RoPE-free elementwise work and the rank-r LoRA products, never a d x d matmul or an attention.
+SAVED_NAMES = ("attn_q", "attn_k", "attn_v", "ms_plan", "attn_mid", "mlp_gate", "mlp_up")
+# Forward attention kernels, whose outputs (out, log-sum-exp) are the backward's residuals: the project's
+# Pallas kernels (Triton/TPU: pallas_call; Mosaic GPU's plgpu.kernel binds mpmd_map inside a custom_vmap_call)
+# and cuDNN flash (jax.nn.dot_product_attention, implementation="cudnn").
+_ATTENTION_KERNELS = ("pallas_call", "custom_vmap_call", "mpmd_map", "dot_product_attention_fwd_wrapper")
+
+
+def _save_policy(prim, *_, **params) -> bool:
+    """``remat="save"``: the outputs of matmuls and attention that the backward needs (``SAVED_NAMES``)."""
+    if prim.name == "name":
+        return params["name"] in SAVED_NAMES
+    return prim.name in _ATTENTION_KERNELS
+
+
 _REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -33,6 +52,7 @@ _REMAT = {
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
         offload_src="device", offload_dst="pinned_host"),
+    "save": _save_policy,
 }
 
 
@@ -66,8 +86,9 @@ class ModelConfig:
       param_dtype: storage dtype of parameters (f32 master weights by default).
       dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
       remat: per-layer rematerialisation: ``none``, ``full`` (save only each layer's input), ``offload`` (as
-      full,
-        with the layer inputs in pinned host memory; GPU/TPU), ``dots`` or ``dots_no_batch``.
+        full, with the layer inputs in pinned host memory; GPU/TPU), ``save`` (save what the backward reads,
+        ``SAVED_NAMES`` and the attention kernels' outputs: no matmul or attention runs twice, at ~86 KB per
+        token per layer for a 7B MHA model), ``dots`` or ``dots_no_batch``.
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """

@@ -45,6 +45,7 @@ __all__ = [
     "cache_attention",
     "count_params",
     "rms_norm",
+    "sequence_chunked",
 ]
 
 
@@ -86,7 +87,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(config, f, d, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlp_gate")  # names: what remat="save" keeps
+        return self.down_proj(jax.nn.silu(gate) * checkpoint_name(self.up_proj(x), "mlp_up"))
 
 
 def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
@@ -152,8 +154,33 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids, cache_fn)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = checkpoint_name(x + h, "attn_mid")
+        mlp = lambda y: self.mlp(self.post_attention_layernorm(y))
+        if cache is not None:  # inference: a long prompt's [B, T, F] intermediates never exist whole
+            return x + sequence_chunked(mlp, x, MLP_CHUNK), cache
+        return x + mlp(x), cache
+
+
+MLP_CHUNK = 8192  # tokens per MLP slice of a one-pass prefill (the F-wide intermediates of 8K tokens)
+
+
+def sequence_chunked(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """``fn`` (token-wise, ``[B, c, D] -> [B, c, D]``) applied to ``x [B, T, D]`` ``chunk`` tokens at a time.
+
+    A 1M-token prompt through a Llama-3-8B MLP would otherwise hold three ``[T, 14336]`` bf16 buffers (84 GiB)
+    at once; a loop over slices holds one slice's. Equal to ``fn(x)`` (row-wise work), one compiled body.
+    """
+    t = x.shape[1]
+    if t <= chunk:
+        return fn(x)
+    n = -(-t // chunk)
+    padded = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0))) if n * chunk != t else x
+
+    def body(i, out):
+        piece = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, fn(piece).astype(out.dtype), i * chunk, axis=1)
+
+    return jax.lax.fori_loop(0, n, body, jnp.zeros_like(padded))[:, :t]
 
 
 def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:

@@ -8,7 +8,9 @@ first, from the config alone. The estimate is a sum of named parts (``TrainMemor
   for a LoRA step; every parameter for full training, plus a compute-dtype copy of the weights);
 * ``saved``: what the scanned layers keep on the device for the backward pass. Under ``remat="full"`` that is
   each layer's input ``[B, T, D]`` (L of them); ``"offload"`` keeps them in host memory instead (none on the
-  device); ``"dots"`` also keeps every matmul output of the layer;
+  device); ``"save"`` also keeps what the backward reads (q/k/v, the attention output and its log-sum-exp,
+  the mid-layer residual, the MLP's gate and up: ~86 KB a token per layer at the 7B shape); ``"dots"`` keeps
+  every matmul output of the layer;
 * ``transient``: the largest working set of one layer's recomputation and backward (q/k/v/o, the SwiGLU's
   gate/up/product and their gradients, attention's own buffers), which exists once, not per layer;
 * ``logits``: one cross-entropy chunk of float32 logits and their gradient (``loss_chunk`` tokens).
@@ -33,6 +35,7 @@ import dataclasses
 from selmerge_jax.kvcache.config import KVCompressionConfig
 from selmerge_jax.kvcache.prefill import scored_rows
 from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.llama import MLP_CHUNK
 from selmerge_jax.validation import check_choice, check_int
 
 __all__ = ["InferenceMemory", "TrainMemory", "check_fits", "check_inference_fits", "inference_memory",
@@ -109,6 +112,10 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
         per_layer_saved = 0  # in pinned host memory
     elif config.remat == "none":
         per_layer_saved = tokens * (4 * d + qkvo + 3 * f) * abytes
+    elif config.remat == "save":  # config.SAVED_NAMES + the attention output and its f32 log-sum-exp
+        qkv = config.head_size * (config.num_heads + 2 * config.num_kv_heads)
+        per_layer_saved = tokens * ((2 * d + qkv + config.num_heads * config.head_size + 2 * f) * abytes
+                                    + 4 * config.num_heads)
     elif config.remat in ("dots", "dots_no_batch"):
         per_layer_saved = tokens * (d + qkvo + 3 * f) * abytes
     saved = per_layer_saved * config.num_layers
@@ -213,7 +220,10 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
              else max(compression.capacity_for(prompt_len, i) for i in range(config.num_layers)))
     if prefill == "model":
         tokens = batch * prompt_len
-        working = tokens * (2 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
+        # the residual stream, its normed copy, the MLP loop's output, q/out, k/v; the MLP's three F-wide
+        # intermediates exist one MLP_CHUNK slice at a time (llama.sequence_chunked)
+        working = tokens * (3 * d + 2 * n * h + 2 * kv * h) * abytes
+        working += batch * min(prompt_len, MLP_CHUNK) * 3 * f * abytes
         if config.attention == "ms":  # region-summary scores [B, P, R, R] float32
             regions = -(-prompt_len // config.ms.block_size)
             heads = kv if config.ms.selection_heads == "kv" else n

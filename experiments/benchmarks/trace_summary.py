@@ -1,0 +1,91 @@
+"""Where a compiled step's device time goes: run it under ``jax.profiler`` and sum the GPU kernels by kind.
+
+``summarize(trace_dir)`` reads the Perfetto trace that ``jax.profiler.trace(..., create_perfetto_trace=True)``
+writes and returns, for the device's kernel streams only (host threads and XLA's per-op summary lines are left
+out so nothing is counted twice), the total kernel time, the time by kind (matmul, attention, the project's
+Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by name.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+# Ordered: the first pattern a kernel name matches decides its kind.
+KINDS = (
+    ("attention_cudnn", re.compile(r"cudnn|fmha|flash", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|dot", re.I)),
+    ("pallas", re.compile(r"mosaic|pallas|_kernel|attend|block_sparse", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|transpose", re.I)),
+    ("reduce", re.compile(r"reduce|scatter|gather|sort|top_?k|select", re.I)),
+    ("fusion", re.compile(r"fusion|loop_|input_|wrapped_|convert|multiply|add", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def _trace_file(trace_dir: str) -> str:
+    found = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir!r}")
+    return found[-1]
+
+
+def _device_threads(events) -> set:
+    """(pid, tid) of the GPU's kernel streams: processes named after a device, threads named 'Stream ...'."""
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in devices}
+    return {key for key, name in threads.items() if re.search(r"stream", name, re.I)}
+
+
+def summarize(trace_dir: str, top: int = 25) -> dict:
+    with gzip.open(_trace_file(trace_dir), "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    streams = _device_threads(events)
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    by_op: dict[tuple, float] = collections.defaultdict(float)  # (kernel, the HLO op it ran for) -> ms
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+            name = e.get("name", "?")
+            entry = by_name[name]
+            entry[0] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
+            entry[1] += 1
+            args = e.get("args", {})
+            op = args.get("hlo_op") or args.get("long_name") or args.get("tf_op") or ""
+            by_op[(kind_of(name), str(op)[:160])] += float(e.get("dur", 0.0)) / 1e3
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, (ms, _) in by_name.items():
+        by_kind[kind_of(name)] += ms
+    total = sum(by_kind.values())
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    if not streams:  # say what the trace held instead, so a renamed stream is seen, not read as zero time
+        names = {str(e.get("args", {}).get("name", "")) for e in events if e.get("ph") == "M"}
+        return {"kernel_ms": None, "streams": 0, "trace_names": sorted(names)[:40]}
+    return {"kernel_ms": round(total, 2), "streams": len(streams),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:120], "kind": kind_of(n), "ms": round(ms, 2), "count": c}
+                            for n, (ms, c) in ranked],
+            # which HLO ops the copies, reductions and unclassified kernels ran for (what to fuse or avoid)
+            "top_ops": [{"kind": k, "op": op, "ms": round(ms, 2)}
+                        for (k, op), ms in sorted(by_op.items(), key=lambda kv: -kv[1])
+                        if k in ("copy", "reduce", "other")][:top],
+            "sample_args": _sample_args(events, streams)}
+
+
+def _sample_args(events, streams) -> dict:
+    """The args of one copy kernel event, so the trace's field names are on record."""
+    for e in events:
+        on_device = e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams
+        if on_device and kind_of(e.get("name", "")) == "copy":
+            return {k: str(v)[:200] for k, v in e.get("args", {}).items()}
+    return {}
