@@ -9,6 +9,7 @@ applies before lowering, and the backward's per-row terms computed from the forw
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 __all__ = ["F32", "LN2", "LOG2E", "NEG_BIG", "backward_row_terms", "decline_dtype", "decline_platform", "dot",
            "out_struct"]
@@ -19,6 +20,17 @@ LN2 = 0.6931471805599453
 # Finite stand-in for -inf as the running max: exp(-inf - NEG_BIG) = 0 and exp(NEG_BIG - NEG_BIG) = 1, so a
 # row whose blocks are all masked never produces inf - inf = NaN.
 NEG_BIG = -1e30
+
+
+# Names of a forward kernel's residuals. A model under jax.checkpoint with a policy that saves these names
+# (selmerge_jax.models.config, remat="save") keeps them instead of running the forward kernel again in the
+# backward: the custom VJP's forward calls the primal, which hides the kernel's own primitive from a policy.
+RESIDUAL_NAMES = ("attn_kernel_out", "attn_kernel_lse")
+
+
+def named_residuals(out, lse):
+    """``(out, lse)`` tagged with ``RESIDUAL_NAMES`` (identity outside a remat policy that reads them)."""
+    return checkpoint_name(out, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
 
 
 def decline_platform(backend: str, platform: str, interpret: bool) -> None:

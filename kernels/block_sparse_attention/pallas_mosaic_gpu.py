@@ -44,7 +44,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as _bwd
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_common as _mgc
 from selmerge_jax.kernels.block_sparse_attention import pallas_triton
-from selmerge_jax.kernels.block_sparse_attention._common import F32, LN2, LOG2E, dot, out_struct
+from selmerge_jax.kernels.block_sparse_attention._common import (
+    F32,
+    LN2,
+    LOG2E,
+    dot,
+    named_residuals,
+    out_struct,
+)
 from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu_common import (
     BQ,
     MosaicTiling,
@@ -232,6 +239,7 @@ def _attend(q, k, v, regions, st: Static, tst):
 
 def _attend_fwd(q, k, v, regions, st, tst):
     out, lse = _attend(q, k, v, regions, st, tst)
+    out, lse = named_residuals(out, lse)  # what the model's remat="save" keeps
     return (out, lse), (q, k, v, regions, out, lse)
 
 

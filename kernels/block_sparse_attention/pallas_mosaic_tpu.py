@@ -29,6 +29,7 @@ from selmerge_jax.kernels.block_sparse_attention._common import (
     backward_row_terms,
     decline_dtype,
     decline_platform,
+    named_residuals,
 )
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan_steps
@@ -295,6 +296,7 @@ def _attend(q, k, v, regions, st: _Static):
 
 def _attend_fwd(q, k, v, regions, st):
     out, lse = _attend(q, k, v, regions, st)
+    out, lse = named_residuals(out, lse)  # what the model's remat="save" keeps
     return (out, lse), (q, k, v, regions, out, lse)
 
 

@@ -33,6 +33,7 @@ from selmerge_jax.kernels.block_sparse_attention._common import (
     decline_dtype,
     decline_platform,
     dot,
+    named_residuals,
     out_struct,
 )
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
@@ -425,6 +426,7 @@ def _attend(q, k, v, regions, st: _Static):
 
 def _attend_fwd(q, k, v, regions, st):
     out, lse = _attend(q, k, v, regions, st)
+    out, lse = named_residuals(out, lse)  # what the model's remat="save" keeps
     return (out, lse), (q, k, v, regions, out, lse)
 
 
