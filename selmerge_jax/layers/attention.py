@@ -15,7 +15,6 @@ Dense attention kernels (``AttentionSpec.dense_kernel``):
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Callable
 from typing import Literal
 
@@ -35,7 +34,6 @@ __all__ = ["ATTENTION_KINDS", "DENSE_KERNELS", "AttentionSpec", "attend", "atten
            "attended_keys",
            "dense_self_attention", "describe", "resolve_dense_kernel"]
 
-log = logging.getLogger(__name__)
 
 AttentionKind = Literal["dense", "ms", "ring", "ring_ms"]
 DenseKernel = Literal["auto", "xla", "cudnn"]
@@ -197,8 +195,8 @@ def attended_fraction(ms: MSAttentionConfig | None, seq_len: int) -> float:
 def describe(spec: AttentionSpec, seq_len: int) -> str:
     """One line for a run's log: the attention in use and, for MS, the attended fraction at ``seq_len``.
 
-    Logged once per (spec, length): an MS configuration whose ``top_k`` regions cover every region is dense
-    attention at a higher cost, and says so.
+    The caller prints it (the training loop, once per job): an MS configuration whose ``top_k`` regions cover
+    every region is dense attention at a higher cost, and says so.
     """
     if not spec.is_ms:
         line = f"attention={spec.kind} (dense kernel {spec.dense_kernel}) at T={seq_len}"
@@ -209,5 +207,4 @@ def describe(spec: AttentionSpec, seq_len: int) -> str:
                 f"{spec.ms.block_size} tokens) at T={seq_len}: attended fraction {frac:.3f}")
         if spec.ms.top_k >= regions:
             line += " -- top_k covers every region, so this is dense attention computed the MS way"
-    log.info(line)
     return line
