@@ -200,6 +200,10 @@ def test_a_fresh_run_into_an_occupied_directory_refuses_and_overwrite_clears(tmp
     assert "Write to a new directory (--set train.output_dir=...) or pass --overwrite" in err
     assert (tmp_path / "out" / "metrics.jsonl").exists()
     cfg = load_experiment(PretrainConfig, "demo", ["checkpoint.resume=false", "train.output_dir=out"])
+    with pytest.raises(UserError, match="is not empty"):  # another process of a job refuses it the same way
+        cli.claim_output_dir(cfg, overwrite=False, delete=False)
+    cli.claim_output_dir(cfg, overwrite=True, delete=False)  # ... and leaves the deleting to the primary
+    assert (tmp_path / "out" / "metrics.jsonl").exists()
     cli.claim_output_dir(cfg, overwrite=True)
     assert not (tmp_path / "out").exists()
     (tmp_path / "keep").mkdir()

@@ -61,6 +61,7 @@ from selmerge_jax.main.config import (
     print_summary,
     with_checkpoint_model,
 )
+from selmerge_jax.sharding import distributed
 from selmerge_jax.validation import UserError
 
 __all__ = ["BENCHMARKS_DIR", "EVAL_TASKS", "bench", "claim_output_dir", "evaluate", "finetune",
@@ -256,16 +257,20 @@ def _safe_to_delete(path: str) -> None:
                         "git repository; choose another train.output_dir")
 
 
-def claim_output_dir(cfg: PretrainConfig, overwrite: bool) -> None:
+def claim_output_dir(cfg: PretrainConfig, overwrite: bool, *, delete: bool = True) -> None:
     """``--overwrite`` deletes the run's directories; otherwise a fresh run (``checkpoint.resume=false``)
-    refuses directories that already hold files (its checkpoints, metrics and plots would mix with theirs)."""
+    refuses directories that already hold files (its checkpoints, metrics and plots would mix with theirs).
+
+    ``delete=False`` checks only: the other processes of a multi-process job refuse what the primary refuses
+    and leave the deleting to it, so processes sharing a disk never race over one directory."""
     for path in _run_dirs(cfg):
         if not os.path.isdir(path) or not os.listdir(path):
             continue
         if overwrite:
             _safe_to_delete(path)
-            _log.warning("--overwrite: deleting %s", path)
-            shutil.rmtree(path)
+            if delete:
+                _log.warning("--overwrite: deleting %s", path)
+                shutil.rmtree(path)
         elif not cfg.checkpoint.resume:
             raise UserError(f"{path} is not empty and checkpoint.resume=false: a fresh run there would mix "
                             "its checkpoints, metrics and plots with the earlier run's. Write to a new "
@@ -300,8 +305,11 @@ def _training(prog: str, command: _Command, argv: Sequence[str] | None,
         if before is not None and before(args, cfg):
             return 0
         cfg.data.require_files()  # before a model is built
-        claim_output_dir(cfg, args.overwrite)
-        _write_config(cfg, cfg.train.output_dir, prog)
+        primary = distributed.is_primary()
+        claim_output_dir(cfg, args.overwrite, delete=primary)
+        if primary:
+            _write_config(cfg, cfg.train.output_dir, prog)
+        distributed.barrier("output directory claimed")  # nobody writes there before the primary deleted it
         command.report(command.run(cfg))
         return 0
 

@@ -36,8 +36,8 @@ from selmerge_jax.config_io import to_dict
 from selmerge_jax.sharding.mesh import MeshConfig
 from selmerge_jax.validation import fail
 
-__all__ = ["ENV_ADDRESS", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "allgather_json", "check_same_config",
-           "entry_point", "initialize", "is_primary", "resolve"]
+__all__ = ["ENV_ADDRESS", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "allgather_json", "barrier",
+           "check_same_config", "entry_point", "initialize", "is_primary", "resolve"]
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"  # JAX reads this one itself too
 ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -124,6 +124,12 @@ def is_primary() -> bool:
     """True on process 0 of a multi-process job and in a single-process run: the one that writes the logs,
     metrics and summary (asked without starting a backend when no job was joined)."""
     return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process of the job waits here until all arrive (nothing to do in a single-process run)."""
+    if jax.distributed.is_initialized():
+        multihost_utils.sync_global_devices(name)
 
 
 def _encode(x):
