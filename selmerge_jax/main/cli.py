@@ -288,6 +288,15 @@ def _untrained_warning(cfg) -> None:
               file=sys.stderr, flush=True)
 
 
+def _load_unless_printed(command: _Command, args: argparse.Namespace, prog: str):
+    """The resolved config, or None once ``--print-config`` printed it (the command then stops there)."""
+    cfg = _load(command, args, prog)
+    if args.print_config:
+        print(_config_yaml(cfg, prog), end="")
+        return None
+    return cfg
+
+
 def _training(prog: str, command: _Command, argv: Sequence[str] | None,
               extend: Callable[[argparse.ArgumentParser], None] | None = None,
               before: Callable[[argparse.Namespace, object], bool] | None = None) -> int:
@@ -298,9 +307,8 @@ def _training(prog: str, command: _Command, argv: Sequence[str] | None,
     configure_logging()
 
     def body() -> int:
-        cfg = _load(command, args, prog)
-        if args.print_config:
-            print(_config_yaml(cfg, prog), end="")
+        cfg = _load_unless_printed(command, args, prog)
+        if cfg is None:
             return 0
         if before is not None and before(args, cfg):
             return 0
@@ -320,9 +328,8 @@ def _study(prog: str, command: _Command, args: argparse.Namespace) -> int:
     configure_logging()
 
     def body() -> int:
-        cfg = _load(command, args, prog)
-        if args.print_config:
-            print(_config_yaml(cfg, prog), end="")
+        cfg = _load_unless_printed(command, args, prog)
+        if cfg is None:
             return 0
         _untrained_warning(cfg)
         data = getattr(cfg, "data", None)
