@@ -8,6 +8,18 @@ JSON lines to ``--out``); ``--phase all`` runs both:
         --out experiments/results/ruler_cpu/ruler_quality.jsonl
 
 A policy row only means something when the full-cache score of its task is >= 90% (``full_cache_ok``).
+The defaults stay at chance (loss ~ ln 16 after 800 steps). The recipe behind
+``experiments/results/ruler_cpu/ruler_quality.jsonl`` (2 CPU cores, ~7 min of training) is two stages on
+short prompts, then the eval at 256 tokens (niah_single and variable_tracking reach 100%; niah_multikey stays
+at chance, ~0.3, so its rows are flagged ``full_cache_ok: false``):
+
+    S=experiments/benchmarks/ruler_quality_cpu.py; O=experiments/results/ruler_cpu/ruler_quality.jsonl
+    python $S --phase train --params runs/ruler_quality/stage1.pkl --train-lengths 32,64 --steps 4000 \
+        --batch 32 --layers 2 --lr 5e-3 --out $O
+    python $S --phase train --init runs/ruler_quality/stage1.pkl --params runs/ruler_quality/params.pkl \
+        --train-lengths 64 --steps 3000 --batch 32 --layers 2 --lr 3e-3 \
+        --task-mix niah_single,niah_multikey,niah_multikey,variable_tracking --out $O
+    python $S --phase eval --params runs/ruler_quality/params.pkl --layers 2 --eval-length 256 --out $O
 """
 
 import argparse
@@ -52,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--copy", type=float, default=0.0, help="fraction of rows that are copy rows")
+    p.add_argument("--task-mix", default=",".join(TASKS),
+                   help="training tasks, one per step in turn (repeat a name to train it more often)")
+    p.add_argument("--init", default=None, help="start training from this params.pkl (a second stage)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -68,6 +83,11 @@ def model_config(args, attention: str):
 def train(args) -> dict:
     cfg = model_config(args, "dense")
     model = Llama(cfg, rngs=nnx.Rngs(0))
+    if args.init:  # a second stage: the same model shape, fresh optimizer and schedule
+        with open(args.init, "rb") as f:
+            state = nnx.state(model, nnx.Param)
+            nnx.replace_by_pure_dict(state, pickle.load(f)["params"])
+            nnx.update(model, state)
     graphdef, params = nnx.split(model, nnx.Param)
     warmup = min(100, args.steps // 4)
     sched = optax.warmup_cosine_decay_schedule(0, args.lr, warmup, args.steps, args.lr * 0.05)
@@ -86,7 +106,7 @@ def train(args) -> dict:
         return optax.apply_updates(params, updates), opt, loss
 
     lengths = [int(x) for x in args.train_lengths.split(",")]
-    names = list(TASKS)
+    names = args.task_mix.split(",")
     rng = np.random.default_rng(0)
     t0 = time.time()
     for s in range(args.steps):
