@@ -241,6 +241,10 @@ def test_sequence_chunked_equals_the_whole_call_for_any_length():
     fn = lambda y: jnp.tanh(y) * 2.0 + y.sum(-1, keepdims=True)
     for chunk in (5, 8, 37, 64):  # padded tail, exact multiple, one slice, shorter than the chunk
         np.testing.assert_allclose(sequence_chunked(fn, x, chunk), fn(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        sequence_chunked(fn, x, 0)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, D\]"):
+        sequence_chunked(fn, x[0], 8)
 
 
 def test_one_pass_prefill_with_a_sliced_mlp_equals_the_models_own_forward(monkeypatch):

@@ -27,7 +27,7 @@ _ATTENTION = ("dense", "ms", "ring", "ring_ms")
 # What a layer's backward reads, named in the model (llama.py, layers/attention.py, attention/ms.py): the
 # attention inputs after RoPE, the selection plan, the residual stream between attention and MLP, the MLP's
 # gate and up projections. With these and the attention kernels' own outputs saved, the backward recomputes
-# only norms, RoPE-free elementwise work and the rank-r LoRA products, never a d x d matmul or an attention.
+# only norms, elementwise work and the rank-r LoRA products, never a d x d matmul or an attention.
 SAVED_NAMES = ("attn_q", "attn_k", "attn_v", "ms_plan", "attn_mid", "mlp_gate", "mlp_up",
                "attn_kernel_out", "attn_kernel_lse")  # the last two: kernels' _common.RESIDUAL_NAMES
 # Forward attention kernels, whose outputs (out, log-sum-exp) are the backward's residuals: the project's

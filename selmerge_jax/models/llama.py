@@ -170,6 +170,9 @@ def sequence_chunked(fn, x: jax.Array, chunk: int) -> jax.Array:
     A 1M-token prompt through a Llama-3-8B MLP would otherwise hold three ``[T, 14336]`` bf16 buffers (84 GiB)
     at once; a loop over slices holds one slice's. Equal to ``fn(x)`` (row-wise work), one compiled body.
     """
+    check_int("chunk", chunk, 1)
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {x.shape}")
     t = x.shape[1]
     if t <= chunk:
         return fn(x)
