@@ -84,10 +84,11 @@ def parse_args(argv=None):
                             ("--prefill", args.prefill, set(args.prefill) <= set(VARIANTS)),
                             ("--new", args.new, args.new > 1),
                             ("--budget", args.budget, args.budget > 0),
+                            ("--dense-max-len", args.dense_max_len, args.dense_max_len > 0),
                             ("--layers", args.layers, args.layers is None or args.layers > 0)):
         if not ok:
-            p.error(f"{name}={value!r} is not allowed (lengths, batches, budget and layers positive, "
-                    f"new >= 2, prefill in {','.join(VARIANTS)})")
+            p.error(f"{name}={value!r} is not allowed (lengths, batches, budget, dense-max-len and layers "
+                    f"positive, new >= 2, prefill in {','.join(VARIANTS)})")
     try:
         compression(args)
     except ValueError as e:

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 
 _START = time.perf_counter()  # process start, for "time to first step"
 # JAX reserves 75% of the GPU by default; a 256K step needs more of the H200 than that.
@@ -43,6 +44,7 @@ from flax import nnx  # noqa: E402
 from selmerge_jax.attention import MSAttentionConfig  # noqa: E402
 from selmerge_jax.layers.attention import attended_keys  # noqa: E402
 from selmerge_jax.models import Llama, preset  # noqa: E402
+from selmerge_jax.models.config import RematPolicy  # noqa: E402
 from selmerge_jax.models.lora import LoRAConfig, apply_lora  # noqa: E402
 from selmerge_jax.models.memory import check_fits  # noqa: E402
 from selmerge_jax.training.train_step import init_train_state, make_train_step, trainable_filter  # noqa: E402
@@ -89,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", type=_choices(ATTENTIONS), default=ATTENTIONS)
     p.add_argument("--mode", choices=MODES, default="lora")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (iteration only)")
-    p.add_argument("--remat", default="full", choices=("full", "save", "offload", "dots", "none"))
+    p.add_argument("--remat", default="full", choices=typing.get_args(RematPolicy))
     p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (>= 1)")
     p.add_argument("--dense-reps-long", type=int, default=2, help="timed dense steps at T >= 65536")
     p.add_argument("--dense-max-len", type=int, default=131072,
@@ -104,9 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--peer-hf", action="store_true", help="also time HF transformers + PEFT (PyTorch, CUDA)")
     p.add_argument("--out", default=None, help="JSON lines file (appended); stdout always")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also trace one more step of each cell into DIR and write a model_profile row: the "
-                        "device's kernel time by kind (matmul, attention, Pallas, elementwise) and the top "
-                        "kernels (trace_summary.py)")
+                   help="also trace one more step of each cell into DIR and add its 'profile' to the row: "
+                        "the device's kernel time by kind (matmul, attention, Pallas, elementwise) and the "
+                        "top kernels (trace_summary.py)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error(f"--reps={args.reps}: must be >= 1")

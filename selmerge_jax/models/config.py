@@ -30,10 +30,10 @@ _ATTENTION = ("dense", "ms", "ring", "ring_ms")
 # only norms, elementwise work and the rank-r LoRA products, never a d x d matmul or an attention.
 SAVED_NAMES = ("attn_q", "attn_k", "attn_v", "ms_plan", "attn_mid", "mlp_gate", "mlp_up",
                "attn_kernel_out", "attn_kernel_lse")  # the last two: kernels' _common.RESIDUAL_NAMES
-# Forward attention kernels, whose outputs (out, log-sum-exp) are the backward's residuals: the project's
-# Pallas kernels (Triton/TPU: pallas_call; Mosaic GPU's plgpu.kernel binds mpmd_map inside a custom_vmap_call)
-# and cuDNN flash (jax.nn.dot_product_attention, implementation="cudnn").
-_ATTENTION_KERNELS = ("pallas_call", "custom_vmap_call", "mpmd_map", "dot_product_attention_fwd_wrapper")
+# cuDNN flash's forward (jax.nn.dot_product_attention, implementation="cudnn"), whose outputs (out and
+# log-sum-exp) are its backward's residuals; it names nothing, so the policy knows it by primitive. The
+# project's kernels name theirs (the last two SAVED_NAMES).
+_ATTENTION_KERNELS = ("dot_product_attention_fwd_wrapper",)
 
 
 def _save_policy(prim, *_, **params) -> bool:
