@@ -234,17 +234,17 @@ def test_one_pass_prefill_refuses_a_cache_too_small_and_a_policy():
                 **k: None)
 
 
-def test_sequence_chunked_equals_the_whole_call_for_any_length():
-    from selmerge_jax.models.llama import sequence_chunked
+def test_residual_chunked_equals_the_whole_call_for_any_length():
+    from selmerge_jax.models.llama import residual_chunked
 
     x = jax.random.normal(jax.random.key(0), (2, 37, 8))
     fn = lambda y: jnp.tanh(y) * 2.0 + y.sum(-1, keepdims=True)
     for chunk in (5, 8, 37, 64):  # padded tail, exact multiple, one slice, shorter than the chunk
-        np.testing.assert_allclose(sequence_chunked(fn, x, chunk), fn(x), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(residual_chunked(fn, x, chunk), x + fn(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="chunk"):
-        sequence_chunked(fn, x, 0)
+        residual_chunked(fn, x, 0)
     with pytest.raises(ValueError, match=r"x must be \[B, T, D\]"):
-        sequence_chunked(fn, x[0], 8)
+        residual_chunked(fn, x[0], 8)
 
 
 def test_one_pass_prefill_with_a_sliced_mlp_equals_the_models_own_forward(monkeypatch):
@@ -254,9 +254,9 @@ def test_one_pass_prefill_with_a_sliced_mlp_equals_the_models_own_forward(monkey
     from selmerge_jax.models.generate import init_caches, prefill
 
     monkeypatch.setattr(llama, "MLP_CHUNK", 16)
-    sliced, whole = [], llama.sequence_chunked
+    sliced, whole = [], llama.residual_chunked
     spy = lambda fn, x, c: sliced.append((x.shape[1], c)) or whole(fn, x, c)
-    monkeypatch.setattr(llama, "sequence_chunked", spy)
+    monkeypatch.setattr(llama, "residual_chunked", spy)
     jax.clear_caches()  # nothing compiled with the default slice may answer this call
     model = _ms_model(top_k=3)
     prompts = np.random.default_rng(4).integers(0, 64, (1, 61)).astype(np.int32)
@@ -264,3 +264,46 @@ def test_one_pass_prefill_with_a_sliced_mlp_equals_the_models_own_forward(monkey
     full = np.asarray(model(jnp.asarray(prompts)))
     np.testing.assert_allclose(logits[0], full[0, 60], rtol=1e-5, atol=1e-5)
     assert sliced == [(61, 16)] * model.config.num_layers
+
+
+def test_one_pass_prefill_keeps_no_per_layer_token_buffers(monkeypatch):
+    """The planned bytes of a one-pass prefill grow with depth by the caches alone, not by a ``[T, D]`` buffer
+    per layer: a sliced MLP writing into a fresh zeros buffer got that buffer shared between layers and copied
+    once per layer, early, by XLA (the 512K-token plans of an 8B model were 107 GiB over their estimate)."""
+    from selmerge_jax.models import llama
+    from selmerge_jax.models.generate import prefill_memory
+
+    monkeypatch.setattr(llama, "MLP_CHUNK", 2048)
+    t, d = 16384, 128  # long enough that per-token bytes dwarf the CPU's float32 copies of the weights
+
+    def temp(layers):
+        cfg = preset("tiny", vocab_size=64, d_model=d, num_heads=2, num_kv_heads=1, ffn_dim=128,
+                     num_layers=layers, dtype="bfloat16", param_dtype="bfloat16", dense_kernel="xla")
+        model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+        return prefill_memory(model, batch=1, prompt_len=t, prefill_attention="model")["temp"]
+
+    jax.clear_caches()
+    per_layer = (temp(4) - temp(2)) / 2
+    # measured on CPU: 0.54 of one [T, D] bf16 buffer per layer (the weights' float32 copies, scheduling);
+    # with the zeros buffer it was 1.09
+    assert per_layer < 0.75 * t * d * 2, per_layer
+
+
+def test_long_inference_calls_run_layers_behind_a_barrier_and_decode_steps_do_not(monkeypatch):
+    """A long prompt's layers each start behind an optimization barrier (XLA may not hoist their weight
+    slices); a short call (a decode step) has none, so its slices stay hoisted out of the decode loop."""
+    from selmerge_jax.models import llama
+    from selmerge_jax.models.generate import init_caches
+
+    monkeypatch.setattr(llama, "BARRIER_MIN_TOKENS", 16)
+    model = Llama(preset("tiny", vocab_size=64, d_model=32, ffn_dim=48), rngs=nnx.Rngs(0))
+    caches = init_caches(model, 1, 32)
+
+    def barriers(t):
+        tokens = jnp.zeros((1, t), jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
+        jaxpr = jax.make_jaxpr(lambda tok: model.hidden_states(tok, pos, caches=caches)[0])(tokens)
+        return str(jaxpr).count("optimization_barrier")
+
+    assert barriers(16) == model.config.num_layers
+    assert barriers(1) == 0
