@@ -30,7 +30,9 @@ def _module_files(dump: str, module: str) -> tuple[str, str]:
 def peak_buffers(live_range_file: str) -> tuple[int, list[tuple[str, int]]]:
     """(peak time, [(buffer name, bytes)]) from the report's "Live ranges at ... (peak)" section."""
     out, at, inside = [], -1, False
-    for line in open(live_range_file):
+    with open(live_range_file) as f:
+        lines = f.read().splitlines()
+    for line in lines:
         m = re.match(r"\s*Live ranges at (\d+) \(peak\):", line)
         if m:
             at, inside = int(m.group(1)), True
@@ -94,7 +96,8 @@ def instructions(hlo: str) -> dict[str, dict]:
 def report(dump: str, module: str, top: int) -> dict:
     live_file, hlo_file = _module_files(dump, module)
     at, live = peak_buffers(live_file)
-    info = instructions(open(hlo_file).read())
+    with open(hlo_file) as f:
+        info = instructions(f.read())
     rows = []
     for name, size in sorted(live, key=lambda x: -x[1]):
         i = info.get(name, {})

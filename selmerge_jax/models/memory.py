@@ -26,9 +26,9 @@ The inference plan (``inference_memory``, used by ``generate.prefill`` before it
 plus the per-slot metadata (position, count, score: 12 bytes) and SnapKV's window rows; ``activations``: one
 layer's prefill working set (the prompt's residual, q/k/v/o, the SwiGLU's three ``[T, F]`` arrays, the
 select-and-merge region scores, a chunked or compressing prefill's ``[chunk, slots]`` probabilities);
-``logits``: the last token's. The one-pass prefill's activations are scaled to the plans XLA made on an H200
-(``_PREFILL_MEASURED_FACTOR``, from ``experiments/results/inference_h200``); the chunked prefill's are the
-closed form.
+``logits``: the last token's. The one-pass prefill's per-token arrays are counted as XLA plans them on an H200
+(``_PREFILL_*_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the closed
+form.
 """
 
 import dataclasses
@@ -36,6 +36,7 @@ import dataclasses
 from selmerge_jax.kvcache.config import KVCompressionConfig
 from selmerge_jax.kvcache.prefill import scored_rows
 from selmerge_jax.models.config import ModelConfig
+from selmerge_jax.models.llama import MLP_CHUNK
 from selmerge_jax.validation import check_choice, check_int
 
 __all__ = ["InferenceMemory", "TrainMemory", "check_fits", "check_inference_fits", "inference_memory",
@@ -45,13 +46,14 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Live [B, T, F]-sized and [B, T, D]-sized arrays at the peak of one layer's backward (fitted, see docstring).
 _TRANSIENT_F = 4.0
 _TRANSIENT_D = 6.0
-# The one-pass prefill's working set as XLA plans it on an H200 (jax 0.11.2, Llama-3-8B shape, 32 layers
-# unrolled in one program), over the per-token closed form below: 2.1x at 512K tokens (the plans in the OOM
-# reports of experiments/results/inference_h200/llama3_8b_8k_512k.jsonl: 211.8 GiB with a full cache, 155.7
-# with a 4K budget), up to 2.75x at 128K (the process peak of llama3_8b_128k.jsonl). What holds the excess was
-# not found in the session that measured it; the factor makes the planner refuse those cells before compiling
-# instead of after (they compiled for two minutes, then ran out of memory).
-_PREFILL_MEASURED_FACTOR = 2.75
+# The one-pass prefill's working set per prompt token, in [T, width] arrays of the compute dtype: the
+# residual and its normed copy (2 D), q and its rotated copy or the attention output (2 N*H), k and v (2 K*H).
+# Fitted to the H200 runs of experiments/results/inference_h200 (jax 0.11.2, Llama-3-8B, 32 layers): a
+# 1M-token prompt into a 4K budget peaked at 48.2 GiB (this form: 55.8), 512K with a full cache at 96.9 GiB
+# (this form: 101.1). The MLP's [chunk, F] slices are llama.MLP_CHUNK tokens whatever the prompt.
+_PREFILL_D_ARRAYS = 2
+_PREFILL_Q_ARRAYS = 2
+_PREFILL_KV_ARRAYS = 2
 _HEADROOM = 1.5 * 2**30  # allocator fragmentation, cuBLAS/cuDNN workspaces, the runtime itself
 
 
@@ -227,10 +229,10 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
              else max(compression.capacity_for(prompt_len, i) for i in range(config.num_layers)))
     if prefill == "model":
         tokens = batch * prompt_len
-        # the residual stream, its normed copy, the MLP loop's output, q/out, k/v, the MLP's three F-wide
-        # intermediates (the model runs them MLP_CHUNK tokens at a time, llama.sequence_chunked, but the
-        # measured plans do not shrink with it: they are _PREFILL_MEASURED_FACTOR x this whole-prompt form)
-        working = _PREFILL_MEASURED_FACTOR * tokens * (3 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
+        # the per-token arrays above, and the MLP's three F-wide intermediates of one MLP_CHUNK-token slice
+        # (llama.residual_chunked)
+        widths = _PREFILL_D_ARRAYS * d + _PREFILL_Q_ARRAYS * n * h + _PREFILL_KV_ARRAYS * kv * h
+        working = tokens * widths * abytes + batch * min(prompt_len, MLP_CHUNK) * 3 * f * abytes
         if config.attention == "ms":  # region-summary scores [B, P, R, R] float32
             regions = -(-prompt_len // config.ms.block_size)
             heads = kv if config.ms.selection_heads == "kv" else n
