@@ -60,14 +60,17 @@ def test_nothing_crosses_documents_that_start_mid_region():
 
 def test_block_sparse_segment_mask_equals_dense_and_pallas_backends_decline():
     """With every earlier region selected, the op's segment mask is dense attention's; a backend without a
-    segment mask declines (naming it) and an explicit fallback list reaches ``"xla"``."""
+    segment mask declines (naming it), pallas_triton off its GPU declines like any call, and an explicit
+    fallback list reaches ``"xla"``."""
     q, k, v, _ = _inputs(64, seed=2)
     seg = jnp.asarray(np.r_[np.zeros(20, int), np.ones(25, int), np.full(19, 2)])[None]
     plan = dense_causal_plan(1, K, 64, 8, merge=2)
     want = dense_attention(q, k, v, segment_ids=seg)
     np.testing.assert_allclose(block_sparse_attention(q, k, v, plan, segment_ids=seg), want, rtol=1e-5,
                                atol=1e-5)
-    with pytest.raises(NotImplementedError, match="pallas_triton: no segment_ids"):
+    with pytest.raises(NotImplementedError, match="pallas_mosaic_tpu: no segment_ids"):
+        block_sparse_attention(q, k, v, plan, segment_ids=seg, implementation="pallas_mosaic_tpu")
+    with pytest.raises(NotImplementedError, match="pallas_triton: pallas_triton needs a GPU"):
         block_sparse_attention(q, k, v, plan, segment_ids=seg, implementation="pallas_triton")
     got = block_sparse_attention(q, k, v, plan, segment_ids=seg, implementation=("pallas_mosaic_tpu", "xla"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

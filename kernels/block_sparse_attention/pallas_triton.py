@@ -12,6 +12,9 @@ Passes.
 * dK/dV walks the *transposed* plan (``transpose.py``): for one KV chunk, every query group that selected its
   region, then the local queries of its own group. No atomics anywhere: each output tile has one writer, so
   results are bitwise deterministic.
+Packed documents: with ``segment_ids`` ``int [B, T]`` every pass also loads the tile's and the key chunk's
+ids and masks pairs of different documents (the forward's scores, the dQ pass's dS, the dK/dV pass's P^T), in
+selected regions and the local block alike; without them the kernels are specialised without that load.
 Softmax statistics are float32; exponentials are base 2 with ``log2(e)`` folded into the scale. The forward
 saves the natural-log LSE, which is also what ``return_lse`` returns (``-inf`` for a query with nothing to
 attend, whose output is 0).
@@ -36,7 +39,11 @@ from selmerge_jax.kernels.block_sparse_attention._common import (
     named_residuals,
     out_struct,
 )
-from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
+from selmerge_jax.kernels.block_sparse_attention.plan import (
+    SelectionPlan,
+    check_plan_inputs,
+    check_segment_ids,
+)
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, transpose_plan
 
 # optional dependency: the Triton compiler params moved between jax releases; only the GPU build needs them
@@ -44,6 +51,11 @@ try:
     from jax.experimental.pallas import triton as _pltriton
 except ImportError:  # pragma: no cover
     _pltriton = None
+
+# The segment mask is checked against the reference in interpret mode (tests/test_kernels_triton_segments.py);
+# its native Triton build has not run on a GPU yet, so native calls with segment_ids decline (the dispatcher
+# then falls back to "xla") until the gpu-marked test there passes and this is switched on.
+NATIVE_SEGMENTS = False
 
 # ``make_static`` and ``attend_bwd`` are the Triton backward's entry points for ``pallas_mosaic_gpu``
 # (``MosaicTiling(backward="triton")`` runs these kernels on the Mosaic forward's residuals).
@@ -112,6 +124,7 @@ class _Static:
     block_k_dkv: int
     tiling: TritonTiling
     interpret: bool
+    segments: bool = False  # packed documents: a segment_ids input masks pairs of different documents
 
     @property
     def group_tokens(self):
@@ -126,7 +139,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
-def make_static(q, k, plan, scale, tiling: TritonTiling, interpret: bool) -> _Static:
+def make_static(q, k, plan, scale, tiling: TritonTiling, interpret: bool, segments: bool = False) -> _Static:
     """The kernels' statics (hashable); raises NotImplementedError for shapes the kernels do not tile."""
     kv_heads, g = check_plan_inputs(q, k, k, plan)
     n, h = q.shape[2], q.shape[3]
@@ -146,7 +159,7 @@ def make_static(q, k, plan, scale, tiling: TritonTiling, interpret: bool) -> _St
         blocks += [bq, bk]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     return _Static(w, plan.merge, plan.num_groups, kv_heads, p, hp, g, plan.causal, plan.include_local, scale,
-                   *blocks, tiling, interpret)
+                   *blocks, tiling, interpret, segments)
 
 
 def _params(warps, stages):
@@ -195,19 +208,44 @@ def _row_positions(first_token, tokens, hp):
     return first_token + _div(jax.lax.broadcasted_iota(jnp.int32, (tokens * hp,), 0), hp)
 
 
+def _row_segments(seg_ref, first_token, tokens, hp):
+    """Segment id of each token-major row ``[tokens * hp]`` of a tile (None without packed documents)."""
+    if seg_ref is None:
+        return None
+    ids = seg_ref[pl.ds(first_token, tokens)]
+    return jnp.broadcast_to(ids[:, None], (tokens, hp)).reshape(tokens * hp)
+
+
+def _same_segment(seg_ref, qseg, start, count, keys_first: bool = False):
+    """``[rows, count]`` (``[count, rows]`` when ``keys_first``) True where query row and key share a
+    document; None without packed documents."""
+    if seg_ref is None:
+        return None
+    kseg = seg_ref[pl.ds(start, count)]
+    return kseg[:, None] == qseg[None, :] if keys_first else qseg[:, None] == kseg[None, :]
+
+
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
+
+
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _fwd_chunk(carry, q, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
-    """One online-softmax update of the tile with keys ``[start, start + block_k)``."""
+def _fwd_chunk(carry, q, k_ref, v_ref, start, qpos, st: _Static, masked: bool, seg=(None, None)):
+    """One online-softmax update of the tile with keys ``[start, start + block_k)``; ``seg``: (segment ids
+    ref, the tile rows' ids) with packed documents."""
     m_i, l_i, acc = carry
     k = k_ref[pl.ds(start, st.block_k), :]
     v = v_ref[pl.ds(start, st.block_k), :]
     scale2 = st.scale * LOG2E
     s = dot(q, k, trans_b=True)  # raw scores: the scale is applied inside the exponent's FMA
+    keep = _same_segment(seg[0], seg[1], start, st.block_k)
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k,), 0)
-        s = jnp.where(qpos[:, None] >= kpos[None, :], s, -jnp.inf)
+        keep = _and(keep, qpos[:, None] >= kpos[None, :])
+    if keep is not None:
+        s = jnp.where(keep, s, -jnp.inf)
     m_new = jnp.maximum(m_i, s.max(axis=1) * scale2)  # max commutes with a positive scale
     p = _exp2(_scores_minus(s, scale2, m_new, 0), st)
     alpha = _exp2(m_i - m_new, st)
@@ -222,25 +260,29 @@ def _local_bounds(first_token, tokens, group, st: _Static, block):
     return lo, _div(end + block - 1, block)
 
 
-def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+def _fwd_kernel(sel_ref, cnt_ref, *refs, st: _Static):
+    seg_ref, (q_ref, k_ref, v_ref, o_ref, lse_ref) = _split_segments(refs, st)
     i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * st.block_q
     group = _div(t0, st.group_tokens)
     q = _flat(q_ref[...])
     rows = q.shape[0]
     qpos = _row_positions(t0, st.block_q, st.heads_per_tile)
+    seg = (seg_ref, _row_segments(seg_ref, t0, st.block_q, st.heads_per_tile))
     carry = (jnp.full((rows,), NEG_BIG, F32), jnp.zeros((rows,), F32), jnp.zeros(q.shape, F32))
     chunks = st.w // st.block_k
 
     def selected(it, c):
         region = sel_ref[b, p, group, _div(it, chunks)]
-        return _fwd_chunk(c, q, k_ref, v_ref, region * st.w + _rem(it, chunks) * st.block_k, qpos, st, False)
+        return _fwd_chunk(c, q, k_ref, v_ref, region * st.w + _rem(it, chunks) * st.block_k, qpos, st, False,
+                          seg)
 
     carry = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, carry)
     if st.include_local:
         lo, hi = _local_bounds(t0, st.block_q, group, st, st.block_k)
         carry = jax.lax.fori_loop(
-            lo, hi, lambda j, c: _fwd_chunk(c, q, k_ref, v_ref, j * st.block_k, qpos, st, st.causal), carry)
+            lo, hi, lambda j, c: _fwd_chunk(c, q, k_ref, v_ref, j * st.block_k, qpos, st, st.causal, seg),
+            carry)
     m_i, l_i, acc = carry
     nonempty = l_i > 0
     out = acc / jnp.where(nonempty, l_i, 1.0)[:, None]
@@ -249,22 +291,35 @@ def _fwd_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _S
     lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
-def _forward(q, k, v, sel, cnt, st: _Static):
+def _split_segments(refs, st: _Static):
+    """(segment ids ref or None, the remaining refs): the ids come first when the kernel has them."""
+    return (refs[0], refs[1:]) if st.segments else (None, refs)
+
+
+def _segment_inputs(seg, t: int):
+    """The ``[B, T]`` ids as a kernel input (each program reads its batch row whole), or nothing."""
+    if seg is None:
+        return [], []
+    return [seg], [pl.BlockSpec((None, t), lambda *idx: (idx[1], 0))]
+
+
+def _forward(q, k, v, sel, cnt, st: _Static, seg=None):
     b, t, n, h = q.shape
     hp, per_kv = st.heads_per_tile, st.sel_heads // st.kv_heads
     grid = (t // st.block_q, b, st.sel_heads)
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q, hp, h), lambda i, bi, p: (bi, i, p, 0))
+    seg_args, seg_specs = _segment_inputs(seg, t)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=grid,
-        in_specs=[_whole(sel), _whole(cnt), tile, kv_spec, kv_spec],
+        in_specs=[_whole(sel), _whole(cnt), *seg_specs, tile, kv_spec, kv_spec],
         out_specs=[tile, pl.BlockSpec((None, st.block_q, hp), lambda i, bi, p: (bi, i, p))],
         out_shape=[out_struct(q.shape, q.dtype, q), out_struct((b, t, n), F32, q)],
         compiler_params=_params(st.tiling.warps_fwd, st.tiling.stages_fwd),
         interpret=st.interpret,
         name="block_sparse_fwd",
-    )(sel, cnt, q, k, v)
+    )(sel, cnt, *seg_args, q, k, v)
 
 
 def _whole(x):
@@ -275,42 +330,48 @@ def _whole(x):
 # ---------------------------------------------------------------------------------------------- backward
 
 
-def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool):
+def _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st: _Static, masked: bool,
+              seg=(None, None)):
     k = k_ref[pl.ds(start, st.block_k_dq), :]
     v = v_ref[pl.ds(start, st.block_k_dq), :]
     p = _exp2(_scores_minus(dot(q, k, trans_b=True), st.scale * LOG2E, lse2, 0), st)
     ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+    keep = _same_segment(seg[0], seg[1], start, st.block_k_dq)
     if masked:
         kpos = start + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dq,), 0)
-        ds = jnp.where(qpos[:, None] >= kpos[None, :], ds, 0.0)
+        keep = _and(keep, qpos[:, None] >= kpos[None, :])
+    if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
     return dq + dot(ds.astype(k.dtype), k)
 
 
-def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+def _dq_kernel(sel_ref, cnt_ref, *refs, st: _Static):
+    seg_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref) = _split_segments(refs, st)
     i, b, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = i * st.block_q_dq
     group = _div(t0, st.group_tokens)
     q, do = _flat(q_ref[...]), _flat(do_ref[...])
     lse2, delta = lse_ref[...].reshape(q.shape[0]), delta_ref[...].reshape(q.shape[0])
     qpos = _row_positions(t0, st.block_q_dq, st.heads_per_tile)
+    seg = (seg_ref, _row_segments(seg_ref, t0, st.block_q_dq, st.heads_per_tile))
     chunks = st.w // st.block_k_dq
 
     def selected(it, dq):
         start = sel_ref[b, p, group, _div(it, chunks)] * st.w + _rem(it, chunks) * st.block_k_dq
-        return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False)
+        return _dq_chunk(dq, q, do, lse2, delta, k_ref, v_ref, start, qpos, st, False, seg)
 
     dq = jax.lax.fori_loop(0, cnt_ref[b, p, group] * chunks, selected, jnp.zeros(q.shape, F32))
     if st.include_local:
         lo, hi = _local_bounds(t0, st.block_q_dq, group, st, st.block_k_dq)
         dq = jax.lax.fori_loop(lo, hi, lambda j, a: _dq_chunk(
-            a, q, do, lse2, delta, k_ref, v_ref, j * st.block_k_dq, qpos, st, st.causal), dq)
+            a, q, do, lse2, delta, k_ref, v_ref, j * st.block_k_dq, qpos, st, st.causal, seg), dq)
     dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
     """Adds the contribution of query rows ``[row0, row0 + block_q_dkv)`` x heads ``[head0, head0 + hp)``."""
     dk, dv = carry
-    q_ref, do_ref, lse_ref, delta_ref = refs
+    q_ref, do_ref, lse_ref, delta_ref, seg_ref, kseg = refs
     rows, heads = pl.ds(row0, st.block_q_dkv), pl.ds(head0, st.heads_per_tile)
     q, do = _flat(q_ref[rows, heads, :]), _flat(do_ref[rows, heads, :])
     lse2 = lse_ref[rows, heads].reshape(q.shape[0])
@@ -318,23 +379,29 @@ def _dkv_chunk(carry, k, v, kpos, refs, row0, head0, st: _Static, masked: bool):
     # Transposed scores [block_k, rows]: every matmul has the keys as its M dimension (wgmma-sized) and
     # dV += P^T dO, dK += dS^T Q need no register transpose (19% faster fwd+bwd at 64K than [rows, block_k]).
     pt = _exp2(_scores_minus(dot(k, q, trans_b=True), st.scale * LOG2E, lse2, 1), st)
+    keep = None
+    if seg_ref is not None:
+        keep = kseg[:, None] == _row_segments(seg_ref, row0, st.block_q_dkv, st.heads_per_tile)[None, :]
     if masked:
         qpos = _row_positions(row0, st.block_q_dkv, st.heads_per_tile)
-        pt = jnp.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
+        keep = _and(keep, kpos[:, None] <= qpos[None, :])
+    if keep is not None:
+        pt = jnp.where(keep, pt, 0.0)
     dv = dv + dot(pt.astype(do.dtype), do)
     # Masked entries already have pt = 0, so dS^T = pt * (dP^T - delta) is 0 there (dP^T is finite).
     dst = pt * (dot(v, do, trans_b=True) - delta[None, :])
     return dk + dot(dst.astype(q.dtype), q), dv
 
 
-def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                st: _Static):
+def _dkv_kernel(off_ref, ent_ref, *refs, st: _Static):
+    seg_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _split_segments(refs, st)
     j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kstart = j * st.block_k_dkv
     region = _div(kstart, st.w)
     k, v = k_ref[...], v_ref[...]
     kpos = kstart + jax.lax.broadcasted_iota(jnp.int32, (st.block_k_dkv,), 0)
-    refs = (q_ref, do_ref, lse_ref, delta_ref)
+    kseg = None if seg_ref is None else seg_ref[pl.ds(kstart, st.block_k_dkv)]
+    refs = (q_ref, do_ref, lse_ref, delta_ref, seg_ref, kseg)
     hp, per_kv, lt = st.heads_per_tile, st.sel_heads // st.kv_heads, st.group_tokens
     qchunks = lt // st.block_q_dkv
     first = off_ref[b, kh, region]
@@ -364,7 +431,7 @@ def _dkv_kernel(off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
+def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None, seg=None):
     """dQ ``[B, T, N, H]``. ``reuse``: a dead buffer of q's shape and dtype (the forward output, once delta is
     formed) that dQ is written into, so the backward pass allocates no new T x N x H array; at T = 1M that is
     the 8 GiB that kept the layer's peak above 40 GB. XLA copies it first if it is still live elsewhere."""
@@ -373,9 +440,10 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
     kv_spec = pl.BlockSpec((None, t, None, h), lambda i, bi, p: (bi, 0, _div(p, per_kv), 0))
     tile = pl.BlockSpec((None, st.block_q_dq, hp, h), lambda i, bi, p: (bi, i, p, 0))
     stat = pl.BlockSpec((None, st.block_q_dq, hp), lambda i, bi, p: (bi, i, p))
-    args, in_specs, kernel = [sel, cnt, q, k, v, do, lse2, delta], [_whole(sel), _whole(cnt), tile, kv_spec,
-                                                                    kv_spec,
-                                                                     tile, stat, stat], _dq_kernel
+    seg_args, seg_specs = _segment_inputs(seg, t)
+    args = [sel, cnt, *seg_args, q, k, v, do, lse2, delta]
+    in_specs = [_whole(sel), _whole(cnt), *seg_specs, tile, kv_spec, kv_spec, tile, stat, stat]
+    kernel = _dq_kernel
     aliases = {}
     if reuse is not None and reuse.shape == q.shape and reuse.dtype == q.dtype:
         args, in_specs, aliases = [*args, reuse], [*in_specs, tile], {len(args): 0}
@@ -393,21 +461,23 @@ def _dq_call(q, k, v, do, lse2, delta, sel, cnt, st: _Static, reuse=None):
     )(*args)
 
 
-def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static):
+def _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st: _Static, seg=None):
     b, t, n, h = q.shape
+    seg_args, seg_specs = _segment_inputs(seg, t)
     full = pl.BlockSpec((None, t, n, h), lambda j, bi, kh: (bi, 0, 0, 0))
     full_stat = pl.BlockSpec((None, t, n), lambda j, bi, kh: (bi, 0, 0))
     kv_tile = pl.BlockSpec((None, st.block_k_dkv, None, h), lambda j, bi, kh: (bi, j, kh, 0))
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid=(t // st.block_k_dkv, b, st.kv_heads),
-        in_specs=[_whole(offsets), _whole(entries), full, kv_tile, kv_tile, full, full_stat, full_stat],
+        in_specs=[_whole(offsets), _whole(entries), *seg_specs, full, kv_tile, kv_tile, full, full_stat,
+                  full_stat],
         out_specs=[kv_tile, kv_tile],
         out_shape=[out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)],
         compiler_params=_params(st.tiling.warps_dkv, st.tiling.stages_dkv),
         interpret=st.interpret,
         name="block_sparse_dkv",
-    )(offsets, entries, q, k, v, do, lse2, delta)
+    )(offsets, entries, *seg_args, q, k, v, do, lse2, delta)
 
 
 # ------------------------------------------------------------------------------------------ custom VJP
@@ -418,54 +488,66 @@ def _plan(regions, st: _Static) -> SelectionPlan:
                          include_local=st.include_local)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, regions, st: _Static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, regions, seg, st: _Static):
     sel, cnt = compact_plan(_plan(regions, st))
-    return _forward(q, k, v, sel, cnt, st)
+    return _forward(q, k, v, sel, cnt, st, seg)
 
 
-def _attend_fwd(q, k, v, regions, st):
-    out, lse = _attend(q, k, v, regions, st)
+def _attend_fwd(q, k, v, regions, seg, st):
+    out, lse = _attend(q, k, v, regions, seg, st)
     out, lse = named_residuals(out, lse)  # what the model's remat="save" keeps
-    return (out, lse), (q, k, v, regions, out, lse)
+    return (out, lse), (q, k, v, regions, out, lse, seg)
 
 
 def attend_bwd(st: _Static, res, cotangents):
     """The custom VJP's backward: ``(dq, dk, dv, None)`` from residuals ``(q, k, v, regions, out, lse)``
-    (natural-log LSE ``[B, T, N]``) and cotangents ``(dout, dlse)``; ``st`` from ``make_static``."""
-    q, k, v, regions, out, lse = res
+    (natural-log LSE ``[B, T, N]``; a seventh, the ``[B, T]`` segment ids, with packed documents) and
+    cotangents ``(dout, dlse)``; ``st`` from ``make_static``."""
+    q, k, v, regions, out, lse, *rest = res
+    seg = rest[0] if rest else None
     do, dlse = cotangents
     plan = _plan(regions, st)
     delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)
     sel, cnt = compact_plan(plan)
-    dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st, reuse=out)
+    dq = _dq_call(q, k, v, do, lse2, delta, sel, cnt, st, reuse=out, seg=seg)
     offsets, entries = transpose_plan(plan, st.kv_heads)
-    dk, dv = _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st)
+    dk, dv = _dkv_call(q, k, v, do, lse2, delta, offsets, entries, st, seg=seg)
     return dq, dk, dv, None
 
 
-_attend.defvjp(_attend_fwd, attend_bwd)
+def _attend_bwd(st: _Static, res, cotangents):
+    return (*attend_bwd(st, res, cotangents), None)  # no cotangent for the segment ids
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
                                   return_lse: bool = False, tiling: TritonTiling | None = None,
-                                  interpret: bool = False):
+                                  interpret: bool = False, segment_ids=None):
     """Block-sparse attention with the Pallas Triton kernels (same contract as the reference).
 
     Args:
-      q, k, v, plan, scale, return_lse: as ``block_sparse_attention_reference``.
+      q, k, v, plan, scale, return_lse, segment_ids: as ``block_sparse_attention_reference``.
       tiling: tile sizes and launch parameters (``TritonTiling()`` by default).
       interpret: run the kernels in the Pallas interpreter (any backend; slow, for tests).
 
     Raises:
-      NotImplementedError: not on a GPU (and not interpreting), or shapes the kernels do not tile; the
-        dispatcher then falls through to the next implementation.
+      NotImplementedError: not on a GPU (and not interpreting), shapes the kernels do not tile, or
+        ``segment_ids`` natively while ``NATIVE_SEGMENTS`` is off; the dispatcher then falls through to the
+        next implementation.
     """
     decline_platform("pallas_triton", "gpu", interpret)
     decline_dtype("pallas_triton", q.dtype, (jnp.bfloat16, jnp.float16, jnp.float32))
     check_plan_inputs(q, k, v, plan)
-    st = make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret))
-    out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), st)
+    check_segment_ids(segment_ids, q)
+    if segment_ids is not None and not interpret and not NATIVE_SEGMENTS:
+        raise NotImplementedError("pallas_triton: segment_ids are verified in interpret mode only; the "
+                                  "native GPU build is unmeasured (NATIVE_SEGMENTS)")
+    st = make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret), segment_ids is not None)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), seg, st)
     return (out, lse) if return_lse else out
 
 
