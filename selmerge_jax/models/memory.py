@@ -27,7 +27,7 @@ plus the per-slot metadata (position, count, score: 12 bytes) and SnapKV's windo
 layer's prefill working set (the prompt's residual, q/k/v/o, the SwiGLU's three ``[T, F]`` arrays, the
 select-and-merge region scores, a chunked or compressing prefill's ``[chunk, slots]`` probabilities);
 ``logits``: the last token's. The one-pass prefill's per-token arrays are counted as XLA plans them on an H200
-(``_PREFILL_*_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the closed
+(``_PREFILL_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the closed
 form.
 """
 
@@ -46,14 +46,13 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Live [B, T, F]-sized and [B, T, D]-sized arrays at the peak of one layer's backward (fitted, see docstring).
 _TRANSIENT_F = 4.0
 _TRANSIENT_D = 6.0
-# The one-pass prefill's working set per prompt token, in [T, width] arrays of the compute dtype: the
-# residual and its normed copy (2 D), q and its rotated copy or the attention output (2 N*H), k and v (2 K*H).
+# The one-pass prefill's working set per prompt token: this many [T, width] arrays of the compute dtype for
+# each width D (the residual, its normed copy), N*H (q, its rotated copy or the attention output) and K*H
+# (k, v).
 # Fitted to the H200 runs of experiments/results/inference_h200 (jax 0.11.2, Llama-3-8B, 32 layers): a
 # 1M-token prompt into a 4K budget peaked at 48.2 GiB (this form: 55.8), 512K with a full cache at 96.9 GiB
 # (this form: 101.1). The MLP's [chunk, F] slices are llama.MLP_CHUNK tokens whatever the prompt.
-_PREFILL_D_ARRAYS = 2
-_PREFILL_Q_ARRAYS = 2
-_PREFILL_KV_ARRAYS = 2
+_PREFILL_ARRAYS = 2
 _HEADROOM = 1.5 * 2**30  # allocator fragmentation, cuBLAS/cuDNN workspaces, the runtime itself
 
 
@@ -231,8 +230,8 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
         tokens = batch * prompt_len
         # the per-token arrays above, and the MLP's three F-wide intermediates of one MLP_CHUNK-token slice
         # (llama.residual_chunked)
-        widths = _PREFILL_D_ARRAYS * d + _PREFILL_Q_ARRAYS * n * h + _PREFILL_KV_ARRAYS * kv * h
-        working = tokens * widths * abytes + batch * min(prompt_len, MLP_CHUNK) * 3 * f * abytes
+        working = (tokens * _PREFILL_ARRAYS * (d + n * h + kv * h) * abytes
+                   + batch * min(prompt_len, MLP_CHUNK) * 3 * f * abytes)
         if config.attention == "ms":  # region-summary scores [B, P, R, R] float32
             regions = -(-prompt_len // config.ms.block_size)
             heads = kv if config.ms.selection_heads == "kv" else n
