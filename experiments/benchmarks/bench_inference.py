@@ -8,7 +8,8 @@ reference) or ``--lengths``/``--batches``. Per cell and prefill variant, one JSO
   ``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with
   cuDNN flash attention), timed alone after a compile (time to first token, TTFT); then ``--new`` greedy
   decode steps over the full cache, dense (``decode_ms_per_token``) and, for ``ms``, selective
-  (``select_decode_ms_per_token``: top blocks + centroids, ``kvcache.DecodeSelection``);
+  (``select_decode_ms_per_token``: top blocks + centroids, ``kvcache.DecodeSelection``), each compiled ahead
+  of time and timed alone (two prefills per cell in all, so a 512K cell fits one 10-minute device call);
 * ``ms+budget``: the MS prefill compressing into ``--budget`` slots as it goes (``--policy``), then decode
   over the budget cache (dense, and selective).
 
@@ -18,6 +19,7 @@ plans every cell and writes the rows without compiling anything. A ``inference_s
 the MS/dense prefill ratio and the KL of MS from dense logits at the last prompt token.
 
   python experiments/benchmarks/bench_inference.py --grid issue23 --out experiments/results/<dir>/rows.jsonl
+  python experiments/benchmarks/bench_inference.py --lengths 1048576 --prefill ms+budget --once --out rows.jsonl
   JAX_PLATFORMS=cpu python experiments/benchmarks/bench_inference.py --preset tiny --lengths 256 --new 4
 """
 
@@ -40,7 +42,7 @@ from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models import Llama, memory, preset
 from selmerge_jax.models import generate_long as long
-from selmerge_jax.models.generate import decode, init_caches, prefill
+from selmerge_jax.models.generate import SamplingConfig, _decode, init_caches, prefill
 
 PRESETS = ("llama3-8b", "llama2-7b", "tiny")
 VARIANTS = ("ms", "dense", "ms+budget")
@@ -70,6 +72,9 @@ def parse_args(argv=None):
                    help="longest prompt of the dense baseline (longer: a lower bound from the longest run)")
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory limit")
     p.add_argument("--dry-run", action="store_true", help="plan every cell, compile and run nothing")
+    p.add_argument("--once", action="store_true",
+                   help="one prefill per cell (compile included: first_prefill_s), then the dense decode "
+                        "only (a 1M-token prompt whose prefill alone takes minutes); no speed-up rows")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     try:
@@ -168,7 +173,28 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _decode_timed(model, caches, logits, start, new: int, comp, sel) -> tuple[float, float]:
+    """(compile s, ms per token) of ``new`` greedy decode steps: compiled ahead of time, then timed alone (the
+    caches are donated). The step is ``generate.decode``'s own loop (``generate._decode``), lowered here
+    because ``decode`` compiles on its first call and a 512K cell cannot afford a second prefill per mode."""
+    if sel is not None and isinstance(caches[0], kvcache.KVCache):
+        caches = long.with_selection(caches, sel)
+    graphdef, state = nnx.split(model)
+    args = (state, caches, logits, start, jax.random.key(0), jnp.int32(0), jnp.asarray((-1,), jnp.int32))
+    static = dict(sampling=SamplingConfig(), max_new=new, keep_logits=False,
+                  cache_fn=long.decode_cache_fn(comp, sel))
+    del caches
+    t0 = time.perf_counter()
+    compiled = _decode.lower(graphdef, *args, **static).compile()
+    compile_s = time.perf_counter() - t0
+    _, dt = _timed(lambda: compiled(*args))
+    return compile_s, 1e3 * dt / (new - 1)
+
+
 def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
+    """A prefill (compile included), the selective decode over its cache, a second prefill timed alone (the
+    time to first token), the dense decode over that cache. ``--once``: the first prefill and the dense decode
+    only. Each decode is compiled ahead of time and timed alone, so no prefill runs for a decode's compile."""
     variant, seq_len, batch = row["prefill"], row["seq_len"], row["batch"]
     cfg = model_config(args, "dense" if variant == "dense" else "ms", seq_len)
     comp = compression(args) if variant == "ms+budget" else None
@@ -177,48 +203,31 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
     model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0], weights["state"])
     prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
     slots = _slots(seq_len, args.new, args.block_size)
-
-    def fresh():
-        return (long.compressed_caches(cfg, batch, comp, seq_len) if comp is not None
-                else init_caches(model, batch, slots))
-
     limit = _capacity(args)
-    run = lambda: prefill(model, prompts, fresh(), prefill_attention="model", compression=comp,
-                          memory_limit=limit)
-    (logits, caches), first = _timed(run)
-    del caches  # the timed prefill below starts from fresh caches too; two full 512K caches would not fit
-    (logits, caches), ttft = _timed(run)
-    row = {**row, "first_prefill_s": round(first, 3), "prefill_s": round(ttft, 3), "ttft_s": round(ttft, 3),
-           "prefill_tokens_per_s": round(batch * seq_len / ttft, 1),
-           "cache_gb": round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3)}
+
+    def run():
+        caches = (long.compressed_caches(cfg, batch, comp, seq_len) if comp is not None
+                  else init_caches(model, batch, slots))
+        return prefill(model, prompts, caches, prefill_attention="model", compression=comp,
+                       memory_limit=limit)
+
     start = jnp.full((batch,), seq_len, jnp.int32)
-    sel = selection(args, caches[0].capacity)
-    modes = [("decode_ms_per_token", None)] + ([("select_decode_ms_per_token", sel)]
-                                               if variant != "dense" and sel is not None
-                                                 else [])
+    (logits, caches), first = _timed(run)
+    row = {**row, "first_prefill_s": round(first, 3),
+           "cache_gb": round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3)}
+    sel = None if variant == "dense" else selection(args, caches[0].capacity)
+    if not args.once:
+        if sel is not None:
+            compile_s, ms = _decode_timed(model, caches, logits, start, args.new, comp, sel)
+            row.update(select_decode_compile_s=round(compile_s, 2), select_decode_ms_per_token=round(ms, 3))
+        del caches  # two full 512K caches would not fit
+        (logits, caches), ttft = _timed(run)
+        row.update(prefill_s=round(ttft, 3), ttft_s=round(ttft, 3),
+                   prefill_tokens_per_s=round(batch * seq_len / ttft, 1))
     kept = np.asarray(logits, np.float32)
-    # Decode donates its caches. Each decode starts from a device copy of the timed prefill's caches when
-    # three fit in half the memory, else from a fresh prefill (one 512K cache is half an H200).
-    copies = 3 * sum(kvcache.nbytes(c) for c in caches) < limit // 2
-    pool = [caches]
-    del caches
-
-    def take(last: bool):
-        if copies and not last:
-            return jax.tree.map(jnp.copy, pool[0])
-        return pool.pop() if pool else run()[1]
-
-    for i, (name, s) in enumerate(modes):
-        times = []
-        for j in range(2):  # the first call compiles; both decode the same positions from the same prefill
-            c = take(last=i == len(modes) - 1 and j == 1)
-            _, dt = _timed(lambda c=c, s=s: decode(model, c, logits, start, max_new_tokens=args.new,
-                                                   compression=comp, selection=s))
-            del c
-            times.append(dt)
-        row[name] = round(1e3 * times[-1] / (args.new - 1), 3)
-    row.update(status="ok", select_top_m=sel and sel.top_m, select_block=sel and sel.block,
-               peak_gb_process=_peak_gb())
+    compile_s, ms = _decode_timed(model, caches, logits, start, args.new, comp, None)
+    row.update(decode_compile_s=round(compile_s, 2), decode_ms_per_token=round(ms, 3), status="ok",
+               select_top_m=sel and sel.top_m, select_block=sel and sel.block, peak_gb_process=_peak_gb())
     return row, kept
 
 
@@ -259,6 +268,8 @@ def main(argv=None) -> list[dict]:
             rows.append({**row, **env})
             done[variant] = rows[-1]
             emit(rows[-1], args.out)
+        if args.once:  # no prefill was timed apart from its compile
+            continue
         if done.get("dense", {}).get("status") == "ok":
             dense_at[b] = (t, done["dense"]["prefill_s"])
         elif done.get("ms", {}).get("status") == "ok" and b in dense_at:
