@@ -19,7 +19,7 @@ plans every cell and writes the rows without compiling anything. A ``inference_s
 the MS/dense prefill ratio and the KL of MS from dense logits at the last prompt token.
 
   python experiments/benchmarks/bench_inference.py --grid issue23 --out experiments/results/<dir>/rows.jsonl
-  python experiments/benchmarks/bench_inference.py --lengths 1048576 --prefill ms+budget --once --out rows.jsonl
+  python experiments/benchmarks/bench_inference.py --lengths 1048576 --prefill ms+budget --once --out r.jsonl
   JAX_PLATFORMS=cpu python experiments/benchmarks/bench_inference.py --preset tiny --lengths 256 --new 4
 """
 
