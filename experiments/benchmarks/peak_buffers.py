@@ -6,7 +6,7 @@ buffer its bytes, the HLO instruction's shape and op, and the JAX op name and Py
 (from the HLO metadata and its stack-frame tables), then groups the bytes by source line. Used to find what a
 program holds that the memory planner (``models.memory``) does not expect.
 
-  XLA_FLAGS=--xla_dump_to=/tmp/dump python experiments/benchmarks/bench_inference.py ... --dry-run-compile
+  XLA_FLAGS=--xla_dump_to=/tmp/dump python experiments/benchmarks/prefill_plans.py /tmp/plans.jsonl 524288
   python experiments/benchmarks/peak_buffers.py /tmp/dump --module prefill --top 40
 """
 
