@@ -102,10 +102,13 @@ def test_one_document_equals_no_segments_and_the_dispatcher_takes_segments(monke
         block_sparse_attention_triton(q, k, v, plan, interpret=True, segment_ids=seg[:, 1:])
 
 
-def test_native_segments_decline_until_measured_on_a_gpu():
+def test_native_segments_decline_when_switched_off(monkeypatch):
+    from selmerge_jax.kernels.block_sparse_attention import pallas_triton
+
+    monkeypatch.setattr(pallas_triton, "NATIVE_SEGMENTS", False)
     (q, k, v, plan, _), _ = inputs("tiny_g4_h64_w64")
     seg = _segments(q.shape[0], q.shape[1], 1)
-    with pytest.raises(NotImplementedError, match=r"GPU|gpu"):
+    with pytest.raises(NotImplementedError, match=r"GPU|gpu|NATIVE_SEGMENTS"):
         block_sparse_attention_triton(q, k, v, plan, segment_ids=seg)
 
 

@@ -54,8 +54,11 @@ def summarize(trace_dir: str, top: int = 25) -> dict:
     streams = _device_threads(events)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_op: dict[tuple, float] = collections.defaultdict(float)  # (kernel, the HLO op it ran for) -> ms
+    first, last = float("inf"), float("-inf")
     for e in events:
         if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+            first = min(first, float(e.get("ts", 0.0)))
+            last = max(last, float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)))
             name = e.get("name", "?")
             entry = by_name[name]
             entry[0] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
@@ -71,7 +74,9 @@ def summarize(trace_dir: str, top: int = 25) -> dict:
     if not streams:  # say what the trace held instead, so a renamed stream is seen, not read as zero time
         names = {str(e.get("args", {}).get("name", "")) for e in events if e.get("ph") == "M"}
         return {"kernel_ms": None, "streams": 0, "trace_names": sorted(names)[:40]}
+    # span: first kernel start to last kernel end; span >> kernel_ms means the device waited on the host
     return {"kernel_ms": round(total, 2), "streams": len(streams),
+            "launches": sum(c for _, c in by_name.values()), "span_ms": round((last - first) / 1e3, 2),
             "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:120], "kind": kind_of(n), "ms": round(ms, 2), "count": c}
                             for n, (ms, c) in ranked],

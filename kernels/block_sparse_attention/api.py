@@ -145,8 +145,7 @@ def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None 
     See ``plan.py`` for the semantics and ``reference.py`` for the oracle. Returns ``out`` (and the float32
     log-sum-exp ``[B, T, N]`` when ``return_lse``). ``segment_ids`` ``int [B, T]`` (packed documents): a query
     sees only keys of its own segment; a backend whose function has no ``segment_ids`` parameter (the Mosaic
-    ones) declines such a call, as does ``pallas_triton`` natively until its segment mask is measured on a GPU
-    (``pallas_triton.NATIVE_SEGMENTS``), so the default order falls through to ``"xla"``.
+    ones) declines such a call, so on a GPU the default order falls through to ``"pallas_triton"``.
 
     Raises:
       ImportError: a requested implementation is unavailable on this install (its import failed).

@@ -52,10 +52,10 @@ try:
 except ImportError:  # pragma: no cover
     _pltriton = None
 
-# The segment mask is checked against the reference in interpret mode (tests/test_kernels_triton_segments.py);
-# its native Triton build has not run on a GPU yet, so native calls with segment_ids decline (the dispatcher
-# then falls back to "xla") until the gpu-marked test there passes and this is switched on.
-NATIVE_SEGMENTS = False
+# The segment mask is checked against the reference in interpret mode (tests/test_kernels_triton_segments.py)
+# and natively by the gpu-marked test there (passed on an H200, jax 0.11.2, 2026-12-04). Switching this off
+# makes native calls with segment_ids decline again (the dispatcher then falls back to "xla").
+NATIVE_SEGMENTS = True
 
 # ``make_static`` and ``attend_bwd`` are the Triton backward's entry points for ``pallas_mosaic_gpu``
 # (``MosaicTiling(backward="triton")`` runs these kernels on the Mosaic forward's residuals).
@@ -535,7 +535,7 @@ def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float 
 
     Raises:
       NotImplementedError: not on a GPU (and not interpreting), shapes the kernels do not tile, or
-        ``segment_ids`` natively while ``NATIVE_SEGMENTS`` is off; the dispatcher then falls through to the
+        ``segment_ids`` natively when ``NATIVE_SEGMENTS`` is off; the dispatcher then falls through to the
         next implementation.
     """
     decline_platform("pallas_triton", "gpu", interpret)
