@@ -291,7 +291,7 @@ def test_one_pass_prefill_keeps_no_per_layer_token_buffers(monkeypatch):
 
 def test_long_inference_calls_run_layers_behind_a_barrier_and_decode_steps_do_not(monkeypatch):
     """A long prompt's layers each start behind an optimization barrier (XLA may not hoist their weight
-    slices); a short call (a decode step) has none, so its slices stay hoisted out of the decode loop."""
+    slices); a short call (a decode step) has none."""
     from selmerge_jax.models import llama
     from selmerge_jax.models.generate import init_caches
 
@@ -307,3 +307,47 @@ def test_long_inference_calls_run_layers_behind_a_barrier_and_decode_steps_do_no
 
     assert barriers(16) == model.config.num_layers
     assert barriers(1) == 0
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def test_the_decode_loop_slices_the_stacked_layer_weights_once_not_every_step():
+    """``_decode`` slices each layer's weights before its loop (``Llama.layer_states``): inside the loop no
+    equation reads a stacked ``[L, ...]`` weight, which on a GPU XLA copied every step (6.3 ms of a 13.3 ms
+    8K decode step at the 8B shape). The sliced and the hoisted steps give the same tokens."""
+    cfg = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, num_layers=3)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    stacked = {tuple(a.shape) for a in jax.tree.leaves(nnx.state(model.layers))}
+    assert all(s[0] == 3 for s in stacked)
+    caches = init_caches(model, 1, 16)
+    logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
+    args = (state, caches, logits, jnp.array([4], jnp.int32), jax.random.key(0), jnp.int32(0),
+            jnp.asarray((-1,), jnp.int32))
+    kw = dict(sampling=SamplingConfig(), max_new=4, keep_logits=False)
+    jaxpr = jax.make_jaxpr(lambda *a: _decode(graphdef, *a, **kw))(*args).jaxpr
+    loops = [e for e in _eqns(jaxpr) if e.primitive.name == "while"]
+    assert len(loops) == 1
+    body = loops[0].params["body_jaxpr"].jaxpr
+    readers = [e.primitive.name for e in _eqns(body)
+               if any(tuple(getattr(v.aval, "shape", ())) in stacked for v in e.invars)]
+    assert readers == [], readers
+
+    layers = model.layer_states()
+    tok, pos = jnp.array([3], jnp.int32), jnp.array([0], jnp.int32)
+    sliced = decode_step(model, init_caches(model, 1, 16), tok, pos, jax.random.key(0), SamplingConfig())
+    hoisted = decode_step(model, init_caches(model, 1, 16), tok, pos, jax.random.key(0), SamplingConfig(),
+                          layers=layers)
+    np.testing.assert_array_equal(np.asarray(sliced[1]), np.asarray(hoisted[1]))
+    with pytest.raises(ValueError, match="one state per layer"):
+        decode_step(model, init_caches(model, 1, 16), tok, pos, jax.random.key(0), SamplingConfig(),
+                    layers=(layers[0], layers[1][:2]))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.selection import decode_plan_rows
-from selmerge_jax.kvcache.cache import KVCache, attend_slots
+from selmerge_jax.kvcache.cache import KVCache, attend_segments, attend_slots
 from selmerge_jax.validation import fail, is_int
 
 __all__ = ["BlockIndex", "attend_plan_row", "attend_selected", "build_index", "ms_plan_rows", "refresh_index",
@@ -127,18 +127,17 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
     take = lambda x: jnp.take_along_axis(x, slots, axis=2)
     take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
-    k, v, pos, count = take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count)
+    segments = [(take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count))]
     if centroids:
         ks, vs, n, newest = region_summaries(cache, block) if index is None else _fields(index)
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
-        k = jnp.concatenate([k, ks.astype(k.dtype)], 2)
-        v = jnp.concatenate([v, vs.astype(v.dtype)], 2)
-        pos = jnp.concatenate([pos, jnp.where(n > 0, newest, -1)], 2)
-        count = jnp.concatenate([count, n], 2)
+        # A second segment of one softmax, not a concatenation: the R centroids are read where they are
+        # instead of being copied beside the selected slots every step.
+        segments.append((ks.astype(cache.k.dtype), vs.astype(cache.v.dtype), jnp.where(n > 0, newest, -1), n))
     if not return_probs:
-        return attend_slots(q, q_positions, k, v, pos, count, scale=scale)
-    out, probs, _ = attend_slots(q, q_positions, k, v, pos, count, scale=scale, return_probs=True)
+        return attend_segments(q, q_positions, segments, scale=scale)
+    out, probs, _ = attend_segments(q, q_positions, segments, scale=scale, return_probs=True)
     b, kh, g, t, _ = probs.shape
     tokens = probs[..., :slots.shape[-1]]  # [B, K, G, T, M*W]: the selected slots, centroids dropped
     full = jnp.zeros((b, kh, g, t, cache.capacity), jnp.float32)

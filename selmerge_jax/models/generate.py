@@ -236,10 +236,13 @@ def _check_capacity(caches, prompt_len: int) -> None:
                          "holds every prompt token; allocate a larger cache or give compression=")
 
 
-def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig, cache_fn=None):
+def decode_step(model: Llama, caches, tokens, positions, key, sampling: SamplingConfig, cache_fn=None,
+                layers=None):
     """One decode step: tokens ``int [B]`` at ``positions [B]`` (-1: row finished) ->
-    ``(next tokens int32 [B], logits float32 [B, V], caches)``."""
-    h, caches = model.hidden_states(tokens[:, None], positions[:, None], caches=caches, cache_fn=cache_fn)
+    ``(next tokens int32 [B], logits float32 [B, V], caches)``. In a loop of steps pass
+    ``layers=model.layer_states()`` made once before the loop (``Llama.layer_states`` says why)."""
+    h, caches = model.hidden_states(tokens[:, None], positions[:, None], caches=caches, cache_fn=cache_fn,
+                                    layers=layers)
     logits = model.output_logits(h[:, 0])
     return sample_logits(logits, key, sampling), logits, caches
 
@@ -257,6 +260,7 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
     all_logits = jnp.zeros((b, max_new, v) if keep_logits else (b, 1, v), jnp.float32).at[:, 0].set(logits)
     done = jnp.isin(first, eos)
     lengths = jnp.ones((b,), jnp.int32)
+    layers = model.layer_states()  # sliced once, not every step
 
     def cond(carry):
         i, _, _, _, done, *_ = carry
@@ -267,7 +271,7 @@ def _decode(graphdef, state, caches, logits, start, key, pad_id, eos, *, samplin
         key, sub = jax.random.split(key)
         positions = jnp.where(done, -1, start + i - 1)
         tok, step_logits, caches = decode_step(model, caches, out[:, i - 1], positions, sub, sampling,
-                                               cache_fn)
+                                               cache_fn, layers)
         tok = jnp.where(done, pad_id, tok)
         if keep_logits:
             all_logits = all_logits.at[:, i].set(step_logits)

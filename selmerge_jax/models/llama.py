@@ -239,8 +239,19 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
+    def layer_states(self) -> tuple:
+        """``(graphdef, states)``: every layer's variables sliced out of the stacked ``[L]`` axis, one state per
+        layer, for :meth:`hidden_states` ``(layers=...)``.
+
+        A decode loop calls ``hidden_states`` once per token; slicing the stacked weights inside the loop makes
+        XLA copy most of them every step (~13 GB a token at the 8B shape: 6.3 of a dense 8K step's 13.3 ms on
+        an H200, ``experiments/results/inference_h200``). Sliced once before the loop, they are copied once
+        per loop, at the price of a second copy of the layer weights while it runs."""
+        graphdef, state = nnx.split(self.layers)
+        return graphdef, tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.num_layers))
+
     def hidden_states(self, tokens, positions=None, *, caches=None, segment_ids=None,
-                      cache_fn: Callable | None = None):
+                      cache_fn: Callable | None = None, layers: tuple | None = None):
         """Final-norm hidden states ``[B, T, D]`` and the updated per-layer caches (None without caches).
 
         Args:
@@ -253,6 +264,8 @@ class Llama(nnx.Module):
             document starting at a multiple of ``block_size * merge`` with positions restarting there gets the
             logits it gets alone (``layers.attend``).
           cache_fn: replaces ``append_and_attend`` (same signature) for every layer's cache step.
+          layers: :meth:`layer_states` computed once outside a loop of calls (with caches only); default:
+            sliced here.
         """
         tokens = _check_tokens(tokens)
         b, t = tokens.shape
@@ -267,16 +280,23 @@ class Llama(nnx.Module):
         if len(caches) != self.config.num_layers:
             raise ValueError("caches must hold one KVCache per layer "
                              f"({self.config.num_layers}), got {len(caches)}")
-        graphdef, state = nnx.split(self.layers)
+        if layers is None:
+            graphdef, state = nnx.split(self.layers)
+            slice_of = lambda state, i: jax.tree.map(lambda a: a[i], state)
+        else:
+            graphdef, state = layers
+            slice_of = lambda states, i: states[i]
+            if len(state) != self.config.num_layers:
+                raise ValueError(f"layers must hold one state per layer ({self.config.num_layers}), "
+                                 f"got {len(state)}: pass model.layer_states()")
         new_caches = []
         for i, cache in enumerate(caches):
             if t >= BARRIER_MIN_TOKENS:
                 # Layer i's weight slices and RoPE tables wait for layer i - 1's output: without the barrier
                 # XLA's GPU schedule makes every layer's slice copies (~0.44 GiB each at 8B) and tables
-                # first and holds them all through a long prompt. Decode steps (few tokens) skip it, so the
-                # slices stay hoisted out of the decode loop.
+                # first and holds them all through a long prompt. Decode steps (few tokens) skip it.
                 x, positions, state = jax.lax.optimization_barrier((x, positions, state))
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            layer = nnx.merge(graphdef, slice_of(state, i))
             x, cache = layer(x, positions, cache, None, cache_fn)
             new_caches.append(cache)
         return self.norm(x), tuple(new_caches)

@@ -26,7 +26,9 @@ The inference plan (``inference_memory``, used by ``generate.prefill`` before it
 plus the per-slot metadata (position, count, score: 12 bytes) and SnapKV's window rows; ``activations``: one
 layer's prefill working set (the prompt's residual, q/k/v/o, the SwiGLU's three ``[T, F]`` arrays, the
 select-and-merge region scores, a chunked or compressing prefill's ``[chunk, slots]`` probabilities);
-``logits``: the last token's. The one-pass prefill's per-token arrays are counted as XLA plans them on an H200
+``logits``: the last token's; ``decode``: the decode loop's second copy of the layer weights, sliced once
+out of the stacked ``[L]`` axis before the loop (``Llama.layer_states``), which replaces the prefill's
+activations at the peak when larger. The one-pass prefill's per-token arrays are counted as XLA plans them on an H200
 (``_PREFILL_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the closed
 form.
 """
@@ -172,10 +174,13 @@ class InferenceMemory:
     cache: int
     activations: int
     logits: int
+    decode: int = 0  # the decode loop's own copy of the layer weights (``Llama.layer_states``)
 
     @property
     def total(self) -> int:
-        return self.weights + self.cache + self.activations + self.logits + int(_HEADROOM)
+        # the prefill's working set and the decode loop's weight copy never coexist
+        return (self.weights + self.cache + max(self.activations, self.decode) + self.logits
+                + int(_HEADROOM))
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in dataclasses.asdict(self).items())
@@ -244,7 +249,9 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
         working = batch * c * (2 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
         working += 3 * batch * n * c * slots * 4  # logits, probabilities, their product's operand
     logits = 2 * batch * config.vocab_size * 4
-    return InferenceMemory(weights=weights, cache=cache, activations=int(working), logits=logits)
+    decode = layer * config.num_layers * _BYTES[config.param_dtype] if new_tokens > 1 else 0
+    return InferenceMemory(weights=weights, cache=cache, activations=int(working), logits=logits,
+                           decode=decode)
 
 
 def largest_fitting_prompt(config: ModelConfig, capacity_bytes: int, *, batch: int = 1, multiple: int = 1024,
