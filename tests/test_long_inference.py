@@ -102,6 +102,32 @@ def test_one_pass_compressed_prefill_fills_budget_sized_caches_with_the_referenc
     assert out.tokens.shape == (2, 12)
 
 
+def test_a_snapkv_decode_with_room_runs_the_plain_step_and_decodes_the_same_tokens(model):
+    """SnapKV decides once, from the prompt: a decode whose tokens all fit the free slots runs the model's
+    plain step (no per-step scoring) and gives the logits of the scoring step; without room, or for a policy
+    that accumulates what decode steps see (H2O), the scoring step stays."""
+    prompts, lengths = _prompts(), np.array([48, 37])
+    logits, caches = gen.prefill(model, prompts, long.compressed_caches(model.config, 2, SNAP, 48),
+                                 lengths=lengths, prefill_attention="model", compression=SNAP)
+    assert long.decode_compression(SNAP, caches, 8) is None  # 24 slots, 16 held
+    assert long.decode_compression(SNAP, caches, 9) is SNAP
+    h2o = KVCompressionConfig(policy="h2o", budget=16, slack=8, sink=1, window=2)
+    assert long.decode_compression(h2o, caches, 1) is h2o
+    graphdef, state = nnx.split(model)
+    args = (graphdef, state)
+    rest = (logits, jnp.asarray(lengths), jax.random.key(0), jnp.int32(0), jnp.asarray((-1,), jnp.int32))
+    kw = dict(sampling=gen.SamplingConfig(), max_new=9, keep_logits=True)
+    copy = lambda cs: jax.tree.map(jnp.copy, cs)
+    scoring = gen._decode(*args, copy(caches), *rest, cache_fn=long.CompressedStep(SNAP), **kw)
+    plain = gen._decode(*args, copy(caches), *rest, cache_fn=None, **kw)
+    np.testing.assert_allclose(plain[2], scoring[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(plain[0], scoring[0])
+    out, after = gen.decode(model, copy(caches), logits, lengths, max_new_tokens=9, compression=SNAP)
+    np.testing.assert_array_equal(out.tokens, scoring[0])
+    # the plain step left the prompt's votes in place
+    np.testing.assert_array_equal(after[0].votes, caches[0].votes)
+
+
 def test_compiled_compressed_prefill_holds_budget_sized_caches():
     """The compiled one-pass prefill's caches (arguments and outputs) are budget-sized at every prompt length,
     and its peak grows with the prompt by one layer's activations only, less than a full cache grows."""

@@ -6,10 +6,11 @@ reference) or ``--lengths``/``--batches``. Per cell and prefill variant, one JSO
 
 * ``ms`` / ``dense``: the one-pass prefill writing every layer's K/V into a full cache (``generate.prefill``,
   ``prefill_attention="model"``; MS = the model's select-and-merge attention, dense = the same forward with
-  cuDNN flash attention), timed alone after a compile (time to first token, TTFT); then ``--new`` greedy
-  decode steps over the full cache, dense (``decode_ms_per_token``) and, for ``ms``, selective
-  (``select_decode_ms_per_token``: top blocks + centroids, ``kvcache.DecodeSelection``), each compiled ahead
-  of time and timed alone (two prefills per cell in all, so a 512K cell fits one 10-minute device call);
+  cuDNN flash attention), compiled ahead of time (``prefill_compile_s``) and timed alone (time to first
+  token, TTFT); then ``--new`` greedy decode steps over the full cache, for ``ms`` first selective
+  (``select_decode_ms_per_token``: top blocks + centroids, ``kvcache.DecodeSelection``), then dense
+  (``decode_ms_per_token``) continuing from where it stopped, each compiled ahead of time and timed alone
+  (one prefill per cell: a dense 512K prefill takes minutes);
 * ``ms+budget``: the MS prefill compressing into ``--budget`` slots as it goes (``--policy``), then decode
   over the budget cache (dense, and selective).
 
@@ -19,7 +20,7 @@ plans every cell and writes the rows without compiling anything. A ``inference_s
 the MS/dense prefill ratio and the KL of MS from dense logits at the last prompt token.
 
   python experiments/benchmarks/bench_inference.py --grid issue23 --out experiments/results/<dir>/rows.jsonl
-  python experiments/benchmarks/bench_inference.py --lengths 1048576 --prefill ms+budget --once --out r.jsonl
+  python experiments/benchmarks/bench_inference.py --lengths 1048576 --prefill ms+budget --out r.jsonl
   JAX_PLATFORMS=cpu python experiments/benchmarks/bench_inference.py --preset tiny --lengths 256 --new 4
 """
 
@@ -42,7 +43,7 @@ from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models import Llama, memory, preset
 from selmerge_jax.models import generate_long as long
-from selmerge_jax.models.generate import SamplingConfig, _decode, init_caches, prefill
+from selmerge_jax.models.generate import SamplingConfig, _decode, _prefill, init_caches, prefill_arguments
 
 PRESETS = ("llama3-8b", "llama2-7b", "tiny")
 VARIANTS = ("ms", "dense", "ms+budget")
@@ -72,9 +73,6 @@ def parse_args(argv=None):
                    help="longest prompt of the dense baseline (longer: a lower bound from the longest run)")
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory limit")
     p.add_argument("--dry-run", action="store_true", help="plan every cell, compile and run nothing")
-    p.add_argument("--once", action="store_true",
-                   help="one prefill per cell (compile included: first_prefill_s), then the dense decode "
-                        "only (a 1M-token prompt whose prefill alone takes minutes); no speed-up rows")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     try:
@@ -148,7 +146,7 @@ def plan(args, variant: str, seq_len: int, batch: int) -> dict:
     """The cell's row before anything runs: the planner's estimate, and ``refused`` when it does not fit."""
     cfg = model_config(args, "dense" if variant == "dense" else "ms", seq_len)
     comp = compression(args) if variant == "ms+budget" else None
-    slots = _slots(seq_len, args.new, args.block_size)
+    slots = _slots(seq_len, 2 * args.new, args.block_size)  # room for both decodes
     row = {"bench": "inference", "preset": args.preset, "layers": cfg.num_layers, "batch": batch,
            "seq_len": seq_len, "prefill": variant, "new_tokens": args.new,
            "budget": None if comp is None else comp.budget, "policy": None if comp is None else comp.policy}
@@ -173,28 +171,30 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _decode_timed(model, caches, logits, start, new: int, comp, sel) -> tuple[float, float]:
-    """(compile s, ms per token) of ``new`` greedy decode steps: compiled ahead of time, then timed alone (the
-    caches are donated). The step is ``generate.decode``'s own loop (``generate._decode``), lowered here
-    because ``decode`` compiles on its first call and a 512K cell cannot afford a second prefill per mode."""
+def _decode_timed(model, caches, logits, start, new: int, comp, sel):
+    """(compile s, ms per token, caches) of ``new`` greedy decode steps: compiled ahead of time, then timed
+    alone (the caches are donated and come back holding ``new - 1`` more tokens). The step is
+    ``generate.decode``'s own loop (``generate._decode``)."""
     if sel is not None and isinstance(caches[0], kvcache.KVCache):
         caches = long.with_selection(caches, sel)
     graphdef, state = nnx.split(model)
     args = (state, caches, logits, start, jax.random.key(0), jnp.int32(0), jnp.asarray((-1,), jnp.int32))
+    comp = long.decode_compression(comp, caches, new - 1)  # as generate.decode decides
     static = dict(sampling=SamplingConfig(), max_new=new, keep_logits=False,
                   cache_fn=long.decode_cache_fn(comp, sel))
     del caches
     t0 = time.perf_counter()
     compiled = _decode.lower(graphdef, *args, **static).compile()
     compile_s = time.perf_counter() - t0
-    _, dt = _timed(lambda: compiled(*args))
-    return compile_s, 1e3 * dt / (new - 1)
+    (*_, caches), dt = _timed(lambda: compiled(*args))
+    plain = tuple(c.cache if isinstance(c, kvcache.SelectiveCache) else c for c in caches)
+    return compile_s, 1e3 * dt / (new - 1), plain
 
 
 def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
-    """A prefill (compile included), the selective decode over its cache, a second prefill timed alone (the
-    time to first token), the dense decode over that cache. ``--once``: the first prefill and the dense decode
-    only. Each decode is compiled ahead of time and timed alone, so no prefill runs for a decode's compile."""
+    """One prefill, compiled ahead of time and then timed alone (the time to first token); over its cache
+    the selective decode (MS variants), then the dense decode, continuing from where the first one stopped
+    (each compiled ahead of time and timed alone). One prefill per cell: a dense 512K prefill is minutes."""
     variant, seq_len, batch = row["prefill"], row["seq_len"], row["batch"]
     cfg = model_config(args, "dense" if variant == "dense" else "ms", seq_len)
     comp = compression(args) if variant == "ms+budget" else None
@@ -202,30 +202,27 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
         weights["state"] = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1])()
     model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0], weights["state"])
     prompts = np.random.default_rng(seq_len).integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
-    slots = _slots(seq_len, args.new, args.block_size)
-    limit = _capacity(args)
-
-    def run():
-        caches = (long.compressed_caches(cfg, batch, comp, seq_len) if comp is not None
-                  else init_caches(model, batch, slots))
-        return prefill(model, prompts, caches, prefill_attention="model", compression=comp,
-                       memory_limit=limit)
-
-    start = jnp.full((batch,), seq_len, jnp.int32)
-    (logits, caches), first = _timed(run)
-    row = {**row, "first_prefill_s": round(first, 3),
-           "cache_gb": round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3)}
-    sel = None if variant == "dense" else selection(args, caches[0].capacity)
-    if not args.once:
-        if sel is not None:
-            compile_s, ms = _decode_timed(model, caches, logits, start, args.new, comp, sel)
-            row.update(select_decode_compile_s=round(compile_s, 2), select_decode_ms_per_token=round(ms, 3))
-        del caches  # two full 512K caches would not fit
-        (logits, caches), ttft = _timed(run)
-        row.update(prefill_s=round(ttft, 3), ttft_s=round(ttft, 3),
-                   prefill_tokens_per_s=round(batch * seq_len / ttft, 1))
+    caches = (long.compressed_caches(cfg, batch, comp, seq_len) if comp is not None
+              else init_caches(model, batch, _slots(seq_len, 2 * args.new, args.block_size)))
+    pargs, static = prefill_arguments(model, prompts, caches, prefill_attention="model", compression=comp,
+                                      memory_limit=_capacity(args))
+    del caches
+    t0 = time.perf_counter()
+    compiled = _prefill.lower(*pargs, **static).compile()
+    row = {**row, "prefill_compile_s": round(time.perf_counter() - t0, 2)}
+    (logits, caches), ttft = _timed(lambda: compiled(*pargs[1:]))
+    del pargs
+    row.update(prefill_s=round(ttft, 3), ttft_s=round(ttft, 3),
+               prefill_tokens_per_s=round(batch * seq_len / ttft, 1),
+               cache_gb=round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3))
     kept = np.asarray(logits, np.float32)
-    compile_s, ms = _decode_timed(model, caches, logits, start, args.new, comp, None)
+    start = jnp.full((batch,), seq_len, jnp.int32)
+    sel = None if variant == "dense" else selection(args, caches[0].capacity)
+    if sel is not None:
+        compile_s, ms, caches = _decode_timed(model, caches, logits, start, args.new, comp, sel)
+        row.update(select_decode_compile_s=round(compile_s, 2), select_decode_ms_per_token=round(ms, 3))
+        start = start + args.new - 1
+    compile_s, ms, caches = _decode_timed(model, caches, logits, start, args.new, comp, None)
     row.update(decode_compile_s=round(compile_s, 2), decode_ms_per_token=round(ms, 3), status="ok",
                select_top_m=sel and sel.top_m, select_block=sel and sel.block, peak_gb_process=_peak_gb())
     return row, kept
@@ -268,8 +265,6 @@ def main(argv=None) -> list[dict]:
             rows.append({**row, **env})
             done[variant] = rows[-1]
             emit(rows[-1], args.out)
-        if args.once:  # no prefill was timed apart from its compile
-            continue
         if done.get("dense", {}).get("status") == "ok":
             dense_at[b] = (t, done["dense"]["prefill_s"])
         elif done.get("ms", {}).get("status") == "ok" and b in dense_at:

@@ -41,6 +41,7 @@ __all__ = [
     "generate",
     "init_caches",
     "prefill",
+    "prefill_arguments",
     "prefill_memory",
     "sample_logits",
 ]
@@ -195,6 +196,18 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
     device's limit where it reports one (not on CPU), 0: no check. A prompt that does not fit is refused
     before compiling, naming the estimate and the largest prompt that fits.
     """
+    args, static = prefill_arguments(model, prompts, caches, lengths=lengths, chunk_size=chunk_size,
+                                     cache_fn=cache_fn, prefill_attention=prefill_attention,
+                                     compression=compression, memory_limit=memory_limit)
+    return _prefill(*args, **static)
+
+
+def prefill_arguments(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None,
+                      prefill_attention: str = "cache",
+                      compression: kvcache.KVCompressionConfig | None = None, memory_limit: int | None = None):
+    """``prefill``'s checks and its compiled program's arguments: ``(args, static)`` with
+    ``prefill(...) == _prefill(*args, **static)``, so a benchmark can compile it ahead of time
+    (``_prefill.lower(*args, **static).compile()``, then call the result with ``args[1:]``)."""
     check_positive_int("chunk_size", chunk_size)
     check_choice("prefill_attention", prefill_attention, PREFILL_ATTENTION)
     prompts, lengths = _check_prompts(prompts, lengths)
@@ -224,8 +237,8 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
         cache_fn = long.CompressedStep(compression)
     tok, pos = _chunks(prompts, lengths, chunk_size)
     graphdef, state = nnx.split(model)
-    return _prefill(graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1),
-                    cache_fn)
+    args = (graphdef, state, caches, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lengths - 1))
+    return args, {"cache_fn": cache_fn}
 
 
 def _check_capacity(caches, prompt_len: int) -> None:
@@ -299,6 +312,7 @@ def decode(model: Llama, caches, logits, start, *, max_new_tokens: int,
         compression = None
     if selection is not None and caches and isinstance(caches[0], kvcache.KVCache):
         caches = long.with_selection(caches, selection)
+    compression = long.decode_compression(compression, caches, max_new_tokens - 1)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
     eos = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
@@ -373,7 +387,9 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, sampling: SamplingCo
                              compression=compression, memory_limit=memory_limit)
     if selection is not None:
         caches = long.with_selection(caches, selection)
-    cache_fn = cache_fn if cache_fn is not None else long.decode_cache_fn(compression, selection)
+    if cache_fn is None:
+        compression = long.decode_compression(compression, caches, max_new_tokens - 1)
+        cache_fn = long.decode_cache_fn(compression, selection)
     # Traced (not static), so changing end ids or pad never recompiles; -1 never matches a sampled id.
     eos = jnp.asarray((model.config.eos_ids if eos_ids is None else tuple(eos_ids)) or (-1,), jnp.int32)
     graphdef, state = nnx.split(model)

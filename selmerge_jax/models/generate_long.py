@@ -29,8 +29,9 @@ from selmerge_jax.models import memory
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.validation import fail
 
-__all__ = ["CompressedPromptAttention", "CompressedStep", "SelectiveDecode", "check_compression",
-           "check_memory", "compressed_caches", "decode_cache_fn", "device_memory_limit", "with_selection"]
+__all__ = ["PROMPT_ONLY_POLICIES", "CompressedPromptAttention", "CompressedStep", "SelectiveDecode",
+           "check_compression", "check_memory", "compressed_caches", "decode_cache_fn", "decode_compression",
+           "device_memory_limit", "with_selection"]
 
 
 def _budget(cache, config: KVCompressionConfig) -> int:
@@ -116,6 +117,29 @@ def check_compression(compression: KVCompressionConfig, caches, prompt_len: int,
 def with_selection(caches, selection: DecodeSelection):
     """Wraps prefilled caches for selective decode (builds each layer's block index once)."""
     return tuple(kvcache.init_selective(c, selection) for c in caches)
+
+
+PROMPT_ONLY_POLICIES = ("streaming", "snapkv")  # what they keep is decided from the prompt alone
+
+
+def decode_compression(compression: KVCompressionConfig | None, caches, steps: int):
+    """The compression a decode of ``steps`` cache writes must run at every step, or None.
+
+    SnapKV as published compresses once, after the prompt, and StreamingLLM keeps sinks and the newest
+    tokens: neither reads anything a decode step observes. So when every cache has ``steps`` free slots
+    (no compression can fire before the decode ends) their decode is the model's plain step over the
+    compressed cache: the same outputs without the per-step scoring (``kvcache.step``'s ``lax.cond`` and
+    the window-vote update; ~7 ms of a 22 ms step at the 8B shape, ``experiments/results/inference_h200``).
+    Their votes stay the prompt's. Other policies (H2O, TOVA) accumulate what decode steps see, and a cache
+    without room compresses as it goes: both keep ``compression``. Reads each cache's write cursor (one small
+    device read per decode call); traced caches keep ``compression``."""
+    if compression is None or compression.policy not in PROMPT_ONLY_POLICIES:
+        return compression
+    try:
+        free = min(c.capacity - int(getattr(c, "cache", c).length) for c in caches)
+    except jax.errors.ConcretizationTypeError:
+        return compression
+    return None if free >= steps else compression
 
 
 def decode_cache_fn(compression: KVCompressionConfig | None, selection: DecodeSelection | None):
