@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="snapkv", help="compression policy of ms+budget")
     p.add_argument("--budget", type=int, default=4096, help="KV slots per layer of ms+budget")
     p.add_argument("--select-top-m", type=int, default=32, help="blocks a selective decode step attends")
+    p.add_argument("--select-kernel", default="auto", choices=("auto", "jnp", "pallas_triton"),
+                   help="how a selective step attends its blocks (DecodeSelection.kernel)")
     p.add_argument("--dense-max-len", type=int, default=131072,
                    help="longest prompt of the dense baseline (longer: a lower bound from the longest run)")
     p.add_argument("--capacity-gb", type=float, default=None, help="default: the device's memory limit")
@@ -113,7 +115,7 @@ def selection(args, capacity: int) -> kvcache.DecodeSelection | None:
     if blocks < 3:  # a sink block and a local block leave nothing to choose
         return None
     return kvcache.DecodeSelection(block=args.block_size, top_m=min(args.select_top_m, blocks),
-                                   sink_blocks=1, local_blocks=1)
+                                   sink_blocks=1, local_blocks=1, kernel=args.select_kernel)
 
 
 def model_config(args, attention: str, seq_len: int):
@@ -213,7 +215,7 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
     compiled = _prefill.lower(*pargs, **static).compile()
     row = {**row, "prefill_compile_s": round(time.perf_counter() - t0, 2)}
     (logits, caches), ttft = _timed(lambda: compiled(*pargs[1:]))
-    del pargs
+
     row.update(prefill_s=round(ttft, 3), ttft_s=round(ttft, 3),
                prefill_tokens_per_s=round(batch * seq_len / ttft, 1),
                cache_gb=round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3))
@@ -226,7 +228,8 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
         start = start + 2 * (args.new - 1)
     compile_s, ms, caches = _decode_timed(model, caches, logits, start, args.new, comp, None)
     row.update(decode_compile_s=round(compile_s, 2), decode_ms_per_token=round(ms, 3), status="ok",
-               select_top_m=sel and sel.top_m, select_block=sel and sel.block, peak_gb_process=_peak_gb())
+               select_top_m=sel and sel.top_m, select_block=sel and sel.block,
+               select_kernel=sel and sel.kernel, peak_gb_process=_peak_gb())
     return row, kept
 
 

@@ -7,11 +7,12 @@ ahead of time), and with ``--trace`` the device kernels of one more call summed 
 (``trace_summary.summarize``): ``kernel_ms`` against ``span_ms`` (first kernel start to last kernel end) says
 whether the device computed or waited for the host; ``launches`` / steps is the kernels a step launches.
 
-Modes: ``dense`` (the model's default cache attention over every slot), ``select`` (``kvcache.DecodeSelection``:
-top blocks + centroids). Loops: ``while`` is ``generate._decode`` (stops early when every row has ended, so
-the host reads a flag back every step), ``fixed`` the same steps in a ``fori_loop`` of known trip count,
-``fixed_sliced`` that loop with each step slicing the stacked layer weights itself (before
-``Llama.layer_states``).
+Modes: ``dense`` (the model's default cache attention over every slot), ``select``
+(``kvcache.DecodeSelection``: top blocks + centroids). Loops: ``while`` is ``generate._decode`` (stops early
+when every row has ended, so the host reads a flag back every step), ``fixed`` the same steps in a
+``fori_loop`` of known trip count, ``fixed_sliced`` that loop with each step slicing the stacked layer weights
+itself (before ``Llama.layer_states``). ``--select-kernel``: how a selective step attends its blocks
+(``DecodeSelection.kernel``).
 
   python experiments/benchmarks/decode_profile.py --layers 32 --lengths 8192,524288 --trace --out r.jsonl
   JAX_PLATFORMS=cpu python experiments/benchmarks/decode_profile.py --preset tiny --lengths 512 --new 4
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--top-m", type=int, default=32)
+    p.add_argument("--select-kernel", default="auto", choices=("auto", "jnp", "pallas_triton"))
     p.add_argument("--trace", action="store_true")
     p.add_argument("--tag", default="", help="a label for the row (e.g. the XLA_FLAGS variant)")
     p.add_argument("--out", default=None)
@@ -84,7 +86,8 @@ def filled_caches(layers: int, batch: int, kv_heads: int, capacity: int, head_di
     return tuple(one(k) for k in jax.random.split(jax.random.key(1), layers))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new", "cache_fn", "hoist"), donate_argnames=("caches",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "new", "cache_fn", "hoist"),
+                   donate_argnames=("caches",))
 def _fixed_decode(graphdef, state, caches, first, start, *, new, cache_fn, hoist=True):
     """``new`` greedy steps in a loop of known trip count (no early stop): the ``while`` loop's work alone.
     ``hoist=False``: each step slices the stacked layer weights itself (what every step did before
@@ -125,11 +128,13 @@ def run(args, model, t: int, mode: str, loop: str) -> dict:
     caches = filled_caches(cfg.num_layers, args.batch, cfg.num_kv_heads, capacity, cfg.head_size, t)
     sel = None
     if mode == "select":
-        sel = kvcache.DecodeSelection(block=args.block, top_m=args.top_m, sink_blocks=1, local_blocks=1)
+        sel = kvcache.DecodeSelection(block=args.block, top_m=args.top_m, sink_blocks=1, local_blocks=1,
+                                      kernel=args.select_kernel)
         caches = long.with_selection(caches, sel)
     start = jnp.full((args.batch,), t, jnp.int32)
     t0 = time.perf_counter()
-    compiled, state, rest = compiled_loop(loop, model, caches, start, args.new, long.decode_cache_fn(None, sel))
+    cache_fn = long.decode_cache_fn(None, sel)
+    compiled, state, rest = compiled_loop(loop, model, caches, start, args.new, cache_fn)
     compile_s = time.perf_counter() - t0
     times = []
     for r in range(args.reps + 1):  # the first call is a warm-up
@@ -144,6 +149,7 @@ def run(args, model, t: int, mode: str, loop: str) -> dict:
            "compile_s": round(compile_s, 2),
            "ms_per_token": round(1e3 * statistics.median(times) / (args.new - (loop == "while")), 3),
            "reps": args.reps, "block": sel and sel.block, "top_m": sel and sel.top_m,
+           "select_kernel": sel and sel.kernel,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.trace:
         from trace_summary import summarize  # beside this script
@@ -183,7 +189,8 @@ def main(argv=None):
     cfg = preset(args.preset, **kw)
     state = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1])()
     model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0], state)
-    env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version()}
+    env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "python": platform.python_version()}
     for t in args.lengths:
         for mode in args.modes:
             for loop in args.loops:
@@ -191,7 +198,8 @@ def main(argv=None):
                     row = run(args, model, t, mode, loop)
                 except Exception as e:  # noqa: BLE001 -- one failing cell must not lose the others
                     row = {"bench": "decode_profile", "cache_tokens": t, "mode": mode, "loop": loop,
-                           "tag": args.tag, "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:800]}"}
+                           "tag": args.tag, "status": "failed",
+                           "reason": f"{type(e).__name__}: {str(e)[:800]}"}
                 line = json.dumps({**row, **env})
                 print(line, flush=True)
                 if args.out:

@@ -24,6 +24,9 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.selection import decode_plan_rows
+from selmerge_jax.kernels.selective_decode import selective_decode
+from selmerge_jax.kernels.selective_decode.pallas_triton import tiles
+from selmerge_jax.kernels.selective_decode.reference import IMPLEMENTATIONS as DECODE_KERNELS
 from selmerge_jax.kvcache.cache import KVCache, attend_segments, attend_slots
 from selmerge_jax.validation import fail, is_int
 
@@ -112,7 +115,7 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
 
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
                     local_blocks: int = 1, centroids: bool = False, scale: float | None = None,
-                    index: BlockIndex | None = None, return_probs: bool = False):
+                    index: BlockIndex | None = None, return_probs: bool = False, kernel: str = "jnp"):
     """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``,
     one merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
     ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary.
@@ -121,9 +124,14 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     block list, then exact attention reads ``top_m * block`` slots (+ R centroids); a GPU kernel takes the
     same block list and reads the same slots. ``return_probs`` also returns the probabilities of the cache's
     own slots ``float32 [B, K, G, T, C]`` (0 for unselected slots; centroid mass not included), what the
-    scoring policies fold in (``policies.observe``)."""
+    scoring policies fold in (``policies.observe``).
+
+    ``kernel`` (``DecodeSelection.kernel``): ``"jnp"`` this reference; ``"pallas_triton"`` a one-token step
+    attends its blocks in place with ``kernels.selective_decode`` and merges the centroids into the same
+    softmax through its log-sum-exp; ``"auto"``: the kernel on a GPU where it tiles the shapes."""
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks, index=index)
+    use_kernel = q.shape[1] == 1 and not return_probs and _kernel_applies(kernel, q, cache.kv_heads, block)
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
     take = lambda x: jnp.take_along_axis(x, slots, axis=2)
     take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
@@ -135,6 +143,8 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
         # A second segment of one softmax, not a concatenation: the R centroids are read where they are
         # instead of being copied beside the selected slots every step.
         segments.append((ks.astype(cache.k.dtype), vs.astype(cache.v.dtype), jnp.where(n > 0, newest, -1), n))
+    if use_kernel:
+        return _attend_blocks_in_place(cache, q, q_positions, regions, block, segments[1:], scale, kernel)
     if not return_probs:
         return attend_segments(q, q_positions, segments, scale=scale)
     out, probs, _ = attend_segments(q, q_positions, segments, scale=scale, return_probs=True)
@@ -144,6 +154,35 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     bi, ki = jnp.arange(b)[:, None, None, None, None], jnp.arange(kh)[None, :, None, None, None]
     gi, ti = jnp.arange(g)[None, None, :, None, None], jnp.arange(t)[None, None, None, :, None]
     return out, full.at[bi, ki, gi, ti, slots[:, :, None, None, :]].set(tokens)
+
+
+def _kernel_applies(kernel: str, q, kv_heads: int, block: int) -> bool:
+    if kernel not in DECODE_KERNELS:
+        fail("DecodeSelection.kernel", kernel, f"one of {DECODE_KERNELS}")
+    if kernel == "jnp" or (kernel == "auto" and jax.default_backend() != "gpu"):
+        return False
+    b, _, n, h = q.shape
+    return kernel == "pallas_triton" or tiles(q.reshape(b, kv_heads, n // kv_heads, h), block)
+
+
+def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int, centroids, scale, kernel):
+    """One decode token ``q [B, 1, N, H]``: the selected blocks through ``kernels.selective_decode`` (read
+    in the cache, never gathered), then the centroid segment (if any) merged by log-sum-exp."""
+    b, _, n, h = q.shape
+    kh = cache.kv_heads
+    out, lse = selective_decode(q.reshape(b, kh, n // kh, h), cache.k, cache.v, cache.pos, cache.count,
+                                regions, q_positions[:, 0], block=block, scale=scale,
+                                implementation="pallas_triton" if kernel == "auto" else kernel)
+    out, lse = out.reshape(b, 1, n, h), lse.reshape(b, 1, n)
+    if centroids:
+        c_out, _, c_lse = attend_segments(q, q_positions, centroids, scale=scale, return_probs=True)
+        top = jnp.maximum(lse, c_lse)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing seen anywhere: both weights 0, output 0
+        w, cw = jnp.exp(lse - top), jnp.exp(c_lse - top)
+        total = w + cw
+        out = (w[..., None] * out + cw[..., None] * c_out.astype(jnp.float32)) / jnp.where(
+            total > 0, total, 1.0)[..., None]
+    return out.astype(q.dtype)
 
 
 def _bk(idx):

@@ -20,11 +20,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from selmerge_jax.kernels.selective_decode.reference import IMPLEMENTATIONS as DECODE_KERNELS
 from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache, append
 from selmerge_jax.kvcache.config import KVCompressionConfig
 from selmerge_jax.kvcache.query_select import BlockIndex, attend_selected, build_index, refresh_index
-from selmerge_jax.validation import check_int, check_positive_int, fail
+from selmerge_jax.validation import check_choice, check_int, check_positive_int, fail
 
 __all__ = ["DecodeSelection", "SelectiveCache", "init_selective", "selective_step"]
 
@@ -40,6 +41,9 @@ class DecodeSelection:
         always among them.
       centroids: every other non-empty block is also attended through one merged token (mean K/V, its count
         on the logit), as the training-time select-and-merge does.
+      kernel: how a one-token step attends its blocks (``query_select.attend_selected``): ``"auto"`` the
+        Pallas kernel ``kernels.selective_decode`` on a GPU, the pure-jnp gather elsewhere; ``"jnp"``;
+        ``"pallas_triton"``.
     """
 
     block: int = 64
@@ -47,8 +51,10 @@ class DecodeSelection:
     sink_blocks: int = 1
     local_blocks: int = 1
     centroids: bool = True
+    kernel: str = "auto"
 
     def __post_init__(self):
+        check_choice("DecodeSelection.kernel", self.kernel, DECODE_KERNELS)
         check_positive_int("DecodeSelection.block", self.block)
         check_positive_int("DecodeSelection.top_m", self.top_m)
         check_int("DecodeSelection.sink_blocks", self.sink_blocks, 0)
@@ -110,7 +116,8 @@ def selective_step(sc: SelectiveCache, selection: DecodeSelection, q, k, v, posi
     cache = append(cache, k, v, positions)
     index = refresh_index(index, cache, start, t)
     kw = dict(block=selection.block, top_m=selection.top_m, sink_blocks=selection.sink_blocks,
-              local_blocks=selection.local_blocks, centroids=selection.centroids, scale=scale, index=index)
+              local_blocks=selection.local_blocks, centroids=selection.centroids, scale=scale, index=index,
+              kernel=selection.kernel)
     if compressing and policies.needs_probs(config):
         out, probs = attend_selected(cache, q, positions, return_probs=True, **kw)
         cache = policies.observe(cache, probs, config, positions)

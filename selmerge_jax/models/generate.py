@@ -204,7 +204,8 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
 
 def prefill_arguments(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 256, cache_fn=None,
                       prefill_attention: str = "cache",
-                      compression: kvcache.KVCompressionConfig | None = None, memory_limit: int | None = None):
+                      compression: kvcache.KVCompressionConfig | None = None,
+                      memory_limit: int | None = None):
     """``prefill``'s checks and its compiled program's arguments: ``(args, static)`` with
     ``prefill(...) == _prefill(*args, **static)``, so a benchmark can compile it ahead of time
     (``_prefill.lower(*args, **static).compile()``, then call the result with ``args[1:]``)."""

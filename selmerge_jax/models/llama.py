@@ -240,15 +240,16 @@ class Llama(nnx.Module):
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def layer_states(self) -> tuple:
-        """``(graphdef, states)``: every layer's variables sliced out of the stacked ``[L]`` axis, one state per
-        layer, for :meth:`hidden_states` ``(layers=...)``.
+        """``(graphdef, states)``: every layer's variables sliced out of the stacked ``[L]`` axis, one state
+        per layer, for :meth:`hidden_states` ``(layers=...)``.
 
-        A decode loop calls ``hidden_states`` once per token; slicing the stacked weights inside the loop makes
-        XLA copy most of them every step (~13 GB a token at the 8B shape: 6.3 of a dense 8K step's 13.3 ms on
-        an H200, ``experiments/results/inference_h200``). Sliced once before the loop, they are copied once
-        per loop, at the price of a second copy of the layer weights while it runs."""
+        A decode loop calls ``hidden_states`` once per token; slicing the stacked weights inside the loop
+        makes XLA copy most of them every step (~13 GB a token at the 8B shape: 6.3 of a dense 8K step's
+        13.3 ms on an H200, ``experiments/results/inference_h200``). Sliced once before the loop, they are
+        copied once per loop, at the price of a second copy of the layer weights while it runs."""
         graphdef, state = nnx.split(self.layers)
-        return graphdef, tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.num_layers))
+        layers = range(self.config.num_layers)
+        return graphdef, tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in layers)
 
     def hidden_states(self, tokens, positions=None, *, caches=None, segment_ids=None,
                       cache_fn: Callable | None = None, layers: tuple | None = None):

@@ -28,9 +28,9 @@ layer's prefill working set (the prompt's residual, q/k/v/o, the SwiGLU's three 
 select-and-merge region scores, a chunked or compressing prefill's ``[chunk, slots]`` probabilities);
 ``logits``: the last token's; ``decode``: the decode loop's second copy of the layer weights, sliced once
 out of the stacked ``[L]`` axis before the loop (``Llama.layer_states``), which replaces the prefill's
-activations at the peak when larger. The one-pass prefill's per-token arrays are counted as XLA plans them on an H200
-(``_PREFILL_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the closed
-form.
+activations at the peak when larger. The one-pass prefill's per-token arrays are counted as XLA plans them
+on an H200 (``_PREFILL_ARRAYS``, from ``experiments/results/inference_h200``); the chunked prefill's are the
+closed form.
 """
 
 import dataclasses

@@ -1,0 +1,157 @@
+"""Selective decode attention in Pallas (Triton lowering): flash-decoding over the selected blocks.
+
+One program per (batch row, kv head, split): it holds the kv head's G query heads as the rows of one tile
+(padded to 16, the smallest ``dot`` tile), walks its share of the row's selected blocks straight in the cache
+(``blocks`` read with scalar loads; no gathered copy of the slots is ever written), and keeps an online
+softmax in float32. The splits spread a row's M blocks over more programs (a decode step has only B * K rows
+of work), and their partial (max, sum, accumulator) triples are merged in jnp, which also yields the
+log-sum-exp a caller needs to merge more slots (the centroids) into the same softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from selmerge_jax.kernels.block_sparse_attention._common import (
+    F32,
+    NEG_BIG,
+    decline_platform,
+    dot,
+    out_struct,
+)
+from selmerge_jax.kernels.selective_decode.reference import check_decode_inputs
+
+try:
+    from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover
+    _pltriton = None
+
+CHUNK = 128  # slots per loaded tile (a block of more slots is walked in chunks of this many)
+ROWS = 16  # the smallest dot tile: a kv head's G query heads are padded to it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block: int  # slots per block
+    chunk: int  # slots per loaded tile
+    per_split: int  # blocks per program
+    scale: float
+    interpret: bool
+
+    @property
+    def chunks(self) -> int:
+        return self.block // self.chunk
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def tiles(q, block: int) -> bool:
+    """Whether the kernel tiles these shapes: power-of-two blocks and head dim, at most ``ROWS`` heads per
+    kv head, one query per head."""
+    return _pow2(block) and block >= 16 and _pow2(q.shape[-1]) and q.shape[2] <= ROWS
+
+
+def _splits(m: int, rows: int) -> int:
+    """Programs per (row, kv head): enough for ~128 programs in all, each with a whole number of blocks."""
+    s = 1
+    while s < 8 and m % (2 * s) == 0 and rows * s < 128:
+        s *= 2
+    return s
+
+
+def _div(x, d: int):
+    return x if d == 1 else jax.lax.div(x, jnp.asarray(d, x.dtype))
+
+
+def _rem(x, d: int):
+    return jnp.zeros_like(x) if d == 1 else jax.lax.rem(x, jnp.asarray(d, x.dtype))
+
+
+def _kernel(blocks_ref, qpos_ref, q_ref, k_ref, v_ref, pos_ref, cnt_ref, acc_ref, m_ref, sum_ref, *,
+            st: _Static):
+    b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q = q_ref[...]  # [ROWS, H]
+    qpos = qpos_ref[b]
+
+    def step(it, carry):
+        m_i, l_i, acc = carry
+        j = s * st.per_split + _div(it, st.chunks)
+        start = blocks_ref[b, kh, j] * st.block + _rem(it, st.chunks) * st.chunk
+        k = k_ref[pl.ds(start, st.chunk), :]
+        v = v_ref[pl.ds(start, st.chunk), :]
+        kpos = pos_ref[pl.ds(start, st.chunk)]
+        cnt = cnt_ref[pl.ds(start, st.chunk)]
+        logits = dot(q, k, trans_b=True) * st.scale + jnp.log(jnp.maximum(cnt, 1e-30))[None, :]
+        seen = (kpos >= 0) & (cnt > 0) & (kpos <= qpos)
+        logits = jnp.where(seen[None, :], logits, -jnp.inf)
+        v = jnp.where(seen[:, None], v, jnp.zeros_like(v))  # an empty slot's V may be NaN: 0 * NaN = NaN
+        m_new = jnp.maximum(m_i, logits.max(axis=1))  # finite: m_i starts at NEG_BIG
+        p = jnp.exp(logits - m_new[:, None])
+        alpha = jnp.exp(m_i - m_new)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+        return m_new, l_i * alpha + p.sum(axis=1), acc
+
+    rows, h = q.shape
+    init = (jnp.full((rows,), NEG_BIG, F32), jnp.zeros((rows,), F32), jnp.zeros((rows, h), F32))
+    m_i, l_i, acc = jax.lax.fori_loop(0, st.per_split * st.chunks, step, init)
+    acc_ref[...] = acc
+    m_ref[...] = m_i
+    sum_ref[...] = l_i
+
+
+def _merge(acc, m, total_of_split):
+    """Partials ``acc [B, K, S, R, H]``, ``m``/``l [B, K, S, R]`` -> ``(out [B, K, R, H], lse [B, K, R])``."""
+    top = m.max(axis=2)
+    w = jnp.exp(m - top[:, :, None])
+    total = (w * total_of_split).sum(axis=2)
+    out = (w[..., None] * acc).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return out, lse
+
+
+def selective_decode_triton(q, k, v, pos, count, blocks, q_pos, *, block: int, scale: float | None = None,
+                            interpret: bool = False):
+    """``(out float32 [B, K, G, H], lse float32 [B, K, G])``: see ``reference.py`` for the contract.
+
+    Raises ``NotImplementedError`` off a GPU (unless ``interpret``) or for shapes the kernel does not tile
+    (``tiles``); bad shapes raise ``ValueError`` naming the argument."""
+    decline_platform("selective_decode_triton", "gpu", interpret)
+    check_decode_inputs(q, k, v, pos, count, blocks, q_pos, block)
+    if not tiles(q, block):
+        raise NotImplementedError(f"selective_decode_triton tiles power-of-two blocks >= 16 and head dims, "
+                                  f"<= {ROWS} heads per kv head; got block={block}, q {q.shape}")
+    b, kh, g, h = q.shape
+    c, m = k.shape[2], blocks.shape[2]
+    splits = _splits(m, b * kh)
+    st = _Static(block=block, chunk=min(block, CHUNK), per_split=m // splits,
+                 scale=h ** -0.5 if scale is None else float(scale), interpret=bool(interpret))
+    qp = jnp.pad(q.astype(k.dtype), ((0, 0), (0, 0), (0, ROWS - g), (0, 0)))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+    per_head = lambda *shape: pl.BlockSpec((None, None, *shape),
+                                           lambda bi, ki, si: (bi, ki) + (0,) * len(shape))
+    per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape),
+                                            lambda bi, ki, si: (bi, ki, si) + (0,) * len(shape))
+    params = None if _pltriton is None else _pltriton.CompilerParams(num_warps=4, num_stages=2)
+    blocks = blocks.astype(jnp.int32)
+    q_pos = jnp.asarray(q_pos, jnp.int32)
+    acc, mx, sm = pl.pallas_call(
+        functools.partial(_kernel, st=st),
+        grid=(b, kh, splits),
+        in_specs=[whole(blocks), whole(q_pos), per_head(ROWS, h), per_head(c, h), per_head(c, h), per_head(c),
+                  per_head(c)],
+        out_specs=[per_split(ROWS, h), per_split(ROWS), per_split(ROWS)],
+        out_shape=[out_struct((b, kh, splits, ROWS, h), F32, q), out_struct((b, kh, splits, ROWS), F32, q),
+                   out_struct((b, kh, splits, ROWS), F32, q)],
+        compiler_params=params,
+        interpret=st.interpret,
+        name="selective_decode",
+    )(blocks, q_pos, qp, k, v, pos.astype(jnp.int32), count.astype(F32))
+    out, lse = _merge(acc, mx, sm)
+    return out[:, :, :g], lse[:, :, :g]

@@ -1,0 +1,115 @@
+"""kernels.selective_decode: the Pallas Triton decode kernel (interpret mode) against its pure-jnp reference,
+and ``attend_selected`` through the kernel against its own jnp path (centroids merged by log-sum-exp)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selmerge_jax import kvcache
+from selmerge_jax.kernels import selective_decode as sd
+from selmerge_jax.kernels.selective_decode import selective_decode_reference, selective_decode_triton
+from selmerge_jax.kvcache.query_select import attend_selected, build_index
+
+interpreted = functools.partial(selective_decode_triton, interpret=True)
+
+
+def _inputs(b=2, kh=2, g=4, h=32, c=512, w=32, m=8, seed=0, dtype=jnp.bfloat16, fill=(400, 200)):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (b, kh, g, h), dtype)
+    k = jax.random.normal(ks[1], (b, kh, c, h), dtype)
+    v = jax.random.normal(ks[2], (b, kh, c, h), dtype)
+    slot = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, kh, c))
+    filled = jnp.asarray(fill[:b], jnp.int32)[:, None, None]
+    pos = jnp.where(slot < filled, slot, -1)
+    count = jnp.where(pos >= 0, jnp.where(slot % 7 == 3, 2.0, 1.0), 0.0)  # some merged slots
+    blocks = jnp.sort(jax.vmap(lambda key: jax.random.permutation(key, c // w)[:m])(
+        jax.random.split(ks[3], b * kh)).reshape(b, kh, m), -1).astype(jnp.int32)
+    q_pos = jnp.asarray(fill[:b], jnp.int32) - 1
+    return q, k, v, pos, count, blocks, q_pos, w
+
+
+def _close(got, want, tol=2e-2):
+    for a, r in zip(got, want):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(r))
+        ok = np.isfinite(r)
+        np.testing.assert_allclose(a[ok], r[ok], rtol=0, atol=tol * max(float(np.abs(r[ok]).max()), 1.0))
+
+
+@pytest.mark.parametrize("g, h, w, m", [(4, 32, 32, 8), (1, 64, 16, 4), (8, 32, 256, 2), (16, 16, 32, 6)])
+def test_kernel_matches_the_reference(g, h, w, m):
+    """GQA groups 1-16, head dims 16-64, blocks of 16-256 slots (256: walked in chunks of 128), merged
+    slots (count 2), a row whose query sees only part of the cache."""
+    args = _inputs(g=g, h=h, w=w, m=m)
+    _close(interpreted(*args[:-1], block=args[-1]), selective_decode_reference(*args[:-1], block=args[-1]))
+
+
+def test_nan_in_empty_slots_and_rows_that_see_nothing():
+    q, k, v, pos, count, blocks, q_pos, w = _inputs()
+    k = jnp.where((pos < 0)[..., None], jnp.nan, k)
+    v = jnp.where((pos < 0)[..., None], jnp.nan, v)
+    q_pos = q_pos.at[1].set(-5)  # row 1 sees nothing: output 0, lse -inf
+    got = interpreted(q, k, v, pos, count, blocks, q_pos, block=w)
+    want = selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w)
+    assert np.isfinite(np.asarray(got[0])).all()
+    np.testing.assert_array_equal(np.asarray(got[0][1]), 0.0)
+    assert np.isneginf(np.asarray(got[1][1])).all()
+    _close(got, want)
+
+
+def test_kernel_is_deterministic():
+    args = _inputs(seed=3)
+    a = interpreted(*args[:-1], block=args[-1])
+    b = interpreted(*args[:-1], block=args[-1])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_input_is_named():
+    q, k, v, pos, count, blocks, q_pos, w = _inputs()
+    with pytest.raises(ValueError, match="block"):
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=48)
+    with pytest.raises(ValueError, match="blocks"):
+        selective_decode_reference(q, k, v, pos, count, blocks[0], q_pos, block=w)
+    with pytest.raises(ValueError, match="q_pos"):
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos[:1], block=w)
+    with pytest.raises(ValueError, match="implementation"):
+        sd.selective_decode(q, k, v, pos, count, blocks, q_pos, block=w, implementation="cuda")
+    with pytest.raises(ValueError, match="kernel"):
+        kvcache.DecodeSelection(block=8, top_m=2, kernel="triton")
+    with pytest.raises(NotImplementedError, match="GPU"):
+        selective_decode_triton(q, k, v, pos, count, blocks, q_pos, block=w)  # natively, off a GPU
+
+
+@pytest.mark.parametrize("centroids", [True, False])
+def test_attend_selected_through_the_kernel_equals_its_jnp_path(monkeypatch, centroids):
+    """The step's blocks through the kernel, then the centroids merged by log-sum-exp, equal one softmax
+    over the gathered slots and the centroids; a row with an empty cache gives 0 both ways."""
+    import selmerge_jax.kvcache.query_select as qs
+
+    _, k, v, pos, count, _, _, w = _inputs(b=3, c=256, fill=(200, 97, 0))
+    q = jax.random.normal(jax.random.key(9), (3, 1, 8, 32), jnp.bfloat16)
+    cache = kvcache.KVCache(k=k, v=v, pos=pos, count=count, score=jnp.zeros_like(count),
+                            length=jnp.int32(200), dropped=jnp.int32(0))
+    q_positions = jnp.asarray([[199], [96], [0]], jnp.int32)
+    kw = dict(block=w, top_m=3, centroids=centroids, index=build_index(cache, w))
+    want = attend_selected(cache, q, q_positions, kernel="jnp", **kw)
+    calls = []
+    monkeypatch.setattr(qs, "selective_decode",
+                        lambda *a, implementation, **k: calls.append(implementation) or interpreted(*a, **k))
+    got = attend_selected(cache, q, q_positions, kernel="pallas_triton", **kw)
+    assert calls == ["pallas_triton"]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got[2], np.float32), 0.0)
+
+
+@pytest.mark.gpu
+def test_native_kernel_matches_the_reference_at_the_8b_shape():
+    """The native build (Llama-3-8B's decode shape: 8 kv heads of 4 query heads, head dim 128, 32 blocks of
+    128 slots of a 16K cache, batch 2 with ragged fills) against the reference."""
+    args = _inputs(b=2, kh=8, g=4, h=128, c=16384, w=128, m=32, fill=(16000, 9000))
+    got = selective_decode_triton(*args[:-1], block=args[-1])
+    _close(got, selective_decode_reference(*args[:-1], block=args[-1]))
