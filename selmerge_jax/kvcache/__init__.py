@@ -16,8 +16,9 @@ table is in ``policies``). Quantized storage: ``init_quantized`` + ``quantized_s
 Uncompressed caches use ``append`` + ``attend`` directly; ``attend_selected`` is the query-aware
 block-selection read of a cache; ``SelectiveCache`` + ``selective_step`` decode over the top blocks with an
 index carried between steps. ``compress_prompt`` streams a prompt's k/v into a budget-sized cache (the
-one-pass prefill). Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped into budget
-classes, one cache per class) + ``grouped_step``.
+one-pass prefill); ``snapkv_once`` is SnapKV's single compression of a whole prompt, without streaming.
+Per-head budgets with real memory savings: ``HeadClasses`` (kv heads grouped into budget classes, one cache
+per class) + ``grouped_step``.
 """
 
 from selmerge_jax.kvcache.cache import (
@@ -51,7 +52,14 @@ from selmerge_jax.kvcache.policies import (
     slot_scores,
     step,
 )
-from selmerge_jax.kvcache.prefill import chunked_prefill, compress_prompt, left_pad, scan_chunks, scored_rows
+from selmerge_jax.kvcache.prefill import (
+    chunked_prefill,
+    compress_prompt,
+    left_pad,
+    scan_chunks,
+    scored_rows,
+    snapkv_once,
+)
 from selmerge_jax.kvcache.quant import QuantizedKVCache, init_quantized, quantized_step
 from selmerge_jax.kvcache.query_select import attend_selected, region_summaries, select_blocks
 from selmerge_jax.kvcache.selective import DecodeSelection, SelectiveCache, init_selective, selective_step
@@ -94,6 +102,7 @@ __all__ = [
     "select_blocks",
     "selective_step",
     "slot_scores",
+    "snapkv_once",
     "step",
     "valid_mask",
     "with_capacity",
