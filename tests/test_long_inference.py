@@ -1,6 +1,8 @@
 """Issue #23 on CPU: compression during a one-pass prefill (budget-sized caches, the reference kept set),
 query-aware selective decode through ``generate`` (ragged batches), and bad input named."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,17 +88,19 @@ SNAP = KVCompressionConfig(policy="snapkv", budget=16, slack=8, sink=1, window=2
 
 def test_one_pass_compressed_prefill_fills_budget_sized_caches_with_the_reference_kept_set(model):
     """MS one pass + compression during the prefill: every layer's cache has budget + slack slots and holds
-    ``budget`` after the prompt; layer 0 (whose q/k/v do not depend on the attention) keeps exactly what the
-    chunked exact prefill with the same policy keeps (then compressed once, SnapKV's protocol), ragged rows
-    included."""
+    ``budget`` after the prompt; layer 0 (whose q/k/v do not depend on the attention) keeps exactly what
+    SnapKV keeps when it sees the whole prompt at once (the chunked exact prefill in one chunk, then
+    compressed once: the published protocol, ``kvcache.snapkv_once``), ragged rows included."""
     prompts, lengths = _prompts(), np.array([48, 37])
     caches = long.compressed_caches(model.config, 2, SNAP, 48)
     logits, got = gen.prefill(model, prompts, caches, lengths=lengths, prefill_attention="model",
                               compression=SNAP)
+    assert long.one_shot(SNAP)
     assert [c.capacity for c in got] == [24, 24] and {int(c.length) for c in got} == {16}
-    _, ref = gen.prefill(model, prompts, long.compressed_caches(model.config, 2, SNAP, 48), lengths=lengths,
-                         chunk_size=8, compression=SNAP)
-    np.testing.assert_array_equal(got[0].pos, kp.compress(ref[0], SNAP, 16).pos)
+    whole = dataclasses.replace(SNAP, slack=48)  # room for the prompt as one chunk
+    _, ref = gen.prefill(model, prompts, long.compressed_caches(model.config, 2, whole, 48), lengths=lengths,
+                         chunk_size=48, compression=whole)
+    np.testing.assert_array_equal(got[0].pos, kp.compress(ref[0], whole, 16).pos[..., :24])
     assert int(got[1].pos.max()) == 47 and int(got[1].pos[1].max()) == 36  # the newest real token is kept
     out = gen.decode(model, got, logits, lengths, max_new_tokens=12, compression=SNAP)[0]  # compresses again
     assert out.tokens.shape == (2, 12)

@@ -4,9 +4,10 @@ decode steps, budget-sized caches, and the checks that name what does not fit.
 Every class here is a frozen, hashable ``cache_fn`` (a static argument of the compiled prefill and decode):
 
 * :class:`CompressedPromptAttention`: the prompt attends to itself through ``layers.attend``
-  (select-and-merge or dense flash), then its k/v stream into the layer's budget-sized cache ``slack`` tokens
-  at a time (``kvcache.compress_prompt``): the cache never holds more than ``budget + slack`` slots, whatever
-  the prompt.
+  (select-and-merge or dense flash), then its k/v go into the layer's budget-sized cache: SnapKV at once, as
+  published (``kvcache.snapkv_once``, :func:`one_shot`), the other policies streamed ``slack`` tokens at a
+  time (``kvcache.compress_prompt``). Either way the cache never holds more than ``budget + slack`` slots,
+  whatever the prompt.
 * :class:`CompressedStep`: ``kvcache.step`` (make room, append, attend over the cache, observe): the chunked
   prefill and the dense decode over a compressed cache.
 * :class:`SelectiveDecode`: ``kvcache.selective_step``: each decode step attends to its top blocks (+ merged
@@ -31,7 +32,7 @@ from selmerge_jax.validation import fail
 
 __all__ = ["PROMPT_ONLY_POLICIES", "CompressedPromptAttention", "CompressedStep", "SelectiveDecode",
            "check_compression", "check_memory", "compressed_caches", "decode_cache_fn", "decode_compression",
-           "device_memory_limit", "with_selection"]
+           "device_memory_limit", "one_shot", "with_selection"]
 
 
 def _budget(cache, config: KVCompressionConfig) -> int:
@@ -47,9 +48,21 @@ class CompressedPromptAttention:
 
     def __call__(self, cache, q, k, v, positions, *, window=None):
         out = attend(q, k, v, positions, self.spec)
+        budget = _budget(cache, self.config)
+        if one_shot(self.config):
+            return out, kvcache.snapkv_once(cache, self.config, q, k, v, positions, budget=budget, window=window)
         cache = kvcache.compress_prompt(cache, self.config, q, k, v, positions, chunk=self.config.slack,
-                                        budget=_budget(cache, self.config), window=window)
+                                        budget=budget, window=window)
         return out, cache
+
+
+def one_shot(config: KVCompressionConfig) -> bool:
+    """Whether a one-pass prefill compresses the prompt at once (``kvcache.snapkv_once``: SnapKV as published,
+    the prompt's last ``obs_window`` queries voting over every key) rather than streaming it ``slack`` tokens
+    at a time (``kvcache.compress_prompt``): SnapKV without merging or summary slots (those read every
+    evicted K/V). At 512K tokens the streaming cost more than the MS attention itself (29.0 s against a
+    13.6 s full-cache prefill, ``experiments/results/inference_h200``)."""
+    return config.policy == "snapkv" and config.merge == "none" and not config.summary_slots
 
 
 @dataclasses.dataclass(frozen=True)
