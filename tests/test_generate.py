@@ -309,6 +309,31 @@ def test_long_inference_calls_run_layers_behind_a_barrier_and_decode_steps_do_no
     assert barriers(1) == 0
 
 
+def test_a_compressing_prefill_starts_each_layer_after_the_previous_layers_cache(monkeypatch):
+    """With a compressing one-pass prefill (``CompressedPromptAttention``) every layer after the first also
+    waits for the previous layer's cache, whose compression nothing else reads (XLA may otherwise keep the
+    prompt-long q/k/v of several layers alive); the full-cache prefill adds no such barrier."""
+    from selmerge_jax.kvcache import KVCompressionConfig
+    from selmerge_jax.models import generate_long as long
+    from selmerge_jax.models import llama
+    from selmerge_jax.models.generate import PromptAttention
+
+    monkeypatch.setattr(llama, "BARRIER_MIN_TOKENS", 16)
+    cfg = preset("tiny", vocab_size=64, d_model=32, ffn_dim=48, num_layers=3)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    snap = KVCompressionConfig(policy="snapkv", budget=8, slack=8, sink=1, window=2, obs_window=2)
+    tokens = jnp.zeros((1, 32), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (1, 32))
+
+    def barriers(caches, cache_fn):
+        jaxpr = jax.make_jaxpr(lambda tok: model.hidden_states(tok, pos, caches=caches, cache_fn=cache_fn)[0])
+        return str(jaxpr(tokens)).count("optimization_barrier")
+
+    compressed = long.compressed_caches(cfg, 1, snap, 32)
+    assert barriers(compressed, long.CompressedPromptAttention(cfg.attention_spec, snap)) == 3 + 2
+    assert barriers(init_caches(model, 1, 32), PromptAttention(cfg.attention_spec)) == 3
+
+
 def _eqns(jaxpr):
     """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
     for eqn in jaxpr.eqns:

@@ -290,13 +290,19 @@ class Llama(nnx.Module):
             if len(state) != self.config.num_layers:
                 raise ValueError(f"layers must hold one state per layer ({self.config.num_layers}), "
                                  f"got {len(state)}: pass model.layer_states()")
-        new_caches = []
+        new_caches: list = []
+        ordered = getattr(cache_fn, "cache_before_next_layer", False)
         for i, cache in enumerate(caches):
             if t >= BARRIER_MIN_TOKENS:
                 # Layer i's weight slices and RoPE tables wait for layer i - 1's output: without the barrier
                 # XLA's GPU schedule makes every layer's slice copies (~0.44 GiB each at 8B) and tables
                 # first and holds them all through a long prompt. Decode steps (few tokens) skip it.
                 x, positions, state = jax.lax.optimization_barrier((x, positions, state))
+                if ordered and new_caches:
+                    # A cache step whose result nothing else reads (a compression into a fresh cache) could be
+                    # scheduled after later layers, holding its prompt-long q/k/v until then: layer i waits
+                    # for layer i - 1's cache too.
+                    x, new_caches[-1] = jax.lax.optimization_barrier((x, new_caches[-1]))
             layer = nnx.merge(graphdef, slice_of(state, i))
             x, cache = layer(x, positions, cache, None, cache_fn)
             new_caches.append(cache)
