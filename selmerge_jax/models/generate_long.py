@@ -56,7 +56,8 @@ class CompressedPromptAttention:
         out = attend(q, k, v, positions, self.spec)
         budget = _budget(cache, self.config)
         if one_shot(self.config):
-            return out, kvcache.snapkv_once(cache, self.config, q, k, v, positions, budget=budget, window=window)
+            cache = kvcache.snapkv_once(cache, self.config, q, k, v, positions, budget=budget, window=window)
+            return out, cache
         cache = kvcache.compress_prompt(cache, self.config, q, k, v, positions, chunk=self.config.slack,
                                         budget=budget, window=window)
         return out, cache
