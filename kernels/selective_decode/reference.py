@@ -1,4 +1,4 @@
-"""The pure-jnp oracle of selective decode attention, the input checks, and the dispatcher.
+"""The pure-jnp oracle of selective decode attention and the input checks.
 
 Shapes (``selmerge_jax.typing`` letters; C = cache slots, M = selected blocks, W = slots per block):
 
@@ -15,12 +15,9 @@ Returns ``out float32 [B, K, G, H]`` (normalised over the selected slots; 0 wher
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from selmerge_jax.validation import fail
-
-IMPLEMENTATIONS = ("auto", "jnp", "pallas_triton")
 
 
 def check_decode_inputs(q, k, v, pos, count, blocks, q_pos, block: int) -> None:
@@ -61,19 +58,3 @@ def selective_decode_reference(q, k, v, pos, count, blocks, q_pos, *, block: int
     out = jnp.einsum("bkgc,bkch->bkgh", p, vs) / jnp.where(denom == 0, 1.0, denom)[..., None]
     lse = jnp.where(denom > 0, m[..., 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
     return out, lse
-
-
-def selective_decode(q, k, v, pos, count, blocks, q_pos, *, block: int, scale: float | None = None,
-                     implementation: str = "auto"):
-    """``(out, lse)`` of selective decode attention. ``implementation``: ``"pallas_triton"`` (GPU),
-    ``"jnp"`` (the reference, any backend), ``"auto"``: the Triton kernel on a GPU for the shapes it tiles,
-    else the reference."""
-    if implementation not in IMPLEMENTATIONS:
-        fail("implementation", implementation, f"one of {IMPLEMENTATIONS}")
-    if implementation == "jnp" or (implementation == "auto" and jax.default_backend() != "gpu"):
-        return selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=block, scale=scale)
-    from selmerge_jax.kernels.selective_decode.pallas_triton import selective_decode_triton, tiles
-
-    if implementation == "auto" and not tiles(q, block):
-        return selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=block, scale=scale)
-    return selective_decode_triton(q, k, v, pos, count, blocks, q_pos, block=block, scale=scale)

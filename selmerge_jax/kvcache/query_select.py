@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.selection import decode_plan_rows
+from selmerge_jax.kernels.selective_decode import IMPLEMENTATIONS as DECODE_KERNELS
 from selmerge_jax.kernels.selective_decode import selective_decode
 from selmerge_jax.kernels.selective_decode.pallas_triton import tiles
-from selmerge_jax.kernels.selective_decode.reference import IMPLEMENTATIONS as DECODE_KERNELS
 from selmerge_jax.kvcache.cache import KVCache, attend_segments, attend_slots
 from selmerge_jax.validation import fail, is_int
 

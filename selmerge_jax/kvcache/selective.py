@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from selmerge_jax.kernels.selective_decode.reference import IMPLEMENTATIONS as DECODE_KERNELS
+from selmerge_jax.kernels.selective_decode import IMPLEMENTATIONS as DECODE_KERNELS
 from selmerge_jax.kvcache import policies
 from selmerge_jax.kvcache.cache import KVCache, append
 from selmerge_jax.kvcache.config import KVCompressionConfig
