@@ -376,3 +376,5 @@ def test_the_decode_loop_slices_the_stacked_layer_weights_once_not_every_step():
     with pytest.raises(ValueError, match="one state per layer"):
         decode_step(model, init_caches(model, 1, 16), tok, pos, jax.random.key(0), SamplingConfig(),
                     layers=(layers[0], layers[1][:2]))
+    with pytest.raises(ValueError, match="layers"):
+        model.hidden_states(tok[:, None], layers=layers)  # no caches: the scanned forward

@@ -95,7 +95,7 @@ def test_one_pass_compressed_prefill_fills_budget_sized_caches_with_the_referenc
     caches = long.compressed_caches(model.config, 2, SNAP, 48)
     logits, got = gen.prefill(model, prompts, caches, lengths=lengths, prefill_attention="model",
                               compression=SNAP)
-    assert long.one_shot(SNAP)
+    assert kvcache.one_shot(SNAP)
     assert [c.capacity for c in got] == [24, 24] and {int(c.length) for c in got} == {16}
     whole = dataclasses.replace(SNAP, slack=48)  # room for the prompt as one chunk
     _, ref = gen.prefill(model, prompts, long.compressed_caches(model.config, 2, whole, 48), lengths=lengths,
@@ -117,6 +117,14 @@ def test_a_snapkv_decode_with_room_runs_the_plain_step_and_decodes_the_same_toke
     assert long.decode_compression(SNAP, caches, 9) is SNAP
     h2o = KVCompressionConfig(policy="h2o", budget=16, slack=8, sink=1, window=2)
     assert long.decode_compression(h2o, caches, 1) is h2o
+    streaming = KVCompressionConfig(policy="streaming", budget=16, slack=8, sink=1, window=2)
+    assert long.decode_compression(streaming, caches, 8) is None
+    selective = long.with_selection(caches, kvcache.DecodeSelection(block=8, top_m=2))
+    assert long.decode_compression(SNAP, selective, 8) is None
+    assert long.decode_compression(SNAP, selective, 9) is SNAP
+    traced = []  # under jit the cursor is unknown: keep the scoring step
+    jax.jit(lambda cs: traced.append(long.decode_compression(SNAP, cs, 1)) or 0)(caches)
+    assert traced == [SNAP]
     graphdef, state = nnx.split(model)
     args = (graphdef, state)
     rest = (logits, jnp.asarray(lengths), jax.random.key(0), jnp.int32(0), jnp.asarray((-1,), jnp.int32))

@@ -60,12 +60,18 @@ def test_nan_in_empty_slots_and_rows_that_see_nothing():
     _close(got, want)
 
 
-def test_kernel_is_deterministic():
-    args = _inputs(seed=3)
-    a = interpreted(*args[:-1], block=args[-1])
-    b = interpreted(*args[:-1], block=args[-1])
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+def test_auto_runs_the_kernel_only_on_a_gpu_and_where_it_tiles():
+    assert sd.resolve("auto", (1, 8, 4, 128), 128) == ("pallas_triton" if jax.default_backend() == "gpu"
+                                                        else "xla")
+    assert not sd.pallas_triton.tiles((1, 2, 2, 8), 16)  # head dim 8: below Triton's smallest dot
+    assert not sd.pallas_triton.tiles((1, 2, 32, 64), 64)  # 32 heads per kv head: more than one tile
+    assert not sd.pallas_triton.tiles((1, 2, 4, 64), 48)
+    args = _inputs()
+    got = sd.selective_decode(*args[:-1], block=args[-1], implementation="auto")
+    if jax.default_backend() != "gpu":  # the reference itself, bit for bit
+        want = selective_decode_reference(*args[:-1], block=args[-1])
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bad_input_is_named():
@@ -96,7 +102,7 @@ def test_attend_selected_through_the_kernel_equals_its_jnp_path(monkeypatch, cen
                             length=jnp.int32(200), dropped=jnp.int32(0))
     q_positions = jnp.asarray([[199], [96], [0]], jnp.int32)
     kw = dict(block=w, top_m=3, centroids=centroids, index=build_index(cache, w))
-    want = attend_selected(cache, q, q_positions, kernel="jnp", **kw)
+    want = attend_selected(cache, q, q_positions, kernel="xla", **kw)
     calls = []
     monkeypatch.setattr(qs, "selective_decode",
                         lambda *a, implementation, **k: calls.append(implementation) or interpreted(*a, **k))
@@ -109,7 +115,28 @@ def test_attend_selected_through_the_kernel_equals_its_jnp_path(monkeypatch, cen
 @pytest.mark.gpu
 def test_native_kernel_matches_the_reference_at_the_8b_shape():
     """The native build (Llama-3-8B's decode shape: 8 kv heads of 4 query heads, head dim 128, 32 blocks of
-    128 slots of a 16K cache, batch 2 with ragged fills) against the reference."""
-    args = _inputs(b=2, kh=8, g=4, h=128, c=16384, w=128, m=32, fill=(16000, 9000))
-    got = selective_decode_triton(*args[:-1], block=args[-1])
-    _close(got, selective_decode_reference(*args[:-1], block=args[-1]))
+    128 slots, batch 2 with ragged fills) against the reference, on a power-of-two cache and on one of
+    16K + 128 slots (what ``generate`` allocates: prompt + new tokens rounded up to a block); bitwise
+    deterministic."""
+    for c in (16384, 16512):
+        args = _inputs(b=2, kh=8, g=4, h=128, c=c, w=128, m=32, fill=(16000, 9000))
+        got = selective_decode_triton(*args[:-1], block=args[-1])
+        _close(got, selective_decode_reference(*args[:-1], block=args[-1]))
+        again = selective_decode_triton(*args[:-1], block=args[-1])
+        for a, b in zip(got, again):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+def test_native_attend_selected_with_centroids_equals_its_xla_path():
+    """A decode step through the native kernel with the centroids merged by log-sum-exp, against one softmax
+    over the gathered slots and the centroids (GQA 8 x 4, head dim 128, a 16,512-slot cache)."""
+    _, k, v, pos, count, _, _, w = _inputs(b=2, kh=8, g=4, h=128, c=16512, w=128, m=32, fill=(16000, 9000))
+    q = jax.random.normal(jax.random.key(4), (2, 1, 32, 128), jnp.bfloat16)
+    cache = kvcache.KVCache(k=k, v=v, pos=pos, count=count, score=jnp.zeros_like(count),
+                            length=jnp.int32(16000), dropped=jnp.int32(0))
+    q_positions = jnp.asarray([[15999], [8999]], jnp.int32)
+    kw = dict(block=w, top_m=32, centroids=True, index=build_index(cache, w))
+    got = attend_selected(cache, q, q_positions, kernel="pallas_triton", **kw)
+    want = attend_selected(cache, q, q_positions, kernel="xla", **kw)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=0)

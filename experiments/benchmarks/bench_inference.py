@@ -40,6 +40,7 @@ from flax import nnx
 
 from selmerge_jax import kvcache
 from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.kernels.selective_decode import resolve
 from selmerge_jax.kvcache import KVCompressionConfig
 from selmerge_jax.models import Llama, memory, preset
 from selmerge_jax.models import generate_long as long
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="snapkv", help="compression policy of ms+budget")
     p.add_argument("--budget", type=int, default=4096, help="KV slots per layer of ms+budget")
     p.add_argument("--select-top-m", type=int, default=32, help="blocks a selective decode step attends")
-    p.add_argument("--select-kernel", default="auto", choices=("auto", "jnp", "pallas_triton"),
+    p.add_argument("--select-kernel", default="auto", choices=("auto", "xla", "pallas_triton"),
                    help="how a selective step attends its blocks (DecodeSelection.kernel)")
     p.add_argument("--dense-max-len", type=int, default=131072,
                    help="longest prompt of the dense baseline (longer: a lower bound from the longest run)")
@@ -174,7 +175,8 @@ def _timed(fn):
 
 
 def _decode_timed(model, caches, logits, start, new: int, comp, sel):
-    """(compile s, ms per token, caches) of ``new`` greedy decode steps: compiled ahead of time, run once
+    """(compile s, ms per token, caches, whether each step ran the policy's scoring step) of ``new`` greedy
+    decode steps: compiled ahead of time, run once
     (warm-up: the first run of an executable pays its allocations), then timed alone (the caches are donated
     and come back holding ``2 * (new - 1)`` more tokens). The step is ``generate.decode``'s own loop
     (``generate._decode``)."""
@@ -189,10 +191,11 @@ def _decode_timed(model, caches, logits, start, new: int, comp, sel):
     compiled = _decode.lower(graphdef, state, caches, logits, start, *rest, **static).compile()
     compile_s = time.perf_counter() - t0
     *_, caches = compiled(state, caches, logits, start, *rest)
+    jax.block_until_ready(caches)  # the timed call must not overlap the warm-up
     start = start + new - 1
     (*_, caches), dt = _timed(lambda: compiled(state, caches, logits, start, *rest))
     plain = tuple(c.cache if isinstance(c, kvcache.SelectiveCache) else c for c in caches)
-    return compile_s, 1e3 * dt / (new - 1), plain
+    return compile_s, 1e3 * dt / (new - 1), plain, comp is not None
 
 
 def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
@@ -223,13 +226,18 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
     start = jnp.full((batch,), seq_len, jnp.int32)
     sel = None if variant == "dense" else selection(args, caches[0].capacity)
     if sel is not None:
-        compile_s, ms, caches = _decode_timed(model, caches, logits, start, args.new, comp, sel)
-        row.update(select_decode_compile_s=round(compile_s, 2), select_decode_ms_per_token=round(ms, 3))
+        compile_s, ms, caches, scoring = _decode_timed(model, caches, logits, start, args.new, comp, sel)
+        row.update(select_decode_compile_s=round(compile_s, 2), select_decode_ms_per_token=round(ms, 3),
+                   select_decode_scoring=scoring)
         start = start + 2 * (args.new - 1)
-    compile_s, ms, caches = _decode_timed(model, caches, logits, start, args.new, comp, None)
-    row.update(decode_compile_s=round(compile_s, 2), decode_ms_per_token=round(ms, 3), status="ok",
+    compile_s, ms, caches, scoring = _decode_timed(model, caches, logits, start, args.new, comp, None)
+    kv = cfg.num_kv_heads
+    row.update(decode_compile_s=round(compile_s, 2), decode_ms_per_token=round(ms, 3), decode_scoring=scoring,
+               status="ok",
                select_top_m=sel and sel.top_m, select_block=sel and sel.block,
-               select_kernel=sel and sel.kernel, peak_gb_process=_peak_gb())
+               select_kernel=sel and resolve(sel.kernel, (batch, kv, cfg.num_heads // kv, cfg.head_size),
+                                             sel.block),
+               peak_gb_process=_peak_gb())
     return row, kept
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from selmerge_jax import kvcache
+from selmerge_jax.kernels.selective_decode import resolve
 from selmerge_jax.models import Llama, preset
 from selmerge_jax.models import generate_long as long
 from selmerge_jax.models.generate import SamplingConfig, _decode, decode_step
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--top-m", type=int, default=32)
-    p.add_argument("--select-kernel", default="auto", choices=("auto", "jnp", "pallas_triton"))
+    p.add_argument("--select-kernel", default="auto", choices=("auto", "xla", "pallas_triton"))
     p.add_argument("--trace", action="store_true")
     p.add_argument("--tag", default="", help="a label for the row (e.g. the XLA_FLAGS variant)")
     p.add_argument("--out", default=None)
@@ -149,7 +150,9 @@ def run(args, model, t: int, mode: str, loop: str) -> dict:
            "compile_s": round(compile_s, 2),
            "ms_per_token": round(1e3 * statistics.median(times) / (args.new - (loop == "while")), 3),
            "reps": args.reps, "block": sel and sel.block, "top_m": sel and sel.top_m,
-           "select_kernel": sel and sel.kernel,
+           "select_kernel": sel and resolve(sel.kernel, (args.batch, cfg.num_kv_heads,
+                                                         cfg.num_heads // cfg.num_kv_heads, cfg.head_size),
+                                             sel.block),
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.trace:
         from trace_summary import summarize  # beside this script

@@ -543,8 +543,8 @@ def block_sparse_attention_triton(q, k, v, plan: SelectionPlan, *, scale: float 
     check_plan_inputs(q, k, v, plan)
     check_segment_ids(segment_ids, q)
     if segment_ids is not None and not interpret and not NATIVE_SEGMENTS:
-        raise NotImplementedError("pallas_triton: segment_ids are verified in interpret mode only; the "
-                                  "native GPU build is unmeasured (NATIVE_SEGMENTS)")
+        raise NotImplementedError("pallas_triton: native segment_ids are switched off "
+                                  "(pallas_triton.NATIVE_SEGMENTS = False)")
     st = make_static(q, k, plan, scale, tiling or TritonTiling(), bool(interpret), segment_ids is not None)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     out, lse = _attend(q, k, v, plan.kv_regions.astype(jnp.int32), seg, st)

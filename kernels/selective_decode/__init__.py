@@ -5,9 +5,9 @@
 the blocks and adds the merged centroids of the other blocks through the returned log-sum-exp).
 """
 
-from selmerge_jax.kernels.selective_decode.api import IMPLEMENTATIONS, selective_decode
+from selmerge_jax.kernels.selective_decode.api import IMPLEMENTATIONS, resolve, selective_decode
 from selmerge_jax.kernels.selective_decode.pallas_triton import selective_decode_triton
 from selmerge_jax.kernels.selective_decode.reference import check_decode_inputs, selective_decode_reference
 
-__all__ = ["IMPLEMENTATIONS", "check_decode_inputs", "selective_decode", "selective_decode_reference",
-           "selective_decode_triton"]
+__all__ = ["IMPLEMENTATIONS", "check_decode_inputs", "resolve", "selective_decode",
+           "selective_decode_reference", "selective_decode_triton"]

@@ -52,10 +52,11 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def tiles(q, block: int) -> bool:
-    """Whether the kernel tiles these shapes: power-of-two blocks and head dim, at most ``ROWS`` heads per
-    kv head, one query per head."""
-    return _pow2(block) and block >= 16 and _pow2(q.shape[-1]) and q.shape[2] <= ROWS
+def tiles(q_shape: tuple[int, ...], block: int) -> bool:
+    """Whether the kernel tiles ``q [B, K, G, H]``: power-of-two blocks and head dim, both >= 16 (Triton's
+    smallest ``dot``), at most ``ROWS`` heads per kv head."""
+    h, g = q_shape[-1], q_shape[2]
+    return _pow2(block) and block >= 16 and _pow2(h) and h >= 16 and g <= ROWS
 
 
 def _splits(m: int, rows: int) -> int:
@@ -124,8 +125,8 @@ def selective_decode_triton(q, k, v, pos, count, blocks, q_pos, *, block: int, s
     (``tiles``); bad shapes raise ``ValueError`` naming the argument."""
     decline_platform("selective_decode_triton", "gpu", interpret)
     check_decode_inputs(q, k, v, pos, count, blocks, q_pos, block)
-    if not tiles(q, block):
-        raise NotImplementedError(f"selective_decode_triton tiles power-of-two blocks >= 16 and head dims, "
+    if not tiles(q.shape, block):
+        raise NotImplementedError(f"selective_decode_triton tiles power-of-two blocks and head dims >= 16, "
                                   f"<= {ROWS} heads per kv head; got block={block}, q {q.shape}")
     b, kh, g, h = q.shape
     c, m = k.shape[2], blocks.shape[2]

@@ -160,12 +160,14 @@ def _greedy(graphdef, state, caches, first, start, *, steps: int, cache_fn):
     (experiments/results/archive/kvcache_README.md).
     """
     model = nnx.merge(graphdef, state)
+    layers = model.layer_states()  # sliced once, as generate's decode loop does
 
     def token(fn):
         def body(carry, i):
             caches, tok = carry
             pos = jnp.full(tok.shape, start, jnp.int32) + i
-            nxt, _, caches = decode_step(model, caches, tok, pos, jax.random.key(0), SamplingConfig(), fn)
+            nxt, _, caches = decode_step(model, caches, tok, pos, jax.random.key(0), SamplingConfig(), fn,
+                                         layers)
             return (caches, nxt), nxt
         return body
 

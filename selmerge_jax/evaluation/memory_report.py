@@ -93,11 +93,13 @@ def _decode_loop(graphdef, state, caches, first, start, *, steps: int):
     """``steps`` greedy decode steps from token ``first [B]`` at position ``start``; returns the last
     tokens."""
     model = nnx.merge(graphdef, state)
+    layers = model.layer_states()  # sliced once, as generate's decode loop does
 
     def body(carry, i):
         caches, tok = carry
         pos = jnp.full(tok.shape, start, jnp.int32) + i
-        nxt, _, caches = decode_step(model, caches, tok, pos, jax.random.key(0), SamplingConfig())
+        nxt, _, caches = decode_step(model, caches, tok, pos, jax.random.key(0), SamplingConfig(),
+                                     layers=layers)
         return (caches, nxt), None
 
     return jax.lax.scan(body, (caches, first), jnp.arange(steps))[0][1]

@@ -109,11 +109,12 @@ PROTOCOLS = ("question_aware", "question_agnostic")
 def _feed(graphdef, state, caches, tokens, start, cache_fn=None):
     """Teacher-forces ``tokens int [B, n]`` at positions ``start + i`` through the caches; the last logits."""
     model = nnx.merge(graphdef, state)
+    layers = model.layer_states()  # sliced once, as generate's decode loop does
 
     def body(caches, step):
         i, token = step
         pos = (start + i)[:, None]
-        h, caches = model.hidden_states(token[:, None], pos, caches=caches, cache_fn=cache_fn)
+        h, caches = model.hidden_states(token[:, None], pos, caches=caches, cache_fn=cache_fn, layers=layers)
         return caches, model.output_logits(h[:, 0])
 
     caches, logits = jax.lax.scan(body, caches, (jnp.arange(tokens.shape[1]), tokens.T))

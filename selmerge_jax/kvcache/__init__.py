@@ -53,9 +53,11 @@ from selmerge_jax.kvcache.policies import (
     step,
 )
 from selmerge_jax.kvcache.prefill import (
+    KEY_CHUNK,
     chunked_prefill,
     compress_prompt,
     left_pad,
+    one_shot,
     scan_chunks,
     scored_rows,
     snapkv_once,
@@ -79,6 +81,7 @@ __all__ = [
     "attend_slots",
     "chunked_prefill",
     "compress",
+    "KEY_CHUNK",
     "compress_prompt",
     "gather_slots",
     "grouped_step",
@@ -102,6 +105,7 @@ __all__ = [
     "select_blocks",
     "selective_step",
     "slot_scores",
+    "one_shot",
     "snapkv_once",
     "step",
     "valid_mask",

@@ -33,7 +33,10 @@ from selmerge_jax.kvcache.cache import KVCache, append, attend
 from selmerge_jax.kvcache.config import KVCompressionConfig
 from selmerge_jax.validation import check_positive_int, fail
 
-__all__ = ["chunked_prefill", "compress_prompt", "left_pad", "scan_chunks", "scored_rows", "snapkv_once"]
+__all__ = ["KEY_CHUNK", "chunked_prefill", "compress_prompt", "left_pad", "one_shot", "scan_chunks",
+           "scored_rows", "snapkv_once"]
+
+KEY_CHUNK = 16384  # keys per step of snapkv_once's window softmax
 
 
 def left_pad(x, positions, chunk: int):
@@ -173,13 +176,23 @@ def compress_prompt(cache: KVCache, config: KVCompressionConfig, q, k, v, positi
     return cache
 
 
+def one_shot(config: KVCompressionConfig) -> bool:
+    """Whether a one-pass prefill compresses each layer's prompt at once (:func:`snapkv_once`: SnapKV as
+    published, the prompt's last ``obs_window`` queries voting over every key) rather than streaming it
+    ``slack`` tokens at a time (:func:`compress_prompt`): SnapKV without merging or summary slots (those read
+    every evicted K/V). At 512K tokens the streaming cost more than the MS attention itself (29.0 s against a
+    13.6 s full-cache prefill, ``experiments/results/inference_h200``)."""
+    return config.policy == "snapkv" and config.merge == "none" and not config.summary_slots
+
+
 def snapkv_once(cache: KVCache, config: KVCompressionConfig, q, k, v, positions, *, budget: int,
-                scale: float | None = None, window: int | None = None, key_chunk: int = 16384) -> KVCache:
+                scale: float | None = None, window: int | None = None, key_chunk: int = KEY_CHUNK) -> KVCache:
     """SnapKV's one-shot compression of one layer's whole prompt into ``cache``, without streaming it.
 
     q ``[B, S, N, H]``, k/v ``[B, S, K, H]``, positions ``int [B, S]`` (right-padded rows, padding -1);
-    ``cache``: an empty cache from ``policies.init_for(config, ...)`` with ``capacity >= budget`` (its
-    contents are overwritten); ``window``: the model's sliding window, as in ``attend``. The last
+    ``cache``: an empty cache from ``policies.init_for(config, ...)`` with ``capacity >= budget`` (the kept
+    slots are written into its first slots; the others must be empty, as ``init_for`` leaves them);
+    ``window``: the model's sliding window, as in ``attend``. The last
     ``obs_window`` real queries of each row vote over all keys, their softmax taken ``key_chunk`` keys at a
     time (static; a running max and sum, then the normalized votes), so only ``[B, K, S]`` arrays and the kept
     slots grow with S, never ``[B, K, G, obs_window, S]`` probabilities.

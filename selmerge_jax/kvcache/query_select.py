@@ -24,9 +24,7 @@ import jax.numpy as jnp
 
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.selection import decode_plan_rows
-from selmerge_jax.kernels.selective_decode import IMPLEMENTATIONS as DECODE_KERNELS
-from selmerge_jax.kernels.selective_decode import selective_decode
-from selmerge_jax.kernels.selective_decode.pallas_triton import tiles
+from selmerge_jax.kernels.selective_decode import resolve, selective_decode
 from selmerge_jax.kvcache.cache import KVCache, attend_segments, attend_slots
 from selmerge_jax.validation import fail, is_int
 
@@ -115,7 +113,7 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
 
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
                     local_blocks: int = 1, centroids: bool = False, scale: float | None = None,
-                    index: BlockIndex | None = None, return_probs: bool = False, kernel: str = "jnp"):
+                    index: BlockIndex | None = None, return_probs: bool = False, kernel: str = "xla"):
     """Attention of q ``[B, T, N, H]`` over the top ``top_m`` regions of the cache (and, with ``centroids``,
     one merged token per unselected region). With ``top_m == C / block`` it equals :func:`cache.attend`.
     ``index`` (kept current with :func:`refresh_index`) avoids recomputing every region summary.
@@ -126,25 +124,29 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     own slots ``float32 [B, K, G, T, C]`` (0 for unselected slots; centroid mass not included), what the
     scoring policies fold in (``policies.observe``).
 
-    ``kernel`` (``DecodeSelection.kernel``): ``"jnp"`` this reference; ``"pallas_triton"`` a one-token step
+    ``kernel`` (``DecodeSelection.kernel``): ``"xla"`` this reference; ``"pallas_triton"`` a one-token step
     attends its blocks in place with ``kernels.selective_decode`` and merges the centroids into the same
-    softmax through its log-sum-exp; ``"auto"``: the kernel on a GPU where it tiles the shapes."""
+    softmax through its log-sum-exp; ``"auto"``: the kernel on a GPU where it tiles the shapes
+    (``kernels.selective_decode.resolve``)."""
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks, index=index)
-    use_kernel = q.shape[1] == 1 and not return_probs and _kernel_applies(kernel, q, cache.kv_heads, block)
-    slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
-    take = lambda x: jnp.take_along_axis(x, slots, axis=2)
-    take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
-    segments = [(take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count))]
+    b, t, n_heads, h = q.shape
+    kh = cache.kv_heads
+    impl = resolve(kernel, (b, kh, n_heads // kh, h), block, name="kernel")
+    rest = []
     if centroids:
         ks, vs, n, newest = region_summaries(cache, block) if index is None else _fields(index)
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
         # A second segment of one softmax, not a concatenation: the R centroids are read where they are
         # instead of being copied beside the selected slots every step.
-        segments.append((ks.astype(cache.k.dtype), vs.astype(cache.v.dtype), jnp.where(n > 0, newest, -1), n))
-    if use_kernel:
-        return _attend_blocks_in_place(cache, q, q_positions, regions, block, segments[1:], scale, kernel)
+        rest.append((ks.astype(cache.k.dtype), vs.astype(cache.v.dtype), jnp.where(n > 0, newest, -1), n))
+    if impl == "pallas_triton" and t == 1 and not return_probs:
+        return _attend_blocks_in_place(cache, q, q_positions, regions, block, rest, scale)
+    slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
+    take = lambda x: jnp.take_along_axis(x, slots, axis=2)
+    take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
+    segments = [(take4(cache.k), take4(cache.v), take(cache.pos), take(cache.count)), *rest]
     if not return_probs:
         return attend_segments(q, q_positions, segments, scale=scale)
     out, probs, _ = attend_segments(q, q_positions, segments, scale=scale, return_probs=True)
@@ -156,26 +158,18 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     return out, full.at[bi, ki, gi, ti, slots[:, :, None, None, :]].set(tokens)
 
 
-def _kernel_applies(kernel: str, q, kv_heads: int, block: int) -> bool:
-    if kernel not in DECODE_KERNELS:
-        fail("DecodeSelection.kernel", kernel, f"one of {DECODE_KERNELS}")
-    if kernel == "jnp" or (kernel == "auto" and jax.default_backend() != "gpu"):
-        return False
-    b, _, n, h = q.shape
-    return kernel == "pallas_triton" or tiles(q.reshape(b, kv_heads, n // kv_heads, h), block)
-
-
-def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int, centroids, scale, kernel):
+def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int, centroids, scale):
     """One decode token ``q [B, 1, N, H]``: the selected blocks through ``kernels.selective_decode`` (read
-    in the cache, never gathered), then the centroid segment (if any) merged by log-sum-exp."""
+    in the cache, never gathered), then the centroid segment (if any) merged by log-sum-exp in float32."""
     b, _, n, h = q.shape
     kh = cache.kv_heads
     out, lse = selective_decode(q.reshape(b, kh, n // kh, h), cache.k, cache.v, cache.pos, cache.count,
                                 regions, q_positions[:, 0], block=block, scale=scale,
-                                implementation="pallas_triton" if kernel == "auto" else kernel)
+                                implementation="pallas_triton")
     out, lse = out.reshape(b, 1, n, h), lse.reshape(b, 1, n)
-    if centroids:
-        c_out, _, c_lse = attend_segments(q, q_positions, centroids, scale=scale, return_probs=True)
+    if centroids:  # in float32, so its output is rounded once, after the merge (as the one-softmax path)
+        c_out, _, c_lse = attend_segments(q.astype(jnp.float32), q_positions, centroids, scale=scale,
+                                          return_probs=True)
         top = jnp.maximum(lse, c_lse)
         top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing seen anywhere: both weights 0, output 0
         w, cw = jnp.exp(lse - top), jnp.exp(c_lse - top)

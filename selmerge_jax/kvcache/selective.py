@@ -42,7 +42,7 @@ class DecodeSelection:
       centroids: every other non-empty block is also attended through one merged token (mean K/V, its count
         on the logit), as the training-time select-and-merge does.
       kernel: how a one-token step attends its blocks (``query_select.attend_selected``): ``"auto"`` the
-        Pallas kernel ``kernels.selective_decode`` on a GPU, the pure-jnp gather elsewhere; ``"jnp"``;
+        Pallas kernel ``kernels.selective_decode`` on a GPU, the pure-JAX gather elsewhere; ``"xla"``;
         ``"pallas_triton"``.
     """
 

@@ -189,8 +189,9 @@ def prefill(model: Llama, prompts, caches, *, lengths=None, chunk_size: int = 25
 
     ``compression`` (a ``KVCompressionConfig`` with a policy): the caches are budget-sized
     (``generate_long.compressed_caches``: each layer's budget is its capacity minus ``slack``) and the prompt
-    is compressed *while* it goes through: with ``"model"`` each layer's k/v stream into its cache ``slack``
-    tokens at a time after the one-pass attention (``kvcache.compress_prompt``), with ``"cache"`` every chunk
+    is compressed *while* it goes through: with ``"model"`` each layer's k/v go into its cache right after the
+    one-pass attention, SnapKV's at once (``kvcache.snapkv_once``, the published protocol), the other
+    policies' streamed ``slack`` tokens at a time (``kvcache.compress_prompt``); with ``"cache"`` every chunk
     evicts before it is appended (``kvcache.step``). Either way no cache ever holds more than budget + slack
     slots. ``memory_limit``: bytes the prefill may plan (``models.memory.inference_memory``); default the
     device's limit where it reports one (not on CPU), 0: no check. A prompt that does not fit is refused

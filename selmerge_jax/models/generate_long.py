@@ -5,7 +5,7 @@ Every class here is a frozen, hashable ``cache_fn`` (a static argument of the co
 
 * :class:`CompressedPromptAttention`: the prompt attends to itself through ``layers.attend``
   (select-and-merge or dense flash), then its k/v go into the layer's budget-sized cache: SnapKV at once, as
-  published (``kvcache.snapkv_once``, :func:`one_shot`), the other policies streamed ``slack`` tokens at a
+  published (``kvcache.snapkv_once``, ``kvcache.one_shot``), the other policies streamed ``slack`` tokens at a
   time (``kvcache.compress_prompt``). Either way the cache never holds more than ``budget + slack`` slots,
   whatever the prompt.
 * :class:`CompressedStep`: ``kvcache.step`` (make room, append, attend over the cache, observe): the chunked
@@ -33,7 +33,7 @@ from selmerge_jax.validation import fail
 
 __all__ = ["PROMPT_ONLY_POLICIES", "CompressedPromptAttention", "CompressedStep", "SelectiveDecode",
            "check_compression", "check_memory", "compressed_caches", "decode_cache_fn", "decode_compression",
-           "device_memory_limit", "one_shot", "with_selection"]
+           "device_memory_limit", "with_selection"]
 
 
 def _budget(cache, config: KVCompressionConfig) -> int:
@@ -55,21 +55,12 @@ class CompressedPromptAttention:
     def __call__(self, cache, q, k, v, positions, *, window=None):
         out = attend(q, k, v, positions, self.spec)
         budget = _budget(cache, self.config)
-        if one_shot(self.config):
+        if kvcache.one_shot(self.config):
             cache = kvcache.snapkv_once(cache, self.config, q, k, v, positions, budget=budget, window=window)
             return out, cache
         cache = kvcache.compress_prompt(cache, self.config, q, k, v, positions, chunk=self.config.slack,
                                         budget=budget, window=window)
         return out, cache
-
-
-def one_shot(config: KVCompressionConfig) -> bool:
-    """Whether a one-pass prefill compresses the prompt at once (``kvcache.snapkv_once``: SnapKV as published,
-    the prompt's last ``obs_window`` queries voting over every key) rather than streaming it ``slack`` tokens
-    at a time (``kvcache.compress_prompt``): SnapKV without merging or summary slots (those read every
-    evicted K/V). At 512K tokens the streaming cost more than the MS attention itself (29.0 s against a
-    13.6 s full-cache prefill, ``experiments/results/inference_h200``)."""
-    return config.policy == "snapkv" and config.merge == "none" and not config.summary_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +140,9 @@ def decode_compression(compression: KVCompressionConfig | None, caches, steps: i
     tokens: neither reads anything a decode step observes. So when every cache has ``steps`` free slots
     (no compression can fire before the decode ends) their decode is the model's plain step over the
     compressed cache: the same outputs without the per-step scoring (``kvcache.step``'s ``lax.cond`` and
-    the window-vote update; ~7 ms of a 22 ms step at the 8B shape, ``experiments/results/inference_h200``).
-    Their votes stay the prompt's. Other policies (H2O, TOVA) accumulate what decode steps see, and a cache
+    the window-vote update). Their votes stay the prompt's, so a later decode call that does compress ranks
+    by the prompt's window (SnapKV's own choice), where one long scoring decode would have ranked by its
+    latest queries: split a generation into calls only where that difference is wanted. Other policies (H2O, TOVA) accumulate what decode steps see, and a cache
     without room compresses as it goes: both keep ``compression``. Reads each cache's write cursor (one small
     device read per decode call); traced caches keep ``compression``."""
     if compression is None or compression.policy not in PROMPT_ONLY_POLICIES:

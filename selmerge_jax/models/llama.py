@@ -33,7 +33,7 @@ from selmerge_jax import kvcache
 from selmerge_jax.layers.attention import attend
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.positional import RotaryPositions, make_position_fn
-from selmerge_jax.validation import check_int
+from selmerge_jax.validation import check_int, fail
 
 __all__ = [
     "MLP",
@@ -277,6 +277,9 @@ class Llama(nnx.Module):
             raise ValueError(f"positions must be int [B={b}, T={t}], got shape {shape}")
         x = self.embed_tokens(tokens)
         if caches is None:
+            if layers is not None:
+                fail("layers", type(layers).__name__, "None without caches (the scanned forward reads the "
+                     "stacked weights; layer_states serves a loop of cached calls)")
             return self.norm(self._scan_layers(x, positions, segment_ids)), None
         if len(caches) != self.config.num_layers:
             raise ValueError("caches must hold one KVCache per layer "

@@ -36,7 +36,7 @@ closed form.
 import dataclasses
 
 from selmerge_jax.kvcache.config import KVCompressionConfig
-from selmerge_jax.kvcache.prefill import scored_rows
+from selmerge_jax.kvcache.prefill import KEY_CHUNK, one_shot, scored_rows
 from selmerge_jax.models.config import ModelConfig
 from selmerge_jax.models.llama import MLP_CHUNK
 from selmerge_jax.validation import check_choice, check_int
@@ -214,8 +214,9 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
                      compression: KVCompressionConfig | None = None, prefill: str = "model",
                      chunk: int = 256) -> InferenceMemory:
     """The estimate for prefilling ``batch`` prompts of ``prompt_len`` tokens, then ``new_tokens`` decode
-    steps. ``compression`` (a policy other than ``"none"``): budget-sized caches, the prompt streamed into
-    them ``slack`` tokens at a time; ``prefill="model"``: one pass with the model's attention (MS or dense
+    steps. ``compression`` (a policy other than ``"none"``): budget-sized caches, each layer's prompt
+    compressed at once (``kvcache.one_shot``: SnapKV) or streamed into them ``slack`` tokens at a time;
+    ``prefill="model"``: one pass with the model's attention (MS or dense
     flash), ``"cache"``: ``chunk`` tokens at a time attending over the cache."""
     check_int("batch", batch, 1)
     check_int("prompt_len", prompt_len, 1)
@@ -241,7 +242,11 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
             regions = -(-prompt_len // config.ms.block_size)
             heads = kv if config.ms.selection_heads == "kv" else n
             working += batch * heads * regions * regions * 4
-        if compression is not None:  # the scored queries' probabilities over budget + chunk slots
+        if compression is not None and one_shot(compression):
+            # snapkv_once: float32 [B, K, T] votes and their ranking, one key chunk of the window's logits
+            window_rows = batch * n * compression.obs_window
+            working += 4 * batch * kv * prompt_len * 4 + 3 * window_rows * min(prompt_len, KEY_CHUNK) * 4
+        elif compression is not None:  # the scored queries' probabilities over budget + chunk slots
             rows = scored_rows(compression, compression.slack)
             working += 3 * batch * n * rows * slots * 4
     else:
@@ -249,7 +254,7 @@ def inference_memory(config: ModelConfig, *, batch: int, prompt_len: int, new_to
         working = batch * c * (2 * d + 2 * n * h + 2 * kv * h + 3 * f) * abytes
         working += 3 * batch * n * c * slots * 4  # logits, probabilities, their product's operand
     logits = 2 * batch * config.vocab_size * 4
-    decode = layer * config.num_layers * _BYTES[config.param_dtype] if new_tokens > 1 else 0
+    decode = layer * config.num_layers * _BYTES[config.param_dtype]  # a decode follows the prefill
     return InferenceMemory(weights=weights, cache=cache, activations=int(working), logits=logits,
                            decode=decode)
 
