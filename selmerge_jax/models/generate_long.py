@@ -142,9 +142,10 @@ def decode_compression(compression: KVCompressionConfig | None, caches, steps: i
     compressed cache: the same outputs without the per-step scoring (``kvcache.step``'s ``lax.cond`` and
     the window-vote update). Their votes stay the prompt's, so a later decode call that does compress ranks
     by the prompt's window (SnapKV's own choice), where one long scoring decode would have ranked by its
-    latest queries: split a generation into calls only where that difference is wanted. Other policies (H2O, TOVA) accumulate what decode steps see, and a cache
-    without room compresses as it goes: both keep ``compression``. Reads each cache's write cursor (one small
-    device read per decode call); traced caches keep ``compression``."""
+    latest queries: split a generation into calls only where that difference is wanted. Other policies
+    (H2O, TOVA) accumulate what decode steps see, and a cache without room compresses as it goes: both keep
+    ``compression``. Reads each cache's write cursor (one small device read per decode call); traced caches
+    keep ``compression``."""
     if compression is None or compression.policy not in PROMPT_ONLY_POLICIES:
         return compression
     try:
