@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_walk import equations
 
 from selmerge_jax.kvcache import cache as kc
 from selmerge_jax.kvcache import policies as kp
@@ -144,16 +145,8 @@ def test_bad_inputs_name_the_argument():
 
 def _largest_intermediate(f, *args) -> int:
     """Elements of the largest value any equation of ``f``'s jaxpr (loop bodies included) produces."""
-    def sizes(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield from (int(np.prod(x.aval.shape)) for x in eqn.outvars)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from sizes(inner)
-
-    return max(sizes(jax.make_jaxpr(f)(*args).jaxpr))
+    jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+    return max(int(np.prod(x.aval.shape)) for eqn in equations(jaxpr) for x in eqn.outvars)
 
 
 def test_window_probabilities_are_never_built_over_the_whole_prompt():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jaxpr_walk import equations
 
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.layers import AttentionLayerConfig, MSAttention
@@ -218,15 +219,7 @@ def test_an_ms_config_covering_every_region_says_it_is_dense():
 
 def _count(jaxpr, primitive: str) -> int:
     """Equations of ``primitive`` in a jaxpr and in every jaxpr nested in it (scan bodies, remat, rules)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == primitive
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _count(inner, primitive)
-    return n
+    return sum(eqn.primitive.name == primitive for eqn in equations(jaxpr))
 
 
 @pytest.mark.parametrize("attention", ["dense", "ms"])

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from jaxpr_walk import equations
 from test_ring import make_mesh
 
 from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
@@ -84,13 +85,7 @@ def test_decode_refuses_group_selection():
 
 def _avals(jaxpr):
     """Every intermediate's shape in a jaxpr, sub-jaxprs (lax.map's scan, top_k's pieces) included."""
-    for eqn in jaxpr.eqns:
-        yield from (v.aval.shape for v in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _avals(inner)
+    return (v.aval.shape for eqn in equations(jaxpr) for v in eqn.outvars)
 
 
 def test_selection_at_scale_builds_no_regions_by_regions_array():
