@@ -82,6 +82,10 @@ def test_bad_input_is_named():
         selective_decode_reference(q, k, v, pos, count, blocks[0], q_pos, block=w)
     with pytest.raises(ValueError, match="q_pos"):
         selective_decode_reference(q, k, v, pos, count, blocks, q_pos[:1], block=w)
+    with pytest.raises(ValueError, match=r"blocks\.dtype"):
+        selective_decode_reference(q, k, v, pos, count, blocks.astype(jnp.float32), q_pos, block=w)
+    with pytest.raises(ValueError, match=r"k\.dtype"):
+        selective_decode_reference(q, k.astype(jnp.int32), v, pos, count, blocks, q_pos, block=w)
     with pytest.raises(ValueError, match="implementation"):
         sd.selective_decode(q, k, v, pos, count, blocks, q_pos, block=w, implementation="cuda")
     with pytest.raises(ValueError, match="kernel"):

@@ -36,6 +36,12 @@ def check_decode_inputs(q, k, v, pos, count, blocks, q_pos, block: int) -> None:
         fail("blocks", blocks.shape, f"[B={b}, K={kh}, M]")
     if jnp.shape(q_pos) != (b,):
         fail("q_pos", jnp.shape(q_pos), f"[B={b}]")
+    for name, x, kind in (("q", q, jnp.floating), ("k", k, jnp.floating), ("count", count, jnp.floating),
+                          ("pos", pos, jnp.integer), ("blocks", blocks, jnp.integer),
+                          ("q_pos", q_pos, jnp.integer)):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, kind):
+            fail(f"{name}.dtype", jnp.asarray(x).dtype, "a float dtype" if kind is jnp.floating
+                 else "an integer dtype")
 
 
 def selective_decode_reference(q, k, v, pos, count, blocks, q_pos, *, block: int, scale: float | None = None):
