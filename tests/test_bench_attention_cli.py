@@ -37,3 +37,15 @@ def test_documented_invocations_parse():
     args = bench.parse_args(["--specs", "h100_64k", "--impls", "pallas_mosaic_gpu", "--mosaic-sweep",
                              '[{}, {"stages": 3}]'])
     assert args.impls == ["pallas_mosaic_gpu"] and args.mosaic_sweep == '[{}, {"stages": 3}]'
+
+
+def test_ratio_rows_divide_by_the_peers_of_the_same_spec_and_mode():
+    rows = [{"spec": "s", "mode": "fwd", "impl": "pallas_mosaic_gpu", "tflops_useful": 500.0, "ms": 2.0},
+            {"spec": "s", "mode": "fwd", "impl": "cudnn_dense", "tflops_useful": 625.0, "ms": 30.0},
+            {"spec": "s", "mode": "fwd", "impl": "flex_attention", "tflops_useful": 400.0, "ms": 2.5},
+            {"spec": "s", "mode": "fwdbwd", "impl": "pallas_mosaic_gpu", "tflops_useful": 300.0, "ms": 9.0},
+            {"spec": "s", "mode": "fwd", "impl": "flex_attention", "error": "no GPU"}]
+    fwd, fwdbwd = bench.ratio_rows(rows)
+    assert fwd["tflops_vs_cudnn_dense"] == 0.8 and fwd["tflops_vs_flex_attention"] == 1.25
+    assert fwd["flex_attention_ms"] == 2.5 and fwd["cudnn_dense_tflops"] == 625.0
+    assert fwdbwd["mode"] == "fwdbwd" and "tflops_vs_cudnn_dense" not in fwdbwd

@@ -10,7 +10,7 @@ from jaxpr_walk import equations
 from test_ring import make_mesh
 
 from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
-from selmerge_jax.attention.selection import decode_plan_rows, query_summaries
+from selmerge_jax.attention.selection import SCORE_BYTES, decode_plan_rows, query_summaries
 from selmerge_jax.kvcache import append, init_cache
 from selmerge_jax.kvcache.query_select import attend_plan_row, ms_plan_rows
 from selmerge_jax.sharding.ring_ms import shard_plan_rows
@@ -88,17 +88,31 @@ def _avals(jaxpr):
     return (v.aval.shape for eqn in equations(jaxpr) for v in eqn.outvars)
 
 
-def test_selection_at_scale_builds_no_regions_by_regions_array():
-    """R = 4096 regions (64K tokens of W = 16): no intermediate has two R-sized axes (selection walks the
-    query groups with lax.map), and the compiled temporaries (1.3 MiB; 128 MiB with selection_batch=2048)
-    stay far below one R x R float32 matrix (64 MiB)."""
-    config = MSAttentionConfig(block_size=16, top_k=8, merge=2, selection_source="previous",
-                               selection_heads="kv")
-    r = 4096
-    q = jax.ShapeDtypeStruct((1, r * 16, 2, 8), jnp.float32)
-    k = jax.ShapeDtypeStruct((1, r * 16, 1, 8), jnp.float32)
+def _selection_temp(config, r, block, q_heads, kv_heads, head_dim=8):
+    q = jax.ShapeDtypeStruct((1, r * block, q_heads, head_dim), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, r * block, kv_heads, head_dim), jnp.float32)
     fn = lambda q, k: select_regions(q, k, config).kv_regions
     shapes = list(_avals(jax.make_jaxpr(fn)(q, k).jaxpr))
+    return shapes, jax.jit(fn).lower(q, k).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_selection_at_scale_builds_no_regions_by_regions_array():
+    """R = 4096 regions (64K tokens of W = 16) with 16 groups a step: no intermediate has two R-sized axes
+    (selection walks the query groups in chunks), and the compiled temporaries stay far below one R x R
+    float32 matrix (64 MiB)."""
+    config = MSAttentionConfig(block_size=16, top_k=8, merge=2, selection_source="previous",
+                               selection_heads="kv", selection_batch=16)
+    r = 4096
+    shapes, temp = _selection_temp(config, r, 16, 2, 1)
     assert shapes and not [s for s in shapes if sum(d >= r for d in s) >= 2]
-    temp = jax.jit(fn).lower(q, k).compile().memory_analysis().temp_size_in_bytes
     assert temp < r * r * 4 / 16, temp
+
+
+def test_selection_at_1m_stays_within_its_score_budget():
+    """The default chunking at 1M tokens (R = 8192 regions of 128, 8 kv heads): a step's scores are at most
+    ``SCORE_BYTES``, so the temporaries are a few of those, far below the 2 GiB score matrix of the layer."""
+    config = MSAttentionConfig(block_size=128, top_k=17, selection_source="previous", selection_heads="kv")
+    r, p = 8192, 8
+    shapes, temp = _selection_temp(config, r, 128, 4 * p, p)
+    assert not [s for s in shapes if sum(d >= r for d in s) >= 2], "an R x R intermediate"
+    assert temp <= 3 * SCORE_BYTES < r * r * p * 4, temp

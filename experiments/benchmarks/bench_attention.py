@@ -10,6 +10,13 @@ peak device memory). Examples::
     python experiments/benchmarks/bench_attention.py --specs --ms-layer h100_1m --dense-lens 131072 262144
     python experiments/benchmarks/bench_attention.py --check gpu_check_8k --check-impls pallas_mosaic_gpu \
         --specs h100_64k --impls pallas_mosaic_gpu pallas_triton --mosaic-sweep '[{}, {"stages": 3}]'
+    python experiments/benchmarks/bench_attention.py --specs h100_64k h100_128k --peer-flex  # + FlexAttention
+
+``--peer-flex`` runs PyTorch's FlexAttention on each spec's own plan (``peer_flex_attention.py``, a child
+process started before JAX takes the GPU), and ``kind: ratio`` rows divide the project's useful TF/s by
+cuDNN's and FlexAttention's from the same invocation. ``--ms-layer`` adds a ``kind: selection_share`` row per
+spec: selection's share of the whole op's forward (selection + kernel), each jitted alone, median of
+``--reps``.
 
 Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the tests use the same names).
 """
@@ -17,8 +24,10 @@ Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the test
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -135,6 +144,7 @@ def bench_spec(name, args, tiling, out, mosaic_tiling=None):
     dense = 4.0 * spec.batch * spec.q_heads * spec.seq_len ** 2 * spec.head_dim * 0.5
     base = {"kind": "kernel", **environment(), "spec": name, "shape": spec.__dict__,
             "tiling": tiling.__dict__}
+    rows = []
     for impl, attn in attention_fns(plan, tiling, mosaic_tiling).items():
         if impl not in args.impls or (impl == "xla" and spec.seq_len > args.max_xla_len):
             continue
@@ -147,11 +157,52 @@ def bench_spec(name, args, tiling, out, mosaic_tiling=None):
             if impl == "pallas_mosaic_gpu":
                 record["mosaic_tiling"] = (mosaic_tiling or MosaicTiling()).__dict__
             try:
-                measure(record, fn, fargs,
-                        flops * (1 if mode == "fwd" else BWD_FACTOR), args.reps, args.warmup, out)
+                rows.append(measure(record, fn, fargs, flops * (1 if mode == "fwd" else BWD_FACTOR),
+                                    args.reps, args.warmup, out))
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"},
                      out)
+    return rows
+
+
+def run_flex_peer(names, args, out) -> list[dict]:
+    """FlexAttention rows of each spec, from ``peer_flex_attention.py`` in a child process (PyTorch holds the
+    GPU only while it runs, before JAX takes it)."""
+    rows = []
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_flex_attention.py")
+    for name in names:
+        cmd = [sys.executable, script, "--spec", name, "--modes", *args.modes, "--reps", str(args.reps),
+               "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        for row in got or [{"kind": "kernel", "impl": "flex_attention", "spec": name,
+                            "error": proc.stderr[-1500:]}]:
+            emit(row, out)
+        rows += got
+    return rows
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
+    """Per spec, mode and project kernel: its useful TF/s over cuDNN's (dense causal) and FlexAttention's
+    (same plan) from the same invocation, with the absolute figures beside the ratios."""
+    def key(r):
+        return r.get("spec"), r.get("mode")
+
+    by = {(key(r), r["impl"]): r for r in rows if r.get("tflops_useful")}
+    out = []
+    for (k, impl), r in by.items():
+        if impl in ("cudnn_dense", "flex_attention", "xla"):
+            continue
+        row = {"kind": "ratio", "spec": k[0], "mode": k[1], "impl": impl, "tflops_useful": r["tflops_useful"],
+               "ms": r["ms"], "device": r.get("device")}
+        for peer in ("cudnn_dense", "flex_attention"):
+            other = by.get((k, peer))
+            if other:
+                row[f"{peer}_tflops"] = other["tflops_useful"]
+                row[f"{peer}_ms"] = other["ms"]
+                row[f"tflops_vs_{peer}"] = round(r["tflops_useful"] / other["tflops_useful"], 3)
+        out.append(row)
+    return out
 
 
 def bench_mosaic_parts(name, args, out, mosaic_tiling):
@@ -316,11 +367,17 @@ def bench_ms_layer(name, args, tiling, out):
     # then outlive the backward (8 GiB at 1M), so its peak is not the layer's.
     grads = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
     select = jax.jit(lambda q, k: select_regions(q, k, cfg).kv_regions)
+    ms = {}
     for mode, fn, fargs, f in (("selection", select, (q, k), None), ("fwd", fwd, (q, k, v), flops),
                                ("fwdbwd", fb, (q, k, v, do), flops * BWD_FACTOR),
                                ("grads", grads, (q, k, v, do), flops * BWD_FACTOR)):
         if mode in args.layer_modes:
-            measure({**base, "impl": label, "mode": mode}, fn, fargs, f, max(args.reps // 2, 3), 1, out)
+            reps = args.reps if mode == "selection" else max(args.reps // 2, 3)
+            ms[mode] = measure({**base, "impl": label, "mode": mode}, fn, fargs, f, reps, 1, out)["ms"]
+    if "selection" in ms and "fwd" in ms:
+        emit({"kind": "selection_share", **environment(), "spec": name, "impl": label,
+              "selection_ms": ms["selection"], "op_fwd_ms": ms["fwd"],
+              "selection_share": round(ms["selection"] / ms["fwd"], 4)}, out)
 
 
 def bench_dense(seq_lens, args, out):
@@ -412,7 +469,8 @@ def parser() -> argparse.ArgumentParser:
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
     ap.add_argument("--layer-modes", nargs="+", default=["selection", "fwd", "fwdbwd", "grads"],
                     choices=["selection", "fwd", "fwdbwd", "grads"])
-    ap.add_argument("--selection-batch", type=_int_at_least(1), default=64)
+    ap.add_argument("--selection-batch", type=_int_at_least(1), default=None,
+                    help="query groups a selection step scores (default: the library's score budget)")
     ap.add_argument("--dense-lens", nargs="*", type=_int_at_least(1), default=[])
     ap.add_argument("--tiling", default="{}", type=_json(dict),
                     help='JSON overrides of TritonTiling, e.g. \'{"rows_fwd": 64}\'')
@@ -426,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
                     help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", '
                          '[{}, {"rows_fwd": 256}]]]\'')
     ap.add_argument("--sweep-reps", type=_int_at_least(1), default=5)
+    ap.add_argument("--peer-flex", action="store_true",
+                    help="also time PyTorch FlexAttention on each --specs plan (peer_flex_attention.py)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
     ap.add_argument("--out", default="-")
     return ap
@@ -465,6 +525,8 @@ def checks(names, tiling, out, impls=("pallas_triton",), mosaic_tiling=None):
 
 
 def run(args, tiling, out):
+    # FlexAttention first: its process must have the GPU to itself, before this one's JAX takes it.
+    peer_rows = run_flex_peer(args.specs, args, out) if args.peer_flex else []
     mosaic_tiling = MosaicTiling(**json.loads(args.mosaic_tiling)) if MosaicTiling else None
     # The starting tilings are checked before anything is timed.
     checks(args.check, tiling, out, args.check_impls, mosaic_tiling)
@@ -480,8 +542,11 @@ def run(args, tiling, out):
         if chosen != tiling:  # the tuned tiling is checked too before its timings
             checks(args.check, chosen, out)
         tiling = chosen
+    timed = []
     for name in args.specs:
-        bench_spec(name, args, tiling, out, mosaic_tiling)
+        timed += bench_spec(name, args, tiling, out, mosaic_tiling)
+    for row in ratio_rows(timed + peer_rows):
+        emit(row, out)
     for name in args.mosaic_parts:
         bench_mosaic_parts(name, args, out, mosaic_tiling)
     for name in args.ms_layer:

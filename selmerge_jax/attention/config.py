@@ -35,7 +35,9 @@ class MSAttentionConfig:
       sink: the first ``sink`` regions are always selected when they are candidates.
       centroids: also attend one mean-K/mean-V token per unselected candidate region (logit + log W).
       causal: causal attention (candidates strictly before the group, causal local block).
-      selection_batch: query groups scored per step of the selection loop (memory/speed knob only).
+      selection_batch: query groups scored per step of the selection loop (memory/speed knob only; the
+        plan does not depend on it). ``None``: as many as keep one step's score matrix under
+        ``selection.SCORE_BYTES`` (the causal ``"previous"`` rule; 16 groups for ``"group"``).
       position_mode: where the layer's ``position_fn`` (RoPE) applies: ``"before_selection"`` (rotate q/k,
         then select: fine-tuning a RoPE model), or only on the selected tokens (pre-training ablation):
         ``"selected_original"`` (select on un-rotated q/k, true positions) or ``"selected_compact"``
@@ -50,12 +52,13 @@ class MSAttentionConfig:
     sink: int = 0
     centroids: bool = False
     causal: bool = True
-    selection_batch: int = 16
+    selection_batch: int | None = None
     position_mode: PositionMode = "before_selection"
 
     def __post_init__(self):
-        for name in ("block_size", "top_k", "merge", "selection_batch"):
+        for name in ("block_size", "top_k", "merge"):
             check_positive_int(f"MSAttentionConfig.{name}", getattr(self, name))
+        check_positive_int("MSAttentionConfig.selection_batch", self.selection_batch, allow_none=True)
         if self.top_k < self.merge:
             raise ValueError(f"MSAttentionConfig.top_k={self.top_k} must be >= merge={self.merge} "
                              "(top_k counts the group's own merge regions)")

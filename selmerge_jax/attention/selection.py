@@ -1,7 +1,12 @@
 """Selection: region summaries, correlation scores and the per-group top-k that builds a SelectionPlan.
 
-Scores are computed group by group (``lax.map`` with ``selection_batch`` groups per step), so selection memory
-is O(selection_batch * merge * R) per head and no R x R matrix is ever built: 1M tokens fit.
+Scores are computed a chunk of query groups at a time (``lax.map`` over chunks of ``selection_batch``
+groups), so no R x R matrix is ever built: 1M tokens fit. With the causal ``"previous"`` rule every member of
+a group ranks with the same summary (region gs - 1), so the group's row is one top-k of one score row:
+``_previous_rows`` scores a whole chunk of groups with one matmul and one top-k, the chunk as large as keeps
+its scores under ``SCORE_BYTES`` (a few steps even at 1M; selection was once a loop of small steps costing
+40-50% of the op). ``"group"`` keeps the general rule below (``_group_plan``), ``selection_batch`` groups per
+step.
 
 Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
 ``gs`` (causal) or outside the group (non-causal). Each member region ranks the candidates by the raw dot
@@ -25,10 +30,14 @@ from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.kernels.block_sparse_attention import SelectionPlan
 from selmerge_jax.validation import fail
 
-__all__ = ["decode_plan_rows", "key_summaries", "plan_rows", "query_summaries", "region_summaries",
-           "segment_ranges", "select_regions", "selection_summaries"]
+__all__ = ["SCORE_BYTES", "decode_plan_rows", "key_summaries", "plan_rows", "query_summaries",
+           "region_summaries", "segment_ranges", "select_regions", "selection_summaries"]
 
 _NO_PRIORITY = jnp.iinfo(jnp.int32).max
+# float32 scores one step of the "previous" selection may hold (B * P * groups * R * 4 bytes): 256 MiB is 1/8
+# of the whole score matrix of one 1M-token layer (R = 8192, P = 8) and nothing beside that layer's q/k/v.
+SCORE_BYTES = 256 << 20
+_GROUP_BATCH = 16  # groups per step of the general ("group") rule when selection_batch is None
 
 
 def region_summaries(x, block_size: int, num_valid_tokens: int | None = None, segment_ids=None):
@@ -176,13 +185,64 @@ def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_region
     num_groups = groups.shape[0]
     if config.num_selected == 0:
         return jnp.full((b, p, num_groups, 1), -1, jnp.int32)
+    if config.selection_source == "previous":
+        chunk = config.selection_batch or max(1, SCORE_BYTES // (b * p * r * 4))
+        return _in_chunks(lambda gs: _previous_rows(gs, qbar, kbar, config, segment_ranges), groups, chunk)
     regions = jax.lax.map(
         lambda g: _group_plan(g, qbar, kbar, config, r if num_valid_regions is None else num_valid_regions,
                               segment_ranges),
         groups,
-        batch_size=min(config.selection_batch, num_groups),
+        batch_size=min(config.selection_batch or _GROUP_BATCH, num_groups),
     )  # [Q, B, P, M]
     return jnp.moveaxis(regions, 0, 2)
+
+
+def _in_chunks(rows_of, groups, chunk: int):
+    """``rows_of(groups[i:i + chunk])`` ``[B, P, chunk, M]`` over all groups, concatenated along axis 2.
+
+    One call when everything fits one chunk; else ``lax.map`` over equal chunks, the last one padded by
+    repeating the final group (its rows are computed and dropped).
+    """
+    num_groups = groups.shape[0]
+    if num_groups <= chunk:
+        return rows_of(groups)
+    steps = -(-num_groups // chunk)
+    padded = jnp.concatenate([groups, jnp.broadcast_to(groups[-1:], (steps * chunk - num_groups,))])
+    rows = jax.lax.map(rows_of, padded.reshape(steps, chunk))  # [steps, B, P, chunk, M]
+    rows = jnp.moveaxis(rows, 0, 2)  # [B, P, steps, chunk, M]
+    return rows.reshape(*rows.shape[:2], steps * chunk, rows.shape[-1])[:, :, :num_groups]
+
+
+def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
+    """Rows ``int32 [B, P, C, M]`` of the C ``groups`` under the ``"previous"`` rule: one matmul, one top-k.
+
+    The same rows as ``_group_plan`` with one member: there a group keeps the candidates of smallest priority,
+    forced sinks first, then free candidates by rank; here sinks score +inf and non-candidates -inf, so one
+    ``top_k`` (ties to the lower index, as there) picks the same set.
+    """
+    r, merge = kbar.shape[1], config.merge
+    m = min(config.num_selected, r)
+    start = groups * merge  # [C]
+    src = jnp.take(qbar, jnp.maximum(start - 1, 0), axis=1)  # [B, C, P, H]: region gs - 1
+    j = jnp.arange(r)
+    cand = j < start[:, None]  # [C, R]
+    if not config.causal:
+        cand = cand | (j >= (start + merge)[:, None])
+    cand = cand[None]  # [1 or B, C, R]
+    first = 0  # the region sinks count from
+    if ranges is not None:  # packed documents: only regions sharing a segment with the group
+        lo, hi = ranges  # [B, R]
+        members = jnp.minimum(start[:, None] + jnp.arange(merge), r - 1)  # [C, merge]
+        glo = jnp.take(lo, members, axis=1).min(-1)[:, :, None]  # [B, C, 1]
+        ghi = jnp.take(hi, members, axis=1).max(-1)[:, :, None]
+        cand = cand & (hi[:, None] >= glo) & (lo[:, None] <= ghi)
+        first = (hi[:, None] < glo).sum(-1, keepdims=True)  # regions of earlier documents
+    forced = cand & (j - first < config.sink)
+    scores = jnp.einsum("bcph,brph->bpcr", src, kbar)  # [B, P, C, R], raw dot product
+    scores = jnp.where(forced[:, None], jnp.inf, jnp.where(cand[:, None], scores, -jnp.inf))
+    top, idx = jax.lax.top_k(scores, m)  # ties -> lower index
+    idx = jnp.sort(jnp.where(top == -jnp.inf, r, idx), axis=-1)  # ascending: locality for the kernels
+    return jnp.where(idx == r, -1, idx).astype(jnp.int32)
 
 
 def decode_plan_rows(previous_summary, k, positions, config: MSAttentionConfig):

@@ -1,0 +1,71 @@
+"""The one-matmul ``"previous"`` selection (``selection._previous_rows``) against the general per-group rule
+(``selection._group_plan``, which ranks each member and merges by priority): the same rows for every knob."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.attention.selection import _group_plan, plan_rows, segment_ranges
+
+B, R, P, H = 2, 24, 3, 4
+
+
+def _general_rows(qbar, kbar, groups, config, ranges):
+    rows = jax.lax.map(lambda g: _group_plan(g, qbar, kbar, config, kbar.shape[1], ranges), groups)
+    return jnp.moveaxis(rows, 0, 2)  # [B, P, Q, M]
+
+
+def _summaries(seed, ties):
+    rng = np.random.default_rng(seed)
+    if ties:  # small integers: many equal scores, so the tie rule (lower index first) decides
+        return (jnp.asarray(rng.integers(-1, 2, (B, R, P, H)), jnp.float32),
+                jnp.asarray(rng.integers(-1, 2, (B, R, P, H)), jnp.float32))
+    return (jnp.asarray(rng.normal(size=(B, R, P, H)), jnp.float32),
+            jnp.asarray(rng.normal(size=(B, R, P, H)), jnp.float32))
+
+
+def _packed_ranges(merge, block=4):
+    """Two rows of packed documents: row 0 one document, row 1 documents starting mid-region."""
+    ids = np.zeros((B, R * block), np.int32)
+    for start in (13, 40, 41, 70):
+        ids[1, start:] += 1
+    return segment_ranges(jnp.asarray(ids), block)
+
+
+@pytest.mark.parametrize("causal,merge,sink,packed,ties", [
+    *itertools.product([True], [1, 2, 4], [0, 2], [False, True], [False, True]),
+    (False, 1, 0, False, False), (False, 2, 1, False, True), (False, 4, 2, True, False),
+])
+def test_previous_rows_equal_the_general_rule(causal, merge, sink, packed, ties):
+    config = MSAttentionConfig(block_size=4, top_k=merge * 3, merge=merge, sink=sink, causal=causal,
+                               selection_source="previous", selection_heads="kv")
+    qbar, kbar = _summaries(merge * 10 + sink, ties)
+    ranges = _packed_ranges(merge) if packed else None
+    groups = jnp.arange(R // merge)
+    want = _general_rows(qbar, kbar, groups, config, ranges)
+    got = plan_rows(qbar, kbar, groups, config, segment_ranges=ranges)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("batch", [1, 5, None])
+def test_previous_rows_do_not_depend_on_the_chunking(batch):
+    """Chunks of 1 and 5 groups (the last chunk padded), or one chunk: the same rows, for any group subset."""
+    config = MSAttentionConfig(block_size=4, top_k=5, sink=1, selection_source="previous",
+                               selection_batch=batch)
+    qbar, kbar = _summaries(7, False)
+    groups = jnp.asarray([21, 3, 0, 17, 9, 10, 11])  # a ring shard's or a decode batch's groups, any order
+    want = _general_rows(qbar, kbar, groups, config, None)
+    np.testing.assert_array_equal(plan_rows(qbar, kbar, groups, config), want)
+
+
+def test_a_budget_larger_than_the_candidates_keeps_every_candidate():
+    config = MSAttentionConfig(block_size=4, top_k=40, selection_source="previous")
+    qbar, kbar = _summaries(3, False)
+    rows = np.asarray(plan_rows(qbar, kbar, jnp.arange(R), config))  # M = min(39, R) = 24
+    for g in range(R):
+        np.testing.assert_array_equal(rows[:, :, g, :g], np.broadcast_to(np.arange(g), (B, P, g)))
+        assert (rows[:, :, g, g:] == -1).all()
