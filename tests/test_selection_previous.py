@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmerge_jax.attention import MSAttentionConfig
+from selmerge_jax.attention import MSAttentionConfig, selection
 from selmerge_jax.attention.selection import _group_plan, plan_rows, segment_ranges
 
 B, R, P, H = 2, 24, 3, 4
@@ -69,3 +69,42 @@ def test_a_budget_larger_than_the_candidates_keeps_every_candidate():
     for g in range(R):
         np.testing.assert_array_equal(rows[:, :, g, :g], np.broadcast_to(np.arange(g), (B, P, g)))
         assert (rows[:, :, g, g:] == -1).all()
+
+
+def _scores(kind, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        x = rng.integers(-3, 3, shape).astype(np.float32)
+    else:
+        x = rng.normal(size=shape).astype(np.float32)
+    x[..., 0, :] = -np.inf  # a row with no candidate
+    x[..., 1, ::7] = -np.inf  # sparse candidates
+    x[..., 2, 5:9] = np.inf  # forced sinks
+    x[..., 3, :] = np.where(np.arange(shape[-1]) < 20, x[..., 3, :], -np.inf)  # fewer than k in one tile
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("columns,k", [(64, 16), (1024, 16), (128 * 32, 16), (128 * 40, 5), (4096, 24)])
+def test_top_k_rounds_equal_lax_top_k(kind, columns, k):
+    """Values and indices (of the entries above -inf), in order: rounds (few columns) and the tile filter
+    (>= 2k tiles of 128); ties, -inf rows, +inf entries and candidates confined to one tile included."""
+    scores = _scores(kind, (2, 6, columns), seed=columns + k)
+    want_v, want_i = jax.lax.top_k(scores, k)
+    got_v, got_i = jax.jit(lambda s: selection._top_k_rounds(s, k))(scores)  # what a GPU runs
+    np.testing.assert_array_equal(got_v, want_v)
+    real = np.asarray(want_v) > -np.inf  # which -inf entry fills a short row is not specified
+    np.testing.assert_array_equal(np.where(real, got_i, -1), np.where(real, want_i, -1))
+
+
+def test_previous_rows_with_the_tile_filter_equal_the_general_rule(monkeypatch):
+    """R = 4096 regions, the GPU's top-k (here on the CPU): through the tile filter, the per-group rows."""
+    monkeypatch.setattr(selection, "_top_k", selection._top_k_rounds)
+    r = 4096
+    rng = np.random.default_rng(5)
+    qbar = jnp.asarray(rng.integers(-2, 3, (1, r, 2, 4)), jnp.float32)  # integer summaries: many ties
+    kbar = jnp.asarray(rng.integers(-2, 3, (1, r, 2, 4)), jnp.float32)
+    config = MSAttentionConfig(block_size=4, top_k=17, sink=1, selection_source="previous")
+    groups = jnp.asarray([0, 1, 17, 129, 2048, 4000, 4095])
+    want = _general_rows(qbar, kbar, groups, config, None)
+    np.testing.assert_array_equal(jax.jit(lambda q, k: plan_rows(q, k, groups, config))(qbar, kbar), want)

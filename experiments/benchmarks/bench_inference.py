@@ -221,7 +221,8 @@ def run_cell(args, weights: dict, row: dict) -> tuple[dict, np.ndarray]:
 
     row.update(prefill_s=round(ttft, 3), ttft_s=round(ttft, 3),
                prefill_tokens_per_s=round(batch * seq_len / ttft, 1),
-               cache_gb=round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3))
+               cache_gb=round(sum(kvcache.nbytes(c) for c in caches) / 2**30, 3),
+               peak_gb_after_prefill=_peak_gb())  # the process's peak so far: the prefill's in a 1-cell run
     kept = np.asarray(logits, np.float32)
     start = jnp.full((batch,), seq_len, jnp.int32)
     sel = None if variant == "dense" else selection(args, caches[0].capacity)
