@@ -39,6 +39,7 @@ _NO_PRIORITY = jnp.iinfo(jnp.int32).max
 SCORE_BYTES = 256 << 20
 _GROUP_BATCH = 16  # groups per step of the general ("group") rule when selection_batch is None
 _ROUNDS_TOP_K = 24  # top-k by rounds of argmax up to this k (measured at 16); lax.top_k above
+_ROUNDS_MIN_COLUMNS = 1024  # shorter rows: lax.top_k (rounds were 2.5x faster at 1024, 2x slower at 128)
 _TILE = 128  # columns per tile of the top-k's tile filter
 
 
@@ -217,8 +218,9 @@ def _in_chunks(rows_of, groups, chunk: int):
 
 def _top_k(scores, k: int):
     """``lax.top_k`` along the last axis (the ``k`` largest, ties to the lower index); on a GPU, for small
-    ``k``, :func:`_top_k_rounds` (``lax.top_k`` is a sort of every row there; on a CPU it is the faster)."""
-    if k > _ROUNDS_TOP_K:
+    ``k`` and long rows, :func:`_top_k_rounds` (``lax.top_k`` is a sort of every row there; on a CPU it is
+    the faster, and on a GPU at 128 columns: 0.16 ms against 0.34 for a 16K-token layer's selection)."""
+    if k > _ROUNDS_TOP_K or scores.shape[-1] < _ROUNDS_MIN_COLUMNS:
         return jax.lax.top_k(scores, k)
     rounds = lambda s: tuple(_top_k_rounds(s, k))
     return jax.lax.platform_dependent(scores, cuda=rounds, rocm=rounds,
