@@ -237,8 +237,8 @@ def _top_k_rounds(scores, k: int):
     first: the k best elements lie in the k tiles of ``_TILE`` columns whose maxima rank best (a tile outside
     them has k tiles ranking before it, each holding an element that ranks before all of its own), so only
     those tiles, kept in column order so that ties still go to the lower index, go through the rounds. H200,
-    8 x 1024 rows, k = 16: 5.56 ms (lax.top_k) vs 1.66 ms (rounds) at 8,192 columns; 0.98 vs 0.38 at 1,024
-    (``experiments/benchmarks/bench_topk.py``).
+    8 x 1024 rows, k = 16, 8,192 columns: 5.75 ms (lax.top_k), 1.66 (rounds), 0.72 (tile filter + rounds);
+    1,024 columns: 1.07 vs 0.42 (``experiments/benchmarks/bench_topk.py``, results R38).
     """
     # -inf entries become the lowest finite value, so that a taken entry (masked to -inf) never ties with
     # an untaken one and no index is taken twice.
