@@ -176,21 +176,3 @@ def test_prefill_bad_inputs_name_the_value():
                              budget=6)
     with pytest.raises(ValueError, match="positions"):
         kp.observe(cache, jnp.zeros((1, K, G, 8, 32)), SNAP)
-
-
-@pytest.mark.parametrize("kind", ["normal", "ties", "inf"])
-@pytest.mark.parametrize("r,k", [(4096, 32), (1024, 16), (256, 64), (384, 1)])
-def test_two_stage_block_top_k_equals_lax_top_k(kind, r, k):
-    """The GPU's two-stage top-k of decode block selection (run here on the CPU): lax.top_k's indices, in
-    order, ties (to the lower index) and -inf / +inf runs included."""
-    from selmerge_jax.kvcache import query_select
-
-    rng = np.random.default_rng(r + k)
-    x = (rng.integers(-2, 3, (2, 8, r)) if kind == "ties" else rng.normal(size=(2, 8, r))).astype(np.float32)
-    if kind == "inf":
-        x[:, :, 200:] = -np.inf  # fewer than k finite in some rows: the -inf padding order matters too
-        x[:, 0, 3:5] = np.inf
-        x[:, 1, :] = -np.inf
-    score = jnp.asarray(x)
-    got = jax.jit(lambda s: query_select._two_stage_top_indices(s, k))(score)
-    np.testing.assert_array_equal(got, jax.lax.top_k(score, k)[1])

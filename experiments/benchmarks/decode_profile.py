@@ -36,7 +36,6 @@ from flax import nnx
 
 from selmerge_jax import kvcache
 from selmerge_jax.kernels.selective_decode import resolve
-from selmerge_jax.kvcache import query_select
 from selmerge_jax.models import Llama, preset
 from selmerge_jax.models import generate_long as long
 from selmerge_jax.models.generate import SamplingConfig, _decode, decode_step
@@ -57,8 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--top-m", type=int, default=32)
     p.add_argument("--select-kernel", default="auto", choices=("auto", "xla", "pallas_triton"))
-    p.add_argument("--top-k-stages", default="2", help="comma-separated, 1 and/or 2: selective rows with "
-                   "the block top-k in one lax.top_k or two stages (kvcache.query_select.top_indices)")
     p.add_argument("--trace", action="store_true")
     p.add_argument("--tag", default="", help="a label for the row (e.g. the XLA_FLAGS variant)")
     p.add_argument("--out", default=None)
@@ -66,15 +63,12 @@ def parse_args(argv=None):
     args.lengths = tuple(int(x) for x in args.lengths.split(","))
     args.modes = tuple(args.modes.split(","))
     args.loops = tuple(args.loops.split(","))
-    args.top_k_stages = tuple(args.top_k_stages.split(","))
     for name, vals, ok in (("--modes", args.modes, {"dense", "select"}),
-                           ("--loops", args.loops, {"while", "fixed", "fixed_sliced"}),
-                           ("--top-k-stages", args.top_k_stages, {"1", "2"})):
+                           ("--loops", args.loops, {"while", "fixed", "fixed_sliced"})):
         if not set(vals) <= ok:
             p.error(f"{name}={','.join(vals)} not allowed: choose from {sorted(ok)}")
     if args.new < 2:
         p.error(f"--new={args.new}: at least 2 steps")
-    args.top_k_stages = tuple(int(x) for x in args.top_k_stages)
     return args
 
 
@@ -201,14 +195,10 @@ def main(argv=None):
     env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "python": platform.python_version()}
     for t in args.lengths:
-        for mode, loop in ((m, lp) for m in args.modes for lp in args.loops):
-            for stages in (args.top_k_stages if mode == "select" else [2]):
-                if query_select.TWO_STAGE_TOP_K != (stages == 2):
-                    query_select.TWO_STAGE_TOP_K = stages == 2  # read when the step is traced:
-                    jax.clear_caches()  # no trace of the other setting may be reused
+        for mode in args.modes:
+            for loop in args.loops:
                 try:
                     row = run(args, model, t, mode, loop)
-                    row["top_k_stages"] = stages if mode == "select" else None
                 except Exception as e:  # noqa: BLE001 -- one failing cell must not lose the others
                     row = {"bench": "decode_profile", "cache_tokens": t, "mode": mode, "loop": loop,
                            "tag": args.tag, "status": "failed",

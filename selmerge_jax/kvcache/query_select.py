@@ -107,38 +107,8 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
     forced = (region < sink_blocks) | ((region > newest - local_blocks) & (region <= newest))
     score = jnp.where(n > 0, score, -jnp.inf)
     score = jnp.where(forced, jnp.inf, score)
-    return jnp.sort(top_indices(score, top_m), -1).astype(jnp.int32)
-
-
-TWO_STAGE_TOP_K = True  # a switch for A/B timing (decode_profile.py --top-k-stages)
-_TILE = 128
-
-
-def top_indices(score, k: int):
-    """Indices of the ``k`` largest along the last axis, as ``lax.top_k`` gives them (ties to the lower
-    index).
-
-    On a GPU, with rows of 2+ tiles of 128 and ``k <= 64``: the top ``k`` of each tile, then the top ``k`` of
-    those (exact: an element of the row's top k is in its tile's top k; the candidates are tile by tile, each
-    tile's in rank order, so ties still go to the lower index): two small sorts instead of one sort of the
-    whole row (a decode step's selection at 512K: R = 4,096 regions, k = 32, one row per kv head and layer).
-    """
-    r = score.shape[-1]
-    if not TWO_STAGE_TOP_K or r % _TILE or r < 2 * _TILE or 2 * k > _TILE:
-        return jax.lax.top_k(score, k)[1]
-
-    two_stage = lambda s: _two_stage_top_indices(s, k)
-    return jax.lax.platform_dependent(score, cuda=two_stage, rocm=two_stage,
-                                      default=lambda s: jax.lax.top_k(s, k)[1])
-
-
-def _two_stage_top_indices(score, k: int):
-    """:func:`top_indices`'s GPU path: ``lax.top_k`` per tile of ``_TILE`` columns, then of the survivors."""
-    *lead, r = score.shape
-    v, i = jax.lax.top_k(score.reshape(*lead, r // _TILE, _TILE), k)  # [..., tiles, k]
-    i = i + (jnp.arange(r // _TILE) * _TILE)[:, None]
-    _, j = jax.lax.top_k(v.reshape(*lead, -1), k)
-    return jnp.take_along_axis(i.reshape(*lead, -1), j, -1)
+    _, idx = jax.lax.top_k(score, top_m)
+    return jnp.sort(idx, -1).astype(jnp.int32)
 
 
 def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, sink_blocks: int = 1,
