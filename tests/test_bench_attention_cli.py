@@ -49,3 +49,15 @@ def test_ratio_rows_divide_by_the_peers_of_the_same_spec_and_mode():
     assert fwd["tflops_vs_cudnn_dense"] == 0.8 and fwd["tflops_vs_flex_attention"] == 1.25
     assert fwd["flex_attention_ms"] == 2.5 and fwd["cudnn_dense_tflops"] == 625.0
     assert fwdbwd["mode"] == "fwdbwd" and "tflops_vs_cudnn_dense" not in fwdbwd
+
+
+def test_selection_inside_times_the_op_and_its_kernel_on_fresh_inputs():
+    from selmerge_jax.attention import MSAttentionConfig
+    from selmerge_jax.kernels.block_sparse_attention.specs import get_spec
+
+    spec = get_spec("tiny_g4_h64_w64")
+    cfg = MSAttentionConfig(block_size=spec.block_size, top_k=spec.selected + 1, selection_heads="kv")
+    row = bench.selection_inside(spec, cfg, "xla", "ms_attention+xla", reps=2)
+    assert row["kind"] == "selection_share_inside" and row["reps"] == 2
+    assert row["op_fwd_ms"] > 0 and row["kernel_fwd_ms"] > 0
+    assert row["selection_share"] == round(1 - row["kernel_fwd_ms"] / row["op_fwd_ms"], 4)

@@ -16,7 +16,7 @@ peak device memory). Examples::
 process started before JAX takes the GPU), and ``kind: ratio`` rows divide the project's useful TF/s by
 cuDNN's and FlexAttention's from the same invocation. ``--ms-layer`` adds a ``kind: selection_share`` row per
 spec: selection's share of the whole op's forward (selection + kernel), each jitted alone, median of
-``--reps``.
+``--reps``; ``--layer-modes inside`` measures it inside the op (``kind: selection_share_inside``).
 
 Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the tests use the same names).
 """
@@ -374,10 +374,38 @@ def bench_ms_layer(name, args, tiling, out):
         if mode in args.layer_modes:
             reps = args.reps if mode == "selection" else max(args.reps // 2, 3)
             ms[mode] = measure({**base, "impl": label, "mode": mode}, fn, fargs, f, reps, 1, out)["ms"]
+    if "inside" in args.layer_modes:
+        emit({**base, **selection_inside(spec, cfg, impl, label, args.reps)}, out)
     if "selection" in ms and "fwd" in ms:
         emit({"kind": "selection_share", **environment(), "spec": name, "impl": label,
               "selection_ms": ms["selection"], "op_fwd_ms": ms["fwd"],
               "selection_share": round(ms["selection"] / ms["fwd"], 4)}, out)
+
+
+def selection_inside(spec, cfg, impl, label, reps: int) -> dict:
+    """Selection's share measured inside the op: the whole forward (one jitted call, selection inside) against
+    the kernel alone on the plan that call builds, on fresh inputs at every repetition (drawn, and the plan
+    built, outside the timed calls), so no repetition reuses another's data or plan."""
+    from selmerge_jax.attention import ms_attention, select_regions
+    from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention
+
+    whole = jax.jit(lambda q, k, v: ms_attention(q, k, v, cfg, implementation=impl))
+    kernel = jax.jit(lambda q, k, v, plan: block_sparse_attention(q, k, v, plan, implementation=impl))
+    select = jax.jit(lambda q, k: select_regions(q, k, cfg))
+    draw = jax.jit(lambda key: spec.make_inputs(key)[:3])
+    times = {"whole": [], "kernel": []}
+    for i in range(reps + 1):  # the first draw warms both executables up
+        q, k, v = jax.block_until_ready(draw(jax.random.PRNGKey(100 + i)))
+        plan = jax.block_until_ready(select(q, k))
+        for name, fn, fargs in (("whole", whole, (q, k, v)), ("kernel", kernel, (q, k, v, plan))):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*fargs))
+            if i:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    whole_ms, kernel_ms = (statistics.median(times[n]) for n in ("whole", "kernel"))
+    return {"kind": "selection_share_inside", "impl": label, "mode": "fwd", "reps": reps,
+            "op_fwd_ms": round(whole_ms, 4), "kernel_fwd_ms": round(kernel_ms, 4),
+            "selection_share": round(1.0 - kernel_ms / whole_ms, 4)}
 
 
 def bench_dense(seq_lens, args, out):
@@ -468,7 +496,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
                     help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
     ap.add_argument("--layer-modes", nargs="+", default=["selection", "fwd", "fwdbwd", "grads"],
-                    choices=["selection", "fwd", "fwdbwd", "grads"])
+                    choices=["selection", "fwd", "fwdbwd", "grads", "inside"],
+                    help="inside: selection's share within one jitted forward, fresh inputs each repetition")
     ap.add_argument("--selection-batch", type=_int_at_least(1), default=None,
                     help="query groups a selection step scores (default: the library's score budget)")
     ap.add_argument("--dense-lens", nargs="*", type=_int_at_least(1), default=[])
