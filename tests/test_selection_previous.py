@@ -108,3 +108,15 @@ def test_previous_rows_with_the_tile_filter_equal_the_general_rule(monkeypatch):
     groups = jnp.asarray([0, 1, 17, 129, 2048, 4000, 4095])
     want = _general_rows(qbar, kbar, groups, config, None)
     np.testing.assert_array_equal(jax.jit(lambda q, k: plan_rows(q, k, groups, config))(qbar, kbar), want)
+
+
+def test_a_last_group_past_the_regions_keeps_the_window_inside_like_the_general_rule():
+    """R = 22 regions, merge 4: the last group's window would end past R; both rules clamp it inside."""
+    qbar, kbar = (x[:, :22] for x in _summaries(11, False))
+    ids = np.zeros((B, 22), np.int32)
+    ids[1, 20:] = 1  # row 1: a document starting at region 20, inside the clamped window [18, 22) only
+    ranges = (jnp.asarray(ids), jnp.asarray(ids))
+    config = MSAttentionConfig(block_size=4, top_k=12, merge=4, sink=1, selection_source="previous")
+    groups = jnp.arange(6)  # group 5 starts at region 20
+    want = _general_rows(qbar, kbar, groups, config, ranges)
+    np.testing.assert_array_equal(plan_rows(qbar, kbar, groups, config, segment_ranges=ranges), want)

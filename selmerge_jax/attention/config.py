@@ -37,7 +37,7 @@ class MSAttentionConfig:
       causal: causal attention (candidates strictly before the group, causal local block).
       selection_batch: query groups scored per step of the selection loop (memory/speed knob only; the
         plan does not depend on it). ``None``: as many as keep one step's score matrix under
-        ``selection.SCORE_BYTES`` (the causal ``"previous"`` rule; 16 groups for ``"group"``).
+        ``selection.SCORE_BYTES`` (the ``"previous"`` rule; 16 groups for ``"group"``).
       position_mode: where the layer's ``position_fn`` (RoPE) applies: ``"before_selection"`` (rotate q/k,
         then select: fine-tuning a RoPE model), or only on the selected tokens (pre-training ablation):
         ``"selected_original"`` (select on un-rotated q/k, true positions) or ``"selected_compact"``

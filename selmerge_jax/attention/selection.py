@@ -1,12 +1,12 @@
 """Selection: region summaries, correlation scores and the per-group top-k that builds a SelectionPlan.
 
-Scores are computed a chunk of query groups at a time (``lax.map`` over chunks of ``selection_batch``
-groups), so no R x R matrix is ever built: 1M tokens fit. With the causal ``"previous"`` rule every member of
-a group ranks with the same summary (region gs - 1), so the group's row is one top-k of one score row:
+Scores are computed a chunk of query groups at a time (one call, or ``lax.map`` over chunks), so no R x R
+matrix is ever built: 1M tokens fit. With the ``"previous"`` rule (causal or not) every member of a group
+ranks with the same summary (region gs - 1), so the group's row is one top-k of one score row:
 ``_previous_rows`` scores a whole chunk of groups with one matmul and one top-k, the chunk as large as keeps
-its scores under ``SCORE_BYTES`` (a few steps even at 1M; selection was once a loop of small steps costing
-40-50% of the op). ``"group"`` keeps the general rule below (``_group_plan``), ``selection_batch`` groups per
-step.
+its scores under ``SCORE_BYTES`` unless ``selection_batch`` fixes it (a few steps even at 1M; selection was
+once a loop of small steps costing 40-50% of the op). ``"group"`` keeps the general rule below
+(``_group_plan``), ``selection_batch`` (default 16) groups per step.
 
 Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
 ``gs`` (causal) or outside the group (non-causal). Each member region ranks the candidates by the raw dot
@@ -34,8 +34,9 @@ __all__ = ["SCORE_BYTES", "decode_plan_rows", "key_summaries", "plan_rows", "que
            "region_summaries", "segment_ranges", "select_regions", "selection_summaries"]
 
 _NO_PRIORITY = jnp.iinfo(jnp.int32).max
-# float32 scores one step of the "previous" selection may hold (B * P * groups * R * 4 bytes): 256 MiB is 1/8
-# of the whole score matrix of one 1M-token layer (R = 8192, P = 8) and nothing beside that layer's q/k/v.
+# float32 scores one step of the "previous" selection holds by default (B * P * groups * R * 4 bytes; an
+# explicit selection_batch overrides it): 256 MiB is 1/8 of one 1M-token layer's score matrix (R = 8192,
+# P = 8) and nothing beside that layer's q/k/v.
 SCORE_BYTES = 256 << 20
 _GROUP_BATCH = 16  # groups per step of the general ("group") rule when selection_batch is None
 _ROUNDS_TOP_K = 24  # top-k by rounds of argmax up to this k (measured at 16); lax.top_k above
@@ -229,7 +230,8 @@ def _top_k(scores, k: int):
 
 def _top_k_rounds(scores, k: int):
     """``lax.top_k`` along the last axis (the ``k`` largest, ties to the lower index), faster on a GPU for
-    small ``k``. Where a row has fewer than ``k`` entries
+    small ``k``; the same up to NaN and the sign of zero (``lax.top_k`` ranks +0 above -0, argmax ties them:
+    a row holding both picks another zero first, a tie order only). Where a row has fewer than ``k`` entries
     above -inf, which indices fill it (at value -inf) is not specified: callers drop them. (A finite score
     equal to the dtype's lowest value counts as -inf.)
 
@@ -280,7 +282,7 @@ def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
     r, merge = kbar.shape[1], config.merge
     m = min(config.num_selected, r)
     start = groups * merge  # [C]
-    src = jnp.take(qbar, jnp.maximum(start - 1, 0), axis=1)  # [B, C, P, H]: region gs - 1
+    src = jnp.take(qbar, jnp.maximum(start - 1, 0), axis=1, mode="clip")  # [B, C, P, H]: region gs - 1
     j = jnp.arange(r)
     cand = j < start[:, None]  # [C, R]
     if not config.causal:
@@ -289,7 +291,8 @@ def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
     first = 0  # the region sinks count from
     if ranges is not None:  # packed documents: only regions sharing a segment with the group
         lo, hi = ranges  # [B, R]
-        members = jnp.minimum(start[:, None] + jnp.arange(merge), r - 1)  # [C, merge]
+        # the group's regions, the window kept inside [0, R) as _group_plan's dynamic_slice keeps it
+        members = jnp.clip(start, 0, r - merge)[:, None] + jnp.arange(merge)  # [C, merge]
         glo = jnp.take(lo, members, axis=1).min(-1)[:, :, None]  # [B, C, 1]
         ghi = jnp.take(hi, members, axis=1).max(-1)[:, :, None]
         cand = cand & (hi[:, None] >= glo) & (lo[:, None] <= ghi)
