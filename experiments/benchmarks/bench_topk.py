@@ -13,10 +13,10 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from bench_attention import time_fn  # beside this script
 
 from selmerge_jax.attention import selection
 
@@ -24,14 +24,7 @@ SHAPES = ((1024, 1024), (8192, 1024), (8192, 256))  # (R, C): 128K and 1M tokens
 
 
 def median_ms(fn, *args, reps: int) -> float:
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(times), 3)
+    return round(statistics.median(time_fn(jax.jit(fn), args, reps, warmup=1)), 3)
 
 
 def two_stage(s, k: int, width: int):
