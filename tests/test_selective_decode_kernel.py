@@ -60,6 +60,69 @@ def test_nan_in_empty_slots_and_rows_that_see_nothing():
     _close(got, want)
 
 
+def _centroids(q, rows, r, seed=1, nan_pad=False):
+    """A centroid store of ``rows`` rows over ``r`` blocks (rows past ``r`` empty), some merged counts, some
+    centroids newer than the query."""
+    b, kh, _, h = q.shape
+    ks = jax.random.split(jax.random.key(seed), 3)
+    ck = jax.random.normal(ks[0], (b, kh, rows, h), q.dtype)
+    cv = jax.random.normal(ks[1], (b, kh, rows, h), q.dtype)
+    row = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32), (b, kh, rows))
+    n = jnp.where(row < r, jax.random.randint(ks[2], (b, kh, rows), 0, 40), 0).astype(jnp.float32)
+    cpos = jnp.where(n > 0, row * 32 + 31, -1)
+    if nan_pad:
+        ck, cv = (jnp.where((n == 0)[..., None], jnp.nan, x) for x in (ck, cv))
+    return ck, cv, cpos, n
+
+
+@pytest.mark.parametrize("rows, r", [(16, 16), (384, 300), (1024, 16)])
+def test_kernel_with_centroids_matches_the_reference(rows, r):
+    """The centroid programs (1, 3 and 8 per kv head; tiles of 16 and 128 rows) and the selected blocks in
+    one softmax: the selected blocks' centroids hidden, empty and future centroids unseen, NaN in empty
+    centroid rows harmless."""
+    q, k, v, pos, count, blocks, q_pos, w = _inputs(c=512, w=32, m=4)
+    cent = _centroids(q, rows, r, nan_pad=True)
+    got = interpreted(q, k, v, pos, count, blocks, q_pos, block=w, centroids=cent)
+    want = selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w, centroids=cent)
+    assert np.isfinite(np.asarray(got[0])).all()
+    _close(got, want)
+    alone = selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w)
+    assert np.all(np.asarray(want[1]) > np.asarray(alone[1]))  # the centroids carry mass
+
+
+def test_reference_hides_the_selected_blocks_centroids():
+    """A centroid whose block is selected adds nothing: the same output as with its count set to 0."""
+    q, k, v, pos, count, blocks, q_pos, w = _inputs(c=512, w=32, m=4)
+    ck, cv, cpos, n = _centroids(q, 16, 16)
+    hidden = (jnp.arange(16)[:, None] == blocks[:, :, None, :]).any(-1)
+    a = selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w, centroids=(ck, cv, cpos, n))
+    b = selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
+                                   centroids=(ck, cv, cpos, jnp.where(hidden, 0.0, n)))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_index_is_stored_as_the_kernel_reads_it():
+    """Cache dtype, rows padded to what the kernel tiles (empty: count 0, position -1), the block kept."""
+    from selmerge_jax.kernels.selective_decode.pallas_triton import centroid_tile
+    from selmerge_jax.kvcache.query_select import index_rows
+
+    assert [index_rows(r) for r in (1, 8, 16, 17, 128, 129, 1024, 1025, 4097)] == \
+        [16, 16, 16, 32, 128, 256, 1024, 2048, 5120]
+    assert all(centroid_tile(index_rows(r)) for r in (1, 17, 129, 1025, 4097))
+    assert centroid_tile(24) == 0 and centroid_tile(200) == 0
+    _, k, v, pos, count, _, _, w = _inputs(c=256, w=32)
+    cache = kvcache.KVCache(k=k, v=v, pos=pos, count=count, score=jnp.zeros_like(count),
+                            length=jnp.int32(400), dropped=jnp.int32(0))
+    index = build_index(cache, w)
+    assert index.block == w and index.k_mean.dtype == k.dtype and index.k_mean.shape[2] == 16
+    np.testing.assert_array_equal(np.asarray(index.n[..., 8:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(index.newest[..., 8:]), -1)
+    with pytest.raises(ValueError, match=r"index\.block"):
+        attend_selected(cache, jnp.zeros((2, 1, 8, 32), jnp.bfloat16), jnp.zeros((2, 1), jnp.int32),
+                        block=16, top_m=2, index=index)
+
+
 def test_auto_runs_the_kernel_only_on_a_gpu_and_where_it_tiles():
     assert sd.resolve("auto", (1, 8, 4, 128), 128) == ("pallas_triton" if jax.default_backend() == "gpu"
                                                         else "xla")
@@ -92,12 +155,24 @@ def test_bad_input_is_named():
         kvcache.DecodeSelection(block=8, top_m=2, kernel="triton")
     with pytest.raises(NotImplementedError, match="GPU"):
         selective_decode_triton(q, k, v, pos, count, blocks, q_pos, block=w)  # natively, off a GPU
+    cent = _centroids(q, 16, 16)
+    with pytest.raises(ValueError, match="centroids"):
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w, centroids=cent[:3])
+    with pytest.raises(ValueError, match=r"centroids \(cpos, ccount\)"):
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
+                                   centroids=(*cent[:2], cent[2][..., :8], cent[3]))
+    with pytest.raises(ValueError, match="centroids rows"):  # 16 blocks, 8 centroids
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
+                                   centroids=tuple(x[:, :, :8] for x in cent))
+    with pytest.raises(NotImplementedError, match="centroid stores"):
+        interpreted(q, k, v, pos, count, blocks, q_pos, block=w, centroids=tuple(
+            jnp.concatenate([x, x[:, :, :8]], axis=2) for x in cent))  # 24 rows: no tile
 
 
 @pytest.mark.parametrize("centroids", [True, False])
 def test_attend_selected_through_the_kernel_equals_its_jnp_path(monkeypatch, centroids):
-    """The step's blocks through the kernel, then the centroids merged by log-sum-exp, equal one softmax
-    over the gathered slots and the centroids; a row with an empty cache gives 0 both ways."""
+    """The step's blocks and the other blocks' centroids through one kernel call equal one softmax over the
+    gathered slots and the centroids; a row with an empty cache gives 0 both ways."""
     import selmerge_jax.kvcache.query_select as qs
 
     _, k, v, pos, count, _, _, w = _inputs(b=3, c=256, fill=(200, 97, 0))
@@ -144,3 +219,14 @@ def test_native_attend_selected_with_centroids_equals_its_xla_path():
     got = attend_selected(cache, q, q_positions, kernel="pallas_triton", **kw)
     want = attend_selected(cache, q, q_positions, kernel="xla", **kw)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=0)
+
+
+@pytest.mark.gpu
+def test_native_kernel_with_centroids_matches_the_reference():
+    """The fused step at the 8B decode shape: 32 selected blocks and the centroid store of a 512K cache
+    (4,097 blocks in 5,120 rows: 8 centroid programs per kv head) and of a small one (256 rows)."""
+    args = _inputs(b=2, kh=8, g=4, h=128, c=16384, w=128, m=32, fill=(16000, 9000))
+    for rows, r in ((256, 129), (5120, 4097)):
+        cent = _centroids(args[0], rows, r, nan_pad=True)
+        got = selective_decode_triton(*args[:-1], block=args[-1], centroids=cent)
+        _close(got, selective_decode_reference(*args[:-1], block=args[-1], centroids=cent))

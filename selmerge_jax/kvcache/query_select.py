@@ -50,12 +50,29 @@ def region_summaries(cache: KVCache, block: int):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockIndex:
-    """Region summaries of a cache (the output of :func:`region_summaries`), carried between decode steps."""
+    """Region summaries of a cache (:func:`region_summaries`), carried between decode steps, stored as the
+    decode kernel reads them: the mean key/value in the cache's dtype (a centroid is attended in that dtype
+    anyway; float32 summaries cost a conversion and twice the reads every step) and R' >= R rows, padded
+    (count 0, position -1) to what the kernel tiles (:func:`index_rows`). Row ``r`` is region ``r``."""
 
-    k_mean: jax.Array  # float32 [B, K, R, H]
-    v_mean: jax.Array  # float32 [B, K, R, H]
-    n: jax.Array  # float32 [B, K, R]
-    newest: jax.Array  # int32 [B, K, R]
+    k_mean: jax.Array  # cache dtype [B, K, R', H]
+    v_mean: jax.Array  # cache dtype [B, K, R', H]
+    n: jax.Array  # float32 [B, K, R']
+    newest: jax.Array  # int32 [B, K, R']
+    block: int = dataclasses.field(metadata=dict(static=True), default=0)  # slots per region
+
+    def regions(self, capacity: int) -> int:
+        return capacity // self.block
+
+
+def index_rows(r: int) -> int:
+    """Rows of an index over ``r`` regions: a power of two >= 16 up to 128, then a multiple of 128, and of
+    8 x 128 beyond that, so the decode kernel walks the centroids in tiles of 128 over 8 programs per kv
+    head (``kernels.selective_decode.pallas_triton.centroid_tile``)."""
+    if r <= 128:
+        return max(16, 1 << (r - 1).bit_length())
+    tiles = -(-r // 128)
+    return 128 * (tiles if tiles <= 8 else -(-tiles // 8) * 8)
 
 
 def _fields(index: BlockIndex):
@@ -63,9 +80,20 @@ def _fields(index: BlockIndex):
     return index.k_mean, index.v_mean, index.n, index.newest
 
 
+def _stored(summaries, rows: int, dtype) -> tuple:
+    """``region_summaries``' output as an index stores it: K/V means in ``dtype``, padded to ``rows``."""
+    k_mean, v_mean, n, newest = summaries
+    pad = lambda x, fill: jnp.pad(x, [(0, 0)] * 2 + [(0, rows - x.shape[2])] + [(0, 0)] * (x.ndim - 3),
+                                  constant_values=fill)
+    return pad(k_mean.astype(dtype), 0), pad(v_mean.astype(dtype), 0), pad(n, 0), pad(newest, -1)
+
+
 def build_index(cache: KVCache, block: int) -> BlockIndex:
     """Summaries of every region, from scratch (O(C)): after init, prefill or a compression."""
-    return BlockIndex(*region_summaries(cache, block))
+    summaries = region_summaries(cache, block)
+    rows = index_rows(summaries[2].shape[-1])
+    k_mean, v_mean, n, newest = _stored(summaries, rows, cache.k.dtype)
+    return BlockIndex(k_mean, v_mean, n, newest, block)
 
 
 def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockIndex:
@@ -74,18 +102,26 @@ def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockInde
     The window of regions is static (``ceil((t - 1) / W) + 1``); ``dynamic_slice`` clamps it inside the cache
     and ``dynamic_update_slice`` clamps it the same way, so recomputed and rewritten regions always coincide.
     """
-    c = cache.capacity
-    r = index.n.shape[-1]
-    block = c // r
+    block = index.block
+    r = index.regions(cache.capacity)
     nr = min(r, -(-(t - 1) // block) + 1)
-    r0 = jnp.asarray(start, jnp.int32) // block
+    r0 = jnp.clip(jnp.asarray(start, jnp.int32) // block, 0, r - nr)  # both clamps, made explicit
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, r0 * block, nr * block, axis=2)
     part = KVCache(k=sl(cache.k), v=sl(cache.v), pos=sl(cache.pos), count=sl(cache.count),
                    score=sl(cache.score),
                    length=cache.length, dropped=cache.dropped)
-    fresh = region_summaries(part, block)
+    fresh = _stored(region_summaries(part, block), nr, cache.k.dtype)
     put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), r0, axis=2)
-    return BlockIndex(*(put(d, s) for d, s in zip(_fields(index), fresh, strict=True)))
+    k_mean, v_mean, n, newest = (put(d, s) for d, s in zip(_fields(index), fresh, strict=True))
+    return BlockIndex(k_mean, v_mean, n, newest, block)
+
+
+def _index(cache: KVCache, block: int, index: BlockIndex | None) -> BlockIndex:
+    if index is None:
+        return build_index(cache, block)
+    if index.block != block:
+        fail("index.block", index.block, f"the block the step selects with ({block})")
+    return index
 
 
 def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1,
@@ -98,10 +134,11 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
         fail("top_m", top_m, f"an int in [1, R={r}] (R = C / block)")
     if sink_blocks + local_blocks > top_m:
         raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
-    ks, _, n, _ = region_summaries(cache, block) if index is None else _fields(index)
+    index = _index(cache, block, index)
+    ks, n = index.k_mean[:, :, :r], index.n[..., :r]
     b, t, _nh, h = q.shape
     qs = q.astype(jnp.float32).reshape(b, t, cache.kv_heads, -1, h).mean((1, 3))  # [B, K, H]
-    score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks))
+    score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks.astype(jnp.float32)))
     region = jnp.arange(r)
     newest = (jnp.maximum(cache.length, 1) - 1) // block
     forced = (region < sink_blocks) | ((region > newest - local_blocks) & (region <= newest))
@@ -128,21 +165,24 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     attends its blocks in place with ``kernels.selective_decode`` and merges the centroids into the same
     softmax through its log-sum-exp; ``"auto"``: the kernel on a GPU where it tiles the shapes
     (``kernels.selective_decode.resolve``)."""
+    index = _index(cache, block, index)
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
                             local_blocks=local_blocks, index=index)
     b, t, n_heads, h = q.shape
     kh = cache.kv_heads
-    impl = resolve(kernel, (b, kh, n_heads // kh, h), block, name="kernel")
+    rows = index.n.shape[-1] if centroids else None
+    impl = resolve(kernel, (b, kh, n_heads // kh, h), block, name="kernel", centroid_rows=rows)
+    if impl == "pallas_triton" and t == 1 and not return_probs:
+        return _attend_blocks_in_place(cache, q, q_positions, regions, block, index if centroids else None,
+                                       scale)
     rest = []
     if centroids:
-        ks, vs, n, newest = region_summaries(cache, block) if index is None else _fields(index)
+        ks, vs, n, newest = _fields(index)
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
         # A second segment of one softmax, not a concatenation: the R centroids are read where they are
         # instead of being copied beside the selected slots every step.
-        rest.append((ks.astype(cache.k.dtype), vs.astype(cache.v.dtype), jnp.where(n > 0, newest, -1), n))
-    if impl == "pallas_triton" and t == 1 and not return_probs:
-        return _attend_blocks_in_place(cache, q, q_positions, regions, block, rest, scale)
+        rest.append((ks, vs, jnp.where(n > 0, newest, -1), n))
     slots = (regions[..., None] * block + jnp.arange(block)).reshape(*regions.shape[:2], -1)  # [B, K, M*W]
     take = lambda x: jnp.take_along_axis(x, slots, axis=2)
     take4 = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
@@ -158,25 +198,17 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     return out, full.at[bi, ki, gi, ti, slots[:, :, None, None, :]].set(tokens)
 
 
-def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int, centroids, scale):
-    """One decode token ``q [B, 1, N, H]``: the selected blocks through ``kernels.selective_decode`` (read
-    in the cache, never gathered), then the centroid segment (if any) merged by log-sum-exp in float32."""
+def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int, index: BlockIndex | None,
+                            scale):
+    """One decode token ``q [B, 1, N, H]``: the selected blocks (read in the cache, never gathered) and, with
+    an ``index``, the other blocks' centroids, in one softmax of one ``kernels.selective_decode`` call."""
     b, _, n, h = q.shape
     kh = cache.kv_heads
-    out, lse = selective_decode(q.reshape(b, kh, n // kh, h), cache.k, cache.v, cache.pos, cache.count,
-                                regions, q_positions[:, 0], block=block, scale=scale,
-                                implementation="pallas_triton")
-    out, lse = out.reshape(b, 1, n, h), lse.reshape(b, 1, n)
-    if centroids:  # in float32, so its output is rounded once, after the merge (as the one-softmax path)
-        c_out, _, c_lse = attend_segments(q.astype(jnp.float32), q_positions, centroids, scale=scale,
-                                          return_probs=True)
-        top = jnp.maximum(lse, c_lse)
-        top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing seen anywhere: both weights 0, output 0
-        w, cw = jnp.exp(lse - top), jnp.exp(c_lse - top)
-        total = w + cw
-        out = (w[..., None] * out + cw[..., None] * c_out.astype(jnp.float32)) / jnp.where(
-            total > 0, total, 1.0)[..., None]
-    return out.astype(q.dtype)
+    centroids = None if index is None else (index.k_mean, index.v_mean, index.newest, index.n)  # as slots
+    out, _ = selective_decode(q.reshape(b, kh, n // kh, h), cache.k, cache.v, cache.pos, cache.count,
+                              regions, q_positions[:, 0], block=block, scale=scale, centroids=centroids,
+                              implementation="pallas_triton")
+    return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
 def _bk(idx):
