@@ -47,9 +47,10 @@ class TestMosaicGpuCases(BackendCases):
     )
 
 
-def _spec(g=2, w=64, h=64, t=256, **kw):
+def _spec(g=2, w=64, h=64, t=256, kv_heads=2, **kw):
     kw = {"selected": 2, "dtype": "bfloat16", "ragged": 0.3, **kw}
-    return AttentionSpec(name="mgpu", seq_len=t, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w, **kw)
+    return AttentionSpec(name="mgpu", seq_len=t, q_heads=kv_heads * g, kv_heads=kv_heads, head_dim=h,
+                         block_size=w, **kw)
 
 
 def _outputs(attn, q, k, v, do):
@@ -151,6 +152,20 @@ def test_interpret_forward_matches_reference(tiling):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("g", [1, 3])
+def test_odd_groups_pair_chunks_in_the_interpreter(g):
+    """Odd G with 128-token regions: the forward's and the dQ pass's two compute warpgroups take the two
+    64-token chunks of one head (each masking the local block for its own chunk); outputs, LSE and the three
+    gradients against the reference, over ragged rows and a group that attends only to its local block."""
+    q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=1).make_inputs(jax.random.PRNGKey(12))
+    plan = SelectionPlan(plan.kv_regions.at[:, 0, 2].set(-1), block_size=128, merge=1)
+    assert make_static(q, k, plan, None, MosaicTiling(), interpret=True).pair_chunks
+    assert not make_static(q, k, plan, None, MosaicTiling(pair_chunks=False), interpret=True).pair_chunks
+    _, want = _outputs(reference_attention(plan), q, k, v, do)
+    _, got = _outputs(_mosaic(plan, interpret=True, tiling=_ONE_CTA), q, k, v, do)
+    assert_close(got, want, rel=2e-2)
+
+
 @pytest.mark.parametrize(("field", "depth"), [("stages_dkv", 6), ("stages_dq", 4), ("stages", 4)])
 def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth):
     """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would
@@ -173,10 +188,12 @@ def test_declines_a_plan_without_slots():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
-                                                      (8, 128, 64, "float16")])
+                                                      (8, 128, 64, "float16"), (1, 128, 128, "bfloat16"),
+                                                      (3, 128, 64, "bfloat16")])
 def test_native_matches_reference(g, w, h, dtype):
-    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/4/8, ragged plans, rows
-    with no valid entry; bitwise deterministic across runs."""
+    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/3/4/8 (odd G at W = 128:
+    the chunk-paired warpgroups), ragged plans, rows with no valid entry; bitwise deterministic across
+    runs."""
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))

@@ -9,13 +9,16 @@ one way: this module -> ``pallas_mosaic_gpu_bwd`` -> ``pallas_mosaic_gpu_common`
 
 A work item is ``wgs`` units of 64 query rows. A unit is 64 consecutive tokens of one query head; an item's
 units are ``wgs`` heads of the same kv head at the *same* tokens, so they share the plan row (selection is per
-kv head), the K/V blocks and the causal structure of the local block. By default (``MosaicTiling.persistent``)
-one CTA per SM loops over items, and the K/V ring, the step count and the barrier phases run on across items,
-so the next item's blocks stream in while the current one finishes. Warpgroups of a CTA:
+kv head), the K/V blocks and the causal structure of the local block. At odd G (multi-head attention) with
+128-token regions the units are instead the two 64-token chunks of one head (``MosaicTiling.pair_chunks``):
+the same plan row and K/V blocks, each warpgroup masking the local block for its own chunk. By default
+(``MosaicTiling.persistent``) one CTA per SM loops over items, and the K/V ring, the step count and the
+barrier phases run on across items, so the next item's blocks stream in while the current one finishes.
+Warpgroups of a CTA:
 
-* ``wgs`` compute warpgroups (2 when G is even, else 1), one unit each: Q stays in shared memory, S = Q K^T
-  and O += P V are wgmma (P from registers), online softmax in float32 registers, base-2 exponentials with
-  ``log2(e) * scale`` folded into one FMA;
+* ``wgs`` compute warpgroups (2 when G is even or chunks pair up, else 1), one unit each: Q stays in shared
+  memory, S = Q K^T and O += P V are wgmma (P from registers), online softmax in float32 registers, base-2
+  exponentials with ``log2(e) * scale`` folded into one FMA;
 * one producer warpgroup that walks the plan row (scalar reads of the compacted row ``sel`` in global memory)
   and streams the selected K/V regions, then the local region, with TMA into a ``stages``-deep shared-memory
   ring. ``k_free``/``v_free`` barriers hand a slot back once every compute warpgroup has read it.
@@ -118,8 +121,8 @@ def _consumer(refs, st: Static):
     stages, nq, n_items = st.tiling.stages, st.qbufs, _mgc.num_items(st)
 
     def rows(j):
-        b, kh, g, chunk, hgrp = _mgc.work_item(j, st)
-        return b, pl.ds(g * st.w + chunk * BQ, BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
+        b, _, g, chunk, head = _mgc.unit(j, wg, st)
+        return b, pl.ds(g * st.w + chunk * BQ, BQ), head
 
     def load_q(j):
         buf = lax.rem(j, jnp.int32(nq))
@@ -147,7 +150,7 @@ def _consumer(refs, st: Static):
         return m_i, l_i, acc
 
     def item(j, base):
-        b, kh, g, chunk, _ = _mgc.work_item(j, st)
+        b, kh, g, chunk, _ = _mgc.unit(j, wg, st)
         buf = lax.rem(j, jnp.int32(nq))
         q_smem = qo_smem.at[wg, buf]
         plgpu.barrier_wait(q_bar.at[wg * nq + buf])

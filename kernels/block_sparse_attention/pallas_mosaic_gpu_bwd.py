@@ -133,8 +133,8 @@ def _dq_consumer(refs, st: Static):
         return dq
 
     def item(j, base):
-        b, kh, g, chunk, hgrp = _mgc.work_item(j, st)
-        t_rows, head = pl.ds(g * st.w + chunk * BQ, BQ), kh * st.q_per_kv + hgrp * st.wgs + wg
+        b, kh, g, chunk, head = _mgc.unit(j, wg, st)
+        t_rows = pl.ds(g * st.w + chunk * BQ, BQ)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ has left q_s
         plgpu.copy_gmem_to_smem(q_ref.at[b, t_rows, head], q_s, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[b, t_rows, head], do_s, do_bar.at[wg])

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
            "check_supported", "cta", "interpret_params", "is_hopper", "kv_producer", "make_static",
            "num_items",
-           "num_sms", "pv", "rendezvous", "smem", "work_item"]
+           "num_sms", "pv", "rendezvous", "smem", "unit", "work_item"]
 
 BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
 
@@ -62,6 +62,11 @@ class MosaicTiling:
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
     # where the multi-CTA schedule is not the point.
     interpret_ctas: int = 3
+    # When a kv head has an odd number of query heads (G = 1: multi-head attention, Llama-2-7B) there is no
+    # head pair for two compute warpgroups; with 128-token regions the two warpgroups take the two 64-token
+    # chunks of one head instead (same plan row, same K/V blocks), so the forward and the dQ pass keep both
+    # warpgroups and their ping-pong. Off: one compute warpgroup per CTA at odd G (the kernel before).
+    pair_chunks: bool = True
 
     def __post_init__(self):
         for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6)):
@@ -70,7 +75,7 @@ class MosaicTiling:
                 raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
-        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq"):
+        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
@@ -111,9 +116,15 @@ class Static:
         return self.w // BQ
 
     @property
+    def pair_chunks(self) -> bool:
+        """The two compute warpgroups split an item's tokens (two 64-token chunks of one head), not its heads:
+        odd G with 128-token regions (``MosaicTiling.pair_chunks``)."""
+        return self.wgs == 2 and self.q_per_kv % 2 == 1
+
+    @property
     def subs(self) -> int:
-        """Items per plan row: 64-token chunks x head groups of ``wgs`` heads."""
-        return self.chunks * (self.q_per_kv // self.wgs)
+        """Items per plan row: 64-token chunks x query heads, ``wgs`` units per item."""
+        return self.chunks * self.q_per_kv // self.wgs
 
     @property
     def items(self) -> int:
@@ -162,8 +173,9 @@ def make_static(q, k, plan, scale, tiling: MosaicTiling, interpret: bool) -> Sta
     check_supported(q, plan, scale)
     h = q.shape[3]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    pair = g % 2 == 1 and plan.block_size == 2 * BQ and tiling.pair_chunks
     st = Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
-                2 if g % 2 == 0 else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
+                2 if g % 2 == 0 or pair else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
     check_shared_memory(st)
     cluster = math.gcd(tiling.cluster, st.subs)
     ctas = min(st.items, num_sms(tiling, interpret) // cluster * cluster) if tiling.persistent else st.items
@@ -222,12 +234,24 @@ def pv(acc, p, v_smem, st: Static):
 
 def work_item(j, st: Static):
     """This CTA's ``j``-th work item -> ``(b, kh, g, chunk, hgrp)``. Items run sub-tile fastest, so the CTAs
-    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads."""
+    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads. With
+    ``st.pair_chunks`` an item covers all of the group's chunks (``chunk`` is 0) of head ``hgrp``."""
     item = cta(st) + j * st.ctas
     sub, rest = lax.rem(item, jnp.int32(st.subs)), lax.div(item, jnp.int32(st.subs))
     g, bk = lax.rem(rest, jnp.int32(st.groups)), lax.div(rest, jnp.int32(st.groups))
     b, kh = lax.div(bk, jnp.int32(st.kv_heads)), lax.rem(bk, jnp.int32(st.kv_heads))
-    return b, kh, g, lax.rem(sub, jnp.int32(st.chunks)), lax.div(sub, jnp.int32(st.chunks))
+    per_head = st.chunks // st.wgs if st.pair_chunks else st.chunks  # items per head and plan row
+    return b, kh, g, lax.rem(sub, jnp.int32(per_head)), lax.div(sub, jnp.int32(per_head))
+
+
+def unit(j, wg, st: Static):
+    """Warpgroup ``wg``'s unit of this CTA's ``j``-th item -> ``(b, kh, g, chunk, head)``: 64 tokens
+    ``g W + chunk 64 + [0, 64)`` of query head ``head``. The item's warpgroups take consecutive heads of one
+    kv head at the same tokens, or (``st.pair_chunks``) consecutive chunks of one head."""
+    b, kh, g, chunk, hgrp = work_item(j, st)
+    if st.pair_chunks:
+        return b, kh, g, chunk * st.wgs + wg, kh * st.q_per_kv + hgrp
+    return b, kh, g, chunk, kh * st.q_per_kv + hgrp * st.wgs + wg
 
 
 def cta(st: Static):

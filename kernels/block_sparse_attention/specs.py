@@ -142,6 +142,9 @@ SPECS: dict[str, AttentionSpec] = {s.name: s for s in (
     _h100("h100_64k", 65536),
     _h100("h100_128k", 131072),
     _h100("h100_1m", 1048576),
+    # Llama-2-7B's attention (multi-head: G = 1) at the 32K training length of the model benchmark.
+    AttentionSpec(name="llama2_7b_32k", seq_len=32768, q_heads=32, kv_heads=32, head_dim=128, block_size=128,
+                  selected=16),
 )}
 
 
