@@ -156,9 +156,10 @@ def test_interpret_forward_matches_reference(tiling):
 def test_odd_groups_pair_chunks_in_the_interpreter(g):
     """Odd G with 128-token regions: the forward's and the dQ pass's two compute warpgroups take the two
     64-token chunks of one head (each masking the local block for its own chunk); outputs, LSE and the three
-    gradients against the reference, over ragged rows and a group that attends only to its local block."""
-    q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=1).make_inputs(jax.random.PRNGKey(12))
-    plan = SelectionPlan(plan.kv_regions.at[:, 0, 2].set(-1), block_size=128, merge=1)
+    gradients against the reference, over ragged rows, two kv heads (the head offset) and a group that
+    attends only to its local block."""
+    q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(12))
+    plan = SelectionPlan(plan.kv_regions.at[:, 1, 2].set(-1), block_size=128, merge=1)
     assert make_static(q, k, plan, None, MosaicTiling(), interpret=True).pair_chunks
     assert not make_static(q, k, plan, None, MosaicTiling(pair_chunks=False), interpret=True).pair_chunks
     _, want = _outputs(reference_attention(plan), q, k, v, do)

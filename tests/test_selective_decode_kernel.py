@@ -161,6 +161,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"centroids \(cpos, ccount\)"):
         selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
                                    centroids=(*cent[:2], cent[2][..., :8], cent[3]))
+    with pytest.raises(ValueError, match=r"centroids cpos\.dtype"):  # in BlockIndex order: n before newest
+        selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
+                                   centroids=(*cent[:2], cent[3], cent[2]))
     with pytest.raises(ValueError, match="centroids rows"):  # 16 blocks, 8 centroids
         selective_decode_reference(q, k, v, pos, count, blocks, q_pos, block=w,
                                    centroids=tuple(x[:, :, :8] for x in cent))
@@ -223,8 +226,9 @@ def test_native_attend_selected_with_centroids_equals_its_xla_path():
 
 @pytest.mark.gpu
 def test_native_kernel_with_centroids_matches_the_reference():
-    """The fused step at the 8B decode shape: 32 selected blocks and the centroid store of a 512K cache
-    (4,097 blocks in 5,120 rows: 8 centroid programs per kv head) and of a small one (256 rows)."""
+    """The fused step at the 8B decode shape: 32 selected blocks and a centroid store laid out as a 512K
+    cache's index is (5,120 rows: 8 centroid programs per kv head; here its rows past the 128 blocks of
+    this cache carry counts too, attended by the same rule) and a small one (256 rows)."""
     args = _inputs(b=2, kh=8, g=4, h=128, c=16384, w=128, m=32, fill=(16000, 9000))
     for rows, r in ((256, 129), (5120, 4097)):
         cent = _centroids(args[0], rows, r, nan_pad=True)

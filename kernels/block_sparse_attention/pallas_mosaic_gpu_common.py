@@ -47,7 +47,7 @@ class MosaicTiling:
     persistent: bool = True
     # CTAs per cluster sharing one plan row: each K/V block is fetched once per cluster and multicast into
     # every member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the
-    # largest power of two dividing the items per plan row (64-token chunks x head pairs).
+    # largest power of two dividing the items per plan row (``Static.subs``).
     cluster: int = 1
     compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
     # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
@@ -114,6 +114,11 @@ class Static:
     @property
     def chunks(self) -> int:
         return self.w // BQ
+
+    def __post_init__(self):
+        if self.wgs == 2 and self.q_per_kv % 2 == 1 and self.chunks % 2:
+            raise ValueError(f"Static: two warpgroups at odd G={self.q_per_kv} need 128-token regions (two "
+                             f"64-token chunks), got W={self.w}")
 
     @property
     def pair_chunks(self) -> bool:
@@ -234,8 +239,9 @@ def pv(acc, p, v_smem, st: Static):
 
 def work_item(j, st: Static):
     """This CTA's ``j``-th work item -> ``(b, kh, g, chunk, hgrp)``. Items run sub-tile fastest, so the CTAs
-    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads. With
-    ``st.pair_chunks`` an item covers all of the group's chunks (``chunk`` is 0) of head ``hgrp``."""
+    sharing one plan row (and its K/V blocks) run side by side and hit L2; then groups, then kv heads.
+    ``hgrp`` is the item's group of ``wgs`` heads within the kv head, or with ``st.pair_chunks`` (one head per
+    item, all of the group's chunks: ``chunk`` is 0) that head itself."""
     item = cta(st) + j * st.ctas
     sub, rest = lax.rem(item, jnp.int32(st.subs)), lax.div(item, jnp.int32(st.subs))
     g, bk = lax.rem(rest, jnp.int32(st.groups)), lax.div(rest, jnp.int32(st.groups))

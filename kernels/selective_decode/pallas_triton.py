@@ -201,7 +201,9 @@ def selective_decode_triton(q, k, v, pos, count, blocks, q_pos, *, block: int, s
     params = None if _pltriton is None else _pltriton.CompilerParams(num_warps=4, num_stages=2)
     blocks = blocks.astype(jnp.int32)
     q_pos = jnp.asarray(q_pos, jnp.int32)
-    store = lambda kk, vv, pp, cc: (kk, vv.astype(kk.dtype), pp.astype(jnp.int32), cc.astype(F32))
+    # K and V in the cache's dtype (one dot dtype for both stores), positions int32, counts float32
+    store = lambda kk, vv, pp, cc: (kk.astype(k.dtype), vv.astype(k.dtype), pp.astype(jnp.int32),
+                                    cc.astype(F32))
     stores = [*store(k, v, pos, count)]
     in_specs = [whole(blocks), whole(q_pos), per_head(ROWS, h), per_head(c, h), per_head(c, h), per_head(c),
                 per_head(c)]

@@ -8,10 +8,10 @@ Shapes (``selmerge_jax.typing`` letters; C = cache slots, M = selected blocks, W
 * ``blocks int32 [B, K, M]``: the blocks of W slots each (row, kv head) attends, entries in ``[0, C / W)``;
 * ``q_pos int32 [B]``: the query's position; a slot is seen iff ``0 <= pos <= q_pos`` and ``count > 0``;
 * ``centroids`` (optional) ``(ck, cv, cpos, ccount)``, ``[B, K, R', H]`` / ``[B, K, R']``: one merged
-  token per block, row ``r`` standing for block ``r`` (rows past the last block have ``ccount`` 0). Every
-  row whose block is not in ``blocks`` joins the same softmax as one more slot (``log(ccount)`` on its
-  logit, seen by the same rule), so the output is the select-and-merge step's: the selected blocks exactly,
-  the others through their centroids.
+  token per block, row ``r`` standing for block ``r`` (an index pads the rows past the last block with
+  ``ccount`` 0). Every row whose block is not in ``blocks`` joins the same softmax as one more slot
+  (``log(ccount)`` on its logit, seen by the same rule), so the output is the select-and-merge step's: the
+  selected blocks exactly, the others through their centroids.
 
 Returns ``out float32 [B, K, G, H]`` (normalised over the selected slots and the centroids; 0 where nothing
 is seen) and ``lse float32 [B, K, G]`` (natural log, ``-inf`` where nothing is seen), so a caller can merge
@@ -52,6 +52,12 @@ def check_decode_inputs(q, k, v, pos, count, blocks, q_pos, block: int, centroid
             fail("centroids (cpos, ccount)", (jnp.shape(cpos), jnp.shape(ccount)), f"{ck.shape[:3]}")
         if ck.shape[2] < c // block:
             fail("centroids rows", ck.shape[2], f">= the number of blocks C / block = {c // block}")
+        # the tuple is ordered as a cache's slots (pos before count), not as a BlockIndex (n before newest):
+        # swapped, both would convert silently
+        if not jnp.issubdtype(jnp.asarray(cpos).dtype, jnp.integer):
+            fail("centroids cpos.dtype", jnp.asarray(cpos).dtype, "an integer dtype (positions)")
+        if not jnp.issubdtype(jnp.asarray(ccount).dtype, jnp.floating):
+            fail("centroids ccount.dtype", jnp.asarray(ccount).dtype, "a float dtype (counts)")
     for name, x, kind in (("q", q, jnp.floating), ("k", k, jnp.floating), ("count", count, jnp.floating),
                           ("pos", pos, jnp.integer), ("blocks", blocks, jnp.integer),
                           ("q_pos", q_pos, jnp.integer)):

@@ -59,7 +59,7 @@ class BlockIndex:
     v_mean: jax.Array  # cache dtype [B, K, R', H]
     n: jax.Array  # float32 [B, K, R']
     newest: jax.Array  # int32 [B, K, R']
-    block: int = dataclasses.field(metadata=dict(static=True), default=0)  # slots per region
+    block: int = dataclasses.field(metadata=dict(static=True))  # slots per region
 
     def regions(self, capacity: int) -> int:
         return capacity // self.block
@@ -99,8 +99,10 @@ def build_index(cache: KVCache, block: int) -> BlockIndex:
 def refresh_index(index: BlockIndex, cache: KVCache, start, t: int) -> BlockIndex:
     """Recomputes the regions touched by ``t`` slots written from slot ``start`` (traced ok; ``t`` static).
 
-    The window of regions is static (``ceil((t - 1) / W) + 1``); ``dynamic_slice`` clamps it inside the cache
-    and ``dynamic_update_slice`` clamps it the same way, so recomputed and rewritten regions always coincide.
+    The window of regions is static (``ceil((t - 1) / W) + 1``) and its first region is clamped to
+    ``[0, R - window]`` here, which is what ``dynamic_slice`` would do to the cache slice; the update must use
+    the same clamp, because ``dynamic_update_slice`` into the padded index (R' >= R rows) would clamp to
+    ``R' - window`` instead. So recomputed and rewritten regions always coincide.
     """
     block = index.block
     r = index.regions(cache.capacity)
@@ -126,7 +128,8 @@ def _index(cache: KVCache, block: int, index: BlockIndex | None) -> BlockIndex:
 
 def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int = 1, local_blocks: int = 1,
                   index: BlockIndex | None = None):
-    """``int32 [B, K, M]``: regions to attend, sorted; sinks (first regions) and the newest regions forced."""
+    """``int32 [B, K, M]``: regions to attend, sorted; sinks (first regions) and the newest regions forced.
+    Regions are scored against the index's summaries, which are rounded to the cache dtype."""
     if not is_int(block) or block <= 0 or cache.capacity % block:
         fail("block", block, f"a positive divisor of the cache capacity C={cache.capacity}")
     r = cache.capacity // block
@@ -177,7 +180,8 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
                                        scale)
     rest = []
     if centroids:
-        ks, vs, n, newest = _fields(index)
+        r = index.regions(cache.capacity)
+        ks, vs, n, newest = (x[:, :, :r] for x in _fields(index))  # the padding rows are never seen
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
         # A second segment of one softmax, not a concatenation: the R centroids are read where they are
