@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--task-mix", default=",".join(TASKS),
                    help="training tasks, one per step in turn (repeat a name to train it more often)")
     p.add_argument("--init", default=None, help="start training from this params.pkl (a second stage)")
+    p.add_argument("--train-needles", type=int, default=None,
+                   help="niah_multikey's keys per training prompt (default: the eval's 4); fewer keys "
+                        "first is a curriculum for the key matching")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -78,6 +81,15 @@ def model_config(args, attention: str):
     return preset("tiny", vocab_size=TASKS["niah_single"].vocab_size, d_model=args.d_model,
                   num_layers=args.layers, num_heads=4, num_kv_heads=2, ffn_dim=3 * args.d_model,
                   attention=attention, ms=ms, dtype="float32", param_dtype="float32")
+
+
+def train_tasks(args) -> dict:
+    """The training tasks: ``TASKS``, but niah_multikey with ``--train-needles`` keys when given. From a fresh
+    model, 2 keys on 16-token prompts start the key matching (query key token vs pair token) that 4 keys on
+    longer prompts never started; a model that first learned niah_single stays at chance on multikey."""
+    if args.train_needles is None:
+        return TASKS
+    return {**TASKS, "niah_multikey": ruler.RulerTask(name="niah_multikey", needles=args.train_needles)}
 
 
 def train(args) -> dict:
@@ -107,6 +119,7 @@ def train(args) -> dict:
 
     lengths = [int(x) for x in args.train_lengths.split(",")]
     names = args.task_mix.split(",")
+    tasks = train_tasks(args)
     rng = np.random.default_rng(0)
     t0 = time.time()
     for s in range(args.steps):
@@ -114,7 +127,7 @@ def train(args) -> dict:
         # prompts), then every length in turn.
         stage = min(s * len(lengths) // max(args.steps // 2, 1), len(lengths) - 1)
         length = lengths[stage] if s < args.steps // 2 else lengths[s % len(lengths)]
-        task = TASKS[names[s % len(names)]]
+        task = tasks[names[s % len(names)]]
         prompts, answers = ruler.examples(task, length, args.batch, seed=10_000 + s)
         prompts[::2, -4:-2] = prompts[::2, -2:]  # half the rows ask twice (the question-aware protocol)
         tokens = np.concatenate([prompts, answers], 1)
