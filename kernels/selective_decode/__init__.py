@@ -1,8 +1,8 @@
 """Selective decode attention: one query token per (batch row, head) over the cache blocks it selected.
 
 ``selective_decode`` (dispatch, ``api.py``), ``selective_decode_reference`` (pure jnp, the oracle) and
-``selective_decode_triton`` (Pallas, Triton lowering). The callers are ``kvcache.query_select`` (which picks
-the blocks and adds the merged centroids of the other blocks through the returned log-sum-exp).
+``selective_decode_triton`` (Pallas, Triton lowering). The caller is ``kvcache.query_select``, which picks
+the blocks and passes its block index as the centroids of the other blocks (one softmax, one launch).
 """
 
 from selmerge_jax.kernels.selective_decode.api import IMPLEMENTATIONS, resolve, selective_decode

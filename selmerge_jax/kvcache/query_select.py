@@ -64,6 +64,11 @@ class BlockIndex:
     def regions(self, capacity: int) -> int:
         return capacity // self.block
 
+    def as_slots(self, capacity: int):
+        """The ``R`` centroids as a cache's slot store ``(k, v, pos, count)`` (the padding rows dropped)."""
+        r = self.regions(capacity)
+        return self.k_mean[:, :, :r], self.v_mean[:, :, :r], self.newest[..., :r], self.n[..., :r]
+
 
 def index_rows(r: int) -> int:
     """Rows of an index over ``r`` regions: a power of two >= 16 up to 128, then a multiple of 128, and of
@@ -137,8 +142,7 @@ def select_blocks(cache: KVCache, q, *, block: int, top_m: int, sink_blocks: int
         fail("top_m", top_m, f"an int in [1, R={r}] (R = C / block)")
     if sink_blocks + local_blocks > top_m:
         raise ValueError(f"sink_blocks={sink_blocks} + local_blocks={local_blocks} exceed top_m={top_m}")
-    index = _index(cache, block, index)
-    ks, n = index.k_mean[:, :, :r], index.n[..., :r]
+    ks, _, _, n = _index(cache, block, index).as_slots(cache.capacity)
     b, t, _nh, h = q.shape
     qs = q.astype(jnp.float32).reshape(b, t, cache.kv_heads, -1, h).mean((1, 3))  # [B, K, H]
     score = jax.lax.stop_gradient(jnp.einsum("bkh,bkrh->bkr", qs, ks.astype(jnp.float32)))
@@ -165,8 +169,8 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
     scoring policies fold in (``policies.observe``).
 
     ``kernel`` (``DecodeSelection.kernel``): ``"xla"`` this reference; ``"pallas_triton"`` a one-token step
-    attends its blocks in place with ``kernels.selective_decode`` and merges the centroids into the same
-    softmax through its log-sum-exp; ``"auto"``: the kernel on a GPU where it tiles the shapes
+    attends its blocks in place with ``kernels.selective_decode``, the centroids in the same launch and
+    softmax; ``"auto"``: the kernel on a GPU where it tiles the shapes
     (``kernels.selective_decode.resolve``)."""
     index = _index(cache, block, index)
     regions = select_blocks(cache, q, block=block, top_m=top_m, sink_blocks=sink_blocks,
@@ -180,8 +184,7 @@ def attend_selected(cache: KVCache, q, q_positions, *, block: int, top_m: int, s
                                        scale)
     rest = []
     if centroids:
-        r = index.regions(cache.capacity)
-        ks, vs, n, newest = (x[:, :, :r] for x in _fields(index))  # the padding rows are never seen
+        ks, vs, newest, n = index.as_slots(cache.capacity)
         chosen = jnp.zeros(n.shape, bool).at[_bk(regions)].set(True)
         n = jnp.where(chosen, 0.0, n)  # selected regions are already attended token by token
         # A second segment of one softmax, not a concatenation: the R centroids are read where they are
@@ -208,7 +211,8 @@ def _attend_blocks_in_place(cache: KVCache, q, q_positions, regions, block: int,
     an ``index``, the other blocks' centroids, in one softmax of one ``kernels.selective_decode`` call."""
     b, _, n, h = q.shape
     kh = cache.kv_heads
-    centroids = None if index is None else (index.k_mean, index.v_mean, index.newest, index.n)  # as slots
+    # the padded store as it is (its padding rows have count 0): the kernel tiles R' rows, not R
+    centroids = None if index is None else (index.k_mean, index.v_mean, index.newest, index.n)
     out, _ = selective_decode(q.reshape(b, kh, n // kh, h), cache.k, cache.v, cache.pos, cache.count,
                               regions, q_positions[:, 0], block=block, scale=scale, centroids=centroids,
                               implementation="pallas_triton")
