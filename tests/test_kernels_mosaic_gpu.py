@@ -167,13 +167,29 @@ def test_odd_groups_pair_chunks_in_the_interpreter(g):
     assert_close(got, want, rel=2e-2)
 
 
-@pytest.mark.parametrize(("field", "depth"), [("stages_dkv", 6), ("stages_dq", 4), ("stages", 4)])
-def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth):
+@pytest.mark.parametrize(("field", "depth", "fused"), [("stages_dkv", 6, False), ("stages_dq", 4, False),
+                                                       ("stages", 4, True), ("stages_fused", 4, True)])
+def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth, fused):
     """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would
-    not)."""
+    not). The fused dQ's exchange and staging leave room for three Q/dO stages, not four."""
     q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
     with pytest.raises(ValueError, match=f"MosaicTiling.{field}={depth}"):
-        make_static(q, k, plan, None, MosaicTiling(**{field: depth}), interpret=False)
+        make_static(q, k, plan, None, MosaicTiling(**{field: depth}, fused_dq=fused), interpret=False)
+    make_static(q, k, plan, None, MosaicTiling(), interpret=False)  # the defaults fit
+
+
+@pytest.mark.parametrize("g", [3])
+def test_separate_dq_pass_in_the_interpreter(g):
+    """``fused_dq=False``: dQ from its own pass (the deterministic path; odd G pairs its warpgroups' chunks)
+    and the dK/dV pass alone, against the fused default and the reference."""
+    q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
+    _, want = _outputs(reference_attention(plan), q, k, v, do)
+    _, got = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2, fused_dq=False)),
+                      q, k, v, do)
+    assert_close(got, want, rel=2e-2)
+    _, fused = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
+    for a, b in zip(got, fused):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-2)
 
 
 def test_declines_a_plan_without_slots():
@@ -191,27 +207,35 @@ def test_declines_a_plan_without_slots():
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
                                                       (8, 128, 64, "float16"), (1, 128, 128, "bfloat16"),
                                                       (3, 128, 64, "bfloat16")])
-def test_native_matches_reference(g, w, h, dtype):
-    """Forward, LSE and the three gradients (the Mosaic dQ and dK/dV passes); G = 1/3/4/8 (odd G at W = 128:
-    the chunk-paired warpgroups), ragged plans, rows with no valid entry; bitwise deterministic across
-    runs."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_native_matches_reference(g, w, h, dtype, fused):
+    """Forward, LSE and the three gradients (dQ fused into the dK/dV pass, or the separate dQ pass); G =
+    1/3/4/8 (odd G at W = 128: the chunk-paired warpgroups), ragged plans, rows with no valid entry. With the
+    dQ pass, bitwise deterministic across runs; fused, dQ's f32 additions come in any order, so a second run
+    agrees to rounding."""
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(4))
     plan = SelectionPlan(plan.kv_regions.at[:, :, 5].set(-1), block_size=w, merge=1)  # group 5: local only
     _, want = _outputs(reference_attention(plan), q, k, v, do)
-    run, got = _outputs(_mosaic(plan), q, k, v, do)
+    run, got = _outputs(_mosaic(plan, tiling=MosaicTiling(fused_dq=fused)), q, k, v, do)
     assert_close(got, want, rel=2e-2)
     for a, b in zip(got, run(q, k, v)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        if fused:
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-2)
+        else:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(pingpong=False),
                                     MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
-                                    MosaicTiling(pingpong_dq=True, stages_dkv=3)])
+                                    MosaicTiling(fused_dq=False),
+                                    MosaicTiling(fused_dq=False, pingpong_dq=True, stages_dkv=3),
+                                    MosaicTiling(stages_fused=2)])
 def test_native_tilings_agree(tiling):
-    """Other launch configurations (and the Triton backward) give the default's outputs and gradients."""
+    """Other launch configurations (the separate dQ pass, the Triton backward) give the default's outputs and
+    gradients."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
                          selected=4, ragged=0.2)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(5))

@@ -207,7 +207,8 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
 
 def bench_mosaic_parts(name, args, out, mosaic_tiling):
     """Times the Mosaic kernels' parts separately: forward, backward preparation (XLA: delta, LSE rescale,
-    compacted and transposed plans), dQ pass, dK/dV pass. Matmul FLOPs are actual, not useful, per pass."""
+    compacted and transposed plans), then the dK/dV pass with dQ fused in, or the dQ pass and the dK/dV pass
+    (``fused_dq=False``). Matmul FLOPs are actual, not useful, per pass."""
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as mg
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as mb
 
@@ -228,10 +229,14 @@ def bench_mosaic_parts(name, args, out, mosaic_tiling):
             st, (q, k, v, regions, out_, lse), (do, jnp.zeros_like(lse)))[0]), (out_, lse, do), None),
         "bwd_prepare_plans": (jax.jit(lambda regions: mb.prepare(
             st, (q, k, v, regions, out_, lse), (do, jnp.zeros_like(lse)))[1:]), (regions,), None),
-        "dq_pass": (jax.jit(lambda *a: mb.dq_pass(st, *a)), (q, k, v, do, stats, sel, cnt), 1.5 * fwd_flops),
-        "dkv_pass": (jax.jit(lambda *a: mb.dkv_pass(st, *a)), (q, k, v, do, stats, order, offsets, entries),
-                     2.0 * fwd_flops),
     }
+    kv_args = (q, k, v, do, stats, order, offsets, entries)
+    if st.tiling.fused_dq:  # one pass: S^T, dP^T, dV, dK and dQ (five matmuls per block pair)
+        parts["dkv_dq_pass"] = (jax.jit(lambda *a: mb.dkv_pass(st, *a)), kv_args, 2.5 * fwd_flops)
+    else:
+        parts["dq_pass"] = (jax.jit(lambda *a: mb.dq_pass(st, *a)), (q, k, v, do, stats, sel, cnt),
+                            1.5 * fwd_flops)
+        parts["dkv_pass"] = (jax.jit(lambda *a: mb.dkv_pass(st, *a)), kv_args, 2.0 * fwd_flops)
     base = {"kind": "mosaic_part", **environment(), "spec": name, "mosaic_tiling": st.tiling.__dict__}
     for part, (fn, fargs, flops) in parts.items():
         measure({**base, "part": part, "flops_kind": "actual"}, fn, fargs, flops, args.reps, args.warmup, out)

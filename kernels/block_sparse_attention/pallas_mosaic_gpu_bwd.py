@@ -214,6 +214,7 @@ class _KVStatic:
     approx_math: bool
     interpret: bool
     ctas: int
+    fuse_dq: bool  # dQ added here (TMA reduce-add into f32), not in a dQ pass: MosaicTiling.fused_dq
 
     @property
     def wgs(self) -> int:
@@ -294,17 +295,85 @@ def _dkv_producer(refs, st: _KVStatic):
         plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(st.stages))])
 
 
+def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
+    """Warpgroup ``w``'s share of the chunk's dQ: the 64-column blocks ``c = w (mod wgs)`` of
+    ``sum_w' dS_w' K_w'`` (``dS_w'`` the transpose of warpgroup ``w'``'s ``dS^T`` tile in ``ds_smem``), each
+    added into the f32 accumulator at ``dst(cols)``. On a GPU by TMA reduce-add; the interpreter has no TMA
+    reductions, so there ``dst`` is this CTA's private slice and the tile is read, added and written back
+    (the two warpgroups own different columns, so nothing races)."""
+    for c in range(w, st.h // BQ, st.wgs):
+        cols = pl.ds(c * BQ, BQ)
+        if st.interpret:
+            dq = sum(dot(ds_smem[x], k_smem[x, :, cols], trans_a=True) for x in range(st.wgs))
+        else:
+            def body(acc_ref, cols=cols):
+                for x in range(st.wgs):
+                    plgpu.wgmma(acc_ref, _t(ds_smem.at[x]), k_smem.at[x, :, cols])
+
+            dq = pl.run_state(body)(plgpu.ACC.init(_zeros((BQ, BQ), st)))
+        out, tile = dst(cols), stage.at[w]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last reduce has read the tile
+        if st.interpret:
+            plgpu.copy_gmem_to_smem(out, tile, ld_bar.at[w])
+            plgpu.barrier_wait(ld_bar.at[w])
+            tile[...] = tile[...] + dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, out)
+            plgpu.wait_smem_to_gmem(0)
+        else:
+            tile[...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, out, reduction_op="add")
+
+
+def _zero_private_dq(acc_ref, stage, wg, st: _KVStatic):
+    """Interpreter only: this CTA's private dQ slice starts at zero (each warpgroup its own columns)."""
+    tile = stage.at[wg]
+    tile[...] = jnp.zeros((BQ, BQ), F32)
+    plgpu.commit_smem()
+    rows_per_b, n = acc_ref.shape[2] // BQ, acc_ref.shape[3]
+    cta = lax.axis_index("cta")
+
+    @pl.loop(0, st.batch * rows_per_b * n)
+    def _(i):
+        b, rest = lax.div(i, jnp.int32(rows_per_b * n)), lax.rem(i, jnp.int32(rows_per_b * n))
+        rows = pl.ds(lax.div(rest, jnp.int32(n)) * BQ, BQ)
+        for w in range(st.wgs):
+            for c in range(w, st.h // BQ, st.wgs):
+                pl.when(wg == w)(lambda c=c: plgpu.copy_smem_to_gmem(
+                    tile, acc_ref.at[cta, b, rows, lax.rem(rest, jnp.int32(n)), pl.ds(c * BQ, BQ)]))
+
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _dkv_consumer(refs, st: _KVStatic):
-    (order_ref, off_ref, k_ref, v_ref, dk_ref, dv_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-     q_bar, do_bar, st_bar, kv_bar, free) = refs
+    (order_ref, off_ref, ent_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref, q_smem, do_smem, st_smem, k_smem,
+     v_smem, ds_smem, stage, q_bar, do_bar, st_bar, kv_bar, free, sync, ld_bar) = refs
     wg = lax.axis_index("wg")
     if st.wgs == 2:
         plgpu.set_max_registers(st.registers, action="increase")
     c, dtype = st.scale * LOG2E, jnp.dtype(st.dtype)
     k_s, v_s = k_smem.at[wg], v_smem.at[wg]
     tile = (BQ, BQ)
+    if st.fuse_dq and st.interpret:
+        _zero_private_dq(dq_ref, stage, wg, st)
 
-    def step(i, carry, s, masked, readers):
+    def add_dq(ds, s, where):
+        """Hands this warpgroup's dS^T tile to the exchange; once both are there, adds this warpgroup's
+        dQ columns; a second meeting keeps the next step from overwriting tiles still being read."""
+        b, kh, region, first, readers = where
+        ds_smem.at[wg][...] = ds
+        plgpu.commit_smem()
+        _mgc.rendezvous(sync)
+        rows, head = _kv_chunk(s, readers, first, region, ent_ref, b, kh, st)
+        acc = dq_ref.at[lax.axis_index("cta")] if st.interpret else dq_ref
+        dst = lambda cols: acc.at[b, rows, head, cols]
+        for w in range(st.wgs):
+            pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, st))
+        _mgc.rendezvous(sync)
+
+    def step(i, carry, s, masked, where):
+        readers = where[4]
         dk, dv = carry
         slot = lax.rem(i, jnp.int32(st.stages))
         q_s, do_s = q_smem.at[slot], do_smem.at[slot]
@@ -326,13 +395,16 @@ def _dkv_consumer(refs, st: _KVStatic):
             dp_t = dot(v_s[...], do_s[...], trans_b=True)
         else:
             dv, dp_t = _two_wgmma(p_t.astype(dtype), do_s, v_s, _t(do_s), dv)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-        dk = _mgc.pv(dk, ds_t.astype(dtype), q_s, st)  # dK += dS^T Q
-        plgpu.barrier_arrive(free.at[slot])
+        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))).astype(dtype)
+        dk = _mgc.pv(dk, ds_t, q_s, st)  # dK += dS^T Q
+        plgpu.barrier_arrive(free.at[slot])  # the fused dQ reads dS^T and K, not the ring's Q / dO
+        if st.fuse_dq:
+            add_dq(ds_t, s, where)
         return dk, dv
 
     def item(j, base):
-        b, kh, region, _, readers = _kv_item(j, order_ref, off_ref, st)
+        where = _kv_item(j, order_ref, off_ref, st)
+        b, kh, region, _, readers = where
         keys = pl.ds(region * st.w + wg * BQ, BQ)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dK/dV have left k_s/v_s
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_s, kv_bar.at[wg])
@@ -341,8 +413,10 @@ def _dkv_consumer(refs, st: _KVStatic):
         plgpu.barrier_wait(kv_bar.at[st.wgs + wg])
         n_sel = readers * st.chunk_steps
         zeros = _zeros((BQ, st.h), st)
-        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, readers), (zeros, zeros))
-        hidden = n_sel + wg * st.q_per_kv  # own group's chunks before this warpgroup's keys: all masked
+        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, where), (zeros, zeros))
+        # The own group's chunks before this warpgroup's keys are all masked: skipped, unless dQ is fused
+        # (the other warpgroup's keys see them and the two meet at every step).
+        hidden = n_sel + (0 if st.fuse_dq else wg * st.q_per_kv)
 
         @pl.loop(n_sel, hidden)
         def _(s):
@@ -352,7 +426,7 @@ def _dkv_consumer(refs, st: _KVStatic):
             plgpu.barrier_arrive(free.at[slot])
 
         dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps, lambda s,
-                               a: step(base + s, a, s, True, readers),
+                               a: step(base + s, a, s, True, where),
                                carry)
         k_s[...] = (dk * st.scale).astype(dtype)
         v_s[...] = dv.astype(dtype)
@@ -365,11 +439,21 @@ def _dkv_consumer(refs, st: _KVStatic):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(order_ref, off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dk_ref, dv_ref,
-                q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, do_bar, st_bar, kv_bar, free, *, st):
+def _dkv_kernel(*refs, st):
+    """Refs: the inputs (the f32 dQ accumulator last when dQ is fused on a GPU), the outputs (dK, dV; the
+    interpreter's private dQ slices last when fused), the scratch."""
+    n_in = 8 + (st.fuse_dq and not st.interpret)
+    n_out = 2 + (st.fuse_dq and st.interpret)
+    order_ref, off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, stat_ref = refs[:8]
+    outs = refs[n_in:n_in + n_out]
+    dk_ref, dv_ref = outs[:2]
+    dq_ref = refs[8] if n_in == 9 else (outs[2] if n_out == 3 else None)
+    scratch = refs[n_in + n_out:]
+    q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, do_bar, st_bar, kv_bar, free = scratch[:10]
+    ds_smem, stage, sync, ld_bar = scratch[10:] if st.fuse_dq else (None,) * 4
     wg = lax.axis_index("wg")
-    consumer = (order_ref, off_ref, k_ref, v_ref, dk_ref, dv_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-                q_bar, do_bar, st_bar, kv_bar, free)
+    consumer = (order_ref, off_ref, ent_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref, q_smem, do_smem, st_smem,
+                k_smem, v_smem, ds_smem, stage, q_bar, do_bar, st_bar, kv_bar, free, sync, ld_bar)
     pl.when(wg < st.wgs)(lambda: _dkv_consumer(consumer, st))
     producer = (order_ref, off_ref, ent_ref, q_ref, do_ref, stat_ref, q_smem, do_smem, st_smem, q_bar, do_bar,
                 st_bar, free)
@@ -377,8 +461,10 @@ def _dkv_kernel(order_ref, off_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, stat_r
 
 
 def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
+    """``(dk, dv)``, or ``(dq, dk, dv)`` when dQ is fused."""
     h, dtype = q.shape[3], q.dtype
-    scratch = (
+    fused = st.fuse_dq
+    scratch: tuple = (
         _smem((st.stages, BQ, h), dtype), _smem((st.stages, BQ, h), dtype),
         plgpu.SMEM((st.stages, 2, BQ), F32),
         _smem((st.wgs, BQ, h), dtype), _smem((st.wgs, BQ, h), dtype),
@@ -386,10 +472,20 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
         plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=2 * st.wgs),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=st.stages),
     )
+    if fused:  # the dS^T exchange, the f32 dQ staging (plain: TMA copies it out), their two barriers
+        scratch += (_smem((st.wgs, BQ, BQ), dtype), plgpu.SMEM((st.wgs, BQ, BQ), F32),
+                    plgpu.Barrier(num_arrivals=st.wgs), plgpu.Barrier(num_barriers=st.wgs))
     out = jax.ShapeDtypeStruct(k.shape, dtype)
-    return plgpu.kernel(
+    outs: tuple = (out, out)
+    ins: tuple = (order, offsets, entries, q, k, v, do, stats)
+    if fused and st.interpret:  # the interpreter has no TMA reduce-add: one private f32 dQ per CTA
+        outs += (jax.ShapeDtypeStruct((st.ctas, *q.shape), F32),)
+    elif fused:  # every reader's share is added into one f32 dQ that starts at zero
+        acc = jax.new_ref(jnp.zeros(q.shape, F32))
+        ins += (acc,)
+    res = plgpu.kernel(
         functools.partial(_dkv_kernel, st=st),
-        out_type=(out, out),
+        out_type=outs,
         scratch_types=scratch,
         grid=(st.ctas,),
         grid_names=("cta",),
@@ -397,7 +493,11 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.approx_math),
         interpret=_mgc.interpret_params() if st.interpret else None,
-    )(order, offsets, entries, q, k, v, do, stats)
+    )(*ins)
+    if not fused:
+        return res
+    dq = res[2].sum(0) if st.interpret else acc[...]
+    return ((dq * st.scale).astype(dtype), *res[:2])
 
 
 def _dq_static(st: Static) -> Static:
@@ -409,9 +509,10 @@ def _dq_static(st: Static) -> Static:
 
 def _kv_static(k, entries, st: Static) -> _KVStatic:
     regions = k.shape[1] // st.w
+    fused, t = st.tiling.fused_dq, st.tiling
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
-                    st.dtype, st.tiling.stages_dkv, st.tiling.compute_registers, st.tiling.approx_math,
-                    st.interpret, 0)
+                    st.dtype, t.stages_fused if fused else t.stages_dkv, t.compute_registers, t.approx_math,
+                    st.interpret, 0, fused)
     return dataclasses.replace(kst, ctas=min(kst.items, _mgc.num_sms(st.tiling, st.interpret)))
 
 
@@ -448,6 +549,7 @@ def dq_pass(st: Static, q, k, v, do, stats, sel, cnt):
 
 
 def dkv_pass(st: Static, q, k, v, do, stats, order, offsets, entries):
+    """``(dk, dv)``; with ``st.tiling.fused_dq``, ``(dq, dk, dv)``."""
     return _dkv_call(q, k, v, do, stats, order, offsets, entries, _kv_static(k, entries, st))
 
 
@@ -456,6 +558,9 @@ def attend_bwd(st: Static, res, cotangents):
     q, k, v = res[:3]
     do = cotangents[0]
     stats, sel, cnt, order, offsets, entries = prepare(st, res, cotangents)
-    dq = dq_pass(st, q, k, v, do, stats, sel, cnt)
-    dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
+    if st.tiling.fused_dq:
+        dq, dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
+    else:
+        dq = dq_pass(st, q, k, v, do, stats, sel, cnt)
+        dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
     return dq, dk, dv, None

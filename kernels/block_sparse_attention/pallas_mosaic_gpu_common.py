@@ -58,6 +58,13 @@ class MosaicTiling:
     stages_dq: int = 2
     stages_dkv: int = 4
     pingpong_dq: bool = False  # ping-pong in the dQ pass: slower on the H100 (6.62 vs 5.71 ms at 64K)
+    # dQ inside the dK/dV pass: per 64-query chunk the two warpgroups exchange dS^T through shared memory
+    # and each adds its half of the head dim of dS K into an f32 dQ in global memory (TMA reduce-add). Five
+    # matmuls per block pair instead of the two passes' seven, but the order of the f32 additions varies
+    # from run to run: False gives the separate dQ pass, bitwise deterministic. Its Q/dO ring depth is
+    # ``stages_fused`` (the exchange and the f32 staging take the shared memory of one stage).
+    fused_dq: bool = True
+    stages_fused: int = 3
     # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
     # where the multi-CTA schedule is not the point.
@@ -69,13 +76,13 @@ class MosaicTiling:
     pair_chunks: bool = True
 
     def __post_init__(self):
-        for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6)):
+        for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6), ("stages_fused", 6)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= hi:
                 raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
-        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks"):
+        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks", "fused_dq"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
@@ -199,8 +206,12 @@ def check_shared_memory(st: Static) -> None:
     kv_block = st.w * st.h * itemsize
     need = {"stages": st.wgs * (2 if t.persistent else 1) * tile + 2 * t.stages * kv_block}
     if t.backward == "mosaic":
-        need["stages_dq"] = 2 * st.wgs * tile + 2 * t.stages_dq * kv_block
-        need["stages_dkv"] = t.stages_dkv * (2 * tile + 2 * BQ * 4) + 2 * (st.w // BQ) * tile
+        ring = lambda depth: depth * (2 * tile + 2 * BQ * 4) + 2 * (st.w // BQ) * tile
+        if t.fused_dq:  # + the dS^T exchange (bf16) and the f32 dQ staging, one 64 x 64 tile per warpgroup
+            need["stages_fused"] = ring(t.stages_fused) + (st.w // BQ) * BQ * BQ * (itemsize + 4)
+        else:
+            need["stages_dq"] = 2 * st.wgs * tile + 2 * t.stages_dq * kv_block
+            need["stages_dkv"] = ring(t.stages_dkv)
     for name, nbytes in need.items():
         if not st.interpret and nbytes > SMEM_BYTES:
             raise ValueError(f"MosaicTiling.{name}={getattr(t, name)} needs {nbytes} "
