@@ -256,12 +256,18 @@ def _kv_num_items(st: _KVStatic):
 def _kv_chunk(s, readers, first, region, ent_ref, b, kh, st: _KVStatic):
     """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads. A selecting
     group's steps run chunk fastest; the region's own group runs head fastest, so the chunks a warpgroup
-    cannot see (queries before its keys) come first and it skips them in one stretch."""
+    cannot see (queries before its keys) come first and it skips them in one stretch.
+
+    With dQ fused, the selecting groups are visited from the ``region``-th on (wrapping): the items of one kv
+    head run at the same time on many CTAs and would otherwise reduce-add into the same dQ rows in lockstep,
+    serialised at the same L2 lines."""
     per = jnp.int32(st.chunk_steps)
     reader, rest = lax.div(s, per), lax.rem(s, per)
     chunks, heads = jnp.int32(st.w // BQ), jnp.int32(st.q_per_kv)
-    code = ent_ref[b, kh, jnp.minimum(first + reader, st.entries - 1)]  # P == K: the code is the group
     local = reader == readers
+    if st.fuse_dq:
+        reader = jnp.where(local, reader, lax.rem(reader + region, jnp.maximum(readers, 1)))
+    code = ent_ref[b, kh, jnp.minimum(first + reader, st.entries - 1)]  # P == K: the code is the group
     group = jnp.where(local, region, code)
     chunk = jnp.where(local, lax.div(rest, heads), lax.rem(rest, chunks))
     head = jnp.where(local, lax.rem(rest, heads), lax.div(rest, chunks))
@@ -358,14 +364,13 @@ def _dkv_consumer(refs, st: _KVStatic):
     if st.fuse_dq and st.interpret:
         _zero_private_dq(dq_ref, stage, wg, st)
 
-    def add_dq(ds, s, where):
+    def add_dq(ds, rows, head, where):
         """Hands this warpgroup's dS^T tile to the exchange; once both are there, adds this warpgroup's
         dQ columns; a second meeting keeps the next step from overwriting tiles still being read."""
-        b, kh, region, first, readers = where
+        b = where[0]
         ds_smem.at[wg][...] = ds
         plgpu.commit_smem()
         _mgc.rendezvous(sync)
-        rows, head = _kv_chunk(s, readers, first, region, ent_ref, b, kh, st)
         acc = dq_ref.at[lax.axis_index("cta")] if st.interpret else dq_ref
         dst = lambda cols: acc.at[b, rows, head, cols]
         for w in range(st.wgs):
@@ -373,7 +378,9 @@ def _dkv_consumer(refs, st: _KVStatic):
         _mgc.rendezvous(sync)
 
     def step(i, carry, s, masked, where):
-        readers = where[4]
+        b, kh, region, first, readers = where
+        if st.fuse_dq:  # the chunk's rows and head: a scalar read from global memory, issued early
+            rows, head = _kv_chunk(s, readers, first, region, ent_ref, b, kh, st)
         dk, dv = carry
         slot = lax.rem(i, jnp.int32(st.stages))
         q_s, do_s = q_smem.at[slot], do_smem.at[slot]
@@ -399,7 +406,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         dk = _mgc.pv(dk, ds_t, q_s, st)  # dK += dS^T Q
         plgpu.barrier_arrive(free.at[slot])  # the fused dQ reads dS^T and K, not the ring's Q / dO
         if st.fuse_dq:
-            add_dq(ds_t, s, where)
+            add_dq(ds_t, rows, head, where)
         return dk, dv
 
     def item(j, base):
