@@ -215,6 +215,7 @@ class _KVStatic:
     interpret: bool
     ctas: int
     fuse_dq: bool  # dQ added here (TMA reduce-add into f32), not in a dQ pass: MosaicTiling.fused_dq
+    exchange: bool  # MosaicTiling.dq_exchange
 
     @property
     def wgs(self) -> int:
@@ -302,18 +303,20 @@ def _dkv_producer(refs, st: _KVStatic):
 
 
 def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
-    """Warpgroup ``w``'s share of the chunk's dQ: the 64-column blocks ``c = w (mod wgs)`` of
-    ``sum_w' dS_w' K_w'`` (``dS_w'`` the transpose of warpgroup ``w'``'s ``dS^T`` tile in ``ds_smem``), each
-    added into the f32 accumulator at ``dst(cols)``. On a GPU by TMA reduce-add; the interpreter has no TMA
-    reductions, so there ``dst`` is this CTA's private slice and the tile is read, added and written back
-    (the two warpgroups own different columns, so nothing races)."""
-    for c in range(w, st.h // BQ, st.wgs):
+    """Warpgroup ``w``'s share of the chunk's dQ, added into the f32 accumulator at ``dst(cols)``. Exchanged:
+    the 64-column blocks ``c = w (mod wgs)`` of ``sum_x dS_x K_x`` over both warpgroups' tiles (``dS_x`` the
+    transpose of warpgroup ``x``'s ``dS^T`` in ``ds_smem``); else every column block of its own ``dS_w K_w``.
+    On a GPU by TMA reduce-add; the interpreter has no TMA reductions, so there ``dst`` is this warpgroup's
+    private slice and the tile is read, added and written back."""
+    blocks = range(w, st.h // BQ, st.wgs) if st.exchange else range(st.h // BQ)
+    sources = range(st.wgs) if st.exchange else (w,)
+    for c in blocks:
         cols = pl.ds(c * BQ, BQ)
         if st.interpret:
-            dq = sum(dot(ds_smem[x], k_smem[x, :, cols], trans_a=True) for x in range(st.wgs))
+            dq = sum(dot(ds_smem[x], k_smem[x, :, cols], trans_a=True) for x in sources)
         else:
             def body(acc_ref, cols=cols):
-                for x in range(st.wgs):
+                for x in sources:
                     plgpu.wgmma(acc_ref, _t(ds_smem.at[x]), k_smem.at[x, :, cols])
 
             dq = pl.run_state(body)(plgpu.ACC.init(_zeros((BQ, BQ), st)))
@@ -333,21 +336,19 @@ def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
 
 
 def _zero_private_dq(acc_ref, stage, wg, st: _KVStatic):
-    """Interpreter only: this CTA's private dQ slice starts at zero (each warpgroup its own columns)."""
+    """Interpreter only: this warpgroup's private dQ slice ``acc_ref[cta, wg]`` starts at zero."""
     tile = stage.at[wg]
     tile[...] = jnp.zeros((BQ, BQ), F32)
     plgpu.commit_smem()
-    rows_per_b, n = acc_ref.shape[2] // BQ, acc_ref.shape[3]
-    cta = lax.axis_index("cta")
+    own = acc_ref.at[lax.axis_index("cta"), wg]
+    rows_per_b, n = own.shape[1] // BQ, own.shape[2]
 
     @pl.loop(0, st.batch * rows_per_b * n)
     def _(i):
         b, rest = lax.div(i, jnp.int32(rows_per_b * n)), lax.rem(i, jnp.int32(rows_per_b * n))
-        rows = pl.ds(lax.div(rest, jnp.int32(n)) * BQ, BQ)
-        for w in range(st.wgs):
-            for c in range(w, st.h // BQ, st.wgs):
-                pl.when(wg == w)(lambda c=c: plgpu.copy_smem_to_gmem(
-                    tile, acc_ref.at[cta, b, rows, lax.rem(rest, jnp.int32(n)), pl.ds(c * BQ, BQ)]))
+        rows, head = pl.ds(lax.div(rest, jnp.int32(n)) * BQ, BQ), lax.rem(rest, jnp.int32(n))
+        for c in range(st.h // BQ):
+            plgpu.copy_smem_to_gmem(tile, own.at[b, rows, head, pl.ds(c * BQ, BQ)])
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -365,17 +366,20 @@ def _dkv_consumer(refs, st: _KVStatic):
         _zero_private_dq(dq_ref, stage, wg, st)
 
     def add_dq(ds, rows, head, where):
-        """Hands this warpgroup's dS^T tile to the exchange; once both are there, adds this warpgroup's
-        dQ columns; a second meeting keeps the next step from overwriting tiles still being read."""
+        """Puts this warpgroup's dS^T tile where the dQ wgmma reads it and adds this warpgroup's share of
+        dQ. Exchanged, the warpgroups meet once both tiles are there and again once both are read (so the
+        next step does not overwrite a tile still being read)."""
         b = where[0]
         ds_smem.at[wg][...] = ds
         plgpu.commit_smem()
-        _mgc.rendezvous(sync)
-        acc = dq_ref.at[lax.axis_index("cta")] if st.interpret else dq_ref
+        if st.exchange:
+            _mgc.rendezvous(sync)
+        acc = dq_ref.at[lax.axis_index("cta"), wg] if st.interpret else dq_ref
         dst = lambda cols: acc.at[b, rows, head, cols]
         for w in range(st.wgs):
             pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, st))
-        _mgc.rendezvous(sync)
+        if st.exchange:
+            _mgc.rendezvous(sync)
 
     def step(i, carry, s, masked, where):
         b, kh, region, first, readers = where
@@ -421,9 +425,9 @@ def _dkv_consumer(refs, st: _KVStatic):
         n_sel = readers * st.chunk_steps
         zeros = _zeros((BQ, st.h), st)
         carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, where), (zeros, zeros))
-        # The own group's chunks before this warpgroup's keys are all masked: skipped, unless dQ is fused
-        # (the other warpgroup's keys see them and the two meet at every step).
-        hidden = n_sel + (0 if st.fuse_dq else wg * st.q_per_kv)
+        # The own group's chunks before this warpgroup's keys are all masked: skipped, unless the
+        # warpgroups exchange dS^T (the other warpgroup's keys see them and the two meet at every step).
+        hidden = n_sel + (0 if st.exchange else wg * st.q_per_kv)
 
         @pl.loop(n_sel, hidden)
         def _(s):
@@ -486,7 +490,7 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
     outs: tuple = (out, out)
     ins: tuple = (order, offsets, entries, q, k, v, do, stats)
     if fused and st.interpret:  # the interpreter has no TMA reduce-add: one private f32 dQ per CTA
-        outs += (jax.ShapeDtypeStruct((st.ctas, *q.shape), F32),)
+        outs += (jax.ShapeDtypeStruct((st.ctas, st.wgs, *q.shape), F32),)
     elif fused:  # every reader's share is added into one f32 dQ that starts at zero
         acc = jax.new_ref(jnp.zeros(q.shape, F32))
         ins += (acc,)
@@ -503,7 +507,7 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
     )(*ins)
     if not fused:
         return res
-    dq = res[2].sum(0) if st.interpret else acc[...]
+    dq = res[2].sum((0, 1)) if st.interpret else acc[...]
     return ((dq * st.scale).astype(dtype), *res[:2])
 
 
@@ -519,7 +523,7 @@ def _kv_static(k, entries, st: Static) -> _KVStatic:
     fused, t = st.tiling.fused_dq, st.tiling
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
                     st.dtype, t.stages_fused if fused else t.stages_dkv, t.compute_registers, t.approx_math,
-                    st.interpret, 0, fused)
+                    st.interpret, 0, fused, fused and t.dq_exchange)
     return dataclasses.replace(kst, ctas=min(kst.items, _mgc.num_sms(st.tiling, st.interpret)))
 
 

@@ -65,6 +65,10 @@ class MosaicTiling:
     # ``stages_fused`` (the exchange and the f32 staging take the shared memory of one stage).
     fused_dq: bool = True
     stages_fused: int = 3
+    # Fused dQ: True, the two warpgroups exchange dS^T and each adds half the head dim of dS K over both
+    # warpgroups' keys (half the reduce-add traffic, two meetings per step); False, each adds its own 64 keys'
+    # dS K over the whole head dim (no meetings).
+    dq_exchange: bool = False
     # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
     # where the multi-CTA schedule is not the point.
@@ -82,7 +86,8 @@ class MosaicTiling:
                 raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
-        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks", "fused_dq"):
+        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks", "fused_dq",
+                     "dq_exchange"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
