@@ -168,27 +168,28 @@ def test_odd_groups_pair_chunks_in_the_interpreter(g):
 
 
 @pytest.mark.parametrize(("field", "depth", "fused"), [("stages_dkv", 6, False), ("stages_dq", 4, False),
-                                                       ("stages", 4, True), ("stages_fused", 4, True)])
+                                                       ("stages", 4, False), ("stages_fused", 4, True)])
 def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth, fused):
     """W = H = 128: these rings cannot fit in 227 KiB; the error names the field (the compiler's would
     not). The fused dQ's exchange and staging leave room for three Q/dO stages, not four."""
     q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
     with pytest.raises(ValueError, match=f"MosaicTiling.{field}={depth}"):
         make_static(q, k, plan, None, MosaicTiling(**{field: depth}, fused_dq=fused), interpret=False)
-    make_static(q, k, plan, None, MosaicTiling(), interpret=False)  # the defaults fit
+    make_static(q, k, plan, None, MosaicTiling(fused_dq=fused), interpret=False)  # the default depths fit
 
 
-@pytest.mark.parametrize("g", [3])
-def test_separate_dq_pass_in_the_interpreter(g):
-    """``fused_dq=False``: dQ from its own pass (the deterministic path; odd G pairs its warpgroups' chunks)
-    and the dK/dV pass alone, against the fused default and the reference."""
+@pytest.mark.parametrize(("g", "exchange"), [(3, False), (4, True)])
+def test_fused_dq_in_the_interpreter(g, exchange):
+    """``fused_dq=True``: dQ added inside the dK/dV pass (each warpgroup over the whole head dim, or
+    exchanging dS^T and adding half of it), against the reference and the default's two passes; two CTAs
+    (the private per-CTA dQ slices the interpreter sums), ragged rows, odd G (no hidden steps to skip)."""
     q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
     _, want = _outputs(reference_attention(plan), q, k, v, do)
-    _, got = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2, fused_dq=False)),
-                      q, k, v, do)
+    tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange)
+    _, got = _outputs(_mosaic(plan, interpret=True, tiling=tiling), q, k, v, do)
     assert_close(got, want, rel=2e-2)
-    _, fused = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
-    for a, b in zip(got, fused):
+    _, two = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
+    for a, b in zip(got, two):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-2)
 
 
@@ -230,12 +231,12 @@ def test_native_matches_reference(g, w, h, dtype, fused):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(pingpong=False),
                                     MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
-                                    MosaicTiling(fused_dq=False),
-                                    MosaicTiling(fused_dq=False, pingpong_dq=True, stages_dkv=3),
-                                    MosaicTiling(stages_fused=2)])
+                                    MosaicTiling(pingpong_dq=True, stages_dkv=3), MosaicTiling(fused_dq=True),
+                                    MosaicTiling(fused_dq=True, dq_exchange=True),
+                                    MosaicTiling(fused_dq=True, stages_fused=2)])
 def test_native_tilings_agree(tiling):
-    """Other launch configurations (the separate dQ pass, the Triton backward) give the default's outputs and
-    gradients."""
+    """Other launch configurations (dQ fused into the dK/dV pass, the Triton backward) give the default's
+    outputs and gradients."""
     spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=8, kv_heads=2, head_dim=128, block_size=128,
                          selected=4, ragged=0.2)
     q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(5))

@@ -25,6 +25,13 @@ so keys are every matmul's M dimension and nothing is transposed in registers. R
 many groups read them (early regions are selected by most later groups), so items run longest first: the
 persistent CTAs are dealt them in snake order from a device-side sort by reader count (``_snake``).
 
+Fused dQ (``MosaicTiling.fused_dq``, off by default): the dK/dV pass also adds ``dQ += dS K`` per chunk into
+an f32 dQ in global memory (``dS^T`` stored to shared memory and read as the transposed wgmma A operand, the
+f32 tile copied out by TMA reduce-add), so the dQ pass is skipped: five matmuls per block pair instead of
+seven. Correct, but slower on the H200 (the reduce-add traffic; numbers in ``MosaicTiling``) and not bitwise
+deterministic. The interpreter has no TMA reductions: there each CTA and warpgroup adds into a private f32
+slice and XLA sums the slices.
+
 Interpret mode (CPU tests) replaces the wgmma calls by plain dots on loaded values, as the forward does: the
 interpreter's wgmma takes neither transposed nor register operands; barriers, copies and indexing are real.
 """

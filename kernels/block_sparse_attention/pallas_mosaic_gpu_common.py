@@ -58,16 +58,19 @@ class MosaicTiling:
     stages_dq: int = 2
     stages_dkv: int = 4
     pingpong_dq: bool = False  # ping-pong in the dQ pass: slower on the H100 (6.62 vs 5.71 ms at 64K)
-    # dQ inside the dK/dV pass: per 64-query chunk the two warpgroups exchange dS^T through shared memory
-    # and each adds its half of the head dim of dS K into an f32 dQ in global memory (TMA reduce-add). Five
-    # matmuls per block pair instead of the two passes' seven, but the order of the f32 additions varies
-    # from run to run: False gives the separate dQ pass, bitwise deterministic. Its Q/dO ring depth is
-    # ``stages_fused`` (the exchange and the f32 staging take the shared memory of one stage).
-    fused_dq: bool = True
+    # dQ inside the dK/dV pass (off): per 64-query chunk each compute warpgroup adds dS K into an f32 dQ in
+    # global memory by TMA reduce-add. Five matmuls per block pair instead of the two passes' seven, and the
+    # order of the f32 additions varies from run to run (the separate dQ pass is bitwise deterministic). Off
+    # because it is slower: H200, 64K spec, forward + backward 33.29 ms fused, 27.35 ms with the exchange
+    # below, 18.99 ms with the two passes (experiments/results/attention_h200/fused_dq_sweep.jsonl): one
+    # 32 KiB f32 reduce per 64 queries x 128 keys (16 KiB exchanged) is more L2 traffic than the two
+    # matmuls it saves. Its Q/dO ring depth is ``stages_fused`` (the dS^T tiles and the f32 staging take
+    # the shared memory of one stage).
+    fused_dq: bool = False
     stages_fused: int = 3
-    # Fused dQ: True, the two warpgroups exchange dS^T and each adds half the head dim of dS K over both
-    # warpgroups' keys (half the reduce-add traffic, two meetings per step); False, each adds its own 64 keys'
-    # dS K over the whole head dim (no meetings).
+    # Fused dQ: True, the two warpgroups exchange dS^T through shared memory and each adds half the head dim
+    # of dS K over both warpgroups' keys (half the reduce-add traffic, two meetings per step); False, each
+    # adds its own 64 keys' dS K over the whole head dim (no meetings).
     dq_exchange: bool = False
     # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
