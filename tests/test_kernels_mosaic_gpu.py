@@ -115,6 +115,10 @@ def test_tiling_validation():
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match="interpret_ctas"):
             MosaicTiling(interpret_ctas=bad)
+    with pytest.raises(ValueError, match="dq_exchange=True needs fused_dq=True"):
+        MosaicTiling(dq_exchange=True)
+    with pytest.raises(ValueError, match="fused_dq=True needs backward='mosaic'"):
+        MosaicTiling(fused_dq=True, backward="triton")
 
 
 def test_declines_inside_shard_map():
@@ -178,19 +182,25 @@ def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth, fused):
     make_static(q, k, plan, None, MosaicTiling(fused_dq=fused), interpret=False)  # the default depths fit
 
 
-@pytest.mark.parametrize(("g", "exchange"), [(3, False), (4, True)])
-def test_fused_dq_in_the_interpreter(g, exchange):
-    """``fused_dq=True``: dQ added inside the dK/dV pass (each warpgroup over the whole head dim, or
-    exchanging dS^T and adding half of it), against the reference and the default's two passes; two CTAs
-    (the private per-CTA dQ slices the interpreter sums), ragged rows, odd G (no hidden steps to skip)."""
-    q, k, v, plan, do = _spec(g=g, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
+@pytest.mark.parametrize(("g", "h", "exchange"), [(3, 64, False), (4, 128, True)])
+def test_fused_dq_in_the_interpreter(g, h, exchange):
+    """``fused_dq=True``: dQ added inside the dK/dV pass (each warpgroup over the whole head dim, or, at
+    H = 128 so that both warpgroups own columns, exchanging dS^T and adding half of it), against the
+    reference and the default's two passes; two CTAs (the private per-CTA dQ slices the interpreter sums),
+    ragged rows, odd G (the non-exchanging warpgroup 1 skips its hidden steps), even G with the exchange (no
+    step skipped). The forward is the same kernel (bitwise); the gradients differ from the two passes only
+    by the order of their f32 sums (dQ's, and dK/dV's readers visited from a rotated start). The interpreter
+    reads, adds and writes back where a GPU reduce-adds by TMA: that path, its staging tile and the proxy
+    fences run in the gpu-marked tests only."""
+    q, k, v, plan, do = _spec(g=g, h=h, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
     _, want = _outputs(reference_attention(plan), q, k, v, do)
     tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange)
     _, got = _outputs(_mosaic(plan, interpret=True, tiling=tiling), q, k, v, do)
     assert_close(got, want, rel=2e-2)
     _, two = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
-    for a, b in zip(got, two):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-2)
+    for a, b in zip(got[:2], two[:2]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_close(got[2:], two[2:], rel=5e-3, names=("dq", "dk", "dv"))
 
 
 def test_declines_a_plan_without_slots():
@@ -221,10 +231,13 @@ def test_native_matches_reference(g, w, h, dtype, fused):
     _, want = _outputs(reference_attention(plan), q, k, v, do)
     run, got = _outputs(_mosaic(plan, tiling=MosaicTiling(fused_dq=fused)), q, k, v, do)
     assert_close(got, want, rel=2e-2)
-    for a, b in zip(got, run(q, k, v)):
-        if fused:
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2)
-        else:
+    again = run(q, k, v)
+    if fused:  # the forward is bitwise; the gradients' f32 sums may run in another order
+        for a, b in zip(got[:2], again[:2]):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert_close(again[2:], got[2:], rel=5e-3, names=("dq", "dk", "dv"))
+    else:
+        for a, b in zip(got, again):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -1,4 +1,5 @@
-"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: a dQ pass and a dK/dV pass.
+"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: a dQ pass and a dK/dV pass (by
+default; or one pass with dQ fused in, below).
 
 Both passes are deterministic (every output tile has exactly one writer, no atomics) and read the residuals
 the forward (``pallas_mosaic_gpu``, which imports this module: the pieces both use are in
@@ -264,7 +265,8 @@ def _kv_num_items(st: _KVStatic):
 def _kv_chunk(s, readers, first, region, ent_ref, b, kh, st: _KVStatic):
     """Step ``s`` of an item -> ``(token rows, query head)`` of the 64-query chunk it reads. A selecting
     group's steps run chunk fastest; the region's own group runs head fastest, so the chunks a warpgroup
-    cannot see (queries before its keys) come first and it skips them in one stretch.
+    cannot see (queries before its keys) come first and it skips them in one stretch (unless the warpgroups
+    exchange dS^T: then both run every step, the hidden ones fully masked).
 
     With dQ fused, the selecting groups are visited from the ``region``-th on (wrapping): the items of one kv
     head run at the same time on many CTAs and would otherwise reduce-add into the same dQ rows in lockstep,

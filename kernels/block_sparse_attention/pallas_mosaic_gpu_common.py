@@ -63,14 +63,14 @@ class MosaicTiling:
     # order of the f32 additions varies from run to run (the separate dQ pass is bitwise deterministic). Off
     # because it is slower: H200, 64K spec, forward + backward 33.29 ms fused, 27.35 ms with the exchange
     # below, 18.99 ms with the two passes (experiments/results/attention_h200/fused_dq_sweep.jsonl): one
-    # 32 KiB f32 reduce per 64 queries x 128 keys (16 KiB exchanged) is more L2 traffic than the two
-    # matmuls it saves. Its Q/dO ring depth is ``stages_fused`` (the dS^T tiles and the f32 staging take
-    # the shared memory of one stage).
+    # 32 KiB f32 reduce-add per 64 queries x 64 keys (16 KiB exchanged) costs more than the two matmuls it
+    # saves. Its Q/dO ring depth is ``stages_fused``: the dS^T tiles and the f32 staging take 48 KiB of
+    # shared memory beside the ring. Mosaic backward only (``backward="mosaic"``).
     fused_dq: bool = False
     stages_fused: int = 3
     # Fused dQ: True, the two warpgroups exchange dS^T through shared memory and each adds half the head dim
     # of dS K over both warpgroups' keys (half the reduce-add traffic, two meetings per step); False, each
-    # adds its own 64 keys' dS K over the whole head dim (no meetings).
+    # adds its own 64 keys' dS K over the whole head dim (no meetings). Needs ``fused_dq``.
     dq_exchange: bool = False
     # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
@@ -93,6 +93,10 @@ class MosaicTiling:
                      "dq_exchange"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.dq_exchange and not self.fused_dq:
+            raise ValueError("MosaicTiling: dq_exchange=True needs fused_dq=True (it is a way of fusing dQ)")
+        if self.fused_dq and self.backward != "mosaic":
+            raise ValueError(f"MosaicTiling: fused_dq=True needs backward='mosaic', got {self.backward!r}")
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
         if isinstance(self.cluster, bool) or not isinstance(self.cluster, int) or self.cluster not in (1, 2,
                                                                                                        4):
