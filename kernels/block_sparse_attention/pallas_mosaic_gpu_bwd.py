@@ -492,13 +492,13 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
         plgpu.Barrier(num_barriers=st.stages), plgpu.Barrier(num_barriers=2 * st.wgs),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=st.stages),
     )
-    if fused:  # the dS^T exchange, the f32 dQ staging (plain: TMA copies it out), their two barriers
+    if fused:  # dS^T tiles, the f32 dQ staging (plain: TMA copies it out), the meeting and load barriers
         scratch += (_smem((st.wgs, BQ, BQ), dtype), plgpu.SMEM((st.wgs, BQ, BQ), F32),
                     plgpu.Barrier(num_arrivals=st.wgs), plgpu.Barrier(num_barriers=st.wgs))
     out = jax.ShapeDtypeStruct(k.shape, dtype)
     outs: tuple = (out, out)
     ins: tuple = (order, offsets, entries, q, k, v, do, stats)
-    if fused and st.interpret:  # the interpreter has no TMA reduce-add: one private f32 dQ per CTA
+    if fused and st.interpret:  # no TMA reduce-add there: a private f32 dQ per CTA and warpgroup
         outs += (jax.ShapeDtypeStruct((st.ctas, st.wgs, *q.shape), F32),)
     elif fused:  # every reader's share is added into one f32 dQ that starts at zero
         acc = jax.new_ref(jnp.zeros(q.shape, F32))
