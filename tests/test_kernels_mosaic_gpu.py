@@ -115,6 +115,8 @@ def test_tiling_validation():
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match="interpret_ctas"):
             MosaicTiling(interpret_ctas=bad)
+    with pytest.raises(ValueError, match="dq_slots must be an int in"):
+        MosaicTiling(dq_slots=0)
     with pytest.raises(ValueError, match="dq_exchange=True needs fused_dq=True"):
         MosaicTiling(dq_exchange=True)
     with pytest.raises(ValueError, match="fused_dq=True needs backward='mosaic'"):
@@ -182,8 +184,9 @@ def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth, fused):
     make_static(q, k, plan, None, MosaicTiling(fused_dq=fused), interpret=False)  # the default depths fit
 
 
-@pytest.mark.parametrize(("g", "h", "exchange"), [(3, 64, False), (4, 128, True)])
-def test_fused_dq_in_the_interpreter(g, h, exchange):
+@pytest.mark.parametrize(("g", "h", "exchange", "slots", "swizzle"),
+                         [(3, 64, False, 1, False), (4, 128, True, 2, True)])
+def test_fused_dq_in_the_interpreter(g, h, exchange, slots, swizzle):
     """``fused_dq=True``: dQ added inside the dK/dV pass (each warpgroup over the whole head dim, or, at
     H = 128 so that both warpgroups own columns, exchanging dS^T and adding half of it), against the
     reference and the default's two passes; two CTAs (the private per-CTA dQ slices the interpreter sums),
@@ -194,7 +197,8 @@ def test_fused_dq_in_the_interpreter(g, h, exchange):
     fences run in the gpu-marked tests only."""
     q, k, v, plan, do = _spec(g=g, h=h, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
     _, want = _outputs(reference_attention(plan), q, k, v, do)
-    tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange)
+    tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange, dq_slots=slots,
+                          dq_swizzle=swizzle)
     _, got = _outputs(_mosaic(plan, interpret=True, tiling=tiling), q, k, v, do)
     assert_close(got, want, rel=2e-2)
     _, two = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
@@ -246,7 +250,9 @@ def test_native_matches_reference(g, w, h, dtype, fused):
                                     MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
                                     MosaicTiling(pingpong_dq=True, stages_dkv=3), MosaicTiling(fused_dq=True),
                                     MosaicTiling(fused_dq=True, dq_exchange=True),
-                                    MosaicTiling(fused_dq=True, stages_fused=2)])
+                                    MosaicTiling(fused_dq=True, stages_fused=2),
+                                    MosaicTiling(fused_dq=True, dq_exchange=True, stages_fused=2, dq_slots=2,
+                                                 dq_swizzle=True)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations (dQ fused into the dK/dV pass, the Triton backward) give the default's
     outputs and gradients."""

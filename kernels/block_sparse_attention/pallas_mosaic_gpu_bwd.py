@@ -224,6 +224,8 @@ class _KVStatic:
     ctas: int
     fuse_dq: bool  # dQ added here (TMA reduce-add into f32), not in a dQ pass: MosaicTiling.fused_dq
     exchange: bool  # MosaicTiling.dq_exchange
+    slots: int  # MosaicTiling.dq_slots
+    swizzle: bool  # MosaicTiling.dq_swizzle
 
     @property
     def wgs(self) -> int:
@@ -311,7 +313,7 @@ def _dkv_producer(refs, st: _KVStatic):
         plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(st.stages))])
 
 
-def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
+def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, step, st: _KVStatic):
     """Warpgroup ``w``'s share of the chunk's dQ, added into the f32 accumulator at ``dst(cols)``. Exchanged:
     the 64-column blocks ``c = w (mod wgs)`` of ``sum_x dS_x K_x`` over both warpgroups' tiles (``dS_x`` the
     transpose of warpgroup ``x``'s ``dS^T`` in ``ds_smem``); else every column block of its own ``dS_w K_w``.
@@ -319,7 +321,7 @@ def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
     private slice and the tile is read, added and written back."""
     blocks = range(w, st.h // BQ, st.wgs) if st.exchange else range(st.h // BQ)
     sources = range(st.wgs) if st.exchange else (w,)
-    for c in blocks:
+    for n, c in enumerate(blocks):
         cols = pl.ds(c * BQ, BQ)
         if st.interpret:
             dq = sum(dot(ds_smem[x], k_smem[x, :, cols], trans_a=True) for x in sources)
@@ -329,8 +331,11 @@ def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
                     plgpu.wgmma(acc_ref, _t(ds_smem.at[x]), k_smem.at[x, :, cols])
 
             dq = pl.run_state(body)(plgpu.ACC.init(_zeros((BQ, BQ), st)))
-        out, tile = dst(cols), stage.at[w]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last reduce has read the tile
+        # The tiles are used in turn; a reduce-add is one bulk group of this warpgroup and groups finish in
+        # order, so once at most slots - 1 are pending the one that last read this tile is done.
+        slot = lax.rem(step * len(blocks) + n, jnp.int32(st.slots))
+        out, tile = dst(cols), stage.at[slot, w]
+        plgpu.wait_smem_to_gmem(st.slots - 1, wait_read_only=True)
         if st.interpret:
             plgpu.copy_gmem_to_smem(out, tile, ld_bar.at[w])
             plgpu.barrier_wait(ld_bar.at[w])
@@ -346,7 +351,7 @@ def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, st: _KVStatic):
 
 def _zero_private_dq(acc_ref, stage, wg, st: _KVStatic):
     """Interpreter only: this warpgroup's private dQ slice ``acc_ref[cta, wg]`` starts at zero."""
-    tile = stage.at[wg]
+    tile = stage.at[0, wg]
     tile[...] = jnp.zeros((BQ, BQ), F32)
     plgpu.commit_smem()
     own = acc_ref.at[lax.axis_index("cta"), wg]
@@ -374,7 +379,7 @@ def _dkv_consumer(refs, st: _KVStatic):
     if st.fuse_dq and st.interpret:
         _zero_private_dq(dq_ref, stage, wg, st)
 
-    def add_dq(ds, rows, head, where):
+    def add_dq(ds, rows, head, where, i):
         """Puts this warpgroup's dS^T tile where the dQ wgmma reads it and adds this warpgroup's share of
         dQ. Exchanged, the warpgroups meet once both tiles are there and again once both are read (so the
         next step does not overwrite a tile still being read)."""
@@ -386,7 +391,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         acc = dq_ref.at[lax.axis_index("cta"), wg] if st.interpret else dq_ref
         dst = lambda cols: acc.at[b, rows, head, cols]
         for w in range(st.wgs):
-            pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, st))
+            pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, i, st))
         if st.exchange:
             _mgc.rendezvous(sync)
 
@@ -419,7 +424,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         dk = _mgc.pv(dk, ds_t, q_s, st)  # dK += dS^T Q
         plgpu.barrier_arrive(free.at[slot])  # the fused dQ reads dS^T and K, not the ring's Q / dO
         if st.fuse_dq:
-            add_dq(ds_t, rows, head, where)
+            add_dq(ds_t, rows, head, where, i)
         return dk, dv
 
     def item(j, base):
@@ -493,7 +498,9 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=st.stages),
     )
     if fused:  # dS^T tiles, the f32 dQ staging (plain: TMA copies it out), the meeting and load barriers
-        scratch += (_smem((st.wgs, BQ, BQ), dtype), plgpu.SMEM((st.wgs, BQ, BQ), F32),
+        swizzled = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)) if st.swizzle else ()
+        scratch += (_smem((st.wgs, BQ, BQ), dtype),
+                    plgpu.SMEM((st.slots, st.wgs, BQ, BQ), F32, transforms=swizzled),
                     plgpu.Barrier(num_arrivals=st.wgs), plgpu.Barrier(num_barriers=st.wgs))
     out = jax.ShapeDtypeStruct(k.shape, dtype)
     outs: tuple = (out, out)
@@ -532,7 +539,7 @@ def _kv_static(k, entries, st: Static) -> _KVStatic:
     fused, t = st.tiling.fused_dq, st.tiling
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
                     st.dtype, t.stages_fused if fused else t.stages_dkv, t.compute_registers, t.approx_math,
-                    st.interpret, 0, fused, fused and t.dq_exchange)
+                    st.interpret, 0, fused, fused and t.dq_exchange, t.dq_slots, t.dq_swizzle)
     return dataclasses.replace(kst, ctas=min(kst.items, _mgc.num_sms(st.tiling, st.interpret)))
 
 

@@ -72,6 +72,13 @@ class MosaicTiling:
     # of dS K over both warpgroups' keys (half the reduce-add traffic, two meetings per step); False, each
     # adds its own 64 keys' dS K over the whole head dim (no meetings). Needs ``fused_dq``.
     dq_exchange: bool = False
+    # Fused dQ: f32 staging tiles per warpgroup that the TMA reduce-adds read from. With one, every tile
+    # waits until the previous reduce has read its tile, which lasts as long as L2 takes to absorb it, so
+    # the reduce never overlaps the next step's matmuls; with more, that many reduces stay in flight.
+    dq_slots: int = 1
+    # Fused dQ: the staging tiles in (8, 32) tiles with a 128-byte swizzle (as the TMA reads them) rather
+    # than plain rows, whose 256-byte stride puts the 8 rows a warp stores at once in the same banks.
+    dq_swizzle: bool = False
     # Persistent CTAs of every pass in interpret mode (a GPU uses one per SM). The CPU interpreter's time
     # grows with the CTAs it simulates (several seconds each), not with the items they loop over: tests use 1
     # where the multi-CTA schedule is not the point.
@@ -90,9 +97,12 @@ class MosaicTiling:
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
         for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks", "fused_dq",
-                     "dq_exchange"):
+                     "dq_exchange", "dq_swizzle"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
+        slots = self.dq_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 4:
+            raise ValueError(f"MosaicTiling.dq_slots must be an int in [1, 4], got {self.dq_slots!r}")
         if self.dq_exchange and not self.fused_dq:
             raise ValueError("MosaicTiling: dq_exchange=True needs fused_dq=True (it is a way of fusing dQ)")
         if self.fused_dq and self.backward != "mosaic":
@@ -219,8 +229,8 @@ def check_shared_memory(st: Static) -> None:
     need = {"stages": st.wgs * (2 if t.persistent else 1) * tile + 2 * t.stages * kv_block}
     if t.backward == "mosaic":
         ring = lambda depth: depth * (2 * tile + 2 * BQ * 4) + 2 * (st.w // BQ) * tile
-        if t.fused_dq:  # + the dS^T exchange (bf16) and the f32 dQ staging, one 64 x 64 tile per warpgroup
-            need["stages_fused"] = ring(t.stages_fused) + (st.w // BQ) * BQ * BQ * (itemsize + 4)
+        if t.fused_dq:  # + the dS^T exchange (bf16) and the f32 dQ staging: 64 x 64 tiles per warpgroup
+            need["stages_fused"] = ring(t.stages_fused) + (st.w // BQ) * BQ * BQ * (itemsize + 4 * t.dq_slots)
         else:
             need["stages_dq"] = 2 * st.wgs * tile + 2 * t.stages_dq * kv_block
             need["stages_dkv"] = ring(t.stages_dkv)
