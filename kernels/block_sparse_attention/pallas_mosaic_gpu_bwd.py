@@ -290,7 +290,7 @@ def _dkv_producer(refs, st: _KVStatic):
     order_ref, off_ref, ent_ref, q_ref, do_ref, stat_ref, q_smem, do_smem, st_smem, q_bar, do_bar, st_bar, \
         free = refs
     if st.wgs == 2:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(min(40, 504 - 2 * st.registers), action="decrease")  # as producer_registers
 
     def item(j, base):
         b, kh, region, first, readers = _kv_item(j, order_ref, off_ref, st)

@@ -49,7 +49,11 @@ class MosaicTiling:
     # every member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the
     # largest power of two dividing the items per plan row (``Static.subs``).
     cluster: int = 1
-    compute_registers: int = 232  # per thread, with 2 compute warpgroups (setmaxnreg; producer gets 40)
+    # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
+    # ``producer_registers``. The three share what the launch gave the CTA, 168 a thread for 384 threads
+    # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever (232 + 232 + 40; FA3: 240 + 240 +
+    # 24).
+    compute_registers: int = 232
     # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
     # kernels).
     backward: str = "mosaic"
@@ -89,6 +93,11 @@ class MosaicTiling:
     # warpgroups and their ping-pong. Off: one compute warpgroup per CTA at odd G (the kernel before).
     pair_chunks: bool = True
 
+    @property
+    def producer_registers(self) -> int:
+        """What the producer warpgroup shrinks to: 40, or less so that two compute warpgroups get theirs."""
+        return min(40, 504 - 2 * self.compute_registers)
+
     def __post_init__(self):
         for name, hi in (("stages", 4), ("stages_dq", 4), ("stages_dkv", 6), ("stages_fused", 6)):
             value = getattr(self, name)
@@ -116,8 +125,9 @@ class MosaicTiling:
             raise ValueError("MosaicTiling.interpret_ctas must be a positive int, got "
                              f"{self.interpret_ctas!r}")
         if (isinstance(self.compute_registers, bool) or not isinstance(self.compute_registers, int)
-                or self.compute_registers not in range(24, 257, 8)):
-            raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 256], "
+                or self.compute_registers not in range(24, 241, 8)):
+            # above 240 the producer would keep fewer than 24
+            raise ValueError(f"MosaicTiling.compute_registers must be a multiple of 8 in [24, 240], "
                              f"got {self.compute_registers!r}")
 
 
@@ -313,7 +323,7 @@ def kv_producer(refs, st: Static):
     group's own region, streaming K/V blocks with TMA into the ``st.tiling.stages``-deep ring."""
     sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
     if st.wgs == 2:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(st.tiling.producer_registers, action="decrease")
     stages = st.tiling.stages
 
     def item(j, base):
