@@ -98,6 +98,11 @@ def test_tiling_validation():
         MosaicTiling(pingpong=1)
     with pytest.raises(ValueError, match="compute_registers"):
         MosaicTiling(compute_registers=230)
+    with pytest.raises(ValueError, match=r"compute_registers must be a multiple of 8 in \[24, 240\]"):
+        MosaicTiling(compute_registers=248)  # the producer would keep fewer than 24: setmaxnreg would hang
+    # two compute warpgroups and the producer share 504 registers a thread (168 x 384 threads)
+    assert MosaicTiling().producer_registers == 24
+    assert MosaicTiling(compute_registers=232).producer_registers == 40
     with pytest.raises(ValueError, match="cluster"):
         MosaicTiling(cluster=3)
     with pytest.raises(ValueError, match="cluster"):
@@ -252,7 +257,8 @@ def test_native_matches_reference(g, w, h, dtype, fused):
                                     MosaicTiling(fused_dq=True, dq_exchange=True),
                                     MosaicTiling(fused_dq=True, stages_fused=2),
                                     MosaicTiling(fused_dq=True, dq_exchange=True, stages_fused=2, dq_slots=2,
-                                                 dq_swizzle=True)])
+                                                 dq_swizzle=True),
+                                    MosaicTiling(compute_registers=232)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations (dQ fused into the dK/dV pass, the Triton backward) give the default's
     outputs and gradients."""

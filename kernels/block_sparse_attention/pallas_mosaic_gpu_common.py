@@ -51,9 +51,10 @@ class MosaicTiling:
     cluster: int = 1
     # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
     # ``producer_registers``. The three share what the launch gave the CTA, 168 a thread for 384 threads
-    # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever (232 + 232 + 40; FA3: 240 + 240 +
-    # 24).
-    compute_registers: int = 232
+    # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever. 240 + 240 + 24 (FA3's split):
+    # at 232 + 232 + 40 ptxas spilled 340-384 bytes a thread in the two backward passes (732 with dQ fused),
+    # at 240 8 bytes in one kernel; H200, 64K forward + backward 17.83 vs 18.31 ms (results R52).
+    compute_registers: int = 240
     # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
     # kernels).
     backward: str = "mosaic"
