@@ -94,3 +94,37 @@ def _sample_args(events, streams) -> dict:
         if on_device and kind_of(e.get("name", "")) == "copy":
             return {k: str(v)[:200] for k, v in e.get("args", {}).items()}
     return {}
+
+
+def dump_kernels(trace_dir: str, out_path: str) -> int:
+    """Every kernel of the device's streams as one JSON line (name, HLO op, stream, start and duration in
+    microseconds), gzipped: small enough to keep with the results, where the whole trace is not, and enough
+    to read the step's timeline kernel by kernel (which kernel ran twice, which copy sits where)."""
+    with gzip.open(_trace_file(trace_dir), "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    streams = _device_threads(events)
+    count = 0
+    with gzip.open(out_path, "wt") as out:
+        for e in events:
+            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+                args = e.get("args", {})
+                op = args.get("hlo_op") or args.get("long_name") or ""
+                out.write(json.dumps({"n": e.get("name", "")[:100], "op": str(op)[:200], "tid": e["tid"],
+                                      "ts": e["ts"], "dur": e.get("dur", 0)}) + "\n")
+                count += 1
+    return count
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Summarize a jax.profiler trace, or dump its kernels.")
+    p.add_argument("trace_dir")
+    p.add_argument("--kernels-to", default=None, metavar="FILE.jsonl.gz",
+                   help="write every device kernel as a JSON line instead of printing the summary")
+    a = p.parse_args()
+    if a.kernels_to:
+        print(dump_kernels(a.trace_dir, a.kernels_to), "kernels ->", a.kernels_to)
+    else:
+        print(json.dumps(summarize(a.trace_dir), indent=1))

@@ -1,0 +1,62 @@
+"""experiments/benchmarks/trace_summary.py: the device's kernel streams are summed by kind, host threads are
+left out, and ``dump_kernels`` writes exactly the device kernels, one JSON line each."""
+
+import gzip
+import importlib.util
+import json
+import pathlib
+import sys
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "trace_summary.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("trace_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trace(tmp_path):
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 3, "args": {"name": "python"}},
+    ]
+    kernels = [  # (name, start us, duration us, HLO op)
+        ("nvjet_sm90_tst_256x128_NNT", 0, 3000, "dot.1"),
+        ("anonymous_mosaic_gpu_kernel", 3000, 2000, "command_buffer_30"),
+        ("memcpy128", 5000, 125, "command_buffer_30"),
+        ("loop_multiply_fusion_3", 5200, 500, "multiply.4"),
+    ]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": ts, "dur": d, "args": {"hlo_op": op}}
+                     for n, ts, d, op in kernels]
+    events.append({"ph": "X", "pid": 2, "tid": 3, "name": "PjitFunction(step)", "ts": 0, "dur": 9000})
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return kernels
+
+
+def test_summary_counts_device_kernels_by_kind_and_skips_host_threads(tmp_path):
+    ts = _module()
+    _trace(tmp_path)
+    got = ts.summarize(str(tmp_path))
+    assert got["streams"] == 1 and got["launches"] == 4
+    assert got["by_kind_ms"] == {"matmul": 3.0, "pallas": 2.0, "fusion": 0.5, "copy": 0.12}
+    assert got["kernel_ms"] == 5.62  # the host's 9 ms call is not a kernel
+    assert got["span_ms"] == 5.7
+
+
+def test_dump_kernels_writes_one_line_per_device_kernel(tmp_path):
+    ts = _module()
+    kernels = _trace(tmp_path)
+    out = tmp_path / "kernels.jsonl.gz"
+    assert ts.dump_kernels(str(tmp_path), str(out)) == len(kernels)
+    with gzip.open(out, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["n"], r["ts"], r["dur"], r["op"]) for r in rows] == kernels
+    assert {r["tid"] for r in rows} == {7}
