@@ -1,15 +1,11 @@
 """``experiments/benchmarks/bench_attention.py`` rejects what would do nothing or write broken rows (no work
 asked, an unknown implementation or spec, zero repetitions, bad JSON) with exit code 2 and the allowed set."""
 
-import importlib.util
-import pathlib
 
 import pytest
+from experiment_scripts import load_script
 
-_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "bench_attention.py"
-_spec = importlib.util.spec_from_file_location("bench_attention", _SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/bench_attention.py")
 
 
 @pytest.mark.parametrize("argv, message", [

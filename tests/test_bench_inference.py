@@ -2,25 +2,12 @@
 rows naming their estimate and the largest prompt that fits), and the tiny CPU mode runs every variant end to
 end (MS and dense one-pass prefill, MS prefill compressing into a budget, dense and selective decode)."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
+from experiment_scripts import load_script
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "bench_inference.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _module()
+bench = load_script("benchmarks/bench_inference.py")
 
 
 def test_dry_run_plans_the_issue_grid_and_refuses_what_does_not_fit(tmp_path):

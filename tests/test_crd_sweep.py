@@ -1,7 +1,6 @@
 """experiments/benchmarks/crd_passkey_sweep.py: the shipped H100 sweep builds every run's config from the
 reproduction config it names; bad sweeps fail naming the field; a tiny sweep runs end to end on CPU."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from experiment_scripts import load_script
 
 from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
 
@@ -16,15 +16,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "experiments" / "benchmarks" / "crd_passkey_sweep.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("crd_passkey_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _module()
+sweep = load_script("benchmarks/crd_passkey_sweep.py")
 
 
 def test_shipped_h100_sweep_builds_every_run():

@@ -1,13 +1,13 @@
 """Each evaluation study end to end on CPU with a tiny model and a small grid: it writes its JSON and PNG and
 the figures in them are sane. Data comes from a .npy token file (no TFDS build) to keep the file quick."""
 
-import importlib.util
 import json
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+from experiment_scripts import load_script
 
 from selmerge_jax.data.config import DataConfig
 from selmerge_jax.data.tokenizer import ByteTokenizer
@@ -161,9 +161,7 @@ def test_validation_windows_do_not_depend_on_the_training_seed(npy):
 @pytest.mark.parametrize("script", ["eval_passkey", "eval_perplexity", "eval_loss_curves", "eval_fidelity",
                                     "eval_memory"])
 def test_scripts_reject_a_bad_key_with_exit_code_2(script, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(f"{script}.py")
     monkeypatch.chdir(ROOT)  # the default --config path is relative to the repository
     monkeypatch.setattr(sys, "argv", [script, "--set", "no_such_key=1"])
     with pytest.raises(SystemExit) as exit_info:

@@ -1,16 +1,12 @@
 """Selection and attention memory of ms_attention grow linearly in T (compiled memory analysis, nothing
 run)."""
 
-import importlib.util
 import itertools
-import pathlib
 
 import pytest
+from experiment_scripts import load_script
 
-_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "memory_scaling.py"
-_spec = importlib.util.spec_from_file_location("memory_scaling", _SCRIPT)
-memory_scaling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(memory_scaling)
+memory_scaling = load_script("benchmarks/memory_scaling.py")
 
 
 @pytest.mark.parametrize("backward", [False, True])

@@ -1,12 +1,10 @@
 """experiments/benchmarks/peak_buffers.py on a real XLA dump (CPU): the buffers alive at the peak, named."""
 
-import importlib.util
 import os
-import pathlib
 import subprocess
 import sys
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "peak_buffers.py"
+from experiment_scripts import load_script
 
 PROGRAM = """
 import jax, jax.numpy as jnp
@@ -18,10 +16,7 @@ jax.jit(f).lower(jnp.ones((1024, 1024)), jnp.ones((1024, 1024))).compile()
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("peak_buffers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/peak_buffers.py")
 
 
 def test_report_names_the_buffers_at_the_peak_by_source_line(tmp_path):

@@ -1,13 +1,11 @@
 """The FlexAttention peer of bench_attention.py attends exactly the project's block pattern: its BlockMask,
 built from a spec's plan, gives the block-sparse reference's output (PyTorch's unfused CPU path)."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from experiment_scripts import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.nn.attention.flex_attention")
@@ -15,10 +13,7 @@ pytest.importorskip("torch.nn.attention.flex_attention")
 from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference  # noqa: E402
 from selmerge_jax.kernels.block_sparse_attention.specs import AttentionSpec, get_spec  # noqa: E402
 
-_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "peer_flex_attention.py"
-_spec = importlib.util.spec_from_file_location("peer_flex_attention", _SCRIPT)
-peer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(peer)
+peer = load_script("benchmarks/peer_flex_attention.py")
 
 
 @pytest.mark.parametrize("spec", [

@@ -2,20 +2,13 @@
 left out, and ``dump_kernels`` writes exactly the device kernels, one JSON line each."""
 
 import gzip
-import importlib.util
 import json
-import pathlib
-import sys
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "benchmarks" / "trace_summary.py"
+from experiment_scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("trace_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/trace_summary.py")
 
 
 def _trace(tmp_path):
