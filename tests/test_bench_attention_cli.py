@@ -1,7 +1,6 @@
 """``experiments/benchmarks/bench_attention.py`` rejects what would do nothing or write broken rows (no work
 asked, an unknown implementation or spec, zero repetitions, bad JSON) with exit code 2 and the allowed set."""
 
-
 import pytest
 from experiment_scripts import load_script
 

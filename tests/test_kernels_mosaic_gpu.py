@@ -98,11 +98,13 @@ def test_tiling_validation():
         MosaicTiling(pingpong=1)
     with pytest.raises(ValueError, match="compute_registers"):
         MosaicTiling(compute_registers=230)
-    with pytest.raises(ValueError, match=r"compute_registers must be a multiple of 8 in \[24, 240\]"):
+    with pytest.raises(ValueError, match=r"compute_registers must be a multiple of 8 in \[168, 240\]"):
         MosaicTiling(compute_registers=248)  # the producer would keep fewer than 24: setmaxnreg would hang
+    with pytest.raises(ValueError, match="compute_registers"):
+        MosaicTiling(compute_registers=160)  # below the launch's 168: setmaxnreg.inc is undefined there
     # two compute warpgroups and the producer share 504 registers a thread (168 x 384 threads)
-    assert MosaicTiling().producer_registers == 24
-    assert MosaicTiling(compute_registers=232).producer_registers == 40
+    assert MosaicTiling().producer_registers == 40
+    assert MosaicTiling(compute_registers=240).producer_registers == 24
     with pytest.raises(ValueError, match="cluster"):
         MosaicTiling(cluster=3)
     with pytest.raises(ValueError, match="cluster"):
@@ -122,6 +124,9 @@ def test_tiling_validation():
             MosaicTiling(interpret_ctas=bad)
     with pytest.raises(ValueError, match="dq_slots must be an int in"):
         MosaicTiling(dq_slots=0)
+    for staging in ({"dq_slots": 2}, {"dq_swizzle": True}):  # they shape the fused dQ's staging only
+        with pytest.raises(ValueError, match="need fused_dq=True"):
+            MosaicTiling(**staging)
     with pytest.raises(ValueError, match="dq_exchange=True needs fused_dq=True"):
         MosaicTiling(dq_exchange=True)
     with pytest.raises(ValueError, match="fused_dq=True needs backward='mosaic'"):
@@ -189,6 +194,14 @@ def test_ring_depth_beyond_shared_memory_names_the_setting(field, depth, fused):
     make_static(q, k, plan, None, MosaicTiling(fused_dq=fused), interpret=False)  # the default depths fit
 
 
+def test_fused_staging_beyond_shared_memory_names_dq_slots():
+    """W = H = 128: two f32 staging tiles per warpgroup fit beside a Q/dO ring of depth 2, not 3."""
+    q, k, _, plan, _ = _spec(g=2, w=128, h=128, t=512).make_inputs(jax.random.PRNGKey(10))
+    with pytest.raises(ValueError, match=r"stages_fused=3 \(with dq_slots=2\).*or fewer dq_slots"):
+        make_static(q, k, plan, None, MosaicTiling(fused_dq=True, dq_slots=2), interpret=False)
+    make_static(q, k, plan, None, MosaicTiling(fused_dq=True, dq_slots=2, stages_fused=2), interpret=False)
+
+
 @pytest.mark.parametrize(("g", "h", "exchange", "slots", "swizzle"),
                          [(3, 64, False, 1, False), (4, 128, True, 2, True)])
 def test_fused_dq_in_the_interpreter(g, h, exchange, slots, swizzle):
@@ -198,8 +211,9 @@ def test_fused_dq_in_the_interpreter(g, h, exchange, slots, swizzle):
     ragged rows, odd G (the non-exchanging warpgroup 1 skips its hidden steps), even G with the exchange (no
     step skipped). The forward is the same kernel (bitwise); the gradients differ from the two passes only
     by the order of their f32 sums (dQ's, and dK/dV's readers visited from a rotated start). The interpreter
-    reads, adds and writes back where a GPU reduce-adds by TMA: that path, its staging tile and the proxy
-    fences run in the gpu-marked tests only."""
+    reads, adds and writes back where a GPU reduce-adds by TMA: that path, its staging tiles (``dq_slots``,
+    ``dq_swizzle``: here only their indexing and layout) and the proxy fences run in the gpu-marked tests
+    only."""
     q, k, v, plan, do = _spec(g=g, h=h, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
     _, want = _outputs(reference_attention(plan), q, k, v, do)
     tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange, dq_slots=slots,
@@ -258,7 +272,7 @@ def test_native_matches_reference(g, w, h, dtype, fused):
                                     MosaicTiling(fused_dq=True, stages_fused=2),
                                     MosaicTiling(fused_dq=True, dq_exchange=True, stages_fused=2, dq_slots=2,
                                                  dq_swizzle=True),
-                                    MosaicTiling(compute_registers=232)])
+                                    MosaicTiling(compute_registers=240)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations (dQ fused into the dK/dV pass, the Triton backward) give the default's
     outputs and gradients."""
@@ -269,3 +283,18 @@ def test_native_tilings_agree(tiling):
     _, want = _outputs(_mosaic(plan), q, k, v, do)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_fused_dq_staging_slots_across_skipped_steps():
+    """Odd G without the exchange: warpgroup 1 skips the own group's first steps, which add no dQ. The
+    staging tiles are counted per reduce-add, not per step, so with ``dq_slots=2`` at H = 64 (G x H / 64 =
+    3 tiles a group) a tile is never rewritten while its reduce-add may still read it."""
+    spec = AttentionSpec(name="mgpu", seq_len=2048, q_heads=6, kv_heads=2, head_dim=64, block_size=128,
+                         selected=4, ragged=0.2)
+    q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(6))
+    _, want = _outputs(reference_attention(plan), q, k, v, do)
+    _, got = _outputs(_mosaic(plan, tiling=MosaicTiling(fused_dq=True, dq_slots=2)), q, k, v, do)
+    assert_close(got, want, rel=2e-2)
+    _, two = _outputs(_mosaic(plan), q, k, v, do)
+    assert_close(got[2:], two[2:], rel=5e-3, names=("dq", "dk", "dv"))

@@ -3,7 +3,8 @@
 ``summarize(trace_dir)`` reads the Perfetto trace that ``jax.profiler.trace(..., create_perfetto_trace=True)``
 writes and returns, for the device's kernel streams only (host threads and XLA's per-op summary lines are left
 out so nothing is counted twice), the total kernel time, the time by kind (matmul, attention, the project's
-Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by name.
+Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by name. ``dump_kernels``
+(CLI: ``trace_summary.py TRACE_DIR --kernels-to FILE.jsonl.gz``) keeps the kernels themselves, one per line.
 """
 
 import collections
@@ -47,11 +48,21 @@ def _device_threads(events) -> set:
     return {key for key, name in threads.items() if re.search(r"stream", name, re.I)}
 
 
-def summarize(trace_dir: str, top: int = 25) -> dict:
+def _events(trace_dir: str):
+    """The newest trace's events and the (pid, tid) of its device kernel streams."""
     with gzip.open(_trace_file(trace_dir), "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    streams = _device_threads(events)
+    return events, _device_threads(events)
+
+
+def _hlo_op(event) -> str:
+    args = event.get("args", {})
+    return str(args.get("hlo_op") or args.get("long_name") or args.get("tf_op") or "")
+
+
+def summarize(trace_dir: str, top: int = 25) -> dict:
+    events, streams = _events(trace_dir)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_op: dict[tuple, float] = collections.defaultdict(float)  # (kernel, the HLO op it ran for) -> ms
     first, last = float("inf"), float("-inf")
@@ -63,9 +74,7 @@ def summarize(trace_dir: str, top: int = 25) -> dict:
             entry = by_name[name]
             entry[0] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
             entry[1] += 1
-            args = e.get("args", {})
-            op = args.get("hlo_op") or args.get("long_name") or args.get("tf_op") or ""
-            by_op[(kind_of(name), str(op)[:160])] += float(e.get("dur", 0.0)) / 1e3
+            by_op[(kind_of(name), _hlo_op(e)[:160])] += float(e.get("dur", 0.0)) / 1e3
     by_kind: dict[str, float] = collections.defaultdict(float)
     for name, (ms, _) in by_name.items():
         by_kind[kind_of(name)] += ms
@@ -100,17 +109,14 @@ def dump_kernels(trace_dir: str, out_path: str) -> int:
     """Every kernel of the device's streams as one JSON line (name, HLO op, stream, start and duration in
     microseconds), gzipped: small enough to keep with the results, where the whole trace is not, and enough
     to read the step's timeline kernel by kernel (which kernel ran twice, which copy sits where)."""
-    with gzip.open(_trace_file(trace_dir), "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    streams = _device_threads(events)
+    events, streams = _events(trace_dir)
+    if not streams:
+        raise ValueError(f"no device kernel stream in the trace under {trace_dir!r}")
     count = 0
     with gzip.open(out_path, "wt") as out:
         for e in events:
             if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
-                args = e.get("args", {})
-                op = args.get("hlo_op") or args.get("long_name") or ""
-                out.write(json.dumps({"n": e.get("name", "")[:100], "op": str(op)[:200], "tid": e["tid"],
+                out.write(json.dumps({"n": e.get("name", "")[:100], "op": _hlo_op(e)[:200], "tid": e["tid"],
                                       "ts": e["ts"], "dur": e.get("dur", 0)}) + "\n")
                 count += 1
     return count

@@ -219,6 +219,7 @@ class _KVStatic:
     dtype: str
     stages: int
     registers: int
+    producer_registers: int  # MosaicTiling.producer_registers
     approx_math: bool
     interpret: bool
     ctas: int
@@ -290,7 +291,7 @@ def _dkv_producer(refs, st: _KVStatic):
     order_ref, off_ref, ent_ref, q_ref, do_ref, stat_ref, q_smem, do_smem, st_smem, q_bar, do_bar, st_bar, \
         free = refs
     if st.wgs == 2:
-        plgpu.set_max_registers(min(40, 504 - 2 * st.registers), action="decrease")  # as producer_registers
+        plgpu.set_max_registers(st.producer_registers, action="decrease")
 
     def item(j, base):
         b, kh, region, first, readers = _kv_item(j, order_ref, off_ref, st)
@@ -313,7 +314,7 @@ def _dkv_producer(refs, st: _KVStatic):
         plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(st.stages))])
 
 
-def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, step, st: _KVStatic):
+def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, use, st: _KVStatic):
     """Warpgroup ``w``'s share of the chunk's dQ, added into the f32 accumulator at ``dst(cols)``. Exchanged:
     the 64-column blocks ``c = w (mod wgs)`` of ``sum_x dS_x K_x`` over both warpgroups' tiles (``dS_x`` the
     transpose of warpgroup ``x``'s ``dS^T`` in ``ds_smem``); else every column block of its own ``dS_w K_w``.
@@ -331,9 +332,11 @@ def _dq_share(w: int, ds_smem, k_smem, stage, dst, ld_bar, step, st: _KVStatic):
                     plgpu.wgmma(acc_ref, _t(ds_smem.at[x]), k_smem.at[x, :, cols])
 
             dq = pl.run_state(body)(plgpu.ACC.init(_zeros((BQ, BQ), st)))
-        # The tiles are used in turn; a reduce-add is one bulk group of this warpgroup and groups finish in
-        # order, so once at most slots - 1 are pending the one that last read this tile is done.
-        slot = lax.rem(step * len(blocks) + n, jnp.int32(st.slots))
+        # The tiles are used in turn by this warpgroup's reduce-adds, numbered without gaps within an item
+        # (``use`` skips no step), so two uses of one tile are ``slots`` commits apart: once at most
+        # slots - 1 bulk groups are pending, the reduce that last read this tile is done. Between items the
+        # item start waits for every group.
+        slot = lax.rem(use * len(blocks) + n, jnp.int32(st.slots))
         out, tile = dst(cols), stage.at[slot, w]
         plgpu.wait_smem_to_gmem(st.slots - 1, wait_read_only=True)
         if st.interpret:
@@ -379,7 +382,7 @@ def _dkv_consumer(refs, st: _KVStatic):
     if st.fuse_dq and st.interpret:
         _zero_private_dq(dq_ref, stage, wg, st)
 
-    def add_dq(ds, rows, head, where, i):
+    def add_dq(ds, rows, head, where, use):
         """Puts this warpgroup's dS^T tile where the dQ wgmma reads it and adds this warpgroup's share of
         dQ. Exchanged, the warpgroups meet once both tiles are there and again once both are read (so the
         next step does not overwrite a tile still being read)."""
@@ -391,11 +394,11 @@ def _dkv_consumer(refs, st: _KVStatic):
         acc = dq_ref.at[lax.axis_index("cta"), wg] if st.interpret else dq_ref
         dst = lambda cols: acc.at[b, rows, head, cols]
         for w in range(st.wgs):
-            pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, i, st))
+            pl.when(wg == w)(functools.partial(_dq_share, w, ds_smem, k_smem, stage, dst, ld_bar, use, st))
         if st.exchange:
             _mgc.rendezvous(sync)
 
-    def step(i, carry, s, masked, where):
+    def step(i, carry, s, masked, where, use):
         b, kh, region, first, readers = where
         if st.fuse_dq:  # the chunk's rows and head: a scalar read from global memory, issued early
             rows, head = _kv_chunk(s, readers, first, region, ent_ref, b, kh, st)
@@ -424,7 +427,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         dk = _mgc.pv(dk, ds_t, q_s, st)  # dK += dS^T Q
         plgpu.barrier_arrive(free.at[slot])  # the fused dQ reads dS^T and K, not the ring's Q / dO
         if st.fuse_dq:
-            add_dq(ds_t, rows, head, where, i)
+            add_dq(ds_t, rows, head, where, use)
         return dk, dv
 
     def item(j, base):
@@ -438,7 +441,7 @@ def _dkv_consumer(refs, st: _KVStatic):
         plgpu.barrier_wait(kv_bar.at[st.wgs + wg])
         n_sel = readers * st.chunk_steps
         zeros = _zeros((BQ, st.h), st)
-        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, where), (zeros, zeros))
+        carry = lax.fori_loop(0, n_sel, lambda s, a: step(base + s, a, s, False, where, s), (zeros, zeros))
         # The own group's chunks before this warpgroup's keys are all masked: skipped, unless the
         # warpgroups exchange dS^T (the other warpgroup's keys see them and the two meet at every step).
         hidden = n_sel + (0 if st.exchange else wg * st.q_per_kv)
@@ -450,9 +453,9 @@ def _dkv_consumer(refs, st: _KVStatic):
                 plgpu.barrier_wait(bar.at[slot])
             plgpu.barrier_arrive(free.at[slot])
 
-        dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps, lambda s,
-                               a: step(base + s, a, s, True, where),
-                               carry)
+        skipped = hidden - n_sel  # steps without a reduce-add: the fused dQ's tile count leaves them out
+        dk, dv = lax.fori_loop(hidden, n_sel + st.chunk_steps,
+                               lambda s, a: step(base + s, a, s, True, where, s - skipped), carry)
         k_s[...] = (dk * st.scale).astype(dtype)
         v_s[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -538,7 +541,8 @@ def _kv_static(k, entries, st: Static) -> _KVStatic:
     regions = k.shape[1] // st.w
     fused, t = st.tiling.fused_dq, st.tiling
     kst = _KVStatic(st.w, st.h, st.batch, regions, st.kv_heads, st.q_per_kv, entries.shape[-1], st.scale,
-                    st.dtype, t.stages_fused if fused else t.stages_dkv, t.compute_registers, t.approx_math,
+                    st.dtype, t.stages_fused if fused else t.stages_dkv, t.compute_registers,
+                    t.producer_registers, t.approx_math,
                     st.interpret, 0, fused, fused and t.dq_exchange, t.dq_slots, t.dq_swizzle)
     return dataclasses.replace(kst, ctas=min(kst.items, _mgc.num_sms(st.tiling, st.interpret)))
 
