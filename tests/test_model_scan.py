@@ -157,9 +157,10 @@ def test_cudnn_dense_kernel_is_refused_on_cpu():
         model(TOKENS)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 8, 4096])  # one token, ragged, dividing T=40, beyond T
-def test_chunked_cross_entropy_equals_the_full_loss(chunk):
-    model = Llama(_config(), rngs=nnx.Rngs(0))
+# one token, ragged, dividing T=40, beyond T; and a head tied to the input embedding
+@pytest.mark.parametrize(("chunk", "tie"), [(1, False), (7, False), (8, False), (4096, False), (7, True)])
+def test_chunked_cross_entropy_equals_the_full_loss(chunk, tie):
+    model = Llama(_config(tie_embeddings=tie), rngs=nnx.Rngs(0))
     targets = jnp.roll(TOKENS, -1, axis=1)
     mask = jnp.asarray(np.random.default_rng(1).random(TOKENS.shape) > 0.3, jnp.float32)
 
@@ -175,6 +176,24 @@ def test_chunked_cross_entropy_equals_the_full_loss(chunk):
     g_f = nnx.jit(nnx.grad(full))(model)
     for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_f), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_cross_entropy_runs_the_head_once_per_chunk_under_grad(tie):
+    """The loss's gradient comes from the forward's logits: one [B, c, V] matmul in the differentiated
+    program (a backward that recomputed the logits would hold two), with or without a tied head."""
+    graphdef, state = nnx.split(Llama(_config(tie_embeddings=tie), rngs=nnx.Rngs(0)))
+    targets, mask = jnp.roll(TOKENS, -1, axis=1), jnp.ones(TOKENS.shape, jnp.float32)
+
+    def loss(state):
+        m = nnx.merge(graphdef, state)
+        return chunked_cross_entropy(HiddenStates(m.hidden_states(TOKENS)[0], m.output_logits), targets, mask,
+                                     8)[0]
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state).jaxpr
+    logits = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"
+              and e.outvars[0].aval.ndim == 3 and e.outvars[0].aval.shape[-1] == 64]
+    assert len(logits) == 1
 
 
 def test_memory_planner_refuses_what_cannot_fit_naming_the_estimate_and_the_largest_fit():
