@@ -36,6 +36,11 @@ def _variants(t: int, d_in: int, d_out: int):
         "fwd_w_out_in": (lambda a, b: a @ b.T, (x, w_t)),
         "bwd_w_in_out": (lambda a, b: a @ b.T, (dy, w)),
         "bwd_w_out_in": (lambda a, b: a @ b, (dy, w_t)),
+        # W [in, out] transposed inside the program behind an optimization barrier (so XLA cannot fold the
+        # transpose into the GEMM's operand order): the copy plus the [out, in] GEMMs, as a model could run
+        "transpose": (lambda b: jax.lax.optimization_barrier(b.T), (w,)),
+        "fwd_w_transposed_in_jit": (lambda a, b: a @ jax.lax.optimization_barrier(b.T).T, (x, w)),
+        "bwd_w_transposed_in_jit": (lambda a, b: a @ jax.lax.optimization_barrier(b.T), (dy, w)),
     }
 
 
@@ -71,8 +76,8 @@ def main(argv=None) -> int:
             s = _time(fn, fargs, args.reps, args.warmup)
             rows.append({"kind": "gemm_layout", "shape": name, "tokens": args.tokens, "d_in": d_in,
                          "d_out": d_out, "variant": variant, "ms": round(s * 1e3, 4),
-                         "tflops": round(flops / s / 1e12, 1), "device": dev.device_kind,
-                         "jax": jax.__version__})
+                         "tflops": None if variant == "transpose" else round(flops / s / 1e12, 1),
+                         "device": dev.device_kind, "jax": jax.__version__})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.out != "-":
         with open(args.out, "a") as f:
