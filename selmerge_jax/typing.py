@@ -9,7 +9,8 @@ Every signature, einsum string and end-of-line shape comment in the package uses
  N    query heads
  K    key/value heads
  G    query heads per kv head, G = N / K
- H    head dim
+ H    head dim (of q and k, and of v unless Hv says otherwise)
+ Hv   value head dim where it differs from H (MLA-style; outputs are then ``[B, T, N, Hv]``)
  D    model width
  W    block (region) size in tokens
  R    regions, R = T / W

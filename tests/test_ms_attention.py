@@ -307,7 +307,7 @@ def test_bad_inputs_raise(key):
         _ms_attention(q[:, :, :3], k, v, cfg)
     with pytest.raises(TypeError, match="share a dtype"):
         _ms_attention(q.astype(jnp.bfloat16), k, v, cfg)
-    with pytest.raises(ValueError, match="k and v must have the same shape"):
+    with pytest.raises(ValueError, match=r"v \[B, S, K, Hv\] must agree with k \[B, S, K, H\] on B, S and K"):
         _ms_attention(q, k, v[:, :32], cfg)
     with pytest.raises(ValueError, match="self-attention"):
         _ms_attention(q[:, :32], k, v, cfg)

@@ -16,10 +16,12 @@ broken backend never silently turns into the XLA path.
 import importlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from selmerge_jax.kernels.block_sparse_attention.plan import (
     SelectionPlan,
@@ -136,22 +138,47 @@ def _takes_segments(fn: Callable) -> bool:
         return False
 
 
+def _call(fn: Callable, q, k, v, plan: SelectionPlan, scale, return_lse: bool, extra: dict):
+    """``fn`` on the inputs; a value head dim ``Hv`` other than q/k's ``H`` (MLA-style) is zero-padded, with
+    q and k, to the next power of two of ``max(H, Hv)`` for every backend but the reference (which takes it
+    as it is), and the output sliced back. Zero columns add nothing to ``q . k`` and give zero output
+    columns, so the result (and its gradient) is exact; the price is the padded columns' matmul work."""
+    h, hv = k.shape[3], v.shape[3]
+    if h == hv or fn is block_sparse_attention_reference:
+        return fn(q, k, v, plan, scale=scale, return_lse=return_lse, **extra)
+    d = 1 << (max(h, hv) - 1).bit_length()  # the Pallas kernels tile power-of-two head dims
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[3]),))
+
+    scale = 1.0 / math.sqrt(h) if scale is None else scale  # the default is the unpadded q/k width's
+    result = fn(pad(q), pad(k), pad(v), plan, scale=scale, return_lse=return_lse, **extra)
+    if return_lse:
+        return result[0][..., :hv], result[1]
+    return result[..., :hv]
+
+
 def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None,
                            return_lse: bool = False,
                            implementation: Implementation | Sequence[Implementation] | None = None,
                            segment_ids=None):
-    """Block-sparse attention of q ``[B, T, N, H]`` over k/v ``[B, T, K, H]`` driven by ``plan``.
+    """Block-sparse attention of q ``[B, T, N, H]`` over k ``[B, T, K, H]`` and v ``[B, T, K, Hv]`` driven by
+    ``plan``.
 
-    See ``plan.py`` for the semantics and ``reference.py`` for the oracle. Returns ``out`` (and the float32
-    log-sum-exp ``[B, T, N]`` when ``return_lse``). ``segment_ids`` ``int [B, T]`` (packed documents): a query
-    sees only keys of its own segment; a backend whose function has no ``segment_ids`` parameter (the Mosaic
-    ones) declines such a call, so on a GPU the default order falls through to ``"pallas_triton"``.
+    See ``plan.py`` for the semantics and ``reference.py`` for the oracle. Returns ``out [B, T, N, Hv]``
+    (and the float32 log-sum-exp ``[B, T, N]`` when ``return_lse``). Values may be narrower or wider than
+    queries and keys (MLA-style head dims, ``Hv != H``): the kernels then see all three zero-padded to one
+    power-of-two head dim (``_call``); the default scale stays ``1/sqrt(H)``.
+
+    ``segment_ids`` ``int [B, T]`` (packed documents): a query sees only keys of its own segment; a backend
+    whose function has no ``segment_ids`` parameter (the Mosaic ones) declines such a call, so on a GPU the
+    default order falls through to ``"pallas_triton"``.
 
     Raises:
       ImportError: a requested implementation is unavailable on this install (its import failed).
       NotImplementedError: every candidate declined the inputs.
     """
-    check_plan_inputs(q, k, v, plan)
+    check_plan_inputs(q, k, v, plan, value_dim=True)
     check_segment_ids(segment_ids, q)
     _load_backends()
     names = _candidates(implementation)
@@ -169,7 +196,7 @@ def block_sparse_attention(q, k, v, plan: SelectionPlan, *, scale: float | None 
                 continue
             extra = {"segment_ids": segment_ids}
         try:
-            result = fn(q, k, v, plan, scale=scale, return_lse=return_lse, **extra)
+            result = _call(fn, q, k, v, plan, scale, return_lse, extra)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
             continue

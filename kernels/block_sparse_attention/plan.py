@@ -97,12 +97,19 @@ class SelectionPlan:
         return self.valid_mask().sum(-1).astype(jnp.int32) * self.block_size
 
 
-def check_plan_inputs(q, k, v, plan: SelectionPlan) -> tuple[int, int]:
-    """Validates q/k/v against a plan; returns ``(K, G)``. Raises ValueError/TypeError naming the argument."""
+def check_plan_inputs(q, k, v, plan: SelectionPlan, *, value_dim: bool = False) -> tuple[int, int]:
+    """Validates q/k/v against a plan; returns ``(K, G)``. Raises ValueError/TypeError naming the argument.
+
+    ``value_dim``: v may be ``[B, S, K, Hv]`` with a head dim of its own (the reference and ``api`` take it;
+    the kernels see equal head dims, ``api`` pads); otherwise v must have k's shape.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be rank 4 ([B, T, N, H] / [B, S, K, H]), got shape {x.shape}")
-    if k.shape != v.shape:
+    if value_dim and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v [B, S, K, Hv] must agree with k [B, S, K, H] on B, S and K, got k {k.shape} and "
+                         f"v {v.shape}")
+    if not value_dim and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

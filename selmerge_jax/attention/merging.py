@@ -43,19 +43,21 @@ def _unselected_candidates(plan: SelectionPlan):
 
 
 def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = None, segment_ids=None):
-    """Attention of q ``[B, T, N, H]`` to the centroids of each group's unselected candidate regions.
+    """Attention of q ``[B, T, N, H]`` to the centroids (mean k ``[H]``, mean v ``[Hv]``) of each group's
+    unselected candidate regions.
 
     With ``segment_ids`` ``int [B, T]`` (packed documents) a centroid never mixes documents: it is the mean of
     the tokens of the region's last segment (``selection.region_summaries``' rule), seen only by queries of
     that segment.
 
-    Returns ``(out [B, T, N, H], lse float32 [B, T, N])``; ``lse = -inf`` where a group has no such region.
+    Returns ``(out [B, T, N, Hv], lse float32 [B, T, N])``; ``lse = -inf`` where a group has no such region.
     """
     b, t, n, h = q.shape
+    hv = v.shape[3]
     kv_heads, w = k.shape[2], plan.block_size
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     kc = region_summaries(k, w, segment_ids=segment_ids)  # [B, R, K, H]
-    vc = region_summaries(v, w, segment_ids=segment_ids)
+    vc = region_summaries(v, w, segment_ids=segment_ids)  # [B, R, K, Hv]
     use = jax.lax.stop_gradient(_unselected_candidates(plan))  # [B, P, Q, R]
     p_heads = use.shape[1]
     use = jnp.repeat(use, n // p_heads, axis=1)  # [B, N, Q, R]
@@ -80,7 +82,7 @@ def centroid_attention(q, k, v, plan: SelectionPlan, *, scale: float | None = No
         den = pr.sum(-1, keepdims=True)
         o = jnp.einsum("bkglr,brkh->blkgh", pr / jnp.where(den == 0, 1.0, den), vc)
         lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(den[..., 0]), -jnp.inf)  # [B, K, G, L]
-        return o.reshape(b, -1, n, h), lse.transpose(0, 3, 1, 2).reshape(b, -1, n)
+        return o.reshape(b, -1, n, hv), lse.transpose(0, 3, 1, 2).reshape(b, -1, n)
 
     out, lse = jax.lax.map(step, (jnp.moveaxis(q_groups, 1, 0), jnp.moveaxis(use, 2, 0), seg_groups))
-    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h), jnp.moveaxis(lse, 0, 1).reshape(b, t, n)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, hv), jnp.moveaxis(lse, 0, 1).reshape(b, t, n)

@@ -35,9 +35,10 @@ def pad_to_multiple(x, multiple: int, axis: int = 1, mode: str = "constant"):
     return jnp.pad(x, widths, mode=mode)
 
 
-def check_self_attention(q, k, v, config: MSAttentionConfig) -> int:
-    """Validates q/k/v for select-and-merge self-attention; returns T."""
-    check_qkv(q, k, v)
+def check_self_attention(q, k, v, config: MSAttentionConfig, *, value_dim: bool = False) -> int:
+    """Validates q/k/v for select-and-merge self-attention; returns T. ``value_dim``: v may have its own head
+    dim (``check_qkv``)."""
+    check_qkv(q, k, v, value_dim=value_dim)
     t = q.shape[1]
     if k.shape[1] != t:
         raise ValueError(f"ms_attention is self-attention: q length {t} != k length {k.shape[1]}")
@@ -50,7 +51,8 @@ def check_self_attention(q, k, v, config: MSAttentionConfig) -> int:
 def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, selection_k=None,
                  scale: float | None = None, implementation: str | Sequence[str] | None = None,
                  return_plan: bool = False, segment_ids=None):
-    """Select-and-merge attention of q ``[B, T, N, H]`` over k/v ``[B, T, K, H]`` (self-attention).
+    """Select-and-merge attention of q ``[B, T, N, H]`` over k ``[B, T, K, H]`` and v ``[B, T, K, Hv]``
+    (self-attention; v may have a head dim of its own, MLA-style).
 
     Args:
       config: block size, top-k, merge and the other knobs (see ``MSAttentionConfig``).
@@ -65,10 +67,10 @@ def ms_attention(q, k, v, config: MSAttentionConfig, *, selection_q=None, select
         alone. Backends without a per-token segment mask decline (``"xla"`` takes it).
 
     Returns:
-      ``[B, T, N, H]`` in q's dtype (and the plan when asked).
+      ``[B, T, N, Hv]`` in q's dtype (and the plan when asked).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    t = check_self_attention(q, k, v, config)
+    t = check_self_attention(q, k, v, config, value_dim=True)
     sq = q if selection_q is None else selection_q
     sk = k if selection_k is None else selection_k
     if sq.shape != q.shape or sk.shape != k.shape:

@@ -4,16 +4,19 @@ import math
 
 import jax.numpy as jnp
 
-__all__ = ["dense_attention", "check_qkv"]
+__all__ = ["check_qkv", "check_value_shape", "dense_attention"]
 
 
-def check_qkv(q, k, v) -> tuple[int, int]:
-    """Validates q ``[B, T, N, H]`` and k/v ``[B, S, K, H]``; returns ``(K, G)`` with ``G = N / K``."""
+def check_qkv(q, k, v, *, value_dim: bool = False) -> tuple[int, int]:
+    """Validates q ``[B, T, N, H]`` and k/v ``[B, S, K, H]``; returns ``(K, G)`` with ``G = N / K``.
+
+    ``value_dim``: the caller also takes v ``[B, S, K, Hv]`` with its own head dim (MLA-style attention, where
+    queries and keys are wider than values); otherwise v must have k's shape.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be rank 4 ([B, T, N, H] / [B, S, K, H]), got shape {jnp.shape(x)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    check_value_shape(k, v, value_dim)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -29,9 +32,19 @@ def check_qkv(q, k, v) -> tuple[int, int]:
     return kh, n // kh
 
 
+def check_value_shape(k, v, value_dim: bool) -> None:
+    """v must be ``[B, S, K, H]`` like k, or with ``value_dim`` ``[B, S, K, Hv]`` for any ``Hv``."""
+    if value_dim and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v [B, S, K, Hv] must agree with k [B, S, K, H] on B, S and K, got k {k.shape} and "
+                         f"v {v.shape}")
+    if not value_dim and k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+
+
 def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, scale: float | None = None,
                     return_lse: bool = False):
-    """Softmax attention of q ``[B, T, N, H]`` over k/v ``[B, S, K, H]`` with GQA, float32 accumulation.
+    """Softmax attention of q ``[B, T, N, H]`` over k ``[B, S, K, H]`` and v ``[B, S, K, Hv]`` (GQA; values
+    may have their own head dim), float32 accumulation.
 
     Args:
       causal: query i sees keys j <= i + (S - T) (bottom-right aligned, so T < S means "the last T queries").
@@ -40,10 +53,10 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, scale: fl
       return_lse: also return the float32 log-sum-exp ``[B, T, N]`` (``-inf`` for fully masked rows).
 
     Returns:
-      ``[B, T, N, H]`` in q's dtype; fully masked rows give 0, never NaN.
+      ``[B, T, N, Hv]`` in q's dtype; fully masked rows give 0, never NaN.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    kv_heads, g = check_qkv(q, k, v)
+    kv_heads, g = check_qkv(q, k, v, value_dim=True)
     b, t, n, h = q.shape
     s = k.shape[1]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
@@ -60,7 +73,7 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, scale: fl
     denom = p.sum(-1, keepdims=True)
     out = jnp.einsum("bkgts,bskh->bkgth", p, v.astype(jnp.float32)) / jnp.where(denom == 0, 1.0, denom)
     out = out.transpose(0, 3, 1, 2, 4)
-    out = out.reshape(b, t, n, h).astype(q.dtype)
+    out = out.reshape(b, t, n, v.shape[3]).astype(q.dtype)
     if not return_lse:
         return out
     lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)  # [B, K, G, T]
