@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=MODES, default="lora")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (iteration only)")
     p.add_argument("--remat", default="full", choices=typing.get_args(RematPolicy))
+    p.add_argument("--mlp-chunk", type=int, default=None, metavar="TOKENS",
+                   help="ModelConfig.mlp_chunk: the MLP block in slices of this many tokens (remat none, "
+                        "full or offload): the backward holds one slice's [c, F] arrays")
     p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (>= 1)")
     p.add_argument("--dense-reps-long", type=int, default=2, help="timed dense steps at T >= 65536")
     p.add_argument("--dense-max-len", type=int, default=131072,
@@ -114,6 +117,8 @@ def parse_args(argv=None):
         p.error(f"--reps={args.reps}: must be >= 1")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers={args.layers}: must be >= 1")
+    if args.mlp_chunk is not None and args.mlp_chunk < 1:
+        p.error(f"--mlp-chunk={args.mlp_chunk}: must be >= 1")
     return args
 
 
@@ -126,6 +131,7 @@ def environment() -> dict:
 
 def model_config(args, cell: Cell):
     overrides = dict(attention=cell.attention, max_seq_len=max(cell.seq_len, 4096), remat=args.remat,
+                     mlp_chunk=args.mlp_chunk,
                      ms=MSAttentionConfig(block_size=args.block_size, top_k=args.top_k,
                                           selection_source="previous",
                                           selection_heads="kv"),
@@ -186,8 +192,9 @@ def _capacity(args) -> int:
 def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
     cfg = model_config(args, cell)
     row = {"bench": "model_step", **dataclasses.asdict(cell), "layers": cfg.num_layers, "batch": 1,
-           "remat": cfg.remat, "lora_rank": LORA.rank if cell.mode == "lora" else None,
-           "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "loss_chunk": args.loss_chunk}
+           "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk,
+           "lora_rank": LORA.rank if cell.mode == "lora" else None, "dtype": cfg.dtype,
+           "param_dtype": cfg.param_dtype, "loss_chunk": args.loss_chunk}
     if cell.attention == "ms":
         row.update(ms_kernel=cfg.ms_kernel, block_size=cfg.ms.block_size, top_k=cfg.ms.top_k,
                    attended_fraction=float(attended_keys(cfg.ms, cell.seq_len).sum()

@@ -43,6 +43,10 @@ def _save_policy(prim, *_, **params) -> bool:
     return prim.name in _ATTENTION_KERNELS
 
 
+# remat policies under which ModelConfig.mlp_chunk runs the same matmuls (the MLP is recomputed in the
+# backward anyway, or everything is kept)
+MLP_CHUNK_REMATS = ("none", "full", "offload")
+
 _REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -90,6 +94,13 @@ class ModelConfig:
         full, with the layer inputs in pinned host memory; GPU/TPU), ``save`` (save what the backward reads,
         ``SAVED_NAMES`` and the attention kernels' outputs: no matmul or attention runs twice, at ~86 KB per
         token per layer for a 7B MHA model), ``dots`` or ``dots_no_batch``.
+      mlp_chunk: tokens per slice of each layer's MLP block (post-attention norm, SwiGLU, residual add) in a
+        forward without a KV cache, None for the whole sequence at once. Each slice runs under the layer's
+        remat policy, so the backward of ``remat="full"``/``"offload"`` holds one slice's ``[B, c, F]``
+        intermediates instead of the sequence's (the 7B shape at 128K tokens: four ``[T, F]`` bf16 arrays,
+        11 GiB, become 1.4 GiB at 16K-token slices) with the same matmuls. Refused with ``"save"`` and the
+        ``"dots"`` policies, which keep the MLP's intermediates (the layer's policy cannot see them inside the
+        slices' loop, so it would run the MLP's matmuls again).
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """
@@ -115,6 +126,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: RematPolicy = "none"
+    mlp_chunk: int | None = None
     init_std: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -123,7 +135,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim",
                      "max_seq_len"):
             check_positive_int(f"ModelConfig.{name}", getattr(self, name))
-        for name in ("head_dim", "sliding_window"):
+        for name in ("head_dim", "sliding_window", "mlp_chunk"):
             check_positive_int(f"ModelConfig.{name}", getattr(self, name), allow_none=True)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
@@ -152,6 +164,11 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             check_choice(f"ModelConfig.{name}", getattr(self, name), _DTYPES)
         check_choice("ModelConfig.remat", self.remat, _REMAT)
+        if self.mlp_chunk is not None and self.remat not in MLP_CHUNK_REMATS:
+            raise ValueError(f"ModelConfig.mlp_chunk={self.mlp_chunk} needs remat in {MLP_CHUNK_REMATS}, got "
+                             f"remat={self.remat!r}: that policy keeps the MLP's intermediates, which it "
+                             "cannot see inside the slices' loop (its matmuls would run again); set "
+                             "mlp_chunk=None")
         if not isinstance(self.rope, RopeConfig) or not isinstance(self.ms, MSAttentionConfig):
             raise TypeError(f"ModelConfig.rope must be a RopeConfig and .ms an MSAttentionConfig, got "
                             f"{type(self.rope).__name__} and {type(self.ms).__name__}")

@@ -158,6 +158,9 @@ class DecoderLayer(nnx.Module):
         mlp = lambda y: self.mlp(self.post_attention_layernorm(y))
         if cache is not None:  # inference: a long prompt's [B, T, F] intermediates never exist whole
             return residual_chunked(mlp, x, MLP_CHUNK), cache
+        cfg = self.self_attn.config
+        if cfg.mlp_chunk is not None and x.shape[1] > cfg.mlp_chunk:
+            return residual_sliced(mlp, x, cfg.mlp_chunk, cfg.remat_policy), cache
         return x + mlp(x), cache
 
 
@@ -192,6 +195,24 @@ def residual_chunked(fn, x: jax.Array, chunk: int) -> jax.Array:
         piece = h[:, n * chunk:]
         h = h.at[:, n * chunk:].set(piece + fn(piece).astype(h.dtype))
     return h
+
+
+def residual_sliced(fn, x: jax.Array, chunk: int, policy) -> jax.Array:
+    """``x + fn(x)`` for a token-wise ``fn``, ``chunk`` tokens at a time, each slice under ``jax.checkpoint``
+    with ``policy`` (``ModelConfig.mlp_chunk``).
+
+    Unlike ``residual_chunked`` (inference, in place) this is for differentiation: a ``lax.map`` over the
+    slices, whose backward recomputes and differentiates one slice at a time, so it holds one slice's
+    intermediates. With ``policy`` None (no remat) the slices' residuals are kept, as unsliced.
+    """
+    b, t, d = x.shape
+    n, tail = divmod(t, chunk)
+    body = lambda piece: piece + fn(piece).astype(piece.dtype)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    head = jax.lax.map(body, x[:, :n * chunk].reshape(b, n, chunk, d).swapaxes(0, 1))
+    head = head.swapaxes(0, 1).reshape(b, n * chunk, d)
+    return jnp.concatenate([head, body(x[:, n * chunk:])], axis=1) if tail else head
 
 
 def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:

@@ -12,7 +12,8 @@ first, from the config alone. The estimate is a sum of named parts (``TrainMemor
   the mid-layer residual, the MLP's gate and up: ~86 KB a token per layer at the 7B shape); ``"dots"`` keeps
   every matmul output of the layer;
 * ``transient``: the largest working set of one layer's recomputation and backward (q/k/v/o, the SwiGLU's
-  gate/up/product and their gradients, attention's own buffers), which exists once, not per layer;
+  gate/up/product and their gradients, attention's own buffers), which exists once, not per layer; with
+  ``ModelConfig.mlp_chunk`` the SwiGLU's arrays are one slice's;
 * ``logits``: one cross-entropy chunk of float32 logits and their gradient (``loss_chunk`` tokens).
 
 The coefficients of ``transient`` were fitted to the measured peaks of the Llama-2-7B LoRA step on an H200 at
@@ -129,7 +130,9 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     elif config.remat in ("dots", "dots_no_batch"):
         per_layer_saved = tokens * (d + qkvo + 3 * f) * abytes
     saved = per_layer_saved * config.num_layers
-    transient = int(tokens * (_TRANSIENT_F * f + _TRANSIENT_D * d + qkvo) * abytes)
+    # ModelConfig.mlp_chunk: the backward holds one slice's F-wide arrays, not the sequence's
+    f_tokens = tokens if config.mlp_chunk is None else batch * min(seq_len, config.mlp_chunk)
+    transient = int((f_tokens * _TRANSIENT_F * f + tokens * (_TRANSIENT_D * d + qkvo)) * abytes)
     logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 2  # f32 logits and their gradient
     return TrainMemory(weights=weights, trainable=trainable, saved=saved, transient=transient, logits=logits)
 
