@@ -44,7 +44,7 @@ from flax import nnx  # noqa: E402
 from selmerge_jax.attention import MSAttentionConfig  # noqa: E402
 from selmerge_jax.layers.attention import attended_keys  # noqa: E402
 from selmerge_jax.models import Llama, preset  # noqa: E402
-from selmerge_jax.models.config import RematPolicy  # noqa: E402
+from selmerge_jax.models.config import MLP_CHUNK_REMATS, RematPolicy  # noqa: E402
 from selmerge_jax.models.lora import LoRAConfig, apply_lora  # noqa: E402
 from selmerge_jax.models.memory import check_fits  # noqa: E402
 from selmerge_jax.training.train_step import init_train_state, make_train_step, trainable_filter  # noqa: E402
@@ -117,8 +117,9 @@ def parse_args(argv=None):
         p.error(f"--reps={args.reps}: must be >= 1")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers={args.layers}: must be >= 1")
-    if args.mlp_chunk is not None and args.mlp_chunk < 1:
-        p.error(f"--mlp-chunk={args.mlp_chunk}: must be >= 1")
+    if args.mlp_chunk is not None and (args.mlp_chunk < 1 or args.remat not in MLP_CHUNK_REMATS):
+        p.error(f"--mlp-chunk={args.mlp_chunk} with --remat={args.remat}: needs a positive count and --remat "
+                f"in {MLP_CHUNK_REMATS} (ModelConfig.mlp_chunk)")
     return args
 
 
