@@ -196,6 +196,54 @@ def test_chunked_cross_entropy_runs_the_head_once_per_chunk_under_grad(tie):
     assert len(logits) == 1
 
 
+def _head_dots(jaxpr, d: int, v: int) -> dict:
+    """How many of the head's matmuls the program holds: logits ``[B, c, V]`` and its weight's gradient
+    (``[D, V]``, or ``[V, D]`` as autodiff transposes it)."""
+    shapes = [e.outvars[0].aval.shape for e in equations(jaxpr) if e.primitive.name == "dot_general"]
+    return {"logits": sum(len(s) == 3 and s[-1] == v for s in shapes),
+            "weight_grad": shapes.count((d, v)) + shapes.count((v, d))}
+
+
+def test_chunked_cross_entropy_with_a_frozen_head_computes_no_head_weight_gradient():
+    graphdef, head, rest = nnx.split(Llama(_config(), rngs=nnx.Rngs(0)), nnx.PathContains("lm_head"), ...)
+    targets, mask = jnp.roll(TOKENS, -1, axis=1), jnp.ones(TOKENS.shape, jnp.float32)
+
+    def loss(rest, head):
+        m = nnx.merge(graphdef, head, rest)
+        return chunked_cross_entropy(HiddenStates(m.hidden_states(TOKENS)[0], m.output_logits), targets, mask,
+                                     8)[0]
+
+    frozen = jax.make_jaxpr(jax.grad(loss))(rest, head).jaxpr  # LoRA-like: the head is not differentiated
+    trained = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(rest, head).jaxpr
+    assert _head_dots(frozen, 32, 64) == {"logits": 1, "weight_grad": 0}
+    assert _head_dots(trained, 32, 64) == {"logits": 1, "weight_grad": 1}
+
+
+def test_chunked_cross_entropy_differentiates_the_mask_and_runs_in_bf16():
+    """The mask's gradient is each token's loss; bf16 hidden states give the full loss's gradients."""
+    model = Llama(_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    targets = jnp.roll(TOKENS, -1, axis=1)
+    weights = jnp.asarray(np.random.default_rng(2).random(TOKENS.shape), jnp.float32)  # weighted tokens
+    h = model.hidden_states(TOKENS)[0]
+
+    def chunked(h, mask):
+        return chunked_cross_entropy(HiddenStates(h, model.output_logits), targets, mask, 7)[0]
+
+    def full(h, mask):
+        return token_cross_entropy(model.output_logits(h), targets, mask)[0]
+
+    got = jax.grad(chunked, argnums=(0, 1))(h, weights)
+    want = jax.grad(full, argnums=(0, 1))(h, weights)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)  # d loss / d mask: the token losses
+    np.testing.assert_allclose(got[0].astype(np.float32), want[0].astype(np.float32), rtol=2e-2, atol=1e-4)
+
+
+def test_chunked_cross_entropy_refuses_a_head_that_does_not_return_logits():
+    h = jnp.zeros((2, 40, 32))
+    with pytest.raises(ValueError, match=r"HiddenStates.head must map h \[B, c, D\]"):
+        chunked_cross_entropy(HiddenStates(h, lambda x: (x, x)), TOKENS, jnp.ones(TOKENS.shape), 8)
+
+
 def test_memory_planner_refuses_what_cannot_fit_naming_the_estimate_and_the_largest_fit():
     from selmerge_jax.models.memory import check_fits, train_memory
 

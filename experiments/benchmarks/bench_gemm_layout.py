@@ -1,17 +1,20 @@
 """How fast XLA's GEMMs run for a layer's projections, forward and backward, by weight layout.
 
-A kernel trace of the 7B LoRA step (results R50/R53) shows the backward's input-gradient GEMMs
+A kernel trace of the 7B LoRA step (results R50) shows the backward's input-gradient GEMMs
 (``dY @ W^T``) running at ~710-730 TF/s while the forward's (``x @ W``) run at ~800-815 on the same shapes.
 This times, for each projection shape of a Llama layer, the four ways a weight can meet its activation:
 ``x @ W`` with ``W [in, out]`` (the model's layout) and with ``W`` stored ``[out, in]`` (PyTorch's layout, so
 ``x @ W.T``), and the backward's ``dY @ W.T`` and ``dY @ W`` for the same two storages. One JSON line per
-shape and variant: median over ``--reps`` of the mean of 10 back-to-back calls, TF/s, the device and versions.
+shape and variant: median over ``--reps`` of the mean of 10 back-to-back calls, TF/s, the device and versions,
+and whether the compiled program holds a transpose or copy (an optimization barrier fixes no memory layout, so
+XLA's layout assignment could still make the in-program transpose free).
 
     python experiments/benchmarks/bench_gemm_layout.py --tokens 32768 --out gemm.jsonl
 """
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -42,6 +45,12 @@ def _variants(t: int, d_in: int, d_out: int):
         "fwd_w_transposed_in_jit": (lambda a, b: a @ jax.lax.optimization_barrier(b.T).T, (x, w)),
         "bwd_w_transposed_in_jit": (lambda a, b: a @ jax.lax.optimization_barrier(b.T), (dy, w)),
     }
+
+
+def _moves_data(fn, args) -> bool:
+    """Whether the compiled program transposes or copies anything besides the GEMM itself."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return bool(re.search(r"\b(transpose|copy)\(", text))
 
 
 def _time(fn, args, reps: int, warmup: int) -> float:
@@ -77,7 +86,8 @@ def main(argv=None) -> int:
             rows.append({"kind": "gemm_layout", "shape": name, "tokens": args.tokens, "d_in": d_in,
                          "d_out": d_out, "variant": variant, "ms": round(s * 1e3, 4),
                          "tflops": None if variant == "transpose" else round(flops / s / 1e12, 1),
-                         "device": dev.device_kind, "jax": jax.__version__})
+                         "moves_data": _moves_data(fn, fargs), "device": dev.device_kind,
+                         "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.out != "-":
         with open(args.out, "a") as f:

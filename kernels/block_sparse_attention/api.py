@@ -63,7 +63,8 @@ _logged_choices: set[tuple] = set()
 def register_implementation(name: str, fn: Callable) -> None:
     """Adds a backend; ``fn(q, k, v, plan, *, scale, return_lse)`` must raise NotImplementedError to decline.
 
-    A name registered before the Pallas backends load keeps the caller's function.
+    A name registered before the Pallas backends load keeps the caller's function. Where v's head dim differs
+    from q/k's, ``fn`` gets all three zero-padded to one head dim (``_call``).
     """
     IMPLEMENTATIONS[name] = fn
     _UNAVAILABLE.pop(name, None)
@@ -142,7 +143,8 @@ def _call(fn: Callable, q, k, v, plan: SelectionPlan, scale, return_lse: bool, e
     """``fn`` on the inputs; a value head dim ``Hv`` other than q/k's ``H`` (MLA-style) is zero-padded, with
     q and k, to the next power of two of ``max(H, Hv)`` for every backend but the reference (which takes it
     as it is), and the output sliced back. Zero columns add nothing to ``q . k`` and give zero output
-    columns, so the result (and its gradient) is exact; the price is the padded columns' matmul work."""
+    columns, so the result (and its gradient) is exact; the price is the padded columns' matmul work and the
+    padded copies of q, k, v and the output."""
     h, hv = k.shape[3], v.shape[3]
     if h == hv or fn is block_sparse_attention_reference:
         return fn(q, k, v, plan, scale=scale, return_lse=return_lse, **extra)

@@ -60,7 +60,7 @@ class HiddenStates(NamedTuple):
     (``chunked_cross_entropy``)."""
 
     h: jax.Array
-    head: Callable[[jax.Array], jax.Array]
+    head: Callable[[jax.Array], jax.Array]  # traced once per call: a pure function of h, one array out
 
 
 # (model, {"tokens", ...}, ctx) -> logits [B, T, V] or HiddenStates
@@ -139,12 +139,14 @@ def token_cross_entropy(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
 def chunked_cross_entropy(hidden: HiddenStates, targets, mask, chunk: int) -> tuple[jax.Array, jax.Array]:
     """``token_cross_entropy`` of ``hidden.head(hidden.h)`` computed ``chunk`` tokens at a time.
 
-    A ``lax.scan`` over sequence chunks: forward and backward hold one chunk's float32 logits (``[B, chunk,
-    V]``), never the ``[B, T, V]`` of the whole sequence (16 GiB at T = 128K with a 32K vocabulary). Under
-    differentiation the scan computes each chunk's logits once, with the loss *and* its gradient (``dh``, and
-    the head's parameters' where they are differentiated) in the forward pass; the backward only scales them
-    by the incoming cotangent (``_head_loss``). Recomputing the logits in the backward (``jax.checkpoint``
-    per chunk) would run the head's matmul twice: 14.8 ms of a 7B step at 32K (results R53).
+    A ``lax.scan`` over sequence chunks that holds one chunk's float32 logits (``[B, chunk, V]``), never the
+    ``[B, T, V]`` of the whole sequence (16 GiB at T = 128K with a 32K vocabulary). Under reverse-mode
+    differentiation the scan computes each chunk's logits once, with the loss *and* its gradient in the
+    forward pass (``_head_loss``): for the hidden states, the mask and the head's parameters, each where it is
+    differentiated; the backward only scales them by the incoming cotangent. Recomputing the logits in the
+    backward (``jax.checkpoint`` per chunk) ran the head's matmul twice: 14.8 ms of the 7B LoRA step at 32K
+    (the 8 logits matmuls after the layers' backward in R50's kernel trace). Forward-mode differentiation
+    (``jax.jvp``, Hessians) of the loss is not supported.
     """
     h = hidden.h
     b, t, _ = h.shape
@@ -161,7 +163,11 @@ def chunked_cross_entropy(hidden: HiddenStates, targets, mask, chunk: int) -> tu
 
     h_chunks = to_chunks(h)
     # The head's parameters become explicit inputs (a custom VJP may not close over what is differentiated).
-    head = jax.make_jaxpr(hidden.head)(h_chunks[0])
+    head = jax.make_jaxpr(hidden.head)(jax.ShapeDtypeStruct(h_chunks.shape[1:], h.dtype))
+    out = head.out_avals
+    if len(out) != 1 or out[0].ndim != 3 or out[0].shape[:2] != (b, c):
+        raise ValueError(f"HiddenStates.head must map h [B, c, D] = {h_chunks.shape[1:]} to one array of "
+                         f"logits [B, c, V], got {[a.str_short() for a in out]}")
     total = _head_loss(head.jaxpr, h_chunks, to_chunks(targets), to_chunks(mask), *head.consts)
     return total, jnp.sum(mask)
 
@@ -180,41 +186,50 @@ def _head_loss(jaxpr, h_chunks, t_chunks, m_chunks, *consts):
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_chunks, t_chunks, m_chunks))[0]
 
 
+def _differentiated(primal) -> bool:
+    return primal.perturbed and jnp.issubdtype(primal.value.dtype, jnp.inexact)
+
+
 def _head_loss_fwd(jaxpr, h_chunks, t_chunks, m_chunks, *consts):
-    """One pass: per chunk the loss and its gradient for a unit cotangent. Only the differentiated
-    (``perturbed``) constants get a gradient, summed over chunks in float32."""
-    h_chunks, t_chunks, m_chunks = h_chunks.value, t_chunks.value, m_chunks.value
+    """One pass: per chunk the loss and its gradient for a unit cotangent, for each differentiated
+    (``perturbed``) input: ``dh`` and the mask's per chunk, the head parameters' summed over chunks in float32
+    and stored at their own dtype."""
+    want_h, want_m = _differentiated(h_chunks), _differentiated(m_chunks)
+    want = [_differentiated(c) for c in consts]
     values = [c.value for c in consts]
-    want = [c.perturbed and jnp.issubdtype(c.value.dtype, jnp.inexact) for c in consts]
 
     def body(carry, xs):
         total, acc = carry
         h_c, t_c, m_c = xs
 
-        def loss(h_c, *diff):
+        def loss(*diff):
             it = iter(diff)
-            return _chunk_loss(jaxpr, h_c, t_c, m_c, [next(it) if w else v for v, w in zip(values, want)])
+            pick = lambda x, w: next(it) if w else x
+            h, m = pick(h_c, want_h), pick(m_c, want_m)
+            return _chunk_loss(jaxpr, h, t_c, m, [pick(v, w) for v, w in zip(values, want, strict=True)])
 
-        value, vjp = jax.vjp(loss, h_c, *[v for v, w in zip(values, want) if w])
-        dh, *dc = vjp(jnp.ones((), jnp.float32))
-        acc = [a + d.astype(jnp.float32) for a, d in zip(acc, dc, strict=True)]
-        return (total + value, acc), dh.astype(h_c.dtype)
+        diff = [x for x, w in ((h_c, want_h), (m_c, want_m), *zip(values, want, strict=True)) if w]
+        value, vjp = jax.vjp(loss, *diff)
+        grads = iter(vjp(jnp.ones((), jnp.float32)))
+        dh = next(grads).astype(h_c.dtype) if want_h else None
+        dm = next(grads).astype(m_c.dtype) if want_m else None
+        acc = [a + d.astype(jnp.float32) for a, d in zip(acc, grads, strict=True)]
+        return (total + value, acc), (dh, dm)
 
-    acc0 = [jnp.zeros(v.shape, jnp.float32) for v, w in zip(values, want) if w]
-    (total, acc), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), acc0), (h_chunks, t_chunks, m_chunks))
-    grads, it = [], iter(acc)
-    for v, w in zip(values, want):
-        grads.append((next(it), jnp.zeros((0,), v.dtype)) if w else None)  # (sum, dtype marker)
-    return total, (dh, grads)
+    acc0 = [jnp.zeros(v.shape, jnp.float32) for v, w in zip(values, want, strict=True) if w]
+    xs = (h_chunks.value, t_chunks.value, m_chunks.value)
+    (total, acc), (dh, dm) = jax.lax.scan(body, (jnp.zeros((), jnp.float32), acc0), xs)
+    it = iter(acc)
+    d_consts = [next(it).astype(v.dtype) if w else None for v, w in zip(values, want, strict=True)]
+    return total, (dh, dm, d_consts)
 
 
 def _head_loss_bwd(jaxpr, res, g):
-    dh, grads = res
-    n_in = 3 + len(grads)
+    dh, dm, d_consts = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        return (None,) * n_in
-    d_consts = tuple(None if gr is None else (gr[0] * g).astype(gr[1].dtype) for gr in grads)
-    return ((dh * g).astype(dh.dtype), None, None, *d_consts)
+        return (None,) * (3 + len(d_consts))
+    scale = lambda d: None if d is None else (d * g).astype(d.dtype)
+    return (scale(dh), None, scale(dm), *map(scale, d_consts))
 
 
 _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd, symbolic_zeros=True)
