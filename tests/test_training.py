@@ -44,6 +44,16 @@ class Tiny(nnx.Module):
         return self.out(self.norm(self.emb(x)))
 
 
+class TinyHidden(Tiny):
+    """``Tiny`` returning ``HiddenStates`` to the step: its loss goes through ``chunked_cross_entropy``."""
+
+    def hidden_states(self, x, positions=None, segment_ids=None):
+        return self.norm(self.emb(x)), None
+
+    def output_logits(self, h):
+        return self.out(h).astype(jnp.float32)
+
+
 def _batch(seed=0, b=4, t=8):
     return {"tokens": jnp.asarray(np.random.default_rng(seed).integers(0, V, (b, t + 1)), jnp.int32)}
 
@@ -101,6 +111,27 @@ def test_loss_falls_and_step_compiles_once():
     assert len(traces) == 1
     assert int(state.step) == 30
     assert float(metrics["loss"]) < first - 0.5
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])  # the head trained, or only its adapter
+def test_the_chunked_loss_in_a_train_step_equals_the_logits_path(trainable):
+    """Through ``make_train_step`` with gradient accumulation and bf16 compute: the custom-VJP chunked loss
+    (``loss_chunk`` 3 of 8 tokens: ragged) moves the parameters as the full-logits loss does."""
+    def run(model):
+        tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+        graphdef, state = init_train_state(model, tx, trainable=trainable)
+        step = make_train_step(graphdef, tx, accumulation_steps=2, compute_dtype=jnp.bfloat16, loss_chunk=3,
+                               donate=False)
+        seen = []
+        for i in range(2):
+            state, metrics = step(state, _batch(i))
+            seen.append((float(metrics["loss"]), float(metrics["grad_norm"])))  # Adam hides a grad's scale
+        return state, seen
+
+    (chunked, l_c), (full, l_f) = run(TinyHidden(lora_rank=4)), run(Tiny(lora_rank=4))
+    np.testing.assert_allclose(l_c, l_f, rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-4)
 
 
 def test_grad_accumulation_matches_one_big_batch():
