@@ -99,6 +99,30 @@ def test_ms_attention_with_centroids_takes_a_value_head_dim_of_its_own(strict_tr
                                atol=2e-4)
 
 
+def _pad_v(v, to: int):
+    return jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, to - v.shape[3])))
+
+
+def test_dense_attention_with_narrow_values_is_the_wide_one_sliced_with_every_option():
+    """Non-causal, packed documents, LSE: each output column depends on its own value column only."""
+    q, k, v = _qkv(16, 8, seed=3)
+    seg = jnp.asarray(np.repeat([0, 1, 2, 3], T // 4)[None], jnp.int32)
+    for kw in ({"causal": False}, {"segment_ids": seg}, {"causal": False, "segment_ids": seg}):
+        out, lse = dense_attention(q, k, v, return_lse=True, **kw)
+        wide, wide_lse = dense_attention(q, k, _pad_v(v, 16), return_lse=True, **kw)
+        np.testing.assert_allclose(out, wide[..., :8], rtol=1e-6, atol=1e-6, err_msg=str(kw))
+        np.testing.assert_allclose(lse, wide_lse, rtol=1e-6, err_msg=str(kw))
+
+
+def test_packed_documents_through_a_padded_kernel(strict_triton):
+    q, k, v = _qkv(32, 16, seed=4)
+    seg = jnp.asarray(np.repeat([0, 1], T // 2)[None], jnp.int32)
+    plan = dense_causal_plan(B, K, T, block_size=W)
+    got = block_sparse_attention(q, k, v, plan, implementation=strict_triton, segment_ids=seg)
+    want = block_sparse_attention(q, k, v, plan, implementation="xla", segment_ids=seg)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
 def test_values_must_agree_with_keys_on_everything_but_the_head_dim():
     q, k, _ = _qkv(16, 8)
     plan = dense_causal_plan(B, K, T, block_size=W)
