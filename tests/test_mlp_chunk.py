@@ -69,6 +69,12 @@ def test_mlp_chunk_is_refused_where_the_policy_keeps_the_mlp_intermediates(remat
         preset("tiny", remat="full", mlp_chunk=0)
 
 
+@pytest.mark.parametrize("attention", ["ring", "ring_ms"])
+def test_mlp_chunk_is_refused_with_a_sharded_sequence(attention):
+    with pytest.raises(ValueError, match=rf"mlp_chunk=4096 with attention='{attention}': the sequence axis"):
+        preset("tiny", remat="full", mlp_chunk=4096, attention=attention)
+
+
 def test_the_memory_planner_counts_one_slice_of_the_mlp():
     cfg = preset("llama2-7b", dtype="bfloat16", param_dtype="bfloat16", remat="full")
     whole = train_memory(cfg, batch=1, seq_len=131072)

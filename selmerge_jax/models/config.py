@@ -98,9 +98,11 @@ class ModelConfig:
         forward without a KV cache, None for the whole sequence at once. Each slice runs under the layer's
         remat policy, so the backward of ``remat="full"``/``"offload"`` holds one slice's ``[B, c, F]``
         intermediates instead of the sequence's (the 7B shape at 128K tokens: four ``[T, F]`` bf16 arrays,
-        11 GiB, become 1.4 GiB at 16K-token slices) with the same matmuls. Refused with ``"save"`` and the
+        10.7 GiB, become 1.3 GiB at 16K-token slices) with the same matmuls. Refused with ``"save"`` and the
         ``"dots"`` policies, which keep the MLP's intermediates (the layer's policy cannot see them inside the
-        slices' loop, so it would run the MLP's matmuls again).
+        slices' loop, so it would run the MLP's matmuls again), and with ring attention, whose sequence axis
+        is sharded over devices (a loop over its slices would move them between devices; each device holds
+        ``T / devices`` tokens already).
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """
@@ -169,6 +171,10 @@ class ModelConfig:
                              f"remat={self.remat!r}: that policy keeps the MLP's intermediates, which it "
                              "cannot see inside the slices' loop (its matmuls would run again); set "
                              "mlp_chunk=None")
+        if self.mlp_chunk is not None and self.attention in ("ring", "ring_ms"):
+            raise ValueError(f"ModelConfig.mlp_chunk={self.mlp_chunk} with attention={self.attention!r}: the "
+                             f"sequence axis is sharded over {self.sequence_axis!r}, and a loop over its "
+                             "slices would move them between devices; set mlp_chunk=None")
         if not isinstance(self.rope, RopeConfig) or not isinstance(self.ms, MSAttentionConfig):
             raise TypeError(f"ModelConfig.rope must be a RopeConfig and .ms an MSAttentionConfig, got "
                             f"{type(self.rope).__name__} and {type(self.ms).__name__}")
