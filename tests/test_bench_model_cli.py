@@ -25,7 +25,7 @@ def test_one_invocation_times_ms_and_dense_and_writes_their_ratio(tmp_path):
     assert ratio["speedup"] == pytest.approx(steps["dense"]["step_s"] / steps["ms"]["step_s"], rel=0.01)
 
 
-@pytest.mark.parametrize("extra", [["--mlp-chunk", "0"], ["--mlp-chunk", "64", "--remat", "save"]])
+@pytest.mark.parametrize("extra", [["--mlp-chunk", "0"], ["--mlp-chunk", "64", "--remat", "none"]])
 def test_settings_that_cannot_run_are_refused_before_any_cell(extra, capsys):
     with pytest.raises(SystemExit):
         bench_model.parse_args([*TINY, *extra])

@@ -93,8 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override num_layers (iteration only)")
     p.add_argument("--remat", default="full", choices=typing.get_args(RematPolicy))
     p.add_argument("--mlp-chunk", type=int, default=None, metavar="TOKENS",
-                   help="ModelConfig.mlp_chunk: the MLP block in slices of this many tokens (remat none, "
-                        "full or offload): the backward holds one slice's [c, F] arrays")
+                   help="ModelConfig.mlp_chunk: the MLP block in slices of this many tokens (not with "
+                        "--remat none): the backward holds one slice's [c, F] arrays")
     p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (>= 1)")
     p.add_argument("--dense-reps-long", type=int, default=2, help="timed dense steps at T >= 65536")
     p.add_argument("--dense-max-len", type=int, default=131072,

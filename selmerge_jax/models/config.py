@@ -43,9 +43,10 @@ def _save_policy(prim, *_, **params) -> bool:
     return prim.name in _ATTENTION_KERNELS
 
 
-# remat policies under which ModelConfig.mlp_chunk runs the same matmuls (the MLP is recomputed in the
-# backward anyway, or everything is kept)
-MLP_CHUNK_REMATS = ("none", "full", "offload")
+# remat policies ModelConfig.mlp_chunk accepts: the layer's policy applies inside the slices' loop too, so
+# each runs the same matmuls sliced. Without remat every slice's residuals are kept anyway and the slices add
+# buffers (CPU, a 2-layer F = 4096 model at 1K tokens: 395 -> 431 MB of temporaries), so "none" is refused.
+MLP_CHUNK_REMATS = ("full", "offload", "save", "dots", "dots_no_batch")
 
 _REMAT = {
     "none": None,
@@ -98,11 +99,12 @@ class ModelConfig:
         forward without a KV cache, None for the whole sequence at once. Each slice runs under the layer's
         remat policy, so the backward of ``remat="full"``/``"offload"`` holds one slice's ``[B, c, F]``
         intermediates instead of the sequence's (the 7B shape at 128K tokens: four ``[T, F]`` bf16 arrays,
-        10.7 GiB, become 1.3 GiB at 16K-token slices) with the same matmuls. Refused with ``"save"`` and the
-        ``"dots"`` policies, which keep the MLP's intermediates (the layer's policy cannot see them inside the
-        slices' loop, so it would run the MLP's matmuls again), and with ring attention, whose sequence axis
-        is sharded over devices (a loop over its slices would move them between devices; each device holds
-        ``T / devices`` tokens already).
+        10.7 GiB, become 1.3 GiB at 16K-token slices) with the same matmuls. ``"save"`` and the ``"dots"``
+        policies keep gate/up for the whole sequence, so less comes back there. Refused without remat
+        (``MLP_CHUNK_REMATS``) and with ring attention, whose sequence axis is sharded over devices (a loop
+        over its slices would move them between devices; each device holds ``T / devices`` tokens already).
+        Trained MLP weights in a bfloat16 step get their gradient summed over the slices in bfloat16 (a
+        LoRA step on the attention projections has none).
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """
@@ -168,9 +170,8 @@ class ModelConfig:
         check_choice("ModelConfig.remat", self.remat, _REMAT)
         if self.mlp_chunk is not None and self.remat not in MLP_CHUNK_REMATS:
             raise ValueError(f"ModelConfig.mlp_chunk={self.mlp_chunk} needs remat in {MLP_CHUNK_REMATS}, got "
-                             f"remat={self.remat!r}: that policy keeps the MLP's intermediates, which it "
-                             "cannot see inside the slices' loop (its matmuls would run again); set "
-                             "mlp_chunk=None")
+                             f"remat={self.remat!r}: without remat every slice's intermediates are kept, so "
+                             "slicing frees nothing and adds buffers; set mlp_chunk=None or a remat policy")
         if self.mlp_chunk is not None and self.attention in ("ring", "ring_ms"):
             raise ValueError(f"ModelConfig.mlp_chunk={self.mlp_chunk} with attention={self.attention!r}: the "
                              f"sequence axis is sharded over {self.sequence_axis!r}, and a loop over its "

@@ -170,12 +170,17 @@ def _my_data_state(stored: dict, shard: tuple[int, int], batches):
         "passkey/copy rows, whose position is global.")
 
 
-def _check_layout(train: TrainConfig, mesh) -> None:
-    """The global batch and sequence split evenly over the mesh (nothing is floored)."""
+def _check_layout(train: TrainConfig, mesh, model=None) -> None:
+    """The global batch and sequence split evenly over the mesh (nothing is floored); a model that slices its
+    MLP over tokens (``ModelConfig.mlp_chunk``) only where the sequence is not sharded."""
     if mesh is None:
         return
-    data_shard(mesh, train.batch_size)  # raises unless B divides over data*fsdp
     ring = mesh.shape.get("seq", 1)
+    chunk = getattr(getattr(model, "config", None), "mlp_chunk", None)
+    if chunk is not None and ring > 1:
+        fail("model.config.mlp_chunk", chunk, f"None on a mesh whose seq axis ({ring}) shards the sequence: "
+             "a loop over slices of a sharded axis moves them between devices")
+    data_shard(mesh, train.batch_size)  # raises unless B divides over data*fsdp
     if train.seq_len % ring:
         fail("train.seq_len", train.seq_len, f"a multiple of the mesh's seq axis = {ring} (ring shards)")
 
@@ -314,7 +319,7 @@ def train(model, batches: Iterator[dict], *, train: TrainConfig, optimizer: Opti
       eval_forward: the forward of validation passes (default: ``forward``).
       step_log: ``step -> {name: value}`` added to every metrics line (e.g. the CRD NTK scale of that step).
     """
-    _check_layout(train, mesh)
+    _check_layout(train, mesh, model)
     shard = data_shard(mesh, train.batch_size)
     tx, schedule, graphdef, state = _init(model, train, optimizer, mesh, trainable)
     _check_memory(model, train, optimizer, state, mesh)
