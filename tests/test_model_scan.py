@@ -238,10 +238,48 @@ def test_chunked_cross_entropy_differentiates_the_mask_and_runs_in_bf16():
     np.testing.assert_allclose(got[0].astype(np.float32), want[0].astype(np.float32), rtol=2e-2, atol=1e-4)
 
 
-def test_chunked_cross_entropy_refuses_a_head_that_does_not_return_logits():
+def test_chunked_cross_entropy_gives_float16_weights_float16_gradients():
+    """The summed head gradient waits in float32 (float16's range), then comes back at the weight's dtype."""
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(2, 40, 32)), jnp.float16)
+    w = jnp.asarray(rng.normal(size=(32, 64)) * 0.1, jnp.float16)
+    targets, mask = jnp.roll(TOKENS, -1, axis=1), jnp.ones(TOKENS.shape, jnp.float32)
+
+    def loss(w, h):
+        head = lambda x: (x @ w).astype(jnp.float32)
+        return chunked_cross_entropy(HiddenStates(h, head), targets, mask, 8)[0]
+
+    def full(w, h):
+        return token_cross_entropy((h @ w).astype(jnp.float32), targets, mask)[0]
+
+    got, want = jax.grad(loss)(w, h), jax.grad(full)(w, h)
+    assert got.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("head", [lambda x: (x, x), lambda x: x.sum(-1)])  # two outputs; not [B, c, V]
+def test_chunked_cross_entropy_refuses_a_head_that_does_not_return_logits(head):
     h = jnp.zeros((2, 40, 32))
     with pytest.raises(ValueError, match=r"HiddenStates.head must map h \[B, c, D\]"):
-        chunked_cross_entropy(HiddenStates(h, lambda x: (x, x)), TOKENS, jnp.ones(TOKENS.shape), 8)
+        chunked_cross_entropy(HiddenStates(h, head), TOKENS, jnp.ones(TOKENS.shape), 8)
+
+
+def test_chunked_cross_entropy_of_a_fixed_h_runs_no_hidden_state_gradient():
+    """Only the head differentiated (h fixed): no ``dh = dlogits W^T`` matmul ``[B, c, D]`` in the program."""
+    model = Llama(_config(), rngs=nnx.Rngs(0))
+    h = model.hidden_states(TOKENS)[0]
+    graphdef, head = nnx.split(model.lm_head)
+    targets, mask = jnp.roll(TOKENS, -1, axis=1), jnp.ones(TOKENS.shape, jnp.float32)
+
+    def loss(head, h):
+        return chunked_cross_entropy(HiddenStates(h, nnx.merge(graphdef, head)), targets, mask, 8)[0]
+
+    def dh_dots(argnums):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(head, h).jaxpr
+        return [e for e in equations(jaxpr) if e.primitive.name == "dot_general"
+                and e.outvars[0].aval.shape == (2, 8, 32)]
+
+    assert len(dh_dots((0, 1))) == 1 and not dh_dots(0)
 
 
 def test_memory_planner_refuses_what_cannot_fit_naming_the_estimate_and_the_largest_fit():

@@ -50,7 +50,7 @@ def _variants(t: int, d_in: int, d_out: int):
 def _moves_data(fn, args) -> bool:
     """Whether the compiled program transposes or copies anything besides the GEMM itself."""
     text = jax.jit(fn).lower(*args).compile().as_text()
-    return bool(re.search(r"\b(transpose|copy)\(", text))
+    return bool(re.search(r"=\s*\S+\s+(transpose|copy)\(", text))  # the opcode of an instruction
 
 
 def _time(fn, args, reps: int, warmup: int) -> float:

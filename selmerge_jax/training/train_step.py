@@ -220,16 +220,27 @@ def _head_loss_fwd(jaxpr, h_chunks, t_chunks, m_chunks, *consts):
     xs = (h_chunks.value, t_chunks.value, m_chunks.value)
     (total, acc), (dh, dm) = jax.lax.scan(body, (jnp.zeros((), jnp.float32), acc0), xs)
     it = iter(acc)
-    d_consts = [next(it).astype(v.dtype) if w else None for v, w in zip(values, want, strict=True)]
+    d_consts = [next(it).astype(_held_dtype(v.dtype)) if w else None
+                for v, w in zip(values, want, strict=True)]
     return total, (dh, dm, d_consts)
+
+
+def _held_dtype(dtype):
+    """What a head weight's summed gradient waits in until the backward: its own dtype, except float16, whose
+    range an unnormalised sum over a long sequence could overflow (float32 then)."""
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
 
 def _head_loss_bwd(jaxpr, res, g):
     dh, dm, d_consts = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return (None,) * (3 + len(d_consts))
-    scale = lambda d: None if d is None else (d * g).astype(d.dtype)
-    return (scale(dh), None, scale(dm), *map(scale, d_consts))
+
+    def scale(d, dtype=None):  # to the primal's dtype: a custom VJP's cotangents must match it
+        return None if d is None else (d * g).astype(dtype or d.dtype)
+
+    dtypes = [v.aval.dtype for v in jaxpr.constvars]  # the head's weights, in the order of their gradients
+    return (scale(dh), None, scale(dm), *map(scale, d_consts, dtypes))
 
 
 _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd, symbolic_zeros=True)
