@@ -36,6 +36,7 @@ __all__ = [
     "check_positive_number",
     "check_probability",
     "check_shape",
+    "check_value_shape",
     "fail",
     "is_int",
     "is_number",
@@ -197,3 +198,13 @@ def check_shape(name: str, array: Any, expected: Sequence[int | None]) -> tuple[
         want = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
         fail(f"{name}.shape", None if shape is None else tuple(shape), want)
     return tuple(shape)
+
+
+def check_value_shape(k: Any, v: Any, value_dim: bool) -> None:
+    """v must be ``[B, S, K, H]`` like k, or with ``value_dim`` ``[B, S, K, Hv]`` for any ``Hv`` (MLA-style
+    attention, whose values are narrower or wider than its queries and keys)."""
+    if value_dim and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v [B, S, K, Hv] must agree with k [B, S, K, H] on B, S and K, got k {k.shape} and "
+                         f"v {v.shape}")
+    if not value_dim and k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")

@@ -107,3 +107,12 @@ def test_the_memory_planner_counts_one_slice_of_the_mlp():
     saved_f = 4 * (131072 - 16384) * cfg.ffn_dim * 2  # four [T, F] bf16 arrays less one slice's
     assert whole.transient - sliced.transient == saved_f
     assert sliced.total < 60 * 2**30 < whole.total
+
+
+def test_residual_sliced_refuses_bad_input():
+    from selmerge_jax.models.llama import residual_sliced
+
+    with pytest.raises(ValueError, match=r"chunk=0"):
+        residual_sliced(lambda y: y, jnp.zeros((1, 8, 4)), 0, None)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, D\], got shape \(8, 4\)"):
+        residual_sliced(lambda y: y, jnp.zeros((8, 4)), 2, None)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from selmerge_jax.typing import Array, Int
+from selmerge_jax.validation import check_value_shape
 
 __all__ = ["SelectionPlan", "check_plan_inputs", "check_segment_ids", "dense_causal_plan"]
 
@@ -106,11 +107,7 @@ def check_plan_inputs(q, k, v, plan: SelectionPlan, *, value_dim: bool = False) 
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be rank 4 ([B, T, N, H] / [B, S, K, H]), got shape {x.shape}")
-    if value_dim and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v [B, S, K, Hv] must agree with k [B, S, K, H] on B, S and K, got k {k.shape} and "
-                         f"v {v.shape}")
-    if not value_dim and k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    check_value_shape(k, v, value_dim)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, t, n, h = q.shape

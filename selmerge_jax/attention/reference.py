@@ -4,7 +4,9 @@ import math
 
 import jax.numpy as jnp
 
-__all__ = ["check_qkv", "check_value_shape", "dense_attention"]
+from selmerge_jax.validation import check_value_shape
+
+__all__ = ["check_qkv", "dense_attention"]
 
 
 def check_qkv(q, k, v, *, value_dim: bool = False) -> tuple[int, int]:
@@ -30,15 +32,6 @@ def check_qkv(q, k, v, *, value_dim: bool = False) -> tuple[int, int]:
     if kh <= 0 or n % kh:
         raise ValueError(f"query heads N={n} must be a positive multiple of kv heads K={kh}")
     return kh, n // kh
-
-
-def check_value_shape(k, v, value_dim: bool) -> None:
-    """v must be ``[B, S, K, H]`` like k, or with ``value_dim`` ``[B, S, K, Hv]`` for any ``Hv``."""
-    if value_dim and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v [B, S, K, Hv] must agree with k [B, S, K, H] on B, S and K, got k {k.shape} and "
-                         f"v {v.shape}")
-    if not value_dim and k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
 
 
 def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, scale: float | None = None,

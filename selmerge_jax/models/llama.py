@@ -205,6 +205,9 @@ def residual_sliced(fn, x: jax.Array, chunk: int, policy) -> jax.Array:
     slices, whose backward recomputes and differentiates one slice at a time, so it holds one slice's
     intermediates. With ``policy`` None (no remat) the slices' residuals are kept, as unsliced.
     """
+    check_int("chunk", chunk, 1)
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {x.shape}")
     b, t, d = x.shape
     n, tail = divmod(t, chunk)
     body = lambda piece: piece + fn(piece).astype(piece.dtype)
