@@ -47,14 +47,11 @@ def _variants(t: int, d_in: int, d_out: int):
     }
 
 
-def _moves_data(fn, args) -> bool:
-    """Whether the compiled program transposes or copies anything besides the GEMM itself."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    return bool(re.search(r"=\s*\S+\s+(transpose|copy)\(", text))  # the opcode of an instruction
-
-
-def _time(fn, args, reps: int, warmup: int) -> float:
-    f = jax.jit(fn)
+def _time(fn, args, reps: int, warmup: int) -> tuple[float, bool]:
+    """(median seconds per call, whether the compiled program transposes or copies anything besides the
+    GEMM itself), from one compilation."""
+    f = jax.jit(fn).lower(*args).compile()
+    moves_data = bool(re.search(r"=\s*\S+\s+(transpose|copy)\(", f.as_text()))  # an instruction's opcode
     for _ in range(warmup):
         f(*args).block_until_ready()
     times = []
@@ -64,7 +61,7 @@ def _time(fn, args, reps: int, warmup: int) -> float:
             f(*args)
         f(*args).block_until_ready()
         times.append((time.perf_counter() - start) / 10)
-    return statistics.median(times)
+    return statistics.median(times), moves_data
 
 
 def main(argv=None) -> int:
@@ -82,11 +79,11 @@ def main(argv=None) -> int:
     for name, d_in, d_out in SHAPES:
         flops = 2 * args.tokens * d_in * d_out
         for variant, (fn, fargs) in _variants(args.tokens, d_in, d_out).items():
-            s = _time(fn, fargs, args.reps, args.warmup)
+            s, moves_data = _time(fn, fargs, args.reps, args.warmup)
             rows.append({"kind": "gemm_layout", "shape": name, "tokens": args.tokens, "d_in": d_in,
                          "d_out": d_out, "variant": variant, "ms": round(s * 1e3, 4),
                          "tflops": None if variant == "transpose" else round(flops / s / 1e12, 1),
-                         "moves_data": _moves_data(fn, fargs), "device": dev.device_kind,
+                         "moves_data": moves_data, "device": dev.device_kind,
                          "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.out != "-":
