@@ -15,8 +15,11 @@ from selmerge_jax.kernels.block_sparse_attention import (
     block_sparse_attention_reference,
     unavailable_implementations,
 )
+from selmerge_jax.kernels.target import Target, compiling_for
 
 _BROKEN = "selmerge_jax.kernels.block_sparse_attention._no_such_backend"
+
+AMPERE = Target("gpu", compute_capability="8.0", core_count=108)  # a GPU the Mosaic kernels decline
 
 
 def _inputs():
@@ -76,9 +79,8 @@ def test_default_order_skips_an_unavailable_backend_and_logs_the_choice(fresh_re
     over (declined, unavailable) are logged once."""
     fresh_registry["pallas_triton"] = _BROKEN
     # Mosaic declines (no Hopper), Triton is gone
-    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     q, k, v, plan = _inputs()
-    with caplog.at_level(logging.INFO, logger=api.__name__):
+    with caplog.at_level(logging.INFO, logger=api.__name__), compiling_for(AMPERE):
         for _ in range(2):
             out = block_sparse_attention(q, k, v, plan)
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
@@ -97,7 +99,7 @@ def test_unknown_implementation_is_a_value_error():
 
 
 def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
-    """A non-Hopper device (here the CPU posing as "gpu") declines Mosaic and reaches Triton."""
+    """A non-Hopper GPU (traced for on this CPU) declines Mosaic and reaches Triton."""
     calls = []
 
     def spy(q, k, v, plan, *, scale=None, return_lse=False):
@@ -106,9 +108,9 @@ def test_dispatch_falls_through_to_triton_off_hopper(monkeypatch):
 
     api._load_backends()  # the real backends register first; the spy then replaces Triton for this test only
     monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_triton", spy)
-    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     q, k, v, plan = _inputs()
-    block_sparse_attention(q, k, v, plan)
+    with compiling_for(AMPERE):
+        block_sparse_attention(q, k, v, plan)
     assert calls == ["triton"]
     assert api._DEFAULT_ORDER["gpu"] == ("pallas_mosaic_gpu", "pallas_triton", "xla")
 
@@ -124,8 +126,8 @@ def test_ms_attention_default_dispatch_picks_pallas_triton_on_gpu(monkeypatch):
 
     api._load_backends()
     monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_triton", spy)
-    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     q = jax.random.normal(jax.random.PRNGKey(6), (1, 64, 4, 16))
     k = jax.random.normal(jax.random.PRNGKey(7), (1, 64, 2, 16))
-    ms_attention(q, k, k, MSAttentionConfig(block_size=16, top_k=3, selection_heads="kv"))
+    with compiling_for(AMPERE):
+        ms_attention(q, k, k, MSAttentionConfig(block_size=16, top_k=3, selection_heads="kv"))
     assert calls == [(1, 2, 4, 2)]

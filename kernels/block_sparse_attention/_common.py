@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from selmerge_jax.kernels import target
+
 __all__ = ["F32", "LN2", "LOG2E", "NEG_BIG", "backward_row_terms", "decline_dtype", "decline_platform", "dot",
            "out_struct"]
 
@@ -42,9 +44,9 @@ def named_residuals(out, lse):
 
 def decline_platform(backend: str, platform: str, interpret: bool) -> None:
     """``NotImplementedError`` (dispatch then falls through) unless on ``platform`` or interpreting."""
-    if not interpret and jax.default_backend() != platform:
-        raise NotImplementedError(f"{backend} needs a {platform.upper()} backend, running on "
-                                  f"{jax.default_backend()!r}")
+    if not interpret and target.platform() != platform:
+        raise NotImplementedError(f"{backend} needs a {platform.upper()} backend, tracing for "
+                                  f"{target.platform()!r}")
 
 
 def decline_dtype(backend: str, dtype, supported: tuple) -> None:

@@ -1,6 +1,6 @@
 """Public block-sparse attention op: one function, several implementations, always a pure-JAX fallback.
 
-``implementation`` is ``None`` (best for ``jax.default_backend()``, then the XLA path), one name, or a
+``implementation`` is ``None`` (best for ``target.platform()``, then the XLA path), one name, or a
 sequence of names tried in order. A backend that cannot handle the inputs raises ``NotImplementedError`` and
 dispatch falls through to the next; the pure-JAX ``"xla"`` path supports everything, so a CPU notebook always
 works.
@@ -20,9 +20,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
+from selmerge_jax.kernels import target
 from selmerge_jax.kernels.block_sparse_attention.plan import (
     SelectionPlan,
     check_plan_inputs,
@@ -108,7 +108,7 @@ def unavailable_implementations() -> dict[str, str]:
 
 def _candidates(implementation) -> tuple[str, ...]:
     if implementation is None:
-        return _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
+        return _DEFAULT_ORDER.get(target.platform(), ("xla",))
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     if not names:
         raise ValueError("implementation must be None, a name or a non-empty sequence of names")
@@ -123,10 +123,10 @@ def _candidates(implementation) -> tuple[str, ...]:
 
 
 def _log_default_choice(chosen: str, skipped: list[str]) -> None:
-    key = (jax.default_backend(), chosen, tuple(skipped))
+    key = (target.platform(), chosen, tuple(skipped))
     if key not in _logged_choices:  # once per distinct outcome, not once per traced call
         _logged_choices.add(key)
-        logger.info("block_sparse_attention: implementation=None on %r uses %r%s", jax.default_backend(),
+        logger.info("block_sparse_attention: implementation=None on %r uses %r%s", target.platform(),
                     chosen,
                     f" ({'; '.join(skipped)})" if skipped else "")
 

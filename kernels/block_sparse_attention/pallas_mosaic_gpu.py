@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from selmerge_jax.kernels import target
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as _bwd
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_common as _mgc
 from selmerge_jax.kernels.block_sparse_attention import pallas_triton
@@ -274,8 +275,8 @@ def block_sparse_attention_mosaic_gpu(q, k, v, plan: SelectionPlan, *, scale: fl
         (see the module docstring); the dispatcher then falls through to the next implementation.
     """
     if not interpret and not _mgc.is_hopper():
-        raise NotImplementedError(f"pallas_mosaic_gpu needs a Hopper GPU (sm_90), running on "
-                                  f"{jax.devices()[0].device_kind!r}")
+        raise NotImplementedError(f"pallas_mosaic_gpu needs a Hopper GPU (sm_90), tracing for "
+                                  f"{target.platform()!r} (compute capability {target.compute_capability()})")
     varying = getattr(getattr(jax.typeof(q), "manual_axis_type", None), "varying", ())
     if varying:  # ring attention's shard_map: never run there yet, so leave it to the Triton kernels
         raise NotImplementedError("pallas_mosaic_gpu is untested inside shard_map (q "

@@ -11,12 +11,12 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from selmerge_jax.kernels import target
 from selmerge_jax.kernels.block_sparse_attention._common import dot
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan, check_plan_inputs
 
@@ -191,8 +191,8 @@ class Static:
 
 
 def is_hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+    """Whether the traced-for device is an sm_90 GPU (``selmerge_jax.kernels.target``)."""
+    return target.is_hopper()
 
 
 def check_supported(q, plan: SelectionPlan, scale) -> None:
@@ -266,7 +266,7 @@ def num_sms(tiling: MosaicTiling, interpret: bool) -> int:
     """CTAs of a persistent pass: one per SM, or ``tiling.interpret_ctas`` in the interpreter."""
     if interpret:
         return tiling.interpret_ctas
-    return int(getattr(jax.devices()[0], "core_count", 132))
+    return target.core_count(default=132)
 
 
 def rendezvous(sched):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import jax
-
+from selmerge_jax.kernels import target
 from selmerge_jax.kernels.selective_decode.pallas_triton import centroid_tile, selective_decode_triton, tiles
 from selmerge_jax.kernels.selective_decode.reference import selective_decode_reference
 from selmerge_jax.validation import fail
@@ -23,7 +22,7 @@ def resolve(implementation: str, q_shape: tuple[int, ...], block: int, *,
     if implementation != "auto":
         return implementation
     ok = tiles(q_shape, block) and (centroid_rows is None or centroid_tile(centroid_rows) > 0)
-    return "pallas_triton" if jax.default_backend() == "gpu" and ok else "xla"
+    return "pallas_triton" if target.platform() == "gpu" and ok else "xla"
 
 
 def selective_decode(q, k, v, pos, count, blocks, q_pos, *, block: int, scale: float | None = None,

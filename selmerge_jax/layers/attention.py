@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from selmerge_jax.attention.config import MSAttentionConfig
 from selmerge_jax.attention.ms import ms_attention
 from selmerge_jax.attention.selected_positions import ms_attention_selected_positions
+from selmerge_jax.kernels import target
 from selmerge_jax.positional import RotaryPositions
 from selmerge_jax.sharding.ring_ms import sequence_parallel_attention
 from selmerge_jax.validation import check_choice
@@ -85,12 +86,12 @@ class AttentionSpec:
 def resolve_dense_kernel(kernel: str, dtype) -> Literal["xla", "cudnn"]:
     """The concrete dense kernel for ``kernel`` and activation ``dtype`` on the default backend."""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    gpu = jax.default_backend() == "gpu"
+    gpu = target.platform() == "gpu"
     if kernel == "auto":
         return "cudnn" if gpu and half else "xla"
     if kernel == "cudnn" and not (gpu and half):
         raise ValueError(f"dense_kernel='cudnn' needs a GPU and bfloat16/float16 activations, got backend "
-                         f"{jax.default_backend()!r} and dtype {jnp.dtype(dtype).name}; use 'auto' or 'xla'")
+                         f"{target.platform()!r} and dtype {jnp.dtype(dtype).name}; use 'auto' or 'xla'")
     return kernel
 
 

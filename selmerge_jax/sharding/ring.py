@@ -30,6 +30,7 @@ from jax import lax
 
 from selmerge_jax.attention.merging import merge_partials
 from selmerge_jax.attention.reference import check_qkv, dense_attention
+from selmerge_jax.kernels import target
 from selmerge_jax.kernels.block_sparse_attention import (
     SelectionPlan,
     block_sparse_attention,
@@ -254,7 +255,7 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = True, layout: str 
         raise ValueError(f"layout='zigzag' needs an even local length, got T_local={q.shape[1]}")
     check_positive_int("block_size", block_size)
     _check_strategy(strategy)
-    if implementation is None and jax.default_backend() == "cpu":
+    if implementation is None and target.platform() == "cpu":
         implementation = "dense"
     attend = partial(_attend, block_size=block_size, scale=scale, implementation=implementation)
     step_fn = partial(_dense_step, causal=causal, layout=layout, axis_name=axis_name, attend=attend)
