@@ -1,6 +1,8 @@
 """The scanned decoder stack equals a layer-by-layer loop; the model and ``MSAttention`` share one
 dispatch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -343,6 +345,25 @@ def test_remat_save_recomputes_no_matmul_and_keeps_the_gradients(attention):
     # q, k, v, o, gate, up, down run forward once; "full" runs q, k, v, o, gate, up again in the backward
     # (down's output is not needed there); MS also re-scores its regions (the plan is saved under "save").
     assert dots["full"] - dots["save"] >= 6, dots
+
+
+def test_full_remat_keeps_the_selection_plan():
+    """``remat="full"`` saves MS's plan (int32, a few per query group) besides the layer input, so the backward
+    attends with it instead of scoring every region again: the differentiated step runs selection's ``top_k``
+    as often as the forward alone. Under ``nothing_saveable`` (the policy before) it ran twice."""
+    model = Llama(_config(attention="ms", ms=MS, remat="full"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def loss(s):
+        return jnp.mean(nnx.merge(graphdef, s)(TOKENS) ** 2)
+
+    forward = _count(jax.make_jaxpr(loss)(state).jaxpr, "top_k")
+    assert forward >= 1
+    assert _count(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, "top_k") == forward
+    nothing = dataclasses.replace(model.config, remat="none")  # the same model, remat off: the same count
+    graphdef_none, _ = nnx.split(Llama(nothing, rngs=nnx.Rngs(0)))
+    assert _count(jax.make_jaxpr(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef_none, s)(TOKENS) ** 2)))(
+        state).jaxpr, "top_k") == forward
 
 
 def test_remat_save_keeps_the_mosaic_kernels_residuals():

@@ -48,15 +48,21 @@ def _save_policy(prim, *_, **params) -> bool:
 # buffers (CPU, a 2-layer F = 4096 model at 1K tokens: 395 -> 431 MB of temporaries), so "none" is refused.
 MLP_CHUNK_REMATS = ("full", "offload", "save", "dots", "dots_no_batch")
 
+# "full" and "offload" keep one thing besides the layer input: MS's selection plan (int32 region indices and
+# counts, ~2 MiB a layer for the 7B shape at 128K tokens against the layer input's 1 GiB). Without it the
+# backward's recomputed forward scores every region again only to rebuild the same integers; the dense path
+# names no plan, so there these policies save nothing at all.
+_PLAN_ONLY = ("ms_plan",)
+
 _REMAT = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "full": jax.checkpoint_policies.save_only_these_names(*_PLAN_ONLY),
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Like "full", but each layer's input [B, T, D] (the scan's saved carry, L of them) lives in pinned host
     # memory between forward and backward: at 128K tokens that is 32 GiB off a 7B model's device peak.
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+        names_which_can_be_saved=_PLAN_ONLY, names_which_can_be_offloaded=("layer_input",),
         offload_src="device", offload_dst="pinned_host"),
     "save": _save_policy,
 }
@@ -91,7 +97,8 @@ class ModelConfig:
         mesh is the ambient one (``with jax.set_mesh(mesh):``), the batch goes over its other axes.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
-      remat: per-layer rematerialisation: ``none``, ``full`` (save only each layer's input), ``offload`` (as
+      remat: per-layer rematerialisation: ``none``, ``full`` (save each layer's input, and MS's selection
+        plan), ``offload`` (as
         full, with the layer inputs in pinned host memory; GPU/TPU), ``save`` (save what the backward reads,
         ``SAVED_NAMES`` and the attention kernels' outputs: no matmul or attention runs twice, at ~86 KB per
         token per layer for a 7B MHA model), ``dots`` or ``dots_no_batch``.
