@@ -348,9 +348,9 @@ def test_remat_save_recomputes_no_matmul_and_keeps_the_gradients(attention):
 
 
 def test_full_remat_keeps_the_selection_plan():
-    """``remat="full"`` saves MS's plan (int32, a few per query group) besides the layer input, so the backward
-    attends with it instead of scoring every region again: the differentiated step runs selection's ``top_k``
-    as often as the forward alone. Under ``nothing_saveable`` (the policy before) it ran twice."""
+    """``remat="full"`` saves MS's plan (int32, a few per query group) besides the layer input, so the
+    backward attends with it instead of scoring every region again: the differentiated step runs selection's
+    ``top_k`` as often as the forward alone. Under ``nothing_saveable`` (the policy before) it ran twice."""
     model = Llama(_config(attention="ms", ms=MS, remat="full"), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
