@@ -12,7 +12,8 @@ TINY = ["--presets", "tiny", "--lengths", "256", "--ms-kernel", "reference", "--
         "--block-size", "16", "--top-k", "4", "--reps", "1", "--remat", "full"]
 
 
-def test_one_invocation_times_ms_and_dense_and_writes_their_ratio(tmp_path):
+def test_one_invocation_times_ms_and_dense_and_writes_their_ratio(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # read into each row, not applied
     out = tmp_path / "rows.jsonl"
     bench_model.main([*TINY, "--mlp-chunk", "64", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -20,6 +21,7 @@ def test_one_invocation_times_ms_and_dense_and_writes_their_ratio(tmp_path):
     assert set(steps) == {"ms", "dense"}
     for row in steps.values():
         assert row["status"] == "ok" and row["mlp_chunk"] == 64 and row["step_s"] > 0
+        assert row["xla_flags"] == "--xla_gpu_enable_command_buffer="
         assert row["loss"] == pytest.approx(5.56, abs=0.1)  # ln(259): random weights, byte vocabulary
     [ratio] = [r for r in rows if r["bench"] == "model_speedup"]
     assert ratio["speedup"] == pytest.approx(steps["dense"]["step_s"] / steps["ms"]["step_s"], rel=0.01)

@@ -127,7 +127,9 @@ def environment() -> dict:
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            # flags change what XLA compiles (streams, command buffers): a row records the ones it ran under
+            "xla_flags": os.environ.get("XLA_FLAGS") or None}
 
 
 def model_config(args, cell: Cell):
