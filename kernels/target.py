@@ -9,12 +9,12 @@ pick the CPU's fallbacks. Every platform question of the kernels and the model g
 """
 
 import contextlib
+import contextvars
 import dataclasses
 import re
 from typing import Literal
 
 import jax
-from jax._src import config as _jax_config
 
 __all__ = ["HOPPER", "Target", "compiling_for", "compute_capability", "core_count", "is_hopper", "platform"]
 
@@ -41,7 +41,7 @@ class Target:
         if self.compute_capability is not None and not re.fullmatch(r"\d+\.\d+", self.compute_capability):
             raise ValueError(f"Target.compute_capability={self.compute_capability!r}; expected 'major.minor' "
                              "such as '9.0', or None")
-        if self.core_count is not None and (not isinstance(self.core_count, int) or self.core_count < 1):
+        if self.core_count is not None and (type(self.core_count) is not int or self.core_count < 1):
             raise ValueError(f"Target.core_count={self.core_count!r}; must be a positive int or None")
 
 
@@ -49,12 +49,29 @@ class Target:
 HOPPER = Target("gpu", compute_capability="9.0", core_count=132)
 
 # A JAX config state, not a plain context variable: states made with include_in_trace_context key jit's trace
-# cache, so a function traced for the attached device and traced again inside compiling_for is traced anew
-# (with a context variable the second trace would be the cached first one). It holds the target encoded as
-# "platform|compute capability|core count". jax._src is private; this is the one hook JAX offers for it.
-_STATE = _jax_config.optional_string_state(
-    name="selmerge_jax_compile_target", default=None, include_in_trace_context=True,
-    help="The device selmerge_jax kernels trace for (selmerge_jax.kernels.target.compiling_for).")
+# cache, so a function traced for the attached device and traced again (or lowered) inside compiling_for is
+# traced anew; with a context variable the second trace would be the cached first one. It holds the target
+# encoded as "platform|compute capability|core count", per thread. jax._src is private: where this JAX lacks
+# the hook, a context variable stands in and traces cached before compiling_for may be reused (documented).
+_NAME = "selmerge_jax_compile_target"
+
+
+def _make_state():
+    try:
+        from jax._src import config as jax_config
+
+        existing = getattr(jax_config, "config_states", {}).get(_NAME)
+        if existing is not None:  # the module executed again (importlib.reload, autoreload)
+            return existing
+        return jax_config.optional_string_state(
+            name=_NAME, default=None, include_in_trace_context=True,
+            help="The device selmerge_jax kernels trace for (selmerge_jax.kernels.target.compiling_for).")
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_STATE = _make_state()
+_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar(_NAME, default=None)
 
 
 def _encode(t: Target) -> str:
@@ -62,10 +79,14 @@ def _encode(t: Target) -> str:
 
 
 def _current() -> Target | None:
-    value = _STATE.value
+    value = _STATE.value if _STATE is not None else _FALLBACK.get()
     if value is None:
         return None
-    platform_, capability, cores = value.split("|")
+    parts = value.split("|")
+    if len(parts) != 3 or not (parts[2] == "" or parts[2].isdigit()):
+        raise ValueError(f"{_NAME}={value!r}: expected 'platform|compute capability|core count' "
+                         "(set it with selmerge_jax.kernels.target.compiling_for)")
+    platform_, capability, cores = parts
     return Target(platform_, compute_capability=capability or None,  # type: ignore[arg-type]
                   core_count=int(cores) if cores else None)
 
@@ -74,11 +95,19 @@ def _current() -> Target | None:
 def compiling_for(target: Target):
     """Within the block, kernel dispatch and the model trace for ``target`` instead of the attached device.
 
-    Only tracing reads it: jit the function inside the block, or lower it there (``jit(f).lower(...)``)."""
+    Only tracing and lowering read it: jit the function inside the block, or lower it there
+    (``jit(f).lower(...)``); calling a function compiled before the block runs what was compiled then."""
     if not isinstance(target, Target):
         raise TypeError(f"compiling_for(target=...) takes a Target, got {type(target).__name__}")
-    with _STATE(_encode(target)):
+    if _STATE is not None:
+        with _STATE(_encode(target)):
+            yield target
+        return
+    token = _FALLBACK.set(_encode(target))
+    try:
         yield target
+    finally:
+        _FALLBACK.reset(token)
 
 
 def platform() -> str:
@@ -92,7 +121,7 @@ def compute_capability() -> str | None:
     chosen = _current()
     if chosen is not None:
         return chosen.compute_capability
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     capability = getattr(dev, "compute_capability", None) if dev.platform == "gpu" else None
     return None if capability is None else str(capability)
 
@@ -107,4 +136,4 @@ def core_count(default: int) -> int:
     chosen = _current()
     if chosen is not None:
         return chosen.core_count or default
-    return int(getattr(jax.devices()[0], "core_count", default))
+    return int(getattr(jax.local_devices()[0], "core_count", default))

@@ -13,7 +13,7 @@ TINY = ["--presets", "tiny", "--lengths", "256", "--ms-kernel", "reference", "--
 
 
 def test_one_invocation_times_ms_and_dense_and_writes_their_ratio(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # read into each row, not applied
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # recorded in each row (a GPU flag)
     out = tmp_path / "rows.jsonl"
     bench_model.main([*TINY, "--mlp-chunk", "64", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -5,6 +5,8 @@ needs ``jax-cuda12-plugin`` and is exercised by the results it wrote (R53)."""
 import pytest
 from experiment_scripts import load_script
 
+from selmerge_jax.kernels.target import Target
+
 load_script("benchmarks/bench_model.py")  # gpu_plan imports it by name, as when run beside it
 gpu_plan = load_script("benchmarks/gpu_plan.py")
 
@@ -21,19 +23,20 @@ def test_targets_are_hopper_descriptions_or_files(tmp_path):
     for name in ("h100", "h200"):
         text = gpu_plan.target_config(name)
         assert "core_count: 132" in text and "major: 9" in text and 'platform_name: "CUDA"' in text
+        assert gpu_plan.target_of(text) == Target("gpu", compute_capability="9.0", core_count=132)
     custom = tmp_path / "gpu.txtpb"
-    custom.write_text("gpu_device_info { core_count: 114 }")
-    assert gpu_plan.target_config(str(custom)) == "gpu_device_info { core_count: 114 }"
+    custom.write_text("gpu_device_info { core_count: 114 cuda_compute_capability { major: 9 } }")
+    assert gpu_plan.target_of(gpu_plan.target_config(str(custom))).core_count == 114
+    with pytest.raises(ValueError, match=r"compute capability 8.0, core_count 108; allowed: a 9.x GPU"):
+        gpu_plan.target_of("gpu_device_info { core_count: 108 "
+                           "cuda_compute_capability { major: 8 minor: 0 } }")
     with pytest.raises(ValueError, match=r"--target='b200': neither one of \['h100', 'h200'\] nor a file"):
         gpu_plan.target_config("b200")
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
+    if gpu_plan.has_cuda_plugin():
         pytest.skip("the CUDA plugin is installed here")
-    except ImportError:
-        pass
     with pytest.raises(RuntimeError, match=r"pip install 'jax-cuda12-plugin==.*' 'jax-cuda12-pjrt=="):
         gpu_plan.topology_sharding(gpu_plan.target_config("h200"))
 

@@ -74,7 +74,7 @@ def test_requesting_an_unavailable_backend_raises_naming_it(fresh_registry, impl
         block_sparse_attention(q, k, v, plan, implementation=implementation)
 
 
-def test_default_order_skips_an_unavailable_backend_and_logs_the_choice(fresh_registry, monkeypatch, caplog):
+def test_default_order_skips_an_unavailable_backend_and_logs_the_choice(fresh_registry, caplog):
     """implementation=None keeps picking the best available implementation; the choice and what was passed
     over (declined, unavailable) are logged once."""
     fresh_registry["pallas_triton"] = _BROKEN

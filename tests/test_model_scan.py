@@ -343,7 +343,7 @@ def test_remat_save_recomputes_no_matmul_and_keeps_the_gradients(attention):
     for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["save"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # q, k, v, o, gate, up, down run forward once; "full" runs q, k, v, o, gate, up again in the backward
-    # (down's output is not needed there); MS also re-scores its regions (the plan is saved under "save").
+    # (down's output is not needed there).
     assert dots["full"] - dots["save"] >= 6, dots
 
 
@@ -360,8 +360,8 @@ def test_full_remat_keeps_the_selection_plan():
     forward = _count(jax.make_jaxpr(loss)(state).jaxpr, "top_k")
     assert forward >= 1
     assert _count(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, "top_k") == forward
-    nothing = dataclasses.replace(model.config, remat="none")  # the same model, remat off: the same count
-    graphdef_none, _ = nnx.split(Llama(nothing, rngs=nnx.Rngs(0)))
+    no_remat = dataclasses.replace(model.config, remat="none")  # the same model, remat off: the same count
+    graphdef_none, _ = nnx.split(Llama(no_remat, rngs=nnx.Rngs(0)))
     assert _count(jax.make_jaxpr(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef_none, s)(TOKENS) ** 2)))(
         state).jaxpr, "top_k") == forward
 

@@ -42,7 +42,9 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import bench_model as bm  # noqa: E402  (beside this script)
@@ -51,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from selmerge_jax.kernels.target import HOPPER, compiling_for  # noqa: E402
+from selmerge_jax.kernels.target import Target, compiling_for  # noqa: E402
 from selmerge_jax.models.memory import train_memory  # noqa: E402
 
 # Hopper SXM parts as the CUDA runtime describes them (public specifications). XLA reads the compute
@@ -91,6 +93,28 @@ def parse_args(argv=None):
     return args
 
 
+def target_of(config_text: str) -> Target:
+    """The ``kernels.target.Target`` a description names: its compute capability and SM count. Refused unless
+    a Hopper (9.x): the MS step is planned with the Mosaic GPU kernels, which need one."""
+    major = re.search(r"cuda_compute_capability\s*\{[^}]*major:\s*(\d+)", config_text)
+    minor = re.search(r"cuda_compute_capability\s*\{[^}]*minor:\s*(\d+)", config_text)
+    cores = re.search(r"core_count:\s*(\d+)", config_text)
+    if major is None or major.group(1) != "9" or cores is None:
+        found = "none" if major is None else f"{major.group(1)}.{minor.group(1) if minor else 0}"
+        raise ValueError(f"--target: compute capability {found}, core_count "
+                         f"{cores.group(1) if cores else 'missing'}; allowed: a 9.x GPU (H100, H200) with "
+                         "its core_count, since the MS step is planned with the Mosaic GPU kernels")
+    capability = f"9.{minor.group(1) if minor else 0}"
+    return Target("gpu", compute_capability=capability, core_count=int(cores.group(1)))
+
+
+def has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
 def target_config(name: str) -> str:
     if name in TARGETS:
         return TARGETS[name]
@@ -104,12 +128,11 @@ def topology_sharding(config_text: str) -> NamedSharding:
     """A one-device mesh of the described GPU, for lowering without it; a clear error without the plugin."""
     from jax.experimental import topologies
 
-    try:
-        topo = topologies.get_topology_desc("gpu_plan", "cuda", target_config=config_text, topology="1x1x1")
-    except Exception as e:  # the plugin missing, or one that is not this jax's version
+    if not has_cuda_plugin():
         raise RuntimeError(
             f"compiling for a GPU without one needs the CUDA plugin of jax {jax.__version__}: pip install "
-            f"'jax-cuda12-plugin=={jax.__version__}' 'jax-cuda12-pjrt=={jax.__version__}' ({e})") from e
+            f"'jax-cuda12-plugin=={jax.__version__}' 'jax-cuda12-pjrt=={jax.__version__}'")
+    topo = topologies.get_topology_desc("gpu_plan", "cuda", target_config=config_text, topology="1x1x1")
     return NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
 
 
@@ -123,7 +146,7 @@ def hlo_counts(text: str) -> dict:
             "while_loops": len(re.findall(r" while\(", text))}
 
 
-def plan_cell(args, cell: bm.Cell, sharding: NamedSharding) -> dict:
+def plan_cell(args, cell: bm.Cell, sharding: NamedSharding, gpu: Target) -> dict:
     cfg = bm.model_config(args, cell)
     lora_rank = bm.LORA.rank if cell.mode == "lora" else None
     estimate = train_memory(cfg, batch=1, seq_len=cell.seq_len, lora_rank=lora_rank,
@@ -137,7 +160,7 @@ def plan_cell(args, cell: bm.Cell, sharding: NamedSharding) -> dict:
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
     batch = {"tokens": jax.ShapeDtypeStruct((1, cell.seq_len + 1), jnp.int32, sharding=sharding)}
     t0 = time.perf_counter()
-    with compiling_for(HOPPER):
+    with compiling_for(gpu):
         step = bm.make_train_step(bm.graphdef_of(cfg, cell.mode), tx, compute_dtype=jnp.bfloat16,
                                   loss_chunk=args.loss_chunk)
         compiled = step.lower(state, batch).compile()
@@ -153,21 +176,38 @@ def plan_cell(args, cell: bm.Cell, sharding: NamedSharding) -> dict:
     row.update(status="ok", compile_s_here=round(time.perf_counter() - t0, 1),
                plan_gb=round(plan / 2**30, 2), temp_gb=round(mem.temp_size_in_bytes / 2**30, 2),
                argument_gb=round(mem.argument_size_in_bytes / 2**30, 2),
-               fits=bool(plan <= _CAPACITY.get(args.target, plan)), **hlo_counts(text))
+               fits=bool(plan <= _CAPACITY[args.target]) if args.target in _CAPACITY else None,
+               **hlo_counts(text))
     return row
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    sharding = topology_sharding(target_config(args.target))
-    env = {"jax": jax.__version__, "compiled_on": "CPU-only host (deviceless compile, nothing run)"}
+    config_text = target_config(args.target)
+    gpu = target_of(config_text)
+    sharding = topology_sharding(config_text)
+    env = {"jax": jax.__version__, "compiled_on": "CPU-only host (deviceless compile, nothing run)",
+           "xla_flags": os.environ.get("XLA_FLAGS") or None, "commit": _commit()}
     rows = []
     for preset_name in args.presets:
         for seq_len in args.lengths:
             for attention in args.attention:
                 cell = bm.Cell(preset_name, seq_len, attention, args.mode)
                 try:
-                    row = plan_cell(args, cell, sharding)
+                    row = plan_cell(args, cell, sharding, gpu)
                 except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no cuDNN library here
                     row = {"bench": "gpu_plan", **dataclasses.asdict(cell), "target": args.target,
                            "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}

@@ -84,7 +84,8 @@ class AttentionSpec:
 
 
 def resolve_dense_kernel(kernel: str, dtype) -> Literal["xla", "cudnn"]:
-    """The concrete dense kernel for ``kernel`` and activation ``dtype`` on the default backend."""
+    """The concrete dense kernel for ``kernel`` and activation ``dtype`` on the platform traced for
+    (``kernels.target.platform()``)."""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     gpu = target.platform() == "gpu"
     if kernel == "auto":

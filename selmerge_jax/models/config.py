@@ -48,10 +48,11 @@ def _save_policy(prim, *_, **params) -> bool:
 # buffers (CPU, a 2-layer F = 4096 model at 1K tokens: 395 -> 431 MB of temporaries), so "none" is refused.
 MLP_CHUNK_REMATS = ("full", "offload", "save", "dots", "dots_no_batch")
 
-# "full" and "offload" keep one thing besides the layer input: MS's selection plan (int32 region indices and
-# counts, ~2 MiB a layer for the 7B shape at 128K tokens against the layer input's 1 GiB). Without it the
-# backward's recomputed forward scores every region again only to rebuild the same integers; the dense path
-# names no plan, so there these policies save nothing at all.
+# "full" and "offload" keep one thing on the device besides the layer input ("offload" moves that to the
+# host): MS's selection plan (int32 region indices, ~2 MiB a layer for the 7B shape at 128K tokens against the
+# layer input's 1 GiB). Without it the backward's recomputed forward scores every region again only to
+# rebuild the same integers. Only attention="ms" with position_mode "before_selection" or "selected_original"
+# names its plan (ring_ms and "selected_compact" do not, so they re-score as before); dense names nothing.
 _PLAN_ONLY = ("ms_plan",)
 
 _REMAT = {
@@ -98,7 +99,7 @@ class ModelConfig:
       param_dtype: storage dtype of parameters (f32 master weights by default).
       dtype: compute dtype of activations and matmuls (e.g. ``"bfloat16"``); norms and softmax stay f32.
       remat: per-layer rematerialisation: ``none``, ``full`` (save each layer's input, and MS's selection
-        plan), ``offload`` (as
+        plan where it is named, see ``_PLAN_ONLY``), ``offload`` (as
         full, with the layer inputs in pinned host memory; GPU/TPU), ``save`` (save what the backward reads,
         ``SAVED_NAMES`` and the attention kernels' outputs: no matmul or attention runs twice, at ~86 KB per
         token per layer for a 7B MHA model), ``dots`` or ``dots_no_batch``.

@@ -7,10 +7,10 @@ first, from the config alone. The estimate is a sum of named parts (``TrainMemor
 * ``trainable``: the trained tensors' float32 copies: gradients and AdamW's two moments (LoRA adapters only
   for a LoRA step; every parameter for full training, plus a compute-dtype copy of the weights);
 * ``saved``: what the scanned layers keep on the device for the backward pass. Under ``remat="full"`` that is
-  each layer's input ``[B, T, D]`` (L of them); ``"offload"`` keeps them in host memory instead (none on the
-  device); ``"save"`` also keeps what the backward reads (q/k/v, the attention output and its log-sum-exp,
-  the mid-layer residual, the MLP's gate and up: ~86 KB a token per layer at the 7B shape); ``"dots"`` keeps
-  every matmul output of the layer;
+  each layer's input ``[B, T, D]`` (L of them; MS's selection plan, a few MiB, is left out); ``"offload"``
+  keeps the inputs in host memory instead (none on the device); ``"save"`` also keeps what the backward
+  reads (q/k/v, the attention output and its log-sum-exp, the mid-layer residual, the MLP's gate and up:
+  ~86 KB a token per layer at the 7B shape); ``"dots"`` keeps every matmul output of the layer;
 * ``transient``: the largest working set of one layer's recomputation and backward (q/k/v/o, the SwiGLU's
   gate/up/product and their gradients, attention's own buffers), which exists once, not per layer; with
   ``ModelConfig.mlp_chunk`` the SwiGLU's arrays are one slice's;

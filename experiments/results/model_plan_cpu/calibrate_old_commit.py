@@ -7,11 +7,13 @@ script monkeypatches the platform questions instead, as ``compiling_for`` answer
     python calibrate_old_commit.py /tmp/wt <commit> <bench_model.py arguments> >> calibration.jsonl
 """
 import json
+import os
 import sys
 
 wt, commit, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, f"{wt}/experiments/benchmarks")
-sys.path.append("/work/main/experiments/benchmarks")  # gpu_plan.py of this commit: the H200 description
+_HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/results/model_plan_cpu of this checkout
+sys.path.append(os.path.join(_HERE, "..", "..", "benchmarks"))  # its gpu_plan.py: the H200 description
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
