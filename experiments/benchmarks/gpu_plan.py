@@ -10,8 +10,8 @@ seconds on this machine.
 
 How far to trust it. On the H200 ``bench_model.py``'s ``plan_gb`` equalled the measured ``peak_gb_process``
 in every cell (results R22, R23, R50). Compiled here, without autotuning: XLA emits its untuned Triton GEMM
-fusions, which absorb elementwise neighbours the device's autotuner gives back to cuBLAS, and plans 2.7 GB
-less than the device at 128K. With Triton GEMMs off (the default here, ``--triton-gemm`` turns them on) the
+fusions, which absorb elementwise neighbours the device's autotuner gives back to cuBLAS, and plans 2.4 GB
+less than with them off at 128K (R53). With Triton GEMMs off (the default here, ``--triton-gemm`` turns them on) the
 plan is 0.29 GB under the device's at R22's commit (66.34 vs 66.63 GB at 128K, 26.19 vs 26.48 GB at 32K):
 see results R53. The instruction mix is not the device's (the GEMMs are cuBLAS calls from the start, so
 XLA's dynamic-slice fusion can take some); counts are for orientation, times are not estimated at all.
@@ -57,8 +57,7 @@ from selmerge_jax.kernels.target import Target, compiling_for  # noqa: E402
 from selmerge_jax.models.memory import train_memory  # noqa: E402
 
 # Hopper SXM parts as the CUDA runtime describes them (public specifications). XLA reads the compute
-# capability, SM count, shared memory and L2 for fusion and tiling; device_memory_size did not change the
-# plan (checked at 143.8e9 and 150.8e9 bytes).
+# capability, SM count, shared memory and L2 for fusion and tiling.
 _HOPPER_INFO = """
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
