@@ -11,9 +11,9 @@ seconds on this machine.
 How far to trust it. On the H200 ``bench_model.py``'s ``plan_gb`` equalled the measured ``peak_gb_process``
 in every cell (results R22, R23, R50). Compiled here, without autotuning: XLA emits its untuned Triton GEMM
 fusions, which absorb elementwise neighbours the device's autotuner gives back to cuBLAS, and plans 2.4 GB
-less than with them off at 128K (R53). With Triton GEMMs off (the default here, ``--triton-gemm`` turns them on) the
-plan is 0.29 GB under the device's at R22's commit (66.34 vs 66.63 GB at 128K, 26.19 vs 26.48 GB at 32K):
-see results R53. The instruction mix is not the device's (the GEMMs are cuBLAS calls from the start, so
+less than with them off at 128K (R53). With Triton GEMMs off (the default here; ``--triton-gemm`` turns them
+on) the plan is 0.11-0.62 GB under the device's peak on the commits measured there (66.34 vs 66.63 GB at
+128K, 107.47 vs 107.58 GB under "save" at 32K): results R53. The instruction mix is not the device's (the GEMMs are cuBLAS calls from the start, so
 XLA's dynamic-slice fusion can take some); counts are for orientation, times are not estimated at all.
 
 Needs the CUDA plugin of the installed jax (and, for dense cells, the cuDNN library), no GPU and no driver:
