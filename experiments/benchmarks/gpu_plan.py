@@ -13,8 +13,9 @@ in every cell (results R22, R23, R50). Compiled here, without autotuning: XLA em
 fusions, which absorb elementwise neighbours the device's autotuner gives back to cuBLAS, and plans 2.4 GB
 less than with them off at 128K (R53). With Triton GEMMs off (the default here; ``--triton-gemm`` turns them
 on) the plan is 0.11-0.62 GB under the device's peak on the commits measured there (66.34 vs 66.63 GB at
-128K, 107.47 vs 107.58 GB under "save" at 32K): results R53. The instruction mix is not the device's (the GEMMs are cuBLAS calls from the start, so
-XLA's dynamic-slice fusion can take some); counts are for orientation, times are not estimated at all.
+128K, 107.47 vs 107.58 GB under "save" at 32K): results R53. The instruction mix is not the device's (the
+GEMMs are cuBLAS calls from the start, so XLA's dynamic-slice fusion can take some); counts are for
+orientation, times are not estimated at all.
 
 Needs the CUDA plugin of the installed jax (and, for dense cells, the cuDNN library), no GPU and no driver:
 
