@@ -58,7 +58,7 @@ _NAME = "selmerge_jax_compile_target"
 
 def _make_state():
     try:
-        from jax._src import config as jax_config
+        from jax._src import config as jax_config  # optional: private, may change; guarded below
 
         existing = getattr(jax_config, "config_states", {}).get(_NAME)
         if existing is not None:  # the module executed again (importlib.reload, autoreload)

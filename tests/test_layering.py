@@ -36,6 +36,8 @@ FLOORS = {
 # Function-local imports that may stay: (importing module, imported module) -> why. Each import site carries a
 # one-line comment (on its line or the line above) saying the same.
 ALLOWED_LOCAL = {
+    ("selmerge_jax.kernels.target",
+     "jax._src"): "optional: JAX's private config hook, guarded (a context variable stands in without it)",
     ("selmerge_jax.data.catalog", "tensorflow_datasets"): "optional: only TFDS catalog datasets need it",
     ("selmerge_jax.data.catalog",
      "selmerge_jax.data.stdlib_corpus"): "optional: a TFDS builder (imports tfds)",
