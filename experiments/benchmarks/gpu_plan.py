@@ -155,8 +155,7 @@ def plan_cell(args, cell: bm.Cell, sharding: NamedSharding, gpu: Target) -> dict
            "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk, "loss_chunk": args.loss_chunk,
            "triton_gemm": args.triton_gemm, "estimate_gb": round(estimate.total / 2**30, 2)}
     tx = optax.adamw(1e-4)
-    shapes = jax.eval_shape(lambda: bm.init_train_state(bm._make(cfg, cell.mode), tx,
-                                                        trainable=bm._trainable(cell.mode))[1])
+    shapes = jax.eval_shape(lambda: bm.build_state(cfg, cell.mode, tx))  # bench_model's state, never made
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
     batch = {"tokens": jax.ShapeDtypeStruct((1, cell.seq_len + 1), jnp.int32, sharding=sharding)}
     t0 = time.perf_counter()
