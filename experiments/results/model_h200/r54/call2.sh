@@ -5,6 +5,12 @@ set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/runs/jaxcache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 B=experiments/benchmarks; L=$OUT/log2.txt
+# two more XLA flags at 2 layers (the deviceless compile: without dynamic-slice fusion 10.84 GB and 19 copies,
+# with region analysis in copy insertion 10.0 GB and 17 copies, against 11.01 GB and 20)
+for F in "" "--xla_gpu_enable_dynamic_slice_fusion=false" "--xla_gpu_copy_insertion_use_region_analysis=true"; do
+  XLA_FLAGS="$F" timeout 90 python3 $B/bench_model.py --presets llama2-7b --layers 2 --lengths 32768 --remat save \
+    --attention ms --reps 5 --out $OUT/flags2_2l_32k.jsonl >> $L 2>&1
+done
 timeout 300 python3 $B/bench_model.py --presets llama2-7b --lengths 131072 --remat full --mlp-chunk 16384 \
   --reps 5 --dense-reps-long 1 --out $OUT/llama2_7b_128k_slices.jsonl >> $L 2>&1
 timeout 120 python3 $B/bench_model.py --presets llama3-8b --lengths 131072 --remat full --mlp-chunk 16384 \
