@@ -25,7 +25,7 @@ from selmerge_jax.training import (
     train,
 )
 from selmerge_jax.training.optimizer import decay_mask
-from selmerge_jax.training.train_step import split_batch
+from selmerge_jax.training.train_step import split_batch, token_cross_entropy
 
 V = 16
 
@@ -181,6 +181,28 @@ def test_masked_targets_do_not_count():
     s_cut, c_cut = ev(state, {"tokens": batch["tokens"][:, :5]})
     assert float(c_half) == float(c_cut) == 16
     np.testing.assert_allclose(float(s_half), float(s_cut), rtol=1e-6)
+
+
+def test_token_cross_entropy_equals_optax_and_refuses_out_of_range_targets():
+    """The iota-compare pick (an elementwise gradient, no scatter) gives optax's losses and gradients; a
+    target outside [0, V) is a NaN loss, never a wrapped index's finite one."""
+    import optax
+
+    logits = 3 * jax.random.normal(jax.random.key(0), (2, 7, V))
+    targets = jax.random.randint(jax.random.key(1), (2, 7), 0, V)
+    mask = (jax.random.uniform(jax.random.key(2), (2, 7)) > 0.3).astype(jnp.float32)
+
+    def ours(lg):
+        return token_cross_entropy(lg, targets, mask)[0]
+
+    def theirs(lg):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(lg, targets) * mask)
+
+    np.testing.assert_allclose(float(ours(logits)), float(theirs(logits)), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(theirs)(logits), atol=1e-6)
+    for bad in (V, -1):
+        total, _ = token_cross_entropy(logits, targets.at[0, 0].set(bad), jnp.ones_like(mask))
+        assert np.isnan(float(total)), bad
 
 
 def test_mesh_config_and_param_sharding():
