@@ -1,7 +1,6 @@
 #!/bin/bash
 # R54, second device call: the 7B LoRA step at 128K under remat="full" with the MLP in 16K-token slices
-# (MS and dense in one invocation; R53 planned 56.9 GB), the 8B MS cell, 256K MS (planned 100.99 GB),
-# and the Mosaic kernel parts.
+# (MS and dense in one invocation; R53 planned 56.9 GB), the 8B MS cell, 256K MS (planned 100.99 GB).
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/runs/jaxcache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -18,6 +17,4 @@ timeout 120 python3 $B/bench_model.py --presets llama3-8b --lengths 131072 --rem
   --attention ms --reps 2 --out $OUT/llama3_8b_128k_slices.jsonl >> $L 2>&1
 timeout 150 python3 $B/bench_model.py --presets llama2-7b --lengths 262144 --remat full --mlp-chunk 16384 \
   --attention ms --reps 2 --out $OUT/llama2_7b_256k_slices.jsonl >> $L 2>&1
-timeout 120 python3 $B/bench_attention.py --mosaic-parts llama2_7b_32k h100_64k --reps 10 --warmup 2 \
-  --out $OUT/mosaic_parts_32k_64k.jsonl >> $L 2>&1
 echo "== done" | tee -a $L
