@@ -185,7 +185,8 @@ def test_masked_targets_do_not_count():
 
 def test_token_cross_entropy_equals_optax_and_refuses_out_of_range_targets():
     """The iota-compare pick (an elementwise gradient, no scatter) gives optax's losses and gradients; a
-    target outside [0, V) is a NaN loss, never a wrapped index's finite one."""
+    counted target outside [0, V) is a NaN loss, never a wrapped index's finite one; a masked one counts
+    nothing."""
     import optax
 
     logits = 3 * jax.random.normal(jax.random.key(0), (2, 7, V))
@@ -203,6 +204,14 @@ def test_token_cross_entropy_equals_optax_and_refuses_out_of_range_targets():
     for bad in (V, -1):
         total, _ = token_cross_entropy(logits, targets.at[0, 0].set(bad), jnp.ones_like(mask))
         assert np.isnan(float(total)), bad
+    ignored = token_cross_entropy(logits, targets.at[0, 0].set(-100), mask.at[0, 0].set(0.0))[0]
+    kept = token_cross_entropy(logits, targets, mask.at[0, 0].set(0.0))[0]
+    np.testing.assert_allclose(float(ignored), float(kept))
+    half = token_cross_entropy(logits.astype(jnp.bfloat16), targets, mask)[0]
+    full = theirs(logits.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(float(half), float(full), rtol=1e-6)
+    with pytest.raises(TypeError, match="targets"):
+        token_cross_entropy(logits, targets.astype(jnp.float32), mask)
 
 
 def test_mesh_config_and_param_sharding():
