@@ -95,6 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp-chunk", type=int, default=None, metavar="TOKENS",
                    help="ModelConfig.mlp_chunk: the MLP block in slices of this many tokens (not with "
                         "--remat none): the backward holds one slice's [c, F] arrays")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="ModelConfig.fuse_projections: q/k/v as one matmul and gate/up as one")
     p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (>= 1)")
     p.add_argument("--dense-reps-long", type=int, default=2, help="timed dense steps at T >= 65536")
     p.add_argument("--dense-max-len", type=int, default=131072,
@@ -134,7 +136,7 @@ def environment() -> dict:
 
 def model_config(args, cell: Cell):
     overrides = dict(attention=cell.attention, max_seq_len=max(cell.seq_len, 4096), remat=args.remat,
-                     mlp_chunk=args.mlp_chunk,
+                     mlp_chunk=args.mlp_chunk, fuse_projections=args.fuse_projections,
                      ms=MSAttentionConfig(block_size=args.block_size, top_k=args.top_k,
                                           selection_source="previous",
                                           selection_heads="kv"),
@@ -195,7 +197,7 @@ def _capacity(args) -> int:
 def run_cell(args, cell: Cell, state_cache: dict, first: bool) -> dict:
     cfg = model_config(args, cell)
     row = {"bench": "model_step", **dataclasses.asdict(cell), "layers": cfg.num_layers, "batch": 1,
-           "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk,
+           "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk, "fuse_projections": cfg.fuse_projections,
            "lora_rank": LORA.rank if cell.mode == "lora" else None, "dtype": cfg.dtype,
            "param_dtype": cfg.param_dtype, "loss_chunk": args.loss_chunk}
     if cell.attention == "ms":

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from selmerge_jax.attention import MSAttentionConfig
 from selmerge_jax.layers.attention import DENSE_KERNELS, AttentionSpec
 from selmerge_jax.positional import RopeConfig
-from selmerge_jax.validation import check_choice, check_positive_int, check_positive_number
+from selmerge_jax.validation import check_choice, check_positive_int, check_positive_number, fail
 
 __all__ = ["PRESETS", "ModelConfig", "parameter_shape_changes", "preset"]
 
@@ -113,6 +113,10 @@ class ModelConfig:
         over its slices would move them between devices; each device holds ``T / devices`` tokens already).
         Trained MLP weights in a bfloat16 step get their gradient summed over the slices in bfloat16 (a
         LoRA step on the attention projections has none).
+      fuse_projections: compute q/k/v as one matmul over their kernels side by side, and gate/up as one
+        (``llama.project_together``): wider GEMMs, and one dX GEMM each in the backward instead of a sum of
+        three or two. Parameters, checkpoints and HF names are unchanged; results equal the unfused model's
+        up to the matmuls' summation order.
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """
@@ -139,6 +143,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: RematPolicy = "none"
     mlp_chunk: int | None = None
+    fuse_projections: bool = False
     init_std: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -176,6 +181,8 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             check_choice(f"ModelConfig.{name}", getattr(self, name), _DTYPES)
         check_choice("ModelConfig.remat", self.remat, _REMAT)
+        if not isinstance(self.fuse_projections, bool):
+            fail("ModelConfig.fuse_projections", self.fuse_projections, "a bool", "True, False")
         if self.mlp_chunk is not None and self.remat not in MLP_CHUNK_REMATS:
             raise ValueError(f"ModelConfig.mlp_chunk={self.mlp_chunk} needs remat in {MLP_CHUNK_REMATS}, got "
                              f"remat={self.remat!r}: without remat every slice's intermediates are kept, so "

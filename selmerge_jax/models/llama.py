@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -44,6 +45,7 @@ __all__ = [
     "append_and_attend",
     "cache_attention",
     "count_params",
+    "project_together",
     "rms_norm",
     "residual_chunked",
 ]
@@ -77,18 +79,48 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+def project_together(x: jax.Array, projections) -> list[jax.Array]:
+    """``[p(x) for p in projections]`` computed as one matmul of x with the kernels side by side.
+
+    For projections that read the same input (q/k/v, gate/up): one GEMM with a wider output instead of two or
+    three, and in the backward one dX GEMM over the concatenated output gradients instead of a sum of GEMMs
+    that each re-accumulate the ``[T, D]`` result. The kernels stay separate parameters (checkpoint and HF
+    names do not change); their concatenation costs one copy of the weights per call. Each projection is an
+    ``nnx.Linear`` or a ``lora.LoRALinear``: biases and low-rank adapter terms are added per projection.
+    """
+    first = projections[0]
+    dtype = first.dtype or x.dtype
+    x = x.astype(dtype)
+    kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=-1)
+    y = jnp.dot(x, kernel, precision=first.precision)
+    widths = [p.kernel.shape[-1] for p in projections]
+    outs = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
+    for i, p in enumerate(projections):
+        if p.bias is not None:
+            outs[i] = outs[i] + p.bias[...].astype(dtype)
+        adapter = getattr(p, "adapter_term", None)  # LoRALinear's low-rank update, None once merged
+        if adapter is not None and (term := adapter(x)) is not None:
+            outs[i] = outs[i] + term
+    return outs
+
+
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up as one matmul with ``fuse_projections``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.d_model, config.ffn_dim
+        self.fused = config.fuse_projections
         self.gate_proj = _linear(config, d, f, rngs)
         self.up_proj = _linear(config, d, f, rngs)
         self.down_proj = _linear(config, f, d, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = checkpoint_name(self.gate_proj(x), "mlp_gate")  # names: what remat="save" keeps
-        return self.down_proj(jax.nn.silu(gate) * checkpoint_name(self.up_proj(x), "mlp_up"))
+        if self.fused:
+            gate, up = project_together(x, [self.gate_proj, self.up_proj])
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")  # what remat="save" keeps
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 def cache_attention(cache: kvcache.KVCache, q, positions, window: int | None):
@@ -129,9 +161,13 @@ class Attention(nnx.Module):
         """x ``[B, T, D]``, positions ``int [B, T]`` -> (``[B, T, D]``, updated cache or None)."""
         cfg = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+        if cfg.fuse_projections:
+            q, k, v = project_together(x, [self.q_proj, self.k_proj, self.v_proj])
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_size)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_size)
         position_fn = _position_fn(cfg.rope, cfg.head_size)
         if cache is not None:
             q, k = position_fn(q, k, positions)

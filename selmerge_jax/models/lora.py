@@ -104,10 +104,17 @@ class LoRALinear(nnx.Module):
         y = jnp.dot(x, self.kernel[...].astype(dtype), precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        if not self.merged:
-            low = jnp.dot(x, self.lora_a[...].astype(dtype), precision=self.precision)
-            y = y + jnp.dot(low, self.lora_b[...].astype(dtype), precision=self.precision) * self.scale
-        return y
+        term = self.adapter_term(x)
+        return y if term is None else y + term
+
+    def adapter_term(self, x: jax.Array) -> jax.Array | None:
+        """``(x @ A) @ B * scale`` in the compute dtype, None once merged into the kernel."""
+        if self.merged:
+            return None
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        low = jnp.dot(x, self.lora_a[...].astype(dtype), precision=self.precision)
+        return jnp.dot(low, self.lora_b[...].astype(dtype), precision=self.precision) * self.scale
 
 
 def _lora_modules(model: nnx.Module):
