@@ -1,9 +1,9 @@
 #!/bin/bash
 # R55, first device call, the version for an 80 GB H100 (no 256K; the 32-layer A/B under remat="full", since
-# "save" at 32K plans 107 GB): the 128K step with the MLP in 16K-token slices (peak against XLA's 56.9 GB plan, MS vs
-# dense); q/k/v and gate/up as one matmul each (ModelConfig.fuse_projections) against unfused, at 2 layers and
-# at 32 layers (32K, remat="save", MS); 256K MS with slices (plan 100.99 GB); Llama-3-8B at 128K; two
-# copy-related XLA flags at 2 layers. Each step runs only if the call has the time it needs left.
+# "save" at 32K plans 107 GB): the 128K step with the MLP in 16K-token slices (peak against XLA's 56.9 GB
+# plan, MS vs dense); q/k/v and gate/up as one matmul each (ModelConfig.fuse_projections) against unfused, at
+# 2 layers (32K, "save") and at 32 layers (32K, "full"), MS; Llama-3-8B at 128K; two copy-related XLA flags at
+# 2 layers. Each step runs only if the call has the time it needs left.
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/runs/jaxcache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
