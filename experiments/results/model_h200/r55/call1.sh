@@ -19,7 +19,9 @@ step() {  # step NEED TIMEOUT ARGS...: one bench_model.py invocation, skipped wh
 step 200 200 --presets llama2-7b --lengths 131072 --remat full --mlp-chunk 16384 --reps 3 --dense-reps-long 1 \
   --out $OUT/llama2_7b_128k_slices.jsonl
 S32="--presets llama2-7b --lengths 32768 --remat save --attention ms"
-for f in "" --fuse-projections; do step 40 45 $S32 --layers 2 --reps 5 $f --out $OUT/fuse_2l_32k.jsonl; done
+for f in "" --fuse-projections; do
+  step 55 60 $S32 --layers 2 --reps 5 $f --profile /tmp/prof$f --out $OUT/fuse_2l_32k.jsonl
+done
 for f in "" --fuse-projections; do step 60 70 $S32 --reps 5 $f --out $OUT/fuse_32l_32k.jsonl; done
 step 110 120 --presets llama2-7b --lengths 262144 --remat full --mlp-chunk 16384 --attention ms --reps 2 \
   --out $OUT/llama2_7b_256k_slices.jsonl
