@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from selmerge_jax.models import Llama, lora, preset
+from selmerge_jax.models.memory import train_memory
 from selmerge_jax.training.train_step import HiddenStates, chunked_cross_entropy
 
 T = 256
@@ -93,3 +94,14 @@ def test_fused_step_runs_fewer_wider_matmuls_and_save_recomputes_none():
 def test_fuse_projections_must_be_a_bool():
     with pytest.raises(ValueError, match=r"ModelConfig.fuse_projections=1: must be a bool"):
         preset("tiny", fuse_projections=1)
+
+
+def test_planner_counts_the_fused_qkv_output():
+    """XLA's H200 plan of the 7B step at 128K ("full", 16K MLP slices) grows 56.9 -> 59.99 GB when fused: the
+    planner adds that [T, (N + 2K) H] buffer, so its estimate stays above the plan (gpu_plan.py)."""
+    cfg = preset("llama2-7b", dtype="bfloat16", param_dtype="bfloat16", remat="full", mlp_chunk=16384,
+                 max_seq_len=131072)
+    plain = train_memory(cfg, batch=1, seq_len=131072, lora_rank=16).total
+    fused = train_memory(cfg.replace(fuse_projections=True), batch=1, seq_len=131072, lora_rank=16).total
+    assert fused - plain == 131072 * 3 * 4096 * 2
+    assert fused > 59.99 * 2**30  # gpu_plan.py reports GiB
