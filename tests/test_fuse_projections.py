@@ -105,3 +105,13 @@ def test_planner_counts_the_fused_qkv_output():
     fused = train_memory(cfg.replace(fuse_projections=True), batch=1, seq_len=131072, lora_rank=16).total
     assert fused - plain == 131072 * 3 * 4096 * 2
     assert fused > 59.99 * 2**30  # gpu_plan.py reports GiB
+
+
+def test_project_together_refuses_projections_of_other_widths():
+    from selmerge_jax.models.llama import project_together
+    layer = _model(True).layers.self_attn
+    x = jnp.ones((1, 4, preset("tiny").d_model))
+    with pytest.raises(ValueError, match=r"projections='2 with input widths \[64, 128\]'"):
+        project_together(x, [layer.q_proj, layer.o_proj.__class__(128, 8, rngs=nnx.Rngs(0))])
+    with pytest.raises(ValueError, match=r"projections='0 with input widths \[\]'"):
+        project_together(x, [])

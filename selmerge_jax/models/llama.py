@@ -88,6 +88,10 @@ def project_together(x: jax.Array, projections) -> list[jax.Array]:
     names do not change); their concatenation costs one copy of the weights per call. Each projection is an
     ``nnx.Linear`` or a ``lora.LoRALinear``: biases and low-rank adapter terms are added per projection.
     """
+    ins = [p.kernel.shape[-2] for p in projections]
+    if not projections or len(set(ins)) != 1 or ins[0] != x.shape[-1]:
+        fail("projections", f"{len(projections)} with input widths {ins}", f"one or more reading x's last "
+             f"axis ({x.shape[-1]}), every one the same width")
     first = projections[0]
     dtype = first.dtype or x.dtype
     x = x.astype(dtype)
