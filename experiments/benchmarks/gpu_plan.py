@@ -152,7 +152,8 @@ def plan_cell(args, cell: bm.Cell, sharding: NamedSharding, gpu: Target) -> dict
     estimate = train_memory(cfg, batch=1, seq_len=cell.seq_len, lora_rank=lora_rank,
                             loss_chunk=args.loss_chunk)
     row = {"bench": "gpu_plan", **dataclasses.asdict(cell), "target": args.target, "layers": cfg.num_layers,
-           "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk, "loss_chunk": args.loss_chunk,
+           "remat": cfg.remat, "mlp_chunk": cfg.mlp_chunk, "fuse_projections": cfg.fuse_projections,
+           "loss_chunk": args.loss_chunk,
            "triton_gemm": args.triton_gemm, "estimate_gb": round(estimate.total / 2**30, 2)}
     tx = optax.adamw(1e-4)
     shapes = jax.eval_shape(lambda: bm.build_state(cfg, cell.mode, tx))  # bench_model's state, never made

@@ -116,7 +116,9 @@ class ModelConfig:
       fuse_projections: compute q/k/v as one matmul over their kernels side by side, and gate/up as one
         (``llama.project_together``): wider GEMMs, and one dX GEMM each in the backward instead of a sum of
         three or two. Parameters, checkpoints and HF names are unchanged; results equal the unfused model's
-        up to the matmuls' summation order.
+        up to the matmuls' summation order. Training/scoring path only (a KV-cache forward runs unfused).
+        Under ``remat="full"`` the fused q/k/v output adds a ``[T, (N + 2K) H]`` buffer (the planner counts
+        it). No speed-up has been measured on a device yet.
       init_std: std of the normal initialiser of every matrix (HF ``initializer_range``).
       bos_token_id, eos_token_id: special ids carried to and from HF ``config.json``.
     """

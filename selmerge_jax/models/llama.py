@@ -109,17 +109,16 @@ def project_together(x: jax.Array, projections) -> list[jax.Array]:
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up as one matmul with ``fuse_projections``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up as one matmul when called with ``fuse``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.d_model, config.ffn_dim
-        self.fused = config.fuse_projections
         self.gate_proj = _linear(config, d, f, rngs)
         self.up_proj = _linear(config, d, f, rngs)
         self.down_proj = _linear(config, f, d, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.fused:
+    def __call__(self, x: jax.Array, fuse: bool = False) -> jax.Array:
+        if fuse:
             gate, up = project_together(x, [self.gate_proj, self.up_proj])
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -165,7 +164,7 @@ class Attention(nnx.Module):
         """x ``[B, T, D]``, positions ``int [B, T]`` -> (``[B, T, D]``, updated cache or None)."""
         cfg = self.config
         b, t, _ = x.shape
-        if cfg.fuse_projections:
+        if cfg.fuse_projections and cache is None:  # training/scoring only: see DecoderLayer
             q, k, v = project_together(x, [self.q_proj, self.k_proj, self.v_proj])
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -195,10 +194,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids, cache_fn)
         x = checkpoint_name(x + h, "attn_mid")
-        mlp = lambda y: self.mlp(self.post_attention_layernorm(y))
+        cfg = self.self_attn.config
+        # fuse_projections on the training/scoring path only: a decode loop would hold (or copy every token) a
+        # concatenated copy of every layer's kernels
+        fuse = cfg.fuse_projections and cache is None
+        mlp = lambda y: self.mlp(self.post_attention_layernorm(y), fuse)
         if cache is not None:  # inference: a long prompt's [B, T, F] intermediates never exist whole
             return residual_chunked(mlp, x, MLP_CHUNK), cache
-        cfg = self.self_attn.config
         if cfg.mlp_chunk is not None and x.shape[1] > cfg.mlp_chunk:
             return residual_sliced(mlp, x, cfg.mlp_chunk, cfg.remat_policy), cache
         return x + mlp(x), cache

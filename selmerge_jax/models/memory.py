@@ -132,10 +132,11 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     saved = per_layer_saved * config.num_layers
     # ModelConfig.mlp_chunk: the backward holds one slice's F-wide arrays, not the sequence's
     f_tokens = tokens if config.mlp_chunk is None else batch * min(seq_len, config.mlp_chunk)
-    # fuse_projections: the q/k/v matmul's one [T, (N + 2K) H] output lives beside the q, k, v taken from it
-    # (the 7B step at 128K under "full" with 16K MLP slices: XLA's H200 plan 56.9 -> 59.99 GB)
+    # fuse_projections under recompute: the q/k/v matmul's one [T, (N + 2K) H] output lives beside the q, k, v
+    # taken from it (a deviceless gpu_plan.py compile of the 7B step at 128K, "full", 16K MLP slices: 56.9 ->
+    # 59.99 GiB; not in the results yet, no device ran it). Under "save" the plan did not grow.
     fused_qkv = tokens * config.head_size * (config.num_heads + 2 * config.num_kv_heads) \
-        if config.fuse_projections else 0
+        if config.fuse_projections and config.remat in ("full", "offload") else 0
     transient = int((f_tokens * _TRANSIENT_F * f + tokens * (_TRANSIENT_D * d + qkvo) + fused_qkv) * abytes)
     logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 2  # f32 logits and their gradient
     return TrainMemory(weights=weights, trainable=trainable, saved=saved, transient=transient, logits=logits)
