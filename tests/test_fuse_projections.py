@@ -113,7 +113,7 @@ def test_planner_counts_the_fused_qkv_output():
 
 def test_cached_forward_runs_unfused_and_agrees():
     """Prefill and decode through the KV cache run unfused (a decode loop would otherwise hold or re-copy
-    every layer's concatenated kernels): a fused model's logits there equal the unfused model's bit for bit."""
+    every layer's concatenated kernels): a fused model's logits there equal the unfused model's exactly."""
     from selmerge_jax.models.generate import generate
     got, want = (generate(_model(f), TOKENS[:1, :32], max_new_tokens=4, return_logits=True).logits
                  for f in (True, False))
