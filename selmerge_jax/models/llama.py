@@ -160,11 +160,14 @@ class Attention(nnx.Module):
         self.v_proj = _linear(config, d, kh * h, rngs, bias)
         self.o_proj = _linear(config, n * h, d, rngs, bias)
 
-    def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
-        """x ``[B, T, D]``, positions ``int [B, T]`` -> (``[B, T, D]``, updated cache or None)."""
+    def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None,
+                 fuse: bool = False):
+        """x ``[B, T, D]``, positions ``int [B, T]`` -> (``[B, T, D]``, updated cache or None).
+
+        ``fuse``: q/k/v as one matmul (``project_together``), decided by ``DecoderLayer``."""
         cfg = self.config
         b, t, _ = x.shape
-        if cfg.fuse_projections and cache is None:  # training/scoring only: see DecoderLayer
+        if fuse:
             q, k, v = project_together(x, [self.q_proj, self.k_proj, self.v_proj])
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -192,12 +195,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, cache=None, segment_ids=None, cache_fn: Callable | None = None):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids, cache_fn)
-        x = checkpoint_name(x + h, "attn_mid")
         cfg = self.self_attn.config
         # fuse_projections on the training/scoring path only: a decode loop would hold (or copy every token) a
         # concatenated copy of every layer's kernels
         fuse = cfg.fuse_projections and cache is None
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, segment_ids, cache_fn, fuse)
+        x = checkpoint_name(x + h, "attn_mid")
         mlp = lambda y: self.mlp(self.post_attention_layernorm(y), fuse)
         if cache is not None:  # inference: a long prompt's [B, T, F] intermediates never exist whole
             return residual_chunked(mlp, x, MLP_CHUNK), cache

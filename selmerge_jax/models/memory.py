@@ -118,13 +118,13 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     tokens = batch * seq_len
     d, f = config.d_model, config.ffn_dim
     qkvo = config.head_size * (2 * config.num_heads + 2 * config.num_kv_heads)
+    qkv = config.head_size * (config.num_heads + 2 * config.num_kv_heads)
     per_layer_saved = tokens * d * abytes
     if config.remat == "offload":
         per_layer_saved = 0  # in pinned host memory
     elif config.remat == "none":
         per_layer_saved = tokens * (4 * d + qkvo + 3 * f) * abytes
     elif config.remat == "save":  # config.SAVED_NAMES + the attention output and its f32 log-sum-exp
-        qkv = config.head_size * (config.num_heads + 2 * config.num_kv_heads)
         per_layer_saved = tokens * ((2 * d + qkv + config.num_heads * config.head_size + 2 * f) * abytes
                                     + 4 * config.num_heads)
     elif config.remat in ("dots", "dots_no_batch"):
@@ -135,8 +135,7 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     # fuse_projections under recompute: the q/k/v matmul's one [T, (N + 2K) H] output lives beside the q, k, v
     # taken from it (a deviceless gpu_plan.py compile of the 7B step at 128K, "full", 16K MLP slices: 56.9 ->
     # 59.99 GiB; not in the results yet, no device ran it). Under "save" the plan did not grow.
-    fused_qkv = tokens * config.head_size * (config.num_heads + 2 * config.num_kv_heads) \
-        if config.fuse_projections and config.remat in ("full", "offload") else 0
+    fused_qkv = tokens * qkv if config.fuse_projections and config.remat in ("full", "offload") else 0
     transient = int((f_tokens * _TRANSIENT_F * f + tokens * (_TRANSIENT_D * d + qkvo) + fused_qkv) * abytes)
     logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 2  # f32 logits and their gradient
     return TrainMemory(weights=weights, trainable=trainable, saved=saved, transient=transient, logits=logits)
