@@ -134,7 +134,8 @@ def train_memory(config: ModelConfig, *, batch: int, seq_len: int, lora_rank: in
     f_tokens = tokens if config.mlp_chunk is None else batch * min(seq_len, config.mlp_chunk)
     # fuse_projections under recompute: the q/k/v matmul's one [T, (N + 2K) H] output lives beside the q, k, v
     # taken from it (a deviceless gpu_plan.py compile of the 7B step at 128K, "full", 16K MLP slices: 56.9 ->
-    # 59.99 GiB; not in the results yet, no device ran it). Under "save" the plan did not grow.
+    # 59.99 GiB; no device has run it fused). Under "save" the plan did not grow. At 32K under "full" the H100
+    # plan came out 0.27 GiB lower fused (results R55): the term errs on the side of refusing.
     fused_qkv = tokens * qkv if config.fuse_projections and config.remat in ("full", "offload") else 0
     transient = int((f_tokens * _TRANSIENT_F * f + tokens * (_TRANSIENT_D * d + qkvo) + fused_qkv) * abytes)
     logits = batch * min(loss_chunk, seq_len) * config.vocab_size * 4 * 2  # f32 logits and their gradient
