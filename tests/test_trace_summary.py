@@ -4,6 +4,7 @@ left out, and ``dump_kernels`` writes exactly the device kernels, one JSON line 
 import gzip
 import json
 
+import pytest
 from experiment_scripts import load_script
 
 
@@ -53,3 +54,18 @@ def test_dump_kernels_writes_one_line_per_device_kernel(tmp_path):
         rows = [json.loads(line) for line in f]
     assert [(r["n"], r["ts"], r["dur"], r["op"]) for r in rows] == kernels
     assert {r["tid"] for r in rows} == {7}
+
+
+def test_phases_sum_a_kernel_dump_by_kind_between_bounds(tmp_path):
+    ts = _module()
+    _trace(tmp_path)
+    out = tmp_path / "kernels.jsonl.gz"
+    ts.dump_kernels(str(tmp_path), str(out))
+    first, second = ts.phases(str(out), [4.0])  # the matmul and the Mosaic kernel start before 4 ms
+    assert first == {"from_ms": 0.0, "to_ms": 4.0, "by_kind_ms": {"matmul": 3.0, "pallas": 2.0},
+                     "kernel_ms": 5.0}
+    assert second == {"from_ms": 4.0, "to_ms": None, "by_kind_ms": {"fusion": 0.5, "copy": 0.12},
+                      "kernel_ms": 0.62}
+    for bad in ([2.0, 1.0], [0.0], [-1.0]):
+        with pytest.raises(ValueError, match="bounds_ms"):
+            ts.phases(str(out), bad)

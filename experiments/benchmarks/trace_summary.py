@@ -4,12 +4,14 @@
 writes and returns, for the device's kernel streams only (host threads and XLA's per-op summary lines are left
 out so nothing is counted twice), the total kernel time, the time by kind (matmul, attention, the project's
 Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by name. ``dump_kernels``
-(CLI: ``trace_summary.py TRACE_DIR --kernels-to FILE.jsonl.gz``) keeps the kernels themselves, one per line.
+(CLI: ``trace_summary.py TRACE_DIR --kernels-to FILE.jsonl.gz``) keeps the kernels themselves, one per line;
+``phases`` (CLI: ``trace_summary.py FILE.jsonl.gz --phases MS ...``) sums such a file by kind between bounds.
 """
 
 import collections
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
@@ -122,6 +124,32 @@ def dump_kernels(trace_dir: str, out_path: str) -> int:
     return count
 
 
+def phases(kernels_path: str, bounds_ms: list[float]) -> list[dict]:
+    """Kernel time by kind in consecutive windows of a ``dump_kernels`` file: ``bounds_ms`` (milliseconds
+    after the first kernel starts, increasing) cut the timeline into ``len(bounds_ms) + 1`` windows; a kernel
+    belongs to the window its start falls in. Read off a timeline, the bounds split a traced step into its
+    phases (each layer's forward, the loss, each layer's backward), so per-layer costs can be stated."""
+    if any(b <= a for a, b in itertools.pairwise(bounds_ms)) or any(b <= 0 for b in bounds_ms):
+        raise ValueError(f"bounds_ms must be positive and increasing, got {bounds_ms!r}")
+    with gzip.open(kernels_path, "rt") as f:
+        kernels = [json.loads(line) for line in f]
+    if not kernels:
+        raise ValueError(f"no kernels in {kernels_path!r}")
+    start = min(k["ts"] for k in kernels)
+    edges = [0.0, *bounds_ms, float("inf")]
+    out = [{"from_ms": a, "to_ms": None if b == float("inf") else b, "by_kind_ms": collections.Counter()}
+           for a, b in itertools.pairwise(edges)]
+    for k in kernels:
+        at = (k["ts"] - start) / 1e3
+        window = next(i for i, b in enumerate(edges[1:]) if at < b)
+        out[window]["by_kind_ms"][kind_of(k["n"])] += k["dur"] / 1e3
+    for w in out:
+        w["kernel_ms"] = round(sum(w["by_kind_ms"].values()), 2)
+        ranked = sorted(w["by_kind_ms"].items(), key=lambda kv: -kv[1])
+        w["by_kind_ms"] = {kind: round(ms, 2) for kind, ms in ranked}
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -129,8 +157,14 @@ if __name__ == "__main__":
     p.add_argument("trace_dir")
     p.add_argument("--kernels-to", default=None, metavar="FILE.jsonl.gz",
                    help="write every device kernel as a JSON line instead of printing the summary")
+    p.add_argument("--phases", nargs="+", type=float, default=None, metavar="MS",
+                   help="trace_dir is a --kernels-to file: print its kernel time by kind between these "
+                        "bounds (ms after the first kernel), one JSON line per window")
     a = p.parse_args()
-    if a.kernels_to:
+    if a.phases:
+        for window in phases(a.trace_dir, a.phases):
+            print(json.dumps(window))
+    elif a.kernels_to:
         print(dump_kernels(a.trace_dir, a.kernels_to), "kernels ->", a.kernels_to)
     else:
         print(json.dumps(summarize(a.trace_dir), indent=1))
