@@ -1,5 +1,6 @@
 """experiments/benchmarks/trace_summary.py: the device's kernel streams are summed by kind, host threads are
-left out, and ``dump_kernels`` writes exactly the device kernels, one JSON line each."""
+left out, ``dump_kernels`` writes exactly the device kernels, one JSON line each, and ``phases`` sums such a
+file by kind between time bounds."""
 
 import gzip
 import json
@@ -66,6 +67,12 @@ def test_phases_sum_a_kernel_dump_by_kind_between_bounds(tmp_path):
                      "kernel_ms": 5.0}
     assert second == {"from_ms": 4.0, "to_ms": None, "by_kind_ms": {"fusion": 0.5, "copy": 0.12},
                       "kernel_ms": 0.62}
-    for bad in ([2.0, 1.0], [0.0], [-1.0]):
+    # a kernel starting exactly on a bound (the fusion, at 5.2 ms) opens the later window; past the last
+    # kernel, windows are empty
+    windows = ts.phases(str(out), [4.0, 5.2, 99.0])
+    assert [w["kernel_ms"] for w in windows] == [5.0, 0.12, 0.5, 0.0]
+    assert windows[1]["by_kind_ms"] == {"copy": 0.12} and windows[2]["by_kind_ms"] == {"fusion": 0.5}
+    assert windows[3] == {"from_ms": 99.0, "to_ms": None, "by_kind_ms": {}, "kernel_ms": 0.0}
+    for bad in ([2.0, 1.0], [0.0], [-1.0], [float("nan")], [1.0, float("inf")]):
         with pytest.raises(ValueError, match="bounds_ms"):
             ts.phases(str(out), bad)

@@ -13,6 +13,7 @@ import glob
 import gzip
 import itertools
 import json
+import math
 import os
 import re
 
@@ -125,12 +126,19 @@ def dump_kernels(trace_dir: str, out_path: str) -> int:
 
 
 def phases(kernels_path: str, bounds_ms: list[float]) -> list[dict]:
-    """Kernel time by kind in consecutive windows of a ``dump_kernels`` file: ``bounds_ms`` (milliseconds
-    after the first kernel starts, increasing) cut the timeline into ``len(bounds_ms) + 1`` windows; a kernel
-    belongs to the window its start falls in. Read off a timeline, the bounds split a traced step into its
-    phases (each layer's forward, the loss, each layer's backward), so per-layer costs can be stated."""
-    if any(b <= a for a, b in itertools.pairwise(bounds_ms)) or any(b <= 0 for b in bounds_ms):
-        raise ValueError(f"bounds_ms must be positive and increasing, got {bounds_ms!r}")
+    """Kernel time by kind in consecutive windows of a ``dump_kernels`` file.
+
+    ``bounds_ms`` (milliseconds after the first kernel starts; finite, positive, increasing) cut the timeline
+    into ``len(bounds_ms) + 1`` windows. A kernel belongs, whole, to the window its start falls in (one that
+    starts exactly on a bound to the later window). Read off a timeline, the bounds split a traced step into
+    its phases (each layer's forward, the loss, each layer's backward), so per-layer costs can be stated.
+
+    Returns one dict per window: ``from_ms``, ``to_ms`` (None for the last), ``by_kind_ms`` (``kind_of``
+    kinds, largest first) and ``kernel_ms`` (their sum; 0.0 for a window with no kernel).
+    """
+    finite = all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds_ms)
+    if not finite or any(b <= a for a, b in itertools.pairwise(bounds_ms)) or any(b <= 0 for b in bounds_ms):
+        raise ValueError(f"bounds_ms must be finite, positive and increasing, got {bounds_ms!r}")
     with gzip.open(kernels_path, "rt") as f:
         kernels = [json.loads(line) for line in f]
     if not kernels:
@@ -144,7 +152,7 @@ def phases(kernels_path: str, bounds_ms: list[float]) -> list[dict]:
         window = next(i for i, b in enumerate(edges[1:]) if at < b)
         out[window]["by_kind_ms"][kind_of(k["n"])] += k["dur"] / 1e3
     for w in out:
-        w["kernel_ms"] = round(sum(w["by_kind_ms"].values()), 2)
+        w["kernel_ms"] = round(float(sum(w["by_kind_ms"].values())), 2)
         ranked = sorted(w["by_kind_ms"].items(), key=lambda kv: -kv[1])
         w["by_kind_ms"] = {kind: round(ms, 2) for kind, ms in ranked}
     return out
@@ -154,13 +162,15 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description="Summarize a jax.profiler trace, or dump its kernels.")
-    p.add_argument("trace_dir")
+    p.add_argument("trace_dir", help="the profiler's trace folder (with --phases: a --kernels-to file)")
     p.add_argument("--kernels-to", default=None, metavar="FILE.jsonl.gz",
                    help="write every device kernel as a JSON line instead of printing the summary")
     p.add_argument("--phases", nargs="+", type=float, default=None, metavar="MS",
                    help="trace_dir is a --kernels-to file: print its kernel time by kind between these "
                         "bounds (ms after the first kernel), one JSON line per window")
     a = p.parse_args()
+    if a.phases and a.kernels_to:
+        p.error("--phases reads a --kernels-to file; give one of the two")
     if a.phases:
         for window in phases(a.trace_dir, a.phases):
             print(json.dumps(window))
