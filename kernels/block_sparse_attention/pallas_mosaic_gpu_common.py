@@ -55,8 +55,8 @@ class MosaicTiling:
     # setmaxnreg.inc is undefined. 232 + 232 + 40 by default; 240 + 240 + 24 (FA3's split) cuts what ptxas
     # spills in the two backward passes from 340-384 bytes a thread to 8, but its H200 times (64K forward +
     # backward 17.83-18.58 ms against 18.31 ms, results R52) are within run-to-run spread, and the gpu-marked
-    # suite has run only one test at 240. At 1M tokens on an H100 it is faster: the forward and the dK/dV pass
-    # 3.3% and 5.4-5.9% (the passes 311.3 against 321.3-321.6 ms, results R59); the default waits for the suite.
+    # suite has run only one test at 240. At 1M tokens on an H100 it is faster: the forward by 3.3%, the dK/dV
+    # pass by 5.4-5.9% (the passes 311.3 against 321.3-321.6 ms, results R59); the default awaits the suite.
     compute_registers: int = 232
     # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
     # kernels).
