@@ -8,6 +8,7 @@ Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by
 ``phases`` (CLI: ``trace_summary.py FILE.jsonl.gz --phases MS ...``) sums such a file by kind between bounds.
 """
 
+import bisect
 import collections
 import glob
 import gzip
@@ -149,8 +150,7 @@ def phases(kernels_path: str, bounds_ms: list[float]) -> list[dict]:
            for a, b in itertools.pairwise(edges)]
     for k in kernels:
         at = (k["ts"] - start) / 1e3
-        window = next(i for i, b in enumerate(edges[1:]) if at < b)
-        out[window]["by_kind_ms"][kind_of(k["n"])] += k["dur"] / 1e3
+        out[bisect.bisect_right(bounds_ms, at)]["by_kind_ms"][kind_of(k["n"])] += k["dur"] / 1e3
     for w in out:
         w["kernel_ms"] = round(float(sum(w["by_kind_ms"].values())), 2)
         ranked = sorted(w["by_kind_ms"].items(), key=lambda kv: -kv[1])
