@@ -207,23 +207,18 @@ def test_fused_staging_beyond_shared_memory_names_dq_slots():
 def test_fused_dq_in_the_interpreter(g, h, exchange, slots, swizzle):
     """``fused_dq=True``: dQ added inside the dK/dV pass (each warpgroup over the whole head dim, or, at
     H = 128 so that both warpgroups own columns, exchanging dS^T and adding half of it), against the
-    reference and the default's two passes; two CTAs (the private per-CTA dQ slices the interpreter sums),
-    ragged rows, odd G (the non-exchanging warpgroup 1 skips its hidden steps), even G with the exchange (no
-    step skipped). The forward is the same kernel (bitwise); the gradients differ from the two passes only
-    by the order of their f32 sums (dQ's, and dK/dV's readers visited from a rotated start). The interpreter
-    reads, adds and writes back where a GPU reduce-adds by TMA: that path, its staging tiles (``dq_slots``,
-    ``dq_swizzle``: here only their indexing and layout) and the proxy fences run in the gpu-marked tests
-    only."""
+    reference; two CTAs (the private per-CTA dQ slices the interpreter sums), ragged rows, odd G (the
+    non-exchanging warpgroup 1 skips its hidden steps), even G with the exchange (no step skipped). The
+    interpreter reads, adds and writes back where a GPU reduce-adds by TMA: that path, its staging tiles
+    (``dq_slots``, ``dq_swizzle``: here only their indexing and layout) and the proxy fences run in the
+    gpu-marked tests only, which also hold the fused pass to the default's two passes
+    (``test_native_tilings_agree``; the interpreted pair took half of this test's 161 s on a 2-core CPU)."""
     q, k, v, plan, do = _spec(g=g, h=h, w=128, t=512, kv_heads=2).make_inputs(jax.random.PRNGKey(13))
     _, want = _outputs(reference_attention(plan), q, k, v, do)
     tiling = MosaicTiling(interpret_ctas=2, fused_dq=True, dq_exchange=exchange, dq_slots=slots,
                           dq_swizzle=swizzle)
     _, got = _outputs(_mosaic(plan, interpret=True, tiling=tiling), q, k, v, do)
     assert_close(got, want, rel=2e-2)
-    _, two = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(interpret_ctas=2)), q, k, v, do)
-    for a, b in zip(got[:2], two[:2]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert_close(got[2:], two[2:], rel=5e-3, names=("dq", "dk", "dv"))
 
 
 def test_declines_a_plan_without_slots():

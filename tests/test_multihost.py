@@ -30,8 +30,6 @@ TINY = ["model.d_model=32", "model.ffn_dim=64", "model.num_layers=1", "model.att
         "model.ms.block_size=8", "model.ms.top_k=3", "train.seq_len=64", "train.batch_size=2",
         f"train.steps={STEPS}", "train.log_every=1", "train.eval_batches=0", "train.progress=false",
         "checkpoint.async_save=false", "checkpoint.every_steps=2", "mesh.heartbeat_timeout_s=10"]
-# Compile time dominates on CPU: no LLVM optimisation (numerics are unchanged up to float reassociation).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture
@@ -50,7 +48,8 @@ def _job(tmp_path, name: str, processes: int, overrides: list[str], *, run_dir: 
     for item in [*TINY, *overrides, f"train.output_dir={tmp_path / run_dir}"]:
         command += ["--set", item]
     (tmp_path / name).mkdir()
-    base = {**os.environ, "XLA_FLAGS": FAST_XLA, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+    # XLA_FLAGS as conftest set them (its fast CPU compile); the launcher replaces the device count
+    base = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "SELMERGE_TEST_BATCH_LOG": str(tmp_path / name), **(env or {})}
     out = io.StringIO()
