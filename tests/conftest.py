@@ -17,18 +17,13 @@ import re
 import sys
 
 import pytest
+from xla_flags import FAST_CPU_COMPILE
 
 # `python -m pytest` from the repo root puts the root on sys.path, where `kernels/` (installed as
 # `selmerge_jax.kernels`) shadows Hugging Face's `kernels` distribution, which `transformers` imports when it
 # is installed: every AutoModel load then fails. The package is installed (editable): the root is not needed.
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _ROOT]
-
-# At test shapes XLA's CPU compile, not the run, takes the time: without LLVM's optimizations the suite took
-# 23:49 instead of 34:58 on a 2-core machine (1027 tests). The flags change the machine code, not the HLO
-# (float sums may differ in their last bits from an optimized build); subprocesses (the CLI and multi-process
-# tests) inherit them through the environment, so what a test compares was built alike.
-_FAST_CPU_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # marker -> (JAX_PLATFORMS value, names jax.devices()/JAX_PLATFORMS use for it, jax.default_backend())
 _ACCELERATORS = {"gpu": ("cuda", {"cuda", "gpu"}, "gpu"), "tpu": ("tpu", {"tpu"}, "tpu")}
@@ -81,8 +76,8 @@ def pytest_configure(config):
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             flags += " --xla_force_host_platform_device_count=8"
-        if "xla_backend_optimization_level" not in flags:
-            flags += _FAST_CPU_COMPILE
+        if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in flags:
+            flags += " " + FAST_CPU_COMPILE  # compile time dominates at test shapes (xla_flags.py)
         os.environ["XLA_FLAGS"] = flags.strip()
 
     import jax

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from xla_flags import FAST_CPU_COMPILE
 
 from selmerge_jax.config_io import ConfigError, from_dict
 from selmerge_jax.data.tokenizer import ByteTokenizer
@@ -40,7 +41,8 @@ def _run(script: str, args: list[str], cwd) -> subprocess.CompletedProcess:
     path = BIN / script
     if not path.exists():
         pytest.fail(f"{path} is missing: the console scripts come with the install (pip install -e .)")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user's laptop
+    # one CPU device, as a user's laptop (the tests' compile flags only)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_CPU_COMPILE}
     return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env,
                           check=False)
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from experiment_scripts import load_script
+from xla_flags import FAST_CPU_COMPILE
 
 from selmerge_jax.main.config import FinetuneConfig, PretrainConfig, load_experiment
 
@@ -164,7 +165,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "figure": {"CRD": ["grow_a5"], "twin": ["twin"]}}))
     cmd = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "sweep.yaml"), "--out",
            str(tmp_path / "out")]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_CPU_COMPILE}
     for _ in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
