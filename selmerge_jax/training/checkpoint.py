@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -196,23 +195,6 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-class _OrphanedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records. Orbax reads a step's arrays as concurrent
-    tasks; when several files are bad, the restore raises the first failure and the other failed tasks are
-    never awaited, so asyncio logs each one's traceback (hundreds of lines) when it is garbage-collected,
-    which may be after the one-line :class:`CheckpointError` was reported (seen once in a CLI test under
-    load). Installed on the ``asyncio`` logger only once a read has failed."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in record.getMessage()
-
-
-def _quiet_orphaned_reads() -> None:
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _OrphanedReads) for f in log.filters):
-        log.addFilter(_OrphanedReads())
-
-
 class Checkpointer:
     """Saves and restores ``(TrainState, data_state, meta)`` by optimizer step."""
 
@@ -231,7 +213,6 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=args)
         except Exception as error:  # orbax and tensorstore raise many types for one bad file
-            _quiet_orphaned_reads()
             raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read (corrupted, "
                                   f"half-written, or of another model): {_first_line(error)}") from error
 
