@@ -284,3 +284,12 @@ def test_asyncio_reports_of_aborted_checkpoint_reads_are_dropped_and_others_kept
     assert not cli._ABORTED_READ_LOGS.filter(record(aborted + "Error reading in OCDBT database')>"))
     assert cli._ABORTED_READ_LOGS.filter(record("Future exception was never retrieved\nfuture: KeyError()"))
     assert cli._ABORTED_READ_LOGS.filter(record("Executing <Task> took 0.2 seconds"))
+    # the gather over a step's reads reports under its own class name; known by its orbax frame
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
+    with pytest.raises(RuntimeError) as raised:
+        exec(compile("raise RuntimeError('Encountered error while reading array index')", orbax_file, "exec"))
+    gathered = record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished "
+                      "exception=RuntimeError('Encountered error while reading array index')>")
+    gathered.exc_info = (RuntimeError, raised.value, raised.value.__traceback__)
+    assert not cli._ABORTED_READ_LOGS.filter(gathered)
+    assert cli._ABORTED_READ_LOGS.filter(record("_GatheringFuture exception was never retrieved\nKeyError()"))

@@ -158,7 +158,9 @@ def _from_orbax(tb) -> bool:
     return False
 
 
-_NEVER_RETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+# asyncio names the class of the future it reports: "Future", "Task", "_GatheringFuture" (the outer future of
+# the gather over a step's reads: a CI run printed its traceback when only the first two were matched)
+_NEVER_RETRIEVED = re.compile(r"\w+ exception was never retrieved(\n|$)")
 
 
 class _AbortedReadLogs(logging.Filter):
@@ -168,7 +170,7 @@ class _AbortedReadLogs(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith(_NEVER_RETRIEVED):
+        if not _NEVER_RETRIEVED.match(message):
             return True
         tb = record.exc_info[2] if record.exc_info else None
         return not ("OCDBT" in message or _from_orbax(tb))
