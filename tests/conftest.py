@@ -1,5 +1,6 @@
 """Test setup: the JAX platform chosen from the ``-m`` marker expression before JAX starts, 8 CPU host
-devices, float32 matmuls at full precision, small seeds.
+devices compiled without LLVM's optimizations (``xla_flags.py``), float32 matmuls at full precision, small
+seeds.
 
 * A run that selects the ``gpu`` tests and no unmarked ones (``make test-gpu``, ``pytest -m gpu``) runs with
   ``JAX_PLATFORMS=cuda`` and stops at once, with a usage error, when JAX finds no CUDA device; ``-m tpu``
