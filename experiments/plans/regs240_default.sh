@@ -6,7 +6,7 @@
 #   2. the kernel beside cuDNN dense at 64K and 128K, forward and forward + backward (median of 10; #24 item 2);
 #   3. the 1M MS layer: selection, forward, gradients and the Mosaic parts timed apart (#24's 0.30 s target);
 #   4. 240 against 232 at 64K, forward + backward, A/B/A in one process; then the fused-dQ backward (dq_exchange)
-#      at 240 and at 232, since its dQ accumulator is what spills at 232 (R49, R51: 27.35 ms against 18.99 ms).
+#      at 240 and at 232, to test whether its f32 dQ work spills at 232 (untested guess; fused 27.35 ms, two passes 18.99 ms, R49).
 # If step 1 passes, commit the patch with the outputs (results/attention_<device>/r60/), an R60 index row, and
 # the README's kernel paragraphs rewritten where they call 240 "an option" and 232 "the default". Steps 2-4 run
 # only if the call has the time they need left; step 1 has its own 290 s limit.
@@ -33,7 +33,7 @@ step 100 130 bench_attention.py --specs h100_64k h100_128k --impls pallas_mosaic
   --warmup 2 --out $OUT/regs240_default_vs_cudnn.jsonl
 step 100 130 bench_attention.py --mosaic-parts h100_1m --ms-layer h100_1m --layer-impl default \
   --layer-modes selection fwd grads --reps 6 --out $OUT/layer_1m_parts_regs240.jsonl
-step 50 70 bench_attention.py --specs h100_64k --impls pallas_mosaic_gpu \
+step 80 100 bench_attention.py --specs h100_64k --impls pallas_mosaic_gpu \
   --mosaic-sweep '[{}, {"compute_registers": 232}, {}, {"fused_dq": true, "dq_exchange": true},
   {"fused_dq": true, "dq_exchange": true, "compute_registers": 232}]' --mosaic-sweep-mode fwdbwd --sweep-reps 10 \
   --modes fwdbwd --reps 10 --warmup 2 --out $OUT/regs_ab_64k.jsonl
