@@ -52,12 +52,12 @@ class MosaicTiling:
     # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
     # ``producer_registers``. The three share what the launch gave the CTA, 168 a thread for 384 threads
     # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever; below the launch's 168,
-    # setmaxnreg.inc is undefined. 232 + 232 + 40 by default; 240 + 240 + 24 (FA3's split) cuts what ptxas
-    # spills in the two backward passes from 340-384 bytes a thread to 8, but its H200 times (64K forward +
-    # backward 17.83-18.58 ms against 18.31 ms, results R52) are within run-to-run spread, and the gpu-marked
-    # suite has run only one test at 240. At 1M tokens on an H100 it is faster: the forward by 3.3%, the dK/dV
-    # pass by 5.4-5.9% (the passes 311.3 against 321.3-321.6 ms, results R59); the default awaits the suite.
-    compute_registers: int = 232
+    # setmaxnreg.inc is undefined. 240 + 240 + 24 by default (FA3's split): it cuts what ptxas spills in the
+    # two backward passes from 340-384 bytes a thread (at 232 + 232 + 40) to 8. At 1M tokens on an H100 the
+    # forward is 3.3% faster and the dK/dV pass 5.4-5.9% (the passes 311.3 against 321.3-321.6 ms, results
+    # R59); at 64K forward + backward on an H100, 17.38 and 17.58 ms against 18.85 ms at 232 (R60; on the H200
+    # within run-to-run spread, R52). The gpu-marked suite passed at 240 (R60).
+    compute_registers: int = 240
     # Backward: "mosaic" (``pallas_mosaic_gpu_bwd``: wgmma dQ and dK/dV passes) or "triton" (the Triton
     # kernels).
     backward: str = "mosaic"
