@@ -12,21 +12,16 @@ export JAX_COMPILATION_CACHE_DIR=$PWD/runs/jaxcache PYTHONUNBUFFERED=1
 git apply experiments/results/attention_h100/r60/regs240_default.patch 2>/dev/null  # a no-op from R60's commit on
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 B=experiments/benchmarks
-for f in "" "--xla_gpu_exhaustive_tiling_search=true"; do
-  echo "== XLA_FLAGS='$f'" | tee -a $OUT/log_l32_save.txt
-  XLA_FLAGS="$f" timeout 125 python3 $B/bench_model.py --presets llama2-7b --lengths 32768 --remat save \
-    --attention ms --reps 5 --out $OUT/l32_32k_flags.jsonl >> $OUT/log_l32_save.txt 2>&1
-  echo "rc=$?" | tee -a $OUT/log_l32_save.txt
-done
-for f in "" "--xla_gpu_exhaustive_tiling_search=true"; do
-  echo "== XLA_FLAGS='$f'" | tee -a $OUT/log_l32_full.txt
-  XLA_FLAGS="$f" timeout 110 python3 $B/bench_model.py --presets llama2-7b --lengths 32768 --remat full \
-    --attention ms --reps 5 --out $OUT/l32_32k_full_flags.jsonl >> $OUT/log_l32_full.txt 2>&1
-  echo "rc=$?" | tee -a $OUT/log_l32_full.txt
-done
-for f in "" "--xla_gpu_exhaustive_tiling_search=true" "" "--xla_gpu_exhaustive_tiling_search=true"; do
-  echo "== XLA_FLAGS='$f'" | tee -a $OUT/log_l2_abab.txt
-  XLA_FLAGS="$f" timeout 40 python3 $B/bench_model.py --presets llama2-7b --layers 2 --lengths 32768 \
-    --remat save --attention ms --reps 5 --out $OUT/l2_32k_save_abab.jsonl >> $OUT/log_l2_abab.txt 2>&1
-  echo "rc=$?" | tee -a $OUT/log_l2_abab.txt
-done
+sweep() {  # sweep NAME TIMEOUT "BENCH ARGS" FLAGS...: one bench_model.py process per XLA_FLAGS value
+  local name=$1 to=$2 args=$3; shift 3
+  for f in "$@"; do
+    echo "== XLA_FLAGS='$f'" | tee -a $OUT/log_$name.txt
+    XLA_FLAGS="$f" timeout "$to" python3 $B/bench_model.py $args >> $OUT/log_$name.txt 2>&1
+    echo "rc=$?" | tee -a $OUT/log_$name.txt
+  done
+}
+X=--xla_gpu_exhaustive_tiling_search=true
+S="--presets llama2-7b --lengths 32768 --attention ms --reps 5"
+sweep l32_save 125 "$S --remat save --out $OUT/l32_32k_flags.jsonl" "" $X
+sweep l32_full 110 "$S --remat full --out $OUT/l32_32k_full_flags.jsonl" "" $X
+sweep l2_abab 40 "$S --layers 2 --remat save --out $OUT/l2_32k_save_abab.jsonl" "" $X "" $X
