@@ -1,6 +1,7 @@
 #!/bin/bash
-# Plan (not yet run): one device call, any GPU (about 5 minutes on an H100; on an H200 it runs h200_cells.sh
-# instead, which holds the same 128K cell). #22's 128K cells again at the 240-register default (R60), which
+# R62: one device call on an H100 (3.7 minutes), run from experiments/plans/ at 3073769 as
+# `bash experiments/plans/model_128k_regs240.sh` (there, on a GPU over 100 GB, it ran h200_cells.sh instead;
+# the H100 took the branch below it). #22's 128K cells again at the 240-register default (R60), which
 # made the Mosaic kernels 3-7% faster on an H100 (R59, R60): about 48 ms of each layer's 310 ms at 128K is
 # Mosaic attention (R56), so the step should gain about 1%; this measures it rather than assuming it.
 #   1. Llama-2-7B LoRA at 128K, remat="full", 16K-token MLP slices, MS (median of 3) and dense cuDNN flash
