@@ -1,5 +1,6 @@
 #!/bin/bash
-# Plan (not yet run): one device call, any GPU (about 3 minutes). MosaicTiling knobs last swept at 232
+# R63: one device call, run on an H100 at 1fcfbf6 as `END=300 bash experiments/plans/tiling_sweep_240.sh` (182 s).
+# MosaicTiling knobs last swept at 232
 # registers, again at the 240 default (R60), A/B/A in one process each:
 #   1. 64K forward + backward: stages_dkv 3 (faster than the default 4 at 232 in both archived runs:
 #      20.01 vs 20.45 ms, run8a; 20.76 vs 21.40 ms, run8b), stages_dkv 5, and the dQ pass's ping-pong (slower at
