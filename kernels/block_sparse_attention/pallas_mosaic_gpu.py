@@ -172,6 +172,35 @@ def _consumer(refs, st: Static):
                st)
         return base + cnt + 1
 
+    def item_overlapped(j, base):
+        b, kh, g, chunk, _ = _mgc.unit(j, wg, st)
+        buf = lax.rem(j, jnp.int32(nq))
+        q_smem = qo_smem.at[wg, buf]
+        plgpu.barrier_wait(q_bar.at[wg * nq + buf])
+        if nq == 2:
+
+            @pl.when(j + 1 < n_items)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_q(j + 1)
+
+        cnt = cnt_ref[b, kh, g]
+        m_i, l_i, acc = _overlapped_item(q_smem, k_smem, v_smem, (k_bar, v_bar, k_free, v_free),
+                                         sched if pingpong else None, base, cnt, chunk, st)
+        b, t_rows, head = rows(j)
+        _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, t_rows, head], lse_ref.at[b, head, t_rows],
+               st)
+        return base + cnt + 1
+
+    if st.tiling.overlap:
+        if pingpong:  # warpgroup 0 takes the first turn
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched.at[0]))
+        load_q(0)
+        lax.fori_loop(0, n_items, item_overlapped, jnp.int32(0))
+        if pingpong:  # observe warpgroup 1's last hand-over (every barrier phase is waited for)
+            pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched.at[0]))
+        plgpu.wait_smem_to_gmem(0)
+        return
     if pingpong:
         pl.when(wg == 1)(lambda: _mgc.rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
     load_q(0)
@@ -179,6 +208,102 @@ def _consumer(refs, st: Static):
     if pingpong:
         pl.when(wg == 0)(lambda: _mgc.rendezvous(sched))  # balances warpgroup 1's extra rendezvous
     plgpu.wait_smem_to_gmem(0)
+
+
+def _overlapped_item(q_smem, k_smem, v_smem, ring, turns, base, cnt, chunk, st: Static):
+    """One unit's ``cnt + 1`` steps with FA3's intra-warpgroup overlap (``MosaicTiling.overlap``): step ``i``
+    issues ``S_i = Q K_i^T`` and then ``O += P_{i-1} V_{i-1}``, waits for ``S_i`` only and runs its softmax
+    while the P V product is still on the tensor cores; ``O`` is rescaled once that product is done. With two
+    warpgroups (``turns``: one barrier each) they take turns issuing, so one's softmax runs beside the
+    other's matmuls. The last step (the local region) is causal: step 0 when the row selects nothing.
+    -> ``(m, l, acc)`` as the plain step loop's.
+
+    ``O`` lives in a wgmma accumulator (``o_ref``) so that its product can stay in flight; the interpreter
+    has no accumulators, so there ``O`` is carried as a value (``acc``, None on the GPU) and the products are
+    plain dots."""
+    k_bar, v_bar, k_free, v_free = ring
+    stages, c, wg, last = st.tiling.stages, st.scale * LOG2E, lax.axis_index("wg"), base + cnt
+    dtype = jnp.dtype(st.dtype)
+
+    def take_turn():
+        if turns is not None:
+            plgpu.barrier_wait(turns.at[wg])
+
+    def pass_turn():
+        if turns is not None:
+            plgpu.barrier_arrive(turns.at[1 - wg])
+
+    def issue(o_ref, acc, slot, prev=None, p=None):
+        """Issue S for ``slot`` (and P V for ``prev``) in this warpgroup's turn -> ``(S, acc)``."""
+        if st.interpret:
+            s = dot(q_smem[...], k_smem.at[slot][...], trans_b=True)
+            take_turn()
+            pass_turn()
+            return s, (acc if p is None else acc + dot(p, v_smem.at[prev][...]))
+
+        def body(s_ref):
+            take_turn()
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            if p is not None:
+                plgpu.wgmma(o_ref, p, v_smem.at[prev])
+            pass_turn()
+            return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if p is None else 1)  # S only
+
+        return pl.run_scoped(body, plgpu.ACC((BQ, st.w), F32)), acc
+
+    def pv_done(o_ref, acc):
+        return acc if st.interpret else plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+
+    def masked(i, s):
+        return lax.cond(i == last, lambda s: _causal_mask(s, chunk, st), lambda s: s, s)
+
+    def steps(o_ref):
+        acc = jnp.zeros((BQ, st.h), F32) if st.interpret else None
+        slot = lax.rem(base, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+        s, acc = issue(o_ref, acc, slot)
+        plgpu.barrier_arrive(k_free.at[slot])
+        s = masked(base, s)
+        m_i = s.max(axis=1) * c
+        p = jnp.exp2(s * c - _mgc.bcast_rows(m_i, s.shape))
+
+        def step(i, carry):
+            m_i, l_i, p, acc = carry
+            slot, prev = lax.rem(i, jnp.int32(stages)), lax.rem(i - 1, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[prev])
+            s, acc = issue(o_ref, acc, slot, prev, p)
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = masked(i, s)
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s * c - _mgc.bcast_rows(m_new, s.shape))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = pv_done(o_ref, acc) * _mgc.bcast_rows(alpha, (BQ, st.h))  # P_{i-1} V_{i-1} is done
+            plgpu.barrier_arrive(v_free.at[prev])
+            if st.interpret:
+                return m_new, l_i, p.astype(dtype), acc
+            o_ref[...] = acc
+            return m_new, l_i, p.astype(dtype), None
+
+        m_i, l_i, p, acc = lax.fori_loop(base + 1, last + 1, step, (m_i, p.sum(axis=1), p.astype(dtype), acc))
+        slot = lax.rem(last, jnp.int32(stages))
+        plgpu.barrier_wait(v_bar.at[slot])
+        if st.interpret:
+            take_turn()
+            pass_turn()
+            acc = acc + dot(p, v_smem.at[slot][...])
+        else:
+            take_turn()
+            plgpu.wgmma(o_ref, p, v_smem.at[slot])
+            pass_turn()
+        acc = pv_done(o_ref, acc)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return m_i, l_i, acc
+
+    if st.interpret:
+        return steps(None)
+    return pl.run_scoped(steps, plgpu.ACC((BQ, st.h), F32))
 
 
 def _store(acc, m_i, l_i, o_smem, lse_smem, o_gmem, lse_gmem, st: Static):
@@ -212,7 +337,9 @@ def _forward(q, k, v, sel, cnt, st: Static):
         smem((st.wgs, nq, BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)),
         plgpu.SMEM((st.wgs, BQ), F32),
         plgpu.Barrier(num_barriers=st.wgs * nq), plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages), ring_free(), ring_free(), plgpu.Barrier(num_arrivals=st.wgs),
+        plgpu.Barrier(num_barriers=stages), ring_free(), ring_free(),
+        # the ping-pong: one rendezvous barrier, or with ``overlap`` one turn barrier per warpgroup
+        plgpu.Barrier(num_barriers=2) if st.tiling.overlap else plgpu.Barrier(num_arrivals=st.wgs),
     )
     kernel = plgpu.kernel(
         functools.partial(_kernel, st=st),

@@ -40,6 +40,10 @@ class MosaicTiling:
 
     stages: int = 2
     pingpong: bool = True
+    # FA3's intra-warpgroup overlap in the forward: each step issues the next block's Q K^T before the
+    # current P V is done and runs its softmax while that product is on the tensor cores (two accumulators
+    # live: S and O). With ``pingpong`` the warpgroups take turns issuing (a barrier each) instead of meeting.
+    overlap: bool = False
     approx_math: bool = True
     # One CTA per SM looping over work items: the producer streams the next item's K/V (and the consumers
     # prefetch its Q) while the current item finishes, instead of a fresh CTA refilling an empty pipeline.
@@ -112,8 +116,8 @@ class MosaicTiling:
                 raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
-        for name in ("pingpong", "approx_math", "persistent", "pingpong_dq", "pair_chunks", "fused_dq",
-                     "dq_exchange", "dq_swizzle"):
+        for name in ("pingpong", "overlap", "approx_math", "persistent", "pingpong_dq", "pair_chunks",
+                     "fused_dq", "dq_exchange", "dq_swizzle"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         slots = self.dq_slots
