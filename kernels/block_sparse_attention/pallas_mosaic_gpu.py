@@ -323,7 +323,7 @@ def _kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_sm
                      v_bar, k_free, v_free, sched)
     pl.when(wg < st.wgs)(lambda: _consumer(consumer_refs, st))
     producer_refs = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
-    pl.when(wg == st.wgs)(lambda: _mgc.kv_producer(producer_refs, st))
+    pl.when(wg == st.wgs)(lambda: _mgc.kv_producer(producer_refs, st, v_lag=st.tiling.overlap))
 
 
 def _forward(q, k, v, sel, cnt, st: Static):

@@ -334,9 +334,12 @@ def num_items(st: Static):
     return lax.div(jnp.int32(st.items) - first + jnp.int32(st.ctas - 1), jnp.int32(st.ctas))
 
 
-def kv_producer(refs, st: Static):
+def kv_producer(refs, st: Static, v_lag: bool = False):
     """The producer warpgroup of the forward and the dQ pass: walks each item's compacted plan row, then the
-    group's own region, streaming K/V blocks with TMA into the ``st.tiling.stages``-deep ring."""
+    group's own region, streaming K/V blocks with TMA into the ``st.tiling.stages``-deep ring. ``v_lag``
+    issues each V block one step after its K block (K_0, K_1, V_0, K_2, V_1, ...): the order in which the
+    overlapped forward (``MosaicTiling.overlap``) consumes them, so a K load never queues behind a V slot that
+    is released a step later."""
     sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free = refs
     if st.wgs == 2:
         plgpu.set_max_registers(st.tiling.producer_registers, action="decrease")
@@ -346,18 +349,28 @@ def kv_producer(refs, st: Static):
         b, kh, g, _, _ = work_item(j, st)
         cnt = cnt_ref[b, kh, g]
 
+        def load(i, src, dst, full, free):
+            """Step ``i`` of the item's ``cnt + 1``: steps [0, cnt) read the compacted plan row; step cnt is
+            the group's own (local) region."""
+            slot, first_use = lax.rem(base + i, jnp.int32(stages)), base + i < stages
+            region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
+            # With a cluster the slot is free once every member's consumers released it (cluster barrier).
+            pl.when(~first_use)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            plgpu.copy_gmem_to_smem(src.at[b, pl.ds(region * st.w, st.w), kh], dst.at[slot], full.at[slot],
+                                    collective_axes="cluster" if st.cluster > 1 else None)
+
+        k_stream, v_stream = (k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)
+
         @pl.loop(0, cnt + 1)
         def _(i):
-            slot, first_use = lax.rem(base + i, jnp.int32(stages)), base + i < stages
-            # Steps [0, cnt) read the compacted plan row; step cnt is the group's own (local) region.
-            region = jnp.where(i < cnt, sel_ref[b, kh, g, jnp.minimum(i, st.max_selected - 1)], g)
-            src_rows = (b, pl.ds(region * st.w, st.w), kh)
-            for src, dst, full, free in ((k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free)):
-                # With a cluster the slot is free once every member's consumers released it (cluster barrier).
-                pl.when(~first_use)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-                plgpu.copy_gmem_to_smem(src.at[src_rows], dst.at[slot], full.at[slot],
-                                        collective_axes="cluster" if st.cluster > 1 else None)
+            load(i, *k_stream)
+            if v_lag:
+                pl.when(i > 0)(lambda: load(i - 1, *v_stream))
+            else:
+                load(i, *v_stream)
 
+        if v_lag:
+            load(cnt, *v_stream)
         return base + cnt + 1
 
     total = lax.fori_loop(0, num_items(st), item, jnp.int32(0))
