@@ -169,16 +169,18 @@ def test_interpret_forward_matches_reference(tiling):
 
 
 @pytest.mark.parametrize(("g", "w", "t", "tiling"), [
-    (2, 64, 256, MosaicTiling(overlap=True, interpret_ctas=2)),
-    (1, 128, 512, MosaicTiling(overlap=True, interpret_ctas=1)),
-    (2, 64, 256, MosaicTiling(overlap=True, pingpong=False, interpret_ctas=1)),
+    (2, 64, 256, MosaicTiling(pingpong=True, interpret_ctas=2)),
+    (1, 128, 512, MosaicTiling(pingpong=True, interpret_ctas=1)),
+    (2, 64, 256, MosaicTiling(overlap=False, interpret_ctas=2)),
+    (1, 128, 512, MosaicTiling(overlap=False, interpret_ctas=1)),
 ])
-def test_interpret_overlapped_forward_matches_reference(g, w, t, tiling):
-    """``MosaicTiling.overlap`` (the next block's Q K^T issued before the previous P V is done, warpgroups
-    taking turns): outputs and LSE against the reference in the interpreter, which runs the K/V ring's and
-    the turn barriers' protocol. Two warpgroups over two heads with two persistent CTAs, the two chunks of one
-    head (odd G), and one warpgroup without turns; rows with padding, and group 0 (nothing to select: its
-    local block is step 0)."""
+def test_interpret_forward_variants_match_reference(g, w, t, tiling):
+    """The forwards other than the default (overlapped, warpgroups free-running; the shared cases above run
+    it): overlapped with the warpgroups taking turns (a barrier each), and the plain step loop with the
+    rendezvous ping-pong. Outputs and LSE against the reference in the interpreter, which runs the K/V ring's
+    and the turn or rendezvous barriers' protocol: two warpgroups over two heads with two persistent CTAs, and
+    the two chunks of one head (odd G); rows with padding, and group 0 (nothing to select: its local block is
+    step 0)."""
     q, k, v, plan, _ = _spec(g=g, w=w, t=t).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 1].set(-1), block_size=w, merge=1)
     out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
@@ -299,15 +301,17 @@ def test_native_matches_reference(g, w, h, dtype, fused):
 @pytest.mark.parametrize(("g", "w", "h", "dtype"), [(1, 64, 64, "bfloat16"), (4, 128, 128, "bfloat16"),
                                                       (8, 128, 64, "float16"), (1, 128, 128, "bfloat16"),
                                                       (3, 128, 64, "bfloat16")])
-def test_native_overlapped_forward_matches_reference(g, w, h, dtype):
-    """The overlapped forward (``MosaicTiling.overlap``) on the GPU: outputs and LSE against the reference
-    over the shapes of ``test_native_matches_reference`` (one warpgroup, two over heads, two over chunks),
-    ragged plans and a local-only group, and bitwise the same on a second run."""
+@pytest.mark.parametrize("tiling", [MosaicTiling(pingpong=True), MosaicTiling(overlap=False)])
+def test_native_forward_variants_match_reference(g, w, h, dtype, tiling):
+    """The forwards other than the default on the GPU (overlapped with turns; the plain step loop with the
+    rendezvous ping-pong): outputs and LSE against the reference over the shapes of
+    ``test_native_matches_reference`` (one warpgroup, two over heads, two over chunks), ragged plans and a
+    local-only group, and bitwise the same on a second run."""
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
     q, k, v, plan, _ = spec.make_inputs(jax.random.PRNGKey(4))
     plan = SelectionPlan(plan.kv_regions.at[:, :, 5].set(-1), block_size=w, merge=1)  # group 5: local only
-    run = jax.jit(_mosaic(plan, tiling=MosaicTiling(overlap=True)))
+    run = jax.jit(_mosaic(plan, tiling=tiling))
     got, again = run(q, k, v), run(q, k, v)
     assert_close(got, reference_attention(plan)(q, k, v), rel=2e-2, names=("out", "lse"))
     for a, b in zip(got, again):
@@ -315,15 +319,15 @@ def test_native_overlapped_forward_matches_reference(g, w, h, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(pingpong=False),
+@pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(overlap=False),
+                                    MosaicTiling(overlap=False, pingpong=False), MosaicTiling(pingpong=True),
                                     MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
                                     MosaicTiling(pingpong_dq=True, stages_dkv=3), MosaicTiling(fused_dq=True),
                                     MosaicTiling(fused_dq=True, dq_exchange=True),
                                     MosaicTiling(fused_dq=True, stages_fused=2),
                                     MosaicTiling(fused_dq=True, dq_exchange=True, stages_fused=2, dq_slots=2,
                                                  dq_swizzle=True),
-                                    MosaicTiling(compute_registers=232), MosaicTiling(overlap=True),
-                                    MosaicTiling(overlap=True, pingpong=False)])
+                                    MosaicTiling(compute_registers=232)])
 def test_native_tilings_agree(tiling):
     """Other launch configurations (dQ fused into the dK/dV pass, the Triton backward) give the default's
     outputs and gradients."""

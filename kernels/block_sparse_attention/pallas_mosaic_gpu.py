@@ -23,10 +23,15 @@ Warpgroups of a CTA:
   and streams the selected K/V regions, then the local region, with TMA into a ``stages``-deep shared-memory
   ring. ``k_free``/``v_free`` barriers hand a slot back once every compute warpgroup has read it.
 
-With two compute warpgroups they ping-pong (``MosaicTiling.pingpong``): a rendezvous barrier makes one
-warpgroup issue its matmuls while the other runs its softmax, so tensor cores and the exponential units
-overlap. Both warpgroups always walk the same number of steps (same plan row, same tokens), so the rendezvous
-count matches without a drain loop. The causal mask is applied on the last step only (the local region).
+Each compute warpgroup overlaps its own matmuls with its softmax (``MosaicTiling.overlap``, the default;
+FA3's intra-warpgroup overlap): step ``i`` issues ``S_i = Q K_i^T`` and then ``O += P_{i-1} V_{i-1}``, waits
+for ``S_i`` only, and runs the softmax of step ``i`` while the P V product is still on the tensor cores; O
+lives in a wgmma accumulator and is rescaled once that product is done. The producer issues each V block one
+step after its K block, the order they are consumed in. Without ``overlap`` the step is S, softmax, P V in
+turn, and the two warpgroups ping-pong (``MosaicTiling.pingpong``): a rendezvous barrier makes one issue its
+matmuls while the other runs its softmax. Both warpgroups always walk the same number of steps (same plan
+row, same tokens), so barrier counts match without a drain loop. The causal mask is applied on the last step
+only (the local region).
 
 ``MosaicTiling.cluster`` (off by default: no gain measured) groups the CTAs of one plan row into a cluster
 that TMA-multicasts each K/V block. H100 figures: experiments/results/archive/attention_h100_README.md (run
