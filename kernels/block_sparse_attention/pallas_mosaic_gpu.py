@@ -218,10 +218,13 @@ def _consumer(refs, st: Static):
 def _overlapped_item(q_smem, k_smem, v_smem, ring, turns, base, cnt, chunk, st: Static):
     """One unit's ``cnt + 1`` steps with FA3's intra-warpgroup overlap (``MosaicTiling.overlap``): step ``i``
     issues ``S_i = Q K_i^T`` and then ``O += P_{i-1} V_{i-1}``, waits for ``S_i`` only and runs its softmax
-    while the P V product is still on the tensor cores; ``O`` is rescaled once that product is done. With two
-    warpgroups (``turns``: one barrier each) they take turns issuing, so one's softmax runs beside the
-    other's matmuls. The last step (the local region) is causal: step 0 when the row selects nothing.
-    -> ``(m, l, acc)`` as the plain step loop's.
+    while the P V product is still on the tensor cores; ``O`` is rescaled once that product is done. With
+    ``turns`` (one barrier per warpgroup) the two warpgroups take turns issuing. -> ``(m, l, acc)`` as the
+    plain step loop's.
+
+    The last step is the local region, causal. A unit's first 64-token chunk of a 128-token region sees only
+    the region's first 64 keys there, so that step multiplies those alone (half the local block's matmuls and
+    exponentials). When the row selects nothing the local region is step 0, at full width.
 
     ``O`` lives in a wgmma accumulator (``o_ref``) so that its product can stay in flight; the interpreter
     has no accumulators, so there ``O`` is carried as a value (``acc``, None on the GPU) and the products are
@@ -229,6 +232,8 @@ def _overlapped_item(q_smem, k_smem, v_smem, ring, turns, base, cnt, chunk, st: 
     k_bar, v_bar, k_free, v_free = ring
     stages, c, wg, last = st.tiling.stages, st.scale * LOG2E, lax.axis_index("wg"), base + cnt
     dtype = jnp.dtype(st.dtype)
+    ring_slot = lambda i: lax.rem(i, jnp.int32(stages))
+    keys = lambda ref, slot, n: ref.at[slot] if n == st.w else ref.at[slot, pl.ds(0, n)]
 
     def take_turn():
         if turns is not None:
@@ -238,73 +243,83 @@ def _overlapped_item(q_smem, k_smem, v_smem, ring, turns, base, cnt, chunk, st: 
         if turns is not None:
             plgpu.barrier_arrive(turns.at[1 - wg])
 
-    def issue(o_ref, acc, slot, prev=None, p=None):
-        """Issue S for ``slot`` (and P V for ``prev``) in this warpgroup's turn -> ``(S, acc)``."""
+    def issue(o_ref, acc, slot, n=st.w, prev=None, p=None):
+        """Issue S over the first ``n`` keys of ``slot`` (and P V for ``prev``) in this warpgroup's turn ->
+        ``(S, acc)``."""
         if st.interpret:
-            s = dot(q_smem[...], k_smem.at[slot][...], trans_b=True)
+            s = dot(q_smem[...], keys(k_smem, slot, n)[...], trans_b=True)
             take_turn()
             pass_turn()
             return s, (acc if p is None else acc + dot(p, v_smem.at[prev][...]))
 
         def body(s_ref):
             take_turn()
-            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(keys(k_smem, slot, n), (1, 0)))
             if p is not None:
                 plgpu.wgmma(o_ref, p, v_smem.at[prev])
             pass_turn()
             return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if p is None else 1)  # S only
 
-        return pl.run_scoped(body, plgpu.ACC((BQ, st.w), F32)), acc
+        return pl.run_scoped(body, plgpu.ACC((BQ, n), F32)), acc
 
     def pv_done(o_ref, acc):
         return acc if st.interpret else plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
 
-    def masked(i, s):
-        return lax.cond(i == last, lambda s: _causal_mask(s, chunk, st), lambda s: s, s)
-
-    def steps(o_ref):
-        acc = jnp.zeros((BQ, st.h), F32) if st.interpret else None
-        slot = lax.rem(base, jnp.int32(stages))
+    def step(o_ref, i, carry, n=st.w, masked=False):
+        """Ring step ``i`` after the first: S_i over ``n`` keys beside P_{i-1} V_{i-1}, then S_i's softmax."""
+        m_i, l_i, p, acc = carry
+        slot, prev = ring_slot(i), ring_slot(i - 1)
         plgpu.barrier_wait(k_bar.at[slot])
-        s, acc = issue(o_ref, acc, slot)
+        plgpu.barrier_wait(v_bar.at[prev])
+        s, acc = issue(o_ref, acc, slot, n, prev, p)
         plgpu.barrier_arrive(k_free.at[slot])
-        s = masked(base, s)
-        m_i = s.max(axis=1) * c
-        p = jnp.exp2(s * c - _mgc.bcast_rows(m_i, s.shape))
+        if masked:
+            s = _causal_mask(s, chunk, st)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * c - _mgc.bcast_rows(m_new, s.shape))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = pv_done(o_ref, acc) * _mgc.bcast_rows(alpha, (BQ, st.h))  # P_{i-1} V_{i-1} is done
+        plgpu.barrier_arrive(v_free.at[prev])
+        if not st.interpret:
+            o_ref[...], acc = acc, None
+        return m_new, l_i, p.astype(dtype), acc
 
-        def step(i, carry):
-            m_i, l_i, p, acc = carry
-            slot, prev = lax.rem(i, jnp.int32(stages)), lax.rem(i - 1, jnp.int32(stages))
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[prev])
-            s, acc = issue(o_ref, acc, slot, prev, p)
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = masked(i, s)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s * c - _mgc.bcast_rows(m_new, s.shape))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = pv_done(o_ref, acc) * _mgc.bcast_rows(alpha, (BQ, st.h))  # P_{i-1} V_{i-1} is done
-            plgpu.barrier_arrive(v_free.at[prev])
-            if st.interpret:
-                return m_new, l_i, p.astype(dtype), acc
-            o_ref[...] = acc
-            return m_new, l_i, p.astype(dtype), None
-
-        m_i, l_i, p, acc = lax.fori_loop(base + 1, last + 1, step, (m_i, p.sum(axis=1), p.astype(dtype), acc))
-        slot = lax.rem(last, jnp.int32(stages))
+    def finish(o_ref, carry, n):
+        """The last P V (over ``n`` keys of the last slot) -> ``(m, l, acc)``."""
+        m_i, l_i, p, acc = carry
+        slot = ring_slot(last)
         plgpu.barrier_wait(v_bar.at[slot])
+        take_turn()
         if st.interpret:
-            take_turn()
-            pass_turn()
-            acc = acc + dot(p, v_smem.at[slot][...])
+            acc = acc + dot(p, keys(v_smem, slot, n)[...])
         else:
-            take_turn()
-            plgpu.wgmma(o_ref, p, v_smem.at[slot])
-            pass_turn()
+            plgpu.wgmma(o_ref, p, keys(v_smem, slot, n))
+        pass_turn()
         acc = pv_done(o_ref, acc)
         plgpu.barrier_arrive(v_free.at[slot])
         return m_i, l_i, acc
+
+    def local_last(o_ref, carry, n):
+        return finish(o_ref, step(o_ref, last, carry, n, masked=True), n)
+
+    def steps(o_ref):
+        acc = jnp.zeros((BQ, st.h), F32) if st.interpret else None
+        slot = ring_slot(base)
+        plgpu.barrier_wait(k_bar.at[slot])
+        s, acc = issue(o_ref, acc, slot)
+        plgpu.barrier_arrive(k_free.at[slot])
+        s = lax.cond(cnt == 0, lambda s: _causal_mask(s, chunk, st), lambda s: s, s)  # step 0 is local
+        m_i = s.max(axis=1) * c
+        p = jnp.exp2(s * c - _mgc.bcast_rows(m_i, s.shape))
+        carry = (m_i, p.sum(axis=1), p.astype(dtype), acc)
+        carry = lax.fori_loop(base + 1, last, lambda i, cr: step(o_ref, i, cr), carry)  # selected regions
+        if st.chunks == 2:  # the first chunk's local step over the region's first 64 keys only
+            last_step = lambda cr: lax.cond(chunk == 0, lambda cr: local_last(o_ref, cr, BQ),
+                                            lambda cr: local_last(o_ref, cr, st.w), cr)
+        else:
+            last_step = lambda cr: local_last(o_ref, cr, st.w)
+        return lax.cond(cnt == 0, lambda cr: finish(o_ref, cr, st.w), last_step, carry)
 
     if st.interpret:
         return steps(None)
