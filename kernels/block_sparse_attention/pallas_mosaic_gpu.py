@@ -31,7 +31,8 @@ step after its K block, the order they are consumed in. Without ``overlap`` the 
 turn, and the two warpgroups ping-pong (``MosaicTiling.pingpong``): a rendezvous barrier makes one issue its
 matmuls while the other runs its softmax. Both warpgroups always walk the same number of steps (same plan
 row, same tokens), so barrier counts match without a drain loop. The causal mask is applied on the last step
-only (the local region).
+only (the local region); in the overlapped forward a unit's first 64-token chunk of a 128-token region
+multiplies only the region's first 64 keys there, the only ones it sees.
 
 ``MosaicTiling.cluster`` (off by default: no gain measured) groups the CTAs of one plan row into a cluster
 that TMA-multicasts each K/V block. H100 figures: experiments/results/archive/attention_h100_README.md (run

@@ -43,7 +43,8 @@ class MosaicTiling:
     # current P V is done and runs its softmax while that product is on the tensor cores (two accumulators
     # live: S and O); the producer issues each V block a step after its K block, in that order. The default:
     # on an H100, in one process (results R67), the 64K forward 3.79 / 3.76 / 3.97 ms against 3.93 / 4.04 /
-    # 3.92 ms with the ping-pong below, the 128K forward 7.69 / 7.62 / 7.54 ms against 8.23 / 8.28 / 7.91 ms.
+    # 3.92 ms with the ping-pong below, the 128K forward 7.69 / 7.62 / 7.54 ms against 8.23 / 8.28 / 7.91 ms;
+    # with the first chunk's local step over 64 keys (R68) 3.64 / 3.62 ms against 3.93 / 3.92 ms at 64K.
     overlap: bool = True
     # The two compute warpgroups' ping-pong. Without ``overlap``: a rendezvous barrier makes one warpgroup
     # issue its matmuls while the other runs its softmax (without it that forward is 6-10% slower, R67). With

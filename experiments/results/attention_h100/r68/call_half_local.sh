@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan (not yet run): one device call on an H100 (about 6 minutes) at the overlapped forward whose first
+# One device call on an H100 (about 6 minutes) at the overlapped forward whose first
 # 64-token chunk multiplies only the local region's first 64 keys:
 #   1. GPU tests: the default's forward and gradients against the reference over five shapes (G = 1/3/4/8,
 #      W = 64/128), the other forwards;
