@@ -156,6 +156,13 @@ def _consumer(refs, st: Static):
         plgpu.barrier_arrive(v_free.at[slot])
         return m_i, l_i, acc
 
+    def plain_steps(q_smem, base, cnt, chunk):
+        """The item's steps without ``overlap``: S, softmax, P V in turn (the rendezvous ping-pong)."""
+        carry = (_row_stat(-jnp.inf, st), _row_stat(0.0, st),
+                 _mgc.as_layout(jnp.zeros((BQ, st.h), F32), plgpu.Layout.WGMMA, st))
+        carry = lax.fori_loop(base, base + cnt, lambda i, c: step(i, c, q_smem, chunk), carry)  # selected
+        return step(base + cnt, carry, q_smem, chunk, masked=True)  # local region: causal
+
     def item(j, base):
         b, kh, g, chunk, _ = _mgc.unit(j, wg, st)
         buf = lax.rem(j, jnp.int32(nq))
@@ -169,50 +176,31 @@ def _consumer(refs, st: Static):
                 load_q(j + 1)
 
         cnt = cnt_ref[b, kh, g]
-        carry = (_row_stat(-jnp.inf, st), _row_stat(0.0, st),
-                 _mgc.as_layout(jnp.zeros((BQ, st.h), F32), plgpu.Layout.WGMMA, st))
-        carry = lax.fori_loop(base, base + cnt, lambda i, c: step(i, c, q_smem, chunk), carry)  # selected
-        m_i, l_i, acc = step(base + cnt, carry, q_smem, chunk, masked=True)  # local region: causal
+        if st.tiling.overlap:
+            m_i, l_i, acc = _overlapped_item(q_smem, k_smem, v_smem, (k_bar, v_bar, k_free, v_free),
+                                             sched if pingpong else None, base, cnt, chunk, st)
+        else:
+            m_i, l_i, acc = plain_steps(q_smem, base, cnt, chunk)
         b, t_rows, head = rows(j)
         _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, t_rows, head], lse_ref.at[b, head, t_rows],
                st)
         return base + cnt + 1
 
-    def item_overlapped(j, base):
-        b, kh, g, chunk, _ = _mgc.unit(j, wg, st)
-        buf = lax.rem(j, jnp.int32(nq))
-        q_smem = qo_smem.at[wg, buf]
-        plgpu.barrier_wait(q_bar.at[wg * nq + buf])
-        if nq == 2:
-
-            @pl.when(j + 1 < n_items)
-            def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                load_q(j + 1)
-
-        cnt = cnt_ref[b, kh, g]
-        m_i, l_i, acc = _overlapped_item(q_smem, k_smem, v_smem, (k_bar, v_bar, k_free, v_free),
-                                         sched if pingpong else None, base, cnt, chunk, st)
-        b, t_rows, head = rows(j)
-        _store(acc, m_i, l_i, q_smem, lse_smem.at[wg], o_ref.at[b, t_rows, head], lse_ref.at[b, head, t_rows],
-               st)
-        return base + cnt + 1
-
-    if st.tiling.overlap:
-        if pingpong:  # warpgroup 0 takes the first turn
-            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched.at[0]))
-        load_q(0)
-        lax.fori_loop(0, n_items, item_overlapped, jnp.int32(0))
-        if pingpong:  # observe warpgroup 1's last hand-over (every barrier phase is waited for)
-            pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched.at[0]))
-        plgpu.wait_smem_to_gmem(0)
-        return
+    # Ping-pong start and end. Rendezvous: warpgroup 1 runs half a step behind warpgroup 0, and warpgroup 0
+    # balances that extra meeting at the end. Turns (``overlap``): warpgroup 0 takes the first, and observes
+    # warpgroup 1's last hand-over at the end (every barrier phase is waited for).
     if pingpong:
-        pl.when(wg == 1)(lambda: _mgc.rendezvous(sched))  # warpgroup 1 runs half a step behind warpgroup 0
+        if st.tiling.overlap:
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched.at[0]))
+        else:
+            pl.when(wg == 1)(lambda: _mgc.rendezvous(sched))
     load_q(0)
     lax.fori_loop(0, n_items, item, jnp.int32(0))
     if pingpong:
-        pl.when(wg == 0)(lambda: _mgc.rendezvous(sched))  # balances warpgroup 1's extra rendezvous
+        if st.tiling.overlap:
+            pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched.at[0]))
+        else:
+            pl.when(wg == 0)(lambda: _mgc.rendezvous(sched))
     plgpu.wait_smem_to_gmem(0)
 
 
