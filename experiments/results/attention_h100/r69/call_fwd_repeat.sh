@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan (not yet run): one device call on an H100 (about 2.5 minutes): the default forward (overlapped, R68)
+# One device call on an H100 (about 2.5 minutes): the default forward (overlapped, R68)
 # beside cuDNN dense at 64K and 128K, forward only, median of 20, in two separate invocations per length
 # (64K, 128K, 64K, 128K), to see the spread of #24 item 2's forward ratio on one machine (R68: 1.007x, 1.011x).
 set -u
