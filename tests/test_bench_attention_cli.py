@@ -1,8 +1,13 @@
 """``experiments/benchmarks/bench_attention.py`` rejects what would do nothing or write broken rows (no work
 asked, an unknown implementation or spec, zero repetitions, bad JSON) with exit code 2 and the allowed set."""
 
+import jax
+import numpy as np
 import pytest
 from experiment_scripts import load_script
+
+from selmerge_jax.kernels.block_sparse_attention import block_sparse_attention_reference
+from selmerge_jax.kernels.block_sparse_attention.specs import get_spec
 
 bench = load_script("benchmarks/bench_attention.py")
 
@@ -57,3 +62,20 @@ def test_selection_inside_times_the_op_and_its_kernel_on_fresh_inputs():
     assert row["op_fwd_ms"] > 0 and row["kernel_fwd_ms"] > 0
     # the share comes from the unrounded medians, the ms fields are rounded to 4 decimals
     assert row["selection_share"] == pytest.approx(1 - row["kernel_fwd_ms"] / row["op_fwd_ms"], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tiny_g4_h64_w64", "tiny_g1_h128_w128"])
+def test_layout_probe_poses_the_same_problem_head_major(name):
+    """``--layout-probe``'s head-major relayout (each kv head a batch row) is the same attention: the
+    reference on it gives the token-major outputs, re-laid out; and the flag parses."""
+    spec = get_spec(name)
+    q, k, v, plan, do = spec.make_inputs(jax.random.PRNGKey(0))
+    hq, hk, hv, hdo, regions = bench.head_major(q, k, v, do, plan.kv_regions)
+    assert hq.shape == (spec.kv_heads, spec.seq_len, spec.q_heads // spec.kv_heads, spec.head_dim)
+    assert hk.shape == (spec.kv_heads, spec.seq_len, 1, spec.head_dim) and hdo.shape == hq.shape
+    want = block_sparse_attention_reference(q, k, v, plan)
+    got = block_sparse_attention_reference(hq, hk, hv, plan.__class__(regions, block_size=plan.block_size,
+                                                                       merge=plan.merge))
+    back, *_ = bench.head_major(want, k, v, do, plan.kv_regions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(back), rtol=1e-6, atol=1e-6)
+    assert bench.parse_args(["--layout-probe", "h100_64k"]).layout_probe == ["h100_64k"]

@@ -22,6 +22,7 @@ Shapes come from ``selmerge_jax.kernels.block_sparse_attention.specs`` (the test
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -203,6 +204,42 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
                 row[f"tflops_vs_{peer}"] = round(r["tflops_useful"] / other["tflops_useful"], 3)
         out.append(row)
     return out
+
+
+def head_major(q, k, v, do, regions):
+    """The same problem with each kv head as its own batch row: ``[B, T, K*G, H] -> [B*K, T, G, H]`` (and K/V,
+    dO, the plan likewise). Work items, their order and the FLOPs are the kernel's as before; only memory
+    changes: a K/V region of one kv head becomes one contiguous ``W x H`` block instead of ``W`` rows ``K*H``
+    elements apart."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    rows = lambda x, g: x.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv, t, g, h)
+    return (rows(q, n // kv), rows(k, 1), rows(v, 1), rows(do, n // kv),
+            regions.reshape(b * kv, 1, *regions.shape[2:]))
+
+
+def bench_layout_probe(name, args, out, mosaic_tiling):
+    """``--layout-probe``: the Mosaic kernels on the spec as given (token-major: ``[B, T, N, H]``) against the
+    same problem with each kv head a batch row (``head_major``), A/B/A/B in one process, forward and forward +
+    backward (median of ``--sweep-reps`` each; the relayout is outside the timed calls). Whether the kernels'
+    strided K/V and Q/dO tiles cost DRAM efficiency: if head-major is faster, a head-major layout in the
+    kernels would pay."""
+    spec = get_spec(name)
+    q, k, v, plan, do = jax.jit(spec.make_inputs)(jax.random.PRNGKey(0))
+    flops = useful_flops(plan, spec.q_heads, spec.head_dim)
+    layouts = {"token_major": (q, k, v, do, plan.kv_regions),
+               "head_major": jax.jit(head_major)(q, k, v, do, plan.kv_regions)}
+    base = {"kind": "layout_probe", **environment(), "spec": name,
+            "mosaic_tiling": (mosaic_tiling or MosaicTiling()).__dict__}
+    for layout in ("token_major", "head_major", "token_major", "head_major"):
+        lq, lk, lv, ldo, regions = layouts[layout]
+        lplan = dataclasses.replace(plan, kv_regions=regions)
+        fwd, fb = fwd_and_fwdbwd(mosaic_fn(lplan, TritonTiling(), mosaic_tiling))
+        for mode, fn, fargs, f in (("fwd", fwd, (lq, lk, lv), flops),
+                                   ("fwdbwd", fb, (lq, lk, lv, ldo), BWD_FACTOR * flops)):
+            ms = statistics.median(time_fn(fn, fargs, args.sweep_reps, 1))
+            emit({**base, "layout": layout, "mode": mode, "ms": round(ms, 4),
+                  "tflops_useful": round(f / ms / 1e9, 1)}, out)
 
 
 def bench_mosaic_parts(name, args, out, mosaic_tiling):
@@ -440,7 +477,7 @@ def bench_dense(seq_lens, args, out):
 IMPLS = ("pallas_triton", "pallas_mosaic_gpu", "xla", "cudnn_dense")
 KERNELS = ("pallas_triton", "pallas_mosaic_gpu")
 # The options that give the script something to do; without any of them it would exit 0 having done nothing.
-WORK = ("specs", "check", "mosaic_parts", "ms_layer", "dense_lens", "sweep_spec")
+WORK = ("specs", "check", "mosaic_parts", "layout_probe", "ms_layer", "dense_lens", "sweep_spec")
 
 
 def _int_at_least(low: int):
@@ -498,6 +535,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mosaic-parts", nargs="*", default=[], choices=spec_names, metavar="SPEC",
                     help="specs to time the Mosaic forward, backward preparation, dQ "
                          "and dK/dV passes on, apart")
+    ap.add_argument("--layout-probe", nargs="*", default=[], choices=spec_names, metavar="SPEC",
+                    help="specs to time the Mosaic kernels on token-major against head-major K/V/Q/dO "
+                         "(each kv head a batch row), A/B/A/B, --sweep-reps each")
     ap.add_argument("--ms-layer", nargs="*", default=[], choices=spec_names, metavar="SPEC",
                     help="specs to run the full MS layer on")
     ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
@@ -585,6 +625,8 @@ def run(args, tiling, out):
         emit(row, out)
     for name in args.mosaic_parts:
         bench_mosaic_parts(name, args, out, mosaic_tiling)
+    for name in args.layout_probe:
+        bench_layout_probe(name, args, out, mosaic_tiling)
     for name in args.ms_layer:
         bench_ms_layer(name, args, tiling, out)
     if args.dense_lens:
