@@ -63,6 +63,14 @@ def _mosaic(plan, **kw):
     return lambda q, k, v: block_sparse_attention_mosaic_gpu(q, k, v, plan, return_lse=True, **kw)
 
 
+def _assert_interpreted_forward(plan, tiling, q, k, v):
+    """The forward (outputs, LSE) in the Mosaic GPU interpreter against the reference."""
+    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
+    want_out, want_lse = reference_attention(plan)(q, k, v)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------- CPU
 
 
@@ -119,6 +127,8 @@ def test_tiling_validation():
         MosaicTiling(stages_dq=True)
     with pytest.raises(TypeError, match="pingpong_dq"):
         MosaicTiling(pingpong_dq="yes")
+    with pytest.raises(TypeError, match="overlap"):
+        MosaicTiling(overlap=1)
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match="interpret_ctas"):
             MosaicTiling(interpret_ctas=bad)
@@ -162,10 +172,7 @@ def test_interpret_forward_matches_reference(tiling):
     items (the K/V ring and the Q double buffer carried across items)."""
     q, k, v, plan, _ = _spec(g=2, t=256).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 3].set(-1), block_size=plan.block_size, merge=1)
-    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
-    want_out, want_lse = reference_attention(plan)(q, k, v)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
+    _assert_interpreted_forward(plan, tiling, q, k, v)
 
 
 @pytest.mark.parametrize(("g", "w", "t", "tiling"), [
@@ -183,10 +190,7 @@ def test_interpret_forward_variants_match_reference(g, w, t, tiling):
     step 0)."""
     q, k, v, plan, _ = _spec(g=g, w=w, t=t).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 1].set(-1), block_size=w, merge=1)
-    out, lse = jax.jit(_mosaic(plan, interpret=True, tiling=tiling))(q, k, v)
-    want_out, want_lse = reference_attention(plan)(q, k, v)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), atol=2e-2)
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-5)
+    _assert_interpreted_forward(plan, tiling, q, k, v)
 
 
 @pytest.mark.parametrize("g", [1, 3])
