@@ -14,6 +14,9 @@ block, causally masked)
     S = Q K^T, dP = dO V^T  (two wgmma, one wait) -> P = exp2(S c - lse2), dS = P (dP - delta)
     dQ += dS K              (dS the register A operand)
 
+With ``MosaicTiling.overlap_dq`` (off) each step's dQ product is deferred to the next step, issued beside its
+S (``_dq_overlapped_steps``).
+
 dK/dV pass (transposed plan): a work item is one KV region of one kv head; compute warpgroup ``w`` owns its
 keys ``[64 w, 64 w + 64)`` with K and V in shared memory and dK, dV in f32 registers. The producer warpgroup
 streams 64-query chunks (Q, dO, stats) of every reader into a ``stages``-deep ring: first the query groups
@@ -152,9 +155,13 @@ def _dq_consumer(refs, st: Static):
         lse2, delta = _load_vec(stat_s.at[0], 1, st), _load_vec(stat_s.at[1], 1, st)
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
-        dq = lax.fori_loop(base, base + cnt, lambda i, a: step(i, a, lse2, delta, chunk),
-                           _zeros((BQ, st.h), st))
-        dq = step(base + cnt, dq, lse2, delta, chunk, masked=True)  # the local region, causal
+        if st.tiling.overlap_dq:
+            dq = _dq_overlapped_steps((q_s, do_s, k_smem, v_smem), (k_bar, v_bar, k_free, v_free), base, cnt,
+                                      chunk, (lse2, delta), st)
+        else:
+            dq = lax.fori_loop(base, base + cnt, lambda i, a: step(i, a, lse2, delta, chunk),
+                               _zeros((BQ, st.h), st))
+            dq = step(base + cnt, dq, lse2, delta, chunk, masked=True)  # the local region, causal
         q_s[...] = (dq * st.scale).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, t_rows, head])
@@ -166,6 +173,104 @@ def _dq_consumer(refs, st: Static):
     if pingpong:
         pl.when(wg == 0)(lambda: _mgc.rendezvous(sched))  # balances warpgroup 1's extra rendezvous
     plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_overlapped_steps(tiles, ring, base, cnt, chunk, stats, st: Static):
+    """One unit's ``cnt + 1`` dQ steps with each dQ product deferred a step (``MosaicTiling.overlap_dq``) ->
+    dQ ``[64, H]`` f32, unscaled.
+
+    Step ``i`` issues ``dQ += dS_{i-1} K_{i-1}`` and ``S_i = Q K_i^T``, then, once the dQ product is done
+    (``K_{i-1}``'s slot goes back, about when the plain step releases it), ``dP_i = dO V_i^T``; it waits for
+    ``S_i`` only and computes ``P_i`` while ``dP_i`` is still on the tensor cores. So the tensor cores take
+    the products back to back, where the plain step waits for its dQ product, then issues the next pair and
+    waits for both. Registers: ``dS_{i-1}`` (the register A operand) lives until its product is done, beside
+    dQ and ``S_i`` only; ``dP_i`` comes after. The last step is the local region, causal; a unit's first
+    64-token chunk of a 128-token region sees only the region's first 64 keys there, so that step multiplies
+    those alone (as the forward's). When the row selects nothing the local region is step 0, at full width.
+
+    dQ lives in a wgmma accumulator so that its product can stay in flight; the interpreter has none, so
+    there dQ is carried as a value (None on the GPU) and the products are plain dots."""
+    q_s, do_s, k_smem, v_smem = tiles
+    k_bar, v_bar, k_free, v_free = ring
+    lse2, delta = stats
+    stages, c, last, dtype = st.tiling.stages, st.scale * LOG2E, base + cnt, jnp.dtype(st.dtype)
+    ring_slot = lambda i: lax.rem(i, jnp.int32(stages))
+    keys = lambda ref, slot, n: ref.at[slot] if n == st.w else ref.at[slot, pl.ds(0, n)]
+
+    def causal(p):
+        return jnp.where(_iota(p.shape, 0, st) + chunk * BQ >= _iota(p.shape, 1, st), p, 0.0)
+
+    def probs(s, masked):
+        """``P = exp2(S c - lse2)`` (``lse2 = +inf``, no finite LSE, gives 0), causal where ``masked``: True,
+        or a traced predicate (step 0 of a row that selects nothing is its local region)."""
+        p = jnp.exp2(s * c - _mgc.bcast_rows(lse2, s.shape))
+        if masked is True:
+            return causal(p)
+        return p if masked is False else lax.cond(masked, causal, lambda p: p, p)
+
+    def issue(dq_ref, dq, i, n, ds_prev, masked):
+        """``(P_i, dP_i, dq)`` over the first ``n`` keys of step ``i``'s slot, the previous step's dQ product
+        (a full-width selected block) issued first when there is one."""
+        slot = ring_slot(i)
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot])
+        k_s, v_s = keys(k_smem, slot, n), keys(v_smem, slot, n)
+        k_prev = None if ds_prev is None else k_smem.at[ring_slot(i - 1)]
+        if st.interpret:
+            if ds_prev is not None:
+                dq = dq + dot(ds_prev, k_prev[...])
+                plgpu.barrier_arrive(k_free.at[ring_slot(i - 1)])
+            p = probs(dot(q_s[...], k_s[...], trans_b=True), masked)
+            return p, dot(do_s[...], v_s[...], trans_b=True), dq
+
+        def body(s_ref, dp_ref):
+            if ds_prev is not None:
+                plgpu.wgmma(dq_ref, ds_prev, k_prev)
+            plgpu.wgmma(s_ref, q_s, _t(k_s))
+            if ds_prev is not None:
+                plgpu.wgmma_wait(1)  # the dQ product is done (each wgmma is its own group, done in order)
+                plgpu.barrier_arrive(k_free.at[ring_slot(i - 1)])
+            plgpu.wgmma(dp_ref, do_s, _t(v_s))
+            p = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), masked)  # beside dP_i
+            return p, dp_ref[...]
+
+        p, dp = pl.run_scoped(body, plgpu.ACC((BQ, n), F32), plgpu.ACC((BQ, n), F32))
+        return p, dp, dq
+
+    def step(dq_ref, i, carry, n=st.w, masked=False):
+        """Step ``i``: the deferred dQ product, ``S_i``, ``dP_i`` -> ``(dS_i, dq)``."""
+        ds_prev, dq = carry
+        p, dp, dq = issue(dq_ref, dq, i, n, ds_prev, masked)
+        plgpu.barrier_arrive(v_free.at[ring_slot(i)])
+        return (p * (dp - _mgc.bcast_rows(delta, dp.shape))).astype(dtype), dq
+
+    def finish(dq_ref, carry, n):
+        """The last step's dQ product (over ``n`` keys) -> dQ."""
+        ds, dq = carry
+        slot = ring_slot(last)
+        k_s = keys(k_smem, slot, n)
+        if st.interpret:
+            dq = dq + dot(ds, k_s[...])
+        else:
+            plgpu.wgmma(dq_ref, ds, k_s)
+            dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=0)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+    def steps(dq_ref):
+        dq = jnp.zeros((BQ, st.h), F32) if st.interpret else None
+        carry = step(dq_ref, base, (None, dq), masked=cnt == 0)
+        carry = lax.fori_loop(base + 1, last, lambda i, cr: step(dq_ref, i, cr), carry)  # selected regions
+        local = lambda n: lambda cr: finish(dq_ref, step(dq_ref, last, cr, n, masked=True), n)
+        if st.chunks == 2:  # the first chunk's local step over the region's first 64 keys only
+            last_step = lambda cr: lax.cond(chunk == 0, local(BQ), local(st.w), cr)
+        else:
+            last_step = local(st.w)
+        return lax.cond(cnt == 0, lambda cr: finish(dq_ref, cr, st.w), last_step, carry)
+
+    if st.interpret:
+        return steps(None)
+    return pl.run_scoped(steps, plgpu.ACC((BQ, st.h), F32))
 
 
 def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem,

@@ -77,6 +77,14 @@ class MosaicTiling:
     stages_dq: int = 2
     stages_dkv: int = 4
     pingpong_dq: bool = False  # ping-pong in the dQ pass: slower on the H100 (6.62 vs 5.71 ms at 64K)
+    # The dQ pass defers each step's dQ product: step i issues dQ += dS_{i-1} K_{i-1}, then S_i = Q K_i^T and
+    # dP_i = dO V_i^T, so the three run back to back on the tensor cores instead of the warpgroup waiting
+    # for dQ and only then issuing the next block's pair; the first chunk's local step runs over 64 keys (as
+    # the forward's). Not with ``pingpong_dq``. Off: no faster on an H100 (R71), A/B/A/B forward + backward
+    # at 64K 18.4686 / 18.5547 ms against 18.1271 / 18.4728 ms plain, at 128K 37.1928 / 37.9455 ms against
+    # 36.9482 / 36.9168 ms; the 1M dQ pass 103.33 ms against 105.84 ms (separate processes). ptxas spills
+    # more in it (a deviceless compile: 476 against 328 bytes a thread).
+    overlap_dq: bool = False
     # dQ inside the dK/dV pass (off): per 64-query chunk each compute warpgroup adds dS K into an f32 dQ in
     # global memory by TMA reduce-add. Five matmuls per block pair instead of the two passes' seven, and the
     # order of the f32 additions varies from run to run (the separate dQ pass is bitwise deterministic). Off
@@ -123,8 +131,8 @@ class MosaicTiling:
                 raise ValueError(f"MosaicTiling.{name} must be an int in [2, {hi}], got {value!r}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MosaicTiling.backward must be 'mosaic' or 'triton', got {self.backward!r}")
-        for name in ("pingpong", "overlap", "approx_math", "persistent", "pingpong_dq", "pair_chunks",
-                     "fused_dq", "dq_exchange", "dq_swizzle"):
+        for name in ("pingpong", "overlap", "approx_math", "persistent", "pingpong_dq", "overlap_dq",
+                     "pair_chunks", "fused_dq", "dq_exchange", "dq_swizzle"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MosaicTiling.{name} must be a bool, got {getattr(self, name)!r}")
         slots = self.dq_slots
@@ -133,6 +141,9 @@ class MosaicTiling:
         if (slots != 1 or self.dq_swizzle) and not self.fused_dq:
             raise ValueError(f"MosaicTiling: dq_slots={slots} / dq_swizzle={self.dq_swizzle} shape the fused "
                              "dQ's staging and need fused_dq=True")
+        if self.overlap_dq and self.pingpong_dq:
+            raise ValueError("MosaicTiling: overlap_dq=True and pingpong_dq=True are two schedules of the dQ "
+                             "pass; choose one")
         if self.dq_exchange and not self.fused_dq:
             raise ValueError("MosaicTiling: dq_exchange=True needs fused_dq=True (it is a way of fusing dQ)")
         if self.fused_dq and self.backward != "mosaic":
