@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan (not yet run): one device call on an H100 or H200 (about 3 minutes). Does the kernels' memory layout
+# Ran as R70 (experiments/results/INDEX.md#r70): one device call on an H100 or H200 (about 4 minutes). Does the kernels' memory layout
 # cost them? K/V and Q/dO are token-major ([B, T, N, H]): one kv head's 128-token region is 128 rows of 256
 # bytes, K*H*2 bytes apart, read in plan order (random), while cuDNN streams neighbouring rows. The MS
 # forward's rate moved up to 10% between invocations on one H100 where cuDNN's did not (R69).
