@@ -49,6 +49,22 @@ def test_ratio_rows_divide_by_the_peers_of_the_same_spec_and_mode():
     assert fwd["tflops_vs_cudnn_dense"] == 0.8 and fwd["tflops_vs_flex_attention"] == 1.25
     assert fwd["flex_attention_ms"] == 2.5 and fwd["cudnn_dense_tflops"] == 625.0
     assert fwdbwd["mode"] == "fwdbwd" and "tflops_vs_cudnn_dense" not in fwdbwd
+    assert "tflops_vs_cudnn_dense_device" not in fwd  # no device times: no device ratio
+
+
+def test_ratio_rows_from_device_times_where_both_have_them():
+    """``--device-time``: the ratio of the device-time rates beside the wall-clock one; a peer without a
+    device time (FlexAttention runs in its own process) gets the wall-clock ratio only."""
+    rows = [{"spec": "s", "mode": "fwd", "impl": "pallas_mosaic_gpu", "tflops_useful": 500.0, "ms": 2.0,
+             "tflops_useful_device": 550.0, "ms_device": 1.8},
+            {"spec": "s", "mode": "fwd", "impl": "cudnn_dense", "tflops_useful": 625.0, "ms": 30.0,
+             "tflops_useful_device": 500.0, "ms_device": 29.9},
+            {"spec": "s", "mode": "fwd", "impl": "flex_attention", "tflops_useful": 400.0, "ms": 2.5}]
+    (row,) = bench.ratio_rows(rows)
+    assert row["tflops_vs_cudnn_dense"] == 0.8 and row["tflops_vs_cudnn_dense_device"] == 1.1
+    assert row["cudnn_dense_ms_device"] == 29.9 and row["ms_device"] == 1.8
+    assert row["tflops_vs_flex_attention"] == 1.25 and "tflops_vs_flex_attention_device" not in row
+    assert bench.parse_args(["--specs", "h100_64k", "--device-time"]).device_time
 
 
 def test_selection_inside_times_the_op_and_its_kernel_on_fresh_inputs():

@@ -76,3 +76,21 @@ def test_phases_sum_a_kernel_dump_by_kind_between_bounds(tmp_path):
     for bad in ([2.0, 1.0], [0.0], [-1.0], [float("nan")], [1.0, float("inf")]):
         with pytest.raises(ValueError, match="bounds_ms"):
             ts.phases(str(out), bad)
+
+
+def test_call_times_split_identical_calls_in_start_order(tmp_path):
+    """Four kernels traced as two calls of two kernels: each call's device time is its two kernels' durations
+    (the host's 9 ms event is not one); three calls do not divide four kernels, so no split is given, and a
+    trace with no device stream gives none either."""
+    ts = _module()
+    _trace(tmp_path)
+    assert ts.call_times(str(tmp_path), 2) == [5.0, 0.625]
+    assert ts.call_times(str(tmp_path), 1) == [5.625]
+    assert ts.call_times(str(tmp_path), 3) == []
+    assert ts.call_times(str(tmp_path), 0) == []
+    host_only = tmp_path / "host"
+    folder = host_only / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": [{"ph": "X", "pid": 2, "tid": 3, "name": "python", "ts": 0, "dur": 5}]}, f)
+    assert ts.call_times(str(host_only), 1) == []

@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -108,12 +109,34 @@ def fwd_and_fwdbwd(attn):
     return fwd, jax.jit(fb)
 
 
-def measure(record, fn, args, flops, reps, warmup, out):
+def device_times(fn, args, reps: int) -> list[float]:
+    """Device time (ms) of each of ``reps`` calls of ``fn``: its kernels under ``jax.profiler``
+    (``trace_summary.call_times``), without the host's dispatch and the wait between calls that ``time_fn``'s
+    wall clock includes (a larger share of a 4 ms kernel than of cuDNN's 57 ms dense one). ``[]`` where the
+    trace has no device kernels (CPU)."""
+    from trace_summary import call_times  # beside this script
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(reps):
+                jax.block_until_ready(fn(*args))
+        return call_times(trace_dir, reps)
+
+
+def measure(record, fn, args, flops, reps, warmup, out, device=False):
+    """Times ``fn`` by wall clock (median of ``reps``) and, with ``device``, by device time too (median of
+    ``reps`` traced calls: ``ms_device``, ``tflops_useful_device``); emits and returns the row."""
     times = time_fn(fn, args, reps, warmup)
     ms = statistics.median(times)
     row = {**record, "ms": round(ms, 4), "ms_min": round(min(times), 4), "reps": reps,
            "tflops_useful": round(flops / ms / 1e9, 1) if flops else None, "flops": flops,
            "compiled_bytes": compiled_bytes(fn, args), "process_peak_bytes": peak_bytes()}
+    if device:
+        dev = device_times(fn, args, reps)
+        dev_ms = statistics.median(dev) if dev else None
+        row.update({"ms_device": round(dev_ms, 4) if dev_ms else None,
+                    "ms_device_min": round(min(dev), 4) if dev else None,
+                    "tflops_useful_device": round(flops / dev_ms / 1e9, 1) if dev_ms and flops else None})
     emit(row, out)
     return row
 
@@ -159,7 +182,7 @@ def bench_spec(name, args, tiling, out, mosaic_tiling=None):
                 record["mosaic_tiling"] = (mosaic_tiling or MosaicTiling()).__dict__
             try:
                 rows.append(measure(record, fn, fargs, flops * (1 if mode == "fwd" else BWD_FACTOR),
-                                    args.reps, args.warmup, out))
+                                    args.reps, args.warmup, out, device=args.device_time))
             except Exception as e:  # noqa: BLE001 (record the failure, keep benchmarking)
                 emit({**base, "impl": impl, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"},
                      out)
@@ -196,12 +219,19 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             continue
         row = {"kind": "ratio", "spec": k[0], "mode": k[1], "impl": impl, "tflops_useful": r["tflops_useful"],
                "ms": r["ms"], "device": r.get("device")}
+        if r.get("tflops_useful_device"):
+            row.update(tflops_useful_device=r["tflops_useful_device"], ms_device=r["ms_device"])
         for peer in ("cudnn_dense", "flex_attention"):
             other = by.get((k, peer))
             if other:
                 row[f"{peer}_tflops"] = other["tflops_useful"]
                 row[f"{peer}_ms"] = other["ms"]
                 row[f"tflops_vs_{peer}"] = round(r["tflops_useful"] / other["tflops_useful"], 3)
+                if r.get("tflops_useful_device") and other.get("tflops_useful_device"):
+                    row[f"{peer}_tflops_device"] = other["tflops_useful_device"]
+                    row[f"{peer}_ms_device"] = other["ms_device"]
+                    row[f"tflops_vs_{peer}_device"] = round(
+                        r["tflops_useful_device"] / other["tflops_useful_device"], 3)
         out.append(row)
     return out
 
@@ -560,6 +590,9 @@ def parser() -> argparse.ArgumentParser:
                     help='JSON [[mode, [overrides...]], ...] swept in order, e.g. \'[["fwd", '
                          '[{}, {"rows_fwd": 256}]]]\'')
     ap.add_argument("--sweep-reps", type=_int_at_least(1), default=5)
+    ap.add_argument("--device-time", action="store_true",
+                    help="also time the --specs rows on the device (their kernels under jax.profiler, median "
+                         "per call: ms_device), and give the ratio rows from those times too")
     ap.add_argument("--peer-flex", action="store_true",
                     help="also time PyTorch FlexAttention on each --specs plan (peer_flex_attention.py)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")

@@ -5,7 +5,9 @@ writes and returns, for the device's kernel streams only (host threads and XLA's
 out so nothing is counted twice), the total kernel time, the time by kind (matmul, attention, the project's
 Pallas kernels, copies, fusions of elementwise work, ...) and the top kernels by name. ``dump_kernels``
 (CLI: ``trace_summary.py TRACE_DIR --kernels-to FILE.jsonl.gz``) keeps the kernels themselves, one per line;
-``phases`` (CLI: ``trace_summary.py FILE.jsonl.gz --phases MS ...``) sums such a file by kind between bounds.
+``call_times`` splits a trace of identical calls into each call's device time (``bench_attention.py
+--device-time``); ``phases`` (CLI: ``trace_summary.py FILE.jsonl.gz --phases MS ...``) sums such a file by
+kind between bounds.
 """
 
 import bisect
@@ -124,6 +126,21 @@ def dump_kernels(trace_dir: str, out_path: str) -> int:
                                       "ts": e["ts"], "dur": e.get("dur", 0)}) + "\n")
                 count += 1
     return count
+
+
+def call_times(trace_dir: str, calls: int) -> list[float]:
+    """Device time (ms) of each of ``calls`` identical calls traced one after another: the device's kernels in
+    start order, split into ``calls`` consecutive groups of equal count (a call launches the same kernels
+    every time), each group's durations summed. What the host spends dispatching and waiting between calls
+    is not in it. ``[]`` when the trace has no device kernel stream (a CPU run) or the kernel count does not
+    divide evenly (then the calls were not alike, and no split is trusted)."""
+    events, streams = _events(trace_dir)
+    kernels = sorted((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
+                     if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+    if calls < 1 or not kernels or len(kernels) % calls:
+        return []
+    per = len(kernels) // calls
+    return [sum(d for _, d in kernels[i * per:(i + 1) * per]) / 1e3 for i in range(calls)]
 
 
 def phases(kernels_path: str, bounds_ms: list[float]) -> list[dict]:
