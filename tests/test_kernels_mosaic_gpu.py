@@ -139,6 +139,8 @@ def test_tiling_validation():
             MosaicTiling(**staging)
     with pytest.raises(TypeError, match="overlap_dq"):
         MosaicTiling(overlap_dq=0)
+    with pytest.raises(TypeError, match="delta_in_dq"):
+        MosaicTiling(delta_in_dq="yes")
     with pytest.raises(ValueError, match="overlap_dq=True and pingpong_dq=True"):
         MosaicTiling(overlap_dq=True, pingpong_dq=True)
     with pytest.raises(ValueError, match="dq_exchange=True needs fused_dq=True"):
@@ -212,17 +214,20 @@ def test_odd_groups_pair_chunks_in_the_interpreter(g):
     assert_close(got, want, rel=2e-2)
 
 
+@pytest.mark.parametrize("change", [{"overlap_dq": True}, {"delta_in_dq": True}])
 @pytest.mark.parametrize(("g", "w", "t"), [(2, 64, 256), (1, 128, 512)])
-def test_overlapped_dq_pass_in_the_interpreter(g, w, t):
-    """``overlap_dq=True``: each dQ product deferred a step, the first chunk's local step over 64 keys.
-    Against the reference, and its dQ bitwise equal to the plain dQ pass's (the interpreter's products are
-    plain dots, added in the same order; the skipped keys are masked there): two warpgroups over two heads
-    (W = 64: no half-width step) and over the two chunks of one head (W = 128), two persistent CTAs, padded
-    rows and a group with nothing selected (its local region is step 0)."""
+def test_dq_pass_variants_in_the_interpreter(change, g, w, t):
+    """``overlap_dq=True``: each dQ product deferred a step, the first chunk's local step over 64 keys;
+    ``delta_in_dq=True``: the dQ pass computes rowsum(dO O) itself (LSE cotangent included) and writes the
+    stats the dK/dV pass reads. Against the reference, and (W = 128) all outputs bitwise equal to the plain
+    passes' (the interpreter's products are plain dots, added in the same order; the skipped keys are masked
+    there): two warpgroups over two heads (W = 64: no half-width step) and over the two chunks of one head
+    (W = 128), two persistent CTAs, padded rows and a group with nothing selected (its local region is step
+    0)."""
     q, k, v, plan, do = _spec(g=g, w=w, t=t).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 1].set(-1), block_size=w, merge=1)
     _, want = _outputs(reference_attention(plan), q, k, v, do)
-    _, got = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(overlap_dq=True, interpret_ctas=2)),
+    _, got = _outputs(_mosaic(plan, interpret=True, tiling=MosaicTiling(**change, interpret_ctas=2)),
                       q, k, v, do)
     assert_close(got, want, rel=2e-2)
     if w == 128:
@@ -302,12 +307,13 @@ def test_declines_a_plan_without_slots():
                                                       (8, 128, 64, "float16"), (1, 128, 128, "bfloat16"),
                                                       (3, 128, 64, "bfloat16")])
 @pytest.mark.parametrize("tiling", [MosaicTiling(fused_dq=True), MosaicTiling(overlap_dq=False),
-                                    MosaicTiling(overlap_dq=True)], ids=["fused", "dq_pass", "overlap_dq"])
+                                    MosaicTiling(overlap_dq=True), MosaicTiling(delta_in_dq=True)],
+                         ids=["fused", "dq_pass", "overlap_dq", "delta_in_dq"])
 def test_native_matches_reference(g, w, h, dtype, tiling):
-    """Forward, LSE and the three gradients (dQ fused into the dK/dV pass, or the separate dQ pass, plain or
-    with its dQ products deferred); G = 1/3/4/8 (odd G at W = 128: the chunk-paired warpgroups), ragged
-    plans, rows with no valid entry. With the dQ pass, bitwise deterministic across runs; fused, dQ's f32
-    additions come in any order, so a second run agrees to rounding."""
+    """Forward, LSE and the three gradients (dQ fused into the dK/dV pass, or the separate dQ pass, plain,
+    with its dQ products deferred, or computing delta itself); G = 1/3/4/8 (odd G at W = 128: the
+    chunk-paired warpgroups), ragged plans, rows with no valid entry. With the dQ pass, bitwise deterministic
+    across runs; fused, dQ's f32 additions come in any order, so a second run agrees to rounding."""
     fused = tiling.fused_dq
     spec = AttentionSpec(name="mgpu", seq_len=4096, q_heads=2 * g, kv_heads=2, head_dim=h, block_size=w,
                          selected=8, dtype=dtype, ragged=0.3)
@@ -352,7 +358,8 @@ def test_native_forward_variants_match_reference(g, w, h, dtype, tiling):
                                     MosaicTiling(overlap=False, pingpong=False), MosaicTiling(pingpong=True),
                                     MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
                                     MosaicTiling(pingpong_dq=True, stages_dkv=3),
-                                    MosaicTiling(overlap_dq=True), MosaicTiling(fused_dq=True),
+                                    MosaicTiling(overlap_dq=True), MosaicTiling(delta_in_dq=True),
+                                    MosaicTiling(fused_dq=True, delta_in_dq=True), MosaicTiling(fused_dq=True),
                                     MosaicTiling(fused_dq=True, dq_exchange=True),
                                     MosaicTiling(fused_dq=True, stages_fused=2),
                                     MosaicTiling(fused_dq=True, dq_exchange=True, stages_fused=2, dq_slots=2,

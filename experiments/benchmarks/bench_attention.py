@@ -297,14 +297,16 @@ def bench_mosaic_parts(name, args, out, mosaic_tiling):
         "bwd_prepare_plans": (jax.jit(lambda regions: mb.prepare(
             st, (q, k, v, regions, out_, lse), (do, jnp.zeros_like(lse)))[1:]), (regions,), None),
     }
+    dq_args = (q, k, v, do, stats, sel, cnt, out_)
+    if st.tiling.delta_in_dq and not st.tiling.fused_dq:  # the dQ pass completes the stats dK/dV reads
+        stats = jax.jit(lambda *a: mb.dq_pass(st, *a))(*dq_args)[1]
     kv_args = (q, k, v, do, stats, order, offsets, entries)
     # one pass: S^T, dP^T, dV, dK and dQ (five matmuls per block pair; with dq_exchange the fully masked
     # steps it no longer skips are not counted)
     if st.tiling.fused_dq:
         parts["dkv_dq_pass"] = (jax.jit(lambda *a: mb.dkv_pass(st, *a)), kv_args, 2.5 * fwd_flops)
     else:
-        parts["dq_pass"] = (jax.jit(lambda *a: mb.dq_pass(st, *a)), (q, k, v, do, stats, sel, cnt),
-                            1.5 * fwd_flops)
+        parts["dq_pass"] = (jax.jit(lambda *a: mb.dq_pass(st, *a)), dq_args, 1.5 * fwd_flops)
         parts["dkv_pass"] = (jax.jit(lambda *a: mb.dkv_pass(st, *a)), kv_args, 2.0 * fwd_flops)
     base = {"kind": "mosaic_part", **environment(), "spec": name, "mosaic_tiling": st.tiling.__dict__}
     for part, (fn, fargs, flops) in parts.items():

@@ -105,9 +105,20 @@ def _iota(shape, dim, st):
 # ----------------------------------------------------------------------------------------------- dQ pass
 
 
+def _load_tile(ref, st: Static, optimized=True):
+    """A ``[64, H]`` tile in the wgmma register layout (from shared or, unoptimized, global memory)."""
+    return ref[...] if st.interpret else plgpu.load(ref, layout=plgpu.Layout.WGMMA, optimized=optimized)
+
+
+def _row_dot(do_s, o, st: Static):
+    """``rowsum(dO * O)`` of a 64-query tile (f32, in the layout that broadcasts along S's rows), ``dO`` from
+    its shared-memory tile, ``O`` in registers."""
+    return (_load_tile(do_s, st).astype(F32) * o.astype(F32)).sum(axis=1)
+
+
 def _dq_consumer(refs, st: Static):
-    (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-     q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched) = refs
+    (cnt_ref, q_ref, do_ref, stat_ref, out_ref, dq_ref, stat_out_ref, q_smem, do_smem, st_smem, k_smem,
+     v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched) = refs
     wg = lax.axis_index("wg")
     # Optional ping-pong as in the forward: one warpgroup's matmuls run while the other computes dS. Off by
     # default: H100 64K dQ pass 6.62 ms with it, 5.71 ms without
@@ -146,15 +157,25 @@ def _dq_consumer(refs, st: Static):
     def item(j, base):
         b, kh, g, chunk, head = _mgc.unit(j, wg, st)
         t_rows = pl.ds(g * st.w + chunk * BQ, BQ)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ has left q_s
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ (and stats) left q_s, stat_s
         plgpu.copy_gmem_to_smem(q_ref.at[b, t_rows, head], q_s, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[b, t_rows, head], do_s, do_bar.at[wg])
         plgpu.copy_gmem_to_smem(stat_ref.at[b, head, :, t_rows], stat_s, st_bar.at[wg])
+        # O straight from global memory into registers (the pass has no shared memory to spare), issued
+        # before the waits so that its latency is theirs
+        o = _load_tile(out_ref.at[b, t_rows, head], st, optimized=False) if st.tiling.delta_in_dq else None
         cnt = cnt_ref[b, kh, g]
         plgpu.barrier_wait(st_bar.at[wg])
-        lse2, delta = _load_vec(stat_s.at[0], 1, st), _load_vec(stat_s.at[1], 1, st)
+        lse2 = _load_vec(stat_s.at[0], 1, st)
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
+        if st.tiling.delta_in_dq:  # stats row 1 holds -dlse; completed here and written out for dK/dV
+            delta = _row_dot(do_s, o, st) + _load_vec(stat_s.at[1], 1, st)
+            stat_s.at[1][...] = delta
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(stat_s, stat_out_ref.at[b, head, :, t_rows])
+        else:
+            delta = _load_vec(stat_s.at[1], 1, st)
         if st.tiling.overlap_dq:
             dq = _dq_overlapped_steps((q_s, do_s, k_smem, v_smem), (k_bar, v_bar, k_free, v_free), base, cnt,
                                       chunk, (lse2, delta), st)
@@ -273,17 +294,27 @@ def _dq_overlapped_steps(tiles, ring, base, cnt, chunk, stats, st: Static):
     return pl.run_scoped(steps, plgpu.ACC((BQ, st.h), F32))
 
 
-def _dq_kernel(sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem,
-               k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched, *, st):
+def _dq_kernel(*refs, st):
+    """Refs: the inputs (``out`` last with ``delta_in_dq``), the outputs (dQ; the completed stats with
+    ``delta_in_dq``), the scratch."""
+    rows = int(st.tiling.delta_in_dq)
+    sel_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, stat_ref = refs[:7]
+    out_ref = refs[7] if rows else None
+    dq_ref = refs[7 + rows]
+    stat_out_ref = refs[8 + rows] if rows else None
+    (q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free,
+     sched) = refs[8 + 2 * rows:]
     wg = lax.axis_index("wg")
-    consumer = (cnt_ref, q_ref, do_ref, stat_ref, dq_ref, q_smem, do_smem, st_smem, k_smem, v_smem,
-                q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched)
+    consumer = (cnt_ref, q_ref, do_ref, stat_ref, out_ref, dq_ref, stat_out_ref, q_smem, do_smem, st_smem,
+                k_smem, v_smem, q_bar, do_bar, st_bar, k_bar, v_bar, k_free, v_free, sched)
     pl.when(wg < st.wgs)(lambda: _dq_consumer(consumer, st))
     producer = (sel_ref, cnt_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free)
     pl.when(wg == st.wgs)(lambda: _mgc.kv_producer(producer, st))  # the forward's plan-row K/V streamer
 
 
-def _dq_call(q, k, v, do, stats, sel, cnt, st: Static):
+def _dq_call(q, k, v, do, stats, sel, cnt, out, st: Static):
+    """``(dq, stats)``: with ``delta_in_dq`` the stats with row 1 completed (``rowsum(dO O)`` added to the
+    ``-dlse`` it held), else ``stats`` as given."""
     h, dtype, stages = q.shape[3], q.dtype, st.tiling.stages
     tile = lambda n: _smem((n, BQ, h), dtype)
     scratch = (
@@ -295,9 +326,11 @@ def _dq_call(q, k, v, do, stats, sel, cnt, st: Static):
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
         plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs),
     )
-    return plgpu.kernel(
+    rows = st.tiling.delta_in_dq
+    dq_out = jax.ShapeDtypeStruct(q.shape, dtype)
+    res = plgpu.kernel(
         functools.partial(_dq_kernel, st=st),
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=(dq_out, jax.ShapeDtypeStruct(stats.shape, F32)) if rows else dq_out,
         scratch_types=scratch,
         grid=(st.ctas,),
         grid_names=("cta",),
@@ -305,7 +338,8 @@ def _dq_call(q, k, v, do, stats, sel, cnt, st: Static):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
         interpret=_mgc.interpret_params() if st.interpret else None,
-    )(sel, cnt, q, k, v, do, stats)
+    )(sel, cnt, q, k, v, do, stats, *((out,) if rows else ()))
+    return res if rows else (res, stats)
 
 
 # -------------------------------------------------------------------------------------------- dK/dV pass
@@ -666,13 +700,18 @@ def prepare(st: Static, res, cotangents):
     """Everything the two passes read besides q/k/v/dO: ``(stats, sel, cnt, order, offsets, entries)``."""
     _, _, _, regions, out, lse = res
     do, dlse = cotangents
-    delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)
-    # The barrier keeps XLA from fusing the [B, T, N] -> [B, N, T] transpose below into this reduction over
-    # 2 x T x N x H values: fused, the reduction ran at a fraction of bandwidth (H100 64K: 2.06 ms, run 8).
     # lse2 is +inf where the LSE is not finite. Defensive: with the causal local block every query sees
     # itself, so its LSE is finite; a non-finite one (say a foreign forward's) makes p = exp2(s - inf) = 0,
     # not NaN.
-    delta = lax.optimization_barrier(delta)
+    if st.tiling.delta_in_dq and not st.tiling.fused_dq:  # the dQ pass adds rowsum(dO O) to row 1
+        lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)
+        delta = -dlse.astype(F32)
+    else:
+        delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)
+        # The barrier keeps XLA from fusing the [B, T, N] -> [B, N, T] transpose below into this reduction
+        # over 2 x T x N x H values: fused, the reduction ran at a fraction of bandwidth (H100 64K: 2.06 ms,
+        # run 8).
+        delta = lax.optimization_barrier(delta)
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 3, 1)  # [B, T, N, 2] -> [B, N, 2, T]
     plan = SelectionPlan(regions, block_size=st.w, merge=1)
     sel, cnt = compact_plan(plan)
@@ -680,8 +719,10 @@ def prepare(st: Static, res, cotangents):
     return stats, sel, cnt, _longest_first(offsets, st.groups), offsets, entries
 
 
-def dq_pass(st: Static, q, k, v, do, stats, sel, cnt):
-    return _dq_call(q, k, v, do, stats, sel, cnt, _dq_static(st))
+def dq_pass(st: Static, q, k, v, do, stats, sel, cnt, out):
+    """``(dq, stats)``: with ``st.tiling.delta_in_dq`` the pass completes ``stats`` (``prepare`` left
+    ``-dlse`` in row 1) from ``out`` and dO for the dK/dV pass; else ``stats`` comes back as given."""
+    return _dq_call(q, k, v, do, stats, sel, cnt, out, _dq_static(st))
 
 
 def dkv_pass(st: Static, q, k, v, do, stats, order, offsets, entries):
@@ -697,6 +738,6 @@ def attend_bwd(st: Static, res, cotangents):
     if st.tiling.fused_dq:
         dq, dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
     else:
-        dq = dq_pass(st, q, k, v, do, stats, sel, cnt)
+        dq, stats = dq_pass(st, q, k, v, do, stats, sel, cnt, res[4])
         dk, dv = dkv_pass(st, q, k, v, do, stats, order, offsets, entries)
     return dq, dk, dv, None
