@@ -2,6 +2,7 @@
 asked, an unknown implementation or spec, zero repetitions, bad JSON) with exit code 2 and the allowed set."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from experiment_scripts import load_script
@@ -65,6 +66,17 @@ def test_ratio_rows_from_device_times_where_both_have_them():
     assert row["cudnn_dense_ms_device"] == 29.9 and row["ms_device"] == 1.8
     assert row["tflops_vs_flex_attention"] == 1.25 and "tflops_vs_flex_attention_device" not in row
     assert bench.parse_args(["--specs", "h100_64k", "--device-time"]).device_time
+
+
+def test_measure_with_device_time_on_cpu_keeps_the_wall_clock_row():
+    """A trace without device kernels (the CPU) gives no device time, and the wall-clock figures stand."""
+    import io
+
+    fn = jax.jit(lambda x: x @ x)
+    row = bench.measure({"kind": "kernel"}, fn, (jnp.ones((64, 64)),), 2.0 * 64 ** 3, 2, 1, io.StringIO(),
+                        device=True)
+    assert row["ms"] > 0 and row["tflops_useful"] is not None
+    assert row["ms_device"] is None and row["tflops_useful_device"] is None
 
 
 def test_selection_inside_times_the_op_and_its_kernel_on_fresh_inputs():

@@ -94,3 +94,19 @@ def test_call_times_split_identical_calls_in_start_order(tmp_path):
     with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": [{"ph": "X", "pid": 2, "tid": 3, "name": "python", "ts": 0, "dur": 5}]}, f)
     assert ts.call_times(str(host_only), 1) == []
+
+
+def test_call_times_order_kernels_by_start_not_by_trace_order(tmp_path):
+    """Kernels written to the trace out of start order (two streams, say) are grouped by when they started."""
+    ts = _module()
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "Stream #8"}}]
+    kernels = [(8, 300, 1000), (7, 0, 2000), (8, 100, 4000), (7, 200, 3000)]  # (stream, start, duration)
+    events = meta + [{"ph": "X", "pid": 1, "tid": t, "name": "k", "ts": start, "dur": d}
+                     for t, start, d in kernels]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert ts.call_times(str(tmp_path), 2) == [6.0, 4.0]

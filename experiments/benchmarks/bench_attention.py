@@ -132,7 +132,10 @@ def measure(record, fn, args, flops, reps, warmup, out, device=False):
            "tflops_useful": round(flops / ms / 1e9, 1) if flops else None, "flops": flops,
            "compiled_bytes": compiled_bytes(fn, args), "process_peak_bytes": peak_bytes()}
     if device:
-        dev = device_times(fn, args, reps)
+        try:
+            dev = device_times(fn, args, reps)
+        except Exception as e:  # noqa: BLE001 (no trace: keep the wall-clock row, say why)
+            dev, row["device_error"] = [], f"{type(e).__name__}: {str(e)[:300]}"
         dev_ms = statistics.median(dev) if dev else None
         row.update({"ms_device": round(dev_ms, 4) if dev_ms else None,
                     "ms_device_min": round(min(dev), 4) if dev else None,
@@ -273,8 +276,9 @@ def bench_layout_probe(name, args, out, mosaic_tiling):
 
 
 def bench_mosaic_parts(name, args, out, mosaic_tiling):
-    """Times the Mosaic kernels' parts separately: forward, backward preparation (XLA: delta, LSE rescale,
-    compacted and transposed plans), then the dK/dV pass with dQ fused in, or the dQ pass and the dK/dV pass
+    """Times the Mosaic kernels' parts separately: forward, backward preparation (XLA: delta, or with
+    ``delta_in_dq`` only the LSE cotangent, LSE rescale, compacted and transposed plans), then the dK/dV pass
+    with dQ fused in, or the dQ pass (with ``delta_in_dq`` also delta) and the dK/dV pass
     (``fused_dq=False``). Matmul FLOPs are actual, not useful, per pass."""
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu as mg
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as mb

@@ -111,6 +111,11 @@ def _sample_args(events, streams) -> dict:
     return {}
 
 
+def _device_kernels(events, streams):
+    """The trace's kernel events on the device's streams (in trace order)."""
+    return (e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+
+
 def dump_kernels(trace_dir: str, out_path: str) -> int:
     """Every kernel of the device's streams as one JSON line (name, HLO op, stream, start and duration in
     microseconds), gzipped: small enough to keep with the results, where the whole trace is not, and enough
@@ -120,11 +125,10 @@ def dump_kernels(trace_dir: str, out_path: str) -> int:
         raise ValueError(f"no device kernel stream in the trace under {trace_dir!r}")
     count = 0
     with gzip.open(out_path, "wt") as out:
-        for e in events:
-            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
-                out.write(json.dumps({"n": e.get("name", "")[:100], "op": _hlo_op(e)[:200], "tid": e["tid"],
-                                      "ts": e["ts"], "dur": e.get("dur", 0)}) + "\n")
-                count += 1
+        for e in _device_kernels(events, streams):
+            out.write(json.dumps({"n": e.get("name", "")[:100], "op": _hlo_op(e)[:200], "tid": e["tid"],
+                                  "ts": e["ts"], "dur": e.get("dur", 0)}) + "\n")
+            count += 1
     return count
 
 
@@ -135,8 +139,8 @@ def call_times(trace_dir: str, calls: int) -> list[float]:
     is not in it. ``[]`` when the trace has no device kernel stream (a CPU run) or the kernel count does not
     divide evenly (then the calls were not alike, and no split is trusted)."""
     events, streams = _events(trace_dir)
-    kernels = sorted((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
-                     if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+    kernels = sorted((float(e.get("ts", 0.0)), float(e.get("dur", 0.0)))
+                     for e in _device_kernels(events, streams))
     if calls < 1 or not kernels or len(kernels) % calls:
         return []
     per = len(kernels) // calls

@@ -80,5 +80,10 @@ def backward_row_terms(do, out, lse, dlse, *, base2: bool):
     ``p = exp(s - lse) = 0`` there, never NaN.
     """
     delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1) - dlse
-    lse = jnp.where(jnp.isfinite(lse), lse * LOG2E if base2 else lse, jnp.inf)
-    return delta, lse
+    return delta, finite_lse(lse, base2=base2)
+
+
+def finite_lse(lse, *, base2: bool):
+    """The LSE for the backward: in base 2 when ``base2``, ``+inf`` where it is not finite (a query that
+    attends to nothing), so that ``p = exp(s - lse) = 0`` there."""
+    return jnp.where(jnp.isfinite(lse), lse * LOG2E if base2 else lse, jnp.inf)

@@ -222,7 +222,7 @@ def _overlapped_item(q_smem, k_smem, v_smem, ring, turns, base, cnt, chunk, st: 
     stages, c, wg, last = st.tiling.stages, st.scale * LOG2E, lax.axis_index("wg"), base + cnt
     dtype = jnp.dtype(st.dtype)
     ring_slot = lambda i: lax.rem(i, jnp.int32(stages))
-    keys = lambda ref, slot, n: ref.at[slot] if n == st.w else ref.at[slot, pl.ds(0, n)]
+    keys = functools.partial(_mgc.key_rows, st=st)
 
     def take_turn():
         if turns is not None:

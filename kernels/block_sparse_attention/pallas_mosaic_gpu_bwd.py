@@ -5,7 +5,10 @@ Both passes are deterministic (every output tile has exactly one writer, no atom
 the forward (``pallas_mosaic_gpu``, which imports this module: the pieces both use are in
 ``pallas_mosaic_gpu_common``) saved: ``out`` only through ``delta = rowsum(dO * out)``, and the
 natural-log LSE. Both per-query statistics travel as one ``stats`` array ``[B, N, 2, T]`` f32 (``lse * log2
-e``, ``delta``), so one TMA copy brings a 64-query slice of both.
+e``, ``delta``), so one TMA copy brings a 64-query slice of both. By default XLA computes delta before the
+passes; with ``MosaicTiling.delta_in_dq`` (off) ``prepare`` leaves ``-dlse`` in row 1 and the dQ pass adds
+``rowsum(dO * out)`` (``out`` read from global memory into registers) and writes the completed ``stats`` that
+the dK/dV pass reads.
 
 dQ pass (plan-driven, same work items, producer and K/V ring as the forward): each compute warpgroup holds 64
 query rows of one head with their Q and dO tiles in shared memory; per selected K/V block (then the local
@@ -50,7 +53,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_common as _mgc
-from selmerge_jax.kernels.block_sparse_attention._common import F32, LOG2E, backward_row_terms, dot
+from selmerge_jax.kernels.block_sparse_attention._common import (
+    F32,
+    LOG2E,
+    backward_row_terms,
+    dot,
+    finite_lse,
+)
 from selmerge_jax.kernels.block_sparse_attention.pallas_mosaic_gpu_common import BQ, Static
 from selmerge_jax.kernels.block_sparse_attention.plan import SelectionPlan
 from selmerge_jax.kernels.block_sparse_attention.transpose import compact_plan, stable_argsort, transpose_plan
@@ -171,6 +180,9 @@ def _dq_consumer(refs, st: Static):
         plgpu.barrier_wait(do_bar.at[wg])
         if st.tiling.delta_in_dq:  # stats row 1 holds -dlse; completed here and written out for dK/dV
             delta = _row_dot(do_s, o, st) + _load_vec(stat_s.at[1], 1, st)
+            # Row 1 is read and rewritten in place with no barrier between: the threads holding one row are
+            # lanes of one warp (the wgmma layout gives each warp 16 rows), which run this straight-line code
+            # converged, so all of them load before any stores, and they store the same value.
             stat_s.at[1][...] = delta
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(stat_s, stat_out_ref.at[b, head, :, t_rows])
@@ -216,7 +228,7 @@ def _dq_overlapped_steps(tiles, ring, base, cnt, chunk, stats, st: Static):
     lse2, delta = stats
     stages, c, last, dtype = st.tiling.stages, st.scale * LOG2E, base + cnt, jnp.dtype(st.dtype)
     ring_slot = lambda i: lax.rem(i, jnp.int32(stages))
-    keys = lambda ref, slot, n: ref.at[slot] if n == st.w else ref.at[slot, pl.ds(0, n)]
+    keys = functools.partial(_mgc.key_rows, st=st)
 
     def causal(p):
         return jnp.where(_iota(p.shape, 0, st) + chunk * BQ >= _iota(p.shape, 1, st), p, 0.0)
@@ -697,14 +709,16 @@ def _longest_first(offsets, groups: int):
 
 
 def prepare(st: Static, res, cotangents):
-    """Everything the two passes read besides q/k/v/dO: ``(stats, sel, cnt, order, offsets, entries)``."""
+    """Everything the two passes read besides q/k/v/dO: ``(stats, sel, cnt, order, offsets, entries)``.
+    ``stats`` ``[B, N, 2, T]``: the base-2 LSE and delta; with ``delta_in_dq`` (and the dQ pass running) row 1
+    holds ``-dlse``, which the dQ pass completes."""
     _, _, _, regions, out, lse = res
     do, dlse = cotangents
     # lse2 is +inf where the LSE is not finite. Defensive: with the causal local block every query sees
     # itself, so its LSE is finite; a non-finite one (say a foreign forward's) makes p = exp2(s - inf) = 0,
     # not NaN.
     if st.tiling.delta_in_dq and not st.tiling.fused_dq:  # the dQ pass adds rowsum(dO O) to row 1
-        lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)
+        lse2 = finite_lse(lse, base2=True)
         delta = -dlse.astype(F32)
     else:
         delta, lse2 = backward_row_terms(do, out, lse, dlse, base2=True)

@@ -27,9 +27,8 @@ except ImportError:  # pragma: no cover
     InterpretGPUParams = None
 
 __all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
-           "check_supported", "cta", "interpret_params", "is_hopper", "kv_producer", "make_static",
-           "num_items",
-           "num_sms", "pv", "rendezvous", "smem", "unit", "work_item"]
+           "check_supported", "cta", "interpret_params", "is_hopper", "key_rows", "kv_producer",
+           "make_static", "num_items", "num_sms", "pv", "rendezvous", "smem", "unit", "work_item"]
 
 BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
 
@@ -89,7 +88,7 @@ class MosaicTiling:
     # registers) and writes the per-query stats the dK/dV pass reads, instead of an XLA reduction over dO and
     # O before the passes. Off: on an H100 (R73) the 1M backward's preparation takes 0.90 ms instead of 6.62
     # ms, but forward + backward A/B/A/B loses 2.2% at 64K (18.26 / 18.32 ms against 17.87 / 17.93 ms) and
-    # gains 1.6% at 128K (36.93 / 36.56 ms against 37.38 / 37.29 ms). No effect with ``fused_dq``.
+    # gains 1.6% at 128K (36.93 / 36.56 ms against 37.38 / 37.29 ms).
     delta_in_dq: bool = False
     # dQ inside the dK/dV pass (off): per 64-query chunk each compute warpgroup adds dS K into an f32 dQ in
     # global memory by TMA reduce-add. Five matmuls per block pair instead of the two passes' seven, and the
@@ -147,6 +146,11 @@ class MosaicTiling:
         if (slots != 1 or self.dq_swizzle) and not self.fused_dq:
             raise ValueError(f"MosaicTiling: dq_slots={slots} / dq_swizzle={self.dq_swizzle} shape the fused "
                              "dQ's staging and need fused_dq=True")
+        for name in ("overlap_dq", "delta_in_dq"):  # options of the dQ pass: refused where none runs
+            if getattr(self, name) and (self.fused_dq or self.backward != "mosaic"):
+                raise ValueError(f"MosaicTiling: {name}=True shapes the Mosaic dQ pass, which "
+                                 f"backward={self.backward!r} with fused_dq={self.fused_dq} does not run; "
+                                 "it needs backward='mosaic' and fused_dq=False")
         if self.overlap_dq and self.pingpong_dq:
             raise ValueError("MosaicTiling: overlap_dq=True and pingpong_dq=True are two schedules of the dQ "
                              "pass; choose one")
@@ -414,6 +418,12 @@ def interpret_params():
         raise NotImplementedError("pallas_mosaic_gpu: this jax has no Mosaic GPU interpreter "
                                   "(interpret=True)")
     return InterpretGPUParams()
+
+
+def key_rows(ref, slot, n: int, st: Static):
+    """Ring slot ``slot`` of a K or V ring, its first ``n`` keys only when ``n`` is less than the block (the
+    half-width local step)."""
+    return ref.at[slot] if n == st.w else ref.at[slot, pl.ds(0, n)]
 
 
 def smem(shape, dtype):

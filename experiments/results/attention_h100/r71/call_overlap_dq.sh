@@ -2,7 +2,8 @@
 # One device call on an H100 (about 8 minutes): the dQ pass with each dQ product deferred a step
 # (MosaicTiling.overlap_dq) against the plain dQ pass.
 #   1. GPU tests: overlap_dq's outputs and gradients against the reference over five shapes (G = 1/3/4/8,
-#      W = 64/128), bitwise the same on a second run, and against the default tiling;
+#      W = 64/128), bitwise the same on a second run (the -k filter missed the tilings-agree case: its id
+#      was not readable then);
 #   2. 64K and 128K: forward + backward A/B/A/B (plain, overlap_dq), median of 10 each, then the faster
 #      beside cuDNN dense, forward and forward + backward (median of 20);
 #   3. 1M: the forward, backward preparation, dQ and dK/dV passes apart, plain then overlap_dq.
