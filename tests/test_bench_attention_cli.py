@@ -107,3 +107,22 @@ def test_layout_probe_poses_the_same_problem_head_major(name):
     back, *_ = bench.head_major(want, k, v, do, plan.kv_regions)
     np.testing.assert_allclose(np.asarray(got), np.asarray(back), rtol=1e-6, atol=1e-6)
     assert bench.parse_args(["--layout-probe", "h100_64k"]).layout_probe == ["h100_64k"]
+
+
+def test_ms_layer_rows_with_a_kernel_trace_per_mode(tmp_path):
+    """``--ms-layer ... --kernels-to DIR``: each timed mode gets one more traced call and a
+    ``kind: ms_layer_trace`` row; on the CPU the trace has no device stream, which the row says, and the
+    timed rows stand."""
+    import io
+    import json
+
+    args = bench.parse_args(["--ms-layer", "tiny_g4_h64_w64", "--layer-impl", "xla", "--layer-modes", "fwd",
+                             "--reps", "2", "--kernels-to", str(tmp_path), "--device-time"])
+    out = io.StringIO()
+    bench.bench_ms_layer("tiny_g4_h64_w64", args, bench.TritonTiling(), out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["kind"] for r in rows] == ["ms_layer", "ms_layer_trace"]
+    assert rows[0]["mode"] == "fwd" and rows[0]["ms"] > 0 and rows[0]["ms_device"] is None
+    assert rows[1]["mode"] == "fwd" and "no device kernel stream" in rows[1]["trace_error"]
+    assert bench.parse_args(["--ms-layer", "h100_1m", "--layer-impl", "pallas_mosaic_gpu", "--mosaic-tiling",
+                             '{"delta_in_dq": true}']).layer_impl == "pallas_mosaic_gpu"

@@ -55,6 +55,8 @@ try:  # Hopper-only backend; its module imports on any jax with Pallas Mosaic GP
 except (ImportError, AttributeError):  # pragma: no cover
     MosaicTiling = block_sparse_attention_mosaic_gpu = None
 
+sys.path.insert(0, os.path.dirname(__file__))  # trace_summary, beside this script, wherever it is run from
+
 INTERPRET = False  # --interpret: run the Pallas kernels in the interpreter (CPU smoke runs)
 BWD_FACTOR = 3.5  # fwd+bwd FLOPs / fwd FLOPs (backward = 2.5 forward: the usual flash-attention convention)
 
@@ -420,7 +422,24 @@ def check_spec(name, tiling, out, impl="pallas_triton", mosaic_tiling=None):
     emit(row, out)
 
 
-def bench_ms_layer(name, args, tiling, out):
+def trace_kernels(fn, args, path: str) -> dict:
+    """One traced call of ``fn``: every device kernel kept in ``path`` (``trace_summary.dump_kernels``) and
+    the call's kernel time by kind (``trace_summary.summarize``), to say where a whole op's time goes beyond
+    the kernels timed apart."""
+    from trace_summary import dump_kernels, summarize  # beside this script
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
+        try:
+            dump_kernels(trace_dir, path)
+        except ValueError as e:  # no device kernel stream (the CPU): say so, keep the timed rows
+            return {"trace_error": str(e)[:300]}
+        summary = summarize(trace_dir, top=12)
+    return {k: summary.get(k) for k in ("kernel_ms", "span_ms", "launches", "by_kind_ms", "top_kernels")}
+
+
+def bench_ms_layer(name, args, tiling, out, mosaic_tiling=None):
     """Selection + kernel at the spec's length (MS attention as the layer runs it), fwd and fwd+bwd."""
     from selmerge_jax.attention import MSAttentionConfig, ms_attention, select_regions
 
@@ -439,6 +458,11 @@ def bench_ms_layer(name, args, tiling, out):
         register_implementation("pallas_triton_bench", functools.partial(
             block_sparse_attention_triton, tiling=tiling, interpret=INTERPRET))
         impl = "pallas_triton_bench"
+    elif args.layer_impl == "pallas_mosaic_gpu":  # the Mosaic kernels with --mosaic-tiling
+        register_implementation("pallas_mosaic_gpu_bench", functools.partial(
+            block_sparse_attention_mosaic_gpu, tiling=mosaic_tiling, interpret=INTERPRET))
+        impl = "pallas_mosaic_gpu_bench"
+        base["mosaic_tiling"] = (mosaic_tiling or MosaicTiling()).__dict__
     elif args.layer_impl == "default":  # the library's own order (Mosaic GPU forward first on a GPU)
         impl, label = None, "ms_attention+default"
     attn = lambda q, k, v: ms_attention(q, k, v, cfg, implementation=impl)
@@ -453,7 +477,13 @@ def bench_ms_layer(name, args, tiling, out):
                                ("grads", grads, (q, k, v, do), flops * BWD_FACTOR)):
         if mode in args.layer_modes:
             reps = args.reps if mode == "selection" else max(args.reps // 2, 3)
-            ms[mode] = measure({**base, "impl": label, "mode": mode}, fn, fargs, f, reps, 1, out)["ms"]
+            ms[mode] = measure({**base, "impl": label, "mode": mode}, fn, fargs, f, reps, 1, out,
+                               device=args.device_time)["ms"]
+            if args.kernels_to:
+                os.makedirs(args.kernels_to, exist_ok=True)
+                path = os.path.join(args.kernels_to, f"{name}_{mode}.jsonl.gz")
+                emit({"kind": "ms_layer_trace", "spec": name, "impl": label, "mode": mode, "kernels": path,
+                      **trace_kernels(fn, fargs, path)}, out)
     if "inside" in args.layer_modes:
         emit({**base, **selection_inside(spec, cfg, impl, label, args.reps)}, out)
     if "selection" in ms and "fwd" in ms:
@@ -576,8 +606,13 @@ def parser() -> argparse.ArgumentParser:
                          "(each kv head a batch row), A/B/A/B, --sweep-reps each")
     ap.add_argument("--ms-layer", nargs="*", default=[], choices=spec_names, metavar="SPEC",
                     help="specs to run the full MS layer on")
-    ap.add_argument("--layer-impl", default="pallas_triton", choices=["pallas_triton", "default", "xla"],
-                    help="kernel of --ms-layer: the tuned Triton tiling, the library's default order, or XLA")
+    ap.add_argument("--layer-impl", default="pallas_triton",
+                    choices=["pallas_triton", "pallas_mosaic_gpu", "default", "xla"],
+                    help="kernel of --ms-layer: the tuned Triton tiling, the Mosaic kernels with "
+                         "--mosaic-tiling, the library's default order, or XLA")
+    ap.add_argument("--kernels-to", default=None, metavar="DIR",
+                    help="--ms-layer: trace one more call of each mode, keep its kernels in "
+                         "DIR/SPEC_MODE.jsonl.gz and emit its kernel time by kind (kind: ms_layer_trace)")
     ap.add_argument("--layer-modes", nargs="+", default=["selection", "fwd", "fwdbwd", "grads"],
                     choices=["selection", "fwd", "fwdbwd", "grads", "inside"],
                     help="inside: selection's share within one jitted forward, fresh inputs each repetition")
@@ -597,8 +632,9 @@ def parser() -> argparse.ArgumentParser:
                          '[{}, {"rows_fwd": 256}]]]\'')
     ap.add_argument("--sweep-reps", type=_int_at_least(1), default=5)
     ap.add_argument("--device-time", action="store_true",
-                    help="also time the --specs rows on the device (their kernels under jax.profiler, median "
-                         "per call: ms_device), and give the ratio rows from those times too")
+                    help="also time the --specs and --ms-layer rows on the device (their kernels under "
+                         "jax.profiler, median per call: ms_device), and give the ratio rows from those "
+                         "times too")
     ap.add_argument("--peer-flex", action="store_true",
                     help="also time PyTorch FlexAttention on each --specs plan (peer_flex_attention.py)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test; slow)")
@@ -667,7 +703,7 @@ def run(args, tiling, out):
     for name in args.layout_probe:
         bench_layout_probe(name, args, out, mosaic_tiling)
     for name in args.ms_layer:
-        bench_ms_layer(name, args, tiling, out)
+        bench_ms_layer(name, args, tiling, out, mosaic_tiling)
     if args.dense_lens:
         bench_dense(args.dense_lens, args, out)
 

@@ -1,0 +1,23 @@
+#!/bin/bash
+# R75, one device call on an H100 (about 4 minutes): where the 1M layer's gradients spend the ~17 ms that the
+# Mosaic passes and selection, timed apart, do not account for (R67: 333.9 ms against 317.2 ms of parts).
+#   1. the layer (library default order) at 1M: forward and gradients, wall clock and device time, one more
+#      traced call of each with every kernel kept (--kernels-to);
+#   2. the same with the Mosaic kernels and MosaicTiling(delta_in_dq=True) (the dQ pass computes delta).
+set -u
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/runs/jaxcache
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+B=experiments/benchmarks; L=$OUT/log.txt; END=${END:-540}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a $L
+left() { [ $((END - SECONDS)) -ge "$1" ]; }
+layer() {  # layer NAME ARGS...: one --ms-layer h100_1m invocation, skipped without 150 s left
+  local name=$1; shift
+  if left 150; then
+    echo "== t=${SECONDS}s: $name $*" | tee -a $L
+    timeout 240 python3 $B/bench_attention.py --ms-layer h100_1m --layer-modes fwd grads --reps 6 --device-time \
+      --kernels-to $OUT/kernels_$name "$@" --out $OUT/layer_1m_$name.jsonl >> $L 2>&1; echo "rc=$?" | tee -a $L
+  else echo "== skipped (t=${SECONDS}s): $name" | tee -a $L; fi
+}
+layer default --layer-impl default
+layer delta_in_dq --layer-impl pallas_mosaic_gpu --mosaic-tiling '{"delta_in_dq": true}'
+echo "== done t=${SECONDS}s" | tee -a $L
