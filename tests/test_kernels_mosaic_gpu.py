@@ -151,6 +151,11 @@ def test_tiling_validation():
         for name in ("overlap_dq", "delta_in_dq"):
             with pytest.raises(ValueError, match=f"{name}=True shapes the Mosaic dQ pass"):
                 MosaicTiling(**change, **{name: True})
+        with pytest.raises(ValueError, match="cluster_dq=2 shapes the Mosaic dQ pass"):
+            MosaicTiling(**change, cluster_dq=2)
+    for bad in (3, True, 2.0):
+        with pytest.raises(ValueError, match=r"MosaicTiling.cluster_dq must be 1, 2 or 4, got"):
+            MosaicTiling(cluster_dq=bad)
     with pytest.raises(ValueError, match="overlap_dq=True and pingpong_dq=True"):
         MosaicTiling(overlap_dq=True, pingpong_dq=True)
     with pytest.raises(ValueError, match="dq_exchange=True needs fused_dq=True"):
@@ -207,6 +212,26 @@ def test_interpret_forward_variants_match_reference(g, w, t, tiling):
     q, k, v, plan, _ = _spec(g=g, w=w, t=t).make_inputs(jax.random.PRNGKey(3))
     plan = SelectionPlan(plan.kv_regions.at[:, 0, 1].set(-1), block_size=w, merge=1)
     _assert_interpreted_forward(plan, tiling, q, k, v)
+
+
+@pytest.mark.parametrize("g, cluster, want", [(4, 2, 2), (4, 4, 4), (2, 4, 2), (1, 4, 1)])
+def test_clusters_hold_items_of_one_plan_row(g, cluster, want):
+    """``cluster`` (forward) and ``cluster_dq`` (dQ pass) are capped at the largest power of two dividing
+    the items per plan row (``subs``: 128-token regions give 2 chunks x G heads / 2 warpgroups, so one item a
+    row at G = 1, where the warpgroups pair the chunks), and the persistent CTAs come in whole clusters."""
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as bwd
+
+    q, k, _, plan, _ = _spec(g=g, w=128, t=512).make_inputs(jax.random.PRNGKey(3))
+    tiling = MosaicTiling(cluster=cluster, cluster_dq=cluster, interpret_ctas=5)
+    st = make_static(q, k, plan, None, tiling, interpret=True)
+    dq = bwd._dq_static(st)
+    assert st.items % st.subs == 0 and st.subs % want == 0
+    for s in (st, dq):
+        assert s.cluster == want and s.ctas == 5 // want * want
+    assert dq.tiling.cluster == cluster and dq.tiling.stages == tiling.stages_dq
+    plain = bwd._dq_static(make_static(q, k, plan, None, MosaicTiling(cluster=cluster, interpret_ctas=5),
+                                       interpret=True))
+    assert plain.cluster == 1 and plain.ctas == 5
 
 
 @pytest.mark.parametrize("g", [1, 3])
@@ -364,7 +389,9 @@ def test_native_forward_variants_match_reference(g, w, h, dtype, tiling):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiling", [MosaicTiling(persistent=False), MosaicTiling(overlap=False),
                                     MosaicTiling(overlap=False, pingpong=False), MosaicTiling(pingpong=True),
-                                    MosaicTiling(cluster=2), MosaicTiling(backward="triton"),
+                                    MosaicTiling(cluster=2), MosaicTiling(cluster_dq=2),
+                                    MosaicTiling(cluster=2, cluster_dq=2, delta_in_dq=True),
+                                    MosaicTiling(backward="triton"),
                                     MosaicTiling(pingpong_dq=True, stages_dkv=3),
                                     MosaicTiling(overlap_dq=True), MosaicTiling(delta_in_dq=True),
                                     MosaicTiling(fused_dq=True),

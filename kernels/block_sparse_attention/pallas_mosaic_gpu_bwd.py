@@ -329,14 +329,16 @@ def _dq_call(q, k, v, do, stats, sel, cnt, out, st: Static):
     ``-dlse`` it held), else ``stats`` as given."""
     h, dtype, stages = q.shape[3], q.dtype, st.tiling.stages
     tile = lambda n: _smem((n, BQ, h), dtype)
+    ring_free = lambda: (  # one arrival per consumer warpgroup (of every cluster member), as the forward's
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=st.wgs, num_barriers=stages)
+        if st.cluster > 1 else plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages))
     scratch = (
         tile(st.wgs), tile(st.wgs), plgpu.SMEM((st.wgs, 2, BQ), F32),
         _smem((stages, st.w, h), dtype), _smem((stages, st.w, h), dtype),
         plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=st.wgs),
+        ring_free(), ring_free(), plgpu.Barrier(num_arrivals=st.wgs),
     )
     rows = st.tiling.delta_in_dq
     dq_out = jax.ShapeDtypeStruct(q.shape, dtype)
@@ -344,8 +346,9 @@ def _dq_call(q, k, v, do, stats, sel, cnt, out, st: Static):
         functools.partial(_dq_kernel, st=st),
         out_type=(dq_out, jax.ShapeDtypeStruct(stats.shape, F32)) if rows else dq_out,
         scratch_types=scratch,
-        grid=(st.ctas,),
+        grid=(st.ctas // st.cluster,),
         grid_names=("cta",),
+        **({"cluster": (st.cluster,), "cluster_names": ("cluster",)} if st.cluster > 1 else {}),
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),
@@ -682,10 +685,11 @@ def _dkv_call(q, k, v, do, stats, order, offsets, entries, st: _KVStatic):
 
 
 def _dq_static(st: Static) -> Static:
-    """The forward's work items and K/V ring, with the backward's ring depth, no cluster, persistent CTAs."""
-    tiling = dataclasses.replace(st.tiling, stages=st.tiling.stages_dq, cluster=1, persistent=True)
-    ctas = min(st.items, _mgc.num_sms(st.tiling, st.interpret))
-    return dataclasses.replace(st, tiling=tiling, cluster=1, ctas=ctas)
+    """The forward's work items and K/V ring, with the backward's ring depth and cluster (``cluster_dq``),
+    persistent CTAs."""
+    t = st.tiling
+    tiling = dataclasses.replace(t, stages=t.stages_dq, cluster=t.cluster_dq, persistent=True)
+    return _mgc.with_cluster(dataclasses.replace(st, tiling=tiling), t.cluster_dq, persistent=True)
 
 
 def _kv_static(k, entries, st: Static) -> _KVStatic:

@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
            "check_supported", "cta", "interpret_params", "is_hopper", "key_rows", "kv_producer",
-           "make_static", "num_items", "num_sms", "pv", "rendezvous", "smem", "unit", "work_item"]
+           "make_static", "num_items", "num_sms", "pv", "rendezvous", "smem", "unit", "with_cluster",
+           "work_item"]
 
 BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
 
@@ -59,6 +60,8 @@ class MosaicTiling:
     # every member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the
     # largest power of two dividing the items per plan row (``Static.subs``).
     cluster: int = 1
+    # The same for the dQ pass, whose producer streams the same plan rows' K/V blocks (``kv_producer``).
+    cluster_dq: int = 1
     # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
     # ``producer_registers``. The three share what the launch gave the CTA, 168 a thread for 384 threads
     # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever; below the launch's 168,
@@ -159,9 +162,14 @@ class MosaicTiling:
         if self.fused_dq and self.backward != "mosaic":
             raise ValueError(f"MosaicTiling: fused_dq=True needs backward='mosaic', got {self.backward!r}")
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
-        if isinstance(self.cluster, bool) or not isinstance(self.cluster, int) or self.cluster not in (1, 2,
-                                                                                                       4):
-            raise ValueError(f"MosaicTiling.cluster must be 1, 2 or 4, got {self.cluster!r}")
+        for name in ("cluster", "cluster_dq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 4):
+                raise ValueError(f"MosaicTiling.{name} must be 1, 2 or 4, got {value!r}")
+        if self.cluster_dq != 1 and (self.fused_dq or self.backward != "mosaic"):
+            raise ValueError(f"MosaicTiling: cluster_dq={self.cluster_dq} shapes the Mosaic dQ pass, which "
+                             f"backward={self.backward!r} with fused_dq={self.fused_dq} does not run; "
+                             "it needs backward='mosaic' and fused_dq=False")
         if isinstance(self.interpret_ctas, bool) or not isinstance(self.interpret_ctas,
                                                                    int) or self.interpret_ctas < 1:
             raise ValueError("MosaicTiling.interpret_ctas must be a positive int, got "
@@ -263,8 +271,15 @@ def make_static(q, k, plan, scale, tiling: MosaicTiling, interpret: bool) -> Sta
     st = Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
                 2 if g % 2 == 0 or pair else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
     check_shared_memory(st)
-    cluster = math.gcd(tiling.cluster, st.subs)
-    ctas = min(st.items, num_sms(tiling, interpret) // cluster * cluster) if tiling.persistent else st.items
+    return with_cluster(st, tiling.cluster, tiling.persistent)
+
+
+def with_cluster(st: Static, cluster: int, persistent: bool) -> Static:
+    """``st`` launched in clusters of ``cluster`` CTAs (capped at the largest power of two dividing the items
+    per plan row, so a cluster's CTAs always hold items of one row) and its CTA count to match: one per SM
+    rounded down to whole clusters (``persistent``), else one per item."""
+    cluster = math.gcd(cluster, st.subs)
+    ctas = min(st.items, num_sms(st.tiling, st.interpret) // cluster * cluster) if persistent else st.items
     return dataclasses.replace(st, ctas=ctas, cluster=cluster)
 
 
