@@ -154,7 +154,7 @@ def test_tiling_validation():
         with pytest.raises(ValueError, match="cluster_dq=2 shapes the Mosaic dQ pass"):
             MosaicTiling(**change, cluster_dq=2)
     for bad in (3, True, 2.0):
-        with pytest.raises(ValueError, match=r"MosaicTiling.cluster_dq must be 1, 2 or 4, got"):
+        with pytest.raises(ValueError, match=r"cluster_dq must be None \(by length\), 1, 2 or 4, got"):
             MosaicTiling(cluster_dq=bad)
     with pytest.raises(ValueError, match="overlap_dq=True and pingpong_dq=True"):
         MosaicTiling(overlap_dq=True, pingpong_dq=True)
@@ -229,9 +229,27 @@ def test_clusters_hold_items_of_one_plan_row(g, cluster, want):
     for s in (st, dq):
         assert s.cluster == want and s.ctas == 5 // want * want
     assert dq.tiling.cluster == cluster and dq.tiling.stages == tiling.stages_dq
-    plain = bwd._dq_static(make_static(q, k, plan, None, MosaicTiling(cluster=cluster, interpret_ctas=5),
-                                       interpret=True))
+    plain = bwd._dq_static(make_static(q, k, plan, None, MosaicTiling(cluster=cluster, cluster_dq=1,
+                                                                      interpret_ctas=5), interpret=True))
     assert plain.cluster == 1 and plain.ctas == 5
+
+
+@pytest.mark.parametrize("t, interpret, want", [(512, False, 1), (262144, True, 1), (262144, False, 2),
+                                                (1048576, False, 2)])
+def test_clusters_by_default_from_256k_tokens_on_a_gpu(t, interpret, want):
+    """``cluster=None`` / ``cluster_dq=None`` (the default): 2-CTA clusters from 256K tokens up on a GPU
+    (measured faster at 1M, slower at 64K), never in the interpreter (it has no cluster barriers); the
+    statics only read shapes, so the long case needs no memory."""
+    from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as bwd
+
+    w, kvh, g = 128, 2, 4
+    q = jax.ShapeDtypeStruct((1, t, kvh * g, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, t, kvh, 64), jnp.bfloat16)
+    plan = SelectionPlan(jnp.zeros((1, kvh, t // w, 2), jnp.int32), block_size=w, merge=1)
+    st = make_static(q, k, plan, None, MosaicTiling(), interpret=interpret)
+    assert st.cluster == want and bwd._dq_static(st).cluster == want and st.ctas % want == 0
+    explicit = make_static(q, k, plan, None, MosaicTiling(cluster=1, cluster_dq=4), interpret=interpret)
+    assert explicit.cluster == 1 and bwd._dq_static(explicit).cluster == 4
 
 
 @pytest.mark.parametrize("g", [1, 3])

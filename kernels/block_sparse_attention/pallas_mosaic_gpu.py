@@ -34,9 +34,9 @@ row, same tokens), so barrier counts match without a drain loop. The causal mask
 only (the local region); in the overlapped forward a unit's first 64-token chunk of a 128-token region
 multiplies only the region's first 64 keys there, the only ones it sees.
 
-``MosaicTiling.cluster`` (off by default: no gain measured) groups the CTAs of one plan row into a cluster
-that TMA-multicasts each K/V block. H100 figures: experiments/results/archive/attention_h100_README.md (run
-6).
+``MosaicTiling.cluster`` groups the CTAs of one plan row into a cluster that TMA-multicasts each K/V block
+(``cluster_dq`` does the same in the dQ pass): by default 2-CTA clusters from 256K tokens up, where K/V no
+longer stays in L2 (figures in ``MosaicTiling``).
 
 Supported (else ``NotImplementedError``, so ``api`` dispatch falls through): Hopper GPU, bf16/f16, H in {64,
 128}, W in {64, 128}, one selection per kv head (P == K), merge 1, causal with the local block.

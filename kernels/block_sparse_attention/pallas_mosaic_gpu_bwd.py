@@ -688,8 +688,9 @@ def _dq_static(st: Static) -> Static:
     """The forward's work items and K/V ring, with the backward's ring depth and cluster (``cluster_dq``),
     persistent CTAs."""
     t = st.tiling
-    tiling = dataclasses.replace(t, stages=t.stages_dq, cluster=t.cluster_dq, persistent=True)
-    return _mgc.with_cluster(dataclasses.replace(st, tiling=tiling), t.cluster_dq, persistent=True)
+    cluster = _mgc.resolve_cluster(t.cluster_dq, st)
+    tiling = dataclasses.replace(t, stages=t.stages_dq, cluster=cluster, persistent=True)
+    return _mgc.with_cluster(dataclasses.replace(st, tiling=tiling), cluster, persistent=True)
 
 
 def _kv_static(k, entries, st: Static) -> _KVStatic:

@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
            "check_supported", "cta", "interpret_params", "is_hopper", "key_rows", "kv_producer",
-           "make_static", "num_items", "num_sms", "pv", "rendezvous", "smem", "unit", "with_cluster",
-           "work_item"]
+           "make_static", "num_items", "num_sms", "pv", "rendezvous", "resolve_cluster", "smem", "unit",
+           "with_cluster", "work_item"]
 
 BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
 
@@ -58,10 +58,16 @@ class MosaicTiling:
     persistent: bool = True
     # CTAs per cluster sharing one plan row: each K/V block is fetched once per cluster and multicast into
     # every member's shared memory (TMA multicast), cutting L2 -> SM traffic by this factor. Capped at the
-    # largest power of two dividing the items per plan row (``Static.subs``).
-    cluster: int = 1
-    # The same for the dQ pass, whose producer streams the same plan rows' K/V blocks (``kv_producer``).
-    cluster_dq: int = 1
+    # largest power of two dividing the items per plan row (``Static.subs``). ``cluster_dq``: the same for the
+    # dQ pass, whose producer streams the same plan rows' K/V blocks (``kv_producer``). None (the default):
+    # 2 from ``CLUSTER_FROM_TOKENS`` tokens a sequence up, else 1 (always 1 in the interpreter, which has no
+    # cluster barriers). H100 (results R75, R76): at 1M tokens 2-CTA clusters make the forward 7.5% faster
+    # (61.8 / 61.4 ms against 66.3 / 66.7 ms) and the layer's gradients 309.4 / 308.9 ms on the device against
+    # 332.7 / 333.3 ms (both passes clustered), A/B/A/B; at 128K forward + backward 36.39 / 36.09 ms against
+    # 36.30 / 37.35 ms (within the spread); at 64K 17.94 / 18.51 ms against 17.21 / 17.42 ms (slower).
+    # 4-CTA clusters slow the 1M forward to 112 ms.
+    cluster: int | None = None
+    cluster_dq: int | None = None
     # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
     # ``producer_registers``. The three share what the launch gave the CTA, 168 a thread for 384 threads
     # (504 a thread over 128 threads): more and setmaxnreg.inc waits forever; below the launch's 168,
@@ -164,9 +170,10 @@ class MosaicTiling:
         # type checks first: True == 1 and 232.0 == 232 would pass the membership tests below
         for name in ("cluster", "cluster_dq"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 4):
-                raise ValueError(f"MosaicTiling.{name} must be 1, 2 or 4, got {value!r}")
-        if self.cluster_dq != 1 and (self.fused_dq or self.backward != "mosaic"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value not in (1, 2, 4)):
+                raise ValueError(f"MosaicTiling.{name} must be None (by length), 1, 2 or 4, got {value!r}")
+        if self.cluster_dq not in (None, 1) and (self.fused_dq or self.backward != "mosaic"):
             raise ValueError(f"MosaicTiling: cluster_dq={self.cluster_dq} shapes the Mosaic dQ pass, which "
                              f"backward={self.backward!r} with fused_dq={self.fused_dq} does not run; "
                              "it needs backward='mosaic' and fused_dq=False")
@@ -271,7 +278,18 @@ def make_static(q, k, plan, scale, tiling: MosaicTiling, interpret: bool) -> Sta
     st = Static(plan.block_size, h, q.shape[0], plan.num_groups, plan.max_selected, kv_heads, g,
                 2 if g % 2 == 0 or pair else 1, scale, jnp.dtype(q.dtype).name, tiling, interpret)
     check_shared_memory(st)
-    return with_cluster(st, tiling.cluster, tiling.persistent)
+    return with_cluster(st, resolve_cluster(tiling.cluster, st), tiling.persistent)
+
+
+CLUSTER_FROM_TOKENS = 262144  # measured better at 1M, even at 128K, worse at 64K (MosaicTiling.cluster)
+
+
+def resolve_cluster(value: int | None, st: Static) -> int:
+    """``MosaicTiling.cluster`` / ``cluster_dq`` for ``st``'s (padded) sequence length: None picks 2 from
+    ``CLUSTER_FROM_TOKENS`` tokens up on a GPU, else 1."""
+    if value is not None:
+        return value
+    return 2 if st.groups * st.w >= CLUSTER_FROM_TOKENS and not st.interpret else 1
 
 
 def with_cluster(st: Static, cluster: int, persistent: bool) -> Static:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan (R76 once run), one device call on an H100 (about 8 minutes): K/V multicast in 2-CTA clusters for the forward
+# R76, one device call on an H100 (about 8 minutes): K/V multicast in 2-CTA clusters for the forward
 # (MosaicTiling.cluster) and now the dQ pass too (MosaicTiling.cluster_dq), after R75 measured the 1M forward
 # 7.5% faster with cluster=2 (61.8 / 61.4 ms against 66.3 / 66.7 ms) and 1.7x slower with cluster=4.
 #   1. GPU tests: both clusters' outputs and gradients against the default's (test_native_tilings_agree);
