@@ -234,10 +234,10 @@ def test_clusters_hold_items_of_one_plan_row(g, cluster, want):
     assert plain.cluster == 1 and plain.ctas == 5
 
 
-@pytest.mark.parametrize("t, interpret, want", [(512, False, 1), (262144, True, 1), (262144, False, 2),
-                                                (1048576, False, 2)])
-def test_clusters_by_default_from_256k_tokens_on_a_gpu(t, interpret, want):
-    """``cluster=None`` / ``cluster_dq=None`` (the default): 2-CTA clusters from 256K tokens up on a GPU
+@pytest.mark.parametrize("t, interpret, want", [(512, False, 1), (65536, False, 1), (131072, True, 1),
+                                                (131072, False, 2), (1048576, False, 2)])
+def test_clusters_by_default_from_128k_tokens_on_a_gpu(t, interpret, want):
+    """``cluster=None`` / ``cluster_dq=None`` (the default): 2-CTA clusters from 128K tokens up on a GPU
     (measured faster at 1M, slower at 64K), never in the interpreter (it has no cluster barriers); the
     statics only read shapes, so the long case needs no memory."""
     from selmerge_jax.kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as bwd

@@ -35,8 +35,8 @@ only (the local region); in the overlapped forward a unit's first 64-token chunk
 multiplies only the region's first 64 keys there, the only ones it sees.
 
 ``MosaicTiling.cluster`` groups the CTAs of one plan row into a cluster that TMA-multicasts each K/V block
-(``cluster_dq`` does the same in the dQ pass): by default 2-CTA clusters from 256K tokens up, where K/V no
-longer stays in L2 (figures in ``MosaicTiling``).
+(``cluster_dq`` does the same in the dQ pass): by default 2-CTA clusters from 128K tokens up (figures in
+``MosaicTiling``).
 
 Supported (else ``NotImplementedError``, so ``api`` dispatch falls through): Hopper GPU, bf16/f16, H in {64,
 128}, W in {64, 128}, one selection per kv head (P == K), merge 1, causal with the local block.
