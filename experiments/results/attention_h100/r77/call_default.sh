@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan (R77 once run), one device call on an H100 (about 5 minutes): the length-dependent default (MosaicTiling.cluster and
+# R77, one device call on an H100 (about 5 minutes): the length-dependent default (MosaicTiling.cluster and
 # cluster_dq None: 2-CTA clusters from 128K tokens up) against the former default (no clusters):
 #   0. 128K: the forward A/B/A/B (no clusters, default) in one process, median of 10, then the faster beside
 #      cuDNN dense, forward and forward + backward, median of 20, wall clock and device time;
