@@ -66,8 +66,9 @@ class MosaicTiling:
     # 332.7 / 333.3 ms (both passes clustered), A/B/A/B; at 128K forward + backward 36.39 / 36.09 ms against
     # 36.30 / 37.35 ms (within the spread); at 64K 17.94 / 18.51 ms against 17.21 / 17.42 ms (slower).
     # At this default (R77) the 1M dQ pass takes 90.47 ms against 105.84 ms unclustered (R71), the layer's
-    # gradients 302.8 ms on the device against 329.3 ms. 4-CTA clusters slow the 1M forward to 112 ms. At 1M the passes run at the GPU's 700 W power cap (SM
-    # clock 1.1-1.5 GHz instead of 1.98, nvidia-smi in R76): multicast moves fewer bytes, so less power.
+    # gradients 302.8 ms on the device against 329.3 ms. 4-CTA clusters slow the 1M forward to 112 ms. At 1M
+    # the passes run at the GPU's 700 W power cap (SM clock 1.1-1.5 GHz instead of 1.98, nvidia-smi in R76):
+    # multicast moves fewer bytes, so less power.
     cluster: int | None = None
     cluster_dq: int | None = None
     # Per thread, with 2 compute warpgroups (setmaxnreg); the producer warpgroup keeps
