@@ -339,14 +339,11 @@ def _forward(q, k, v, sel, cnt, st: Static):
     b, t, n, h = q.shape
     dtype, stages, nq = q.dtype, st.tiling.stages, st.qbufs
     smem = functools.partial(_mgc.smem, dtype=dtype)
-    ring_free = lambda: (  # one arrival per consumer warpgroup (of every cluster member)
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=st.wgs, num_barriers=stages)
-        if st.cluster > 1 else plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages))
     scratch = (
         smem((st.wgs, nq, BQ, h)), smem((stages, st.w, h)), smem((stages, st.w, h)),
         plgpu.SMEM((st.wgs, BQ), F32),
         plgpu.Barrier(num_barriers=st.wgs * nq), plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages), ring_free(), ring_free(),
+        plgpu.Barrier(num_barriers=stages), _mgc.ring_free(st, stages), _mgc.ring_free(st, stages),
         # the ping-pong: one rendezvous barrier, or with ``overlap`` one turn barrier per warpgroup
         plgpu.Barrier(num_barriers=2) if st.tiling.overlap else plgpu.Barrier(num_arrivals=st.wgs),
     )
@@ -354,9 +351,7 @@ def _forward(q, k, v, sel, cnt, st: Static):
         functools.partial(_kernel, st=st),
         out_type=(out_struct(q.shape, dtype, q), out_struct((b, n, t), F32, q)),
         scratch_types=scratch,
-        grid=(st.ctas // st.cluster,),
-        grid_names=("cta",),
-        **({"cluster": (st.cluster,), "cluster_names": ("cluster",)} if st.cluster > 1 else {}),
+        **_mgc.launch_grid(st),
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),

@@ -329,16 +329,13 @@ def _dq_call(q, k, v, do, stats, sel, cnt, out, st: Static):
     ``-dlse`` it held), else ``stats`` as given."""
     h, dtype, stages = q.shape[3], q.dtype, st.tiling.stages
     tile = lambda n: _smem((n, BQ, h), dtype)
-    ring_free = lambda: (  # one arrival per consumer warpgroup (of every cluster member), as the forward's
-        plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=st.wgs, num_barriers=stages)
-        if st.cluster > 1 else plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages))
     scratch = (
         tile(st.wgs), tile(st.wgs), plgpu.SMEM((st.wgs, 2, BQ), F32),
         _smem((stages, st.w, h), dtype), _smem((stages, st.w, h), dtype),
         plgpu.Barrier(num_barriers=st.wgs), plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=st.wgs),
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-        ring_free(), ring_free(), plgpu.Barrier(num_arrivals=st.wgs),
+        _mgc.ring_free(st, stages), _mgc.ring_free(st, stages), plgpu.Barrier(num_arrivals=st.wgs),
     )
     rows = st.tiling.delta_in_dq
     dq_out = jax.ShapeDtypeStruct(q.shape, dtype)
@@ -346,9 +343,7 @@ def _dq_call(q, k, v, do, stats, sel, cnt, out, st: Static):
         functools.partial(_dq_kernel, st=st),
         out_type=(dq_out, jax.ShapeDtypeStruct(stats.shape, F32)) if rows else dq_out,
         scratch_types=scratch,
-        grid=(st.ctas // st.cluster,),
-        grid_names=("cta",),
-        **({"cluster": (st.cluster,), "cluster_names": ("cluster",)} if st.cluster > 1 else {}),
+        **_mgc.launch_grid(st),
         num_threads=st.wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=st.tiling.approx_math),

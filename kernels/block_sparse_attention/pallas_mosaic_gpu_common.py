@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["BQ", "SMEM_BYTES", "MosaicTiling", "Static", "as_layout", "bcast_rows", "check_shared_memory",
            "check_supported", "cta", "interpret_params", "is_hopper", "key_rows", "kv_producer",
-           "make_static", "num_items", "num_sms", "pv", "rendezvous", "resolve_cluster", "smem", "unit",
-           "with_cluster", "work_item"]
+           "launch_grid", "make_static", "num_items", "num_sms", "pv", "rendezvous", "resolve_cluster",
+           "ring_free", "smem", "unit", "with_cluster", "work_item"]
 
 BQ = 64  # query tokens per compute warpgroup: one wgmma M tile; S and O then take 64 f32 registers per thread
 
@@ -293,6 +293,20 @@ def resolve_cluster(value: int | None, st: Static) -> int:
     if value is not None:
         return value
     return 2 if st.groups * st.w >= CLUSTER_FROM_TOKENS and not st.interpret else 1
+
+
+def ring_free(st: Static, stages: int):
+    """The K/V ring's slot-free barriers: one arrival per compute warpgroup of every cluster member (a cluster
+    barrier when the copies are multicast, since a slot is free only once every member has read it)."""
+    if st.cluster > 1:
+        return plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=st.wgs, num_barriers=stages)
+    return plgpu.Barrier(num_arrivals=st.wgs, num_barriers=stages)
+
+
+def launch_grid(st: Static) -> dict:
+    """``plgpu.kernel``'s grid arguments for a K/V-ring pass: ``st.ctas`` CTAs, ``st.cluster`` a cluster."""
+    cluster = {"cluster": (st.cluster,), "cluster_names": ("cluster",)} if st.cluster > 1 else {}
+    return {"grid": (st.ctas // st.cluster,), "grid_names": ("cta",), **cluster}
 
 
 def with_cluster(st: Static, cluster: int, persistent: bool) -> Static:
