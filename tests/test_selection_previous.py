@@ -85,16 +85,26 @@ def _scores(kind, shape, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties"])
-@pytest.mark.parametrize("columns,k", [(64, 16), (1024, 16), (128 * 32, 16), (128 * 40, 5), (4096, 24)])
-def test_top_k_rounds_equal_lax_top_k(kind, columns, k):
-    """Values and indices (of the entries above -inf), in order: rounds (few columns) and the tile filter
-    (>= 2k tiles of 128); ties, -inf rows, +inf entries and candidates confined to one tile included."""
+@pytest.mark.parametrize("columns,k,tile", [(64, 16, None), (1024, 16, None), (1024, 16, 128),
+                                            (128 * 32, 16, None), (128 * 32, 16, 128), (128 * 40, 5, None),
+                                            (4096, 24, None), (4096, 16, 8), (4096, 16, 64)])
+def test_top_k_rounds_equal_lax_top_k(kind, columns, k, tile):
+    """Values and indices (of the entries above -inf), in order: rounds (few columns, or fewer than 2k
+    tiles) and the tile filter (the default width and others); ties, -inf rows, +inf entries and candidates
+    confined to one tile included."""
     scores = _scores(kind, (2, 6, columns), seed=columns + k)
     want_v, want_i = jax.lax.top_k(scores, k)
-    got_v, got_i = jax.jit(lambda s: selection._top_k_rounds(s, k))(scores)  # what a GPU runs
+    got_v, got_i = jax.jit(lambda s: selection._top_k_rounds(s, k, tile))(scores)  # what a GPU runs
     np.testing.assert_array_equal(got_v, want_v)
     real = np.asarray(want_v) > -np.inf  # which -inf entry fills a short row is not specified
     np.testing.assert_array_equal(np.where(real, got_i, -1), np.where(real, want_i, -1))
+
+
+@pytest.mark.parametrize("columns,k,want", [(64, 16, 8), (1024, 16, 8), (8192, 16, 16), (32768, 16, 64),
+                                            (1 << 20, 16, 128), (5120, 5, 32)])
+def test_tile_width_balances_the_two_stages(columns, k, want):
+    """The power of two nearest sqrt(columns / k), within [8, 128]."""
+    assert selection._tile_width(columns, k) == want
 
 
 def test_previous_rows_with_the_tile_filter_equal_the_general_rule(monkeypatch):

@@ -2,7 +2,7 @@
 
 Rows of ``[1, P=8, C, R]`` float32 scores (C query groups of one selection step, R regions), k = 16 (top-17
 with one local region): ``lax.top_k``; rounds of argmax-and-mask; the tile filter then rounds (what
-``attention.selection._top_k`` does); a two-stage ``lax.top_k`` (per 128 or 512 columns, then of the
+``attention.selection._top_k`` does, and the same with tiles of ``TILES`` columns); a two-stage ``lax.top_k`` (per 128 or 512 columns, then of the
 survivors); ``lax.approx_max_k``; a full sort; and the score matmul itself. Median ms of ``--reps`` after one
 warm-up, one JSON line per shape.
 
@@ -21,6 +21,7 @@ from bench_attention import time_fn  # beside this script
 from selmerge_jax.attention import selection
 
 SHAPES = ((1024, 1024), (8192, 1024), (8192, 256))  # (R, C): 128K and 1M tokens of 128-token regions
+TILES = (8, 16, 32, 64, 128)  # columns per tile of the filter (selection._tile_width picks one by R and k)
 
 
 def median_ms(fn, *args, reps: int) -> float:
@@ -48,6 +49,9 @@ def row(r: int, c: int, k: int, reps: int) -> dict:
             "lax_top_k": median_ms(lambda s: jax.lax.top_k(s, k), s, reps=reps),
             "rounds": median_ms(lambda s: selection._rounds(s, k), s, reps=reps),
             "selection_top_k": median_ms(lambda s: selection._top_k(s, k), s, reps=reps),
+            "tile_width": selection._tile_width(r, k),
+            **{f"tiles{t}": median_ms(lambda s, t=t: selection._top_k_rounds(s, k, t), s, reps=reps)
+               for t in TILES},
             "two_stage128": median_ms(lambda s: two_stage(s, k, 128), s, reps=reps),
             "two_stage512": median_ms(lambda s: two_stage(s, k, 512), s, reps=reps),
             "approx_max_k": median_ms(lambda s: jax.lax.approx_max_k(s, k, recall_target=1.0), s, reps=reps),

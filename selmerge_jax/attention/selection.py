@@ -23,6 +23,8 @@ shared by two documents is summarised over its last document's tokens only (``re
 ``selection_source="previous"`` no document's plan depends on another document's tokens.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +43,7 @@ SCORE_BYTES = 256 << 20
 _GROUP_BATCH = 16  # groups per step of the general ("group") rule when selection_batch is None
 _ROUNDS_TOP_K = 24  # top-k by rounds of argmax up to this k (measured at 16); lax.top_k above
 _ROUNDS_MIN_COLUMNS = 1024  # shorter rows: lax.top_k (rounds were 2.5x faster at 1024, 2x slower at 128)
-_TILE = 128  # columns per tile of the top-k's tile filter
+_MIN_TILE, _MAX_TILE = 8, 128  # columns per tile of the top-k's tile filter (``_tile_width``)
 
 
 def region_summaries(x, block_size: int, num_valid_tokens: int | None = None, segment_ids=None):
@@ -228,7 +230,15 @@ def _top_k(scores, k: int):
                                       default=lambda s: tuple(jax.lax.top_k(s, k)))
 
 
-def _top_k_rounds(scores, k: int):
+def _tile_width(columns: int, k: int) -> int:
+    """Columns per tile of :func:`_top_k_rounds`' filter: the power of two nearest ``sqrt(columns / k)``,
+    within ``[_MIN_TILE, _MAX_TILE]``. The two stages of rounds read ``columns / tile`` tile maxima and then
+    ``k * tile`` kept columns a round, whose sum is least there (1M tokens, 8,192 regions, k = 16: 32)."""
+    tile = 2 ** round(0.5 * math.log2(max(columns / k, 1)))
+    return min(max(tile, _MIN_TILE), _MAX_TILE)
+
+
+def _top_k_rounds(scores, k: int, tile: int | None = None):
     """``lax.top_k`` along the last axis (the ``k`` largest, ties to the lower index), faster on a GPU for
     small ``k``; the same up to NaN and the sign of zero (``lax.top_k`` ranks +0 above -0, argmax ties them:
     a row holding both picks another zero first, a tie order only). Where a row has fewer than ``k`` entries
@@ -236,26 +246,28 @@ def _top_k_rounds(scores, k: int):
     equal to the dtype's lowest value counts as -inf.)
 
     Rounds of argmax-and-mask (one fused pass over the scores each) instead; with many columns, a tile filter
-    first: the k best elements lie in the k tiles of ``_TILE`` columns whose maxima rank best (a tile outside
-    them has k tiles ranking before it, each holding an element that ranks before all of its own), so only
-    those tiles, kept in column order so that ties still go to the lower index, go through the rounds. H200,
-    8 x 1024 rows, k = 16, 8,192 columns: 5.75 ms (lax.top_k), 1.66 (rounds), 0.72 (tile filter + rounds);
-    1,024 columns: 1.07 vs 0.42 (``experiments/benchmarks/bench_topk.py``, results R38).
+    first: the k best elements lie in the k tiles of ``tile`` columns (default :func:`_tile_width`) whose
+    maxima rank best (a tile outside them has k tiles ranking before it, each holding an element that ranks
+    before all of its own), so only those tiles, kept in column order so that ties still go to the lower
+    index, go through the rounds. H200, 8 x 1024 rows, k = 16, 8,192 columns, tiles of 128: 5.75 ms
+    (lax.top_k), 1.66 (rounds), 0.72 (tile filter + rounds); 1,024 columns: 1.07 vs 0.42
+    (``experiments/benchmarks/bench_topk.py``, results R38).
     """
     # -inf entries become the lowest finite value, so that a taken entry (masked to -inf) never ties with
     # an untaken one and no index is taken twice.
     low = jnp.finfo(scores.dtype).min
     scores = jnp.where(scores == -jnp.inf, low, scores)
     *lead, n = scores.shape
-    tiles = n // _TILE
-    if n % _TILE or tiles < 2 * k:
+    tile = _tile_width(n, k) if tile is None else tile
+    tiles = n // tile
+    if n % tile or tiles < 2 * k:
         values, indices = _rounds(scores, k)
     else:
-        by_tile = scores.reshape(*lead, tiles, _TILE)
+        by_tile = scores.reshape(*lead, tiles, tile)
         best = jnp.sort(_rounds(by_tile.max(-1), k)[1], axis=-1)  # [..., k] tiles, in column order
-        kept = jnp.take_along_axis(by_tile, best[..., None], axis=-2).reshape(*lead, k * _TILE)
+        kept = jnp.take_along_axis(by_tile, best[..., None], axis=-2).reshape(*lead, k * tile)
         values, at = _rounds(kept, k)
-        indices = jnp.take_along_axis(best, at // _TILE, -1) * _TILE + at % _TILE
+        indices = jnp.take_along_axis(best, at // tile, -1) * tile + at % tile
     return jnp.where(values == low, -jnp.inf, values), indices
 
 
