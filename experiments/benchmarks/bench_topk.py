@@ -2,9 +2,9 @@
 
 Rows of ``[1, P=8, C, R]`` float32 scores (C query groups of one selection step, R regions), k = 16 (top-17
 with one local region): ``lax.top_k``; rounds of argmax-and-mask; the tile filter then rounds (what
-``attention.selection._top_k`` does, and the same with tiles of ``TILES`` columns); a two-stage ``lax.top_k`` (per 128 or 512 columns, then of the
-survivors); ``lax.approx_max_k``; a full sort; and the score matmul itself. Median ms of ``--reps`` after one
-warm-up, one JSON line per shape.
+``attention.selection._top_k`` does, and the same with tiles of ``TILES`` columns); a two-stage ``lax.top_k``
+(per 128 or 512 columns, then of the survivors); ``lax.approx_max_k``; a full sort; and the score matmul
+itself. Median ms of ``--reps`` after one warm-up, one JSON line per shape.
 
     python experiments/benchmarks/bench_topk.py --out experiments/results/<dir>/topk.jsonl
 """
