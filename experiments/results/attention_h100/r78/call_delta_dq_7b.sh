@@ -1,5 +1,5 @@
 #!/bin/bash
-# R78, one device call on an H100 (about 6 minutes):
+# R78, one device call on an H100 (3.7 minutes), run from experiments/plans/ at 85391eb:
 #   1. the 1M layer (h100_1m) at the cluster default, forward and gradients, wall clock and device time,
 #      A/B ROUNDS times (3 by default): --layer-impl pallas_mosaic_gpu with '{}' (the default tiling) against
 #      '{"delta_in_dq": true}' (the dQ pass completes delta = rowsum(dO O) instead of the preparation kernel,
