@@ -62,6 +62,26 @@ def test_previous_rows_do_not_depend_on_the_chunking(batch):
     np.testing.assert_array_equal(plan_rows(qbar, kbar, groups, config), want)
 
 
+@pytest.mark.parametrize("causal,merge,batch,align,packed", [
+    (True, 1, 1, 1, False), (True, 1, 5, 1, True), (True, 2, 2, 4, False), (True, 4, 1, 1, True),
+    (True, 1, 3, 128, False), (True, 1, None, 1, False), (False, 2, 2, 1, True),
+])
+def test_every_group_in_causal_bands_equals_the_general_rule(monkeypatch, causal, merge, batch, align,
+                                                             packed):
+    """``groups=None`` (what select_regions passes): causal bands of chunks, each scoring only the regions
+    before its end (widths aligned to 1, 4 or 128 regions, the last wider than R), up to 3 bands of up to 2
+    chunks; the same rows as the general rule over every group."""
+    monkeypatch.setattr(selection, "_BAND_ALIGN", align)
+    monkeypatch.setattr(selection, "_BANDS", 3)
+    config = MSAttentionConfig(block_size=4, top_k=merge * 3, merge=merge, sink=1, causal=causal,
+                               selection_source="previous", selection_batch=batch)
+    qbar, kbar = _summaries(merge + 20, False)
+    ranges = _packed_ranges(merge) if packed else None
+    want = _general_rows(qbar, kbar, jnp.arange(R // merge), config, ranges)
+    got = jax.jit(lambda q, k: plan_rows(q, k, None, config, segment_ranges=ranges))(qbar, kbar)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_budget_larger_than_the_candidates_keeps_every_candidate():
     config = MSAttentionConfig(block_size=4, top_k=40, selection_source="previous")
     qbar, kbar = _summaries(3, False)

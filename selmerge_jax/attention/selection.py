@@ -5,7 +5,8 @@ matrix is ever built: 1M tokens fit. With the ``"previous"`` rule (causal or not
 ranks with the same summary (region gs - 1), so the group's row is one top-k of one score row:
 ``_previous_rows`` scores a whole chunk of groups with one matmul and one top-k, the chunk as large as keeps
 its scores under ``SCORE_BYTES`` unless ``selection_batch`` fixes it (a few steps even at 1M; selection was
-once a loop of small steps costing 40-50% of the op). ``"group"`` keeps the general rule below
+once a loop of small steps costing 40-50% of the op); causal, over every group, bands of chunks score only the
+regions before their end (``_causal_bands``). ``"group"`` keeps the general rule below
 (``_group_plan``), ``selection_batch`` (default 16) groups per step.
 
 Rule (docs/ARCHITECTURE.md): for a group starting at region ``gs``, candidates are the regions strictly before
@@ -43,6 +44,8 @@ SCORE_BYTES = 256 << 20
 _GROUP_BATCH = 16  # groups per step of the general ("group") rule when selection_batch is None
 _ROUNDS_TOP_K = 24  # top-k by rounds of argmax up to this k (measured at 16); lax.top_k above
 _ROUNDS_MIN_COLUMNS = 1024  # shorter rows: lax.top_k (rounds were 2.5x faster at 1024, 2x slower at 128)
+_BANDS = 4  # most score widths a causal selection compiles (_causal_bands)
+_BAND_ALIGN = 128  # a band's width in regions is a multiple of this (the top-k's tiles divide it)
 _MIN_TILE, _MAX_TILE = 8, 128  # columns per tile of the top-k's tile filter (``_tile_width``)
 
 
@@ -169,12 +172,10 @@ def select_regions(q, k, config: MSAttentionConfig, *, num_valid_tokens: int | N
     if t % config.group_tokens:
         raise ValueError(f"sequence length {t} must be a multiple of block_size*merge={config.group_tokens}")
     qbar, kbar = selection_summaries(q, k, config, num_valid_tokens, segment_ids)
-    num_groups = t // config.group_tokens
     valid_tokens = t if num_valid_tokens is None else num_valid_tokens
     num_valid_regions = -(-valid_tokens // config.block_size)
     ranges = None if segment_ids is None else segment_ranges(segment_ids, config.block_size)
-    regions = plan_rows(qbar, kbar, jnp.arange(num_groups), config, num_valid_regions=num_valid_regions,
-                        segment_ranges=ranges)
+    regions = plan_rows(qbar, kbar, None, config, num_valid_regions=num_valid_regions, segment_ranges=ranges)
     return SelectionPlan(regions, block_size=config.block_size, merge=config.merge, causal=config.causal)
 
 
@@ -183,17 +184,24 @@ def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_region
     """Selected regions ``int32 [B, P, len(groups), M]`` of the query ``groups`` from summaries
     ``[B, R, P, H]``.
 
-    ``select_regions`` calls it with every group; ring attention calls it with its shard's groups only, on
-    all-gathered summaries, and gets the same rows; decode calls it with the group being decoded.
+    ``select_regions`` calls it with ``groups=None``, every group in order (``ceil(R / merge)`` of them),
+    which lets a causal ``"previous"`` selection score each band of groups against only the regions before
+    the band's end (``_causal_bands``); ring attention calls it with its shard's groups only, on all-gathered
+    summaries, and gets the same rows; decode calls it with the group being decoded.
     ``segment_ranges``: ``(lo, hi)`` ``int32 [B, R]`` from :func:`segment_ranges` (packed documents).
     """
     b, r, p, _ = kbar.shape
-    num_groups = groups.shape[0]
+    num_groups = -(-r // config.merge) if groups is None else groups.shape[0]
     if config.num_selected == 0:
         return jnp.full((b, p, num_groups, 1), -1, jnp.int32)
     if config.selection_source == "previous":
         chunk = config.selection_batch or max(1, SCORE_BYTES // (b * p * r * 4))
-        return _in_chunks(lambda gs: _previous_rows(gs, qbar, kbar, config, segment_ranges), groups, chunk)
+        rows_of = lambda gs, width, q, k: _previous_rows(gs, q, k, config, segment_ranges, width)
+        if groups is None and config.causal:
+            return _causal_bands(rows_of, (qbar, kbar), num_groups, chunk, config)
+        groups = jnp.arange(num_groups) if groups is None else groups
+        return _in_chunks(lambda gs: rows_of(gs, r, qbar, kbar), groups, chunk)
+    groups = jnp.arange(num_groups) if groups is None else groups
     regions = jax.lax.map(
         lambda g: _group_plan(g, qbar, kbar, config, r if num_valid_regions is None else num_valid_regions,
                               segment_ranges),
@@ -201,6 +209,30 @@ def plan_rows(qbar, kbar, groups, config: MSAttentionConfig, *, num_valid_region
         batch_size=min(config.selection_batch or _GROUP_BATCH, num_groups),
     )  # [Q, B, P, M]
     return jnp.moveaxis(regions, 0, 2)
+
+
+def _causal_bands(rows_of, summaries, num_groups: int, chunk: int, config: MSAttentionConfig):
+    """Every group's rows ``[B, P, num_groups, M]``, chunk by chunk as :func:`_in_chunks`, for a causal
+    selection: a group's candidates lie before its first region, so a band of consecutive chunks needs the
+    scores of the regions before its last group only (``rows_of(groups, width, qbar, kbar)``). Up to
+    ``_BANDS`` bands of equally many chunks (each a distinct shape to compile); a single chunk stays one call.
+    At 1M tokens (8 chunks of 1,024 groups) four bands score 62.5% of what scoring every region would.
+    Each band waits for the one before (an optimization barrier on the summaries), so one band's scores are
+    live at a time, as in the ``lax.map`` of :func:`_in_chunks`."""
+    regions = summaries[1].shape[1]
+    steps = -(-num_groups // chunk)
+    per_band = -(-steps // min(steps, _BANDS))
+    m = min(config.num_selected, regions)
+    bands = []
+    for first in range(0, num_groups, per_band * chunk):
+        last = min(first + per_band * chunk, num_groups)  # groups [first, last)
+        width = (last - 1) * config.merge  # candidates of the band's last group: regions [0, width)
+        width = min(regions, max(-(-width // _BAND_ALIGN) * _BAND_ALIGN, m))
+        of_chunk = lambda gs, w=width, qk=summaries: rows_of(gs, w, *qk)
+        band = _in_chunks(of_chunk, jnp.arange(first, last), chunk)
+        bands.append(band)
+        summaries = jax.lax.optimization_barrier((band, summaries))[1]
+    return jnp.concatenate(bands, axis=2) if len(bands) > 1 else bands[0]
 
 
 def _in_chunks(rows_of, groups, chunk: int):
@@ -284,8 +316,10 @@ def _rounds(scores, k: int):
     return jnp.stack(values, -1), jnp.stack(indices, -1).astype(jnp.int32)
 
 
-def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
+def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None, width: int | None = None):
     """Rows ``int32 [B, P, C, M]`` of the C ``groups`` under the ``"previous"`` rule: one matmul, one top-k.
+    ``width``: score only regions ``[0, width)`` (default all), which must hold every candidate of ``groups``
+    (:func:`_causal_bands`).
 
     The same rows as ``_group_plan`` with one member: there a group keeps the candidates of smallest priority,
     forced sinks first, then free candidates by rank; here sinks score +inf and non-candidates -inf, so one
@@ -293,9 +327,10 @@ def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
     """
     r, merge = kbar.shape[1], config.merge
     m = min(config.num_selected, r)
+    width = r if width is None else width
     start = groups * merge  # [C]
     src = jnp.take(qbar, jnp.maximum(start - 1, 0), axis=1, mode="clip")  # [B, C, P, H]: region gs - 1
-    j = jnp.arange(r)
+    j = jnp.arange(width)
     cand = j < start[:, None]  # [C, R]
     if not config.causal:
         cand = cand | (j >= (start + merge)[:, None])
@@ -307,10 +342,10 @@ def _previous_rows(groups, qbar, kbar, config: MSAttentionConfig, ranges=None):
         members = jnp.clip(start, 0, r - merge)[:, None] + jnp.arange(merge)  # [C, merge]
         glo = jnp.take(lo, members, axis=1).min(-1)[:, :, None]  # [B, C, 1]
         ghi = jnp.take(hi, members, axis=1).max(-1)[:, :, None]
-        cand = cand & (hi[:, None] >= glo) & (lo[:, None] <= ghi)
-        first = (hi[:, None] < glo).sum(-1, keepdims=True)  # regions of earlier documents
+        cand = cand & (hi[:, None, :width] >= glo) & (lo[:, None, :width] <= ghi)
+        first = (hi[:, None] < glo).sum(-1, keepdims=True)  # regions of earlier documents (all R counted)
     forced = cand & (j - first < config.sink)
-    scores = jnp.einsum("bcph,brph->bpcr", src, kbar)  # [B, P, C, R], raw dot product
+    scores = jnp.einsum("bcph,brph->bpcr", src, kbar[:, :width])  # [B, P, C, width], raw dot product
     scores = jnp.where(forced[:, None], jnp.inf, jnp.where(cand[:, None], scores, -jnp.inf))
     top, idx = _top_k(scores, m)  # ties -> lower index
     idx = jnp.where(top == -jnp.inf, r, idx)
