@@ -1,6 +1,6 @@
 #!/bin/bash
-# R79, one device call on an H100 (about 4 minutes): selection's two changes at 1M tokens, against the former
-# selection, each patched in or out in the benchmark's own process:
+# R79, one device call on an H100 (2.4 minutes; run from experiments/plans/ at d688029): selection's two
+# changes at 1M tokens, against the former selection, each patched in or out in the benchmark's own process:
 #   - the top-k's tile filter at the width picked by length (selection._tile_width: the power of two nearest
 #     sqrt(R / k); 16 at 1M, 8 at 128K) instead of a fixed 128 columns;
 #   - causal bands (selection._causal_bands, _BANDS = 4): each band of chunks scores only the regions before
