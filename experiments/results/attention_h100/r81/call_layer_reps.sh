@@ -1,5 +1,6 @@
 #!/bin/bash
-# R81, one device call on an H100 (about 2.5 minutes), at the new selection (R80):
+# R81, one device call on an H100 (1.6 minutes; run from experiments/plans/ at 2f0a992), at the new
+# selection (R80):
 #   1. the 1M layer at the library default, forward and gradients, 10 calls each by wall clock and 10 on the
 #      device (--reps 20; R80 had 3 each, too few to tell the host's share from the power-capped clocks'
 #      spread), one more traced call per mode with every kernel kept (kernels_1m/);
